@@ -1,0 +1,1055 @@
+# distutils: language = c++
+"""Dispatch core of the broker: dependency counting, ready queues and credit-based dispatch.
+
+Pure bookkeeping on dense int slots: the broker maps its string ids to slots, calls in, and acts on
+the slots that come back. No I/O, no per-task Python objects; the layout is described in
+``_core.pxd``.
+
+Task life cycle inside the core (these are not ArmoniK statuses)::
+
+    add_task --> WAITING --(last missing result ready)--> QUEUED <--requeue-- DISPATCHED
+                    |                                       |     --dispatch-->    |
+                    +--(a missing result aborted)--> DEAD <-+--- cancel_task ------+
+    free_task: any live state --> FREE (slot recycled once no queue entry names it)
+
+Ordering rules, all deterministic:
+
+* ``on_result_ready`` / ``on_result_aborted`` / ``result_waiters`` list tasks in the order they
+  were registered on the result.
+* A queue serves higher priority first; within one priority, entries are FIFO across every
+  partition (an agent serving several partitions takes the oldest), and ``requeue`` puts a task
+  before everything else of its priority.
+* ``dispatch`` offers one task at a time to each agent with credit, in agent registration order
+  starting at a cursor that moves to the agent after the last one served.
+* ``agent_held`` / ``remove_agent`` list tasks in the order the agent received them;
+  ``remove_agent`` requeues them so that they come out again in that same order.
+"""
+
+cimport cython
+from cpython.long cimport PyLong_AsLongLongAndOverflow
+from cython.operator cimport dereference as deref
+from libc.stdint cimport INT32_MAX, INT64_MAX, INT64_MIN, int32_t, int64_t, uint8_t, uint64_t
+from libcpp.deque cimport deque
+from libcpp.vector cimport vector
+
+
+cdef extern from *:
+    """
+    #include <deque>
+    #include <new>
+    #if defined(_MSC_VER)
+    #include <intrin.h>
+    static inline int armonik_top_bit(unsigned long long x) {
+        unsigned long i; _BitScanReverse64(&i, x); return (int)i;
+    }
+    #else
+    static inline int armonik_top_bit(unsigned long long x) { return 63 - __builtin_clzll(x); }
+    #endif
+    /* Push without letting std::bad_alloc escape: -1 means nothing was pushed. */
+    static inline int armonik_deque_push(std::deque<int32_t>& d, int32_t v, int front) {
+        try {
+            if (front) d.push_front(v); else d.push_back(v);
+        } catch (...) {
+            return -1;
+        }
+        return 0;
+    }
+    """
+    int top_bit "armonik_top_bit"(uint64_t x) noexcept nogil
+    int deque_push "armonik_deque_push"(deque[int32_t]& d, int32_t v, int front) noexcept nogil
+
+
+STATE_FREE = TS_FREE
+STATE_WAITING = TS_WAITING
+STATE_QUEUED = TS_QUEUED
+STATE_DISPATCHED = TS_DISPATCHED
+STATE_DEAD = TS_DEAD
+PRIORITY_MIN = PRIO_MIN
+PRIORITY_MAX = PRIO_MAX
+MAX_PARTITIONS = PART_LIMIT
+
+_STATE_NAMES = ("FREE", "WAITING", "QUEUED", "DISPATCHED", "DEAD")
+_RESULT_NAMES = ("FREE", "PENDING", "READY", "ABORTED")
+
+
+cdef inline int64_t _as_int(object o) except? -1:
+    """Convert an int-like to int64, clamping huge values so that range checks reject them."""
+    # Clamping turns "2**70" into a clean ValueError from the range check instead of an
+    # OverflowError from the argument conversion.
+    cdef int overflow = 0
+    cdef long long v = PyLong_AsLongLongAndOverflow(o, &overflow)
+    if overflow > 0:
+        return INT64_MAX
+    if overflow < 0:
+        return INT64_MIN
+    return v
+
+
+cdef inline void _set_bit(vector[uint64_t]& bitmap, int32_t p, int32_t prio) noexcept:
+    bitmap[p * BITMAP_WORDS + (prio >> 6)] |= (<uint64_t>1) << (prio & 63)
+
+
+cdef inline void _clear_bit(vector[uint64_t]& bitmap, int32_t p, int32_t prio) noexcept:
+    bitmap[p * BITMAP_WORDS + (prio >> 6)] &= ~((<uint64_t>1) << (prio & 63))
+
+
+cdef inline int32_t _top_bucket(vector[uint64_t]& bitmap, int32_t p) noexcept:
+    cdef uint64_t w = bitmap[p * BITMAP_WORDS + 1]
+    if w:
+        return 64 + top_bit(w)
+    w = bitmap[p * BITMAP_WORDS]
+    if w:
+        return top_bit(w)
+    return 0
+
+
+def _broken(name, detail):
+    raise AssertionError(f"core invariant '{name}' broken: {detail}")
+
+
+@cython.final
+cdef class Core:
+    """Dependency counts, ready queues and agent credit of one broker; slots in, slots out."""
+
+    def __cinit__(self):
+        self.n_partitions = 0
+        self.task_free = NONE
+        self.edge_free = NONE
+        self.result_free = NONE
+        self.agent_free = NONE
+        self.ring_head = NONE
+        self.cursor = NONE
+        self.back_seq = 0
+        self.front_seq = -1
+        self.stamp = 0
+        self.n_live_tasks = 0
+        self.n_wait = 0
+        self.n_queued = 0
+        self.n_disp = 0
+        self.free_credit = 0
+
+    def __repr__(self):
+        return (f"<Core tasks={self.n_live_tasks} waiting={self.n_wait} ready={self.n_queued} "
+                f"dispatched={self.n_disp} free_credit={self.free_credit} partitions={self.n_partitions}>")
+
+    # -- slot checks (cold paths raise; the checks themselves are two int comparisons) -----------
+
+    cdef int _task_slot(self, int64_t t) except -1:
+        if t < 0 or t >= <int64_t>self.tasks.size():
+            raise ValueError(f"task slot {t} does not exist (allocated slots: 0..{<int64_t>self.tasks.size() - 1})")
+        if self.tasks[t].state == TS_FREE:
+            raise ValueError(f"task slot {t} is free: its task was freed")
+        return 0
+
+    cdef int _result_slot(self, int64_t r) except -1:
+        if r < 0 or r >= <int64_t>self.results.size():
+            raise ValueError(f"result slot {r} does not exist (allocated slots: 0..{<int64_t>self.results.size() - 1})")
+        if self.results[r].state == RS_FREE:
+            raise ValueError(f"result slot {r} is free: it was freed")
+        return 0
+
+    cdef int _agent_slot(self, int64_t a) except -1:
+        if a < 0 or a >= <int64_t>self.agents.size():
+            raise ValueError(f"agent slot {a} does not exist (allocated slots: 0..{<int64_t>self.agents.size() - 1})")
+        if not self.agents[a].alive:
+            raise ValueError(f"agent slot {a} is free: its agent was removed")
+        return 0
+
+    cdef int _grow_partitions(self, int64_t p) except -1:
+        if p < self.n_partitions:
+            return 0
+        if p < 0 or p >= PART_LIMIT:
+            raise ValueError(f"partition {p} is out of range (0..{PART_LIMIT - 1})")
+        cdef size_t n = <size_t>p + 1
+        # A failure halfway leaves some vectors longer than n_partitions, which is harmless:
+        # n_partitions only moves once all of them are long enough.
+        self.buckets.resize(n * N_BUCKETS)
+        self.bitmap.resize(n * BITMAP_WORDS, 0)
+        self.live.resize(n, 0)
+        self.dead.resize(n, 0)
+        self.n_partitions = <int32_t>n
+        return 0
+
+    # -- ready queues ---------------------------------------------------------------------------
+
+    cdef int _push(self, int32_t t, bint front) noexcept:
+        cdef TaskRec* tr = &self.tasks[t]
+        cdef int32_t p = tr.partition
+        cdef int32_t prio = tr.priority
+        if deque_push(self.buckets[p * N_BUCKETS + prio], t, front) < 0:
+            return -1
+        if front:
+            tr.seq = self.front_seq
+            self.front_seq -= 1
+        else:
+            tr.seq = self.back_seq
+            self.back_seq += 1
+        _set_bit(self.bitmap, p, prio)
+        tr.in_queue = 1
+        tr.state = TS_QUEUED
+        self.live[p] += 1
+        self.n_queued += 1
+        return 0
+
+    cdef int32_t _peek(self, int32_t p) noexcept:
+        """Return the live head of p's best bucket (-1 if none), discarding dead heads on the way."""
+        cdef int32_t prio, t
+        cdef deque[int32_t]* dq
+        while True:
+            prio = _top_bucket(self.bitmap, p)
+            if prio == 0:
+                return NONE
+            dq = &self.buckets[p * N_BUCKETS + prio]
+            while not dq.empty():
+                t = dq.front()
+                if self.tasks[t].state == TS_QUEUED:
+                    return t
+                dq.pop_front()
+                self._entry_gone(t)
+            _clear_bit(self.bitmap, p, prio)
+
+    cdef void _pop_head(self, int32_t p, int32_t prio) noexcept:
+        cdef deque[int32_t]* dq = &self.buckets[p * N_BUCKETS + prio]
+        self.tasks[dq.front()].in_queue = 0
+        dq.pop_front()
+        if dq.empty():
+            _clear_bit(self.bitmap, p, prio)
+        self.live[p] -= 1
+        self.n_queued -= 1
+
+    cdef void _entry_gone(self, int32_t t) noexcept:
+        """Forget a dead entry that was just removed from a queue; recycle its slot if freed."""
+        cdef TaskRec* tr = &self.tasks[t]
+        tr.in_queue = 0
+        self.dead[tr.partition] -= 1
+        if tr.state == TS_FREE:
+            self._recycle_task(t)
+
+    cdef void _maybe_compact(self, int32_t p) noexcept:
+        if self.dead[p] < COMPACT_MIN or self.dead[p] <= self.live[p]:
+            return
+        cdef int32_t prio, t
+        cdef size_t i, k, n
+        cdef deque[int32_t]* dq
+        for prio in range(PRIO_MIN, PRIO_MAX + 1):
+            dq = &self.buckets[p * N_BUCKETS + prio]
+            n = dq.size()
+            k = 0
+            for i in range(n):
+                t = deref(dq)[i]
+                if self.tasks[t].state == TS_QUEUED:
+                    deref(dq)[k] = t
+                    k += 1
+                else:
+                    self._entry_gone(t)
+            # Shrinking from the back only frees blocks: compaction never allocates.
+            while dq.size() > k:
+                dq.pop_back()
+            if k == 0:
+                _clear_bit(self.bitmap, p, prio)
+
+    cdef int32_t _pick(self, int32_t a) noexcept:
+        """Pop the best ready task among a's partitions: highest priority, then oldest entry."""
+        cdef vector[int32_t]* parts = &self.agent_parts[a]
+        cdef int32_t best = NONE, best_p = 0, p, t
+        cdef uint8_t best_prio = 0
+        cdef int64_t best_seq = 0
+        cdef TaskRec* tr
+        cdef size_t i
+        for i in range(parts.size()):
+            p = deref(parts)[i]
+            if self.live[p] == 0:
+                continue
+            t = self._peek(p)
+            tr = &self.tasks[t]
+            if best == NONE or tr.priority > best_prio or (tr.priority == best_prio and tr.seq < best_seq):
+                best = t
+                best_p = p
+                best_prio = tr.priority
+                best_seq = tr.seq
+        if best != NONE:
+            self._pop_head(best_p, best_prio)
+        return best
+
+    # -- links ----------------------------------------------------------------------------------
+
+    cdef void _drop_deps(self, int32_t t) noexcept:
+        """Unlink every dependency edge of t from its result's waiter list and free the edges."""
+        cdef TaskRec* tr = &self.tasks[t]
+        cdef int32_t e = tr.dep_head, nxt
+        cdef EdgeRec* er
+        cdef ResultRec* rr
+        while e != NONE:
+            er = &self.edges[e]
+            nxt = er.t_next
+            rr = &self.results[er.result]
+            if er.r_prev != NONE:
+                self.edges[er.r_prev].r_next = er.r_next
+            else:
+                rr.head = er.r_next
+            if er.r_next != NONE:
+                self.edges[er.r_next].r_prev = er.r_prev
+            else:
+                rr.tail = er.r_prev
+            rr.n_waiters -= 1
+            er.task = NONE
+            er.result = NONE
+            er.r_next = self.edge_free
+            self.edge_free = e
+            e = nxt
+        tr.dep_head = NONE
+        tr.missing = 0
+
+    cdef void _hold(self, int32_t a, int32_t t) noexcept:
+        cdef AgentRec* ar = &self.agents[a]
+        cdef TaskRec* tr = &self.tasks[t]
+        tr.owner = a
+        tr.held_prev = ar.tail
+        tr.held_next = NONE
+        if ar.tail != NONE:
+            self.tasks[ar.tail].held_next = t
+        else:
+            ar.head = t
+        ar.tail = t
+        ar.n_held += 1
+        self.free_credit -= 1
+
+    cdef void _unhold(self, int32_t t) noexcept:
+        cdef TaskRec* tr = &self.tasks[t]
+        cdef AgentRec* ar = &self.agents[tr.owner]
+        if tr.held_prev != NONE:
+            self.tasks[tr.held_prev].held_next = tr.held_next
+        else:
+            ar.head = tr.held_next
+        if tr.held_next != NONE:
+            self.tasks[tr.held_next].held_prev = tr.held_prev
+        else:
+            ar.tail = tr.held_prev
+        ar.n_held -= 1
+        self.free_credit += 1
+        tr.owner = NONE
+        tr.held_prev = NONE
+        tr.held_next = NONE
+
+    cdef void _detach(self, int32_t t, uint8_t new_state) noexcept:
+        """Take t out of whatever holds it and move it to DEAD or FREE."""
+        cdef TaskRec* tr = &self.tasks[t]
+        cdef uint8_t old = tr.state
+        cdef int32_t p = tr.partition
+        if old == TS_WAITING:
+            self._drop_deps(t)
+            self.n_wait -= 1
+        elif old == TS_QUEUED:
+            # Lazy deletion: the entry stays and is skipped (or purged) later.
+            self.live[p] -= 1
+            self.dead[p] += 1
+            self.n_queued -= 1
+        elif old == TS_DISPATCHED:
+            self._unhold(t)
+            self.n_disp -= 1
+        tr.state = new_state
+        if new_state == TS_FREE:
+            self.n_live_tasks -= 1
+            if not tr.in_queue:
+                self._recycle_task(t)
+        if old == TS_QUEUED:
+            self._maybe_compact(p)
+
+    cdef void _recycle_task(self, int32_t t) noexcept:
+        self.tasks[t].next_free = self.task_free
+        self.task_free = t
+
+    # -- results --------------------------------------------------------------------------------
+
+    def new_result(self):
+        """Allocate a result slot whose data is not available yet."""
+        cdef int32_t r
+        cdef ResultRec rec
+        rec.head = NONE
+        rec.tail = NONE
+        rec.n_waiters = 0
+        rec.next_free = NONE
+        rec.stamp = 0
+        rec.state = RS_PENDING
+        if self.result_free != NONE:
+            r = self.result_free
+            self.result_free = self.results[r].next_free
+            self.results[r] = rec
+        else:
+            if self.results.size() >= <size_t>INT32_MAX:
+                raise MemoryError("no result slot left (2**31 - 1 in use)")
+            r = <int32_t>self.results.size()
+            self.results.push_back(rec)
+        return r
+
+    def free_result(self, r):
+        """Recycle a result slot; it must have no waiting task left."""
+        cdef int64_t ri = _as_int(r)
+        self._result_slot(ri)
+        cdef ResultRec* rr = &self.results[ri]
+        if rr.head != NONE:
+            raise ValueError(f"result slot {ri} still has {rr.n_waiters} waiting task(s): "
+                             "call on_result_ready or on_result_aborted first")
+        rr.state = RS_FREE
+        rr.next_free = self.result_free
+        self.result_free = <int32_t>ri
+
+    def result_waiters(self, r):
+        """Return the task slots waiting on result r, in registration order."""
+        cdef int64_t ri = _as_int(r)
+        self._result_slot(ri)
+        cdef list out = []
+        cdef int32_t e = self.results[ri].head
+        while e != NONE:
+            out.append(self.edges[e].task)
+            e = self.edges[e].r_next
+        return out
+
+    def on_result_ready(self, r):
+        """Record that result r has data; queue and return the tasks that no longer miss anything."""
+        cdef int64_t ri = _as_int(r)
+        self._result_slot(ri)
+        cdef ResultRec* rr = &self.results[ri]
+        if rr.state == RS_ABORTED:
+            raise ValueError(f"result slot {ri} was aborted: it cannot become ready")
+        cdef list out = []
+        cdef int32_t e, t, nxt
+        cdef EdgeRec* er
+        cdef TaskRec* tr
+        # Edges are consumed one at a time from the head, each one completely, so a MemoryError
+        # leaves a consistent core and a later call finishes the job.
+        while rr.head != NONE:
+            e = rr.head
+            er = &self.edges[e]
+            t = er.task
+            tr = &self.tasks[t]
+            if tr.missing == 1:
+                out.append(t)
+                if self._push(t, False) < 0:
+                    raise MemoryError("cannot grow a ready queue")
+                self.n_wait -= 1
+            nxt = er.r_next
+            rr.head = nxt
+            if nxt != NONE:
+                self.edges[nxt].r_prev = NONE
+            else:
+                rr.tail = NONE
+            rr.n_waiters -= 1
+            if er.t_prev != NONE:
+                self.edges[er.t_prev].t_next = er.t_next
+            else:
+                tr.dep_head = er.t_next
+            if er.t_next != NONE:
+                self.edges[er.t_next].t_prev = er.t_prev
+            tr.missing -= 1
+            er.task = NONE
+            er.result = NONE
+            er.r_next = self.edge_free
+            self.edge_free = e
+        rr.state = RS_READY
+        return out
+
+    def on_result_aborted(self, r):
+        """Record that result r will never have data; return its waiting tasks, now DEAD."""
+        cdef int64_t ri = _as_int(r)
+        self._result_slot(ri)
+        cdef ResultRec* rr = &self.results[ri]
+        if rr.state == RS_READY:
+            raise ValueError(f"result slot {ri} is ready: it cannot be aborted")
+        cdef list out = []
+        cdef int32_t t
+        while rr.head != NONE:
+            t = self.edges[rr.head].task
+            out.append(t)
+            self._drop_deps(t)
+            self.tasks[t].state = TS_DEAD
+            self.n_wait -= 1
+        rr.state = RS_ABORTED
+        return out
+
+    # -- tasks ----------------------------------------------------------------------------------
+
+    def add_task(self, partition, priority, missing):
+        """Allocate a task slot waiting for the ``missing`` result slots, queued at once if none."""
+        cdef int64_t p = _as_int(partition)
+        cdef int64_t prio = _as_int(priority)
+        if prio < PRIO_MIN or prio > PRIO_MAX:
+            raise ValueError(f"priority {priority!r} is out of range ({PRIO_MIN}..{PRIO_MAX})")
+        if p < 0 or p >= PART_LIMIT:
+            raise ValueError(f"partition {partition!r} is out of range (0..{PART_LIMIT - 1})")
+        cdef int64_t ri
+        cdef ResultRec* rr
+        # Validate everything before changing anything: a bad slot leaves no trace.
+        self.stamp += 1
+        self.scratch.clear()
+        for obj in missing:
+            ri = _as_int(obj)
+            self._result_slot(ri)
+            rr = &self.results[ri]
+            if rr.state == RS_ABORTED:
+                raise ValueError(f"result slot {ri} was aborted: no task can wait for it")
+            # An already available result is not missing; a repeated one counts once.
+            if rr.state == RS_PENDING and rr.stamp != self.stamp:
+                rr.stamp = self.stamp
+                self.scratch.push_back(<int32_t>ri)
+        self._grow_partitions(p)
+        cdef size_t n = self.scratch.size()
+        if self.edges.capacity() < self.edges.size() + n:
+            self.edges.reserve(max(2 * self.edges.capacity(), self.edges.size() + n))
+        cdef int32_t t
+        cdef TaskRec rec
+        if self.task_free == NONE:
+            # A new slot joins the free list first, so that both paths take the head of the list
+            # and a failed push below leaves it there untouched.
+            if self.tasks.size() >= <size_t>INT32_MAX:
+                raise MemoryError("no task slot left (2**31 - 1 in use)")
+            rec.seq = 0
+            rec.partition = 0
+            rec.owner = NONE
+            rec.missing = 0
+            rec.dep_head = NONE
+            rec.held_prev = NONE
+            rec.held_next = NONE
+            rec.next_free = NONE
+            rec.priority = 0
+            rec.state = TS_FREE
+            rec.in_queue = 0
+            self.tasks.push_back(rec)
+            self.task_free = <int32_t>self.tasks.size() - 1
+        t = self.task_free
+        cdef TaskRec* tr = &self.tasks[t]
+        tr.partition = <int32_t>p
+        tr.priority = <uint8_t>prio
+        tr.seq = 0
+        tr.held_prev = NONE
+        tr.held_next = NONE
+        if n == 0:
+            if self._push(t, False) < 0:
+                raise MemoryError("cannot grow a ready queue")
+        else:
+            tr.state = TS_WAITING
+            self.n_wait += 1
+        self.task_free = tr.next_free
+        tr.next_free = NONE
+        self.n_live_tasks += 1
+        if n == 0:
+            return t
+        cdef int32_t e, r
+        cdef EdgeRec* er
+        cdef size_t i
+        for i in range(n):
+            r = self.scratch[i]
+            if self.edge_free != NONE:
+                e = self.edge_free
+                self.edge_free = self.edges[e].r_next
+            else:
+                e = <int32_t>self.edges.size()
+                self.edges.push_back(EdgeRec(NONE, NONE, NONE, NONE, NONE, NONE))
+            er = &self.edges[e]
+            er.task = t
+            er.result = r
+            rr = &self.results[r]
+            er.r_prev = rr.tail
+            er.r_next = NONE
+            if rr.tail != NONE:
+                self.edges[rr.tail].r_next = e
+            else:
+                rr.head = e
+            rr.tail = e
+            rr.n_waiters += 1
+            er.t_prev = NONE
+            er.t_next = tr.dep_head
+            if tr.dep_head != NONE:
+                self.edges[tr.dep_head].t_prev = e
+            tr.dep_head = e
+        tr.missing = <int32_t>n
+        return t
+
+    def missing(self, t):
+        """Return how many results task t still waits for."""
+        cdef int64_t ti = _as_int(t)
+        self._task_slot(ti)
+        return self.tasks[ti].missing
+
+    def state(self, t):
+        """Return task t's STATE_* constant; a freed slot reports STATE_FREE."""
+        cdef int64_t ti = _as_int(t)
+        if ti < 0 or ti >= <int64_t>self.tasks.size():
+            self._task_slot(ti)  # raises: out of range
+        return self.tasks[ti].state
+
+    def priority(self, t):
+        """Return task t's priority."""
+        cdef int64_t ti = _as_int(t)
+        self._task_slot(ti)
+        return self.tasks[ti].priority
+
+    def partition(self, t):
+        """Return task t's partition."""
+        cdef int64_t ti = _as_int(t)
+        self._task_slot(ti)
+        return self.tasks[ti].partition
+
+    def owner(self, t):
+        """Return the agent slot holding task t, or -1."""
+        cdef int64_t ti = _as_int(t)
+        self._task_slot(ti)
+        return self.tasks[ti].owner
+
+    def cancel_task(self, t):
+        """Take task t out of waiter lists, its queue (lazily) and its agent; it becomes DEAD."""
+        cdef int64_t ti = _as_int(t)
+        self._task_slot(ti)
+        self._detach(<int32_t>ti, TS_DEAD)
+
+    def free_task(self, t):
+        """Forget finished task t: its agent gets the credit back and its slot is recycled."""
+        cdef int64_t ti = _as_int(t)
+        self._task_slot(ti)
+        self._detach(<int32_t>ti, TS_FREE)
+
+    def requeue(self, t):
+        """Put dispatched task t back at the front of its priority bucket, taking it from its agent."""
+        cdef int64_t ti = _as_int(t)
+        self._task_slot(ti)
+        if self.tasks[ti].state != TS_DISPATCHED:
+            raise ValueError(f"task slot {ti} is {_STATE_NAMES[self.tasks[ti].state]}, not DISPATCHED: "
+                             "only a dispatched task can be requeued")
+        if self._push(<int32_t>ti, True) < 0:
+            raise MemoryError("cannot grow a ready queue")
+        self._unhold(<int32_t>ti)
+        self.n_disp -= 1
+
+    # -- agents ---------------------------------------------------------------------------------
+
+    def add_agent(self, partitions, capacity):
+        """Register an agent serving ``partitions`` that may hold up to ``capacity`` tasks."""
+        cdef int64_t cap = _as_int(capacity)
+        if cap < 1 or cap > INT32_MAX:
+            raise ValueError(f"capacity {capacity!r} is out of range (1..{INT32_MAX})")
+        cdef int64_t p, top = -1
+        cdef int32_t q
+        cdef bint seen
+        self.scratch.clear()
+        for obj in partitions:
+            p = _as_int(obj)
+            if p < 0 or p >= PART_LIMIT:
+                raise ValueError(f"partition {obj!r} is out of range (0..{PART_LIMIT - 1})")
+            seen = False
+            for q in self.scratch:
+                if q == p:
+                    seen = True
+                    break
+            if not seen:
+                self.scratch.push_back(<int32_t>p)
+                top = max(top, p)
+        if top < 0:
+            raise ValueError("an agent must serve at least one partition")
+        self._grow_partitions(top)
+        cdef int32_t a
+        cdef AgentRec rec
+        rec.capacity = <int32_t>cap
+        rec.n_held = 0
+        rec.head = NONE
+        rec.tail = NONE
+        rec.ring_prev = NONE
+        rec.ring_next = NONE
+        rec.next_free = NONE
+        rec.alive = 1
+        # Every step that may fail comes before the slot is taken: a MemoryError leaves no trace.
+        if self.agent_free != NONE:
+            a = self.agent_free
+            self.agent_parts[a].assign(self.scratch.begin(), self.scratch.end())
+            self.agent_free = self.agents[a].next_free
+            self.agents[a] = rec
+        else:
+            if self.agents.size() >= <size_t>INT32_MAX:
+                raise MemoryError("no agent slot left (2**31 - 1 in use)")
+            a = <int32_t>self.agents.size()
+            if self.agent_parts.size() <= <size_t>a:
+                self.agent_parts.resize(a + 1)
+            self.agent_parts[a].assign(self.scratch.begin(), self.scratch.end())
+            self.agents.push_back(rec)
+        cdef AgentRec* ar = &self.agents[a]
+        if self.ring_head == NONE:
+            ar.ring_prev = a
+            ar.ring_next = a
+            self.ring_head = a
+            self.cursor = a
+        else:
+            # Append at the end of the registration order, i.e. just before the oldest agent.
+            ar.ring_next = self.ring_head
+            ar.ring_prev = self.agents[self.ring_head].ring_prev
+            self.agents[ar.ring_prev].ring_next = a
+            self.agents[self.ring_head].ring_prev = a
+        self.free_credit += cap
+        return a
+
+    def remove_agent(self, a):
+        """Forget agent a; return the task slots it held, requeued at the front in the same order."""
+        cdef int64_t ai = _as_int(a)
+        self._agent_slot(ai)
+        cdef AgentRec* ar = &self.agents[ai]
+        cdef list held = []
+        cdef int32_t t = ar.head, prev
+        while t != NONE:
+            held.append(t)
+            t = self.tasks[t].held_next
+        # Newest first, each pushed to the front: the oldest ends up first in line again.
+        # One task at a time, so a MemoryError leaves a consistent core with the agent still there.
+        t = ar.tail
+        while t != NONE:
+            prev = self.tasks[t].held_prev
+            if self._push(t, True) < 0:
+                raise MemoryError("cannot grow a ready queue")
+            self._unhold(t)
+            self.n_disp -= 1
+            t = prev
+        self.free_credit -= ar.capacity
+        if ar.ring_next == ai:
+            self.ring_head = NONE
+            self.cursor = NONE
+        else:
+            self.agents[ar.ring_prev].ring_next = ar.ring_next
+            self.agents[ar.ring_next].ring_prev = ar.ring_prev
+            if self.ring_head == ai:
+                self.ring_head = ar.ring_next
+            if self.cursor == ai:
+                self.cursor = ar.ring_next
+        ar.ring_prev = NONE
+        ar.ring_next = NONE
+        ar.alive = 0
+        ar.capacity = 0
+        ar.next_free = self.agent_free
+        self.agent_free = <int32_t>ai
+        self.agent_parts[ai].clear()
+        return held
+
+    def agent_held(self, a):
+        """Return the task slots agent a holds, in the order it received them."""
+        cdef int64_t ai = _as_int(a)
+        self._agent_slot(ai)
+        cdef list out = []
+        cdef int32_t t = self.agents[ai].head
+        while t != NONE:
+            out.append(t)
+            t = self.tasks[t].held_next
+        return out
+
+    def agent_credit(self, a):
+        """Return how many more tasks agent a may receive."""
+        cdef int64_t ai = _as_int(a)
+        self._agent_slot(ai)
+        return self.agents[ai].capacity - self.agents[ai].n_held
+
+    # -- dispatch -------------------------------------------------------------------------------
+
+    def dispatch(self, max_tasks=-1):
+        """Hand ready tasks to agents with credit, round-robin; return [(agent, task), ...]."""
+        cdef int64_t budget = _as_int(max_tasks)
+        if budget < 0:
+            budget = INT64_MAX
+        cdef list out = []
+        if budget == 0 or self.n_queued == 0 or self.free_credit == 0:
+            return out
+        cdef int32_t a = self.cursor, t, last = NONE
+        cdef AgentRec* ar
+        self.cand.clear()
+        while True:
+            ar = &self.agents[a]
+            if ar.n_held < ar.capacity:
+                self.cand.push_back(a)
+            a = ar.ring_next
+            if a == self.cursor:
+                break
+        # Room for every assignment this call can make, so the loop below cannot fail halfway.
+        cdef int64_t bound = min(budget, min(self.n_queued, self.free_credit))
+        self.scratch.clear()
+        self.scratch.reserve(<size_t>(2 * bound))
+        cdef size_t i, k
+        cdef TaskRec* tr
+        while not self.cand.empty() and budget > 0 and self.n_queued > 0:
+            k = 0
+            for i in range(self.cand.size()):
+                if budget == 0:
+                    break
+                a = self.cand[i]
+                t = self._pick(a)
+                if t == NONE:
+                    # Queues only shrink during a call: this agent will find nothing later either.
+                    continue
+                self.tasks[t].state = TS_DISPATCHED
+                self._hold(a, t)
+                self.n_disp += 1
+                self.scratch.push_back(a)
+                self.scratch.push_back(t)
+                budget -= 1
+                last = a
+                ar = &self.agents[a]
+                if ar.n_held < ar.capacity:
+                    self.cand[k] = a
+                    k += 1
+            self.cand.resize(k)
+        if last != NONE:
+            self.cursor = self.agents[last].ring_next
+        for i in range(0, self.scratch.size(), 2):
+            out.append((self.scratch[i], self.scratch[i + 1]))
+        return out
+
+    # -- introspection --------------------------------------------------------------------------
+
+    def n_ready(self, partition=-1):
+        """Return how many live tasks are queued in ``partition`` (-1: in all partitions)."""
+        cdef int64_t p = _as_int(partition)
+        if p == -1:
+            return self.n_queued
+        if p < 0 or p >= PART_LIMIT:
+            raise ValueError(f"partition {partition!r} is out of range (-1 for all, or 0..{PART_LIMIT - 1})")
+        if p >= self.n_partitions:
+            return 0
+        return self.live[p]
+
+    def n_waiting(self):
+        """Return how many tasks wait for at least one result."""
+        return self.n_wait
+
+    def n_dispatched(self):
+        """Return how many tasks agents hold."""
+        return self.n_disp
+
+    def n_tasks(self):
+        """Return how many task slots are live (any state but FREE)."""
+        return self.n_live_tasks
+
+    def validate(self):
+        """Check every invariant; raise AssertionError naming the first broken one."""
+        cdef size_t nt = self.tasks.size(), ne = self.edges.size()
+        cdef size_t nr = self.results.size(), na = self.agents.size()
+        cdef int64_t np_ = self.n_partitions
+        cdef int32_t t, e, r, a, p, prio, x
+        cdef int64_t count, i
+        cdef TaskRec* tr
+        cdef EdgeRec* er
+        cdef ResultRec* rr
+        cdef AgentRec* ar
+
+        if (self.buckets.size() < <size_t>(np_ * N_BUCKETS) or self.bitmap.size() < <size_t>(np_ * BITMAP_WORDS)
+                or self.live.size() < <size_t>np_ or self.dead.size() < <size_t>np_):
+            _broken("partition arrays", f"shorter than n_partitions={np_}")
+
+        # Free lists: in range, acyclic, only free records.
+        task_on_free = set()
+        t = self.task_free
+        while t != NONE:
+            if t < 0 or <size_t>t >= nt or t in task_on_free:
+                _broken("task free list", f"bad or repeated slot {t}")
+            if self.tasks[t].state != TS_FREE or self.tasks[t].in_queue:
+                _broken("task free list", f"slot {t} is listed but is {_STATE_NAMES[self.tasks[t].state]}"
+                        f" (in_queue={self.tasks[t].in_queue})")
+            task_on_free.add(t)
+            t = self.tasks[t].next_free
+        edge_on_free = set()
+        e = self.edge_free
+        while e != NONE:
+            if e < 0 or <size_t>e >= ne or e in edge_on_free:
+                _broken("edge free list", f"bad or repeated edge {e}")
+            if self.edges[e].task != NONE:
+                _broken("edge free list", f"edge {e} is listed but still links task {self.edges[e].task}")
+            edge_on_free.add(e)
+            e = self.edges[e].r_next
+        result_on_free = set()
+        r = self.result_free
+        while r != NONE:
+            if r < 0 or <size_t>r >= nr or r in result_on_free:
+                _broken("result free list", f"bad or repeated slot {r}")
+            if self.results[r].state != RS_FREE:
+                _broken("result free list", f"slot {r} is listed but is {_RESULT_NAMES[self.results[r].state]}")
+            result_on_free.add(r)
+            r = self.results[r].next_free
+        agent_on_free = set()
+        a = self.agent_free
+        while a != NONE:
+            if a < 0 or <size_t>a >= na or a in agent_on_free:
+                _broken("agent free list", f"bad or repeated slot {a}")
+            if self.agents[a].alive:
+                _broken("agent free list", f"slot {a} is listed but alive")
+            agent_on_free.add(a)
+            a = self.agents[a].next_free
+
+        # Results and their waiter lists (which are the edges in use).
+        edges_seen = set()
+        for r in range(<int32_t>nr):
+            rr = &self.results[r]
+            if rr.state > RS_ABORTED:
+                _broken("result state", f"result {r} has state {rr.state}")
+            if rr.state == RS_FREE and r not in result_on_free:
+                _broken("result free list", f"free result {r} is not on the free list")
+            if rr.state != RS_PENDING and rr.head != NONE:
+                _broken("waiters", f"result {r} is {_RESULT_NAMES[rr.state]} but has waiters")
+            count = 0
+            x = NONE
+            e = rr.head
+            while e != NONE:
+                if e < 0 or <size_t>e >= ne or e in edges_seen:
+                    _broken("waiters", f"result {r} lists bad or repeated edge {e}")
+                edges_seen.add(e)
+                er = &self.edges[e]
+                if er.result != r or er.r_prev != x:
+                    _broken("waiters", f"edge {e} in result {r}'s list has result={er.result} r_prev={er.r_prev}")
+                if er.task < 0 or <size_t>er.task >= nt or self.tasks[er.task].state != TS_WAITING:
+                    _broken("waiters", f"result {r} lists task {er.task}, which is not WAITING")
+                count += 1
+                x = e
+                e = er.r_next
+            if rr.tail != x:
+                _broken("waiters", f"result {r} tail is {rr.tail}, list ends at {x}")
+            if count != rr.n_waiters:
+                _broken("waiters", f"result {r} counts {rr.n_waiters} waiters, lists {count}")
+        if len(edges_seen) + len(edge_on_free) != <Py_ssize_t>ne or edges_seen & edge_on_free:
+            _broken("edges", f"{ne} edges: {len(edges_seen)} linked, {len(edge_on_free)} free")
+
+        # Tasks, their dependency lists and states.
+        cdef int64_t by_state[5]
+        by_state[:] = [0, 0, 0, 0, 0]
+        cdef int64_t in_queue_count = 0
+        edges_by_task = 0
+        for t in range(<int32_t>nt):
+            tr = &self.tasks[t]
+            if tr.state > TS_DEAD:
+                _broken("task state", f"task {t} has state {tr.state}")
+            by_state[tr.state] += 1
+            in_queue_count += tr.in_queue
+            if tr.state == TS_FREE:
+                if not tr.in_queue and t not in task_on_free:
+                    _broken("task free list", f"free task {t} is neither queued nor on the free list")
+                continue
+            if tr.priority < PRIO_MIN or tr.priority > PRIO_MAX or tr.partition < 0 or tr.partition >= np_:
+                _broken("task fields", f"task {t} has priority {tr.priority}, partition {tr.partition}")
+            count = 0
+            x = NONE
+            e = tr.dep_head
+            while e != NONE:
+                if e < 0 or <size_t>e >= ne or e not in edges_seen:
+                    _broken("missing counts", f"task {t} lists edge {e}, which no result lists")
+                er = &self.edges[e]
+                if er.task != t or er.t_prev != x:
+                    _broken("missing counts", f"edge {e} in task {t}'s list has task={er.task} t_prev={er.t_prev}")
+                count += 1
+                if count > <int64_t>ne:
+                    _broken("missing counts", f"task {t}'s dependency list loops")
+                x = e
+                e = er.t_next
+            edges_by_task += count
+            if count != tr.missing:
+                _broken("missing counts", f"task {t} counts {tr.missing} missing, lists {count}")
+            if (tr.state == TS_WAITING) != (tr.missing > 0):
+                _broken("missing counts", f"task {t} is {_STATE_NAMES[tr.state]} with {tr.missing} missing")
+            if (tr.state == TS_QUEUED) and not tr.in_queue:
+                _broken("queue membership", f"task {t} is QUEUED but no queue entry names it")
+            if tr.state in (TS_WAITING, TS_DISPATCHED) and tr.in_queue:
+                _broken("queue membership", f"task {t} is {_STATE_NAMES[tr.state]} but a queue entry names it")
+            if tr.state == TS_DISPATCHED:
+                if tr.owner < 0 or <size_t>tr.owner >= na or not self.agents[tr.owner].alive:
+                    _broken("ownership", f"task {t} is DISPATCHED to {tr.owner}, not a live agent")
+            elif tr.owner != NONE:
+                _broken("ownership", f"task {t} is {_STATE_NAMES[tr.state]} but owned by agent {tr.owner}")
+        if edges_by_task != len(edges_seen):
+            _broken("missing counts", f"tasks list {edges_by_task} edges, results {len(edges_seen)}")
+        if by_state[<int>TS_FREE] != len(task_on_free) + sum(
+                1 for t in range(<int32_t>nt) if self.tasks[t].state == TS_FREE and self.tasks[t].in_queue):
+            _broken("task free list", "free slots do not match the free list plus queued free slots")
+        if (self.n_live_tasks != <int64_t>nt - by_state[<int>TS_FREE] or self.n_wait != by_state[<int>TS_WAITING]
+                or self.n_queued != by_state[<int>TS_QUEUED] or self.n_disp != by_state[<int>TS_DISPATCHED]):
+            _broken("counters", f"tasks/waiting/ready/dispatched = {self.n_live_tasks}/{self.n_wait}/"
+                    f"{self.n_queued}/{self.n_disp}, states say {nt - by_state[<int>TS_FREE]}/{by_state[<int>TS_WAITING]}/"
+                    f"{by_state[<int>TS_QUEUED]}/{by_state[<int>TS_DISPATCHED]}")
+
+        # Queues: each in_queue slot appears exactly once, in the bucket its fields name, in key order.
+        queued_seen = set()
+        cdef int64_t live_p, dead_p, prev_seq
+        cdef deque[int32_t]* dq
+        cdef uint64_t bit
+        for p in range(<int32_t>np_):
+            live_p = 0
+            dead_p = 0
+            for prio in range(N_BUCKETS):
+                dq = &self.buckets[p * N_BUCKETS + prio]
+                bit = (self.bitmap[p * BITMAP_WORDS + (prio >> 6)] >> (prio & 63)) & 1
+                if <bint>bit != (not dq.empty()):
+                    _broken("bucket bitmap", f"partition {p} priority {prio}: bit {bit}, {dq.size()} entries")
+                prev_seq = INT64_MIN
+                for i in range(<int64_t>dq.size()):
+                    t = deref(dq)[i]
+                    if t < 0 or <size_t>t >= nt or t in queued_seen:
+                        _broken("queue membership", f"partition {p} priority {prio} holds bad or repeated slot {t}")
+                    queued_seen.add(t)
+                    tr = &self.tasks[t]
+                    if not tr.in_queue or tr.partition != p or tr.priority != prio:
+                        _broken("queue membership", f"task {t} sits in partition {p} priority {prio} but has "
+                                f"in_queue={tr.in_queue} partition={tr.partition} priority={tr.priority}")
+                    if tr.state == TS_QUEUED:
+                        live_p += 1
+                        if tr.seq <= prev_seq:
+                            _broken("queue order", f"task {t} key {tr.seq} follows key {prev_seq}")
+                        prev_seq = tr.seq
+                    else:
+                        dead_p += 1
+            if live_p != self.live[p] or dead_p != self.dead[p]:
+                _broken("ready counts", f"partition {p} counts {self.live[p]} live / {self.dead[p]} dead, "
+                        f"queues hold {live_p} / {dead_p}")
+        if len(queued_seen) != in_queue_count:
+            _broken("queue membership", f"{in_queue_count} slots flagged in_queue, queues hold {len(queued_seen)}")
+
+        # Agents: held lists, credit, partitions, ring.
+        cdef int64_t credit = 0, held_total = 0, alive = 0
+        for a in range(<int32_t>na):
+            ar = &self.agents[a]
+            if not ar.alive:
+                if a not in agent_on_free:
+                    _broken("agent free list", f"dead agent {a} is not on the free list")
+                continue
+            alive += 1
+            count = 0
+            x = NONE
+            t = ar.head
+            while t != NONE:
+                if t < 0 or <size_t>t >= nt:
+                    _broken("held sets", f"agent {a} holds bad slot {t}")
+                tr = &self.tasks[t]
+                if tr.state != TS_DISPATCHED or tr.owner != a or tr.held_prev != x:
+                    _broken("held sets", f"agent {a} holds task {t}: state {_STATE_NAMES[tr.state]}, owner {tr.owner}")
+                count += 1
+                if count > <int64_t>nt:
+                    _broken("held sets", f"agent {a}'s held list loops")
+                x = t
+                t = tr.held_next
+            if ar.tail != x or count != ar.n_held:
+                _broken("held sets", f"agent {a} counts {ar.n_held} held (tail {ar.tail}), lists {count} (ends {x})")
+            if ar.n_held > ar.capacity or ar.capacity < 1:
+                _broken("credits", f"agent {a} holds {ar.n_held} with capacity {ar.capacity}")
+            credit += ar.capacity - ar.n_held
+            held_total += ar.n_held
+            parts = list(self.agent_parts[a])
+            if not parts or len(set(parts)) != len(parts) or not all(0 <= q < np_ for q in parts):
+                _broken("agent partitions", f"agent {a} serves {parts}")
+        if credit != self.free_credit:
+            _broken("credits", f"free_credit is {self.free_credit}, agents have {credit}")
+        if held_total != self.n_disp:
+            _broken("held sets", f"agents hold {held_total} tasks, {self.n_disp} are DISPATCHED")
+        if alive == 0:
+            if self.ring_head != NONE or self.cursor != NONE:
+                _broken("agent ring", f"no agent but ring_head={self.ring_head} cursor={self.cursor}")
+        else:
+            ring = []
+            a = self.ring_head
+            while True:
+                if a < 0 or <size_t>a >= na or not self.agents[a].alive or len(ring) > alive:
+                    _broken("agent ring", f"ring reaches {a} after {ring}")
+                ring.append(a)
+                if self.agents[self.agents[a].ring_next].ring_prev != a:
+                    _broken("agent ring", f"agent {a}'s next does not point back")
+                a = self.agents[a].ring_next
+                if a == self.ring_head:
+                    break
+            if len(ring) != alive or self.cursor not in ring:
+                _broken("agent ring", f"ring {ring} vs {alive} live agents, cursor {self.cursor}")

@@ -1,0 +1,470 @@
+"""The agent (ArmoniK's polling agent, without the polling): one per node or worker group.
+
+It registers with the broker's backend and declares a capacity (workers x per-worker window); the
+broker then pushes tasks while the agent has credit. For each task it checks the preconditions,
+prefetches inputs that did not travel inside the DISPATCH, queues the task at a worker, answers the
+worker's requests (new results, data, subtasks) from local buffers, and reports the outcome. Reports
+go out once per loop turn, batched.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+import traceback
+import uuid
+from collections import deque
+from typing import Callable, Optional
+
+import zmq
+
+from ..broker.options import merge as merge_options
+from ..config import AgentConfig
+from ..protocol import (WORKER_OPS, ErrorCode, Op, ProtocolError, check_reply, decode_header, envelope_of,
+                        reply_error, reply_ok, request, split_frames, validate)
+from ..status import ResultStatus, SessionStatus, TaskStatus
+from .pool import WorkerPool, WorkerProc
+
+log = logging.getLogger(__name__)
+
+
+class LocalTask:
+    """A task this agent holds, from DISPATCH until its report is acknowledged."""
+
+    __slots__ = ("msg", "task_id", "attempt", "data", "waiting_fetch", "token", "worker", "created_results",
+                 "results", "result_frames", "subtasks", "fetched_at", "started_at")
+
+    def __init__(self, msg: dict):
+        self.msg = msg
+        self.task_id: str = msg["task_id"]
+        self.attempt: int = msg["attempt"]
+        #: input data by result id (payload and dependencies)
+        self.data: dict[str, object] = {}
+        self.waiting_fetch = False
+        self.token = uuid.uuid4().hex
+        self.worker: Optional[WorkerProc] = None
+        # What the worker produced, committed by the broker only if the task ends OK.
+        self.created_results: list[dict] = []
+        self.results: list[dict] = []
+        self.result_frames: list = []
+        self.subtasks: list[dict] = []
+        self.fetched_at: Optional[float] = None
+        self.started_at: Optional[float] = None
+
+    def inputs(self) -> list[str]:
+        return list(dict.fromkeys([self.msg["payload_id"], *self.msg["data_dependencies"]]))
+
+
+class Agent:
+    def __init__(self, config: AgentConfig):
+        self.config = config
+        self.agent_id = config.agent_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.hostname = socket.gethostname()
+        self.capacity = config.workers * (1 + config.window)
+        self.ctx = zmq.Context()
+        self._sockdir = tempfile.mkdtemp(prefix="armonik-zmq-agent-")  # mkdtemp makes it 0700
+        self.worker_endpoint = f"ipc://{self._sockdir}/workers"
+        self.workers_sock = self.ctx.socket(zmq.ROUTER)
+        self.workers_sock.setsockopt(zmq.LINGER, 0)
+        self.workers_sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.workers_sock.bind(self.worker_endpoint)
+        self.pool = WorkerPool(config.workers, self.worker_endpoint, config.processor, config.worker_env)
+        self.broker: Optional[zmq.Socket] = None
+        self.tasks: dict[str, LocalTask] = {}
+        self.by_token: dict[str, LocalTask] = {}
+        self.ready: deque[str] = deque()
+        self._rids = itertools.count(1)
+        self._pending: dict[int, Callable[[dict, list], None]] = {}
+        self._started: list = []
+        self._done: list[tuple[dict, list]] = []
+        self._released: list = []
+        self.registered = False
+        self._running = False
+        self._last_heard = time.monotonic()
+        self._next_heartbeat = 0.0
+        self._next_register = 0.0
+        self._backoff = 0.5
+        self.heartbeat_interval = 1.0
+        self.lease = 5.0
+        self.stats = {"completed": 0, "failed": 0, "released": 0, "refused": 0}
+
+    # -- broker connection ------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        if self.broker is not None:
+            self.poller.unregister(self.broker)
+            self.broker.close(linger=0)
+        self.broker = self.ctx.socket(zmq.DEALER)
+        self.broker.setsockopt(zmq.LINGER, 0)
+        self.broker.setsockopt(zmq.IDENTITY, self.agent_id.encode())
+        self.broker.setsockopt(zmq.SNDHWM, 0)
+        self.broker.setsockopt(zmq.RCVHWM, 0)
+        self.broker.connect(self.config.broker)
+        self.poller.register(self.broker, zmq.POLLIN)
+        self._pending.clear()
+        self.registered = False
+
+    def _call(self, op: Op, data=(), on_reply: Optional[Callable[[dict, list], None]] = None, **fields) -> None:
+        """Send a request (header fields + ``data`` frames) to the broker; ``on_reply`` gets its reply."""
+        rid = next(self._rids)
+        if on_reply is not None:
+            self._pending[rid] = on_reply
+        self.broker.send_multipart([request(op, rid, agent_id=self.agent_id, **fields), *data], copy=False)
+
+    def _register(self) -> None:
+        mono = time.monotonic()
+        if mono < self._next_register:
+            return
+        # Capped exponential backoff while the broker does not answer (zguide's Paranoid Pirate).
+        # A new socket only when the previous attempt got no answer in time: a reply may still be on its way.
+        self._next_register = mono + self._backoff
+        self._backoff = min(self._backoff * 2, self.config.reconnect_max)
+        self._connect()
+        self._call(Op.AGENT_REGISTER, on_reply=self._on_registered, capacity=self.capacity,
+                   partitions=list(self.config.partitions), hostname=self.hostname, pid=os.getpid())
+
+    def _on_registered(self, header: dict, frames: list) -> None:
+        self.registered = True
+        self._backoff = 0.5
+        self.heartbeat_interval = header["heartbeat_interval"]
+        self.lease = header["lease"]
+        self._last_heard = time.monotonic()
+        log.info("agent %s registered with %s (%d slots)", self.agent_id, self.config.broker, self.capacity)
+
+    def _on_broker_message(self, frames: list) -> None:
+        self._last_heard = time.monotonic()
+        try:
+            header = decode_header(frames[0].bytes)
+        except ProtocolError as exc:
+            log.error("undecodable message from the broker ignored: %s", exc)
+            return
+        if header["op"] == Op.DISPATCH:
+            self._on_dispatch(header, frames[1:])
+            return
+        callback = self._pending.pop(header["rid"], None)
+        err = header.get("error")
+        if err is not None:
+            if err.get("code") == ErrorCode.UNKNOWN_AGENT:
+                log.warning("broker does not know this agent (restarted?): registering again")
+                self._next_register = 0.0
+                self.registered = False
+                return
+            log.error("broker refused %s: [%s] %s", Op(header["op"]).name if header["op"] in Op._value2member_map_ else header["op"],
+                      err.get("code"), err.get("message"))
+            if header["op"] == Op.FETCH_DATA and callback is not None:
+                callback(header, [])
+            return
+        if callback is not None:
+            callback(header, [f.buffer for f in frames[1:]])
+
+    # -- tasks from the broker ----------------------------------------------------------------------
+
+    def _on_dispatch(self, header: dict, frames: list) -> None:
+        groups = split_frames(frames, header["frames"])
+        for msg, data in zip(header["tasks"], groups):
+            task = LocalTask(msg)
+            self.tasks[task.task_id] = task
+            for rid, frame in zip(msg["inline"], data):
+                task.data[rid] = frame.buffer
+            reason = self._precondition_failure(task)
+            if reason is not None:
+                self._release(task, reason)
+                continue
+            missing = [rid for rid in task.inputs() if rid not in task.data]
+            if missing:
+                self._prefetch(task, missing)
+            else:
+                task.fetched_at = time.time()
+                self.ready.append(task.task_id)
+
+    def _precondition_failure(self, task: LocalTask) -> Optional[str]:
+        """Check what ArmoniK's agent checks before running a task; return why not, or None."""
+        msg = task.msg
+        if msg["status"] != TaskStatus.DISPATCHED:
+            return f"task is {TaskStatus(msg['status']).name}, not DISPATCHED"
+        if msg["session_status"] != SessionStatus.RUNNING:
+            return f"session is {SessionStatus(msg['session_status']).name}"
+        retries = len(msg["retry_of_ids"])
+        if retries > msg["options"]["max_retries"]:
+            return f"retries exhausted ({retries} > max_retries {msg['options']['max_retries']})"
+        return None
+
+    def _prefetch(self, task: LocalTask, missing: list[str]) -> None:
+        """Fetch inputs too large to travel inside DISPATCH, before a worker is free."""
+        task.waiting_fetch = True
+
+        def on_data(header: dict, frames: list) -> None:
+            task.waiting_fetch = False
+            if self.tasks.get(task.task_id) is not task:
+                return
+            if "error" in header:
+                self._release(task, f"input data unavailable: {header['error'].get('message')}")
+                return
+            for rid, group in zip(header["result_ids"] if "result_ids" in header else missing,
+                                  split_frames(frames, header["frames"])):
+                task.data[rid] = group[0] if len(group) == 1 else b"".join(bytes(f) for f in group)
+            task.fetched_at = time.time()
+            self.ready.append(task.task_id)
+
+        self._call(Op.FETCH_DATA, on_reply=on_data, session_id=task.msg["session_id"], result_ids=missing)
+
+    def _release(self, task: LocalTask, reason: str) -> None:
+        log.info("releasing task %s: %s", task.task_id, reason)
+        self._released.append([task.task_id, task.attempt, reason])
+        self._forget(task)
+        self.stats["released"] += 1
+
+    def _forget(self, task: LocalTask) -> None:
+        self.tasks.pop(task.task_id, None)
+        self.by_token.pop(task.token, None)
+
+    # -- workers ------------------------------------------------------------------------------------
+
+    def _assign(self) -> None:
+        """Queue ready tasks at workers: each keeps one running and ``window`` more, payloads already there."""
+        while self.ready:
+            free = self.pool.free(self.config.window)
+            if not free:
+                return
+            for proc in free:
+                if not self.ready:
+                    return
+                task = self.tasks.get(self.ready.popleft())
+                if task is None:
+                    continue
+                self._send_run(proc, task)
+
+    def _send_run(self, proc: WorkerProc, task: LocalTask) -> None:
+        msg = task.msg
+        task.worker = proc
+        self.by_token[task.token] = task
+        proc.queue.append(task.task_id)
+        header = request(Op.RUN, 0, token=task.token, task_id=task.task_id, session_id=msg["session_id"],
+                         payload_id=msg["payload_id"], data_dependencies=msg["data_dependencies"],
+                         expected_output_ids=msg["expected_output_ids"], options=msg["options"],
+                         configuration={"data_chunk_max_size": 2 * 1024 * 1024})
+        data = [task.data[msg["payload_id"]], *(task.data[d] for d in msg["data_dependencies"])]
+        self.workers_sock.send_multipart([proc.identity, header, *data], copy=False)
+        if len(proc.queue) == 1:
+            self._mark_started(task)
+
+    def _mark_started(self, task: LocalTask) -> None:
+        task.started_at = time.time()
+        self._started.append([task.task_id, task.attempt, task.started_at])
+
+    def _on_worker_message(self, frames: list) -> None:
+        identity = frames[0].bytes
+        raw = frames[1].bytes if len(frames) > 1 else b""
+        try:
+            header = decode_header(raw)
+            op = validate(header, WORKER_OPS)
+            reply = self._handle_worker(identity, op, header, [f.buffer for f in frames[2:]])
+        except ProtocolError as exc:
+            op_num, rid = envelope_of(raw)
+            reply = [reply_error(op_num, rid, exc.code, exc.message)]
+        try:
+            self.workers_sock.send_multipart([identity, *reply], flags=zmq.DONTWAIT)
+        except zmq.ZMQError as exc:
+            log.warning("reply to worker %r lost: %s", identity, exc.strerror)
+
+    def _task_of(self, identity: bytes, token: str) -> LocalTask:
+        task = self.by_token.get(token)
+        proc = self.pool.by_identity.get(identity)
+        if task is None or proc is None or not proc.queue or proc.queue[0] != task.task_id:
+            raise ProtocolError(ErrorCode.INVALID_ARGUMENT, "unknown or stale task token")
+        return task
+
+    def _handle_worker(self, identity: bytes, op: Op, h: dict, frames: list) -> list:
+        rid = h["rid"]
+        if op == Op.WORKER_READY:
+            proc = self.pool.on_ready(identity, h["pid"])
+            if proc is None:
+                raise ProtocolError(ErrorCode.PERMISSION_DENIED, f"pid {h['pid']} is not a worker of this agent")
+            return [reply_ok(op, rid)]
+        task = self._task_of(identity, h["token"])
+        sid = task.msg["session_id"]
+        now = time.time()
+        if op == Op.W_CREATE_RESULTS_METADATA or op == Op.W_CREATE_RESULTS:
+            rows = []
+            if op == Op.W_CREATE_RESULTS:
+                if len(h["frames"]) != len(h["names"]):
+                    raise ProtocolError(ErrorCode.INVALID_ARGUMENT, "'frames' must have one count per name")
+                groups = split_frames(frames, h["frames"])
+            for i, name in enumerate(h["names"]):
+                rid_ = str(uuid.uuid4())
+                task.created_results.append({"result_id": rid_, "name": name})
+                status = ResultStatus.CREATED
+                if op == Op.W_CREATE_RESULTS:
+                    task.results.append({"result_id": rid_, "frames": len(groups[i])})
+                    task.result_frames.extend(groups[i])
+                    status = ResultStatus.COMPLETED
+                rows.append({"result_id": rid_, "name": name, "session_id": sid, "status": int(status),
+                             "created_at": now, "created_by": task.task_id, "owner_task_id": "",
+                             "completed_at": now if status == ResultStatus.COMPLETED else None,
+                             "size": sum(len(f) for f in groups[i]) if op == Op.W_CREATE_RESULTS else 0,
+                             "opaque_id": b"", "manual_deletion": False})
+            return [reply_ok(op, rid, results=rows)]
+        if op == Op.W_SEND_RESULTS:
+            if len(h["frames"]) != len(h["result_ids"]):
+                raise ProtocolError(ErrorCode.INVALID_ARGUMENT, "'frames' must have one count per result id")
+            for result_id, group in zip(h["result_ids"], split_frames(frames, h["frames"])):
+                task.results.append({"result_id": result_id, "frames": len(group)})
+                task.result_frames.extend(group)
+            return [reply_ok(op, rid)]
+        if op == Op.W_SUBMIT_TASKS:
+            infos = []
+            for t in h["tasks"]:
+                # Pre-merge the request's options so each subtask carries its own (task > request).
+                opts = merge_options(t.get("options"), h.get("task_options")) if (t.get("options") or h.get("task_options")) else None
+                sub = {"task_id": str(uuid.uuid4()), "payload_id": t["payload_id"],
+                       "expected_output_ids": t["expected_output_ids"],
+                       "data_dependencies": t.get("data_dependencies", []), "options": opts}
+                task.subtasks.append(sub)
+                infos.append({k: sub[k] for k in ("task_id", "payload_id", "data_dependencies", "expected_output_ids")})
+            return [reply_ok(op, rid, tasks=infos)]
+        if op == Op.W_OUTPUT:
+            self._finish(task, h["ok"], h.get("error"), h.get("raised", False))
+            return [reply_ok(op, rid)]
+        raise ProtocolError(ErrorCode.UNIMPLEMENTED, f"op {op.name} is not served by the agent")
+
+    def _finish(self, task: LocalTask, ok: bool, error: Optional[str], raised: bool) -> None:
+        """Turn the worker's output into a completion report; start the worker's next task."""
+        completion = {"task_id": task.task_id, "attempt": task.attempt, "ok": ok,
+                      "timestamps": {k: v for k, v in (("fetched_at", task.fetched_at), ("started_at", task.started_at),
+                                                        ("processed_at", time.time())) if v is not None}}
+        frames: list = []
+        if ok:
+            completion.update(created_results=task.created_results, results=task.results, subtasks=task.subtasks)
+            frames = task.result_frames
+            self.stats["completed"] += 1
+        else:
+            completion.update(error=error or "task failed", raised=raised)
+            self.stats["failed"] += 1
+        self._done.append((completion, frames))
+        proc = task.worker
+        if proc is not None and proc.queue and proc.queue[0] == task.task_id:
+            proc.queue.popleft()
+            if proc.queue:
+                nxt = self.tasks.get(proc.queue[0])
+                if nxt is not None:
+                    self._mark_started(nxt)
+        self._forget(task)
+
+    def _on_worker_death(self, proc: WorkerProc, code: int) -> None:
+        """A dead worker fails the task it was running; the ones queued behind it run elsewhere."""
+        queued = list(proc.queue)
+        proc.queue.clear()
+        for i, task_id in enumerate(queued):
+            task = self.tasks.get(task_id)
+            if task is None:
+                continue
+            if i == 0:
+                self._finish(task, False, f"worker process {proc.pid} died (exit code {code}) while running the task",
+                             raised=True)
+            else:
+                self.by_token.pop(task.token, None)
+                task.token = uuid.uuid4().hex
+                task.worker = None
+                self.ready.appendleft(task_id)
+
+    # -- reporting ----------------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        if not self.registered:
+            return
+        if self._started:
+            self._call(Op.TASKS_STARTED, tasks=self._started)
+            self._started = []
+        if self._released:
+            self._call(Op.TASKS_RELEASE, tasks=self._released)
+            self._released = []
+        if self._done:
+            done, self._done = self._done, []
+            frames = [f for _, fs in done for f in fs]
+            self._call(Op.TASKS_DONE, frames, on_reply=self._on_done_ack, tasks=[c for c, _ in done])
+
+    def _on_done_ack(self, header: dict, frames: list) -> None:
+        for task_id, code, message in header.get("refused", ()):
+            self.stats["refused"] += 1
+            log.warning("broker refused the report of task %s: [%s] %s", task_id, ErrorCode(code).name, message)
+
+    # -- loop -----------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until ``stop()`` or SIGINT/SIGTERM."""
+        self.poller = zmq.Poller()
+        self.poller.register(self.workers_sock, zmq.POLLIN)
+        self.pool.start()
+        self._running = True
+        next_reap = 0.0
+        log.info("agent %s starting %d worker(s) running %s, broker %s", self.agent_id, self.config.workers,
+                 self.config.processor, self.config.broker)
+        try:
+            while self._running:
+                mono = time.monotonic()
+                if not self.registered:
+                    self._register()
+                elif mono - self._last_heard > self.lease:
+                    log.warning("no word from the broker for %.1fs: reconnecting", mono - self._last_heard)
+                    self._next_register = 0.0
+                    self._register()
+                elif mono >= self._next_heartbeat:
+                    self._next_heartbeat = mono + self.heartbeat_interval
+                    self._call(Op.AGENT_HEARTBEAT, on_reply=lambda h, f: None)
+                events = dict(self.poller.poll(50))
+                if self.broker in events:
+                    for _ in range(1000):
+                        try:
+                            frames = self.broker.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._on_broker_message(frames)
+                if self.workers_sock in events:
+                    for _ in range(1000):
+                        try:
+                            frames = self.workers_sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._on_worker_message(frames)
+                if mono >= next_reap:
+                    next_reap = mono + 0.2
+                    for proc, code in self.pool.reap():
+                        self._on_worker_death(proc, code)
+                self._assign()
+                self._flush()
+        finally:
+            self._shutdown()
+
+    def stop(self, *_args) -> None:
+        self._running = False
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    def _shutdown(self) -> None:
+        """Stop workers and hand back every task not finished (ArmoniK: released, not counted as a retry)."""
+        self.pool.stop()
+        for task in list(self.tasks.values()):
+            self._release(task, "agent shutting down")
+        try:
+            if self.registered:
+                self._flush()
+                deadline = time.monotonic() + 1.0
+                while self._pending and time.monotonic() < deadline:
+                    if self.broker.poll(100):
+                        self._on_broker_message(self.broker.recv_multipart(copy=False))
+        except zmq.ZMQError:
+            pass
+        if self.broker is not None:
+            self.broker.close(linger=0)
+        self.workers_sock.close(linger=0)
+        self.ctx.term()
+        shutil.rmtree(self._sockdir, ignore_errors=True)
+        log.info("agent %s stopped: %s", self.agent_id, ", ".join(f"{v} {k}" for k, v in self.stats.items()))

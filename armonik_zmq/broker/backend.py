@@ -1,0 +1,297 @@
+"""The agents' side of the broker: registration, leases, credit-based dispatch, fenced completions."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Optional
+
+from ..protocol import ErrorCode, Op, ProtocolError, request, split_frames
+from ..status import ResultStatus, SessionStatus, TaskStatus, TASK_FINAL
+from .state import not_found
+from .store import Txn
+
+if TYPE_CHECKING:
+    from .server import Broker, Request
+
+log = logging.getLogger(__name__)
+
+_R = ResultStatus
+_S = SessionStatus
+_T = TaskStatus
+
+
+class AgentInfo:
+    __slots__ = ("agent_id", "peer", "slot", "hostname", "capacity", "partitions", "expires")
+
+    def __init__(self, agent_id: str, peer: bytes, slot: int, hostname: str, capacity: int, partitions: list[str],
+                 expires: float):
+        self.agent_id = agent_id
+        self.peer = peer
+        self.slot = slot
+        self.hostname = hostname
+        self.capacity = capacity
+        self.partitions = partitions
+        #: time.monotonic() after which the agent has lost its lease
+        self.expires = expires
+
+
+class Backend:
+    """Mixed into ``Broker``: agents by id and by core slot, and their handlers."""
+
+    agents: dict[str, AgentInfo]
+    agent_by_slot: dict[int, AgentInfo]
+
+    def _agent(self: "Broker", req: "Request") -> AgentInfo:
+        agent = self.agents.get(req.header["agent_id"])
+        if agent is None or agent.peer != req.peer:
+            raise ProtocolError(ErrorCode.UNKNOWN_AGENT,
+                                f"agent {req.header['agent_id']} is not registered on this connection: register again")
+        agent.expires = time.monotonic() + self.config.lease
+        return agent
+
+    def handle_agent_register(self: "Broker", req: "Request", txn: Txn) -> None:
+        h = req.header
+        partitions = list(h.get("partitions") or [self.state.partitions[0]])
+        for p in partitions:
+            if p not in self.state.partition_slot:
+                raise ProtocolError(ErrorCode.INVALID_ARGUMENT,
+                                    f"partition '{p}' does not exist on this broker (known: {self.state.partitions})")
+        old = self.agents.get(h["agent_id"])
+        if old is not None:
+            log.info("agent %s registers again: its previous connection's tasks go back to the queue", old.agent_id)
+            self.drop_agent(txn, old, "re-registered", req.now)
+        slot = self.state.core.add_agent([self.state.partition_slot[p] for p in partitions], h["capacity"])
+        agent = AgentInfo(h["agent_id"], req.peer, slot, h.get("hostname", ""), h["capacity"], partitions,
+                          time.monotonic() + self.config.lease)
+        self.agents[agent.agent_id] = agent
+        self.agent_by_slot[slot] = agent
+        req.on_rollback(lambda: self.forget_agent(agent))
+        log.info("agent %s registered from %s: %d slots, partitions %s", agent.agent_id, agent.hostname or "?",
+                 agent.capacity, ",".join(partitions))
+        req.reply(heartbeat_interval=self.config.heartbeat_interval, lease=self.config.lease,
+                  data_chunk_max_size=self.config.data_chunk_max_size)
+
+    def forget_agent(self: "Broker", agent: AgentInfo) -> list[int]:
+        """Remove an agent from the tables; return the core task slots it held (now queued again)."""
+        if self.agents.get(agent.agent_id) is agent:
+            del self.agents[agent.agent_id]
+        self.agent_by_slot.pop(agent.slot, None)
+        return self.state.core.remove_agent(agent.slot)
+
+    def drop_agent(self: "Broker", txn: Txn, agent: AgentInfo, why: str, now: float) -> None:
+        """The agent is gone: its tasks go back to their queues (SUBMITTED), the next attempt fenced off the old one."""
+        requeued = self.forget_agent(agent)
+        for t in requeued:
+            row = txn.get_task(self.state.slot_task[t])
+            row["owner_pod_id"] = ""
+            self.state.set_task_status(txn, row, _T.SUBMITTED, now, f"agent {agent.agent_id} {why}")
+        log.warning("agent %s %s: %d task(s) back in the queue", agent.agent_id, why, len(requeued))
+
+    def handle_agent_heartbeat(self: "Broker", req: "Request", txn: Txn) -> None:
+        self._agent(req)
+        req.reply()
+
+    def expire_leases(self: "Broker", txn: Txn, now: float) -> None:
+        mono = time.monotonic()
+        for agent in [a for a in self.agents.values() if a.expires < mono]:
+            self.drop_agent(txn, agent, f"missed its heartbeats for {self.config.lease:g}s", now)
+
+    def handle_fetch_data(self: "Broker", req: "Request", txn: Txn) -> None:
+        self._agent(req)
+        h = req.header
+        sizes, counts, frames = self._read_data(txn, h["session_id"], h["result_ids"])
+        req.reply(sizes=sizes, frames=counts, data=frames)
+
+    def _owned(self: "Broker", txn: Txn, agent: AgentInfo, task_id: str, attempt) -> dict:
+        """Return the task row if this agent's attempt still owns the task, else refuse (fencing)."""
+        row = txn.get_task(task_id)
+        if row is None:
+            raise not_found("task", task_id)
+        if row["status"] in TASK_FINAL:
+            raise ProtocolError(ErrorCode.STALE_ATTEMPT,
+                                f"task {task_id} already ended ({_T(row['status']).name}); this report is discarded")
+        if row["attempt"] != attempt:
+            raise ProtocolError(ErrorCode.STALE_ATTEMPT,
+                                f"task {task_id} attempt {attempt} was replaced by attempt {row['attempt']}")
+        if row["owner_pod_id"] not in ("", agent.agent_id):
+            raise ProtocolError(ErrorCode.STALE_ATTEMPT, f"task {task_id} is owned by agent {row['owner_pod_id']}")
+        return row
+
+    def handle_tasks_started(self: "Broker", req: "Request", txn: Txn) -> None:
+        agent = self._agent(req)
+        for item in req.header["tasks"]:
+            if len(item) != 3 or type(item[0]) is not str or type(item[2]) not in (int, float):
+                raise ProtocolError(ErrorCode.INVALID_ARGUMENT, "tasks items must be [task_id, attempt, started_at]")
+        for task_id, attempt, started_at in req.header["tasks"]:
+            try:
+                row = self._owned(txn, agent, task_id, attempt)
+            except ProtocolError as exc:
+                log.info("ignoring start of %s from agent %s: %s", task_id, agent.agent_id, exc.message)
+                continue
+            if row["status"] == _T.DISPATCHED:
+                self.state.set_task_status(txn, row, _T.PROCESSING, started_at)
+        req.reply()
+
+    def handle_tasks_release(self: "Broker", req: "Request", txn: Txn) -> None:
+        """The agent would not run these tasks (a precondition failed): requeue, or end them if that is why."""
+        agent = self._agent(req)
+        for item in req.header["tasks"]:
+            if len(item) != 3 or type(item[0]) is not str or type(item[2]) is not str:
+                raise ProtocolError(ErrorCode.INVALID_ARGUMENT, "tasks items must be [task_id, attempt, reason]")
+        for task_id, attempt, reason in req.header["tasks"]:
+            try:
+                row = self._owned(txn, agent, task_id, attempt)
+            except ProtocolError as exc:
+                log.info("ignoring release of %s from agent %s: %s", task_id, agent.agent_id, exc.message)
+                continue
+            session_status = self.state.session_status.get(row["session_id"], _S.DELETED)
+            log.info("agent %s released task %s: %s", agent.agent_id, task_id, reason)
+            if session_status != _S.RUNNING:
+                self.state.end_task(txn, row, _T.CANCELLED, req.now,
+                                    f"session is {_S(session_status).name}: {reason}")
+            elif len(row["retry_of_ids"]) > row["options"]["max_retries"]:
+                self.state.end_task(txn, row, _T.ERROR, req.now, reason)
+            else:
+                slot = self.state.task_slot[task_id]
+                self.state.core.requeue(slot)
+                row["owner_pod_id"] = ""
+                self.state.set_task_status(txn, row, _T.SUBMITTED, req.now, reason)
+        req.reply()
+
+    def handle_tasks_done(self: "Broker", req: "Request", txn: Txn) -> None:
+        agent = self._agent(req)
+        h = req.header
+        counts = [sum(r["frames"] for r in c.get("results", ())) for c in h["tasks"]]
+        groups = split_frames(req.frames, counts)
+        accepted, refused = [], []
+        for completion, frames in zip(h["tasks"], groups):
+            task_id = completion["task_id"]
+            try:
+                with txn.nested() as child:
+                    mark = req.mark()
+                    try:
+                        self._complete(child, agent, completion, frames, req.now)
+                    except BaseException:
+                        req.rollback_to(mark)
+                        raise
+                accepted.append(task_id)
+            except ProtocolError as exc:
+                refused.append([task_id, int(exc.code), exc.message])
+                if exc.code != ErrorCode.STALE_ATTEMPT:
+                    self._fail_bad_completion(txn, agent, completion, exc, req.now)
+        req.reply(accepted=accepted, refused=refused)
+
+    def _fail_bad_completion(self: "Broker", txn: Txn, agent: AgentInfo, completion: dict, exc: ProtocolError,
+                             now: float) -> None:
+        """A completion that cannot be applied ends its task in ERROR, so nothing waits on it forever."""
+        try:
+            row = self._owned(txn, agent, completion["task_id"], completion["attempt"])
+        except ProtocolError:
+            return
+        log.warning("task %s: completion refused (%s): the task ends in ERROR", row["task_id"], exc)
+        self.state.end_task(txn, row, _T.ERROR, now, f"invalid completion from agent {agent.agent_id}: {exc.message}")
+
+    def _complete(self: "Broker", txn: Txn, agent: AgentInfo, c: dict, frames: list, now: float) -> None:
+        """Apply one task's outcome; every side effect of a successful task commits together (ARMONIK.md 2.3)."""
+        state = self.state
+        row = self._owned(txn, agent, c["task_id"], c["attempt"])
+        stamps = c.get("timestamps") or {}
+        for name in ("fetched_at", "started_at", "processed_at"):
+            if name in stamps:
+                row[name] = stamps[name]
+        if not c["ok"]:
+            error = c.get("error") or "the task failed without a message"
+            state.end_task(txn, row, _T.ERROR, now, error)
+            return
+        task_id = row["task_id"]
+        sid = row["session_id"]
+        # 1. results the worker created
+        created = {}
+        for spec in c.get("created_results", ()):
+            if txn.get_result(spec["result_id"]) is not None or spec["result_id"] in created:
+                raise ProtocolError(ErrorCode.ALREADY_EXISTS, f"result {spec['result_id']} already exists")
+            rrow = state.new_result_row(sid, spec["name"], created_by=task_id, result_id=spec["result_id"], now=now)
+            state.insert_result(txn, rrow)
+            created[rrow["result_id"]] = rrow
+        # 2. data it produced: its own expected outputs, or results it created
+        data_groups = split_frames(frames, [r["frames"] for r in c.get("results", ())])
+        produced = []
+        for spec, data in zip(c.get("results", ()), data_groups):
+            rid = spec["result_id"]
+            rrow = created.get(rid) or txn.get_result(rid)
+            if rrow is None or rrow["session_id"] != sid:
+                raise not_found("result", rid, sid)
+            if rid not in created and rrow["owner_task_id"] != task_id:
+                raise ProtocolError(ErrorCode.PERMISSION_DENIED,
+                                    f"task {task_id} may not write result {rid}: it is owned by "
+                                    f"'{rrow['owner_task_id']}' (only expected outputs and created results)")
+            if rrow["status"] != _R.CREATED:
+                raise ProtocolError(ErrorCode.FAILED_PRECONDITION, f"result {rid} is {_R(rrow['status']).name}: written twice?")
+            produced.append((rrow, data))
+        # 3. subtasks, taking over the outputs they list (ownership transfer). They are created before the
+        #    data is marked COMPLETED so that every check (here and above) runs before the core changes.
+        subtasks = c.get("subtasks", ())
+        if subtasks:
+            session = state.require_session(txn, sid)
+            if session["status"] != _S.RUNNING or not session["worker_submission"]:
+                raise ProtocolError(ErrorCode.FAILED_PRECONDITION,
+                                    f"session {sid} is {_S(session['status']).name} and does not accept worker submissions")
+            for s in subtasks:
+                if txn.get_task(s["task_id"]) is not None:
+                    raise ProtocolError(ErrorCode.ALREADY_EXISTS, f"task {s['task_id']} already exists")
+            state.create_tasks(txn, session, list(subtasks), c.get("subtask_options"), now, parent=row,
+                               task_ids=[s["task_id"] for s in subtasks])
+        # 4. the data, which releases waiting tasks (subtasks included)
+        for rrow, data in produced:
+            buf = data[0] if len(data) == 1 else b"".join(bytes(f) for f in data)
+            state.complete_result(txn, rrow, buf, task_id, now)
+        # 5. ArmoniK only logs an expected output that was neither written nor handed to a subtask
+        for rid in row["expected_output_ids"]:
+            rrow = txn.get_result(rid)
+            if rrow is not None and rrow["owner_task_id"] == task_id and rrow["status"] == _R.CREATED:
+                log.warning("task %s completed without writing its expected output %s", task_id, rid)
+        row["error"] = None
+        state.set_task_status(txn, row, _T.COMPLETED, now)
+        state._task_ended(task_id)
+
+    # -- dispatch ----------------------------------------------------------------------------------
+
+    def dispatch(self: "Broker", txn: Txn, now: float) -> None:
+        """Hand ready tasks to agents with credit; one DISPATCH message per agent per turn."""
+        state = self.state
+        per_agent: dict[int, tuple[list, list, list]] = {}
+        inline_limit = self.config.inline_limit
+        for a, t in state.core.dispatch():
+            agent = self.agent_by_slot[a]
+            task_id = state.slot_task[t]
+            row = txn.get_task(task_id)
+            session_status = state.session_status.get(row["session_id"], _S.DELETED)
+            if session_status != _S.RUNNING:
+                state.end_task(txn, row, _T.CANCELLED, now,
+                               f"session {row['session_id']} is {_S(session_status).name}")
+                continue
+            row["attempt"] += 1
+            row["owner_pod_id"] = agent.agent_id
+            row["pod_hostname"] = agent.hostname
+            row["received_at"] = now
+            state.set_task_status(txn, row, _T.DISPATCHED, now)
+            tasks, counts, frames = per_agent.setdefault(a, ([], [], []))
+            inline = []
+            for rid in dict.fromkeys([row["payload_id"], *row["data_dependencies"]]):
+                data = txn.get_data(rid)
+                if data is not None and len(data) <= inline_limit:
+                    inline.append(rid)
+                    frames.append(data)
+            counts.append(len(inline))
+            tasks.append({
+                "task_id": task_id, "attempt": row["attempt"], "session_id": row["session_id"],
+                "session_status": session_status, "status": row["status"], "payload_id": row["payload_id"],
+                "data_dependencies": row["data_dependencies"], "expected_output_ids": row["expected_output_ids"],
+                "options": row["options"], "retry_of_ids": row["retry_of_ids"],
+                "initial_task_id": row["initial_task_id"], "inline": inline,
+            })
+        for a, (tasks, counts, frames) in per_agent.items():
+            agent = self.agent_by_slot[a]
+            header = request(Op.DISPATCH, 0, tasks=tasks, frames=counts)
+            self.send_backend(agent.peer, [header, *frames], on_fail=agent)

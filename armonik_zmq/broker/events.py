@@ -1,0 +1,168 @@
+"""Event subscriptions: which client wants which of a session's events, buffered until the turn commits."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable, Optional
+
+from ..protocol import ErrorCode, ProtocolError
+from ..status import EventTypes
+
+_E = EventTypes
+
+_OPS: dict[str, Callable[[Any, Any], bool]] = {
+    "eq": operator.eq,
+    "ne": operator.ne,
+    "lt": operator.lt,
+    "le": operator.le,
+    "gt": operator.gt,
+    "ge": operator.ge,
+    "contains": lambda a, b: b in a,
+    "startswith": lambda a, b: a.startswith(b),
+    "endswith": lambda a, b: a.endswith(b),
+}
+
+
+def check_filter(dnf: Optional[list], name: str) -> None:
+    """Refuse a malformed filter up front, so evaluating it later cannot raise."""
+    for clause in dnf or ():
+        for term in clause:
+            if len(term) != 3 or type(term[0]) is not str or term[1] not in _OPS:
+                raise ProtocolError(ErrorCode.INVALID_ARGUMENT,
+                                    f"{name}: each term must be [field, operator, value] with operator one of "
+                                    f"{sorted(_OPS)}, got {term!r}")
+
+
+def matches(dnf: Optional[list], row: dict) -> bool:
+    """Evaluate an OR-of-ANDs filter against a row; no filter matches everything."""
+    if not dnf:
+        return True
+    for clause in dnf:
+        for field, op, value in clause:
+            have = row.get(field)
+            try:
+                if have is None or not _OPS[op](have, value):
+                    break
+            except TypeError:  # comparing unlike types: the term is false
+                break
+        else:
+            return True
+    return False
+
+
+class Subscription:
+    __slots__ = ("rid", "peer", "session_id", "types", "task_filter", "result_filter", "pending")
+
+    def __init__(self, rid: int, peer: bytes, session_id: str, types: frozenset, task_filter, result_filter):
+        self.rid = rid
+        self.peer = peer
+        self.session_id = session_id
+        self.types = types
+        self.task_filter = task_filter
+        self.result_filter = result_filter
+        #: events of this turn, sent after the commit
+        self.pending: list = []
+
+
+class EventBus:
+    """Route task and result changes to the subscriptions of their session."""
+
+    def __init__(self) -> None:
+        self.by_session: dict[str, list[Subscription]] = {}
+        self.by_key: dict[tuple[bytes, int], Subscription] = {}
+        self.dirty: list[Subscription] = []
+
+    def subscribe(self, peer: bytes, rid: int, session_id: str, types, task_filter, result_filter) -> Subscription:
+        check_filter(task_filter, "task_filter")
+        check_filter(result_filter, "result_filter")
+        wanted = frozenset(EventTypes(t) for t in (types or ()) if t) or frozenset(_E) - {_E.UNSPECIFIED}
+        sub = Subscription(rid, peer, session_id, wanted, task_filter, result_filter)
+        self.unsubscribe(peer, rid)
+        self.by_key[(peer, rid)] = sub
+        self.by_session.setdefault(session_id, []).append(sub)
+        return sub
+
+    def unsubscribe(self, peer: bytes, rid: int) -> bool:
+        sub = self.by_key.pop((peer, rid), None)
+        if sub is None:
+            return False
+        subs = self.by_session.get(sub.session_id, [])
+        if sub in subs:
+            subs.remove(sub)
+        if not subs:
+            self.by_session.pop(sub.session_id, None)
+        return True
+
+    def drop_peer(self, peer: bytes) -> None:
+        """Forget every subscription of a client that can no longer be reached."""
+        for key in [k for k in self.by_key if k[0] == peer]:
+            self.unsubscribe(*key)
+
+    def drop_session(self, session_id: str) -> None:
+        for sub in list(self.by_session.get(session_id, ())):
+            self.unsubscribe(sub.peer, sub.rid)
+
+    def has(self, session_id: str) -> bool:
+        return session_id in self.by_session
+
+    def _emit(self, session_id: str, etype: EventTypes, body: dict, row: dict, is_task: bool) -> None:
+        for sub in self.by_session.get(session_id, ()):
+            if etype not in sub.types:
+                continue
+            if not matches(sub.task_filter if is_task else sub.result_filter, row):
+                continue
+            if not sub.pending:
+                self.dirty.append(sub)
+            sub.pending.append([int(etype), body])
+
+    # -- the five ArmoniK event types --------------------------------------------------------------
+
+    def new_task(self, row: dict) -> None:
+        if row["session_id"] in self.by_session:
+            self._emit(row["session_id"], _E.NEW_TASK, {
+                "task_id": row["task_id"], "payload_id": row["payload_id"],
+                "origin_task_id": row.get("created_by") or "", "status": row["status"],
+                "expected_output_keys": row["expected_output_ids"], "data_dependencies": row["data_dependencies"],
+                "retry_of_ids": row["retry_of_ids"], "parent_task_ids": row["parent_task_ids"],
+            }, row, True)
+
+    def task_status(self, row: dict) -> None:
+        if row["session_id"] in self.by_session:
+            self._emit(row["session_id"], _E.TASK_STATUS_UPDATE,
+                       {"task_id": row["task_id"], "status": row["status"]}, row, True)
+
+    def new_result(self, row: dict) -> None:
+        if row["session_id"] in self.by_session:
+            self._emit(row["session_id"], _E.NEW_RESULT, {
+                "result_id": row["result_id"], "owner_id": row["owner_task_id"], "status": row["status"],
+            }, row, False)
+
+    def result_status(self, row: dict) -> None:
+        if row["session_id"] in self.by_session:
+            self._emit(row["session_id"], _E.RESULT_STATUS_UPDATE,
+                       {"result_id": row["result_id"], "status": row["status"]}, row, False)
+
+    def result_owner(self, row: dict, previous: str) -> None:
+        if row["session_id"] in self.by_session:
+            self._emit(row["session_id"], _E.RESULT_OWNER_UPDATE, {
+                "result_id": row["result_id"], "previous_owner_id": previous,
+                "current_owner_id": row["owner_task_id"],
+            }, row, False)
+
+    def snapshot(self, sub: Subscription, row: dict) -> None:
+        """Queue the current status of one result for a new subscription (no race with "wait")."""
+        if _E.RESULT_STATUS_UPDATE in sub.types or _E.NEW_RESULT in sub.types:
+            if not sub.pending:
+                self.dirty.append(sub)
+            sub.pending.append([int(_E.RESULT_STATUS_UPDATE), {"result_id": row["result_id"], "status": row["status"]}])
+
+    def take(self) -> list[Subscription]:
+        """Return the subscriptions with events to send (the caller clears ``pending``)."""
+        dirty, self.dirty = self.dirty, []
+        return dirty
+
+    def discard_pending(self) -> None:
+        """Drop buffered events (the turn's transaction was aborted: they never happened)."""
+        for sub in self.dirty:
+            sub.pending.clear()
+        self.dirty = []

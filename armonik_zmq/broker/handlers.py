@@ -1,0 +1,284 @@
+"""One ``handle_<op>`` per operation, and the Op -> handler table.
+
+A handler reads the request from ``req``, checks everything first (raising ``ProtocolError``, which
+becomes the error reply), then applies its changes through ``BrokerState`` inside the turn's
+transaction and queues its reply with ``req.reply``. It never sends: the server sends after commit.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Callable
+
+from ..protocol import ErrorCode, Op, ProtocolError, chunks, split_frames
+from ..status import ResultStatus, SessionStatus, TaskStatus, TASK_FINAL
+from . import options as task_options
+from .state import new_id, not_found
+from .store import Txn
+
+if TYPE_CHECKING:
+    from .server import Broker, Request
+
+log = logging.getLogger(__name__)
+
+_R = ResultStatus
+_S = SessionStatus
+_T = TaskStatus
+_SESSION_FIELDS = ("session_id", "status", "client_submission", "worker_submission", "partition_ids", "options",
+                   "created_at", "cancelled_at", "closed_at", "purged_at", "deleted_at", "duration")
+_RESULT_FIELDS = ("result_id", "session_id", "name", "owner_task_id", "created_by", "status", "created_at",
+                  "completed_at", "size", "opaque_id", "manual_deletion")
+
+
+def result_view(row: dict) -> dict:
+    return {k: row[k] for k in _RESULT_FIELDS}
+
+
+def session_view(row: dict) -> dict:
+    return {k: row.get(k) for k in _SESSION_FIELDS}
+
+
+def _joined(frames: list):
+    """One buffer out of a result's chunk frames (no copy for the usual single frame)."""
+    if len(frames) == 1:
+        return frames[0]
+    return b"".join(bytes(f) for f in frames)
+
+
+class Handlers:
+    """Mixed into ``Broker``; ``self.state`` is the BrokerState, ``self.config`` the BrokerConfig."""
+
+    # -- service -------------------------------------------------------------------------------
+
+    def handle_get_service_config(self: "Broker", req: "Request", txn: Txn) -> None:
+        from .. import __version__
+        req.reply(data_chunk_max_size=self.config.data_chunk_max_size,
+                  max_message_size=self.config.max_message_size, version=__version__)
+
+    def handle_health(self: "Broker", req: "Request", txn: Txn) -> None:
+        agents = len(self.agents)
+        req.reply(healthy=True, checks=[
+            {"name": "lmdb", "healthy": True, "message": self.store.path},
+            {"name": "agents", "healthy": agents > 0, "message": f"{agents} agent(s) registered"},
+        ])
+
+    # -- sessions ------------------------------------------------------------------------------
+
+    def handle_create_session(self: "Broker", req: "Request", txn: Txn) -> None:
+        h = req.header
+        partitions = list(h.get("partition_ids") or []) or [self.state.partitions[0]]
+        for p in partitions:
+            if p not in self.state.partition_slot:
+                raise ProtocolError(ErrorCode.INVALID_ARGUMENT,
+                                    f"partition '{p}' does not exist (known: {self.state.partitions})")
+        defaults = h.get("default_task_options")
+        if defaults is None:
+            raise ProtocolError(ErrorCode.INVALID_ARGUMENT, "default_task_options is required")
+        opts = task_options.validate(task_options.merge(defaults), partitions, "default_task_options")
+        row = {
+            "session_id": new_id(), "status": int(_S.RUNNING), "client_submission": True,
+            "worker_submission": True, "partition_ids": partitions, "options": opts, "created_at": req.now,
+            "cancelled_at": None, "closed_at": None, "purged_at": None, "deleted_at": None, "duration": None,
+            "owner": req.user,
+        }
+        self.state.put_session(txn, row)
+        req.reply(session_id=row["session_id"])
+
+    def handle_get_sessions(self: "Broker", req: "Request", txn: Txn) -> None:
+        req.reply(sessions=[session_view(self.state.require_session(txn, s)) for s in req.header["session_ids"]])
+
+    def _session_transition(self: "Broker", req: "Request", txn: Txn, allowed: tuple, verb: str,
+                            apply: Callable[[Txn, dict, float], None]) -> None:
+        rows = [self.state.require_session(txn, s) for s in req.header["session_ids"]]
+        for row in rows:
+            if row["status"] not in allowed:
+                raise ProtocolError(ErrorCode.FAILED_PRECONDITION,
+                                    f"session {row['session_id']} is {_S(row['status']).name} and cannot be {verb} "
+                                    f"(allowed from: {', '.join(_S(s).name for s in allowed)})")
+        for row in rows:
+            apply(txn, row, req.now)
+            self.state.put_session(txn, row)
+        req.reply(sessions=[session_view(r) for r in rows])
+
+    def handle_cancel_sessions(self: "Broker", req: "Request", txn: Txn) -> None:
+        def cancel(txn: Txn, row: dict, now: float) -> None:
+            row.update(status=int(_S.CANCELLED), cancelled_at=now, client_submission=False, worker_submission=False)
+            self.state.session_status[row["session_id"]] = row["status"]
+            for tid in txn.session_task_ids(row["session_id"]):
+                trow = txn.get_task(tid)
+                if trow["status"] not in TASK_FINAL:
+                    self.state.end_task(txn, trow, _T.CANCELLED, now, f"session {row['session_id']} was cancelled")
+            for rid in txn.session_result_ids(row["session_id"]):
+                rrow = txn.get_result(rid)
+                if rrow["status"] == _R.CREATED:
+                    rrow["status"] = int(_R.ABORTED)
+                    txn.put_result(rrow)
+                    self.state.events.result_status(rrow)
+        self._session_transition(req, txn, (_S.RUNNING, _S.PAUSED, _S.CLOSED), "cancelled", cancel)
+
+    def handle_close_sessions(self: "Broker", req: "Request", txn: Txn) -> None:
+        def close(txn: Txn, row: dict, now: float) -> None:
+            row.update(status=int(_S.CLOSED), closed_at=now, duration=now - row["created_at"],
+                       client_submission=False, worker_submission=False)
+        self._session_transition(req, txn, (_S.RUNNING, _S.PAUSED), "closed", close)
+
+    def handle_purge_sessions(self: "Broker", req: "Request", txn: Txn) -> None:
+        def purge(txn: Txn, row: dict, now: float) -> None:
+            row.update(status=int(_S.PURGED), purged_at=now, client_submission=False, worker_submission=False)
+            for rid in txn.session_result_ids(row["session_id"]):
+                rrow = txn.get_result(rid)
+                if rrow["manual_deletion"] or rrow["status"] == _R.DELETED:
+                    continue
+                txn.delete_data(rid)
+                rrow["status"] = int(_R.DELETED)
+                txn.put_result(rrow)
+                self.state.events.result_status(rrow)
+        self._session_transition(req, txn, (_S.CLOSED, _S.CANCELLED), "purged", purge)
+
+    def handle_delete_sessions(self: "Broker", req: "Request", txn: Txn) -> None:
+        def delete(txn: Txn, row: dict, now: float) -> None:
+            sid = row["session_id"]
+            for tid in txn.session_task_ids(sid):
+                trow = txn.get_task(tid)
+                if trow["status"] not in TASK_FINAL:
+                    self.state.end_task(txn, trow, _T.CANCELLED, now, f"session {sid} was deleted")
+            txn.delete_session_rows(sid)
+            row.update(status=int(_S.DELETED), deleted_at=now, client_submission=False, worker_submission=False)
+            self.state.events.drop_session(sid)
+        self._session_transition(req, txn, tuple(_S), "deleted", delete)
+        # DeleteSession removes the metadata too: only the reply keeps the last view of the row.
+        for sid in req.header["session_ids"]:
+            txn.txn.delete(sid.encode(), db=self.store.sessions)
+            self.state.session_status.pop(sid, None)
+
+    # -- results -------------------------------------------------------------------------------
+
+    def _open_session(self: "Broker", txn: Txn, session_id: str, action: str) -> dict:
+        row = self.state.require_session(txn, session_id)
+        if row["status"] not in (_S.RUNNING, _S.PAUSED):
+            raise ProtocolError(ErrorCode.FAILED_PRECONDITION,
+                                f"session {session_id} is {_S(row['status']).name}: cannot {action}")
+        return row
+
+    def handle_create_results_metadata(self: "Broker", req: "Request", txn: Txn) -> None:
+        h = req.header
+        sid = self._open_session(txn, h["session_id"], "create results")["session_id"]
+        rows = []
+        for spec in h["results"]:
+            row = self.state.new_result_row(sid, spec["name"], manual_deletion=spec.get("manual_deletion", False),
+                                            now=req.now)
+            self.state.insert_result(txn, row)
+            rows.append(result_view(row))
+        req.reply(results=rows)
+
+    def handle_create_results(self: "Broker", req: "Request", txn: Txn) -> None:
+        h = req.header
+        if len(h["frames"]) != len(h["results"]):
+            raise ProtocolError(ErrorCode.INVALID_ARGUMENT,
+                                f"'frames' has {len(h['frames'])} counts for {len(h['results'])} results")
+        groups = split_frames(req.frames, h["frames"])
+        sid = self._open_session(txn, h["session_id"], "create results")["session_id"]
+        rows = []
+        for spec, data in zip(h["results"], groups):
+            row = self.state.new_result_row(sid, spec["name"], manual_deletion=spec.get("manual_deletion", False),
+                                            now=req.now)
+            self.state.insert_result(txn, row)
+            self.state.complete_result(txn, row, _joined(data), "", req.now)
+            rows.append(result_view(row))
+        req.reply(results=rows)
+
+    def handle_upload_result_data(self: "Broker", req: "Request", txn: Txn) -> None:
+        h = req.header
+        if len(h["frames"]) != len(h["result_ids"]):
+            raise ProtocolError(ErrorCode.INVALID_ARGUMENT,
+                                f"'frames' has {len(h['frames'])} counts for {len(h['result_ids'])} results")
+        groups = split_frames(req.frames, h["frames"])
+        sid = self._open_session(txn, h["session_id"], "upload data")["session_id"]
+        rows = []
+        for rid in h["result_ids"]:
+            row = self.state.require_result(txn, rid, sid)
+            if row["status"] != _R.CREATED:
+                raise ProtocolError(ErrorCode.FAILED_PRECONDITION,
+                                    f"result {rid} is {_R(row['status']).name}: only a result without data can be uploaded")
+            rows.append(row)
+        if len(set(h["result_ids"])) != len(rows):
+            raise ProtocolError(ErrorCode.INVALID_ARGUMENT, "a result id appears twice in one upload")
+        for row, data in zip(rows, groups):
+            self.state.complete_result(txn, row, _joined(data), "", req.now)
+        req.reply(results=[result_view(r) for r in rows])
+
+    def _read_data(self: "Broker", txn: Txn, session_id: str, result_ids: list[str]) -> tuple[list, list, list]:
+        sizes, counts, frames = [], [], []
+        for rid in result_ids:
+            row = self.state.require_result(txn, rid, session_id)
+            data = txn.get_data(rid) if row["status"] == _R.COMPLETED else None
+            if data is None:
+                raise ProtocolError(ErrorCode.FAILED_PRECONDITION,
+                                    f"result {rid} is {_R(row['status']).name}: it has no data to download")
+            parts = chunks(data, self.config.data_chunk_max_size)
+            sizes.append(len(data))
+            counts.append(len(parts))
+            frames.extend(parts)
+        return sizes, counts, frames
+
+    def handle_download_result_data(self: "Broker", req: "Request", txn: Txn) -> None:
+        h = req.header
+        self.state.require_session(txn, h["session_id"])
+        sizes, counts, frames = self._read_data(txn, h["session_id"], h["result_ids"])
+        req.reply(sizes=sizes, frames=counts, data=frames)
+
+    def handle_get_results(self: "Broker", req: "Request", txn: Txn) -> None:
+        rows = []
+        for rid in req.header["result_ids"]:
+            row = txn.get_result(rid)
+            if row is None:
+                raise not_found("result", rid)
+            rows.append(result_view(row))
+        req.reply(results=rows)
+
+    # -- tasks ---------------------------------------------------------------------------------
+
+    def handle_submit_tasks(self: "Broker", req: "Request", txn: Txn) -> None:
+        h = req.header
+        session = self.state.require_session(txn, h["session_id"])
+        if session["status"] != _S.RUNNING or not session["client_submission"]:
+            raise ProtocolError(ErrorCode.FAILED_PRECONDITION,
+                                f"session {h['session_id']} is {_S(session['status']).name} and does not accept "
+                                f"client submissions")
+        infos = self.state.create_tasks(txn, session, h["tasks"], h.get("task_options"), req.now)
+        req.reply(tasks=infos)
+
+    def handle_get_tasks(self: "Broker", req: "Request", txn: Txn) -> None:
+        req.reply(tasks=[self.state.require_task(txn, t) for t in req.header["task_ids"]])
+
+    # -- events --------------------------------------------------------------------------------
+
+    def handle_subscribe_events(self: "Broker", req: "Request", txn: Txn) -> None:
+        h = req.header
+        sid = self.state.require_session(txn, h["session_id"])["session_id"]
+        sub = self.state.events.subscribe(req.peer, req.rid, sid, h.get("event_types"), h.get("task_filter"),
+                                          h.get("result_filter"))
+        req.on_rollback(lambda: self.state.events.unsubscribe(req.peer, req.rid))
+        req.reply(subscription=req.rid)
+        if h.get("snapshot"):
+            for clause in h.get("result_filter") or ():
+                for field, op, value in clause:
+                    if field == "result_id" and op == "eq" and isinstance(value, str):
+                        row = txn.get_result(value)
+                        if row is not None and row["session_id"] == sid:
+                            self.state.events.snapshot(sub, row)
+
+    def handle_unsubscribe_events(self: "Broker", req: "Request", txn: Txn) -> None:
+        if not self.state.events.unsubscribe(req.peer, req.header["subscription"]):
+            raise ProtocolError(ErrorCode.NOT_FOUND, f"no subscription {req.header['subscription']} on this connection")
+        req.reply()
+
+
+def handler_table(broker: "Broker") -> dict[Op, Callable]:
+    """Map every served op to its bound ``handle_<op>`` method."""
+    table = {}
+    for op in Op:
+        fn = getattr(broker, f"handle_{op.name.lower()}", None)
+        if fn is not None:
+            table[op] = fn
+    return table

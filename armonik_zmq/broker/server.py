@@ -1,0 +1,283 @@
+"""The broker's loop: two ROUTER sockets, one LMDB write transaction per turn, replies after the commit.
+
+One thread does everything, in turns:
+
+1. drain up to ``max_batch_messages`` waiting messages from both sockets;
+2. open one write transaction; decode, validate and handle each message in a nested transaction
+   (a failing request undoes only itself); expire lost agents; dispatch ready tasks to agents;
+3. commit (the group commit: one fsync for the whole turn);
+4. only then send the turn's replies, dispatches and events.
+
+A crash anywhere before 3 loses nothing that was acknowledged: nothing of that turn was acknowledged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import Callable, Optional
+
+import zmq
+
+from ..config import BrokerConfig
+from ..protocol import (BACKEND_OPS, FRONTEND_OPS, ErrorCode, Op, ProtocolError, decode_header, envelope_of,
+                        reply_error, reply_ok, request, validate)
+from .backend import AgentInfo, Backend
+from .events import EventBus
+from .handlers import Handlers, handler_table
+from .state import BrokerState, now as wall_now
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+class Request:
+    """One decoded request, with the reply it will get once the turn commits."""
+
+    __slots__ = ("broker", "sock", "peer", "header", "frames", "op", "rid", "now", "user", "out", "_rollbacks")
+
+    def __init__(self, broker: "Broker", sock: zmq.Socket, peer: bytes, header: dict, frames: list, now: float):
+        self.broker = broker
+        self.sock = sock
+        self.peer = peer
+        self.header = header
+        self.frames = frames
+        self.op = header["op"]
+        self.rid = header["rid"]
+        self.now = now
+        #: authenticated identity (ZAP User-Id) once security is on; "" means the local, trusted default
+        self.user = ""
+        self.out: Optional[list] = None
+        self._rollbacks: list[Callable[[], None]] = []
+
+    def reply(self, data=(), **fields) -> None:
+        self.out = [self.peer, reply_ok(self.op, self.rid, **fields), *data]
+
+    def fail(self, code: ErrorCode, message: str) -> None:
+        self.out = [self.peer, reply_error(self.op, self.rid, code, message)]
+
+    def on_rollback(self, fn: Callable[[], None]) -> None:
+        """Register an undo for an in-memory change, run if this request's transaction is aborted."""
+        self._rollbacks.append(fn)
+
+    def mark(self):
+        events = self.broker.state.events
+        return len(self._rollbacks), len(events.dirty), [(s, len(s.pending)) for s in events.dirty]
+
+    def rollback_to(self, mark) -> None:
+        n_undo, n_dirty, lengths = mark
+        while len(self._rollbacks) > n_undo:
+            self._rollbacks.pop()()
+        events = self.broker.state.events
+        for sub in events.dirty[n_dirty:]:
+            sub.pending.clear()
+        del events.dirty[n_dirty:]
+        for sub, n in lengths:
+            del sub.pending[n:]
+
+
+class Broker(Handlers, Backend):
+    """The control plane: serve clients on ``endpoint`` and agents on ``agents_endpoint``."""
+
+    def __init__(self, config: BrokerConfig):
+        self.config = config
+        self.store = Store(config.data_dir, map_size=config.map_size, sync=config.sync)
+        self.agents: dict[str, AgentInfo] = {}
+        self.agent_by_slot: dict[int, AgentInfo] = {}
+        self.state = self._load_state()
+        self.handlers = handler_table(self)
+        self.ctx = zmq.Context()
+        self.frontend = self._router(config.endpoint)
+        self.backend = self._router(config.agents_endpoint)
+        self._outbox: list[tuple[zmq.Socket, list, Optional[AgentInfo]]] = []
+        self._lost_agents: list[AgentInfo] = []
+        self._running = False
+        self.stats = {"turns": 0, "requests": 0, "errors": 0, "commits": 0}
+
+    def _load_state(self) -> BrokerState:
+        state = BrokerState(self.config.partitions, EventBus())
+        started = time.monotonic()
+        with self.store.write() as txn:
+            counts = state.rebuild(txn, wall_now())
+        log.info("state rebuilt from %s in %.3fs: %s", self.config.data_dir, time.monotonic() - started,
+                 ", ".join(f"{v} {k}" for k, v in counts.items()))
+        return state
+
+    def _router(self, endpoint: str) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        # Never drop silently: an unroutable reply raises EHOSTUNREACH, a full pipe EAGAIN (RELIABILITY.md 3.2).
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_size)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        if endpoint.startswith("ipc://"):
+            os.makedirs(os.path.dirname(endpoint[len("ipc://"):]) or ".", mode=0o700, exist_ok=True)
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close()
+            raise RuntimeError(f"cannot listen on {endpoint}: {exc.strerror}. Is another broker running there? "
+                               f"Choose another endpoint.") from None
+        return sock
+
+    # -- sending ---------------------------------------------------------------------------------
+
+    def send_backend(self, peer: bytes, frames: list, on_fail: Optional[AgentInfo] = None) -> None:
+        self._outbox.append((self.backend, [peer, *frames], on_fail))
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        for sock, frames, agent in outbox:
+            try:
+                sock.send_multipart(frames, flags=zmq.DONTWAIT, copy=False)
+            except zmq.ZMQError as exc:
+                if agent is not None:
+                    log.warning("cannot reach agent %s (%s): its tasks go back to the queue", agent.agent_id, exc.strerror)
+                    self._lost_agents.append(agent)
+                else:
+                    log.info("reply to a departed peer dropped (%s)", exc.strerror)
+                    if sock is self.frontend:
+                        self.state.events.drop_peer(frames[0])
+        for sub in self.state.events.take():
+            header = request(Op.EVENT, sub.rid, events=sub.pending)
+            sub.pending = []
+            try:
+                self.frontend.send_multipart([sub.peer, header], flags=zmq.DONTWAIT)
+            except zmq.ZMQError as exc:
+                log.info("subscriber gone (%s): subscription %d dropped", exc.strerror, sub.rid)
+                self.state.events.unsubscribe(sub.peer, sub.rid)
+
+    # -- one turn ----------------------------------------------------------------------------------
+
+    def _drain(self, sock: zmq.Socket, limit: int, into: list) -> None:
+        while len(into) < limit:
+            try:
+                frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            into.append((sock, frames))
+
+    def _handle(self, txn, sock: zmq.Socket, frames: list, now: float) -> Optional[list]:
+        peer = frames[0].bytes
+        if len(frames) < 2:
+            self.stats["errors"] += 1
+            return [peer, reply_error(0, 0, ErrorCode.MALFORMED, "message has no header frame")]
+        raw = frames[1].bytes
+        try:
+            header = decode_header(raw)
+            op = validate(header, FRONTEND_OPS if sock is self.frontend else BACKEND_OPS)
+        except ProtocolError as exc:
+            self.stats["errors"] += 1
+            op_num, rid = envelope_of(raw)
+            log.info("bad request from %s: %s", peer.hex(), exc)
+            return [peer, reply_error(op_num, rid, exc.code, exc.message)]
+        req = Request(self, sock, peer, header, [f.buffer for f in frames[2:]], now)
+        mark = req.mark()
+        try:
+            with txn.nested() as child:
+                self.handlers[op](req, child)
+        except ProtocolError as exc:
+            req.rollback_to(mark)
+            self.stats["errors"] += 1
+            log.info("rid=%d %s refused: %s", req.rid, op.name, exc)
+            req.fail(exc.code, exc.message)
+        except Exception as exc:  # a bug: answer, log loudly, keep serving
+            req.rollback_to(mark)
+            self.stats["errors"] += 1
+            log.exception("rid=%d %s failed inside the broker", req.rid, op.name)
+            req.fail(ErrorCode.INTERNAL, f"internal error while handling {op.name}: {exc!r}; the request was not applied")
+        return req.out
+
+    def turn(self, timeout_ms: int) -> None:
+        if not self._lost_agents and not self._dispatch_possible():
+            self.poller.poll(timeout_ms)
+        batch: list = []
+        limit = self.config.max_batch_messages
+        self._drain(self.backend, limit // 2, batch)
+        self._drain(self.frontend, limit, batch)
+        self._drain(self.backend, limit, batch)
+        mono = time.monotonic()
+        lease_due = mono >= self._next_lease_check
+        if not batch and not lease_due and not self._lost_agents and not self._dispatch_possible():
+            return
+        now = wall_now()
+        replies = []
+        try:
+            with self.store.write() as txn:
+                for sock, frames in batch:
+                    out = self._handle(txn, sock, frames, now)
+                    if out is not None:
+                        replies.append((sock, out, None))
+                for agent in self._lost_agents:
+                    if self.agents.get(agent.agent_id) is agent:
+                        self.drop_agent(txn, agent, "could not be reached", now)
+                self._lost_agents = []
+                if lease_due:
+                    self._next_lease_check = mono + min(0.25, self.config.lease / 4)
+                    self.expire_leases(txn, now)
+                self.dispatch(txn, now)
+        except Exception:
+            # The turn's transaction is gone: nothing of it happened. Answer everyone, rebuild from LMDB.
+            log.exception("turn aborted: %d request(s) answered UNAVAILABLE, state reloaded from LMDB", len(batch))
+            self._outbox = []
+            self.state.events.discard_pending()
+            for sock, out, _ in replies:
+                header = decode_header(bytes(out[1]))
+                self._send_now(sock, [out[0], reply_error(header["op"], header["rid"], ErrorCode.UNAVAILABLE,
+                                                          "the broker could not commit this request; retry")])
+            events = self.state.events
+            for agent in list(self.agents.values()):
+                self.forget_agent(agent)
+            self.state = self._load_state()
+            self.state.events = events
+            return
+        self.stats["turns"] += 1
+        self.stats["commits"] += 1
+        self.stats["requests"] += len(batch)
+        self._outbox[:0] = replies
+        self._flush()
+
+    def _send_now(self, sock: zmq.Socket, frames: list) -> None:
+        try:
+            sock.send_multipart(frames, flags=zmq.DONTWAIT)
+        except zmq.ZMQError:
+            pass
+
+    def _dispatch_possible(self) -> bool:
+        return bool(self.agents) and self.state.core.n_ready() > 0 and any(
+            self.state.core.agent_credit(a.slot) > 0 for a in self.agents.values())
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until ``stop()`` or SIGINT/SIGTERM."""
+        self.poller = zmq.Poller()
+        self.poller.register(self.frontend, zmq.POLLIN)
+        self.poller.register(self.backend, zmq.POLLIN)
+        self._next_lease_check = time.monotonic() + self.config.lease
+        self._running = True
+        log.info("broker serving clients on %s and agents on %s (data in %s, sync=%s)", self.config.endpoint,
+                 self.config.agents_endpoint, self.config.data_dir, self.config.sync)
+        try:
+            while self._running:
+                self.turn(100)
+        finally:
+            self.close()
+
+    def stop(self, *_args) -> None:
+        self._running = False
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    def close(self) -> None:
+        for sock in (self.frontend, self.backend):
+            sock.close(linger=0)
+        self.ctx.term()
+        self.store.close()
+        log.info("broker stopped: %s", ", ".join(f"{v} {k}" for k, v in self.stats.items()))

@@ -1,0 +1,168 @@
+"""The ``armonik-zmq`` command: up | broker | agent | demo."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+
+import click
+
+from .config import (DEFAULT_AGENTS_ENDPOINT, DEFAULT_PARTITION, DEFAULT_PROCESSOR, AgentConfig, BrokerConfig,
+                     default_endpoint)
+
+LOG_LEVELS = click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False)
+
+
+def _setup_logging(level: str, who: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format=f"%(asctime)s {who}[%(process)d] %(levelname)s %(name)s: %(message)s")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--log-level", type=LOG_LEVELS, default="INFO", show_default=True, help="How much to log (to stderr).")
+@click.version_option(package_name="armonik_zmq")
+@click.pass_context
+def main(ctx: click.Context, log_level: str) -> None:
+    """armonik_zmq: fan compute tasks out to many worker processes, with ArmoniK's semantics.
+
+    Start a local cluster with `armonik-zmq up`, or run `armonik-zmq demo` to see it work.
+    """
+    ctx.obj = {"log_level": log_level}
+
+
+def _partitions(values: tuple[str, ...]) -> tuple[str, ...]:
+    parts = tuple(p for v in values for p in v.split(",") if p)
+    return parts or (DEFAULT_PARTITION,)
+
+
+@main.command()
+@click.option("--data-dir", default="./armonik-zmq-data", show_default=True, type=click.Path(file_okay=False),
+              help="LMDB directory holding sessions, tasks, results and data (created if missing).")
+@click.option("--endpoint", default=default_endpoint, show_default="$ARMONIK_ZMQ_ENDPOINT or tcp://127.0.0.1:5555",
+              help="Where clients connect.")
+@click.option("--agents-endpoint", default=DEFAULT_AGENTS_ENDPOINT, show_default=True, help="Where agents connect.")
+@click.option("--partition", "partitions", multiple=True, help="A partition to serve (repeat or comma-separate); "
+              "the first is the default. [default: default]")
+@click.option("--lease", type=float, default=5.0, show_default=True,
+              help="Seconds without a heartbeat after which an agent loses its tasks.")
+@click.option("--no-sync", is_flag=True, help="Do not fsync commits: survives process crashes, not power loss.")
+@click.pass_context
+def broker(ctx, data_dir, endpoint, agents_endpoint, partitions, lease, no_sync) -> None:
+    """Run the broker (the control plane) in the foreground."""
+    from .broker import Broker
+
+    _setup_logging(ctx.obj["log_level"], "broker")
+    config = BrokerConfig(data_dir=data_dir, endpoint=endpoint, agents_endpoint=agents_endpoint,
+                          partitions=_partitions(partitions), lease=lease, sync=not no_sync)
+    try:
+        server = Broker(config)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc))
+    server.install_signal_handlers()
+    server.run()
+
+
+@main.command()
+@click.option("--broker", "broker_endpoint", default=DEFAULT_AGENTS_ENDPOINT, show_default=True,
+              help="The broker's agents endpoint.")
+@click.option("--workers", type=click.IntRange(1, 4096), default=os.cpu_count() or 1,
+              show_default="number of CPUs", help="Worker processes to start.")
+@click.option("--processor", default=DEFAULT_PROCESSOR, show_default=True,
+              help="The task processor, as MODULE:FUNCTION (it must be importable by the workers).")
+@click.option("--partition", "partitions", multiple=True, help="A partition to serve (repeat or comma-separate). "
+              "[default: default]")
+@click.option("--window", type=click.IntRange(0, 64), default=1, show_default=True,
+              help="Tasks queued at each worker beyond the running one.")
+@click.pass_context
+def agent(ctx, broker_endpoint, workers, processor, partitions, window) -> None:
+    """Run an agent and its worker processes (one per node of a multi-node cluster)."""
+    from .agent import Agent
+    from .worker.runtime import load_processor
+
+    _setup_logging(ctx.obj["log_level"], "agent")
+    try:
+        load_processor(processor)
+    except ValueError as exc:
+        raise click.ClickException(str(exc))
+    server = Agent(AgentConfig(broker=broker_endpoint, workers=workers, processor=processor,
+                               partitions=_partitions(partitions), window=window))
+    server.install_signal_handlers()
+    server.run()
+
+
+@main.command()
+@click.option("--data-dir", default="./armonik-zmq-data", show_default=True, type=click.Path(file_okay=False),
+              help="LMDB directory (created if missing; reused across restarts).")
+@click.option("--endpoint", default=default_endpoint, show_default="$ARMONIK_ZMQ_ENDPOINT or tcp://127.0.0.1:5555",
+              help="Where clients connect.")
+@click.option("--agents-endpoint", default=DEFAULT_AGENTS_ENDPOINT, show_default=True, help="Where the agent connects.")
+@click.option("--workers", type=click.IntRange(1, 4096), default=os.cpu_count() or 1, show_default="number of CPUs",
+              help="Worker processes.")
+@click.option("--processor", default=DEFAULT_PROCESSOR, show_default=True, help="The task processor, MODULE:FUNCTION.")
+@click.pass_context
+def up(ctx, data_dir, endpoint, agents_endpoint, workers, processor) -> None:
+    """Run a local cluster in the foreground: broker + one agent + N workers. Ctrl-C stops it."""
+    from .cluster import LocalProcesses
+
+    cluster = LocalProcesses(data_dir=data_dir, endpoint=endpoint, agents_endpoint=agents_endpoint, workers=workers,
+                             processor=processor, log_level=ctx.obj["log_level"])
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+    try:
+        cluster.start()
+        click.echo(f"armonik_zmq is up: clients connect to {endpoint} ({workers} workers, data in {data_dir}). "
+                   f"Ctrl-C to stop.", err=True)
+        while not stopping:
+            for name, proc in (("broker", cluster.broker), ("agent", cluster.agent)):
+                if proc.poll() is not None:
+                    raise click.ClickException(f"the {name} exited with code {proc.returncode}; stopping")
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    except (RuntimeError, TimeoutError) as exc:
+        raise click.ClickException(str(exc))
+    finally:
+        click.echo("stopping the cluster...", err=True)
+        cluster.cleanup()
+
+
+@main.command()
+@click.option("--endpoint", default=None, help="A running cluster to use. Without it, a local cluster is started "
+              "on a temporary LMDB directory for the demo and stopped after.")
+@click.option("--tasks", "n", type=click.IntRange(1, 100_000), default=20, show_default=True,
+              help="Tasks in the fan-out.")
+@click.option("--workers", type=click.IntRange(1, 4096), default=2, show_default=True,
+              help="Workers of the local cluster (when one is started).")
+@click.pass_context
+def demo(ctx, endpoint, n, workers) -> None:
+    """Run a small real workload and print what happened.
+
+    A fan-out of tasks, a task with dependencies, a delayed upload, a task whose subtasks take over
+    its output, and a task that fails.
+    """
+    from .cluster import LocalProcesses
+    from .demo import run_demo
+
+    cluster = None
+    if endpoint is None:
+        click.echo(f"starting a local cluster ({workers} workers) on a temporary LMDB directory...")
+        cluster = LocalProcesses(workers=workers, log_level="WARNING")
+        try:
+            cluster.start()
+        except (RuntimeError, TimeoutError) as exc:
+            cluster.cleanup()
+            raise click.ClickException(str(exc))
+        endpoint = cluster.endpoint
+    try:
+        run_demo(endpoint, n=n, echo=click.echo)
+        click.echo("demo finished: every step behaved as expected.")
+    finally:
+        if cluster is not None:
+            cluster.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,470 @@
+"""The client's connection to the broker: one DEALER socket, one I/O thread, futures by request id.
+
+User threads never touch the DEALER socket (ZeroMQ sockets are not thread-safe). They encode a
+request, register a ``Future`` under its ``rid``, and hand the frames to the I/O thread through an
+inproc PUSH socket. The I/O thread forwards them to the broker and routes every reply to its future
+by ``rid``, and every ``EVENT`` push to the queue of its subscription.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from collections import deque
+from concurrent.futures import Future, InvalidStateError
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from .. import errors, protocol
+from ..common import event_from_wire
+from ..config import default_endpoint
+from ..protocol import ErrorCode, Op
+
+__all__ = ["Connection", "ConnectionLostError", "Subscription", "connect"]
+
+log = logging.getLogger(__name__)
+
+#: Most messages moved per socket and poll wake-up, so neither direction starves the other.
+_DRAIN = 256
+#: The one-frame message that tells the I/O thread to stop (a real request never has an empty header).
+_STOP = b""
+#: ZMTP heartbeats detect a broker that vanished without closing the TCP connection (milliseconds).
+_HEARTBEAT_IVL = 2_000
+_HEARTBEAT_TIMEOUT = 6_000
+#: Put in a subscription's queue to wake a reader blocked on it (an empty batch of events).
+_WAKE: tuple = ()
+_instances = itertools.count(1)
+
+
+class ConnectionLostError(errors.BrokerUnavailableError):
+    """The connection to the broker dropped: the broker forgot this client's subscriptions."""
+
+
+def connect(endpoint: Optional[str] = None, *, timeout: float = 30.0) -> "Connection":
+    """Open a connection to the broker at ``endpoint`` (default: ``config.default_endpoint()``).
+
+    Connecting is asynchronous, like a gRPC channel: requests queue until the broker is reachable,
+    and a call that gets no reply within ``timeout`` seconds raises ``BrokerUnavailableError``.
+    """
+    return Connection(endpoint, timeout=timeout)
+
+
+def _with_counts(fields: dict, frames: Sequence[Any], counts: Optional[list[int]]) -> dict:
+    """Put the header's ``frames`` field (data frames per item), which ``call``'s own ``frames`` shadows."""
+    if counts is not None:
+        fields["frames"] = list(counts)
+    elif frames:
+        fields["frames"] = [len(frames)]
+    return fields
+
+
+class Connection:
+    """A thread-safe connection to the broker's client endpoint; use it as a context manager."""
+
+    def __init__(self, endpoint: Optional[str] = None, *, timeout: float = 30.0):
+        self.endpoint = endpoint or default_endpoint()
+        self.timeout = timeout
+        self._rids = itertools.count(1)  # rid 0 is what the broker answers when it cannot read ours
+        self._pending: dict[int, Future] = {}
+        self._subs: dict[int, Subscription] = {}
+        self._lock = threading.Lock()  # guards _pending and _subs
+        self._send_lock = threading.Lock()  # guards _push and _closed
+        self._closed = False
+        self._connected = False  # a ZMTP handshake with the broker succeeded and has not dropped since
+        self._ctx = zmq.Context()
+        inproc = f"inproc://armonik-zmq-client-{next(_instances)}"
+        self._push = self._ctx.socket(zmq.PUSH)
+        self._push.setsockopt(zmq.LINGER, 0)
+        self._push.setsockopt(zmq.SNDHWM, 0)  # a user thread never blocks handing over a request
+        self._started = threading.Event()
+        self._start_error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._io_main, args=(inproc,), daemon=True,
+                                        name=f"armonik-zmq-io {self.endpoint}")
+        self._thread.start()
+        self._started.wait()
+        if self._start_error is not None:
+            self._thread.join()
+            self._push.close(linger=0)
+            self._ctx.term()
+            raise self._start_error
+        self._push.connect(inproc)
+
+    # -- public API -----------------------------------------------------------------------------
+
+    def call(self, op: Op, *, frames: Sequence[Any] = (), timeout: Optional[float] = None,
+             counts: Optional[list[int]] = None, **fields: Any) -> tuple[dict, list]:
+        """Send one request and wait for its reply; return ``(header, data frames)``.
+
+        ``frames`` are the request's data frames; ``counts`` becomes the header's ``frames`` field
+        (data frames per item; default: all of them belong to one item). Reply data frames are
+        memoryviews over the received ZeroMQ frames (no copy). An error reply raises its exception
+        from ``errors``; no reply within ``timeout`` (default: the connection's) raises
+        ``BrokerUnavailableError``.
+        """
+        rid, fut = self._submit(op, _with_counts(fields, frames, counts), frames)
+        return self._wait(op, rid, fut, timeout)
+
+    def call_async(self, op: Op, frames: Sequence[Any] = (), *, counts: Optional[list[int]] = None,
+                   **fields: Any) -> "Future[tuple[dict, list]]":
+        """Send one request; return a future of ``(header, data frames)`` (no timeout of its own).
+
+        ``frames`` and ``counts`` are as in ``call``.
+        """
+        return self._submit(op, _with_counts(fields, frames, counts), frames)[1]
+
+    def _call_many(self, op: Op, requests: Iterable[tuple[dict, Sequence[Any]]],
+                   timeout: Optional[float] = None) -> list[tuple[dict, list]]:
+        """Send every request before awaiting the first reply (pipelined, applied in order); return the replies.
+
+        ``timeout`` bounds the wait of each reply once the previous one arrived.
+        """
+        sent = [self._submit(op, fields, frames) for fields, frames in requests]
+        try:
+            return [self._wait(op, rid, fut, timeout) for rid, fut in sent]
+        except BaseException:
+            with self._lock:  # nobody will read the other replies
+                for rid, _ in sent:
+                    self._pending.pop(rid, None)
+            raise
+
+    def subscribe(self, session_id: str, event_types: Optional[Iterable[int]] = None,
+                  task_filter: Optional[list] = None, result_filter: Optional[list] = None,
+                  snapshot: bool = False) -> "Subscription":
+        """Subscribe to the events of a session; return the confirmed ``Subscription``.
+
+        Filters are in the wire's disjunctive normal form. With ``snapshot`` the broker first pushes
+        the current status of every result named by a ``result_id eq`` term of ``result_filter``.
+        """
+        fields: dict[str, Any] = {"session_id": session_id,
+                                  "event_types": [int(t) for t in (event_types or ())]}
+        if task_filter is not None:
+            fields["task_filter"] = task_filter
+        if result_filter is not None:
+            fields["result_filter"] = result_filter
+        if snapshot:
+            fields["snapshot"] = True
+        rid = next(self._rids)
+        sub = Subscription(self, rid, session_id)
+        # Registered before the request leaves: the snapshot pushes follow the reply immediately.
+        with self._lock:
+            self._subs[rid] = sub
+        try:
+            _, fut = self._submit(Op.SUBSCRIBE_EVENTS, fields, (), rid)
+            self._wait(Op.SUBSCRIBE_EVENTS, rid, fut, None)
+        except BaseException as exc:
+            with self._lock:
+                self._subs.pop(rid, None)
+            if isinstance(exc, errors.BrokerUnavailableError) and not self._closed:
+                # The request may still reach the broker later: cancel what it would create.
+                self._unsubscribe(rid)
+            raise
+        return sub
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` was called."""
+        return self._closed
+
+    def close(self) -> None:
+        """Stop the I/O thread and close the sockets; pending calls fail with ``BrokerUnavailableError``."""
+        with self._send_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._push.send(_STOP)
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    def __enter__(self) -> "Connection":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("connected" if self._connected else "connecting")
+        return f"<Connection {self.endpoint} {state}>"
+
+    # -- user-thread side -----------------------------------------------------------------------
+
+    def _submit(self, op: Op, fields: dict, frames: Sequence[Any], rid: Optional[int] = None) -> tuple[int, Future]:
+        """Register a future for a new request and hand its frames to the I/O thread."""
+        if rid is None:
+            rid = next(self._rids)
+        header = protocol.request(op, rid, **fields)
+        fut: Future = Future()
+        with self._send_lock:
+            if self._closed:
+                raise errors.BrokerUnavailableError(f"the connection to {self.endpoint} is closed")
+            # Registered under the send lock, so close() cannot sweep the table between the two.
+            with self._lock:
+                self._pending[rid] = fut
+            # copy=False: bulk frames reach the DEALER without being copied (small ones are, by pyzmq).
+            self._push.send_multipart([header, *frames], copy=False)
+        return rid, fut
+
+    def _wait(self, op: Op, rid: int, fut: Future, timeout: Optional[float]) -> tuple[dict, list]:
+        """Return the reply of ``fut``, or raise its error, or ``BrokerUnavailableError`` on timeout."""
+        if timeout is None:
+            timeout = self.timeout
+        try:
+            return fut.result(timeout)
+        except TimeoutError:
+            # BrokerUnavailableError is a TimeoutError too: only a future still pending timed out.
+            if fut.done():
+                return fut.result()
+            with self._lock:
+                mine = self._pending.pop(rid, None)
+            if mine is None:  # the I/O thread took it: the reply is being delivered right now
+                return fut.result()
+            raise errors.BrokerUnavailableError(self._no_reply(op, timeout)) from None
+
+    def _no_reply(self, op: Op, timeout: float) -> str:
+        """Explain a timeout, telling a broker that never answered from one that stopped answering."""
+        try:
+            name = Op(op).name
+        except ValueError:
+            name = str(op)
+        if self._connected:
+            why = ("the connection is up but the broker did not answer in time (overloaded, or it restarted "
+                   "and lost the request); check that `armonik-zmq up` is running")
+        else:
+            why = (f"nothing answers there: check that `armonik-zmq up` is running and serving {self.endpoint} "
+                   f"(or set ARMONIK_ZMQ_ENDPOINT)")
+        return f"no reply from the broker at {self.endpoint} to {name} within {timeout:g}s: {why}"
+
+    def _unsubscribe(self, rid: int) -> None:
+        """Drop a subscription's queue and tell the broker, without waiting for its answer."""
+        with self._lock:
+            self._subs.pop(rid, None)
+        try:
+            # Same socket as every later request, so the broker applies it before them.
+            self._submit(Op.UNSUBSCRIBE_EVENTS, {"subscription": rid}, ())
+        except errors.BrokerUnavailableError:
+            pass  # closed: the broker drops the subscriptions of a departed client anyway
+
+    # -- the I/O thread -------------------------------------------------------------------------
+
+    def _io_main(self, inproc: str) -> None:
+        """Create the thread's sockets, run the loop, and tear everything down when it ends."""
+        sockets: list[zmq.Socket] = []
+        try:
+            pull = self._ctx.socket(zmq.PULL)
+            sockets.append(pull)
+            pull.setsockopt(zmq.LINGER, 0)
+            pull.setsockopt(zmq.RCVHWM, 0)
+            pull.bind(inproc)
+            dealer = self._ctx.socket(zmq.DEALER)
+            sockets.append(dealer)
+            dealer.setsockopt(zmq.LINGER, 0)
+            dealer.setsockopt(zmq.SNDHWM, 0)
+            dealer.setsockopt(zmq.RCVHWM, 0)
+            dealer.setsockopt(zmq.IMMEDIATE, 0)  # requests queue while the broker is not (yet) there
+            dealer.setsockopt(zmq.HEARTBEAT_IVL, _HEARTBEAT_IVL)
+            dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, _HEARTBEAT_TIMEOUT)
+            monitor = dealer.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+            sockets.append(monitor)
+            try:
+                dealer.connect(self.endpoint)
+            except zmq.ZMQError as exc:
+                raise ValueError(f"cannot connect to {self.endpoint!r}: {exc.strerror} "
+                                 f"(an endpoint looks like tcp://127.0.0.1:5555)") from None
+        except BaseException as exc:
+            if len(sockets) == 3:
+                sockets[1].disable_monitor()
+            for sock in sockets:
+                sock.close(linger=0)
+            self._start_error = exc
+            self._started.set()
+            return
+        self._started.set()
+        try:
+            self._io_loop(dealer, pull, monitor)
+        except Exception:  # a bug: fail every caller now rather than let them time out
+            log.exception("the armonik_zmq client I/O thread failed")
+            with self._send_lock:
+                self._closed = True
+        finally:
+            self._fail_all(errors.BrokerUnavailableError(f"the connection to {self.endpoint} is closed"))
+            dealer.disable_monitor()
+            for sock in (monitor, dealer, pull):
+                sock.close(linger=0)
+            with self._send_lock:  # the lock also orders this close after the user threads' last send
+                self._push.close(linger=0)
+            self._ctx.term()
+
+    def _io_loop(self, dealer: zmq.Socket, pull: zmq.Socket, monitor: zmq.Socket) -> None:
+        """Forward requests to the broker and route its messages until told to stop."""
+        poller = zmq.Poller()
+        poller.register(monitor, zmq.POLLIN)
+        poller.register(dealer, zmq.POLLIN)
+        poller.register(pull, zmq.POLLIN)
+        route = self._route
+        while True:
+            ready = dict(poller.poll())
+            # Connection changes first, so a disconnect is seen before later traffic.
+            if monitor in ready:
+                self._on_monitor(monitor)
+            if dealer in ready:
+                for _ in range(_DRAIN):
+                    try:
+                        msg = dealer.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    route(msg)
+            if pull in ready:
+                for _ in range(_DRAIN):
+                    try:
+                        msg = pull.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    if len(msg) == 1 and len(msg[0]) == 0:
+                        return
+                    try:
+                        dealer.send_multipart(msg, zmq.NOBLOCK, copy=False)
+                    except zmq.ZMQError as exc:  # unlimited HWM makes this unexpected; fail only that call
+                        self._fail_request(msg[0].bytes, f"cannot send to {self.endpoint}: {exc.strerror}")
+
+    def _route(self, msg: list) -> None:
+        """Deliver one message from the broker: a reply to its future, an EVENT to its subscription."""
+        try:
+            header = protocol.decode_header(msg[0].buffer)
+        except protocol.ProtocolError as exc:
+            log.warning("malformed message from the broker at %s: %s", self.endpoint, exc)
+            self._fail_request(msg[0].bytes, f"malformed reply from the broker: {exc.message}", exc.code)
+            return
+        rid = header["rid"]
+        if header["op"] == Op.EVENT:
+            with self._lock:
+                sub = self._subs.get(rid)
+            if sub is not None:  # else: unsubscribed, the broker's answer is on its way
+                sub._queue.put(header.get("events") or ())
+            return
+        with self._lock:
+            fut = self._pending.pop(rid, None)
+        if fut is None:  # the caller timed out, or a stale reply after a reconnection
+            return
+        err = header.get("error")
+        try:
+            if err is None:
+                fut.set_result((header, [f.buffer for f in msg[1:]]))
+            elif isinstance(err, dict):
+                fut.set_exception(errors.from_error(err.get("code", ErrorCode.UNKNOWN),
+                                                    str(err.get("message") or "the broker gave no message")))
+            else:
+                fut.set_exception(errors.MalformedError(f"malformed error reply from the broker: {err!r}"))
+        except InvalidStateError:  # the caller cancelled the future
+            pass
+
+    def _fail_request(self, raw_header: bytes, message: str, code: ErrorCode = ErrorCode.UNAVAILABLE) -> None:
+        """Fail the future of the request whose header is ``raw_header``, if it can be told."""
+        _, rid = protocol.envelope_of(raw_header)
+        with self._lock:
+            fut = self._pending.pop(rid, None)
+        if fut is not None:
+            try:
+                fut.set_exception(errors.from_error(code, message))
+            except InvalidStateError:
+                pass
+
+    def _on_monitor(self, monitor: zmq.Socket) -> None:
+        """Track the connection; on a drop, end every subscription (the broker forgot them)."""
+        while True:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._connected = True
+            elif event == zmq.EVENT_DISCONNECTED and self._connected:
+                self._connected = False
+                log.info("connection to the broker at %s lost; reconnecting", self.endpoint)
+                with self._lock:
+                    subs = list(self._subs.values())
+                    self._subs.clear()
+                for sub in subs:
+                    sub._queue.put(ConnectionLostError(
+                        f"the connection to the broker at {self.endpoint} was lost: events may have been missed; "
+                        f"subscribe again"))
+
+    def _fail_all(self, exc: errors.ArmoniKZmqError) -> None:
+        """Fail every pending call and end every subscription (the connection is going away)."""
+        with self._lock:
+            futures = list(self._pending.values())
+            subs = list(self._subs.values())
+            self._pending.clear()
+            self._subs.clear()
+        for fut in futures:
+            try:
+                fut.set_exception(exc)
+            except InvalidStateError:
+                pass
+        for sub in subs:
+            sub._queue.put(exc)
+
+
+class Subscription:
+    """The events of one ``SUBSCRIBE_EVENTS``: iterate it, or ``get()`` one at a time, then ``close()``.
+
+    Each item is ``(EventTypes, event object)``. Iteration ends when the subscription is closed
+    (from any thread). When the connection closes or drops, reading raises
+    ``BrokerUnavailableError`` (``ConnectionLostError`` for a drop).
+    """
+
+    def __init__(self, conn: Connection, rid: int, session_id: str):
+        self.id = rid
+        self.session_id = session_id
+        self._conn = conn
+        # Filled by the I/O thread: one list of [event_type, body] per EVENT push, or a final exception.
+        self._queue: queue.Queue = queue.Queue()
+        self._buffer: deque = deque()
+        self._closed = False
+
+    def get(self, timeout: Optional[float] = None) -> tuple:
+        """Return the next ``(EventTypes, event)``; raise ``queue.Empty`` if none comes within ``timeout``."""
+        event = self._next(timeout)
+        if event is None:
+            raise RuntimeError(f"subscription {self.id} is closed")
+        return event
+
+    def __iter__(self) -> Iterator[tuple]:
+        """Yield events until the subscription is closed."""
+        while True:
+            event = self._next(None)
+            if event is None:
+                return
+            yield event
+
+    def _next(self, timeout: Optional[float]) -> Optional[tuple]:
+        """Return the next event, or None once closed."""
+        while not self._closed:
+            if self._buffer:
+                etype, body = self._buffer.popleft()
+                return event_from_wire(etype, body)
+            item = self._queue.get(timeout=timeout)
+            if isinstance(item, BaseException):
+                self._queue.put(item)  # keep raising it on later reads
+                raise item
+            self._buffer.extend(item)  # _WAKE is empty: the loop checks _closed again
+        return None
+
+    def close(self) -> None:
+        """Unsubscribe (without waiting for the broker's answer); a reader blocked in another thread stops."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_WAKE)
+        self._conn._unsubscribe(self.id)
+
+    def __enter__(self) -> "Subscription":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Subscription {self.id} session={self.session_id} {'closed' if self._closed else 'open'}>"

@@ -1,0 +1,162 @@
+"""``ArmoniKEvents``: the events service, with the official client's method names and signatures."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from typing import Any, Callable, Iterable, List, Optional, Union
+
+from .. import protocol
+from ..common import NewResultEvent, ResultStatusUpdateEvent
+from ..status import EventTypes, ResultStatus
+from .connection import Connection, ConnectionLostError, Subscription
+
+__all__ = ["ArmoniKEvents"]
+
+#: Most OR clauses of a wire filter (``protocol.FILTER``): ``wait_for_result_availability`` buckets hold at most this.
+_MAX_CLAUSES = protocol.FILTER.inner.max_len
+
+
+def _to_dnf(filter: Any, name: str = "filter") -> Optional[list]:
+    """Return ``filter`` in the wire's disjunctive normal form (``None`` for no filter)."""
+    if filter is None:
+        return None
+    if isinstance(filter, (list, tuple)):
+        return [[list(term) for term in clause] for clause in filter]
+    raise TypeError(f"{name} must be a filter in disjunctive normal form: a list (OR) of lists (AND) of "
+                    f"[field, operator, value], e.g. [[['status', 'eq', 2]]]; got {type(filter).__name__}")
+
+
+def _event_type(value: Union[int, str]) -> int:
+    """Return the number of an event type given as ``EventTypes``, int, or name ("new_result")."""
+    return int(EventTypes.from_string(value) if isinstance(value, str) else EventTypes(value))
+
+
+class ArmoniKEvents:
+    """Follow the task and result events of a session."""
+
+    def __init__(self, conn: Connection):
+        """Use ``conn`` (where the official client takes a gRPC channel)."""
+        self._conn = conn
+
+    def get_events(self, session_id: str, event_types: Iterable[Union[EventTypes, int]],
+                   event_handlers: List[Callable[[str, EventTypes, Any], bool]],
+                   task_filter: Optional[Any] = None, result_filter: Optional[Any] = None) -> None:
+        """Call the handlers on each event of a session until one of them returns True.
+
+        Args:
+            session_id: the session.
+            event_types: the event types wanted (empty: all).
+            event_handlers: called in order as ``handler(session_id, event_type, event)``; the first
+                that returns True ends the stream (the following handlers do not see that event).
+            task_filter: a filter on tasks, in disjunctive normal form.
+            result_filter: a filter on results, in disjunctive normal form.
+        """
+        with self._conn.subscribe(session_id, [_event_type(t) for t in event_types],
+                                  _to_dnf(task_filter, "task_filter"),
+                                  _to_dnf(result_filter, "result_filter")) as sub:
+            for event_type, event in sub:
+                if any(handler(session_id, event_type, event) for handler in event_handlers):
+                    return
+
+    def wait_for_result_availability(self, result_ids: Union[str, List[str]], session_id: str,
+                                     bucket_size: int = 100, parallelism: int = 1) -> None:
+        """Wait until every result is COMPLETED; raise ``RuntimeError`` as soon as one is ABORTED.
+
+        No polling: each bucket of results is one subscription whose snapshot gives the current
+        statuses, then status events arrive as they happen. A dropped connection (broker restart)
+        is survived by subscribing again for the results still missing.
+
+        Args:
+            result_ids: the result id(s).
+            session_id: the session of the results.
+            bucket_size: results per subscription (at most the wire's filter limit, 64).
+            parallelism: subscriptions followed at once.
+        """
+        if isinstance(result_ids, str):
+            result_ids = [result_ids]
+        ids = list(dict.fromkeys(result_ids))  # no duplicates, order kept
+        if not ids:
+            return
+        size = max(1, min(bucket_size, _MAX_CLAUSES))
+        buckets = [ids[i:i + size] for i in range(0, len(ids), size)]
+        if parallelism <= 1 or len(buckets) == 1:
+            for bucket in buckets:
+                self._wait_bucket(session_id, bucket, None)
+            return
+        self._wait_parallel(session_id, buckets, parallelism)
+
+    def _wait_parallel(self, session_id: str, buckets: List[List[str]], parallelism: int) -> None:
+        """Wait for the buckets with ``parallelism`` threads; on the first error stop the others and raise it."""
+        stop = _Stop()
+        pool = ThreadPoolExecutor(max_workers=parallelism, thread_name_prefix="armonik-zmq-wait")
+        futures = []
+        try:
+            futures = [pool.submit(self._wait_bucket, session_id, bucket, stop) for bucket in buckets]
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            for fut in futures:
+                if fut in done and fut.exception() is not None:
+                    raise fut.exception()
+        finally:
+            for fut in futures:
+                fut.cancel()
+            stop.set()  # wakes the threads still waiting, so the pool ends
+            pool.shutdown(wait=True)
+
+    def _wait_bucket(self, session_id: str, result_ids: List[str], stop: Optional["_Stop"]) -> None:
+        """Wait for one bucket of results (at most ``_MAX_CLAUSES``) with one subscription."""
+        missing = set(result_ids)
+        types = [int(EventTypes.NEW_RESULT), int(EventTypes.RESULT_STATUS_UPDATE)]
+        while True:
+            result_filter = [[["result_id", "eq", rid]] for rid in missing]
+            sub = self._conn.subscribe(session_id, types, None, result_filter, snapshot=True)
+            try:
+                if stop is not None and not stop.add(sub):
+                    return
+                for _, event in sub:
+                    if not isinstance(event, (NewResultEvent, ResultStatusUpdateEvent)):
+                        continue
+                    if event.result_id not in missing:
+                        continue
+                    if event.status == ResultStatus.COMPLETED:
+                        missing.discard(event.result_id)
+                        if not missing:
+                            return
+                    elif event.status == ResultStatus.ABORTED:
+                        raise RuntimeError(f"Result {event.result_id} has been aborted.")
+                return  # closed by _Stop: another bucket failed
+            except ConnectionLostError:
+                continue  # the broker forgot the subscription: the new one's snapshot catches up
+            finally:
+                sub.close()
+                if stop is not None:
+                    stop.discard(sub)
+
+
+class _Stop:
+    """The subscriptions of parallel waits, closed all at once when one wait fails."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._subs: set = set()
+        self._stopped = False
+
+    def add(self, sub: Subscription) -> bool:
+        """Track ``sub``; return False if the waits were already stopped."""
+        with self._lock:
+            if self._stopped:
+                return False
+            self._subs.add(sub)
+            return True
+
+    def discard(self, sub: Subscription) -> None:
+        with self._lock:
+            self._subs.discard(sub)
+
+    def set(self) -> None:
+        """Stop every wait: close their subscriptions, which ends their iteration."""
+        with self._lock:
+            self._stopped = True
+            subs, self._subs = list(self._subs), set()
+        for sub in subs:
+            sub.close()

@@ -1,0 +1,116 @@
+"""Start a whole cluster (broker + one agent + its workers) as child processes, and stop it in order."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Optional
+
+from .config import DEFAULT_PROCESSOR
+
+log = logging.getLogger(__name__)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "armonik_zmq.cli", *args]
+
+
+class LocalProcesses:
+    """A broker and an agent running as real processes on an LMDB directory.
+
+    Endpoints default to ``ipc://`` sockets in a private temporary directory, so nothing else on the
+    host can connect and two clusters never collide.
+    """
+
+    def __init__(self, data_dir: Optional[str] = None, endpoint: Optional[str] = None,
+                 agents_endpoint: Optional[str] = None, workers: int = 2, processor: str = DEFAULT_PROCESSOR,
+                 log_level: str = "WARNING", lease: Optional[float] = None, env: Optional[dict] = None):
+        self._tmp = tempfile.mkdtemp(prefix="armonik-zmq-")
+        self.data_dir = data_dir or os.path.join(self._tmp, "data")
+        self.endpoint = endpoint or f"ipc://{self._tmp}/frontend"
+        self.agents_endpoint = agents_endpoint or f"ipc://{self._tmp}/backend"
+        self.workers = workers
+        self.processor = processor
+        self.log_level = log_level
+        self.lease = lease
+        self.env = {**os.environ, **(env or {})}
+        self.broker: Optional[subprocess.Popen] = None
+        self.agent: Optional[subprocess.Popen] = None
+
+    def start_broker(self) -> subprocess.Popen:
+        args = ["--log-level", self.log_level, "broker", "--data-dir", self.data_dir, "--endpoint", self.endpoint,
+                "--agents-endpoint", self.agents_endpoint]
+        if self.lease is not None:
+            args += ["--lease", str(self.lease)]
+        self.broker = subprocess.Popen(_cli(*args), env=self.env)
+        return self.broker
+
+    def start_agent(self) -> subprocess.Popen:
+        self.agent = subprocess.Popen(_cli("--log-level", self.log_level, "agent", "--broker", self.agents_endpoint,
+                                           "--workers", str(self.workers), "--processor", self.processor),
+                                      env=self.env)
+        return self.agent
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait until the broker answers and an agent is registered."""
+        from .client import connect
+        from .protocol import Op
+
+        deadline = time.monotonic() + timeout
+        with connect(self.endpoint, timeout=1.0) as conn:
+            while True:
+                for name, proc in (("broker", self.broker), ("agent", self.agent)):
+                    if proc is not None and proc.poll() is not None:
+                        raise RuntimeError(f"the {name} exited with code {proc.returncode} while starting")
+                try:
+                    header, _ = conn.call(Op.HEALTH, timeout=1.0)
+                    if self.agent is None or header["checks"][1]["healthy"]:
+                        return
+                except Exception:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the cluster at {self.endpoint} was not ready after {timeout:g}s")
+                time.sleep(0.05)
+
+    def start(self, timeout: float = 30.0) -> "LocalProcesses":
+        self.start_broker()
+        self.start_agent()
+        self.wait_ready(timeout)
+        return self
+
+    @staticmethod
+    def _stop(proc: Optional[subprocess.Popen], timeout: float) -> Optional[int]:
+        if proc is None or proc.poll() is not None:
+            return None if proc is None else proc.returncode
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the agent first (it hands back unfinished tasks), then the broker."""
+        self._stop(self.agent, timeout)
+        self._stop(self.broker, timeout)
+
+    def kill_broker(self) -> None:
+        if self.broker is not None:
+            self.broker.kill()
+            self.broker.wait()
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __enter__(self) -> "LocalProcesses":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.cleanup()

@@ -1,0 +1,352 @@
+"""The objects of the official ``armonik`` package (same names, fields and defaults), and their wire form.
+
+Wire rows are msgpack maps whose keys are these field names; timestamps travel as float seconds
+since the epoch (``None`` when unset) and durations as float seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, Dict, List, Optional
+
+from .status import EventTypes, ResultStatus, SessionStatus, TaskStatus
+
+__all__ = [
+    "TaskOptions", "TaskDefinition", "Task", "Result", "Session", "Output",
+    "TaskStatus", "ResultStatus", "SessionStatus", "EventTypes",
+    "NewTaskEvent", "TaskStatusUpdateEvent", "NewResultEvent", "ResultStatusUpdateEvent",
+    "ResultOwnerUpdateEvent", "event_from_wire",
+]
+
+
+def ts(value: Optional[float]) -> Optional[datetime]:
+    return None if value is None else datetime.fromtimestamp(value, tz=timezone.utc)
+
+
+def dur(value: Optional[float]) -> Optional[timedelta]:
+    return None if value is None else timedelta(seconds=value)
+
+
+@dataclass()
+class TaskOptions:
+    max_duration: timedelta
+    priority: int
+    max_retries: int
+    partition_id: Optional[str] = None
+    application_name: Optional[str] = None
+    application_version: Optional[str] = None
+    application_namespace: Optional[str] = None
+    application_service: Optional[str] = None
+    engine_type: Optional[str] = None
+    options: Dict[str, str] = field(default_factory=dict)
+
+    def to_wire(self) -> dict:
+        d: dict[str, Any] = {
+            "max_duration": self.max_duration.total_seconds() if self.max_duration is not None else None,
+            "priority": self.priority,
+            "max_retries": self.max_retries,
+            "options": dict(self.options or {}),
+        }
+        for name in ("partition_id", "application_name", "application_version", "application_namespace",
+                     "application_service", "engine_type"):
+            value = getattr(self, name)
+            if value is not None:
+                d[name] = value
+        return d
+
+    @classmethod
+    def from_wire(cls, d: Optional[dict]) -> Optional["TaskOptions"]:
+        if d is None:
+            return None
+        return cls(
+            max_duration=dur(d.get("max_duration")) or timedelta(0),
+            priority=d.get("priority") or 0,
+            max_retries=d.get("max_retries") or 0,
+            partition_id=d.get("partition_id"),
+            application_name=d.get("application_name"),
+            application_version=d.get("application_version"),
+            application_namespace=d.get("application_namespace"),
+            application_service=d.get("application_service"),
+            engine_type=d.get("engine_type"),
+            options=dict(d.get("options") or {}),
+        )
+
+
+@dataclass()
+class Output:
+    """What a worker's processor returns: ``Output()`` for success, ``Output("message")`` for an error."""
+
+    error: Optional[str] = None
+
+    @property
+    def success(self) -> bool:
+        return self.error is None
+
+
+@dataclass()
+class TaskDefinition:
+    payload_id: str = ""
+    expected_output_ids: List[str] = field(default_factory=list)
+    data_dependencies: List[str] = field(default_factory=list)
+    options: Optional[TaskOptions] = None
+
+    def __post_init__(self):
+        if len(self.expected_output_ids) <= 0:
+            raise ValueError("expected_output_ids must be not be empty")
+
+    def to_wire(self) -> dict:
+        d: dict[str, Any] = {
+            "payload_id": self.payload_id,
+            "expected_output_ids": list(self.expected_output_ids),
+            "data_dependencies": list(self.data_dependencies),
+        }
+        if self.options is not None:
+            d["options"] = self.options.to_wire()
+        return d
+
+
+class Task:
+    """A task as ``armonik.common.Task`` describes it (TaskDetailed fields)."""
+
+    __slots__ = (
+        "id", "session_id", "owner_pod_id", "initial_task_id", "created_by", "parent_task_ids",
+        "data_dependencies", "expected_output_ids", "retry_of_ids", "status", "status_message", "options",
+        "created_at", "submitted_at", "received_at", "acquired_at", "fetched_at", "started_at",
+        "processed_at", "ended_at", "pod_ttl", "creation_to_end_duration", "processing_to_end_duration",
+        "received_to_end_duration", "output", "pod_hostname", "payload_id",
+    )
+
+    def __init__(self, id: Optional[str] = None, session_id: Optional[str] = None, owner_pod_id: Optional[str] = None,
+                 initial_task_id: Optional[str] = None, created_by: Optional[str] = None,
+                 parent_task_ids: Optional[List[str]] = None, data_dependencies: Optional[List[str]] = None,
+                 expected_output_ids: Optional[List[str]] = None, retry_of_ids: Optional[List[str]] = None,
+                 status: TaskStatus = TaskStatus.UNSPECIFIED, status_message: Optional[str] = None,
+                 options: Optional[TaskOptions] = None, created_at: Optional[datetime] = None,
+                 submitted_at: Optional[datetime] = None, received_at: Optional[datetime] = None,
+                 acquired_at: Optional[datetime] = None, fetched_at: Optional[datetime] = None,
+                 started_at: Optional[datetime] = None, processed_at: Optional[datetime] = None,
+                 ended_at: Optional[datetime] = None, pod_ttl: Optional[datetime] = None,
+                 creation_to_end_duration: timedelta = timedelta(0),
+                 processing_to_end_duration: timedelta = timedelta(0),
+                 received_to_end_duration: timedelta = timedelta(0), output: Optional[Output] = None,
+                 pod_hostname: Optional[str] = None, payload_id: Optional[str] = None):
+        self.id = id
+        self.session_id = session_id
+        self.owner_pod_id = owner_pod_id
+        self.initial_task_id = initial_task_id
+        self.created_by = created_by
+        self.parent_task_ids = parent_task_ids
+        self.data_dependencies = data_dependencies
+        self.expected_output_ids = expected_output_ids
+        self.retry_of_ids = retry_of_ids
+        self.status = status
+        self.status_message = status_message
+        self.options = options
+        self.created_at = created_at
+        self.submitted_at = submitted_at
+        self.received_at = received_at
+        self.acquired_at = acquired_at
+        self.fetched_at = fetched_at
+        self.started_at = started_at
+        self.processed_at = processed_at
+        self.ended_at = ended_at
+        self.pod_ttl = pod_ttl
+        self.creation_to_end_duration = creation_to_end_duration
+        self.processing_to_end_duration = processing_to_end_duration
+        self.received_to_end_duration = received_to_end_duration
+        self.output = output
+        self.pod_hostname = pod_hostname
+        self.payload_id = payload_id
+
+    @property
+    def count_data_dependencies(self) -> Optional[int]:
+        return None if self.data_dependencies is None else len(self.data_dependencies)
+
+    @property
+    def count_expected_output_ids(self) -> Optional[int]:
+        return None if self.expected_output_ids is None else len(self.expected_output_ids)
+
+    @property
+    def count_parent_task_ids(self) -> Optional[int]:
+        return None if self.parent_task_ids is None else len(self.parent_task_ids)
+
+    @property
+    def count_retry_of_ids(self) -> Optional[int]:
+        return None if self.retry_of_ids is None else len(self.retry_of_ids)
+
+    @classmethod
+    def from_wire(cls, d: dict) -> "Task":
+        def span(a: Optional[float], b: Optional[float]) -> timedelta:
+            return timedelta(seconds=b - a) if a is not None and b is not None else timedelta(0)
+
+        error = d.get("error")
+        status = TaskStatus(d.get("status", 0))
+        return cls(
+            id=d.get("task_id"), session_id=d.get("session_id"), owner_pod_id=d.get("owner_pod_id"),
+            initial_task_id=d.get("initial_task_id"), created_by=d.get("created_by"),
+            parent_task_ids=list(d.get("parent_task_ids") or []),
+            data_dependencies=list(d.get("data_dependencies") or []),
+            expected_output_ids=list(d.get("expected_output_ids") or []),
+            retry_of_ids=list(d.get("retry_of_ids") or []), status=status,
+            status_message=d.get("status_message") or "", options=TaskOptions.from_wire(d.get("options")),
+            created_at=ts(d.get("created_at")), submitted_at=ts(d.get("submitted_at")),
+            received_at=ts(d.get("received_at")), acquired_at=ts(d.get("acquired_at")),
+            fetched_at=ts(d.get("fetched_at")), started_at=ts(d.get("started_at")),
+            processed_at=ts(d.get("processed_at")), ended_at=ts(d.get("ended_at")), pod_ttl=None,
+            creation_to_end_duration=span(d.get("created_at"), d.get("ended_at")),
+            processing_to_end_duration=span(d.get("started_at"), d.get("ended_at")),
+            received_to_end_duration=span(d.get("received_at"), d.get("ended_at")),
+            output=Output(error=error) if status in (TaskStatus.COMPLETED, TaskStatus.ERROR, TaskStatus.TIMEOUT,
+                                                     TaskStatus.RETRIED, TaskStatus.CANCELLED) else None,
+            pod_hostname=d.get("pod_hostname"), payload_id=d.get("payload_id"),
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Task) and all(getattr(self, s) == getattr(other, s) for s in self.__slots__)
+
+    def __repr__(self) -> str:
+        status = TaskStatus(self.status).name if self.status is not None else None
+        return f"Task(id={self.id!r}, status={status}, expected_output_ids={self.expected_output_ids!r})"
+
+
+class Result:
+    """A result's metadata (ResultRaw fields)."""
+
+    __slots__ = ("session_id", "name", "created_by", "owner_task_id", "status", "created_at", "completed_at",
+                 "result_id", "size", "opaque_id", "manual_deletion")
+
+    def __init__(self, session_id: Optional[str] = None, name: Optional[str] = None, created_by: Optional[str] = None,
+                 owner_task_id: Optional[str] = None, status: ResultStatus = ResultStatus.UNSPECIFIED,
+                 created_at: Optional[datetime] = None, completed_at: Optional[datetime] = None,
+                 result_id: Optional[str] = None, size: Optional[int] = None, opaque_id: Optional[bytes] = None,
+                 manual_deletion: bool = False):
+        self.session_id = session_id
+        self.name = name
+        self.created_by = created_by
+        self.owner_task_id = owner_task_id
+        self.status = status
+        self.created_at = created_at
+        self.completed_at = completed_at
+        self.result_id = result_id
+        self.size = size
+        self.opaque_id = opaque_id
+        self.manual_deletion = manual_deletion
+
+    @classmethod
+    def from_wire(cls, d: dict) -> "Result":
+        return cls(
+            session_id=d.get("session_id"), name=d.get("name"), created_by=d.get("created_by") or "",
+            owner_task_id=d.get("owner_task_id") or "", status=ResultStatus(d.get("status", 0)),
+            created_at=ts(d.get("created_at")), completed_at=ts(d.get("completed_at")),
+            result_id=d.get("result_id"), size=d.get("size", 0), opaque_id=d.get("opaque_id") or b"",
+            manual_deletion=bool(d.get("manual_deletion", False)),
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Result) and all(getattr(self, s) == getattr(other, s) for s in self.__slots__)
+
+    def __repr__(self) -> str:
+        return f"Result(result_id={self.result_id!r}, name={self.name!r}, status={ResultStatus(self.status).name})"
+
+
+class Session:
+    """A session (SessionRaw fields)."""
+
+    __slots__ = ("session_id", "status", "client_submission", "worker_submission", "partition_ids", "options",
+                 "created_at", "cancelled_at", "closed_at", "purged_at", "deleted_at", "duration")
+
+    def __init__(self, session_id: Optional[str] = None, status: SessionStatus = SessionStatus.UNSPECIFIED,
+                 client_submission: Optional[bool] = None, worker_submission: Optional[bool] = None,
+                 partition_ids: Optional[List[str]] = None, options: Optional[TaskOptions] = None,
+                 created_at: Optional[datetime] = None, cancelled_at: Optional[datetime] = None,
+                 closed_at: Optional[datetime] = None, purged_at: Optional[datetime] = None,
+                 deleted_at: Optional[datetime] = None, duration: Optional[timedelta] = None):
+        self.session_id = session_id
+        self.status = status
+        self.client_submission = client_submission
+        self.worker_submission = worker_submission
+        self.partition_ids = partition_ids if partition_ids is not None else []
+        self.options = options
+        self.created_at = created_at
+        self.cancelled_at = cancelled_at
+        self.closed_at = closed_at
+        self.purged_at = purged_at
+        self.deleted_at = deleted_at
+        self.duration = duration
+
+    @classmethod
+    def from_wire(cls, d: dict) -> "Session":
+        return cls(
+            session_id=d.get("session_id"), status=SessionStatus(d.get("status", 0)),
+            client_submission=d.get("client_submission"), worker_submission=d.get("worker_submission"),
+            partition_ids=list(d.get("partition_ids") or []), options=TaskOptions.from_wire(d.get("options")),
+            created_at=ts(d.get("created_at")), cancelled_at=ts(d.get("cancelled_at")),
+            closed_at=ts(d.get("closed_at")), purged_at=ts(d.get("purged_at")),
+            deleted_at=ts(d.get("deleted_at")), duration=dur(d.get("duration")),
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Session) and all(getattr(self, s) == getattr(other, s) for s in self.__slots__)
+
+    def __repr__(self) -> str:
+        return f"Session(session_id={self.session_id!r}, status={SessionStatus(self.status).name})"
+
+
+# -- events (armonik.common.events) --------------------------------------------------------
+
+
+@dataclass
+class TaskStatusUpdateEvent:
+    task_id: str
+    status: TaskStatus
+
+
+@dataclass
+class ResultStatusUpdateEvent:
+    result_id: str
+    status: ResultStatus
+
+
+@dataclass
+class ResultOwnerUpdateEvent:
+    result_id: str
+    previous_owner_id: str
+    current_owner_id: str
+
+
+@dataclass
+class NewTaskEvent:
+    task_id: str
+    payload_id: str
+    origin_task_id: str
+    status: TaskStatus
+    expected_output_keys: List[str]
+    data_dependencies: List[str]
+    retry_of_ids: List[str]
+    parent_task_ids: List[str]
+
+
+@dataclass
+class NewResultEvent:
+    result_id: str
+    owner_id: str
+    status: ResultStatus
+
+
+_EVENT_CLASSES = {
+    EventTypes.NEW_TASK: NewTaskEvent,
+    EventTypes.TASK_STATUS_UPDATE: TaskStatusUpdateEvent,
+    EventTypes.NEW_RESULT: NewResultEvent,
+    EventTypes.RESULT_STATUS_UPDATE: ResultStatusUpdateEvent,
+    EventTypes.RESULT_OWNER_UPDATE: ResultOwnerUpdateEvent,
+}
+
+
+def event_from_wire(event_type: int, body: dict):
+    """Build the event object of one ``[event_type, body]`` pair of an EVENT push."""
+    etype = EventTypes(event_type)
+    obj = _EVENT_CLASSES[etype](**body)
+    if hasattr(obj, "status"):
+        obj.status = (TaskStatus if etype in (EventTypes.NEW_TASK, EventTypes.TASK_STATUS_UPDATE) else ResultStatus)(obj.status)
+    return etype, obj

@@ -1,0 +1,84 @@
+"""Exceptions the client raises, one class per ``ErrorCode`` of an error reply."""
+
+from __future__ import annotations
+
+from .protocol import ErrorCode, ProtocolError
+
+
+class ArmoniKZmqError(Exception):
+    """Base class: an error reply from the broker (``code`` + ``message``) or a transport failure."""
+
+    code: ErrorCode = ErrorCode.UNKNOWN
+
+    def __init__(self, message: str, code: ErrorCode | None = None):
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = ErrorCode(code)
+
+    def __str__(self) -> str:
+        return f"[{self.code.name}] {self.message}"
+
+
+class InvalidArgumentError(ArmoniKZmqError, ValueError):
+    code = ErrorCode.INVALID_ARGUMENT
+
+
+class NotFoundError(ArmoniKZmqError, KeyError):
+    code = ErrorCode.NOT_FOUND
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return ArmoniKZmqError.__str__(self)
+
+
+class FailedPreconditionError(ArmoniKZmqError):
+    code = ErrorCode.FAILED_PRECONDITION
+
+
+class AbortedError(ArmoniKZmqError):
+    code = ErrorCode.ABORTED
+
+
+class PermissionDeniedError(ArmoniKZmqError):
+    code = ErrorCode.PERMISSION_DENIED
+
+
+class ResourceExhaustedError(ArmoniKZmqError):
+    code = ErrorCode.RESOURCE_EXHAUSTED
+
+
+class UnimplementedError(ArmoniKZmqError):
+    code = ErrorCode.UNIMPLEMENTED
+
+
+class MalformedError(ArmoniKZmqError):
+    code = ErrorCode.MALFORMED
+
+
+class StaleAttemptError(ArmoniKZmqError):
+    code = ErrorCode.STALE_ATTEMPT
+
+
+class BrokerUnavailableError(ArmoniKZmqError, TimeoutError):
+    """The broker did not answer in time (not running, wrong endpoint, or overloaded)."""
+
+    code = ErrorCode.UNAVAILABLE
+
+
+_BY_CODE = {cls.code: cls for cls in (
+    InvalidArgumentError, NotFoundError, FailedPreconditionError, AbortedError, PermissionDeniedError,
+    ResourceExhaustedError, UnimplementedError, MalformedError, StaleAttemptError, BrokerUnavailableError,
+)}
+
+
+def from_error(code: int, message: str) -> ArmoniKZmqError:
+    """Build the exception of an error reply."""
+    try:
+        code = ErrorCode(code)
+    except ValueError:
+        code = ErrorCode.UNKNOWN
+    return _BY_CODE.get(code, ArmoniKZmqError)(message, code)
+
+
+def from_protocol_error(err: ProtocolError) -> ArmoniKZmqError:
+    return from_error(err.code, err.message)

@@ -1,0 +1,453 @@
+"""The wire protocol: every operation, every message shape, every error code.
+
+A message is a ZeroMQ multipart message::
+
+    [routing frames (ROUTER side only)] | header | data frame 0 | data frame 1 | ...
+
+``header`` is one msgpack map ``{"v": PROTOCOL_VERSION, "op": Op, "rid": int, ...fields}``.
+Bulk bytes (payloads, results) travel as raw frames after the header, never inside msgpack;
+a header says how many frames belong to each item (``frames`` lists).
+
+Every request carries a caller-chosen ``rid`` and gets exactly one reply with the same ``op`` and
+``rid``: either ``{"ok": True, ...reply fields}`` or ``{"error": {"code": ErrorCode, "message": str}}``.
+Pushes (``DISPATCH`` to an agent, ``RUN`` to a worker, ``EVENT`` to a subscribed client) are not
+requests and get no reply; an ``EVENT`` carries the ``rid`` of the subscription it belongs to.
+
+Every operation is batched: it takes lists, and a request is applied all-or-nothing (one bad item
+fails the whole request with an error naming the item, and nothing is written).
+
+``docs/protocol.md`` is the prose copy of this module.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Any, Iterable, Sequence
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+
+#: Default for GetServiceConfiguration's ``data_chunk_max_size`` (ArmoniK: PreferredMessageSize).
+DATA_CHUNK_MAX_SIZE = 2 * 1024 * 1024
+#: Largest header we decode; bulk data lives in frames, so a header has no reason to be big.
+MAX_HEADER_SIZE = 16 * 1024 * 1024
+#: Largest number of items in one list of a request (tasks per submit, ids per get, ...).
+MAX_BATCH = 100_000
+#: Largest string we accept in a header (ids, names, messages).
+MAX_STR = 64 * 1024
+
+
+class Op(IntEnum):
+    # -- client -> broker "frontend" -------------------------------------------------------
+    GET_SERVICE_CONFIG = 1
+    CREATE_SESSION = 10
+    GET_SESSIONS = 11
+    CANCEL_SESSIONS = 12
+    CLOSE_SESSIONS = 13
+    PURGE_SESSIONS = 14
+    DELETE_SESSIONS = 15
+    CREATE_RESULTS_METADATA = 20
+    CREATE_RESULTS = 21
+    UPLOAD_RESULT_DATA = 22
+    DOWNLOAD_RESULT_DATA = 23
+    GET_RESULTS = 24
+    SUBMIT_TASKS = 30
+    GET_TASKS = 31
+    SUBSCRIBE_EVENTS = 40
+    UNSUBSCRIBE_EVENTS = 41
+    EVENT = 42  # push, broker -> client
+    HEALTH = 50
+    # -- agent <-> broker "backend" --------------------------------------------------------
+    AGENT_REGISTER = 100
+    AGENT_HEARTBEAT = 101
+    DISPATCH = 102  # push, broker -> agent
+    FETCH_DATA = 103
+    TASKS_STARTED = 104
+    TASKS_DONE = 105
+    TASKS_RELEASE = 106
+    # -- worker <-> agent (ipc) --------------------------------------------------------------
+    WORKER_READY = 200
+    RUN = 201  # push, agent -> worker
+    W_CREATE_RESULTS_METADATA = 202
+    W_CREATE_RESULTS = 203
+    W_SEND_RESULTS = 204
+    W_SUBMIT_TASKS = 205
+    W_OUTPUT = 206
+
+
+class ErrorCode(IntEnum):
+    """Error codes of error replies (numbers follow gRPC's status codes where one fits)."""
+
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3  # a field is missing, has the wrong type or an invalid value
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5  # unknown session / task / result id
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9  # the object is not in a status that allows the operation
+    ABORTED = 10  # e.g. a dependency was aborted
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12  # unknown op
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    MALFORMED = 100  # not a msgpack map, or frames do not match the header
+    UNSUPPORTED_VERSION = 101
+    STALE_ATTEMPT = 102  # completion from an attempt that no longer owns the task
+    UNKNOWN_AGENT = 103  # agent must (re-)register
+
+
+class ProtocolError(Exception):
+    """A request the receiver refuses; becomes an error reply ``{code, message}``."""
+
+    def __init__(self, code: ErrorCode, message: str):
+        super().__init__(message)
+        self.code = ErrorCode(code)
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"[{self.code.name}] {self.message}"
+
+
+# ------------------------------------------------------------------------------------------
+# Encoding and bounded decoding
+# ------------------------------------------------------------------------------------------
+
+_packer = msgpack.Packer(use_bin_type=True)
+
+
+def pack(obj: Any) -> bytes:
+    return _packer.pack(obj)
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack ext type {code} is not allowed")
+
+
+def unpack(buf: bytes) -> Any:
+    """Decode one msgpack object with every limit on (no ext types, string map keys only)."""
+    if len(buf) > MAX_HEADER_SIZE:
+        raise ProtocolError(ErrorCode.MALFORMED, f"header of {len(buf)} bytes exceeds {MAX_HEADER_SIZE}")
+    try:
+        return msgpack.unpackb(
+            buf,
+            raw=False,
+            strict_map_key=True,
+            ext_hook=_no_ext,
+            max_str_len=MAX_STR,
+            max_bin_len=MAX_HEADER_SIZE,
+            max_array_len=MAX_BATCH * 4,
+            max_map_len=MAX_BATCH,
+            timestamp=0,
+        )
+    except (ValueError, TypeError, RecursionError) as exc:  # every msgpack decode error is a ValueError
+        raise ProtocolError(ErrorCode.MALFORMED, f"header is not valid msgpack: {exc}") from None
+
+
+def request(op: Op, rid: int, **fields: Any) -> bytes:
+    """Encode a request (or push) header."""
+    fields["v"] = PROTOCOL_VERSION
+    fields["op"] = int(op)
+    fields["rid"] = rid
+    return pack(fields)
+
+
+def reply_ok(op: int, rid: int, **fields: Any) -> bytes:
+    fields["v"] = PROTOCOL_VERSION
+    fields["op"] = op
+    fields["rid"] = rid
+    fields["ok"] = True
+    return pack(fields)
+
+
+def reply_error(op: int, rid: int, code: ErrorCode, message: str) -> bytes:
+    return pack({"v": PROTOCOL_VERSION, "op": op, "rid": rid, "error": {"code": int(code), "message": message}})
+
+
+def decode_header(frame: bytes) -> dict:
+    """Decode and check the envelope ``{v, op, rid}``; the op's own fields are checked by ``validate``."""
+    header = unpack(frame)
+    if not isinstance(header, dict):
+        raise ProtocolError(ErrorCode.MALFORMED, "header must be a msgpack map")
+    v = header.get("v")
+    if v != PROTOCOL_VERSION:
+        raise ProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"protocol version {v!r} is not supported (this peer speaks {PROTOCOL_VERSION})")
+    rid = header.get("rid")
+    if type(rid) is not int or not (0 <= rid < 2**64):
+        raise ProtocolError(ErrorCode.MALFORMED, "header field 'rid' must be an unsigned integer")
+    op = header.get("op")
+    if type(op) is not int:
+        raise ProtocolError(ErrorCode.MALFORMED, "header field 'op' must be an integer")
+    return header
+
+
+def envelope_of(frame: bytes) -> tuple[int, int]:
+    """Best effort (op, rid) of a frame that failed to decode, so the error reply can still carry them."""
+    try:
+        header = msgpack.unpackb(frame, raw=False, strict_map_key=False, ext_hook=_no_ext, max_str_len=1024,
+                                 max_bin_len=1024, max_array_len=64, max_map_len=64)
+    except Exception:
+        return 0, 0
+    if not isinstance(header, dict):
+        return 0, 0
+    op, rid = header.get("op"), header.get("rid")
+    return (op if type(op) is int else 0, rid if type(rid) is int and 0 <= rid < 2**64 else 0)
+
+
+def check_reply(header: dict) -> dict:
+    """Return the reply fields, or raise the ProtocolError it carries."""
+    err = header.get("error")
+    if err is not None:
+        raise ProtocolError(ErrorCode(err.get("code", ErrorCode.UNKNOWN)), err.get("message", "unknown error"))
+    return header
+
+
+def split_frames(frames: Sequence[Any], counts: Iterable[int]) -> list[list[Any]]:
+    """Cut ``frames`` into consecutive groups of ``counts`` frames (one group per item)."""
+    out, pos = [], 0
+    for n in counts:
+        out.append(list(frames[pos:pos + n]))
+        pos += n
+    if pos != len(frames):
+        raise ProtocolError(ErrorCode.MALFORMED, f"header announces {pos} data frames but {len(frames)} came")
+    return out
+
+
+def chunks(data: bytes | memoryview, size: int = DATA_CHUNK_MAX_SIZE) -> list:
+    """Cut data into frames of at most ``size`` bytes (at least one frame, possibly empty)."""
+    mv = memoryview(data)
+    n = len(mv)
+    if n <= size:
+        return [data]
+    return [mv[i:i + size] for i in range(0, n, size)]
+
+
+# ------------------------------------------------------------------------------------------
+# Schemas: each op's request fields, checked explicitly (never with assert)
+# ------------------------------------------------------------------------------------------
+
+
+class _Type:
+    def check(self, value: Any, path: str) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def _fail(path: str, what: str, value: Any) -> ProtocolError:
+    return ProtocolError(ErrorCode.INVALID_ARGUMENT, f"field '{path}' must be {what}, got {type(value).__name__}")
+
+
+class Str(_Type):
+    def __init__(self, nonempty: bool = False):
+        self.nonempty = nonempty
+
+    def check(self, value, path):
+        if type(value) is not str:
+            raise _fail(path, "a string", value)
+        if self.nonempty and not value:
+            raise ProtocolError(ErrorCode.INVALID_ARGUMENT, f"field '{path}' must not be empty")
+
+
+class Int(_Type):
+    def __init__(self, lo: int | None = None, hi: int | None = None):
+        self.lo, self.hi = lo, hi
+
+    def check(self, value, path):
+        if type(value) is not int:
+            raise _fail(path, "an integer", value)
+        if (self.lo is not None and value < self.lo) or (self.hi is not None and value > self.hi):
+            raise ProtocolError(ErrorCode.INVALID_ARGUMENT, f"field '{path}' must be within [{self.lo}, {self.hi}], got {value}")
+
+
+class Num(_Type):
+    def check(self, value, path):
+        if type(value) not in (int, float):
+            raise _fail(path, "a number", value)
+
+
+class Bool(_Type):
+    def check(self, value, path):
+        if type(value) is not bool:
+            raise _fail(path, "a boolean", value)
+
+
+class Any_(_Type):
+    def check(self, value, path):
+        pass
+
+
+class List(_Type):
+    def __init__(self, item: _Type, max_len: int = MAX_BATCH, nonempty: bool = False):
+        self.item, self.max_len, self.nonempty = item, max_len, nonempty
+
+    def check(self, value, path):
+        if type(value) is not list:
+            raise _fail(path, "a list", value)
+        if len(value) > self.max_len:
+            raise ProtocolError(ErrorCode.INVALID_ARGUMENT, f"field '{path}' has {len(value)} items, at most {self.max_len} allowed")
+        if self.nonempty and not value:
+            raise ProtocolError(ErrorCode.INVALID_ARGUMENT, f"field '{path}' must not be empty")
+        item = self.item
+        for i, v in enumerate(value):
+            item.check(v, f"{path}[{i}]")
+
+
+class StrMap(_Type):
+    """A map of string to string (TaskOptions.options)."""
+
+    def check(self, value, path):
+        if type(value) is not dict:
+            raise _fail(path, "a map", value)
+        for k, v in value.items():
+            if type(v) is not str:
+                raise _fail(f"{path}.{k}", "a string", v)
+
+
+class Opt(_Type):
+    """The field may be nil."""
+
+    def __init__(self, inner: _Type):
+        self.inner = inner
+
+    def check(self, value, path):
+        if value is not None:
+            self.inner.check(value, path)
+
+
+class Map(_Type):
+    """A map with known fields; ``required`` ones must be there, unknown ones are refused."""
+
+    def __init__(self, required: dict[str, _Type] | None = None, optional: dict[str, _Type] | None = None):
+        self.required = required or {}
+        self.optional = optional or {}
+
+    def check(self, value, path):
+        if type(value) is not dict:
+            raise _fail(path or "header", "a map", value)
+        prefix = f"{path}." if path else ""
+        for name, typ in self.required.items():
+            if name not in value:
+                raise ProtocolError(ErrorCode.INVALID_ARGUMENT, f"missing field '{prefix}{name}'")
+            typ.check(value[name], prefix + name)
+        for name, v in value.items():
+            if name in self.required:
+                continue
+            typ = self.optional.get(name)
+            if typ is None:
+                if not path and name in ("v", "op", "rid"):
+                    continue
+                raise ProtocolError(ErrorCode.INVALID_ARGUMENT, f"unknown field '{prefix}{name}'")
+            typ.check(v, prefix + name)
+
+
+ID = Str(nonempty=True)
+IDS = List(ID)
+#: TaskOptions on the wire; every field optional because options merge (task > request > session).
+#: ``max_duration`` is in seconds.
+TASK_OPTIONS = Map(optional={
+    "max_duration": Opt(Num()),
+    "priority": Opt(Int()),
+    "max_retries": Opt(Int()),
+    "partition_id": Opt(Str()),
+    "application_name": Opt(Str()),
+    "application_version": Opt(Str()),
+    "application_namespace": Opt(Str()),
+    "application_service": Opt(Str()),
+    "engine_type": Opt(Str()),
+    "options": Opt(StrMap()),
+})
+RESULT_CREATE = Map(required={"name": Str()}, optional={"manual_deletion": Bool()})
+#: One task to create, as the client or a worker describes it.
+TASK_CREATE = Map(
+    required={"payload_id": ID, "expected_output_ids": List(ID, nonempty=True)},
+    optional={"data_dependencies": IDS, "options": Opt(TASK_OPTIONS)},
+)
+#: A filter in disjunctive normal form: OR of ANDs of [field, operator, value].
+FILTER = Opt(List(List(List(Any_(), max_len=3), max_len=64), max_len=64))
+FRAME_COUNTS = List(Int(0, 1 << 20))
+
+#: Request fields of every op a peer may send. Reply fields are documented in docs/protocol.md.
+SCHEMAS: dict[Op, Map] = {
+    Op.GET_SERVICE_CONFIG: Map(),
+    Op.CREATE_SESSION: Map(optional={"default_task_options": Opt(TASK_OPTIONS), "partition_ids": Opt(List(Str()))}),
+    Op.GET_SESSIONS: Map(required={"session_ids": IDS}),
+    Op.CANCEL_SESSIONS: Map(required={"session_ids": IDS}),
+    Op.CLOSE_SESSIONS: Map(required={"session_ids": IDS}),
+    Op.PURGE_SESSIONS: Map(required={"session_ids": IDS}),
+    Op.DELETE_SESSIONS: Map(required={"session_ids": IDS}),
+    Op.CREATE_RESULTS_METADATA: Map(required={"session_id": ID, "results": List(RESULT_CREATE)}),
+    Op.CREATE_RESULTS: Map(required={"session_id": ID, "results": List(RESULT_CREATE), "frames": FRAME_COUNTS}),
+    Op.UPLOAD_RESULT_DATA: Map(required={"session_id": ID, "result_ids": IDS, "frames": FRAME_COUNTS}),
+    Op.DOWNLOAD_RESULT_DATA: Map(required={"session_id": ID, "result_ids": IDS}),
+    Op.GET_RESULTS: Map(required={"result_ids": IDS}),
+    Op.SUBMIT_TASKS: Map(required={"session_id": ID, "tasks": List(TASK_CREATE)},
+                         optional={"task_options": Opt(TASK_OPTIONS)}),
+    Op.GET_TASKS: Map(required={"task_ids": IDS}),
+    Op.SUBSCRIBE_EVENTS: Map(required={"session_id": ID}, optional={
+        "event_types": Opt(List(Int(0, 5), max_len=8)),
+        "task_filter": FILTER,
+        "result_filter": FILTER,
+        "snapshot": Bool(),
+    }),
+    Op.UNSUBSCRIBE_EVENTS: Map(required={"subscription": Int(0)}),
+    Op.HEALTH: Map(),
+    Op.AGENT_REGISTER: Map(required={"agent_id": ID, "capacity": Int(1, 1 << 20)}, optional={
+        "partitions": List(Str()), "hostname": Str(), "pid": Int(),
+        "holding": List(List(Any_(), max_len=2)),
+    }),
+    Op.AGENT_HEARTBEAT: Map(required={"agent_id": ID}),
+    Op.FETCH_DATA: Map(required={"agent_id": ID, "session_id": ID, "result_ids": IDS}),
+    Op.TASKS_STARTED: Map(required={"agent_id": ID, "tasks": List(List(Any_(), max_len=3))}),
+    Op.TASKS_DONE: Map(required={"agent_id": ID, "tasks": List(Map(
+        required={"task_id": ID, "attempt": Int(0), "ok": Bool()},
+        optional={
+            "error": Opt(Str()),
+            "raised": Bool(),
+            "created_results": List(Map(required={"result_id": ID, "name": Str()})),
+            "results": List(Map(required={"result_id": ID, "frames": Int(0, 1 << 20)})),
+            "subtasks": List(Map(required={"task_id": ID, "payload_id": ID, "expected_output_ids": List(ID, nonempty=True)},
+                                 optional={"data_dependencies": IDS, "options": Opt(TASK_OPTIONS)})),
+            "subtask_options": Opt(TASK_OPTIONS),
+            "timestamps": Map(optional={"fetched_at": Num(), "started_at": Num(), "processed_at": Num()}),
+        },
+    ))}),
+    Op.TASKS_RELEASE: Map(required={"agent_id": ID, "tasks": List(List(Any_(), max_len=3))}),
+    Op.WORKER_READY: Map(required={"pid": Int()}),
+    Op.W_CREATE_RESULTS_METADATA: Map(required={"token": Str(), "names": List(Str())}),
+    Op.W_CREATE_RESULTS: Map(required={"token": Str(), "names": List(Str()), "frames": FRAME_COUNTS}),
+    Op.W_SEND_RESULTS: Map(required={"token": Str(), "result_ids": IDS, "frames": FRAME_COUNTS}),
+    Op.W_SUBMIT_TASKS: Map(required={"token": Str(), "tasks": List(TASK_CREATE)},
+                           optional={"task_options": Opt(TASK_OPTIONS)}),
+    # raised: the processor raised (or the worker died) instead of returning Output(error).
+    Op.W_OUTPUT: Map(required={"token": Str(), "ok": Bool()}, optional={"error": Opt(Str()), "raised": Bool()}),
+}
+
+
+def validate(header: dict, allowed: frozenset[Op] | set[Op]) -> Op:
+    """Check the op is one this endpoint serves and its fields match the schema; return the Op."""
+    raw = header["op"]
+    try:
+        op = Op(raw)
+    except ValueError:
+        raise ProtocolError(ErrorCode.UNIMPLEMENTED, f"unknown op {raw}") from None
+    if op not in allowed:
+        raise ProtocolError(ErrorCode.UNIMPLEMENTED, f"op {op.name} is not served on this endpoint")
+    SCHEMAS[op].check(header, "")
+    return op
+
+
+FRONTEND_OPS = frozenset({
+    Op.GET_SERVICE_CONFIG, Op.CREATE_SESSION, Op.GET_SESSIONS, Op.CANCEL_SESSIONS, Op.CLOSE_SESSIONS,
+    Op.PURGE_SESSIONS, Op.DELETE_SESSIONS, Op.CREATE_RESULTS_METADATA, Op.CREATE_RESULTS,
+    Op.UPLOAD_RESULT_DATA, Op.DOWNLOAD_RESULT_DATA, Op.GET_RESULTS, Op.SUBMIT_TASKS, Op.GET_TASKS,
+    Op.SUBSCRIBE_EVENTS, Op.UNSUBSCRIBE_EVENTS, Op.HEALTH,
+})
+BACKEND_OPS = frozenset({
+    Op.AGENT_REGISTER, Op.AGENT_HEARTBEAT, Op.FETCH_DATA, Op.TASKS_STARTED, Op.TASKS_DONE,
+    Op.TASKS_RELEASE, Op.HEALTH,
+})
+WORKER_OPS = frozenset({
+    Op.WORKER_READY, Op.W_CREATE_RESULTS_METADATA, Op.W_CREATE_RESULTS, Op.W_SEND_RESULTS,
+    Op.W_SUBMIT_TASKS, Op.W_OUTPUT,
+})

@@ -1,0 +1,17 @@
+"""``python -m armonik_zmq.worker``: one worker process (the agent starts these)."""
+
+import click
+
+from .runtime import main
+
+
+@click.command(help="Run one worker process connected to its agent (normally started by `armonik-zmq agent`).")
+@click.option("--agent", "agent_endpoint", required=True, help="The agent's worker endpoint (ipc://...).")
+@click.option("--processor", required=True, help="The task processor, as MODULE:FUNCTION.")
+@click.option("--identity", default="", help="Prefix of this worker's socket identity.")
+def cli(agent_endpoint: str, processor: str, identity: str) -> None:
+    main(agent_endpoint, processor, identity)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,113 @@
+"""The worker process: connect to the agent, run each task given, report its output."""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import logging
+import os
+import sys
+import traceback
+from collections import deque
+from typing import Callable
+
+import zmq
+
+from ..common import Output
+from ..protocol import Op, ProtocolError, check_reply, decode_header, request
+from .taskhandler import TaskHandler
+
+log = logging.getLogger(__name__)
+
+
+def load_processor(spec: str) -> Callable[[TaskHandler], Output]:
+    """Import ``module:function``; raise a clear error when it cannot be found."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"processor must be given as MODULE:FUNCTION, got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"cannot import processor module {module_name!r}: {exc}") from exc
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"{module_name!r} has no callable named {attr!r}")
+    return fn
+
+
+class WorkerRuntime:
+    def __init__(self, agent_endpoint: str, processor: Callable[[TaskHandler], Output], identity: str = ""):
+        self.processor = processor
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        if identity:
+            self.sock.setsockopt(zmq.IDENTITY, f"{identity}-{os.getpid()}".encode())
+        self.sock.connect(agent_endpoint)
+        self._rids = itertools.count(1)
+        #: RUN pushes that arrived while waiting for a reply (the agent queues the next task early)
+        self._runs: deque = deque()
+
+    def call(self, op: Op, data=(), **fields) -> dict:
+        """Send one request (header fields + ``data`` frames) to the agent and wait for its reply.
+
+        RUN pushes that arrive meanwhile are kept for later.
+        """
+        rid = next(self._rids)
+        self.sock.send_multipart([request(op, rid, **fields), *data], copy=False)
+        while True:
+            msg = self.sock.recv_multipart(copy=False)
+            header = decode_header(msg[0].bytes)
+            if header["op"] == Op.RUN:
+                self._runs.append((header, msg[1:]))
+                continue
+            if header["rid"] == rid:
+                try:
+                    return check_reply(header)
+                except ProtocolError as exc:
+                    raise RuntimeError(f"agent refused {op.name}: {exc}") from None
+
+    def _next_run(self):
+        if self._runs:
+            return self._runs.popleft()
+        while True:
+            msg = self.sock.recv_multipart(copy=False)
+            header = decode_header(msg[0].bytes)
+            if header["op"] == Op.RUN:
+                return header, msg[1:]
+
+    def run_one(self, header: dict, frames: list) -> None:
+        token = header["token"]
+        handler = TaskHandler(header, [f.bytes for f in frames], self.call)
+        try:
+            output = self.processor(handler)
+        except Exception:
+            # ArmoniK: an exception is not an Output: the task takes the retry path.
+            self.call(Op.W_OUTPUT, token=token, ok=False, raised=True, error=traceback.format_exc())
+            return
+        if not isinstance(output, Output):
+            self.call(Op.W_OUTPUT, token=token, ok=False, raised=True,
+                      error=f"processor returned {type(output).__name__}, expected armonik_zmq.worker.Output")
+            return
+        self.call(Op.W_OUTPUT, token=token, ok=output.success, error=output.error)
+
+    def serve(self) -> None:
+        self.call(Op.WORKER_READY, pid=os.getpid())
+        while True:
+            header, frames = self._next_run()
+            self.run_one(header, frames)
+
+
+def main(agent_endpoint: str, processor_spec: str, identity: str = "") -> None:
+    logging.basicConfig(level=os.environ.get("ARMONIK_ZMQ_LOG", "WARNING"),
+                        format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s")
+    try:
+        processor = load_processor(processor_spec)
+    except ValueError as exc:
+        print(f"armonik-zmq worker: {exc}", file=sys.stderr)
+        sys.exit(2)
+    runtime = WorkerRuntime(agent_endpoint, processor, identity)
+    try:
+        runtime.serve()
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,78 @@
+"""What a processor sees of its task, and the calls it may make to its agent while it runs."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Union
+
+from ..common import Result, Task, TaskDefinition, TaskOptions
+from ..protocol import Op, chunks
+
+
+class TaskHandler:
+    """One task run: its inputs, and the agent calls that create results, send data and submit subtasks.
+
+    Nothing sent through it is committed unless the processor returns ``Output()`` (success).
+    """
+
+    def __init__(self, header: dict, frames: list, call):
+        self._agent_call = call
+        self.token: str = header["token"]
+        self.session_id: str = header["session_id"]
+        self.task_id: str = header["task_id"]
+        self.task_options: TaskOptions = TaskOptions.from_wire(header["options"])
+        self.expected_results: List[str] = list(header["expected_output_ids"])
+        self.payload_id: str = header["payload_id"]
+        self.configuration: dict = header.get("configuration") or {}
+        self._payload = frames[0]
+        deps = header["data_dependencies"]
+        #: result id -> bytes of each data dependency (ArmoniK's ``data_dependencies``)
+        self.data_dependencies: Mapping[str, bytes] = {rid: frame for rid, frame in zip(deps, frames[1:])}
+
+    def _call(self, op: Op, data=(), **fields) -> dict:
+        """Ask the agent, on behalf of this task run (its token)."""
+        return self._agent_call(op, data, token=self.token, **fields)
+
+    @property
+    def payload(self) -> bytes:
+        return self._payload
+
+    @property
+    def _chunk(self) -> int:
+        return self.configuration.get("data_chunk_max_size", 2 * 1024 * 1024)
+
+    def send_results(self, results_data: Dict[str, Union[bytes, bytearray]]) -> None:
+        """Send the data of results (this task's expected outputs, or results it created)."""
+        ids, counts, frames = [], [], []
+        for rid, data in results_data.items():
+            parts = chunks(data, self._chunk)
+            ids.append(rid)
+            counts.append(len(parts))
+            frames.extend(parts)
+        self._call(Op.W_SEND_RESULTS, frames, result_ids=ids, frames=counts)
+
+    def create_results_metadata(self, result_names: List[str], batch_size: int = 100) -> Dict[str, Result]:
+        """Create results without data; return name -> Result."""
+        header = self._call(Op.W_CREATE_RESULTS_METADATA, (), names=list(result_names))
+        return {r["name"]: Result.from_wire(r) for r in header["results"]}
+
+    def create_results(self, results_data: Dict[str, bytes], batch_size: int = 1) -> Dict[str, Result]:
+        """Create results with their data; return name -> Result."""
+        names, counts, frames = [], [], []
+        for name, data in results_data.items():
+            parts = chunks(data, self._chunk)
+            names.append(name)
+            counts.append(len(parts))
+            frames.extend(parts)
+        header = self._call(Op.W_CREATE_RESULTS, frames, names=names, frames=counts)
+        return {r["name"]: Result.from_wire(r) for r in header["results"]}
+
+    def submit_tasks(self, tasks: List[TaskDefinition], default_task_options: Optional[TaskOptions] = None,
+                     batch_size: Optional[int] = 100) -> List[Task]:
+        """Submit subtasks; a subtask listing one of this task's expected outputs takes it over."""
+        fields = {"tasks": [t.to_wire() for t in tasks]}
+        if default_task_options is not None:
+            fields["task_options"] = default_task_options.to_wire()
+        header = self._call(Op.W_SUBMIT_TASKS, (), **fields)
+        return [Task(id=t["task_id"], session_id=self.session_id, expected_output_ids=t["expected_output_ids"],
+                     data_dependencies=t["data_dependencies"], payload_id=t["payload_id"])
+                for t in header["tasks"]]
