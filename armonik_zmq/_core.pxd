@@ -16,7 +16,7 @@ from libcpp.vector cimport vector
 cdef enum:
     PRIO_MIN = 1
     PRIO_MAX = 99
-    # A bucket per priority, indexed by the priority itself: slot 0 stays empty, which is
+    # A bucket per priority, indexed by the priority itself: bucket 0 stays empty, which is
     # cheaper than subtracting 1 on every push and pop.
     N_BUCKETS = 100
     # Bits 0..127 cover buckets 0..99, two words per partition.
@@ -50,6 +50,7 @@ cdef struct TaskRec:
     #: queue order key: back pushes count up from 0, front pushes down from -1, so within a
     #: priority the smallest key is the oldest entry across every partition
     int64_t seq
+    #: index into the partition arrays: kept small and dense by the broker
     int32_t partition
     #: agent slot holding the task while DISPATCHED, else -1
     int32_t owner
@@ -62,7 +63,9 @@ cdef struct TaskRec:
     int32_t held_next
     #: next slot in the free list while FREE and recyclable
     int32_t next_free
+    #: PRIO_MIN..PRIO_MAX, also its bucket index
     uint8_t priority
+    #: a TaskState
     uint8_t state
     #: a ready-queue entry still names this slot (maybe a dead one): the slot is not
     #: recyclable until that entry is popped
@@ -86,14 +89,18 @@ cdef struct ResultRec:
     #: waiter list, oldest registration first
     int32_t head
     int32_t tail
+    #: length of the waiter list, for free_result's message and validate()
     int32_t n_waiters
+    #: next slot in the free list while FREE
     int32_t next_free
     #: last add_task call that listed this result: dedups ``missing`` in O(1) without a set
     uint64_t stamp
+    #: a ResultState: READY and ABORTED are kept so that late or contradictory calls are caught
     uint8_t state
 
 
 cdef struct AgentRec:
+    #: most tasks it may hold at once (its credit when idle)
     int32_t capacity
     int32_t n_held
     #: held tasks, oldest dispatch first
@@ -102,6 +109,7 @@ cdef struct AgentRec:
     #: neighbours in the dispatch ring (circular, registration order)
     int32_t ring_prev
     int32_t ring_next
+    #: next slot in the free list once removed
     int32_t next_free
     uint8_t alive
 
@@ -127,6 +135,7 @@ cdef class Core:
     cdef vector[int64_t] live
     #: entries of cancelled or freed tasks still sitting in each partition's buckets
     cdef vector[int64_t] dead
+    #: partitions 0..n_partitions-1 have their arrays; grown on first use
     cdef int32_t n_partitions
 
     #: free-list heads (-1: allocate a new slot)
@@ -140,8 +149,10 @@ cdef class Core:
     #: agent that dispatch() offers a task to first; -1 only when there is no agent
     cdef int32_t cursor
 
+    #: next queue keys (see TaskRec.seq): front pushes count down so requeued tasks sort first
     cdef int64_t back_seq
     cdef int64_t front_seq
+    #: add_task call counter, for ResultRec.stamp
     cdef uint64_t stamp
 
     #: live task count by state, and their total

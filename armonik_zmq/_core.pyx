@@ -494,6 +494,8 @@ cdef class Core:
                 self.scratch.push_back(<int32_t>ri)
         self._grow_partitions(p)
         cdef size_t n = self.scratch.size()
+        if self.edges.size() + n > <size_t>INT32_MAX:
+            raise MemoryError("no dependency edge left (2**31 - 1 in use)")
         if self.edges.capacity() < self.edges.size() + n:
             self.edges.reserve(max(2 * self.edges.capacity(), self.edges.size() + n))
         cdef int32_t t

@@ -76,8 +76,10 @@ def broker(ctx, data_dir, endpoint, agents_endpoint, partitions, lease, no_sync)
               "[default: default]")
 @click.option("--window", type=click.IntRange(0, 64), default=1, show_default=True,
               help="Tasks queued at each worker beyond the running one.")
+@click.option("--prefetch", type=click.IntRange(0, 100_000), default=64, show_default=True,
+              help="Tasks held with their inputs fetched, beyond those queued at workers.")
 @click.pass_context
-def agent(ctx, broker_endpoint, workers, processor, partitions, window) -> None:
+def agent(ctx, broker_endpoint, workers, processor, partitions, window, prefetch) -> None:
     """Run an agent and its worker processes (one per node of a multi-node cluster)."""
     from .agent import Agent
     from .worker.runtime import load_processor
@@ -88,7 +90,7 @@ def agent(ctx, broker_endpoint, workers, processor, partitions, window) -> None:
     except ValueError as exc:
         raise click.ClickException(str(exc))
     server = Agent(AgentConfig(broker=broker_endpoint, workers=workers, processor=processor,
-                               partitions=_partitions(partitions), window=window))
+                               partitions=_partitions(partitions), window=window, prefetch=prefetch))
     server.install_signal_handlers()
     server.run()
 

@@ -30,7 +30,8 @@ class LocalProcesses:
 
     def __init__(self, data_dir: Optional[str] = None, endpoint: Optional[str] = None,
                  agents_endpoint: Optional[str] = None, workers: int = 2, processor: str = DEFAULT_PROCESSOR,
-                 log_level: str = "WARNING", lease: Optional[float] = None, env: Optional[dict] = None):
+                 log_level: str = "WARNING", lease: Optional[float] = None, env: Optional[dict] = None,
+                 broker_args: tuple[str, ...] = ()):
         self._tmp = tempfile.mkdtemp(prefix="armonik-zmq-")
         self.data_dir = data_dir or os.path.join(self._tmp, "data")
         self.endpoint = endpoint or f"ipc://{self._tmp}/frontend"
@@ -40,6 +41,8 @@ class LocalProcesses:
         self.log_level = log_level
         self.lease = lease
         self.env = {**os.environ, **(env or {})}
+        #: extra options for `armonik-zmq broker` (e.g. --no-sync)
+        self.broker_args = list(broker_args)
         self.broker: Optional[subprocess.Popen] = None
         self.agent: Optional[subprocess.Popen] = None
 
@@ -48,6 +51,7 @@ class LocalProcesses:
                 "--agents-endpoint", self.agents_endpoint]
         if self.lease is not None:
             args += ["--lease", str(self.lease)]
+        args += self.broker_args
         self.broker = subprocess.Popen(_cli(*args), env=self.env)
         return self.broker
 

@@ -53,6 +53,9 @@ class AgentConfig:
     partitions: tuple[str, ...] = (DEFAULT_PARTITION,)
     #: tasks queued at each worker beyond the running one, so a worker never waits for the next
     window: int = 1
+    #: tasks held (inputs fetched) beyond those queued at workers: one broker round trip then moves
+    #: this many tasks instead of a handful, which is what keeps short tasks flowing
+    prefetch: int = 64
     agent_id: str = ""
     #: seconds between re-registration attempts when the broker does not answer (capped backoff)
     reconnect_max: float = 2.0

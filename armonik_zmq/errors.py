@@ -65,6 +65,10 @@ class BrokerUnavailableError(ArmoniKZmqError, TimeoutError):
     code = ErrorCode.UNAVAILABLE
 
 
+class ConnectionLostError(BrokerUnavailableError):
+    """The connection to the broker dropped: the broker forgot this client's subscriptions."""
+
+
 _BY_CODE = {cls.code: cls for cls in (
     InvalidArgumentError, NotFoundError, FailedPreconditionError, AbortedError, PermissionDeniedError,
     ResourceExhaustedError, UnimplementedError, MalformedError, StaleAttemptError, BrokerUnavailableError,

@@ -363,8 +363,9 @@ TASK_CREATE = Map(
     required={"payload_id": ID, "expected_output_ids": List(ID, nonempty=True)},
     optional={"data_dependencies": IDS, "options": Opt(TASK_OPTIONS)},
 )
-#: A filter in disjunctive normal form: OR of ANDs of [field, operator, value].
-FILTER = Opt(List(List(List(Any_(), max_len=3), max_len=64), max_len=64))
+#: A filter in disjunctive normal form: OR of ANDs of [field, operator, value]. Many OR clauses are
+#: normal (waiting on many results names each one); an AND clause has few terms.
+FILTER = Opt(List(List(List(Any_(), max_len=3), max_len=64), max_len=MAX_BATCH))
 FRAME_COUNTS = List(Int(0, 1 << 20))
 
 #: Request fields of every op a peer may send. Reply fields are documented in docs/protocol.md.
@@ -420,7 +421,9 @@ SCHEMAS: dict[Op, Map] = {
     Op.W_SUBMIT_TASKS: Map(required={"token": Str(), "tasks": List(TASK_CREATE)},
                            optional={"task_options": Opt(TASK_OPTIONS)}),
     # raised: the processor raised (or the worker died) instead of returning Output(error).
-    Op.W_OUTPUT: Map(required={"token": Str(), "ok": Bool()}, optional={"error": Opt(Str()), "raised": Bool()}),
+    # result_ids/frames: result data kept back by send_results until the output (small data, one message).
+    Op.W_OUTPUT: Map(required={"token": Str(), "ok": Bool()}, optional={
+        "error": Opt(Str()), "raised": Bool(), "result_ids": IDS, "frames": FRAME_COUNTS}),
 }
 
 

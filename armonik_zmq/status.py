@@ -1,7 +1,7 @@
 """ArmoniK's statuses (same names and numbers) and the one table of legal task transitions.
 
 The numbers are part of the wire protocol and of the LMDB rows: never renumber them.
-``_core.pyx`` repeats the task numbers it needs; ``tests/test_constants.py`` proves they match.
+The Cython core has states of its own (waiting, queued, dispatched); only the broker speaks these.
 """
 
 from __future__ import annotations

@@ -228,3 +228,9 @@ def test_invalid_requests_name_the_problem(api):
         api.sessions.create_session(api.options, partition_ids=["nope"])
     # nothing of the refused submissions was written: the output still has no owner
     assert api.results.get_result(out.result_id).owner_task_id == ""
+
+
+def test_waiting_on_an_unknown_result_fails_at_once(api):
+    session_id = api.session()
+    with pytest.raises(NotFoundError, match="no-such-result"):
+        api.events.wait_for_result_availability(["no-such-result"], session_id)

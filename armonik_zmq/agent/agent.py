@@ -66,7 +66,7 @@ class Agent:
         self.config = config
         self.agent_id = config.agent_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.hostname = socket.gethostname()
-        self.capacity = config.workers * (1 + config.window)
+        self.capacity = config.workers * (1 + config.window) + config.prefetch
         self.ctx = zmq.Context()
         self._sockdir = tempfile.mkdtemp(prefix="armonik-zmq-agent-")  # mkdtemp makes it 0700
         self.worker_endpoint = f"ipc://{self._sockdir}/workers"
@@ -311,11 +311,7 @@ class Agent:
                              "opaque_id": b"", "manual_deletion": False})
             return [reply_ok(op, rid, results=rows)]
         if op == Op.W_SEND_RESULTS:
-            if len(h["frames"]) != len(h["result_ids"]):
-                raise ProtocolError(ErrorCode.INVALID_ARGUMENT, "'frames' must have one count per result id")
-            for result_id, group in zip(h["result_ids"], split_frames(frames, h["frames"])):
-                task.results.append({"result_id": result_id, "frames": len(group)})
-                task.result_frames.extend(group)
+            self._keep_results(task, h, frames)
             return [reply_ok(op, rid)]
         if op == Op.W_SUBMIT_TASKS:
             infos = []
@@ -329,9 +325,20 @@ class Agent:
                 infos.append({k: sub[k] for k in ("task_id", "payload_id", "data_dependencies", "expected_output_ids")})
             return [reply_ok(op, rid, tasks=infos)]
         if op == Op.W_OUTPUT:
+            if "result_ids" in h:
+                self._keep_results(task, h, frames)
             self._finish(task, h["ok"], h.get("error"), h.get("raised", False))
             return [reply_ok(op, rid)]
         raise ProtocolError(ErrorCode.UNIMPLEMENTED, f"op {op.name} is not served by the agent")
+
+    @staticmethod
+    def _keep_results(task: LocalTask, h: dict, frames: list) -> None:
+        """Buffer result data until the task's completion report."""
+        if len(h.get("frames", ())) != len(h["result_ids"]):
+            raise ProtocolError(ErrorCode.INVALID_ARGUMENT, "'frames' must have one count per result id")
+        for result_id, group in zip(h["result_ids"], split_frames(frames, h["frames"])):
+            task.results.append({"result_id": result_id, "frames": len(group)})
+            task.result_frames.extend(group)
 
     def _finish(self, task: LocalTask, ok: bool, error: Optional[str], raised: bool) -> None:
         """Turn the worker's output into a completion report; start the worker's next task."""

@@ -50,6 +50,29 @@ def matches(dnf: Optional[list], row: dict) -> bool:
     return False
 
 
+class Filter:
+    """A checked filter, compiled: ``field eq a OR field eq b OR ...`` (what waiting on results sends) is a set lookup."""
+
+    __slots__ = ("dnf", "field", "values")
+
+    def __init__(self, dnf: Optional[list], name: str):
+        check_filter(dnf, name)
+        self.dnf = dnf or None
+        self.field: Optional[str] = None
+        self.values: Optional[frozenset] = None
+        if dnf and all(len(c) == 1 and c[0][1] == "eq" and c[0][0] == dnf[0][0][0] for c in dnf):
+            try:
+                self.values = frozenset(c[0][2] for c in dnf)
+                self.field = dnf[0][0][0]
+            except TypeError:  # unhashable values: evaluate term by term
+                self.values = None
+
+    def __call__(self, row: dict) -> bool:
+        if self.values is not None:
+            return row.get(self.field) in self.values
+        return matches(self.dnf, row)
+
+
 class Subscription:
     __slots__ = ("rid", "peer", "session_id", "types", "task_filter", "result_filter", "pending")
 
@@ -73,8 +96,8 @@ class EventBus:
         self.dirty: list[Subscription] = []
 
     def subscribe(self, peer: bytes, rid: int, session_id: str, types, task_filter, result_filter) -> Subscription:
-        check_filter(task_filter, "task_filter")
-        check_filter(result_filter, "result_filter")
+        task_filter = Filter(task_filter, "task_filter")
+        result_filter = Filter(result_filter, "result_filter")
         wanted = frozenset(EventTypes(t) for t in (types or ()) if t) or frozenset(_E) - {_E.UNSPECIFIED}
         sub = Subscription(rid, peer, session_id, wanted, task_filter, result_filter)
         self.unsubscribe(peer, rid)
@@ -109,7 +132,7 @@ class EventBus:
         for sub in self.by_session.get(session_id, ()):
             if etype not in sub.types:
                 continue
-            if not matches(sub.task_filter if is_task else sub.result_filter, row):
+            if not (sub.task_filter if is_task else sub.result_filter)(row):
                 continue
             if not sub.pending:
                 self.dirty.append(sub)

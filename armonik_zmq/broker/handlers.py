@@ -265,8 +265,9 @@ class Handlers:
                 for field, op, value in clause:
                     if field == "result_id" and op == "eq" and isinstance(value, str):
                         row = txn.get_result(value)
-                        if row is not None and row["session_id"] == sid:
-                            self.state.events.snapshot(sub, row)
+                        if row is None or row["session_id"] != sid:
+                            row = {"result_id": value, "status": int(ResultStatus.NOTFOUND)}
+                        self.state.events.snapshot(sub, row)
 
     def handle_unsubscribe_events(self: "Broker", req: "Request", txn: Txn) -> None:
         if not self.state.events.unsubscribe(req.peer, req.header["subscription"]):

@@ -20,7 +20,8 @@ from ..common import (
     TaskStatusUpdateEvent,
 )
 from ..status import EventTypes, ResultStatus, SessionStatus, TaskStatus
-from .connection import Connection, ConnectionLostError, Subscription, connect
+from ..errors import ConnectionLostError
+from .connection import Connection, Subscription, connect
 from .events import ArmoniKEvents
 from .results import ArmoniKResults
 from .sessions import ArmoniKSessions

@@ -24,7 +24,7 @@ from ..common import event_from_wire
 from ..config import default_endpoint
 from ..protocol import ErrorCode, Op
 
-__all__ = ["Connection", "ConnectionLostError", "Subscription", "connect"]
+__all__ = ["Connection", "Subscription", "connect"]
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +38,6 @@ _HEARTBEAT_TIMEOUT = 6_000
 #: Put in a subscription's queue to wake a reader blocked on it (an empty batch of events).
 _WAKE: tuple = ()
 _instances = itertools.count(1)
-
-
-class ConnectionLostError(errors.BrokerUnavailableError):
-    """The connection to the broker dropped: the broker forgot this client's subscriptions."""
 
 
 def connect(endpoint: Optional[str] = None, *, timeout: float = 30.0) -> "Connection":
@@ -115,21 +111,6 @@ class Connection:
         ``frames`` and ``counts`` are as in ``call``.
         """
         return self._submit(op, _with_counts(fields, frames, counts), frames)[1]
-
-    def _call_many(self, op: Op, requests: Iterable[tuple[dict, Sequence[Any]]],
-                   timeout: Optional[float] = None) -> list[tuple[dict, list]]:
-        """Send every request before awaiting the first reply (pipelined, applied in order); return the replies.
-
-        ``timeout`` bounds the wait of each reply once the previous one arrived.
-        """
-        sent = [self._submit(op, fields, frames) for fields, frames in requests]
-        try:
-            return [self._wait(op, rid, fut, timeout) for rid, fut in sent]
-        except BaseException:
-            with self._lock:  # nobody will read the other replies
-                for rid, _ in sent:
-                    self._pending.pop(rid, None)
-            raise
 
     def subscribe(self, session_id: str, event_types: Optional[Iterable[int]] = None,
                   task_filter: Optional[list] = None, result_filter: Optional[list] = None,
@@ -206,6 +187,21 @@ class Connection:
             # copy=False: bulk frames reach the DEALER without being copied (small ones are, by pyzmq).
             self._push.send_multipart([header, *frames], copy=False)
         return rid, fut
+
+    def _call_many(self, op: Op, requests: Iterable[tuple[dict, Sequence[Any]]],
+                   timeout: Optional[float] = None) -> list[tuple[dict, list]]:
+        """Send every request before awaiting the first reply (pipelined, applied in order); return the replies.
+
+        ``timeout`` bounds the wait of each reply once the previous one arrived.
+        """
+        sent = [self._submit(op, fields, frames) for fields, frames in requests]
+        try:
+            return [self._wait(op, rid, fut, timeout) for rid, fut in sent]
+        except BaseException:
+            with self._lock:  # nobody will read the other replies
+                for rid, _ in sent:
+                    self._pending.pop(rid, None)
+            raise
 
     def _wait(self, op: Op, rid: int, fut: Future, timeout: Optional[float]) -> tuple[dict, list]:
         """Return the reply of ``fut``, or raise its error, or ``BrokerUnavailableError`` on timeout."""
@@ -387,7 +383,7 @@ class Connection:
                     subs = list(self._subs.values())
                     self._subs.clear()
                 for sub in subs:
-                    sub._queue.put(ConnectionLostError(
+                    sub._queue.put(errors.ConnectionLostError(
                         f"the connection to the broker at {self.endpoint} was lost: events may have been missed; "
                         f"subscribe again"))
 

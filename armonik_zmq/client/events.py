@@ -9,7 +9,9 @@ from typing import Any, Callable, Iterable, List, Optional, Union
 from .. import protocol
 from ..common import NewResultEvent, ResultStatusUpdateEvent
 from ..status import EventTypes, ResultStatus
-from .connection import Connection, ConnectionLostError, Subscription
+from ..errors import NotFoundError
+from ..errors import ConnectionLostError
+from .connection import Connection, Subscription
 
 __all__ = ["ArmoniKEvents"]
 
@@ -70,7 +72,7 @@ class ArmoniKEvents:
         Args:
             result_ids: the result id(s).
             session_id: the session of the results.
-            bucket_size: results per subscription (at most the wire's filter limit, 64).
+            bucket_size: results per subscription (at most the wire's filter limit, 100,000).
             parallelism: subscriptions followed at once.
         """
         if isinstance(result_ids, str):
@@ -124,6 +126,9 @@ class ArmoniKEvents:
                             return
                     elif event.status == ResultStatus.ABORTED:
                         raise RuntimeError(f"Result {event.result_id} has been aborted.")
+                    elif event.status == ResultStatus.NOTFOUND:
+                        raise NotFoundError(f"Result {event.result_id} not found in session {session_id}: "
+                                            f"nothing to wait for")
                 return  # closed by _Stop: another bucket failed
             except ConnectionLostError:
                 continue  # the broker forgot the subscription: the new one's snapshot catches up

@@ -48,33 +48,48 @@ class WorkerRuntime:
         #: RUN pushes that arrived while waiting for a reply (the agent queues the next task early)
         self._runs: deque = deque()
 
+    def send(self, op: Op, data=(), **fields) -> int:
+        rid = next(self._rids)
+        self.sock.send_multipart([request(op, rid, **fields), *data], copy=False)
+        return rid
+
     def call(self, op: Op, data=(), **fields) -> dict:
         """Send one request (header fields + ``data`` frames) to the agent and wait for its reply.
 
         RUN pushes that arrive meanwhile are kept for later.
         """
-        rid = next(self._rids)
-        self.sock.send_multipart([request(op, rid, **fields), *data], copy=False)
+        rid = self.send(op, data, **fields)
         while True:
-            msg = self.sock.recv_multipart(copy=False)
-            header = decode_header(msg[0].bytes)
-            if header["op"] == Op.RUN:
-                self._runs.append((header, msg[1:]))
+            header, frames = self._receive()
+            if header is None:
                 continue
-            if header["rid"] == rid:
+            if header["op"] == Op.RUN:
+                self._runs.append((header, frames))
+            elif header["rid"] == rid:
                 try:
                     return check_reply(header)
                 except ProtocolError as exc:
                     raise RuntimeError(f"agent refused {op.name}: {exc}") from None
 
+    def _receive(self):
+        msg = self.sock.recv_multipart(copy=False)
+        try:
+            header = decode_header(msg[0].bytes)
+        except ProtocolError as exc:
+            log.error("undecodable message from the agent ignored: %s", exc)
+            return None, []
+        if header["op"] == Op.W_OUTPUT and "error" in header:
+            # Outputs are not waited for (the next task starts at once), so their refusals surface here.
+            log.error("agent refused an output: %s", header["error"].get("message"))
+        return header, msg[1:]
+
     def _next_run(self):
         if self._runs:
             return self._runs.popleft()
         while True:
-            msg = self.sock.recv_multipart(copy=False)
-            header = decode_header(msg[0].bytes)
-            if header["op"] == Op.RUN:
-                return header, msg[1:]
+            header, frames = self._receive()
+            if header is not None and header["op"] == Op.RUN:
+                return header, frames
 
     def run_one(self, header: dict, frames: list) -> None:
         token = header["token"]
@@ -83,13 +98,14 @@ class WorkerRuntime:
             output = self.processor(handler)
         except Exception:
             # ArmoniK: an exception is not an Output: the task takes the retry path.
-            self.call(Op.W_OUTPUT, token=token, ok=False, raised=True, error=traceback.format_exc())
+            self.send(Op.W_OUTPUT, token=token, ok=False, raised=True, error=traceback.format_exc())
             return
         if not isinstance(output, Output):
-            self.call(Op.W_OUTPUT, token=token, ok=False, raised=True,
+            self.send(Op.W_OUTPUT, token=token, ok=False, raised=True,
                       error=f"processor returned {type(output).__name__}, expected armonik_zmq.worker.Output")
             return
-        self.call(Op.W_OUTPUT, token=token, ok=output.success, error=output.error)
+        fields, frames = handler.output_message() if output.success else ({}, [])
+        self.send(Op.W_OUTPUT, frames, token=token, ok=output.success, error=output.error, **fields)
 
     def serve(self) -> None:
         self.call(Op.WORKER_READY, pid=os.getpid())

@@ -7,6 +7,9 @@ from typing import Dict, List, Mapping, Optional, Union
 from ..common import Result, Task, TaskDefinition, TaskOptions
 from ..protocol import Op, chunks
 
+#: send_results data below this size waits for the task's output message (one message per short task)
+SEND_NOW_THRESHOLD = 64 * 1024
+
 
 class TaskHandler:
     """One task run: its inputs, and the agent calls that create results, send data and submit subtasks.
@@ -27,6 +30,8 @@ class TaskHandler:
         deps = header["data_dependencies"]
         #: result id -> bytes of each data dependency (ArmoniK's ``data_dependencies``)
         self.data_dependencies: Mapping[str, bytes] = {rid: frame for rid, frame in zip(deps, frames[1:])}
+        #: small results kept for the output message
+        self._kept: Dict[str, bytes] = {}
 
     def _call(self, op: Op, data=(), **fields) -> dict:
         """Ask the agent, on behalf of this task run (its token)."""
@@ -41,14 +46,35 @@ class TaskHandler:
         return self.configuration.get("data_chunk_max_size", 2 * 1024 * 1024)
 
     def send_results(self, results_data: Dict[str, Union[bytes, bytearray]]) -> None:
-        """Send the data of results (this task's expected outputs, or results it created)."""
+        """Send the data of results (this task's expected outputs, or results it created).
+
+        Small data travels with the task's output; nothing is committed before the output anyway.
+        """
+        big = {}
+        for rid, data in results_data.items():
+            if len(data) < SEND_NOW_THRESHOLD:
+                self._kept[rid] = data
+            else:
+                big[rid] = data
+        if big:
+            ids, counts, frames = self._framed(big)
+            self._call(Op.W_SEND_RESULTS, frames, result_ids=ids, frames=counts)
+
+    def _framed(self, results_data: Dict[str, bytes]) -> tuple[list, list, list]:
         ids, counts, frames = [], [], []
         for rid, data in results_data.items():
             parts = chunks(data, self._chunk)
             ids.append(rid)
             counts.append(len(parts))
             frames.extend(parts)
-        self._call(Op.W_SEND_RESULTS, frames, result_ids=ids, frames=counts)
+        return ids, counts, frames
+
+    def output_message(self) -> tuple[dict, list]:
+        """Header fields and data frames of the kept results, for the output message."""
+        if not self._kept:
+            return {}, []
+        ids, counts, frames = self._framed(self._kept)
+        return {"result_ids": ids, "frames": counts}, frames
 
     def create_results_metadata(self, result_names: List[str], batch_size: int = 100) -> Dict[str, Result]:
         """Create results without data; return name -> Result."""
@@ -57,12 +83,7 @@ class TaskHandler:
 
     def create_results(self, results_data: Dict[str, bytes], batch_size: int = 1) -> Dict[str, Result]:
         """Create results with their data; return name -> Result."""
-        names, counts, frames = [], [], []
-        for name, data in results_data.items():
-            parts = chunks(data, self._chunk)
-            names.append(name)
-            counts.append(len(parts))
-            frames.extend(parts)
+        names, counts, frames = self._framed(results_data)
         header = self._call(Op.W_CREATE_RESULTS, frames, names=names, frames=counts)
         return {r["name"]: Result.from_wire(r) for r in header["results"]}
 

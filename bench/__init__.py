@@ -1,0 +1,1 @@
+"""Benchmarks: each prints a table and writes JSON (bench/results/<name>.json by default)."""

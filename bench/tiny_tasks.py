@@ -1,0 +1,80 @@
+"""Tiny tasks: N no-op tasks submitted in bulk through the ArmoniK-style API, every result gathered.
+
+    python -m bench.tiny_tasks --tasks 20000 --workers 2
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from datetime import timedelta
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from armonik_zmq.client import (ArmoniKEvents, ArmoniKResults, ArmoniKSessions, ArmoniKTasks, TaskDefinition,
+                                TaskOptions, connect)
+from armonik_zmq.cluster import LocalProcesses
+from armonik_zmq.worker import Output
+
+from .common import bench_env, write_json
+
+
+def noop(task_handler) -> Output:
+    """Write an empty result."""
+    task_handler.send_results({task_handler.expected_results[0]: b""})
+    return Output()
+
+
+def run_once(endpoint: str, n: int) -> dict:
+    with connect(endpoint, timeout=120) as conn:
+        sessions, results, tasks, events = (ArmoniKSessions(conn), ArmoniKResults(conn), ArmoniKTasks(conn),
+                                            ArmoniKEvents(conn))
+        session_id = sessions.create_session(TaskOptions(max_duration=timedelta(minutes=10), priority=1, max_retries=1))
+        started = time.perf_counter()
+        payload = results.create_results({"payload": b""}, session_id)["payload"].result_id
+        outputs = results.create_results_metadata([f"o{i}" for i in range(n)], session_id, batch_size=n)
+        out_ids = [outputs[f"o{i}"].result_id for i in range(n)]
+        submitted_at = time.perf_counter()
+        tasks.submit_tasks(session_id, [TaskDefinition(payload_id=payload, expected_output_ids=[o]) for o in out_ids],
+                           chunk_size=n)
+        submit_done = time.perf_counter()
+        events.wait_for_result_availability(out_ids, session_id, bucket_size=n)
+        done = time.perf_counter()
+        sessions.close_session(session_id)
+    return {"tasks": n, "seconds": done - started, "tasks_per_s": n / (done - started),
+            "submit_tasks_per_s": n / (submit_done - submitted_at)}
+
+
+@click.command()
+@click.option("--tasks", "n", default=20_000, show_default=True, help="Tasks per run.")
+@click.option("--workers", default=2, show_default=True, help="Worker processes.")
+@click.option("--runs", default=3, show_default=True, help="Runs; the median is reported.")
+@click.option("--no-sync", is_flag=True, help="Broker without fsync (fast mode).")
+@click.option("--json", "json_path", default="", help="Where to write the JSON (default bench/results/tiny_tasks.json).")
+def main(n: int, workers: int, runs: int, no_sync: bool, json_path: str) -> None:
+    """Measure tiny-task throughput end to end (client -> broker -> agent -> workers -> client)."""
+    console = Console()
+    cluster = LocalProcesses(workers=workers, processor="bench.tiny_tasks:noop", env=bench_env(),
+                             broker_args=["--no-sync"] if no_sync else [])
+    with cluster:
+        rows = []
+        for i in range(runs):
+            with console.status(f"run {i + 1}/{runs}: {n} tasks on {workers} workers..."):
+                rows.append(run_once(cluster.endpoint, n))
+    table = Table(title=f"tiny tasks: {n} no-op tasks, {workers} workers, durable={'no' if no_sync else 'yes'}")
+    for col in ("run", "seconds", "tasks/s", "submit tasks/s"):
+        table.add_column(col, justify="right")
+    for i, r in enumerate(rows):
+        table.add_row(str(i + 1), f"{r['seconds']:.3f}", f"{r['tasks_per_s']:,.0f}", f"{r['submit_tasks_per_s']:,.0f}")
+    median = statistics.median(r["tasks_per_s"] for r in rows)
+    table.add_row("median", "", f"{median:,.0f}", f"{statistics.median(r['submit_tasks_per_s'] for r in rows):,.0f}")
+    console.print(table)
+    path = write_json(json_path, "tiny_tasks", {"median_tasks_per_s": median, "runs": rows},
+                      {"tasks": n, "workers": workers, "sync": not no_sync})
+    console.print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
