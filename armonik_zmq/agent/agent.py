@@ -84,6 +84,8 @@ class Agent:
         self._started: list = []
         self._done: list[tuple[dict, list]] = []
         self._released: list = []
+        #: reports sent but not acknowledged, by rid: sent again if the broker forgets us
+        self._unacked: dict[int, tuple[str, list]] = {}
         self.registered = False
         self._running = False
         self._last_heard = time.monotonic()
@@ -109,13 +111,18 @@ class Agent:
         self.poller.register(self.broker, zmq.POLLIN)
         self._pending.clear()
         self.registered = False
+        # Whatever the old socket had not had acknowledged goes out again on the new one.
+        for kind, items in self._unacked.values():
+            (self._done if kind == "done" else self._released).extend(items)
+        self._unacked.clear()
 
-    def _call(self, op: Op, data=(), on_reply: Optional[Callable[[dict, list], None]] = None, **fields) -> None:
+    def _call(self, op: Op, data=(), on_reply: Optional[Callable[[dict, list], None]] = None, **fields) -> int:
         """Send a request (header fields + ``data`` frames) to the broker; ``on_reply`` gets its reply."""
         rid = next(self._rids)
         if on_reply is not None:
             self._pending[rid] = on_reply
         self.broker.send_multipart([request(op, rid, agent_id=self.agent_id, **fields), *data], copy=False)
+        return rid
 
     def _register(self) -> None:
         mono = time.monotonic()
@@ -151,10 +158,12 @@ class Agent:
         err = header.get("error")
         if err is not None:
             if err.get("code") == ErrorCode.UNKNOWN_AGENT:
-                log.warning("broker does not know this agent (restarted?): registering again")
-                self._next_register = 0.0
-                self.registered = False
+                if self.registered:
+                    log.warning("broker does not know this agent (restarted?): registering again")
+                    self._next_register = 0.0
+                    self.registered = False
                 return
+            self._unacked.pop(header["rid"], None)  # refused for good: sending it again would not help
             log.error("broker refused %s: [%s] %s", Op(header["op"]).name if header["op"] in Op._value2member_map_ else header["op"],
                       err.get("code"), err.get("message"))
             if header["op"] == Op.FETCH_DATA and callback is not None:
@@ -168,6 +177,14 @@ class Agent:
     def _on_dispatch(self, header: dict, frames: list) -> None:
         groups = split_frames(frames, header["frames"])
         for msg, data in zip(header["tasks"], groups):
+            held = self.tasks.get(msg["task_id"])
+            if held is not None:
+                # A restarted broker gave us back a task we are still running: keep running it, under
+                # the new attempt, so that our report is the one the broker now expects.
+                log.info("task %s dispatched again (attempt %d): still running it here", held.task_id, msg["attempt"])
+                held.attempt = msg["attempt"]
+                held.msg = msg
+                continue
             task = LocalTask(msg)
             self.tasks[task.task_id] = task
             for rid, frame in zip(msg["inline"], data):
@@ -389,14 +406,17 @@ class Agent:
             self._call(Op.TASKS_STARTED, tasks=self._started)
             self._started = []
         if self._released:
-            self._call(Op.TASKS_RELEASE, tasks=self._released)
-            self._released = []
+            released, self._released = self._released, []
+            rid = self._call(Op.TASKS_RELEASE, on_reply=self._on_ack, tasks=released)
+            self._unacked[rid] = ("released", released)
         if self._done:
             done, self._done = self._done, []
             frames = [f for _, fs in done for f in fs]
-            self._call(Op.TASKS_DONE, frames, on_reply=self._on_done_ack, tasks=[c for c, _ in done])
+            rid = self._call(Op.TASKS_DONE, frames, on_reply=self._on_ack, tasks=[c for c, _ in done])
+            self._unacked[rid] = ("done", done)
 
-    def _on_done_ack(self, header: dict, frames: list) -> None:
+    def _on_ack(self, header: dict, frames: list) -> None:
+        self._unacked.pop(header["rid"], None)
         for task_id, code, message in header.get("refused", ()):
             self.stats["refused"] += 1
             log.warning("broker refused the report of task %s: [%s] %s", task_id, ErrorCode(code).name, message)
