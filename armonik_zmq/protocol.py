@@ -395,7 +395,6 @@ SCHEMAS: dict[Op, Map] = {
     Op.HEALTH: Map(),
     Op.AGENT_REGISTER: Map(required={"agent_id": ID, "capacity": Int(1, 1 << 20)}, optional={
         "partitions": List(Str()), "hostname": Str(), "pid": Int(),
-        "holding": List(List(Any_(), max_len=2)),
     }),
     Op.AGENT_HEARTBEAT: Map(required={"agent_id": ID}),
     Op.FETCH_DATA: Map(required={"agent_id": ID, "session_id": ID, "result_ids": IDS}),

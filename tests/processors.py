@@ -26,9 +26,12 @@ def processor(task_handler) -> Output:
         task_handler.submit_tasks([TaskDefinition(payload_id=child_payload.result_id, expected_output_ids=[out],
                                                   data_dependencies=[meta.result_id])])
         return Output()
+    if op == "crash":
+        os._exit(3)
     if op == "raise":
         raise ValueError("raised on purpose")
     if op == "pid":
+        time.sleep(payload.get("sleep", 0))
         task_handler.send_results({out: json.dumps(os.getpid()).encode()})
         return Output()
     if op == "concat-deps":

@@ -37,3 +37,37 @@ def test_demo_runs_its_own_cluster():
     for expected in ("fan-out: 10 tasks", "summed them to 285", "delayed upload: task waited PENDING",
                      "took over its output = 30", "has been aborted", "demo finished"):
         assert expected in out.stdout, out.stdout
+
+
+def test_up_serves_the_demo_and_stops_cleanly_on_sigterm(tmp_path):
+    import os
+    import signal
+    import socket
+    import time
+
+    def free_port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    endpoint, agents = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    up = subprocess.Popen([sys.executable, "-m", "armonik_zmq", "--log-level", "WARNING", "up", "--data-dir",
+                           str(tmp_path / "data"), "--endpoint", endpoint, "--agents-endpoint", agents,
+                           "--workers", "2"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        demo = None
+        while time.monotonic() < deadline:
+            demo = subprocess.run([sys.executable, "-m", "armonik_zmq", "demo", "--endpoint", endpoint, "--tasks", "5"],
+                                  capture_output=True, text=True, timeout=120)
+            if demo.returncode == 0:
+                break
+            time.sleep(0.5)
+        assert demo is not None and demo.returncode == 0, demo.stdout + demo.stderr
+        assert "demo finished" in demo.stdout
+        assert os.path.isdir(tmp_path / "data")
+    finally:
+        up.send_signal(signal.SIGTERM)
+        _, err = up.communicate(timeout=60)
+    assert up.returncode == 0, err
+    assert "stopping the cluster" in err

@@ -234,3 +234,18 @@ def test_waiting_on_an_unknown_result_fails_at_once(api):
     session_id = api.session()
     with pytest.raises(NotFoundError, match="no-such-result"):
         api.events.wait_for_result_availability(["no-such-result"], session_id)
+
+
+def test_worker_death_fails_its_task_and_is_replaced(api):
+    session_id = api.session()
+    task, (out,) = api.submit(session_id, {"op": "crash"})
+    with pytest.raises(RuntimeError, match="aborted"):
+        api.events.wait_for_result_availability(out, session_id)
+    row = api.tasks.get_task(task.id)
+    assert row.status == TaskStatus.ERROR and "died (exit code 3)" in row.status_message
+    # the pool is whole again: tasks running side by side land on two live worker processes
+    outs = [api.submit(session_id, {"op": "pid", "sleep": 0.3})[1][0] for _ in range(4)]
+    pids = {api.value(session_id, o) for o in outs}
+    assert len(pids) == 2
+    _, (o,) = api.submit(session_id, {"op": "square", "x": 4})
+    assert api.value(session_id, o) == 16

@@ -45,6 +45,7 @@ class WorkerRuntime:
             self.sock.setsockopt(zmq.IDENTITY, f"{identity}-{os.getpid()}".encode())
         self.sock.connect(agent_endpoint)
         self._rids = itertools.count(1)
+        self._agent_pid = os.getppid()
         #: RUN pushes that arrived while waiting for a reply (the agent queues the next task early)
         self._runs: deque = deque()
 
@@ -72,7 +73,15 @@ class WorkerRuntime:
                     raise RuntimeError(f"agent refused {op.name}: {exc}") from None
 
     def _receive(self):
-        msg = self.sock.recv_multipart(copy=False)
+        try:
+            msg = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            # Nothing yet: wait, but notice when the agent died (we were re-parented), so that a
+            # SIGKILLed agent leaves no orphan workers behind.
+            while not self.sock.poll(1000):
+                if os.getppid() != self._agent_pid:
+                    raise SystemExit("the agent is gone: worker exiting")
+            msg = self.sock.recv_multipart(copy=False)
         try:
             header = decode_header(msg[0].bytes)
         except ProtocolError as exc:
