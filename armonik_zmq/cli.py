@@ -7,13 +7,16 @@ import os
 import signal
 import sys
 import time
+from typing import Optional
 
 import click
 
 from .config import (DEFAULT_AGENTS_ENDPOINT, DEFAULT_PARTITION, DEFAULT_PROCESSOR, AgentConfig, BrokerConfig,
-                     default_endpoint)
+                     default_endpoint, load_partitions)
 
 LOG_LEVELS = click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False)
+OBJECT_STORAGE_HELP = ("A directory of existing objects that clients may import as result data "
+                       "(import_data: opaque ids are paths relative to it). The broker reads, never deletes, them.")
 
 
 def _setup_logging(level: str, who: str) -> None:
@@ -38,6 +41,17 @@ def _partitions(values: tuple[str, ...]) -> tuple[str, ...]:
     return parts or (DEFAULT_PARTITION,)
 
 
+def _configured_partitions(config_file: Optional[str], values: tuple[str, ...]) -> tuple[tuple[str, ...], tuple]:
+    """Return the broker's partition ids (the file's, then --partition's new ones) and the file's details."""
+    try:
+        details = load_partitions(config_file) if config_file else ()
+    except ValueError as exc:
+        raise click.ClickException(str(exc))
+    ids = [p.id for p in details]
+    ids += [p for v in values for p in v.split(",") if p and p not in ids]
+    return tuple(ids) or (DEFAULT_PARTITION,), details
+
+
 @main.command()
 @click.option("--data-dir", default="./armonik-zmq-data", show_default=True, type=click.Path(file_okay=False),
               help="LMDB directory holding sessions, tasks, results and data (created if missing).")
@@ -49,14 +63,20 @@ def _partitions(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--lease", type=float, default=5.0, show_default=True,
               help="Seconds without a heartbeat after which an agent loses its tasks.")
 @click.option("--no-sync", is_flag=True, help="Do not fsync commits: survives process crashes, not power loss.")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="A TOML file of [[partitions]] (id, priority, pod_max, ...); --partition adds more.")
+@click.option("--object-storage", type=click.Path(exists=True, file_okay=False), default=None,
+              help=OBJECT_STORAGE_HELP)
 @click.pass_context
-def broker(ctx, data_dir, endpoint, agents_endpoint, partitions, lease, no_sync) -> None:
+def broker(ctx, data_dir, endpoint, agents_endpoint, partitions, lease, no_sync, config_file, object_storage) -> None:
     """Run the broker (the control plane) in the foreground."""
     from .broker import Broker
 
     _setup_logging(ctx.obj["log_level"], "broker")
+    ids, details = _configured_partitions(config_file, partitions)
     config = BrokerConfig(data_dir=data_dir, endpoint=endpoint, agents_endpoint=agents_endpoint,
-                          partitions=_partitions(partitions), lease=lease, sync=not no_sync)
+                          partitions=ids, partition_details=details, lease=lease, sync=not no_sync,
+                          object_storage=object_storage or "")
     try:
         server = Broker(config)
     except RuntimeError as exc:
@@ -78,8 +98,10 @@ def broker(ctx, data_dir, endpoint, agents_endpoint, partitions, lease, no_sync)
               help="Tasks queued at each worker beyond the running one.")
 @click.option("--prefetch", type=click.IntRange(0, 100_000), default=64, show_default=True,
               help="Tasks held with their inputs fetched, beyond those queued at workers.")
+@click.option("--agent-id", default="", help="This agent's name, shown as the owner of the tasks it runs. "
+              "[default: HOSTNAME-PID-RANDOM]")
 @click.pass_context
-def agent(ctx, broker_endpoint, workers, processor, partitions, window, prefetch) -> None:
+def agent(ctx, broker_endpoint, workers, processor, partitions, window, prefetch, agent_id) -> None:
     """Run an agent and its worker processes (one per node of a multi-node cluster)."""
     from .agent import Agent
     from .worker.runtime import load_processor
@@ -90,7 +112,8 @@ def agent(ctx, broker_endpoint, workers, processor, partitions, window, prefetch
     except ValueError as exc:
         raise click.ClickException(str(exc))
     server = Agent(AgentConfig(broker=broker_endpoint, workers=workers, processor=processor,
-                               partitions=_partitions(partitions), window=window, prefetch=prefetch))
+                               partitions=_partitions(partitions), window=window, prefetch=prefetch,
+                               agent_id=agent_id))
     server.install_signal_handlers()
     server.run()
 
@@ -104,13 +127,21 @@ def agent(ctx, broker_endpoint, workers, processor, partitions, window, prefetch
 @click.option("--workers", type=click.IntRange(1, 4096), default=os.cpu_count() or 1, show_default="number of CPUs",
               help="Worker processes.")
 @click.option("--processor", default=DEFAULT_PROCESSOR, show_default=True, help="The task processor, MODULE:FUNCTION.")
+@click.option("--object-storage", type=click.Path(exists=True, file_okay=False), default=None,
+              help=OBJECT_STORAGE_HELP)
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="A TOML file of [[partitions]] for the broker; the agent serves all of them.")
 @click.pass_context
-def up(ctx, data_dir, endpoint, agents_endpoint, workers, processor) -> None:
+def up(ctx, data_dir, endpoint, agents_endpoint, workers, processor, object_storage, config_file) -> None:
     """Run a local cluster in the foreground: broker + one agent + N workers. Ctrl-C stops it."""
     from .cluster import LocalProcesses
 
+    partitions, _ = _configured_partitions(config_file, ())
     cluster = LocalProcesses(data_dir=data_dir, endpoint=endpoint, agents_endpoint=agents_endpoint, workers=workers,
-                             processor=processor, log_level=ctx.obj["log_level"])
+                             processor=processor, log_level=ctx.obj["log_level"],
+                             broker_args=(("--object-storage", object_storage) if object_storage else ())
+                             + (("--config", config_file) if config_file else ()),
+                             agent_args=("--partition", ",".join(partitions)))
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
     try:

@@ -31,7 +31,7 @@ class LocalProcesses:
     def __init__(self, data_dir: Optional[str] = None, endpoint: Optional[str] = None,
                  agents_endpoint: Optional[str] = None, workers: int = 2, processor: str = DEFAULT_PROCESSOR,
                  log_level: str = "WARNING", lease: Optional[float] = None, env: Optional[dict] = None,
-                 broker_args: tuple[str, ...] = ()):
+                 broker_args: tuple[str, ...] = (), agent_id: str = "", agent_args: tuple[str, ...] = ()):
         self._tmp = tempfile.mkdtemp(prefix="armonik-zmq-")
         self.data_dir = data_dir or os.path.join(self._tmp, "data")
         self.endpoint = endpoint or f"ipc://{self._tmp}/frontend"
@@ -43,8 +43,14 @@ class LocalProcesses:
         self.env = {**os.environ, **(env or {})}
         #: extra options for `armonik-zmq broker` (e.g. --no-sync)
         self.broker_args = list(broker_args)
+        #: extra options for every `armonik-zmq agent` (e.g. --partition)
+        self.agent_args = list(agent_args)
+        #: the first agent's name ("" lets the agent choose one)
+        self.agent_id = agent_id
         self.broker: Optional[subprocess.Popen] = None
         self.agent: Optional[subprocess.Popen] = None
+        #: agents started with start_extra_agent, stopped with the cluster
+        self.extra_agents: list[subprocess.Popen] = []
 
     def start_broker(self) -> subprocess.Popen:
         args = ["--log-level", self.log_level, "broker", "--data-dir", self.data_dir, "--endpoint", self.endpoint,
@@ -55,11 +61,23 @@ class LocalProcesses:
         self.broker = subprocess.Popen(_cli(*args), env=self.env)
         return self.broker
 
+    def _spawn_agent(self, agent_id: str, workers: int) -> subprocess.Popen:
+        args = ["--log-level", self.log_level, "agent", "--broker", self.agents_endpoint, "--workers", str(workers),
+                "--processor", self.processor]
+        if agent_id:
+            args += ["--agent-id", agent_id]
+        args += self.agent_args
+        return subprocess.Popen(_cli(*args), env=self.env)
+
     def start_agent(self) -> subprocess.Popen:
-        self.agent = subprocess.Popen(_cli("--log-level", self.log_level, "agent", "--broker", self.agents_endpoint,
-                                           "--workers", str(self.workers), "--processor", self.processor),
-                                      env=self.env)
+        self.agent = self._spawn_agent(self.agent_id, self.workers)
         return self.agent
+
+    def start_extra_agent(self, agent_id: str = "", workers: Optional[int] = None) -> subprocess.Popen:
+        """Start one more agent on this broker (it takes its share of the work); stopped with the cluster."""
+        proc = self._spawn_agent(agent_id, self.workers if workers is None else workers)
+        self.extra_agents.append(proc)
+        return proc
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Wait until the broker answers and an agent is registered."""
@@ -100,8 +118,9 @@ class LocalProcesses:
             return proc.wait()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the agent first (it hands back unfinished tasks), then the broker."""
-        self._stop(self.agent, timeout)
+        """Stop the agents first (they hand back unfinished tasks), then the broker."""
+        for agent in [*self.extra_agents, self.agent]:
+            self._stop(agent, timeout)
         self._stop(self.broker, timeout)
 
     def kill_broker(self) -> None:

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional
 from .status import EventTypes, ResultStatus, SessionStatus, TaskStatus
 
 __all__ = [
-    "TaskOptions", "TaskDefinition", "Task", "Result", "Session", "Output",
+    "TaskOptions", "TaskDefinition", "Task", "Result", "Session", "Partition", "Output",
     "TaskStatus", "ResultStatus", "SessionStatus", "EventTypes",
     "NewTaskEvent", "TaskStatusUpdateEvent", "NewResultEvent", "ResultStatusUpdateEvent",
     "ResultOwnerUpdateEvent", "event_from_wire",
@@ -26,6 +26,35 @@ def ts(value: Optional[float]) -> Optional[datetime]:
 
 def dur(value: Optional[float]) -> Optional[timedelta]:
     return None if value is None else timedelta(seconds=value)
+
+
+class FilterField:
+    """An attribute of a record: its value on an instance, a filter on its class (``Task.status == ...``).
+
+    The official package's ``FilterDescriptor``, over ``__slots__``: the value lives in the slot
+    ``_<name>``. The filter classes are imported on first use, so importing this module stays cheap.
+    """
+
+    __slots__ = ("name", "slot")
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+        self.slot = owner.__dict__["_" + name]
+
+    def __get__(self, instance: Any, owner: Optional[type] = None) -> Any:
+        if instance is None:
+            from .client.filters import field_filter
+
+            return field_filter(owner, self.name)
+        return self.slot.__get__(instance, owner)
+
+    def __set__(self, instance: Any, value: Any) -> None:
+        self.slot.__set__(instance, value)
+
+
+def _slots(*names: str) -> tuple[str, ...]:
+    """Return the slot names behind ``FilterField`` attributes."""
+    return tuple("_" + n for n in names)
 
 
 @dataclass()
@@ -109,13 +138,41 @@ class TaskDefinition:
 class Task:
     """A task as ``armonik.common.Task`` describes it (TaskDetailed fields)."""
 
-    __slots__ = (
+    __slots__ = _slots(
         "id", "session_id", "owner_pod_id", "initial_task_id", "created_by", "parent_task_ids",
         "data_dependencies", "expected_output_ids", "retry_of_ids", "status", "status_message", "options",
         "created_at", "submitted_at", "received_at", "acquired_at", "fetched_at", "started_at",
         "processed_at", "ended_at", "pod_ttl", "creation_to_end_duration", "processing_to_end_duration",
         "received_to_end_duration", "output", "pod_hostname", "payload_id",
-    )
+    ) + ("count_parent_task_ids", "count_data_dependencies", "count_expected_output_ids", "count_retry_of_ids")
+
+    id = FilterField()
+    session_id = FilterField()
+    owner_pod_id = FilterField()
+    initial_task_id = FilterField()
+    created_by = FilterField()
+    parent_task_ids = FilterField()
+    data_dependencies = FilterField()
+    expected_output_ids = FilterField()
+    retry_of_ids = FilterField()
+    status = FilterField()
+    status_message = FilterField()
+    options = FilterField()
+    created_at = FilterField()
+    submitted_at = FilterField()
+    received_at = FilterField()
+    acquired_at = FilterField()
+    fetched_at = FilterField()
+    started_at = FilterField()
+    processed_at = FilterField()
+    ended_at = FilterField()
+    pod_ttl = FilterField()
+    creation_to_end_duration = FilterField()
+    processing_to_end_duration = FilterField()
+    received_to_end_duration = FilterField()
+    output = FilterField()
+    pod_hostname = FilterField()
+    payload_id = FilterField()
 
     def __init__(self, id: Optional[str] = None, session_id: Optional[str] = None, owner_pod_id: Optional[str] = None,
                  initial_task_id: Optional[str] = None, created_by: Optional[str] = None,
@@ -158,37 +215,28 @@ class Task:
         self.output = output
         self.pod_hostname = pod_hostname
         self.payload_id = payload_id
-
-    @property
-    def count_data_dependencies(self) -> Optional[int]:
-        return None if self.data_dependencies is None else len(self.data_dependencies)
-
-    @property
-    def count_expected_output_ids(self) -> Optional[int]:
-        return None if self.expected_output_ids is None else len(self.expected_output_ids)
-
-    @property
-    def count_parent_task_ids(self) -> Optional[int]:
-        return None if self.parent_task_ids is None else len(self.parent_task_ids)
-
-    @property
-    def count_retry_of_ids(self) -> Optional[int]:
-        return None if self.retry_of_ids is None else len(self.retry_of_ids)
+        self.count_parent_task_ids = None if parent_task_ids is None else len(parent_task_ids)
+        self.count_data_dependencies = None if data_dependencies is None else len(data_dependencies)
+        self.count_expected_output_ids = None if expected_output_ids is None else len(expected_output_ids)
+        self.count_retry_of_ids = None if retry_of_ids is None else len(retry_of_ids)
 
     @classmethod
     def from_wire(cls, d: dict) -> "Task":
+        """Build a task from a wire row: detailed (with id lists) or a summary (with their counts only)."""
         def span(a: Optional[float], b: Optional[float]) -> timedelta:
             return timedelta(seconds=b - a) if a is not None and b is not None else timedelta(0)
 
+        def ids(name: str) -> Optional[List[str]]:
+            value = d.get(name)
+            return None if value is None else list(value)
+
         error = d.get("error")
         status = TaskStatus(d.get("status", 0))
-        return cls(
+        task = cls(
             id=d.get("task_id"), session_id=d.get("session_id"), owner_pod_id=d.get("owner_pod_id"),
             initial_task_id=d.get("initial_task_id"), created_by=d.get("created_by"),
-            parent_task_ids=list(d.get("parent_task_ids") or []),
-            data_dependencies=list(d.get("data_dependencies") or []),
-            expected_output_ids=list(d.get("expected_output_ids") or []),
-            retry_of_ids=list(d.get("retry_of_ids") or []), status=status,
+            parent_task_ids=ids("parent_task_ids"), data_dependencies=ids("data_dependencies"),
+            expected_output_ids=ids("expected_output_ids"), retry_of_ids=ids("retry_of_ids"), status=status,
             status_message=d.get("status_message") or "", options=TaskOptions.from_wire(d.get("options")),
             created_at=ts(d.get("created_at")), submitted_at=ts(d.get("submitted_at")),
             received_at=ts(d.get("received_at")), acquired_at=ts(d.get("acquired_at")),
@@ -201,6 +249,11 @@ class Task:
                                                      TaskStatus.RETRIED, TaskStatus.CANCELLED) else None,
             pod_hostname=d.get("pod_hostname"), payload_id=d.get("payload_id"),
         )
+        for name in ("count_parent_task_ids", "count_data_dependencies", "count_expected_output_ids",
+                     "count_retry_of_ids"):
+            if name in d:
+                setattr(task, name, d[name])
+        return task
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Task) and all(getattr(self, s) == getattr(other, s) for s in self.__slots__)
@@ -213,8 +266,19 @@ class Task:
 class Result:
     """A result's metadata (ResultRaw fields)."""
 
-    __slots__ = ("session_id", "name", "created_by", "owner_task_id", "status", "created_at", "completed_at",
-                 "result_id", "size", "opaque_id", "manual_deletion")
+    __slots__ = _slots("session_id", "name", "created_by", "owner_task_id", "status", "created_at", "completed_at",
+                       "result_id", "size", "opaque_id") + ("manual_deletion",)
+
+    session_id = FilterField()
+    name = FilterField()
+    created_by = FilterField()
+    owner_task_id = FilterField()
+    status = FilterField()
+    created_at = FilterField()
+    completed_at = FilterField()
+    result_id = FilterField()
+    size = FilterField()
+    opaque_id = FilterField()
 
     def __init__(self, session_id: Optional[str] = None, name: Optional[str] = None, created_by: Optional[str] = None,
                  owner_task_id: Optional[str] = None, status: ResultStatus = ResultStatus.UNSPECIFIED,
@@ -253,8 +317,21 @@ class Result:
 class Session:
     """A session (SessionRaw fields)."""
 
-    __slots__ = ("session_id", "status", "client_submission", "worker_submission", "partition_ids", "options",
-                 "created_at", "cancelled_at", "closed_at", "purged_at", "deleted_at", "duration")
+    __slots__ = _slots("session_id", "status", "client_submission", "worker_submission", "partition_ids", "options",
+                       "created_at", "cancelled_at", "closed_at", "purged_at", "deleted_at", "duration")
+
+    session_id = FilterField()
+    status = FilterField()
+    client_submission = FilterField()
+    worker_submission = FilterField()
+    partition_ids = FilterField()
+    options = FilterField()
+    created_at = FilterField()
+    cancelled_at = FilterField()
+    closed_at = FilterField()
+    purged_at = FilterField()
+    deleted_at = FilterField()
+    duration = FilterField()
 
     def __init__(self, session_id: Optional[str] = None, status: SessionStatus = SessionStatus.UNSPECIFIED,
                  client_submission: Optional[bool] = None, worker_submission: Optional[bool] = None,
@@ -291,6 +368,44 @@ class Session:
 
     def __repr__(self) -> str:
         return f"Session(session_id={self.session_id!r}, status={SessionStatus(self.status).name})"
+
+
+class Partition:
+    """A partition (PartitionRaw fields); only ``id`` drives behaviour, the others are informative."""
+
+    __slots__ = _slots("id", "parent_partition_ids", "pod_reserved", "pod_max", "pod_configuration",
+                       "preemption_percentage", "priority")
+
+    id = FilterField()
+    parent_partition_ids = FilterField()
+    pod_reserved = FilterField()
+    pod_max = FilterField()
+    pod_configuration = FilterField()
+    preemption_percentage = FilterField()
+    priority = FilterField()
+
+    def __init__(self, id: str, parent_partition_ids: List[str], pod_reserved: int, pod_max: int,
+                 pod_configuration: Dict[str, str], preemption_percentage: int, priority: int):
+        self.id = id
+        self.parent_partition_ids = parent_partition_ids
+        self.pod_reserved = pod_reserved
+        self.pod_max = pod_max
+        self.pod_configuration = pod_configuration
+        self.preemption_percentage = preemption_percentage
+        self.priority = priority
+
+    @classmethod
+    def from_wire(cls, d: dict) -> "Partition":
+        return cls(id=d["id"], parent_partition_ids=list(d.get("parent_partition_ids") or []),
+                   pod_reserved=d.get("pod_reserved", 0), pod_max=d.get("pod_max", 0),
+                   pod_configuration=dict(d.get("pod_configuration") or {}),
+                   preemption_percentage=d.get("preemption_percentage", 0), priority=d.get("priority", 0))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Partition) and all(getattr(self, s) == getattr(other, s) for s in self.__slots__)
+
+    def __repr__(self) -> str:
+        return f"Partition(id={self.id!r}, priority={self.priority})"
 
 
 # -- events (armonik.common.events) --------------------------------------------------------

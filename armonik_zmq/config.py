@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tomllib
 from dataclasses import dataclass, field
 
 from .protocol import DATA_CHUNK_MAX_SIZE
@@ -19,6 +20,86 @@ def default_endpoint() -> str:
 
 
 @dataclass(frozen=True)
+class PartitionConfig:
+    """A partition as ArmoniK's PartitionRaw describes it.
+
+    Only ``id`` drives behaviour (routing); the other fields are informative, shown by
+    ``ListPartitions``/``GetPartition``.
+    """
+
+    id: str
+    parent_partition_ids: tuple[str, ...] = ()
+    pod_reserved: int = 0
+    pod_max: int = 0
+    pod_configuration: tuple[tuple[str, str], ...] = ()
+    preemption_percentage: int = 0
+    priority: int = 0
+
+
+_PARTITION_INTS = ("pod_reserved", "pod_max", "preemption_percentage", "priority")
+
+
+def _partition_from_toml(table: object, where: str) -> PartitionConfig:
+    if not isinstance(table, dict):
+        raise ValueError(f"{where} must be a table")
+    unknown = sorted(set(table) - {"id", "parent_partition_ids", "pod_configuration", *_PARTITION_INTS})
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    pid = table.get("id")
+    if not isinstance(pid, str) or not pid or "," in pid:
+        raise ValueError(f"{where}.id must be a non-empty string without commas")
+    for name in _PARTITION_INTS:
+        value = table.get(name, 0)
+        if type(value) is not int or value < 0:
+            raise ValueError(f"{where}.{name} must be a non-negative integer, got {value!r}")
+    if not 0 <= table.get("preemption_percentage", 0) <= 100:
+        raise ValueError(f"{where}.preemption_percentage must be within 0..100")
+    parents = table.get("parent_partition_ids", [])
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        raise ValueError(f"{where}.parent_partition_ids must be a list of strings")
+    pod_configuration = table.get("pod_configuration", {})
+    if not isinstance(pod_configuration, dict) or not all(isinstance(v, str) for v in pod_configuration.values()):
+        raise ValueError(f"{where}.pod_configuration must be a table of strings")
+    return PartitionConfig(id=pid, parent_partition_ids=tuple(parents),
+                           pod_configuration=tuple(sorted(pod_configuration.items())),
+                           **{name: table.get(name, 0) for name in _PARTITION_INTS})
+
+
+def load_partitions(path: str) -> tuple[PartitionConfig, ...]:
+    """Read the partitions of a broker configuration file (TOML), in order; the first is the default one.
+
+    The file holds one ``[[partitions]]`` table per partition, with PartitionRaw's fields::
+
+        [[partitions]]
+        id = "gpu"
+        priority = 2
+        pod_max = 10
+        pod_configuration = { image = "worker:gpu" }
+
+    Raises:
+        ValueError: the file cannot be read or is not such a configuration (the message says where).
+    """
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError as exc:
+        raise ValueError(f"cannot read the configuration file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path} is not valid TOML: {exc}") from None
+    unknown = sorted(set(doc) - {"partitions"})
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)} (expected [[partitions]] tables)")
+    tables = doc.get("partitions", [])
+    if not isinstance(tables, list):
+        raise ValueError(f"{path}: 'partitions' must be an array of tables ([[partitions]])")
+    partitions = tuple(_partition_from_toml(t, f"{path}: partitions[{i}]") for i, t in enumerate(tables))
+    ids = [p.id for p in partitions]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{path}: a partition id appears twice in {ids}")
+    return partitions
+
+
+@dataclass(frozen=True)
 class BrokerConfig:
     data_dir: str = "./armonik-zmq-data"
     #: where clients connect (ROUTER "frontend")
@@ -27,11 +108,15 @@ class BrokerConfig:
     agents_endpoint: str = DEFAULT_AGENTS_ENDPOINT
     #: partitions that exist; sessions may only use these. The first is the default one.
     partitions: tuple[str, ...] = (DEFAULT_PARTITION,)
+    #: the informative fields of some of ``partitions`` (from ``--config``); the others have zeros
+    partition_details: tuple[PartitionConfig, ...] = ()
     #: LMDB map size; it is only reserved address space until pages are written.
     map_size: int = 64 << 30
     #: fsync every commit (durable). False survives process crashes but not power loss.
     sync: bool = True
     data_chunk_max_size: int = DATA_CHUNK_MAX_SIZE
+    #: directory that ImportResultsData takes existing objects from ("" = no object storage)
+    object_storage: str = ""
     #: inputs up to this size travel inside DISPATCH; larger ones are fetched by the agent
     inline_limit: int = 1 << 20
     #: agents send a heartbeat this often (seconds)

@@ -10,7 +10,7 @@ a header says how many frames belong to each item (``frames`` lists).
 
 Every request carries a caller-chosen ``rid`` and gets exactly one reply with the same ``op`` and
 ``rid``: either ``{"ok": True, ...reply fields}`` or ``{"error": {"code": ErrorCode, "message": str}}``.
-Pushes (``DISPATCH`` to an agent, ``RUN`` to a worker, ``EVENT`` to a subscribed client) are not
+Pushes (``DISPATCH`` and ``STOP_TASKS`` to an agent, ``RUN`` to a worker, ``EVENT`` to a subscribed client) are not
 requests and get no reply; an ``EVENT`` carries the ``rid`` of the subscription it belongs to.
 
 Every operation is batched: it takes lists, and a request is applied all-or-nothing (one bad item
@@ -36,6 +36,8 @@ MAX_HEADER_SIZE = 16 * 1024 * 1024
 MAX_BATCH = 100_000
 #: Largest string we accept in a header (ids, names, messages).
 MAX_STR = 64 * 1024
+#: ArmoniK's SortDirection numbers.
+SORT_ASC, SORT_DESC = 1, 2
 
 
 class Op(IntEnum):
@@ -47,17 +49,32 @@ class Op(IntEnum):
     CLOSE_SESSIONS = 13
     PURGE_SESSIONS = 14
     DELETE_SESSIONS = 15
+    PAUSE_SESSIONS = 16
+    RESUME_SESSIONS = 17
+    STOP_SUBMISSION = 18
     CREATE_RESULTS_METADATA = 20
     CREATE_RESULTS = 21
     UPLOAD_RESULT_DATA = 22
     DOWNLOAD_RESULT_DATA = 23
     GET_RESULTS = 24
+    IMPORT_RESULTS_DATA = 25
+    GET_OWNER_TASK_ID = 26
+    DELETE_RESULTS_DATA = 27
     SUBMIT_TASKS = 30
     GET_TASKS = 31
+    CANCEL_TASKS = 32
     SUBSCRIBE_EVENTS = 40
     UNSUBSCRIBE_EVENTS = 41
     EVENT = 42  # push, broker -> client
     HEALTH = 50
+    LIST_SESSIONS = 60
+    LIST_TASKS = 61
+    COUNT_TASKS_BY_STATUS = 62
+    GET_RESULT_IDS = 63
+    LIST_RESULTS = 64
+    LIST_PARTITIONS = 65
+    GET_PARTITIONS = 66
+    LIST_VERSIONS = 67
     # -- agent <-> broker "backend" --------------------------------------------------------
     AGENT_REGISTER = 100
     AGENT_HEARTBEAT = 101
@@ -66,6 +83,8 @@ class Op(IntEnum):
     TASKS_STARTED = 104
     TASKS_DONE = 105
     TASKS_RELEASE = 106
+    STOP_TASKS = 107  # push, broker -> agent: drop or kill these attempts (cancel, pause)
+    TASKS_STOPPED = 108
     # -- worker <-> agent (ipc) --------------------------------------------------------------
     WORKER_READY = 200
     RUN = 201  # push, agent -> worker
@@ -249,6 +268,19 @@ class Str(_Type):
             raise ProtocolError(ErrorCode.INVALID_ARGUMENT, f"field '{path}' must not be empty")
 
 
+class StrOrBytes(_Type):
+    """A string or raw bytes (an object-storage key: ArmoniK's opaque ids are bytes)."""
+
+    def __init__(self, nonempty: bool = False):
+        self.nonempty = nonempty
+
+    def check(self, value, path):
+        if type(value) not in (str, bytes):
+            raise _fail(path, "a string or bytes", value)
+        if self.nonempty and not value:
+            raise ProtocolError(ErrorCode.INVALID_ARGUMENT, f"field '{path}' must not be empty")
+
+
 class Int(_Type):
     def __init__(self, lo: int | None = None, hi: int | None = None):
         self.lo, self.hi = lo, hi
@@ -367,6 +399,70 @@ TASK_CREATE = Map(
 #: normal (waiting on many results names each one); an AND clause has few terms.
 FILTER = Opt(List(List(List(Any_(), max_len=3), max_len=64), max_len=MAX_BATCH))
 FRAME_COUNTS = List(Int(0, 1 << 20))
+#: Most rows in one page of a List* reply (bigger pages would not fit in one header).
+MAX_PAGE_SIZE = 10_000
+#: Sort of a List* request: a filter field (FILTER_FIELDS) and ArmoniK's SortDirection number.
+SORT = Map(required={"field": Str(nonempty=True)}, optional={"direction": Int(SORT_ASC, SORT_DESC)})
+PAGING = {"filter": FILTER, "sort": Opt(SORT), "page": Int(0, 1 << 31), "page_size": Int(1, MAX_PAGE_SIZE)}
+
+#: The operators of each kind of field: ArmoniK's typed filter conditions (date BEFORE is ``lt``,
+#: duration SHORTER is ``lt``, ...). Dates are float seconds since the epoch, durations float
+#: seconds, statuses their numbers.
+_ORDERED = frozenset({"eq", "ne", "lt", "le", "gt", "ge"})
+FILTER_OPERATORS: dict[str, frozenset[str]] = {
+    "string": frozenset({"eq", "ne", "contains", "notcontains", "startswith", "endswith"}),
+    "number": _ORDERED,
+    "date": _ORDERED,
+    "duration": _ORDERED,
+    "array": frozenset({"contains", "notcontains"}),
+    "status": frozenset({"eq", "ne"}),
+    "boolean": frozenset({"is"}),
+}
+#: TaskOptions fields of tasks and sessions; ``options[<key>]`` (a string) is a key of TaskOptions.options.
+_OPTION_FIELDS = {
+    "options.max_duration": "duration", "options.max_retries": "number", "options.priority": "number",
+    "options.partition_id": "string", "options.application_name": "string", "options.application_namespace": "string",
+    "options.application_version": "string", "options.application_service": "string",
+    "options.engine_type": "string",
+}
+_DATES = ("created_at", "submitted_at", "received_at", "acquired_at", "fetched_at", "started_at", "processed_at",
+          "ended_at", "pod_ttl")
+#: The fields a filter or a sort may name, per entity, with their kind (the row field names of the wire).
+FILTER_FIELDS: dict[str, dict[str, str]] = {
+    "task": {
+        **dict.fromkeys(("task_id", "session_id", "owner_pod_id", "initial_task_id", "created_by", "pod_hostname",
+                         "payload_id", "error"), "string"),
+        "status": "status",
+        **dict.fromkeys(_DATES, "date"),
+        **dict.fromkeys(("creation_to_end_duration", "processing_to_end_duration", "received_to_end_duration"),
+                        "duration"),
+        **_OPTION_FIELDS,
+    },
+    "session": {
+        "session_id": "string", "status": "status", "client_submission": "boolean", "worker_submission": "boolean",
+        "partition_ids": "array", "duration": "duration",
+        **dict.fromkeys(("created_at", "cancelled_at", "closed_at", "purged_at", "deleted_at"), "date"),
+        **_OPTION_FIELDS,
+    },
+    "result": {
+        **dict.fromkeys(("result_id", "session_id", "name", "created_by", "owner_task_id"), "string"),
+        "status": "status", "created_at": "date", "completed_at": "date", "size": "number",
+    },
+    "partition": {
+        "id": "string", "parent_partition_ids": "array",
+        **dict.fromkeys(("pod_reserved", "pod_max", "preemption_percentage", "priority"), "number"),
+    },
+}
+
+
+def field_kind(entity: str, field: str) -> str | None:
+    """Return the kind of ``field`` for ``entity`` ("task", "session", ...), or None if it cannot be filtered on."""
+    fields = FILTER_FIELDS[entity]
+    kind = fields.get(field)
+    if kind is None and "options.priority" in fields and field.startswith("options[") and field.endswith("]") \
+            and len(field) > len("options[]"):
+        return "string"
+    return kind
 
 #: Request fields of every op a peer may send. Reply fields are documented in docs/protocol.md.
 SCHEMAS: dict[Op, Map] = {
@@ -377,14 +473,28 @@ SCHEMAS: dict[Op, Map] = {
     Op.CLOSE_SESSIONS: Map(required={"session_ids": IDS}),
     Op.PURGE_SESSIONS: Map(required={"session_ids": IDS}),
     Op.DELETE_SESSIONS: Map(required={"session_ids": IDS}),
+    Op.PAUSE_SESSIONS: Map(required={"session_ids": IDS}),
+    Op.RESUME_SESSIONS: Map(required={"session_ids": IDS}),
+    # client/worker: true switches that kind of submission off (ArmoniK's StopSubmission)
+    Op.STOP_SUBMISSION: Map(required={"session_ids": IDS, "client": Bool(), "worker": Bool()}),
     Op.CREATE_RESULTS_METADATA: Map(required={"session_id": ID, "results": List(RESULT_CREATE)}),
     Op.CREATE_RESULTS: Map(required={"session_id": ID, "results": List(RESULT_CREATE), "frames": FRAME_COUNTS}),
-    Op.UPLOAD_RESULT_DATA: Map(required={"session_id": ID, "result_ids": IDS, "frames": FRAME_COUNTS}),
-    Op.DOWNLOAD_RESULT_DATA: Map(required={"session_id": ID, "result_ids": IDS}),
+    # offset/final: one part of a chunked upload of one result (bytes already sent; false while more follow).
+    Op.UPLOAD_RESULT_DATA: Map(required={"session_id": ID, "result_ids": IDS, "frames": FRAME_COUNTS},
+                               optional={"offset": Int(0, 1 << 62), "final": Bool()}),
+    # first_chunk/max_chunks: a range of one result's chunks, so no reply has to hold a whole large result.
+    Op.DOWNLOAD_RESULT_DATA: Map(required={"session_id": ID, "result_ids": IDS},
+                                 optional={"first_chunk": Int(0, 1 << 32), "max_chunks": Int(1, 1 << 20)}),
     Op.GET_RESULTS: Map(required={"result_ids": IDS}),
+    # opaque_id: a file of the broker's object storage, relative to it (bytes or string, like ArmoniK's).
+    Op.IMPORT_RESULTS_DATA: Map(required={"session_id": ID, "results": List(Map(
+        required={"result_id": ID, "opaque_id": StrOrBytes(nonempty=True)}))}),
+    Op.GET_OWNER_TASK_ID: Map(required={"session_id": ID, "result_ids": IDS}),
+    Op.DELETE_RESULTS_DATA: Map(required={"session_id": ID, "result_ids": IDS}),
     Op.SUBMIT_TASKS: Map(required={"session_id": ID, "tasks": List(TASK_CREATE)},
                          optional={"task_options": Opt(TASK_OPTIONS)}),
     Op.GET_TASKS: Map(required={"task_ids": IDS}),
+    Op.CANCEL_TASKS: Map(required={"task_ids": IDS}),
     Op.SUBSCRIBE_EVENTS: Map(required={"session_id": ID}, optional={
         "event_types": Opt(List(Int(0, 5), max_len=8)),
         "task_filter": FILTER,
@@ -393,6 +503,14 @@ SCHEMAS: dict[Op, Map] = {
     }),
     Op.UNSUBSCRIBE_EVENTS: Map(required={"subscription": Int(0)}),
     Op.HEALTH: Map(),
+    Op.LIST_SESSIONS: Map(optional=PAGING),
+    Op.LIST_TASKS: Map(optional={**PAGING, "with_errors": Bool(), "detailed": Bool()}),
+    Op.COUNT_TASKS_BY_STATUS: Map(optional={"filter": FILTER}),
+    Op.GET_RESULT_IDS: Map(required={"task_ids": IDS}),
+    Op.LIST_RESULTS: Map(optional=PAGING),
+    Op.LIST_PARTITIONS: Map(optional=PAGING),
+    Op.GET_PARTITIONS: Map(required={"partition_ids": IDS}),
+    Op.LIST_VERSIONS: Map(),
     Op.AGENT_REGISTER: Map(required={"agent_id": ID, "capacity": Int(1, 1 << 20)}, optional={
         "partitions": List(Str()), "hostname": Str(), "pid": Int(),
     }),
@@ -403,7 +521,10 @@ SCHEMAS: dict[Op, Map] = {
         required={"task_id": ID, "attempt": Int(0), "ok": Bool()},
         optional={
             "error": Opt(Str()),
+            # raised: the processor raised, or its worker or agent died (retried); timeout: killed past
+            # max_duration (TIMEOUT, not retried); neither: the worker returned Output(error) (ERROR)
             "raised": Bool(),
+            "timeout": Bool(),
             "created_results": List(Map(required={"result_id": ID, "name": Str()})),
             "results": List(Map(required={"result_id": ID, "frames": Int(0, 1 << 20)})),
             "subtasks": List(Map(required={"task_id": ID, "payload_id": ID, "expected_output_ids": List(ID, nonempty=True)},
@@ -413,6 +534,7 @@ SCHEMAS: dict[Op, Map] = {
         },
     ))}),
     Op.TASKS_RELEASE: Map(required={"agent_id": ID, "tasks": List(List(Any_(), max_len=3))}),
+    Op.TASKS_STOPPED: Map(required={"agent_id": ID, "tasks": List(List(Any_(), max_len=2))}),
     Op.WORKER_READY: Map(required={"pid": Int()}),
     Op.W_CREATE_RESULTS_METADATA: Map(required={"token": Str(), "names": List(Str())}),
     Op.W_CREATE_RESULTS: Map(required={"token": Str(), "names": List(Str()), "frames": FRAME_COUNTS}),
@@ -444,10 +566,14 @@ FRONTEND_OPS = frozenset({
     Op.PURGE_SESSIONS, Op.DELETE_SESSIONS, Op.CREATE_RESULTS_METADATA, Op.CREATE_RESULTS,
     Op.UPLOAD_RESULT_DATA, Op.DOWNLOAD_RESULT_DATA, Op.GET_RESULTS, Op.SUBMIT_TASKS, Op.GET_TASKS,
     Op.SUBSCRIBE_EVENTS, Op.UNSUBSCRIBE_EVENTS, Op.HEALTH,
+    Op.LIST_SESSIONS, Op.LIST_TASKS, Op.COUNT_TASKS_BY_STATUS, Op.GET_RESULT_IDS, Op.LIST_RESULTS,
+    Op.LIST_PARTITIONS, Op.GET_PARTITIONS, Op.LIST_VERSIONS,
+    Op.PAUSE_SESSIONS, Op.RESUME_SESSIONS, Op.STOP_SUBMISSION, Op.IMPORT_RESULTS_DATA, Op.GET_OWNER_TASK_ID,
+    Op.DELETE_RESULTS_DATA, Op.CANCEL_TASKS,
 })
 BACKEND_OPS = frozenset({
     Op.AGENT_REGISTER, Op.AGENT_HEARTBEAT, Op.FETCH_DATA, Op.TASKS_STARTED, Op.TASKS_DONE,
-    Op.TASKS_RELEASE, Op.HEALTH,
+    Op.TASKS_RELEASE, Op.TASKS_STOPPED, Op.HEALTH,
 })
 WORKER_OPS = frozenset({
     Op.WORKER_READY, Op.W_CREATE_RESULTS_METADATA, Op.W_CREATE_RESULTS, Op.W_SEND_RESULTS,

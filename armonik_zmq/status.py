@@ -88,7 +88,8 @@ TASK_TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
          _T.CANCELLING, _T.CANCELLED}
     ),
     _T.PROCESSED: frozenset({_T.COMPLETED, _T.ERROR}),
-    _T.PAUSED: frozenset({_T.SUBMITTED, _T.PENDING, _T.CANCELLING, _T.CANCELLED}),
+    # PAUSED -> ERROR: an input was aborted while the task was paused (found when it is resumed).
+    _T.PAUSED: frozenset({_T.SUBMITTED, _T.PENDING, _T.CANCELLING, _T.CANCELLED, _T.ERROR}),
     _T.CANCELLING: frozenset({_T.CANCELLED}),
     _T.COMPLETED: frozenset(),
     _T.ERROR: frozenset(),

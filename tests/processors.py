@@ -34,8 +34,81 @@ def processor(task_handler) -> Output:
         time.sleep(payload.get("sleep", 0))
         task_handler.send_results({out: json.dumps(os.getpid()).encode()})
         return Output()
+    if op == "raise-n-times":
+        # the marker file counts attempts across retries (one line each)
+        with open(payload["marker"], "a+") as f:
+            f.seek(0)
+            attempt = len(f.readlines()) + 1
+            f.write(f"{os.getpid()}\n")
+        if attempt <= payload["n"]:
+            raise ValueError(f"attempt {attempt} raised on purpose")
+        task_handler.send_results({out: json.dumps(attempt).encode()})
+        return Output()
+    if op == "hang-first-time":
+        # the first attempt writes its worker's pid to the marker and hangs (the test kills that worker)
+        if not os.path.exists(payload["marker"]):
+            _write_atomically(payload["marker"], str(os.getpid()))
+            time.sleep(3600)
+        task_handler.send_results({out: json.dumps("second attempt").encode()})
+        return Output()
+    if op == "spin":
+        if "marker" in payload:
+            _write_atomically(payload["marker"], str(os.getpid()))
+        while True:  # busy, never yields: only killing the process stops it
+            pass
+    if op == "create-then-raise":
+        # everything a task can create, then an exception: none of it may be committed
+        metas = task_handler.create_results_metadata(["made-meta", "sub-out"])
+        made, sub_out = metas["made-meta"].result_id, metas["sub-out"].result_id
+        with_data = task_handler.create_results({"made-data": json.dumps({"op": "square", "x": 1}).encode()})
+        with_data = with_data["made-data"].result_id
+        task_handler.send_results({made: b"written", out: b"output"})
+        subtasks = task_handler.submit_tasks([TaskDefinition(payload_id=with_data, expected_output_ids=[sub_out])])
+        raise RuntimeError("created " + json.dumps({"results": [made, sub_out, with_data],
+                                                    "tasks": [t.id for t in subtasks]}))
     if op == "concat-deps":
         data = b"".join(task_handler.data_dependencies[d] for d in payload["order"])
         task_handler.send_results({out: data})
         return Output()
+    if op == "echo-options":
+        task_handler.send_results({out: json.dumps(task_handler.task_options.to_wire()).encode()})
+        return Output()
+    if op == "reverse-dep":
+        (data,) = task_handler.data_dependencies.values()
+        task_handler.send_results({out: bytes(data)[::-1]})
+        return Output()
+    if op == "record":
+        # one line per run, so a test sees which tasks ran and how many times
+        with open(payload["path"], "a") as f:
+            f.write(task_handler.task_id + "\n")
+        task_handler.send_results({out: json.dumps(payload.get("value", 0)).encode()})
+        return Output()
+    if op == "gate":
+        # the test decides when the task goes on: it creates the gate file; then the task runs `then`
+        if "pid_file" in payload:
+            _write_atomically(payload["pid_file"], str(os.getpid()))
+        deadline = time.monotonic() + payload.get("timeout", 60)
+        while not os.path.exists(payload["gate"]):
+            if time.monotonic() > deadline:
+                return Output("the gate never opened")
+            time.sleep(0.01)
+        return processor(_WithPayload(task_handler, json.dumps(payload["then"]).encode()))
     return demo_processor(task_handler)
+
+
+class _WithPayload:
+    """A task handler seen with another payload: an op that goes on with another op."""
+
+    def __init__(self, handler, payload: bytes):
+        self._handler = handler
+        self.payload = payload
+
+    def __getattr__(self, name):
+        return getattr(self._handler, name)
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """Write a file that a test polls for, so that it never reads it half written."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)

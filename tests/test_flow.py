@@ -139,12 +139,15 @@ def test_error_aborts_outputs_and_dependents(api):
         api.submit(session_id, {"op": "sum"}, deps=[bad_out])
 
 
-def test_exception_in_processor_ends_task_in_error(api):
+def test_exception_in_processor_is_retried_then_ends_in_error(api):
+    """max_retries=1: the task is RETRIED once, and its retry ends in ERROR (tests/test_outcomes.py has the rest)."""
     session_id = api.session()
     task, (out,) = api.submit(session_id, {"op": "raise"})
     with pytest.raises(RuntimeError):
         api.events.wait_for_result_availability(out, session_id)
     row = api.tasks.get_task(task.id)
+    assert row.status == TaskStatus.RETRIED and "raised on purpose" in row.status_message
+    row = api.tasks.get_task(f"{task.id}###1")
     assert row.status == TaskStatus.ERROR and "raised on purpose" in row.status_message
 
 
@@ -241,8 +244,9 @@ def test_worker_death_fails_its_task_and_is_replaced(api):
     task, (out,) = api.submit(session_id, {"op": "crash"})
     with pytest.raises(RuntimeError, match="aborted"):
         api.events.wait_for_result_availability(out, session_id)
-    row = api.tasks.get_task(task.id)
-    assert row.status == TaskStatus.ERROR and "died (exit code 3)" in row.status_message
+    for task_id, status in ((task.id, TaskStatus.RETRIED), (f"{task.id}###1", TaskStatus.ERROR)):
+        row = api.tasks.get_task(task_id)
+        assert row.status == status and "died (exit code 3)" in row.status_message
     # the pool is whole again: tasks running side by side land on two live worker processes
     outs = [api.submit(session_id, {"op": "pid", "sleep": 0.3})[1][0] for _ in range(4)]
     pids = {api.value(session_id, o) for o in outs}

@@ -9,6 +9,7 @@ go out once per loop turn, batched.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 import os
@@ -79,11 +80,19 @@ class Agent:
         self.tasks: dict[str, LocalTask] = {}
         self.by_token: dict[str, LocalTask] = {}
         self.ready: deque[str] = deque()
+        #: (time.monotonic() deadline, token) of each task started on a worker, soonest first. Entries of
+        #: tasks that ended are skipped when they come up, and swept when they outnumber the live ones.
+        self._deadlines: list[tuple[float, str]] = []
         self._rids = itertools.count(1)
         self._pending: dict[int, Callable[[dict, list], None]] = {}
         self._started: list = []
         self._done: list[tuple[dict, list]] = []
         self._released: list = []
+        #: [task_id, attempt] the broker asked to stop (STOP_TASKS) and that run nowhere here any more
+        self._stopped: list = []
+        #: tasks to stop that are queued at a worker behind its running task: their RUN is already there,
+        #: so the worker is killed when it would start them
+        self._stopping: set[str] = set()
         #: reports sent but not acknowledged, by rid: sent again if the broker forgets us
         self._unacked: dict[int, tuple[str, list]] = {}
         self.registered = False
@@ -153,6 +162,9 @@ class Agent:
             return
         if header["op"] == Op.DISPATCH:
             self._on_dispatch(header, frames[1:])
+            return
+        if header["op"] == Op.STOP_TASKS:
+            self._on_stop(header["tasks"])
             return
         callback = self._pending.pop(header["rid"], None)
         err = header.get("error")
@@ -225,7 +237,8 @@ class Agent:
                 return
             for rid, group in zip(header["result_ids"] if "result_ids" in header else missing,
                                   split_frames(frames, header["frames"])):
-                task.data[rid] = group[0] if len(group) == 1 else b"".join(bytes(f) for f in group)
+                # A large input comes in chunks: one copy joins them (the worker gets it in one frame).
+                task.data[rid] = group[0] if len(group) == 1 else b"".join(group)
             task.fetched_at = time.time()
             self.ready.append(task.task_id)
 
@@ -240,6 +253,37 @@ class Agent:
     def _forget(self, task: LocalTask) -> None:
         self.tasks.pop(task.task_id, None)
         self.by_token.pop(task.token, None)
+        self._stopping.discard(task.task_id)
+
+    def _on_stop(self, items: list) -> None:
+        """Stop the attempts the broker no longer wants run (cancelled, paused), then report them stopped.
+
+        One not at a worker yet is dropped; a running one has its worker killed; one queued behind the
+        running task is dropped when its worker would start it (see ``_drop_if_stopping``).
+        """
+        for task_id, attempt in items:
+            task = self.tasks.get(task_id)
+            if task is not None and task.attempt <= attempt:
+                proc = task.worker
+                if proc is not None and proc.queue and proc.queue[0] == task_id:
+                    self._kill_running(task, "the broker stopped it (cancelled or paused)")
+                    self._forget(task)
+                elif proc is not None:
+                    self._stopping.add(task_id)
+                else:
+                    self._forget(task)
+                log.info("task %s stopped at the broker's request", task_id)
+            self._stopped.append([task_id, attempt])
+
+    def _drop_if_stopping(self, task: LocalTask) -> bool:
+        """Drop a task the broker stopped, about to start (killing its worker if the RUN reached it); say if so."""
+        if task.task_id not in self._stopping:
+            return False
+        proc = task.worker
+        if proc is not None and proc.queue and proc.queue[0] == task.task_id:
+            self._kill_running(task, "it would start a task the broker stopped")
+        self._forget(task)
+        return True
 
     # -- workers ------------------------------------------------------------------------------------
 
@@ -253,7 +297,7 @@ class Agent:
                 if not self.ready:
                     return
                 task = self.tasks.get(self.ready.popleft())
-                if task is None:
+                if task is None or self._drop_if_stopping(task):
                     continue
                 self._send_run(proc, task)
 
@@ -272,8 +316,15 @@ class Agent:
             self._mark_started(task)
 
     def _mark_started(self, task: LocalTask) -> None:
+        """Record that ``task`` now runs on its worker; its max_duration counts from here (ArmoniK: Process deadline)."""
+        if self._drop_if_stopping(task):
+            return
         task.started_at = time.time()
         self._started.append([task.task_id, task.attempt, task.started_at])
+        heapq.heappush(self._deadlines, (time.monotonic() + task.msg["options"]["max_duration"], task.token))
+        if len(self._deadlines) > 2 * len(self.by_token) + 64:
+            self._deadlines = [d for d in self._deadlines if d[1] in self.by_token]
+            heapq.heapify(self._deadlines)
 
     def _on_worker_message(self, frames: list) -> None:
         identity = frames[0].bytes
@@ -357,8 +408,12 @@ class Agent:
             task.results.append({"result_id": result_id, "frames": len(group)})
             task.result_frames.extend(group)
 
-    def _finish(self, task: LocalTask, ok: bool, error: Optional[str], raised: bool) -> None:
-        """Turn the worker's output into a completion report; start the worker's next task."""
+    def _finish(self, task: LocalTask, ok: bool, error: Optional[str], raised: bool, timeout: bool = False) -> None:
+        """Turn the worker's output into a completion report; start the worker's next task.
+
+        ``raised``: the processor raised or its worker died (the broker retries the task); ``timeout``: it ran
+        past its max_duration (TIMEOUT); neither: it returned Output(error) (ERROR).
+        """
         completion = {"task_id": task.task_id, "attempt": task.attempt, "ok": ok,
                       "timestamps": {k: v for k, v in (("fetched_at", task.fetched_at), ("started_at", task.started_at),
                                                         ("processed_at", time.time())) if v is not None}}
@@ -368,7 +423,7 @@ class Agent:
             frames = task.result_frames
             self.stats["completed"] += 1
         else:
-            completion.update(error=error or "task failed", raised=raised)
+            completion.update(error=error or "task failed", raised=raised, timeout=timeout)
             self.stats["failed"] += 1
         self._done.append((completion, frames))
         proc = task.worker
@@ -381,21 +436,55 @@ class Agent:
         self._forget(task)
 
     def _on_worker_death(self, proc: WorkerProc, code: int) -> None:
-        """A dead worker fails the task it was running; the ones queued behind it run elsewhere."""
-        queued = list(proc.queue)
+        """A dead worker fails the task it was running (retry path); the ones queued behind it run elsewhere."""
+        running = self._take_tasks_off(proc)
+        if running is not None:
+            self._finish(running, False, f"worker process {proc.pid} died (exit code {code}) while running the task",
+                         raised=True)
+
+    def _take_tasks_off(self, proc: WorkerProc) -> Optional[LocalTask]:
+        """Empty the queue of a worker that died or is being killed; return the task it was running.
+
+        The tasks queued behind it go back to the front of the ready queue, in order, under a fresh token
+        (a late message about their old run is then refused).
+        """
+        queued = [self.tasks.get(task_id) for task_id in proc.queue]
         proc.queue.clear()
-        for i, task_id in enumerate(queued):
-            task = self.tasks.get(task_id)
-            if task is None:
+        running = queued[0] if queued else None
+        behind = [task for task in queued[1:] if task is not None]
+        for task in behind:
+            self.by_token.pop(task.token, None)
+            task.token = uuid.uuid4().hex
+            task.worker = None
+        self.ready.extendleft(task.task_id for task in reversed(behind))
+        if running is not None:
+            running.worker = None
+        return running
+
+    def _kill_running(self, task: LocalTask, reason: str) -> None:
+        """Stop a task that is running on a worker by killing that worker (SIGKILL to its process group).
+
+        The caller reports the task (``_finish``) or drops it (``_forget``). The tasks queued behind it go back
+        to the ready queue, and the pool starts a replacement worker at its next reap.
+        """
+        proc = task.worker
+        if proc is None or not proc.queue or proc.queue[0] != task.task_id:
+            return
+        log.warning("task %s: killing worker process %d: %s", task.task_id, proc.pid, reason)
+        self.pool.kill(proc)
+        self._take_tasks_off(proc)
+
+    def _expire_deadlines(self, mono: float) -> None:
+        """End in TIMEOUT every running task past its max_duration (ArmoniK: no retry)."""
+        while self._deadlines and self._deadlines[0][0] <= mono:
+            _, token = heapq.heappop(self._deadlines)
+            task = self.by_token.get(token)
+            proc = task.worker if task is not None else None
+            if proc is None or not proc.queue or proc.queue[0] != task.task_id:
                 continue
-            if i == 0:
-                self._finish(task, False, f"worker process {proc.pid} died (exit code {code}) while running the task",
-                             raised=True)
-            else:
-                self.by_token.pop(task.token, None)
-                task.token = uuid.uuid4().hex
-                task.worker = None
-                self.ready.appendleft(task_id)
+            message = f"task exceeded its max_duration of {task.msg['options']['max_duration']:g}s"
+            self._kill_running(task, message)
+            self._finish(task, False, f"{message}: worker process {proc.pid} killed", raised=False, timeout=True)
 
     # -- reporting ----------------------------------------------------------------------------------
 
@@ -414,6 +503,10 @@ class Agent:
             frames = [f for _, fs in done for f in fs]
             rid = self._call(Op.TASKS_DONE, frames, on_reply=self._on_ack, tasks=[c for c, _ in done])
             self._unacked[rid] = ("done", done)
+        if self._stopped:
+            # Not re-sent after a reconnection: a broker that lost us finishes the cancellation itself.
+            self._call(Op.TASKS_STOPPED, tasks=self._stopped)
+            self._stopped = []
 
     def _on_ack(self, header: dict, frames: list) -> None:
         self._unacked.pop(header["rid"], None)
@@ -463,6 +556,8 @@ class Agent:
                     next_reap = mono + 0.2
                     for proc, code in self.pool.reap():
                         self._on_worker_death(proc, code)
+                if self._deadlines and self._deadlines[0][0] <= mono:
+                    self._expire_deadlines(mono)
                 self._assign()
                 self._flush()
         finally:

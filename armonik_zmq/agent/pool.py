@@ -81,6 +81,14 @@ class WorkerPool:
             self._spawn(index)
         return dead
 
+    def kill(self, proc: WorkerProc) -> None:
+        """SIGKILL a worker and whatever it started (its process group); the next reap replaces it."""
+        proc.ready = False  # no new task for it meanwhile
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
     def free(self, window: int) -> list[WorkerProc]:
         """Ready workers with room in their queue, least loaded first."""
         procs = [p for p in self.workers.values() if p.ready and len(p.queue) < 1 + window]

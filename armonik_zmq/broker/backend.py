@@ -80,13 +80,25 @@ class Backend:
         return self.state.core.remove_agent(agent.slot)
 
     def drop_agent(self: "Broker", txn: Txn, agent: AgentInfo, why: str, now: float) -> None:
-        """The agent is gone: its tasks go back to their queues (SUBMITTED), the next attempt fenced off the old one."""
-        requeued = self.forget_agent(agent)
-        for t in requeued:
+        """The agent is gone: take its tasks back, fencing off any late report from it.
+
+        A task it had started (PROCESSING) failed with it: nothing of that run was committed, so it takes the
+        retry path (ArmoniK 3.5). One it had not started goes back to its queue, not counted as a retry.
+        """
+        held = self.forget_agent(agent)
+        retried = 0
+        for t in held:
             row = txn.get_task(self.state.slot_task[t])
-            row["owner_pod_id"] = ""
-            self.state.set_task_status(txn, row, _T.SUBMITTED, now, f"agent {agent.agent_id} {why}")
-        log.warning("agent %s %s: %d task(s) back in the queue", agent.agent_id, why, len(requeued))
+            if row["status"] == _T.CANCELLING:
+                self.state.finish_cancel(txn, row, now)  # it runs nowhere now
+            elif row["status"] == _T.PROCESSING:
+                self.state.retry_or_fail(txn, row, f"agent {agent.agent_id} {why} while the task was running", now)
+                retried += 1
+            else:
+                row["owner_pod_id"] = ""
+                self.state.set_task_status(txn, row, _T.SUBMITTED, now, f"agent {agent.agent_id} {why}")
+        log.warning("agent %s %s: %d task(s) back in the queue, %d running one(s) failed", agent.agent_id, why,
+                    len(held) - retried, retried)
 
     def handle_agent_heartbeat(self: "Broker", req: "Request", txn: Txn) -> None:
         self._agent(req)
@@ -111,6 +123,12 @@ class Backend:
         if row["status"] in TASK_FINAL:
             raise ProtocolError(ErrorCode.STALE_ATTEMPT,
                                 f"task {task_id} already ended ({_T(row['status']).name}); this report is discarded")
+        if row["status"] == _T.SUBMITTED:
+            raise ProtocolError(ErrorCode.STALE_ATTEMPT, f"task {task_id} was queued again (its agent was lost or "
+                                                         f"the broker restarted); this report is discarded")
+        if row["status"] in (_T.PAUSED, _T.CANCELLING):
+            raise ProtocolError(ErrorCode.STALE_ATTEMPT, f"task {task_id} is {_T(row['status']).name}: its agent was "
+                                                         f"told to stop it; this report is discarded")
         if row["attempt"] != attempt:
             raise ProtocolError(ErrorCode.STALE_ATTEMPT,
                                 f"task {task_id} attempt {attempt} was replaced by attempt {row['attempt']}")
@@ -147,7 +165,9 @@ class Backend:
                 continue
             session_status = self.state.session_status.get(row["session_id"], _S.DELETED)
             log.info("agent %s released task %s: %s", agent.agent_id, task_id, reason)
-            if session_status != _S.RUNNING:
+            if session_status == _S.PAUSED:
+                self.state.pause_task(txn, row, req.now, reason)
+            elif session_status != _S.RUNNING:
                 self.state.end_task(txn, row, _T.CANCELLED, req.now,
                                     f"session is {_S(session_status).name}: {reason}")
             elif len(row["retry_of_ids"]) > row["options"]["max_retries"]:
@@ -201,8 +221,14 @@ class Backend:
             if name in stamps:
                 row[name] = stamps[name]
         if not c["ok"]:
+            # ArmoniK 2.4: Output(error) ends in ERROR, a deadline in TIMEOUT, an exception or a crash is retried.
             error = c.get("error") or "the task failed without a message"
-            state.end_task(txn, row, _T.ERROR, now, error)
+            if c.get("timeout"):
+                state.end_task(txn, row, _T.TIMEOUT, now, error)
+            elif c.get("raised"):
+                state.retry_or_fail(txn, row, error, now)
+            else:
+                state.end_task(txn, row, _T.ERROR, now, error)
             return
         task_id = row["task_id"]
         sid = row["session_id"]
@@ -234,9 +260,7 @@ class Backend:
         subtasks = c.get("subtasks", ())
         if subtasks:
             session = state.require_session(txn, sid)
-            if session["status"] != _S.RUNNING or not session["worker_submission"]:
-                raise ProtocolError(ErrorCode.FAILED_PRECONDITION,
-                                    f"session {sid} is {_S(session['status']).name} and does not accept worker submissions")
+            state.check_submission(session, "worker")
             for s in subtasks:
                 if txn.get_task(s["task_id"]) is not None:
                     raise ProtocolError(ErrorCode.ALREADY_EXISTS, f"task {s['task_id']} already exists")
@@ -244,8 +268,7 @@ class Backend:
                                task_ids=[s["task_id"] for s in subtasks])
         # 4. the data, which releases waiting tasks (subtasks included)
         for rrow, data in produced:
-            buf = data[0] if len(data) == 1 else b"".join(bytes(f) for f in data)
-            state.complete_result(txn, rrow, buf, task_id, now)
+            state.complete_result(txn, rrow, data, task_id, now)
         # 5. ArmoniK only logs an expected output that was neither written nor handed to a subtask
         for rid in row["expected_output_ids"]:
             rrow = txn.get_result(rid)
@@ -257,6 +280,23 @@ class Backend:
 
     # -- dispatch ----------------------------------------------------------------------------------
 
+    @staticmethod
+    def _inline_inputs(txn: Txn, row: dict, limit: int) -> tuple[list[str], list]:
+        """Return the task's inputs small enough to travel inside DISPATCH, and their data.
+
+        Raise when an input has no data any more (deleted since the task was queued, or an imported
+        object gone from the object storage): the task could never run.
+        """
+        inline, data = [], []
+        for rid in dict.fromkeys([row["payload_id"], *row["data_dependencies"]]):
+            size = txn.object_size(rid)
+            if size is None:
+                raise ProtocolError(ErrorCode.FAILED_PRECONDITION, f"input result {rid} has no data any more")
+            if size <= limit:
+                inline.append(rid)
+                data.append(txn.read_object(rid))
+        return inline, data
+
     def dispatch(self: "Broker", txn: Txn, now: float) -> None:
         """Hand ready tasks to agents with credit; one DISPATCH message per agent per turn."""
         state = self.state
@@ -267,9 +307,18 @@ class Backend:
             task_id = state.slot_task[t]
             row = txn.get_task(task_id)
             session_status = state.session_status.get(row["session_id"], _S.DELETED)
+            if session_status == _S.PAUSED:
+                # ArmoniK 3.3: a paused session's task is not run, nor cancelled: it waits PAUSED.
+                state.pause_task(txn, row, now)
+                continue
             if session_status != _S.RUNNING:
                 state.end_task(txn, row, _T.CANCELLED, now,
                                f"session {row['session_id']} is {_S(session_status).name}")
+                continue
+            try:
+                inline, data = self._inline_inputs(txn, row, inline_limit)
+            except ProtocolError as exc:
+                state.end_task(txn, row, _T.ERROR, now, exc.message)
                 continue
             row["attempt"] += 1
             row["owner_pod_id"] = agent.agent_id
@@ -277,12 +326,7 @@ class Backend:
             row["received_at"] = now
             state.set_task_status(txn, row, _T.DISPATCHED, now)
             tasks, counts, frames = per_agent.setdefault(a, ([], [], []))
-            inline = []
-            for rid in dict.fromkeys([row["payload_id"], *row["data_dependencies"]]):
-                data = txn.get_data(rid)
-                if data is not None and len(data) <= inline_limit:
-                    inline.append(rid)
-                    frames.append(data)
+            frames.extend(data)
             counts.append(len(inline))
             tasks.append({
                 "task_id": task_id, "attempt": row["attempt"], "session_id": row["session_id"],

@@ -2,75 +2,10 @@
 
 from __future__ import annotations
 
-import operator
-from typing import Any, Callable, Optional
-
-from ..protocol import ErrorCode, ProtocolError
 from ..status import EventTypes
+from .filters import Filter
 
 _E = EventTypes
-
-_OPS: dict[str, Callable[[Any, Any], bool]] = {
-    "eq": operator.eq,
-    "ne": operator.ne,
-    "lt": operator.lt,
-    "le": operator.le,
-    "gt": operator.gt,
-    "ge": operator.ge,
-    "contains": lambda a, b: b in a,
-    "startswith": lambda a, b: a.startswith(b),
-    "endswith": lambda a, b: a.endswith(b),
-}
-
-
-def check_filter(dnf: Optional[list], name: str) -> None:
-    """Refuse a malformed filter up front, so evaluating it later cannot raise."""
-    for clause in dnf or ():
-        for term in clause:
-            if len(term) != 3 or type(term[0]) is not str or term[1] not in _OPS:
-                raise ProtocolError(ErrorCode.INVALID_ARGUMENT,
-                                    f"{name}: each term must be [field, operator, value] with operator one of "
-                                    f"{sorted(_OPS)}, got {term!r}")
-
-
-def matches(dnf: Optional[list], row: dict) -> bool:
-    """Evaluate an OR-of-ANDs filter against a row; no filter matches everything."""
-    if not dnf:
-        return True
-    for clause in dnf:
-        for field, op, value in clause:
-            have = row.get(field)
-            try:
-                if have is None or not _OPS[op](have, value):
-                    break
-            except TypeError:  # comparing unlike types: the term is false
-                break
-        else:
-            return True
-    return False
-
-
-class Filter:
-    """A checked filter, compiled: ``field eq a OR field eq b OR ...`` (what waiting on results sends) is a set lookup."""
-
-    __slots__ = ("dnf", "field", "values")
-
-    def __init__(self, dnf: Optional[list], name: str):
-        check_filter(dnf, name)
-        self.dnf = dnf or None
-        self.field: Optional[str] = None
-        self.values: Optional[frozenset] = None
-        if dnf and all(len(c) == 1 and c[0][1] == "eq" and c[0][0] == dnf[0][0][0] for c in dnf):
-            try:
-                self.values = frozenset(c[0][2] for c in dnf)
-                self.field = dnf[0][0][0]
-            except TypeError:  # unhashable values: evaluate term by term
-                self.values = None
-
-    def __call__(self, row: dict) -> bool:
-        if self.values is not None:
-            return row.get(self.field) in self.values
-        return matches(self.dnf, row)
 
 
 class Subscription:
@@ -96,8 +31,8 @@ class EventBus:
         self.dirty: list[Subscription] = []
 
     def subscribe(self, peer: bytes, rid: int, session_id: str, types, task_filter, result_filter) -> Subscription:
-        task_filter = Filter(task_filter, "task_filter")
-        result_filter = Filter(result_filter, "result_filter")
+        task_filter = Filter(task_filter, "task_filter", "task")
+        result_filter = Filter(result_filter, "result_filter", "result")
         wanted = frozenset(EventTypes(t) for t in (types or ()) if t) or frozenset(_E) - {_E.UNSPECIFIED}
         sub = Subscription(rid, peer, session_id, wanted, task_filter, result_filter)
         self.unsubscribe(peer, rid)

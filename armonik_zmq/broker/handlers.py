@@ -8,9 +8,9 @@ transaction and queues its reply with ``req.reply``. It never sends: the server 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Optional
 
-from ..protocol import ErrorCode, Op, ProtocolError, chunks, split_frames
+from ..protocol import ErrorCode, Op, ProtocolError, split_frames
 from ..status import ResultStatus, SessionStatus, TaskStatus, TASK_FINAL
 from . import options as task_options
 from .state import new_id, not_found
@@ -26,8 +26,8 @@ _S = SessionStatus
 _T = TaskStatus
 _SESSION_FIELDS = ("session_id", "status", "client_submission", "worker_submission", "partition_ids", "options",
                    "created_at", "cancelled_at", "closed_at", "purged_at", "deleted_at", "duration")
-_RESULT_FIELDS = ("result_id", "session_id", "name", "owner_task_id", "created_by", "status", "created_at",
-                  "completed_at", "size", "opaque_id", "manual_deletion")
+_RESULT_FIELDS = ("result_id", "session_id", "name", "owner_task_id", "created_by", "completed_by", "status",
+                  "created_at", "completed_at", "size", "opaque_id", "manual_deletion")
 
 
 def result_view(row: dict) -> dict:
@@ -36,13 +36,6 @@ def result_view(row: dict) -> dict:
 
 def session_view(row: dict) -> dict:
     return {k: row.get(k) for k in _SESSION_FIELDS}
-
-
-def _joined(frames: list):
-    """One buffer out of a result's chunk frames (no copy for the usual single frame)."""
-    if len(frames) == 1:
-        return frames[0]
-    return b"".join(bytes(f) for f in frames)
 
 
 class Handlers:
@@ -104,10 +97,10 @@ class Handlers:
         def cancel(txn: Txn, row: dict, now: float) -> None:
             row.update(status=int(_S.CANCELLED), cancelled_at=now, client_submission=False, worker_submission=False)
             self.state.session_status[row["session_id"]] = row["status"]
-            for tid in txn.session_task_ids(row["session_id"]):
-                trow = txn.get_task(tid)
-                if trow["status"] not in TASK_FINAL:
-                    self.state.end_task(txn, trow, _T.CANCELLED, now, f"session {row['session_id']} was cancelled")
+            # Running tasks are stopped on their agents (ArmoniK pings them to stop cancelled tasks).
+            self.cancel_tasks(req, txn, txn.session_task_ids(row["session_id"]),
+                              f"session {row['session_id']} was cancelled")
+            self.state.drop_pause_gate(row["session_id"])
             for rid in txn.session_result_ids(row["session_id"]):
                 rrow = txn.get_result(rid)
                 if rrow["status"] == _R.CREATED:
@@ -127,21 +120,26 @@ class Handlers:
             row.update(status=int(_S.PURGED), purged_at=now, client_submission=False, worker_submission=False)
             for rid in txn.session_result_ids(row["session_id"]):
                 rrow = txn.get_result(rid)
-                if rrow["manual_deletion"] or rrow["status"] == _R.DELETED:
+                # An imported result's data belongs to the object storage, not to the session: kept like
+                # manual_deletion ones (ArmoniK would delete the object unless the client set manual_deletion).
+                if rrow["manual_deletion"] or rrow["opaque_id"] or rrow["status"] == _R.DELETED:
                     continue
-                txn.delete_data(rid)
-                rrow["status"] = int(_R.DELETED)
-                txn.put_result(rrow)
-                self.state.events.result_status(rrow)
+                self.state.delete_result_data(txn, rrow)
         self._session_transition(req, txn, (_S.CLOSED, _S.CANCELLED), "purged", purge)
 
     def handle_delete_sessions(self: "Broker", req: "Request", txn: Txn) -> None:
         def delete(txn: Txn, row: dict, now: float) -> None:
             sid = row["session_id"]
+            stops = []
             for tid in txn.session_task_ids(sid):
                 trow = txn.get_task(tid)
+                if trow["status"] in (_T.DISPATCHED, _T.PROCESSING, _T.CANCELLING):
+                    stops.append((trow["owner_pod_id"], tid, trow["attempt"]))
                 if trow["status"] not in TASK_FINAL:
                     self.state.end_task(txn, trow, _T.CANCELLED, now, f"session {sid} was deleted")
+            # The rows go, so the tasks end here; their agents still stop running them.
+            self.stop_on_agents(req, txn, stops)
+            self.state.drop_pause_gate(sid)
             txn.delete_session_rows(sid)
             row.update(status=int(_S.DELETED), deleted_at=now, client_submission=False, worker_submission=False)
             self.state.events.drop_session(sid)
@@ -183,49 +181,90 @@ class Handlers:
             row = self.state.new_result_row(sid, spec["name"], manual_deletion=spec.get("manual_deletion", False),
                                             now=req.now)
             self.state.insert_result(txn, row)
-            self.state.complete_result(txn, row, _joined(data), "", req.now)
+            self.state.complete_result(txn, row, data, "", req.now)
             rows.append(result_view(row))
         req.reply(results=rows)
 
     def handle_upload_result_data(self: "Broker", req: "Request", txn: Txn) -> None:
+        """Store uploaded data: whole results, or one part of a chunked upload (``offset``, ``final``).
+
+        The parts of a chunked upload are staged under the result; only the final one makes it COMPLETED.
+        """
         h = req.header
-        if len(h["frames"]) != len(h["result_ids"]):
+        ids = h["result_ids"]
+        if len(h["frames"]) != len(ids):
             raise ProtocolError(ErrorCode.INVALID_ARGUMENT,
-                                f"'frames' has {len(h['frames'])} counts for {len(h['result_ids'])} results")
+                                f"'frames' has {len(h['frames'])} counts for {len(ids)} results")
+        chunked = "offset" in h or "final" in h
+        if chunked and len(ids) != 1:
+            raise ProtocolError(ErrorCode.INVALID_ARGUMENT,
+                                f"a chunked upload ('offset', 'final') carries one result, got {len(ids)} result ids")
         groups = split_frames(req.frames, h["frames"])
         sid = self._open_session(txn, h["session_id"], "upload data")["session_id"]
         rows = []
-        for rid in h["result_ids"]:
+        for rid in ids:
             row = self.state.require_result(txn, rid, sid)
             if row["status"] != _R.CREATED:
                 raise ProtocolError(ErrorCode.FAILED_PRECONDITION,
                                     f"result {rid} is {_R(row['status']).name}: only a result without data can be uploaded")
             rows.append(row)
-        if len(set(h["result_ids"])) != len(rows):
+        if len(set(ids)) != len(rows):
             raise ProtocolError(ErrorCode.INVALID_ARGUMENT, "a result id appears twice in one upload")
-        for row, data in zip(rows, groups):
-            self.state.complete_result(txn, row, _joined(data), "", req.now)
-        req.reply(results=[result_view(r) for r in rows])
+        if not chunked:
+            for row, data in zip(rows, groups):
+                self.state.complete_result(txn, row, data, "", req.now)
+            req.reply(results=[result_view(r) for r in rows])
+            return
+        row = rows[0]
+        received = txn.stage_object(row["result_id"], groups[0], h.get("offset", 0))
+        if h.get("final", True):
+            self.state.mark_result_completed(txn, row, txn.commit_object(row["result_id"]), "", req.now)
+        req.reply(results=[result_view(row)], received=received)
+
+    def _read_chunks(self: "Broker", txn: Txn, session_id: str, result_id: str, first: int = 0,
+                     limit: Optional[int] = None) -> tuple[int, int, list]:
+        """Return (size, chunks in all, chunks ``first`` to ``first + limit``) of a COMPLETED result's data."""
+        row = self.state.require_result(txn, result_id, session_id)
+        size = txn.object_size(result_id) if row["status"] == _R.COMPLETED else None
+        if size is None:
+            raise ProtocolError(ErrorCode.FAILED_PRECONDITION,
+                                f"result {result_id} is {_R(row['status']).name}: it has no data to download")
+        total = txn.object_chunks(result_id)
+        if first >= total and first:
+            raise ProtocolError(ErrorCode.OUT_OF_RANGE,
+                                f"result {result_id} has {total} chunk(s): 'first_chunk' {first} is past the end")
+        return size, total, list(txn.iter_object_chunks(result_id, first, limit))
 
     def _read_data(self: "Broker", txn: Txn, session_id: str, result_ids: list[str]) -> tuple[list, list, list]:
+        """Return the sizes, frame counts and frames (chunks) of whole results."""
         sizes, counts, frames = [], [], []
         for rid in result_ids:
-            row = self.state.require_result(txn, rid, session_id)
-            data = txn.get_data(rid) if row["status"] == _R.COMPLETED else None
-            if data is None:
-                raise ProtocolError(ErrorCode.FAILED_PRECONDITION,
-                                    f"result {rid} is {_R(row['status']).name}: it has no data to download")
-            parts = chunks(data, self.config.data_chunk_max_size)
-            sizes.append(len(data))
+            size, _, parts = self._read_chunks(txn, session_id, rid)
+            sizes.append(size)
             counts.append(len(parts))
             frames.extend(parts)
         return sizes, counts, frames
 
     def handle_download_result_data(self: "Broker", req: "Request", txn: Txn) -> None:
+        """Send results' data; with ``first_chunk``/``max_chunks``, only that range of one result's chunks.
+
+        Asking ranges keeps each reply to one message's worth, however large the result.
+        """
         h = req.header
         self.state.require_session(txn, h["session_id"])
-        sizes, counts, frames = self._read_data(txn, h["session_id"], h["result_ids"])
-        req.reply(sizes=sizes, frames=counts, data=frames)
+        ranged = "first_chunk" in h or "max_chunks" in h
+        if ranged and len(h["result_ids"]) != 1:
+            raise ProtocolError(ErrorCode.INVALID_ARGUMENT, f"a ranged download ('first_chunk', 'max_chunks') "
+                                                            f"names one result, got {len(h['result_ids'])} result ids")
+        sizes, totals, counts, frames = [], [], [], []
+        for rid in h["result_ids"]:
+            size, total, parts = self._read_chunks(txn, h["session_id"], rid, h.get("first_chunk", 0),
+                                                   h.get("max_chunks"))
+            sizes.append(size)
+            totals.append(total)
+            counts.append(len(parts))
+            frames.extend(parts)
+        req.reply(sizes=sizes, chunks=totals, frames=counts, data=frames)
 
     def handle_get_results(self: "Broker", req: "Request", txn: Txn) -> None:
         rows = []
@@ -241,10 +280,7 @@ class Handlers:
     def handle_submit_tasks(self: "Broker", req: "Request", txn: Txn) -> None:
         h = req.header
         session = self.state.require_session(txn, h["session_id"])
-        if session["status"] != _S.RUNNING or not session["client_submission"]:
-            raise ProtocolError(ErrorCode.FAILED_PRECONDITION,
-                                f"session {h['session_id']} is {_S(session['status']).name} and does not accept "
-                                f"client submissions")
+        self.state.check_submission(session, "client")
         infos = self.state.create_tasks(txn, session, h["tasks"], h.get("task_options"), req.now)
         req.reply(tasks=infos)
 

@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import time
+from collections import deque
 from typing import Callable, Optional
 
 import zmq
@@ -25,8 +26,12 @@ from ..config import BrokerConfig
 from ..protocol import (BACKEND_OPS, FRONTEND_OPS, ErrorCode, Op, ProtocolError, decode_header, envelope_of,
                         reply_error, reply_ok, request, validate)
 from .backend import AgentInfo, Backend
+from .data import ResultData
 from .events import EventBus
 from .handlers import Handlers, handler_table
+from .lifecycle import Lifecycle
+from .listing import Listing
+from .objects import ObjectStorage
 from .state import BrokerState, now as wall_now
 from .store import Store
 
@@ -78,12 +83,14 @@ class Request:
             del sub.pending[n:]
 
 
-class Broker(Handlers, Backend):
+class Broker(Handlers, Backend, Listing, Lifecycle, ResultData):
     """The control plane: serve clients on ``endpoint`` and agents on ``agents_endpoint``."""
 
     def __init__(self, config: BrokerConfig):
         self.config = config
-        self.store = Store(config.data_dir, map_size=config.map_size, sync=config.sync)
+        self.store = Store(config.data_dir, map_size=config.map_size, sync=config.sync,
+                           chunk_size=config.data_chunk_max_size,
+                           object_storage=ObjectStorage(config.object_storage) if config.object_storage else None)
         self.agents: dict[str, AgentInfo] = {}
         self.agent_by_slot: dict[int, AgentInfo] = {}
         self.state = self._load_state()
@@ -93,6 +100,7 @@ class Broker(Handlers, Backend):
         self.backend = self._router(config.agents_endpoint)
         self._outbox: list[tuple[zmq.Socket, list, Optional[AgentInfo]]] = []
         self._lost_agents: list[AgentInfo] = []
+        self.scan_jobs: deque = deque()
         self._running = False
         self.stats = {"turns": 0, "requests": 0, "errors": 0, "commits": 0}
 
@@ -193,7 +201,9 @@ class Broker(Handlers, Backend):
         return req.out
 
     def turn(self, timeout_ms: int) -> None:
-        if not self._lost_agents and not self._dispatch_possible():
+        # long lists run between turns, after the commit of the turn that received them
+        scanning = self.advance_scans()
+        if not scanning and not self._lost_agents and not self._dispatch_possible():
             self.poller.poll(timeout_ms)
         batch: list = []
         limit = self.config.max_batch_messages

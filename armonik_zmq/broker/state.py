@@ -23,6 +23,7 @@ from .store import Txn
 log = logging.getLogger(__name__)
 
 _R = ResultStatus
+_S = SessionStatus
 _T = TaskStatus
 #: result statuses a task may depend on (data now, or later)
 _USABLE = (_R.CREATED, _R.COMPLETED)
@@ -49,6 +50,7 @@ class BrokerState:
         self.partition_slot = {p: i for i, p in enumerate(self.partitions)}
         self.task_slot: dict[str, int] = {}
         self.slot_task: dict[int, str] = {}
+        #: result id -> core slot; also each paused session's pause gate (``pause_gate``)
         self.result_slot: dict[str, int] = {}
         self.session_status: dict[str, int] = {}
 
@@ -59,6 +61,17 @@ class BrokerState:
         if row is None:
             raise not_found("session", session_id)
         return row
+
+    @staticmethod
+    def check_submission(session: dict, by: str) -> None:
+        """Refuse a submission by ``by`` ("client" or "worker") that the session does not accept (ArmoniK 3.1)."""
+        sid, status = session["session_id"], session["status"]
+        if status not in (_S.RUNNING, _S.PAUSED):
+            raise ProtocolError(ErrorCode.FAILED_PRECONDITION,
+                                f"session {sid} is {_S(status).name}: it accepts no more tasks")
+        if not session[f"{by}_submission"]:
+            raise ProtocolError(ErrorCode.FAILED_PRECONDITION,
+                                f"session {sid} has {by} submission stopped: a {by} may not submit tasks to it")
 
     def put_session(self, txn: Txn, row: dict) -> None:
         txn.put_session(row)
@@ -85,10 +98,20 @@ class BrokerState:
         return row
 
     def complete_result(self, txn: Txn, row: dict, data, completed_by: str, now: float) -> None:
-        """Store a result's data, mark it COMPLETED and queue the tasks that were waiting only for it."""
-        txn.put_data(row["result_id"], data)
+        """Store a result's data (bytes or frames), mark it COMPLETED and queue the tasks waiting only for it."""
+        self.mark_result_completed(txn, row, txn.put_object(row["result_id"], data), completed_by, now)
+
+    def delete_result_data(self, txn: Txn, row: dict) -> None:
+        """Delete a result's data and keep its metadata: DELETED (an imported object's file stays)."""
+        txn.delete_object(row["result_id"])
+        row["status"] = int(_R.DELETED)
+        txn.put_result(row)
+        self.events.result_status(row)
+
+    def mark_result_completed(self, txn: Txn, row: dict, size: int, completed_by: str, now: float) -> None:
+        """Mark a result whose data is stored (or referenced) COMPLETED and queue the tasks waiting only for it."""
         row["status"] = int(_R.COMPLETED)
-        row["size"] = len(data)
+        row["size"] = size
         row["completed_at"] = now
         row["completed_by"] = completed_by
         txn.put_result(row)
@@ -126,6 +149,31 @@ class BrokerState:
         if slot is not None:
             del self.slot_task[slot]
             self.core.free_task(slot)
+
+    def _add_to_core(self, task_id: str, opts: dict, missing: Iterable[str]) -> None:
+        """Give a task its core slot, waiting for the results in ``missing`` (no data yet); queued at once if none."""
+        slots = []
+        for rid in missing:
+            slot = self.result_slot.get(rid)
+            if slot is None:
+                slot = self.result_slot[rid] = self.core.new_result()
+            slots.append(slot)
+        tslot = self.core.add_task(self.partition_slot.get(opts["partition_id"], 0), opts["priority"], slots)
+        self.task_slot[task_id] = tslot
+        self.slot_task[tslot] = task_id
+
+    def _insert_task(self, txn: Txn, row: dict, missing: list[str]) -> None:
+        """Store a new task row, announce it (NEW_TASK) and register it in the core."""
+        txn.put_task(row, new=True)
+        self.events.new_task(row)
+        self._add_to_core(row["task_id"], row["options"], missing)
+
+    def _give_result(self, txn: Txn, rrow: dict, task_id: str) -> None:
+        """Make ``task_id`` the task responsible for producing a result (RESULT_OWNER_UPDATE)."""
+        previous = rrow["owner_task_id"]
+        rrow["owner_task_id"] = task_id
+        txn.put_result(rrow)
+        self.events.result_owner(rrow, previous)
 
     def create_tasks(self, txn: Txn, session: dict, creations: list[dict], request_options: Optional[dict], now: float,
                      *, parent: Optional[dict] = None, task_ids: Optional[list[str]] = None) -> list[dict]:
@@ -177,39 +225,37 @@ class BrokerState:
                 "received_at": None, "acquired_at": None, "fetched_at": None, "started_at": None,
                 "processed_at": None, "ended_at": None,
             }
-            txn.put_task(row, new=True)
-            self.events.new_task(row)
+            if session["status"] == _S.PAUSED:
+                # ArmoniK 3.1: in a paused session a new task waits PAUSED, behind the pause gate, until resumed.
+                row.update(status=int(_T.PAUSED), submitted_at=None)
+                missing = [*missing, self.pause_gate(sid)]
+            self._insert_task(txn, row, missing)
             for rrow in outputs:
                 # ArmoniK 3.8: a result without owner goes to its new producer; a parent's output moves to
                 # the child that lists it (the parent then completes without writing it).
                 previous = rrow["owner_task_id"]
                 if (not previous and rrow["result_id"] not in claimed) or (parent and previous == parent["task_id"]):
                     claimed.add(rrow["result_id"])
-                    rrow["owner_task_id"] = tid
-                    txn.put_result(rrow)
-                    self.events.result_owner(rrow, previous)
-            slots = []
-            for rid in missing:
-                slot = self.result_slot.get(rid)
-                if slot is None:
-                    slot = self.result_slot[rid] = self.core.new_result()
-                slots.append(slot)
-            tslot = self.core.add_task(self.partition_slot[opts["partition_id"]], opts["priority"], slots)
-            self.task_slot[tid] = tslot
-            self.slot_task[tslot] = tid
+                    self._give_result(txn, rrow, tid)
             infos.append({"task_id": tid, "payload_id": row["payload_id"],
                           "data_dependencies": row["data_dependencies"], "expected_output_ids": row["expected_output_ids"]})
         return infos
 
     def end_task(self, txn: Txn, row: dict, status: TaskStatus, now: float, message: str) -> None:
-        """End a task without success (ERROR, TIMEOUT, CANCELLED): abort its outputs and fail what waits on them."""
+        """End a task without success (ERROR, TIMEOUT, CANCELLED): abort its outputs and fail what waits on them.
+
+        Every task failed down the graph names the task whose failure started it (not the chain between:
+        a message per level would grow with the depth of the graph). CANCELLING does the same to the
+        graph, but the task keeps its core slot (its agent's credit) until the agent has stopped it.
+        """
+        reason = f"task {row['task_id']} ended in {TaskStatus(status).name}: {message}"
         work = [(row, status, message)]
         while work:
             trow, st, msg = work.pop()
             trow["error"] = msg
             self.set_task_status(txn, trow, st, now, msg)
-            self._task_ended(trow["task_id"])
-            reason = f"task {trow['task_id']} ended in {TaskStatus(st).name}: {msg}"
+            if st != _T.CANCELLING:
+                self._task_ended(trow["task_id"])
             for rid in trow["expected_output_ids"]:
                 rrow = txn.get_result(rid)
                 if rrow is None or rrow["owner_task_id"] != trow["task_id"] or rrow["status"] != _R.CREATED:
@@ -223,9 +269,99 @@ class BrokerState:
                 for t in self.core.on_result_aborted(slot):
                     dep_id = self.slot_task[t]
                     dep = txn.get_task(dep_id)
-                    dep_status = _T.CANCELLED if st == _T.CANCELLED else _T.ERROR
+                    dep_status = _T.CANCELLED if st in (_T.CANCELLED, _T.CANCELLING) else _T.ERROR
                     work.append((dep, dep_status, f"input result {rid} was aborted because {reason}"))
                 self.core.free_result(slot)
+
+    def retry_or_fail(self, txn: Txn, row: dict, message: str, now: float) -> None:
+        """Handle a retryable failure (exception, worker or agent lost): retry the task, or ERROR when out of retries.
+
+        ArmoniK 3.4: while ``len(retry_of_ids) < max_retries`` the task becomes RETRIED and a copy
+        ``<initial_task_id>###<n>`` takes its place: same payload, inputs, outputs (ownership moves to it)
+        and options, queued at once (its inputs had data, since the failed attempt ran).
+        """
+        if len(row["retry_of_ids"]) >= row["options"]["max_retries"]:
+            self.end_task(txn, row, _T.ERROR, now, message)
+            return
+        row["error"] = message
+        self.set_task_status(txn, row, _T.RETRIED, now, message)
+        self._task_ended(row["task_id"])
+        retry_of_ids = row["retry_of_ids"] + [row["task_id"]]
+        retry_id = f"{row['initial_task_id']}###{len(retry_of_ids)}"
+        retry = {**row, "task_id": retry_id, "owner_pod_id": "", "pod_hostname": "", "retry_of_ids": retry_of_ids,
+                 "status": int(_T.SUBMITTED), "status_message": "", "error": None, "attempt": 0, "created_at": now,
+                 "submitted_at": now, "received_at": None, "acquired_at": None, "fetched_at": None,
+                 "started_at": None, "processed_at": None, "ended_at": None}
+        self._insert_task(txn, retry, [])
+        for rid in row["expected_output_ids"]:
+            rrow = txn.get_result(rid)
+            if rrow is not None and rrow["owner_task_id"] == row["task_id"]:
+                self._give_result(txn, rrow, retry_id)
+        log.info("task %s retried as %s: %s", row["task_id"], retry_id, message)
+
+    # -- pause, resume, cancel (ArmoniK 1.1, 1.2, 3.7) -------------------------------------------------
+    # A paused session's tasks stay in the core, waiting for one more "result": the session's pause gate.
+    # So they are never dispatched, yet an input aborted meanwhile still fails them down the graph, and
+    # resuming is one ``on_result_ready`` that queues them in the order they were paused.
+
+    @staticmethod
+    def pause_gate(session_id: str) -> str:
+        """Return the ``result_slot`` key of a session's pause gate (no result id holds a NUL)."""
+        return "\x00paused " + session_id
+
+    def pause_task(self, txn: Txn, row: dict, now: float, message: Optional[str] = None) -> None:
+        """Take a task that has not started (or was handed back) out of the queues: PAUSED until resumed.
+
+        A DISPATCHED task loses its agent, which the caller tells to drop it; the agent's credit comes back.
+        """
+        if row["status"] == _T.PROCESSING:
+            # Handed back by its agent (shutting down) while its session is paused.
+            self.set_task_status(txn, row, _T.SUBMITTED, now, message)
+        self._task_ended(row["task_id"])
+        missing = [rid for rid in dict.fromkeys([row["payload_id"], *row["data_dependencies"]])
+                   if (txn.get_result(rid) or {}).get("status") == _R.CREATED]
+        self._add_to_core(row["task_id"], row["options"], [*missing, self.pause_gate(row["session_id"])])
+        row["owner_pod_id"] = ""
+        self.set_task_status(txn, row, _T.PAUSED, now, message)
+
+    def resume_tasks(self, txn: Txn, session_id: str, now: float) -> None:
+        """Put a resumed session's PAUSED tasks back: queued (SUBMITTED), or PENDING if inputs still miss data."""
+        slot = self.result_slot.pop(self.pause_gate(session_id), None)
+        if slot is None:
+            return
+        for t in self.core.on_result_ready(slot):
+            self.set_task_status(txn, txn.get_task(self.slot_task[t]), _T.SUBMITTED, now)
+        self.core.free_result(slot)
+        for tid in txn.session_task_ids(session_id):
+            row = txn.get_task(tid)
+            if row["status"] == _T.PAUSED:
+                self.set_task_status(txn, row, _T.PENDING, now)
+
+    def drop_pause_gate(self, session_id: str) -> None:
+        """Forget a session's pause gate once no task waits on it any more (they all ended)."""
+        slot = self.result_slot.pop(self.pause_gate(session_id), None)
+        if slot is not None:
+            self.core.free_result(slot)
+
+    def cancel_task(self, txn: Txn, row: dict, now: float, message: str) -> Optional[str]:
+        """Cancel a task (outputs ABORTED, dependents CANCELLED); return the agent that must stop it, if any.
+
+        A task an agent holds (DISPATCHED, PROCESSING) is CANCELLING until that agent reports it stopped
+        (``finish_cancel``); any other unfinished one is CANCELLED at once. Ended ones are left alone.
+        """
+        status = row["status"]
+        if status in TASK_FINAL or status == _T.CANCELLING:
+            return None
+        if status in (_T.DISPATCHED, _T.PROCESSING):
+            self.end_task(txn, row, _T.CANCELLING, now, message)
+            return row["owner_pod_id"]
+        self.end_task(txn, row, _T.CANCELLED, now, message)
+        return None
+
+    def finish_cancel(self, txn: Txn, row: dict, now: float) -> None:
+        """CANCELLING -> CANCELLED once the task runs nowhere: its agent stopped it, or the agent is gone."""
+        self.set_task_status(txn, row, _T.CANCELLED, now)
+        self._task_ended(row["task_id"])
 
     # -- restart ---------------------------------------------------------------------------------
 
@@ -233,46 +369,56 @@ class BrokerState:
         """Rebuild queues and dependency counts from LMDB after a restart; return counts for the log."""
         for s in txn.iter_sessions():
             self.session_status[s["session_id"]] = s["status"]
-        counts = {"pending": 0, "queued": 0, "requeued": 0, "failed": 0}
+        counts = {"pending": 0, "queued": 0, "requeued": 0, "failed": 0, "paused": 0, "cancelled": 0}
         to_fail = []
+        to_cancel = []
+        paused = []
         for row in txn.iter_tasks():
             status = row["status"]
             if status in TASK_FINAL:
                 continue
-            tid = row["task_id"]
-            opts = row["options"]
-            slots = []
+            if status == _T.CANCELLING:
+                to_cancel.append(row)  # its agent may still finish the run: that report is refused
+                continue
+            missing = []
             aborted = None
-            if status == _T.PENDING:
+            if status in (_T.PENDING, _T.PAUSED):
                 for rid in dict.fromkeys([row["payload_id"], *row["data_dependencies"]]):
                     rrow = txn.get_result(rid)
                     rst = rrow["status"] if rrow else _R.NOTFOUND
                     if rst == _R.CREATED:
-                        slot = self.result_slot.get(rid)
-                        if slot is None:
-                            slot = self.result_slot[rid] = self.core.new_result()
-                        slots.append(slot)
+                        missing.append(rid)
                     elif rst != _R.COMPLETED:
                         aborted = rid
                 if aborted is not None:
                     to_fail.append((row, aborted))
                     continue
-                counts["pending" if slots else "queued"] += 1
+                if status == _T.PAUSED:
+                    paused.append((row, missing))
+                    continue
+                counts["pending" if missing else "queued"] += 1
             elif status in (_T.DISPATCHED, _T.PROCESSING):
-                # The agent may still finish it: its completion is accepted while the attempt matches.
+                # Queued again; an agent still running it adopts the attempt it is dispatched next (reports of
+                # the old attempt are refused as stale).
                 row["status"] = int(_T.SUBMITTED)
                 txn.put_task(row)
                 counts["requeued"] += 1
             else:
                 counts["queued"] += 1
-            slot = self.core.add_task(self.partition_slot.get(opts["partition_id"], 0), opts["priority"], slots)
-            self.task_slot[tid] = slot
-            self.slot_task[slot] = tid
-            if status == _T.PENDING and not slots:
+            self._add_to_core(row["task_id"], row["options"], missing)
+            if status == _T.PENDING and not missing:
                 self.set_task_status(txn, row, _T.SUBMITTED, now)
+        # Behind their session's pause gate again, in the order they were created (the order they resume in).
+        paused.sort(key=lambda item: item[0]["created_at"])
+        for row, missing in paused:
+            self._add_to_core(row["task_id"], row["options"], [*missing, self.pause_gate(row["session_id"])])
+            counts["paused"] += 1
         for row, rid in to_fail:
             self.end_task(txn, row, _T.ERROR, now, f"input result {rid} will never have data")
             counts["failed"] += 1
+        for row in to_cancel:
+            self.finish_cancel(txn, row, now)
+            counts["cancelled"] += 1
         return counts
 
 

@@ -14,6 +14,9 @@ from typing import Iterator, Optional
 import lmdb
 import msgpack
 
+from ..protocol import DATA_CHUNK_MAX_SIZE, ErrorCode, ProtocolError
+from .objects import ObjectStorage, chunk_key, n_chunks, rechunk
+
 _pack = msgpack.Packer(use_bin_type=True).pack
 
 
@@ -24,16 +27,23 @@ def _unpack(buf) -> dict:
 class Store:
     """One LMDB environment with the broker's named databases, opened once at start."""
 
-    def __init__(self, path: str, *, map_size: int = 64 << 30, sync: bool = True):
+    def __init__(self, path: str, *, map_size: int = 64 << 30, sync: bool = True,
+                 chunk_size: int = DATA_CHUNK_MAX_SIZE, object_storage: Optional[ObjectStorage] = None):
         os.makedirs(path, mode=0o700, exist_ok=True)
         self.path = path
+        #: largest chunk of object data kept in one LMDB value (new objects; each records its own)
+        self.chunk_size = chunk_size
+        #: where imported results' files are, if the broker has an object storage
+        self.object_storage = object_storage
         # max_spare_txns=0: never carry reader slots across a fork (RELIABILITY.md section 2)
-        self.env = lmdb.open(path, map_size=map_size, max_dbs=8, sync=sync, metasync=sync,
+        self.env = lmdb.open(path, map_size=map_size, max_dbs=16, sync=sync, metasync=sync,
                              max_spare_txns=0, readahead=False)
         self.sessions = self.env.open_db(b"sessions")
         self.tasks = self.env.open_db(b"tasks")
         self.results = self.env.open_db(b"results")
+        #: object chunks (objects.chunk_key) and, per result with data, its object row
         self.data = self.env.open_db(b"data")
+        self.objects = self.env.open_db(b"objects")
         #: session id -> task ids / result ids (for cancel, purge, delete)
         self.session_tasks = self.env.open_db(b"session_tasks", dupsort=True)
         self.session_results = self.env.open_db(b"session_results", dupsort=True)
@@ -109,16 +119,140 @@ class Txn:
         if new:
             self.txn.put(row["session_id"].encode(), key, db=self.store.session_results)
 
-    # -- object data --------------------------------------------------------------------------
+    # -- object data (see objects.py) -------------------------------------------------------------
+    # An object row is {size, chunks, chunk_size} plus ``staged`` while an upload is unfinished, or
+    # ``opaque_id`` for an imported object (its bytes stay in the object storage).
 
-    def get_data(self, result_id: str) -> Optional[bytes]:
-        return self.txn.get(result_id.encode(), db=self.store.data)
+    def _object(self, result_id: str) -> Optional[dict]:
+        return self._get(self.store.objects, result_id)
 
-    def put_data(self, result_id: str, data) -> None:
-        self.txn.put(result_id.encode(), data, db=self.store.data)
+    def _put_object_row(self, result_id: str, row: dict) -> None:
+        self.txn.put(result_id.encode(), _pack(row), db=self.store.objects)
 
-    def delete_data(self, result_id: str) -> bool:
-        return self.txn.delete(result_id.encode(), db=self.store.data)
+    def _write_chunks(self, result_id: str, frames: list, first: int, chunk_size: int) -> tuple[int, int]:
+        """Write frames as chunks from index ``first``; return (bytes written, index after the last chunk)."""
+        written, index = 0, first
+        for chunk in rechunk(frames, chunk_size):
+            self.txn.put(chunk_key(result_id, index), chunk, db=self.store.data)
+            written += len(chunk)
+            index += 1
+        return written, index
+
+    def _seal(self, result_id: str, row: dict) -> int:
+        """Store a complete object's row (an empty object gets its one empty chunk); return its size."""
+        row.pop("staged", None)
+        if row["chunks"] == 0:
+            self.txn.put(chunk_key(result_id, 0), b"", db=self.store.data)
+            row["chunks"] = 1
+        self._put_object_row(result_id, row)
+        return row["size"]
+
+    def put_object(self, result_id: str, data) -> int:
+        """Store a result's data (bytes, or a list of frames) as chunks, replacing any; return its size."""
+        self.delete_object(result_id)
+        cs = self.store.chunk_size
+        frames = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
+        size, count = self._write_chunks(result_id, frames, 0, cs)
+        return self._seal(result_id, {"size": size, "chunks": count, "chunk_size": cs})
+
+    def stage_object(self, result_id: str, frames: list, offset: int) -> int:
+        """Add one part of a chunked upload, starting at byte ``offset`` (0 starts over); return the bytes staged.
+
+        Staged data is invisible to every read until ``commit_object``, so an upload left unfinished
+        never makes a result look complete.
+        """
+        row = self._object(result_id)
+        if offset == 0:
+            if row is not None:
+                self.delete_object(result_id)
+            row = {"size": 0, "chunks": 0, "chunk_size": self.store.chunk_size, "staged": True}
+        else:
+            have = row["size"] if row is not None and row.get("staged") else 0
+            if have != offset:
+                raise ProtocolError(ErrorCode.FAILED_PRECONDITION,
+                                    f"upload of result {result_id}: {have} byte(s) received so far, but this part "
+                                    f"starts at byte {offset} (start again at offset 0)")
+        cs = row["chunk_size"]
+        first = row["chunks"]
+        if first and row["size"] < first * cs:
+            # The last chunk is not full: rewrite it with the new bytes appended.
+            first -= 1
+            frames = [self.txn.get(chunk_key(result_id, first), db=self.store.data), *frames]
+        written, row["chunks"] = self._write_chunks(result_id, frames, first, cs)
+        row["size"] = first * cs + written
+        self._put_object_row(result_id, row)
+        return row["size"]
+
+    def commit_object(self, result_id: str) -> int:
+        """Make a staged upload the result's data; return its size."""
+        row = self._object(result_id)
+        if row is None or not row.get("staged"):
+            raise ProtocolError(ErrorCode.FAILED_PRECONDITION, f"result {result_id} has no upload in progress")
+        return self._seal(result_id, row)
+
+    def put_reference(self, result_id: str, opaque_id: str, size: int) -> None:
+        """Make a result's data the object ``opaque_id`` of the object storage (nothing is copied)."""
+        self.delete_object(result_id)
+        cs = self.store.chunk_size
+        self._put_object_row(result_id, {"size": size, "chunks": n_chunks(size, cs), "chunk_size": cs,
+                                         "opaque_id": opaque_id})
+
+    def object_size(self, result_id: str) -> Optional[int]:
+        """Return the size of a result's data, or None if it has none (or only an unfinished upload).
+
+        For an imported object, raise if its file is gone or changed (nothing could read it).
+        """
+        row = self._object(result_id)
+        if row is None or row.get("staged"):
+            return None
+        if "opaque_id" in row:
+            self._storage(result_id).check(row["opaque_id"], row["size"])
+        return row["size"]
+
+    def _storage(self, result_id: str) -> ObjectStorage:
+        if self.store.object_storage is None:
+            raise ProtocolError(ErrorCode.FAILED_PRECONDITION,
+                                f"result {result_id} was imported from an object storage, and this broker has none")
+        return self.store.object_storage
+
+    def object_chunks(self, result_id: str) -> int:
+        """Return how many chunks a result's data has (0 if it has none)."""
+        row = self._object(result_id)
+        return 0 if row is None or row.get("staged") else row["chunks"]
+
+    def iter_object_chunks(self, result_id: str, start: int = 0, count: Optional[int] = None) -> Iterator[bytes]:
+        """Yield chunks ``start`` to ``start + count`` (default: to the end) of a result's data, one at a time."""
+        row = self._object(result_id)
+        if row is None or row.get("staged"):
+            return
+        stop = row["chunks"] if count is None else min(row["chunks"], start + count)
+        name = row.get("opaque_id")
+        if name is None:
+            for index in range(start, stop):
+                yield self.txn.get(chunk_key(result_id, index), db=self.store.data)
+            return
+        storage = self._storage(result_id)
+        cs, size = row["chunk_size"], row["size"]
+        for index in range(start, stop):
+            yield storage.read(name, size, index * cs, min(cs, size - index * cs))
+
+    def read_object(self, result_id: str) -> Optional[bytes]:
+        """Return a result's data in one buffer (small data only), or None if it has none."""
+        chunks = list(self.iter_object_chunks(result_id))
+        if not chunks:
+            return None
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def delete_object(self, result_id: str) -> bool:
+        """Delete a result's data (an imported object's file stays); return whether there was any."""
+        row = self._object(result_id)
+        if row is None:
+            return False
+        if "opaque_id" not in row:
+            for index in range(row["chunks"]):
+                self.txn.delete(chunk_key(result_id, index), db=self.store.data)
+        self.txn.delete(result_id.encode(), db=self.store.objects)
+        return True
 
     # -- per-session indexes ------------------------------------------------------------------
 
@@ -143,7 +277,7 @@ class Txn:
             self.txn.delete(tid.encode(), db=self.store.tasks)
         for rid in result_ids:
             self.txn.delete(rid.encode(), db=self.store.results)
-            self.txn.delete(rid.encode(), db=self.store.data)
+            self.delete_object(rid)
         self.txn.delete(key, db=self.store.session_tasks)
         self.txn.delete(key, db=self.store.session_results)
         return len(task_ids), len(result_ids)

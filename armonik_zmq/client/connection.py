@@ -189,14 +189,22 @@ class Connection:
         return rid, fut
 
     def _call_many(self, op: Op, requests: Iterable[tuple[dict, Sequence[Any]]],
-                   timeout: Optional[float] = None) -> list[tuple[dict, list]]:
+                   timeout: Optional[float] = None, window: Optional[int] = None) -> list[tuple[dict, list]]:
         """Send every request before awaiting the first reply (pipelined, applied in order); return the replies.
 
-        ``timeout`` bounds the wait of each reply once the previous one arrived.
+        ``timeout`` bounds the wait of each reply once the previous one arrived. ``window`` caps the
+        requests awaiting their reply (bulk data: bounds what the broker holds at once).
         """
-        sent = [self._submit(op, fields, frames) for fields, frames in requests]
+        sent: deque = deque()
+        replies = []
         try:
-            return [self._wait(op, rid, fut, timeout) for rid, fut in sent]
+            for fields, frames in requests:
+                sent.append(self._submit(op, fields, frames))
+                if window is not None and len(sent) >= window:
+                    replies.append(self._wait(op, *sent.popleft(), timeout))
+            while sent:
+                replies.append(self._wait(op, *sent.popleft(), timeout))
+            return replies
         except BaseException:
             with self._lock:  # nobody will read the other replies
                 for rid, _ in sent:

@@ -12,6 +12,7 @@ from ..status import EventTypes, ResultStatus
 from ..errors import NotFoundError
 from ..errors import ConnectionLostError
 from .connection import Connection, Subscription
+from .filters import to_wire_filter
 
 __all__ = ["ArmoniKEvents"]
 
@@ -19,14 +20,9 @@ __all__ = ["ArmoniKEvents"]
 _MAX_CLAUSES = protocol.FILTER.inner.max_len
 
 
-def _to_dnf(filter: Any, name: str = "filter") -> Optional[list]:
-    """Return ``filter`` in the wire's disjunctive normal form (``None`` for no filter)."""
-    if filter is None:
-        return None
-    if isinstance(filter, (list, tuple)):
-        return [[list(term) for term in clause] for clause in filter]
-    raise TypeError(f"{name} must be a filter in disjunctive normal form: a list (OR) of lists (AND) of "
-                    f"[field, operator, value], e.g. [[['status', 'eq', 2]]]; got {type(filter).__name__}")
+def _to_dnf(filter: Any, name: str, entity: str) -> Optional[list]:
+    """Return ``filter`` (a ``Filter`` on ``entity``, or a list already) in the wire's disjunctive normal form."""
+    return to_wire_filter(filter, entity, name) or None
 
 
 def _event_type(value: Union[int, str]) -> int:
@@ -51,12 +47,12 @@ class ArmoniKEvents:
             event_types: the event types wanted (empty: all).
             event_handlers: called in order as ``handler(session_id, event_type, event)``; the first
                 that returns True ends the stream (the following handlers do not see that event).
-            task_filter: a filter on tasks, in disjunctive normal form.
-            result_filter: a filter on results, in disjunctive normal form.
+            task_filter: a filter on tasks (``Task.status == ...``, or a list in disjunctive normal form).
+            result_filter: a filter on results (``Result.name == ...``, or a list in disjunctive normal form).
         """
         with self._conn.subscribe(session_id, [_event_type(t) for t in event_types],
-                                  _to_dnf(task_filter, "task_filter"),
-                                  _to_dnf(result_filter, "result_filter")) as sub:
+                                  _to_dnf(task_filter, "task_filter", "task"),
+                                  _to_dnf(result_filter, "result_filter", "result")) as sub:
             for event_type, event in sub:
                 if any(handler(session_id, event_type, event) for handler in event_handlers):
                     return

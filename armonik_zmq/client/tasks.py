@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from ..common import Task, TaskDefinition, TaskOptions
 from ..protocol import MAX_BATCH, Op
+from ..status import TaskStatus
 from .connection import Connection
+from .filters import Direction, Filter, to_wire_filter, to_wire_sort
 
 __all__ = ["ArmoniKTasks"]
 
@@ -56,3 +58,55 @@ class ArmoniKTasks:
         """Return the task ``task_id`` with all its details."""
         header, _ = self._conn.call(Op.GET_TASKS, task_ids=[task_id])
         return Task.from_wire(header["tasks"][0])
+
+    def cancel_tasks(self, task_ids: List[str], chunk_size: Optional[int] = 500) -> List[Task]:
+        """Cancel tasks and return them as they are now.
+
+        Queued or waiting tasks are CANCELLED at once; running ones are CANCELLING until their agent has
+        stopped them. Their outputs are aborted and the tasks depending on those are cancelled too.
+
+        Args:
+            task_ids: the tasks.
+            chunk_size: tasks per request at least; larger batches are sent since the wire is batched.
+        """
+        ids = list(task_ids)
+        size = min(max(chunk_size or 0, _MIN_WIRE_BATCH), MAX_BATCH)
+        replies = self._conn._call_many(Op.CANCEL_TASKS, [({"task_ids": ids[i:i + size]}, ())
+                                                          for i in range(0, len(ids), size)])
+        return [Task.from_wire(t) for header, _ in replies for t in header["tasks"]]
+
+    def list_tasks(self, task_filter: Optional[Filter] = None, with_errors: bool = False, page: int = 0,
+                   page_size: int = 1000, sort_field: Filter = Task.id, sort_direction: Direction = Direction.ASC,
+                   detailed: bool = True) -> Tuple[int, List[Task]]:
+        """List tasks: return (how many match the filter, the tasks of the page).
+
+        Args:
+            task_filter: which tasks (``Task.session_id == ...``, ``Task.options["key"] == ...``); None: all.
+            with_errors: fill ``output.error`` of failed tasks (else it is empty; ``output.success`` is right).
+            page: the page (0-based).
+            page_size: tasks per page (at most 10,000).
+            sort_field: the field to sort on (``Task.created_at``, ``Task.options.priority``, ...).
+            sort_direction: ``Direction.ASC`` or ``Direction.DESC``; tasks without the field come last.
+            detailed: full tasks; else summaries, whose id lists are None and ``count_*`` give their lengths.
+        """
+        header, _ = self._conn.call(Op.LIST_TASKS, filter=to_wire_filter(task_filter, "task", "task_filter"),
+                                    sort=to_wire_sort(sort_field, sort_direction, "task"), page=page,
+                                    page_size=page_size, with_errors=with_errors, detailed=detailed)
+        return header["total"], [Task.from_wire(t) for t in header["tasks"]]
+
+    def get_result_ids(self, task_ids: List[str], chunk_size: Optional[int] = 500) -> Dict[str, List[str]]:
+        """Return the expected output ids of each task.
+
+        ``chunk_size`` is a minimum: bigger batches are sent since the wire is batched.
+        """
+        ids = list(task_ids)
+        size = min(max(chunk_size or 0, _MIN_WIRE_BATCH), MAX_BATCH)
+        requests = [({"task_ids": ids[i:i + size]}, ()) for i in range(0, len(ids), size)]
+        return {t["task_id"]: list(t["result_ids"])
+                for header, _ in self._conn._call_many(Op.GET_RESULT_IDS, requests) for t in header["task_results"]}
+
+    def count_tasks_by_status(self, task_filter: Optional[Filter] = None) -> Dict[TaskStatus, int]:
+        """Return how many tasks matching the filter are in each status (statuses without tasks are left out)."""
+        header, _ = self._conn.call(Op.COUNT_TASKS_BY_STATUS,
+                                    filter=to_wire_filter(task_filter, "task", "task_filter"))
+        return {TaskStatus(status): count for status, count in header["counts"]}

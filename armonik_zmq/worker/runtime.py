@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import itertools
 import logging
 import os
+import signal
 import sys
 import traceback
 from collections import deque
@@ -18,6 +20,9 @@ from ..protocol import Op, ProtocolError, check_reply, decode_header, request
 from .taskhandler import TaskHandler
 
 log = logging.getLogger(__name__)
+
+#: prctl(2) option: the signal this process gets when its parent dies
+_PR_SET_PDEATHSIG = 1
 
 
 def load_processor(spec: str) -> Callable[[TaskHandler], Output]:
@@ -123,7 +128,21 @@ class WorkerRuntime:
             self.run_one(header, frames)
 
 
+def _die_with_agent() -> None:
+    """Have Linux SIGKILL this worker the moment its agent dies, even in the middle of a long task.
+
+    Elsewhere the parent pid check in ``_receive`` still applies, between tasks.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
 def main(agent_endpoint: str, processor_spec: str, identity: str = "") -> None:
+    _die_with_agent()
     logging.basicConfig(level=os.environ.get("ARMONIK_ZMQ_LOG", "WARNING"),
                         format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s")
     try:

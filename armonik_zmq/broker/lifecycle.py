@@ -1,0 +1,115 @@
+"""Pause, resume and stop submission of sessions; cancel tasks (ArmoniK 1.1, 1.2, 3.7).
+
+A task an agent holds is stopped on that agent: the broker pushes ``STOP_TASKS`` (after the turn
+commits), the agent drops the attempts it has not started and kills the worker running the others,
+then reports ``TASKS_STOPPED``. A cancelled task stays CANCELLING until then; a paused one is PAUSED
+at once, since no report of its attempt is accepted any more.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from ..protocol import ErrorCode, Op, ProtocolError, request
+from ..status import SessionStatus, TaskStatus
+from .store import Txn
+
+if TYPE_CHECKING:
+    from .server import Broker, Request
+
+log = logging.getLogger(__name__)
+
+_S = SessionStatus
+_T = TaskStatus
+#: what a pause takes out of the queues; running tasks (PROCESSING) finish
+_PAUSABLE = (_T.PENDING, _T.SUBMITTED, _T.DISPATCHED)
+
+
+class Lifecycle:
+    """Mixed into ``Broker``: the handlers that stop, pause and resume work."""
+
+    def handle_pause_sessions(self: "Broker", req: "Request", txn: Txn) -> None:
+        """RUNNING -> PAUSED: tasks not started become PAUSED and leave the queues; running ones finish."""
+        def pause(txn: Txn, row: dict, now: float) -> None:
+            row["status"] = int(_S.PAUSED)
+            stops = []
+            pausable = [t for t in map(txn.get_task, txn.session_task_ids(row["session_id"]))
+                        if t["status"] in _PAUSABLE]
+            # Paused in submission order (one request's tasks share a time): resumed so within each priority.
+            for trow in sorted(pausable, key=lambda t: t["created_at"]):
+                if trow["status"] == _T.DISPATCHED:
+                    stops.append((trow["owner_pod_id"], trow["task_id"], trow["attempt"]))
+                self.state.pause_task(txn, trow, now, f"session {row['session_id']} was paused")
+            self.stop_on_agents(req, txn, stops)
+        self._session_transition(req, txn, (_S.RUNNING,), "paused", pause)
+
+    def handle_resume_sessions(self: "Broker", req: "Request", txn: Txn) -> None:
+        """PAUSED -> RUNNING (RUNNING: nothing to do): PAUSED tasks go back to the queues, by priority."""
+        def resume(txn: Txn, row: dict, now: float) -> None:
+            if row["status"] == _S.PAUSED:
+                row["status"] = int(_S.RUNNING)
+                self.state.resume_tasks(txn, row["session_id"], now)
+        self._session_transition(req, txn, (_S.RUNNING, _S.PAUSED), "resumed", resume)
+
+    def handle_stop_submission(self: "Broker", req: "Request", txn: Txn) -> None:
+        """Switch off client submission, worker submission (subtasks), or both."""
+        h = req.header
+
+        def stop(txn: Txn, row: dict, now: float) -> None:
+            if h["client"]:
+                row["client_submission"] = False
+            if h["worker"]:
+                row["worker_submission"] = False
+        self._session_transition(req, txn, tuple(_S), "changed", stop)
+
+    def handle_cancel_tasks(self: "Broker", req: "Request", txn: Txn) -> None:
+        """Cancel tasks: outputs ABORTED, dependents CANCELLED; the ones agents hold are stopped there."""
+        ids = list(dict.fromkeys(req.header["task_ids"]))
+        for tid in ids:
+            self.state.require_task(txn, tid)
+        self.cancel_tasks(req, txn, ids, "cancelled by a client")
+        req.reply(tasks=[txn.get_task(tid) for tid in ids])
+
+    def cancel_tasks(self: "Broker", req: "Request", txn: Txn, task_ids, message: str) -> None:
+        """Cancel every unfinished task of ``task_ids`` (read afresh: cancelling one may end others)."""
+        stops = []
+        for tid in task_ids:
+            row = txn.get_task(tid)
+            attempt = row["attempt"]
+            agent_id = self.state.cancel_task(txn, row, req.now, message)
+            if agent_id:
+                stops.append((agent_id, tid, attempt))
+        self.stop_on_agents(req, txn, stops)
+
+    def stop_on_agents(self: "Broker", req: "Request", txn: Txn, stops: list[tuple[str, str, int]]) -> None:
+        """Push ``STOP_TASKS`` to each agent holding one of these (agent id, task id, attempt); sent after commit."""
+        by_agent: dict[str, list] = {}
+        for agent_id, task_id, attempt in stops:
+            by_agent.setdefault(agent_id, []).append([task_id, attempt])
+        for agent_id, tasks in by_agent.items():
+            agent = self.agents.get(agent_id)
+            if agent is None:
+                # Its agent is gone (its tasks were taken back): nothing runs them any more.
+                for task_id, _ in tasks:
+                    row = txn.get_task(task_id)
+                    if row["status"] == _T.CANCELLING:
+                        self.state.finish_cancel(txn, row, req.now)
+                continue
+            entry = (self.backend, [agent.peer, request(Op.STOP_TASKS, 0, tasks=tasks)], agent)
+            self._outbox.append(entry)
+            req.on_rollback(lambda entry=entry: self._outbox.remove(entry))
+            log.info("asking agent %s to stop %d task(s)", agent_id, len(tasks))
+
+    def handle_tasks_stopped(self: "Broker", req: "Request", txn: Txn) -> None:
+        """The agent no longer runs these attempts: CANCELLING tasks are CANCELLED."""
+        agent = self._agent(req)
+        for item in req.header["tasks"]:
+            if len(item) != 2 or type(item[0]) is not str or type(item[1]) is not int:
+                raise ProtocolError(ErrorCode.INVALID_ARGUMENT, "tasks items must be [task_id, attempt]")
+        for task_id, attempt in req.header["tasks"]:
+            row = txn.get_task(task_id)
+            if (row is not None and row["status"] == _T.CANCELLING and row["attempt"] == attempt
+                    and row["owner_pod_id"] == agent.agent_id):
+                self.state.finish_cancel(txn, row, req.now)
+        req.reply()

@@ -1,0 +1,603 @@
+"""Sessions and tasks through their lifecycle, with ArmoniK's semantics (ARMONIK.md 1.1, 1.2, 1.7, 3.7).
+
+Most tests run on the module's cluster (broker, agent, workers). The ones that must decide exactly when
+an agent reports use a broker without an agent and speak the agent protocol themselves
+(``ScriptedAgent``): that makes the races of cancel and pause (a report arriving after the task was
+stopped) deterministic.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import queue
+import time
+from datetime import timedelta
+
+import msgpack
+import pytest
+import zmq
+
+from armonik_zmq.client import (EventTypes, ResultStatus, SessionStatus, TaskDefinition, TaskOptions, TaskStatus,
+                                connect)
+from armonik_zmq.errors import FailedPreconditionError, InvalidArgumentError
+from armonik_zmq.protocol import ErrorCode, Op, request
+from conftest import Api, make_cluster
+
+_S = SessionStatus
+_T = TaskStatus
+
+
+def wait_until(condition, what: str, timeout: float = 30.0) -> None:
+    """Poll a condition that no event announces (a file written, a process gone)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.01)
+
+
+def wait_task(api: Api, session_id: str, task_id: str, *statuses: TaskStatus, timeout: float = 30.0):
+    """Wait on the events stream until a task is in one of ``statuses``; return the task."""
+    with api.conn.subscribe(session_id, [EventTypes.TASK_STATUS_UPDATE], [[["task_id", "eq", task_id]]]) as sub:
+        task = api.tasks.get_task(task_id)
+        deadline = time.monotonic() + timeout
+        while task.status not in statuses:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"task {task_id} is {task.status.name} after {timeout:g}s, "
+                                     f"not {' or '.join(s.name for s in statuses)}")
+            try:
+                sub.get(remaining)
+            except queue.Empty:
+                continue
+            task = api.tasks.get_task(task_id)
+        return task
+
+
+def alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def stamps(task) -> list:
+    return [task.created_at, task.submitted_at, task.received_at, task.acquired_at, task.fetched_at,
+            task.started_at, task.processed_at, task.ended_at]
+
+
+# -- sessions ---------------------------------------------------------------------------------------
+
+#: ArmoniK 3.7: the statuses each operation accepts, and where it leads.
+GUARDS = {
+    "cancel": ({_S.RUNNING, _S.PAUSED, _S.CLOSED}, _S.CANCELLED),
+    "pause": ({_S.RUNNING}, _S.PAUSED),
+    "resume": ({_S.RUNNING, _S.PAUSED}, _S.RUNNING),
+    "close": ({_S.RUNNING, _S.PAUSED}, _S.CLOSED),
+    "purge": ({_S.CLOSED, _S.CANCELLED}, _S.PURGED),
+    "delete": (set(_S) - {_S.UNSPECIFIED, _S.DELETED}, _S.DELETED),
+}
+PATHS = {_S.RUNNING: [], _S.PAUSED: ["pause"], _S.CLOSED: ["close"], _S.CANCELLED: ["cancel"],
+         _S.PURGED: ["close", "purge"]}
+
+
+def session_in(api: Api, status: SessionStatus) -> str:
+    sid = api.session()
+    for verb in PATHS[status]:
+        getattr(api.sessions, f"{verb}_session")(sid)
+    return sid
+
+
+@pytest.mark.parametrize("verb", GUARDS)
+def test_session_operations_follow_the_guard_table(api, verb):
+    allowed, target = GUARDS[verb]
+    for status in PATHS:
+        sid = session_in(api, status)
+        operation = getattr(api.sessions, f"{verb}_session")
+        if status in allowed:
+            assert operation(sid).status == target, (verb, status)
+            continue
+        with pytest.raises(FailedPreconditionError) as exc:
+            operation(sid)
+        message = exc.value.message
+        assert sid in message and f"is {status.name}" in message, message
+        assert all(s.name in message.split("allowed from:")[1] for s in allowed), message
+        assert api.sessions.get_session(sid).status == status
+
+
+def test_cancel_close_purge_switch_submission_off_and_stamp_the_session(api):
+    sid = api.session()
+    created = api.sessions.get_session(sid)
+    assert created.status == _S.RUNNING and created.client_submission and created.worker_submission
+    assert created.created_at is not None and created.closed_at is None and created.duration is None
+    closed = api.sessions.close_session(sid)
+    assert not closed.client_submission and not closed.worker_submission
+    assert closed.created_at <= closed.closed_at
+    assert abs(closed.duration - (closed.closed_at - closed.created_at)) < timedelta(milliseconds=1)
+    purged = api.sessions.purge_session(sid)
+    assert purged.closed_at <= purged.purged_at
+    deleted = api.sessions.delete_session(sid)
+    assert deleted.status == _S.DELETED and purged.purged_at <= deleted.deleted_at
+    other = api.session()
+    cancelled = api.sessions.cancel_session(other)
+    assert not cancelled.client_submission and not cancelled.worker_submission
+    assert cancelled.created_at <= cancelled.cancelled_at and cancelled.closed_at is None
+    assert api.sessions.purge_session(other).purged_at >= cancelled.cancelled_at
+
+
+def test_stop_submission_switches_client_and_worker_off_independently(api, tmp_path):
+    gate = tmp_path / "gate"
+    sid = api.session()
+    # a task that will submit subtasks once the gate opens
+    fanout, (fanout_out,) = api.submit(sid, {"op": "gate", "gate": str(gate), "then": {"op": "fanout", "xs": [2]}})
+    wait_task(api, sid, fanout.id, _T.PROCESSING)
+    row = api.sessions.stop_submission_session(sid, client=False, worker=True)
+    assert row.client_submission and not row.worker_submission and row.status == _S.RUNNING
+    _, (out,) = api.submit(sid, {"op": "square", "x": 3})  # clients still submit
+    gate.touch()
+    failed = wait_task(api, sid, fanout.id, _T.ERROR)
+    assert "worker submission stopped" in failed.status_message, failed.status_message
+    assert api.results.get_result(fanout_out).status == ResultStatus.ABORTED
+    assert api.value(sid, out) == 9
+    row = api.sessions.stop_submission_session(sid, client=True, worker=False)
+    assert not row.client_submission and not row.worker_submission
+    with pytest.raises(FailedPreconditionError, match=f"session {sid} has client submission stopped"):
+        api.submit(sid, {"op": "square", "x": 3})
+    # while a session that only stopped clients still takes subtasks from its workers
+    other, gate = api.session(), tmp_path / "gate2"
+    fanout, (fanout_out,) = api.submit(other, {"op": "gate", "gate": str(gate), "then": {"op": "fanout", "xs": [2]}})
+    wait_task(api, other, fanout.id, _T.PROCESSING)
+    api.sessions.stop_submission_session(other, client=True, worker=False)
+    gate.touch()
+    assert api.value(other, fanout_out) == 4
+
+
+# -- pause and resume ---------------------------------------------------------------------------------
+
+
+def wait_workers(api: Api, n: int, timeout: float = 30.0) -> None:
+    """Wait until ``n`` workers run tasks side by side (a worker that starts late misses the first tasks)."""
+    sid = api.session()
+    payload = api.results.create_results({"p": json.dumps({"op": "pid", "sleep": 0.05}).encode()}, sid)["p"]
+    deadline = time.monotonic() + timeout
+    while True:
+        outs = api.results.create_results_metadata([f"o{i}" for i in range(n)], sid)
+        api.tasks.submit_tasks(sid, [TaskDefinition(payload_id=payload.result_id, expected_output_ids=[o.result_id])
+                                     for o in outs.values()])
+        if len({api.value(sid, o.result_id) for o in outs.values()}) == n:
+            return
+        assert time.monotonic() < deadline, f"{n} workers were not ready after {timeout:g}s"
+
+
+def test_pause_holds_tasks_not_started_and_resume_runs_them(api, tmp_path):
+    """Running tasks finish; queued ones (at the agent too) wait PAUSED and never run before the resume."""
+    gate, runs = tmp_path / "gate", tmp_path / "runs"
+    wait_workers(api, 2)
+    sid = api.session()
+    gated = lambda x: {"op": "gate", "gate": str(gate), "then": {"op": "square", "x": x}}  # noqa: E731
+    # both workers busy, then one task queued behind each of them at the worker, then some held by the agent
+    running = [api.submit(sid, gated(x)) for x in (1, 2)]
+    for task, _ in running:
+        wait_task(api, sid, task.id, _T.PROCESSING)
+    at_workers = [api.submit(sid, gated(x)) for x in (3, 4)]
+    at_agent = [api.submit(sid, {"op": "record", "path": str(runs), "value": i}) for i in range(3)]
+    for task, _ in at_workers + at_agent:
+        wait_task(api, sid, task.id, _T.DISPATCHED)
+    late = api.results.create_results_metadata(["late"], sid)["late"].result_id
+    pending, (pending_out,) = api.submit(sid, {"op": "sum"}, deps=[late])
+    assert api.tasks.get_task(pending.id).status == _T.PENDING
+
+    assert api.sessions.pause_session(sid).status == _S.PAUSED
+    for task, _ in at_workers + at_agent + [(pending, None)]:
+        paused = api.tasks.get_task(task.id)
+        assert paused.status == _T.PAUSED and paused.owner_pod_id == "", paused
+    for task, _ in running:
+        assert api.tasks.get_task(task.id).status == _T.PROCESSING
+    # submitted to a paused session: waits too
+    extra, (extra_out,) = api.submit(sid, {"op": "record", "path": str(runs), "value": 9})
+    assert api.tasks.get_task(extra.id).status == _T.PAUSED
+
+    gate.touch()
+    assert [api.value(sid, out) for _, (out,) in running] == [1, 4]
+    # A task of a running session goes through the same agent and workers: had the paused ones been kept
+    # there, they would have run first.
+    other = api.session()
+    _, (other_out,) = api.submit(other, {"op": "square", "x": 5})
+    assert api.value(other, other_out) == 25
+    assert not runs.exists()
+    for task, _ in at_workers + at_agent + [(extra, None)]:
+        assert api.tasks.get_task(task.id).status == _T.PAUSED
+
+    assert api.sessions.resume_session(sid).status == _S.RUNNING
+    assert api.tasks.get_task(pending.id).status == _T.PENDING  # its input still has no data
+    api.results.upload_result_data(late, sid, b"11")
+    assert [api.value(sid, out) for _, (out,) in at_workers] == [9, 16]
+    assert [api.value(sid, out) for _, (out,) in at_agent] == [0, 1, 2]
+    assert api.value(sid, extra_out) == 9 and api.value(sid, pending_out) == 11
+    # each paused task ran once, after the resume
+    assert sorted(runs.read_text().split()) == sorted(t.id for t, _ in at_agent + [(extra, None)])
+
+
+# -- cancellation --------------------------------------------------------------------------------------
+
+
+def test_cancel_tasks_kills_the_running_one_on_its_agent(api, tmp_path):
+    marker = tmp_path / "pid"
+    sid = api.session()
+    spinning, (out,) = api.submit(sid, {"op": "spin", "marker": str(marker)})
+    dependent, (dep_out,) = api.submit(sid, {"op": "sum"}, deps=[out])
+    wait_until(marker.exists, "the task to start")
+    pid = int(marker.read_text())
+    (row,) = api.tasks.cancel_tasks([spinning.id])
+    assert row.id == spinning.id and row.status in (_T.CANCELLING, _T.CANCELLED)
+    # outputs aborted and dependents cancelled at once, as ArmoniK does
+    assert api.results.get_result(out).status == ResultStatus.ABORTED
+    assert api.tasks.get_task(dependent.id).status == _T.CANCELLED
+    assert api.results.get_result(dep_out).status == ResultStatus.ABORTED
+    cancelled = wait_task(api, sid, spinning.id, _T.CANCELLED)
+    wait_until(lambda: not alive(pid), f"worker {pid} to be killed")
+    assert cancelled.started_at <= cancelled.ended_at and cancelled.processed_at is None
+    assert cancelled.created_at <= cancelled.submitted_at <= cancelled.acquired_at <= cancelled.started_at
+    # the pool is whole again
+    _, (o,) = api.submit(sid, {"op": "square", "x": 6})
+    assert api.value(sid, o) == 36
+
+
+def test_cancel_session_stops_its_running_tasks(api, tmp_path):
+    marker = tmp_path / "pid"
+    sid = api.session()
+    spinning, (out,) = api.submit(sid, {"op": "spin", "marker": str(marker)})
+    waiting = api.results.create_results_metadata(["w"], sid)["w"].result_id
+    pending, (pending_out,) = api.submit(sid, {"op": "sum"}, deps=[waiting])
+    wait_until(marker.exists, "the task to start")
+    pid = int(marker.read_text())
+    assert api.sessions.cancel_session(sid).status == _S.CANCELLED
+    wait_task(api, sid, spinning.id, _T.CANCELLED)
+    wait_until(lambda: not alive(pid), f"worker {pid} to be killed")
+    assert api.tasks.get_task(pending.id).status == _T.CANCELLED
+    for rid in (out, waiting, pending_out):
+        assert api.results.get_result(rid).status == ResultStatus.ABORTED
+
+
+def test_timestamps_of_a_normal_run_are_all_set_and_ordered(api):
+    sid = api.session()
+    task, (out,) = api.submit(sid, {"op": "square", "x": 2})
+    assert api.value(sid, out) == 4
+    done = api.tasks.get_task(task.id)
+    times = stamps(done)
+    assert all(t is not None for t in times), times
+    assert times == sorted(times), times
+    result = api.results.get_result(out)
+    assert result.created_at <= done.created_at and result.completed_at == done.ended_at
+    payload = api.results.get_result(done.payload_id)
+    assert payload.created_at <= payload.completed_at <= done.submitted_at
+
+
+# -- task options ---------------------------------------------------------------------------------------
+
+
+def _options(**fields) -> TaskOptions:
+    base = dict(max_duration=timedelta(seconds=30), priority=1, max_retries=1)
+    return TaskOptions(**{**base, **fields})
+
+
+@pytest.mark.parametrize("fields, field", [
+    (dict(priority=100), "priority"),
+    (dict(priority=-1), "priority"),
+    (dict(max_retries=-1), "max_retries"),
+    (dict(max_duration=timedelta(seconds=-1)), "max_duration"),
+    (dict(partition_id="elsewhere"), "partition_id"),
+])
+def test_task_options_rejections_name_the_field(api, fields, field):
+    sid = api.session()
+    out = api.results.create_results_metadata(["o"], sid)["o"].result_id
+    payload = api.results.create_results({"p": b"{}"}, sid)["p"].result_id
+    with pytest.raises(InvalidArgumentError, match=rf"task 0: task_options\.{field}"):
+        api.tasks.submit_tasks(sid, [TaskDefinition(payload_id=payload, expected_output_ids=[out],
+                                                    options=_options(**fields))])
+    with pytest.raises(InvalidArgumentError, match=rf"task_options\.{field}"):
+        api.sessions.create_session(_options(**fields))
+    assert api.results.get_result(out).owner_task_id == ""
+
+
+@pytest.mark.parametrize("fields, field", [
+    (dict(max_duration=timedelta(0)), "max_duration"),
+    (dict(priority=0), "priority"),
+    (dict(max_retries=0), "max_retries"),
+])
+def test_session_defaults_must_be_complete(api, fields, field):
+    with pytest.raises(InvalidArgumentError, match=rf"default_task_options: task_options\.{field}"):
+        api.sessions.create_session(_options(**fields))
+
+
+def test_task_options_merge_task_over_request_over_session_key_by_key(api):
+    sid = api.sessions.create_session(_options(priority=2, application_name="app",
+                                               options={"a": "session", "b": "session"}))
+    request_defaults = _options(max_duration=timedelta(0), priority=3, max_retries=0,
+                                options={"b": "request", "c": "request"})
+    payload = api.results.create_results({"p": json.dumps({"op": "echo-options"}).encode()}, sid)["p"].result_id
+    outs = api.results.create_results_metadata(["zero", "own"], sid)
+    api.tasks.submit_tasks(sid, [
+        # zero/empty task fields fall back (ArmoniK 1.7); its options merge key by key
+        TaskDefinition(payload_id=payload, expected_output_ids=[outs["zero"].result_id],
+                       options=_options(max_duration=timedelta(0), priority=0, max_retries=0,
+                                        options={"c": "task", "d": "task"})),
+        TaskDefinition(payload_id=payload, expected_output_ids=[outs["own"].result_id],
+                       options=_options(priority=7, max_retries=4, engine_type="e")),
+    ], default_task_options=request_defaults)
+    zero = api.value(sid, outs["zero"].result_id)
+    assert zero["options"] == {"a": "session", "b": "request", "c": "task", "d": "task"}
+    assert (zero["priority"], zero["max_retries"], zero["max_duration"]) == (3, 1, 30.0)
+    assert zero["application_name"] == "app" and zero["partition_id"] == "default"
+    own = api.value(sid, outs["own"].result_id)
+    assert (own["priority"], own["max_retries"], own["engine_type"]) == (7, 4, "e")
+    assert own["options"] == {"a": "session", "b": "request", "c": "request"}
+
+
+# -- a broker driven by a scripted agent -----------------------------------------------------------------
+
+
+class ScriptedAgent:
+    """The agent side of the backend protocol, one step at a time (no workers): the test reports."""
+
+    def __init__(self, endpoint: str, agent_id: str = "scripted", partition: str = "default", capacity: int = 16):
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self.agent_id = agent_id
+        self._rids = itertools.count(1)
+        self._pushes: list[dict] = []
+        # the same id each time: registering again makes the broker forget the previous test's agent
+        self.call(Op.AGENT_REGISTER, capacity=capacity, partitions=[partition])
+
+    def close(self) -> None:
+        self.sock.close()
+        self.ctx.term()
+
+    def _receive(self, timeout: float) -> dict:
+        if not self.sock.poll(max(0, int(timeout * 1000))):
+            raise AssertionError("the broker sent nothing in time")
+        return msgpack.unpackb(self.sock.recv_multipart()[0], raw=False)
+
+    def call(self, op: Op, frames=(), **fields) -> dict:
+        """Send a request, return its reply (pushes that arrive meanwhile are kept)."""
+        rid = next(self._rids)
+        self.sock.send_multipart([request(op, rid, agent_id=self.agent_id, **fields), *frames])
+        while True:
+            header = self._receive(10)
+            if header["op"] == op and header["rid"] == rid:
+                assert "error" not in header, header
+                return header
+            self._pushes.append(header)
+
+    def push(self, op: Op, task_id: str, timeout: float = 10.0) -> dict:
+        """Return the item of the next ``op`` push (DISPATCH, STOP_TASKS) that names ``task_id``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for header in self._pushes:
+                for item in header["tasks"] if header["op"] == op else ():
+                    if (item["task_id"] if isinstance(item, dict) else item[0]) == task_id:
+                        header["tasks"].remove(item)
+                        return item
+            self._pushes.append(self._receive(deadline - time.monotonic()))
+
+    def pushed_tasks(self, op: Op) -> list[str]:
+        """Return the ids named by the ``op`` pushes the broker sent so far (and not taken by ``push``), in order."""
+        # A request's reply follows whatever the broker sent this agent before it on the same socket.
+        self.call(Op.AGENT_HEARTBEAT)
+        return [item["task_id"] if isinstance(item, dict) else item[0]
+                for header in self._pushes if header["op"] == op for item in header["tasks"]]
+
+    def done(self, task_id: str, attempt: int, output: str, data: bytes) -> dict:
+        return self.call(Op.TASKS_DONE, [data], tasks=[{"task_id": task_id, "attempt": attempt, "ok": True,
+                                                        "results": [{"result_id": output, "frames": 1}]}])
+
+
+@pytest.fixture(scope="module")
+def lone(tmp_path_factory):
+    """A broker without an agent of its own (tests bring a ScriptedAgent)."""
+    # "solo": no agent ever serves it, its tasks stay queued; "late", "order": an agent comes when a test says so
+    cluster = make_cluster(tmp_path_factory.mktemp("lone"), broker_args=("--no-sync", "--partition",
+                                                                         "default,solo,late,order"))
+    try:
+        cluster.start_broker()
+        cluster.wait_ready()
+        yield cluster
+    finally:
+        cluster.cleanup()
+
+
+@pytest.fixture
+def lone_api(lone):
+    with connect(lone.endpoint, timeout=30) as conn:
+        yield Api(conn)
+
+
+@pytest.fixture
+def agent(lone):
+    scripted = ScriptedAgent(lone.agents_endpoint)
+    yield scripted
+    scripted.close()
+
+
+def test_a_report_for_a_cancelling_task_is_refused_and_changes_nothing(lone_api, agent):
+    api = lone_api
+    sid = api.session()
+    task, (out,) = api.submit(sid, {"op": "square", "x": 2})
+    dependent, (dep_out,) = api.submit(sid, {"op": "sum"}, deps=[out])
+    attempt = agent.push(Op.DISPATCH, task.id)["attempt"]
+    agent.call(Op.TASKS_STARTED, tasks=[[task.id, attempt, time.time()]])
+    assert wait_task(api, sid, task.id, _T.PROCESSING)
+
+    (row,) = api.tasks.cancel_tasks([task.id])
+    assert row.status == _T.CANCELLING
+    assert api.results.get_result(out).status == ResultStatus.ABORTED
+    assert api.tasks.get_task(dependent.id).status == _T.CANCELLED
+    assert agent.push(Op.STOP_TASKS, task.id) == [task.id, attempt]
+
+    reply = agent.done(task.id, attempt, out, b"4")
+    assert reply["accepted"] == [] and reply["refused"][0][:2] == [task.id, ErrorCode.STALE_ATTEMPT]
+    assert api.tasks.get_task(task.id).status == _T.CANCELLING
+    result = api.results.get_result(out)
+    assert result.status == ResultStatus.ABORTED and result.size == 0
+
+    agent.call(Op.TASKS_STOPPED, tasks=[[task.id, attempt]])
+    cancelled = api.tasks.get_task(task.id)
+    assert cancelled.status == _T.CANCELLED and cancelled.started_at <= cancelled.ended_at
+    assert agent.done(task.id, attempt, out, b"4")["refused"][0][1] == ErrorCode.STALE_ATTEMPT
+    assert api.results.get_result(dep_out).status == ResultStatus.ABORTED
+
+
+def test_cancel_tasks_not_on_an_agent_at_once(lone_api):
+    api = lone_api
+    sid = api.sessions.create_session(api.options, partition_ids=["solo"])
+    late = api.results.create_results_metadata(["late"], sid)["late"].result_id
+    queued, (queued_out,) = api.submit(sid, {"op": "square", "x": 1})
+    pending, _ = api.submit(sid, {"op": "sum"}, deps=[late])
+    downstream, _ = api.submit(sid, {"op": "sum"}, deps=[queued_out])
+    paused_sid = api.sessions.create_session(api.options, partition_ids=["solo"])
+    api.sessions.pause_session(paused_sid)
+    paused, _ = api.submit(paused_sid, {"op": "square", "x": 1})
+    before = [api.tasks.get_task(t.id).status for t in (queued, pending, paused)]
+    assert before == [_T.SUBMITTED, _T.PENDING, _T.PAUSED]
+    rows = api.tasks.cancel_tasks([queued.id, pending.id, paused.id])
+    assert [r.status for r in rows] == [_T.CANCELLED] * 3
+    for row in rows:
+        assert row.created_at <= row.ended_at and row.received_at is None and row.started_at is None
+        assert row.status_message == "cancelled by a client"
+    down = api.tasks.get_task(downstream.id)
+    assert down.status == _T.CANCELLED and queued.id in down.status_message
+    # an ended task is left as it is
+    assert api.tasks.cancel_tasks([queued.id])[0].ended_at == rows[0].ended_at
+
+
+def test_pause_takes_back_dispatched_tasks_and_resume_dispatches_them_again(lone_api, agent):
+    api = lone_api
+    sid = api.session()
+    task, (out,) = api.submit(sid, {"op": "square", "x": 5})
+    first = agent.push(Op.DISPATCH, task.id)["attempt"]
+    api.sessions.pause_session(sid)
+    assert api.tasks.get_task(task.id).status == _T.PAUSED
+    assert agent.push(Op.STOP_TASKS, task.id) == [task.id, first]
+    assert agent.done(task.id, first, out, b"25")["refused"][0][1] == ErrorCode.STALE_ATTEMPT
+    assert api.results.get_result(out).status == ResultStatus.CREATED
+    api.sessions.resume_session(sid)
+    second = agent.push(Op.DISPATCH, task.id)["attempt"]
+    assert second > first
+    assert agent.done(task.id, second, out, b"25")["accepted"] == [task.id]
+    assert api.value(sid, out) == 25
+
+
+def test_resume_queues_by_priority_then_in_submission_order(lone_api, lone):
+    api = lone_api
+    # "order" has no agent until the resume: tasks submitted before the pause wait SUBMITTED in its queue
+    sid = api.sessions.create_session(api.options, partition_ids=["order"])
+    payload = api.results.create_results({"p": b"{}"}, sid)["p"].result_id
+
+    def submit(priorities: list[int]) -> list:
+        """Submit one task per priority, each in its own request (tasks of one request have no order)."""
+        outs = api.results.create_results_metadata([f"o{i}" for i in range(len(priorities))], sid)
+        return [api.tasks.submit_tasks(sid, [TaskDefinition(payload_id=payload, options=_options(priority=p),
+                                                            expected_output_ids=[outs[f"o{i}"].result_id])])[0]
+                for i, p in enumerate(priorities)]
+
+    before = [1, 3, 2, 3, 1, 2, 3, 2, 1, 3]
+    tasks = submit(before)
+    api.sessions.pause_session(sid)
+    after = [2, 3, 1]
+    tasks += submit(after)
+    late = api.results.create_results_metadata(["late"], sid)["late"].result_id
+    waiting, _ = api.submit(sid, {"op": "sum"}, deps=[late])
+    assert {api.tasks.get_task(t.id).status for t in tasks + [waiting]} == {_T.PAUSED}
+    scripted = ScriptedAgent(lone.agents_endpoint, agent_id="order-agent", partition="order")
+    try:
+        assert scripted.pushed_tasks(Op.DISPATCH) == []  # paused: neither run nor cancelled
+        api.sessions.resume_session(sid)
+        # one DISPATCH (the agent has room for all): highest priority first, in submission order within one
+        priorities = before + after
+        assert scripted.pushed_tasks(Op.DISPATCH) == [t.id for p in (3, 2, 1)
+                                                      for t, q in zip(tasks, priorities) if q == p]
+        assert api.tasks.get_task(waiting.id).status == _T.PENDING
+        assert api.sessions.cancel_session(sid).status == _S.CANCELLED
+    finally:
+        scripted.close()
+
+
+def test_a_paused_task_fails_with_its_aborted_input(lone_api, agent):
+    """Paused tasks still hear about their inputs: an input aborted while paused cancels them."""
+    api = lone_api
+    sid = api.session()
+    api.sessions.pause_session(sid)
+    producer, (out,) = api.submit(sid, {"op": "square", "x": 2})
+    consumer, _ = api.submit(sid, {"op": "sum"}, deps=[out])
+    api.tasks.cancel_tasks([producer.id])
+    row = api.tasks.get_task(consumer.id)
+    assert row.status == _T.CANCELLED and producer.id in row.status_message
+    assert api.sessions.resume_session(sid).status == _S.RUNNING
+
+
+def test_closed_session_tasks_are_cancelled_at_dispatch_paused_ones_wait(lone_api, lone):
+    """ArmoniK 3.3: an agent that dequeues a closed session's task cancels it; a paused session's stays PAUSED."""
+    api = lone_api
+    closed = api.sessions.create_session(api.options, partition_ids=["late"])
+    task, (out,) = api.submit(closed, {"op": "square", "x": 2})
+    api.sessions.close_session(closed)
+    paused = api.sessions.create_session(api.options, partition_ids=["late"])
+    waiting, _ = api.submit(paused, {"op": "square", "x": 2})
+    api.sessions.pause_session(paused)
+    assert api.tasks.get_task(task.id).status == _T.SUBMITTED
+    scripted = ScriptedAgent(lone.agents_endpoint, agent_id="late-agent", partition="late")
+    try:
+        row = wait_task(api, closed, task.id, _T.CANCELLED)
+        assert "CLOSED" in row.status_message
+        assert api.results.get_result(out).status == ResultStatus.ABORTED
+        assert scripted.pushed_tasks(Op.DISPATCH) == []
+        assert api.tasks.get_task(waiting.id).status == _T.PAUSED
+    finally:
+        scripted.close()
+
+
+def test_paused_and_cancelling_tasks_survive_a_broker_restart(tmp_path):
+    cluster = make_cluster(tmp_path, broker_args=("--no-sync",))
+    try:
+        cluster.start_broker()
+        cluster.wait_ready()
+        with connect(cluster.endpoint, timeout=30) as conn:
+            api = Api(conn)
+            agent = ScriptedAgent(cluster.agents_endpoint)
+            running_sid = api.session()
+            running, _ = api.submit(running_sid, {"op": "square", "x": 1})
+            attempt = agent.push(Op.DISPATCH, running.id)["attempt"]
+            agent.call(Op.TASKS_STARTED, tasks=[[running.id, attempt, time.time()]])
+            assert api.tasks.cancel_tasks([running.id])[0].status == _T.CANCELLING
+            agent.close()
+            sid = api.session()
+            api.sessions.pause_session(sid)
+            low, _ = api.submit(sid, {"op": "square", "x": 1})
+            high = api.tasks.submit_tasks(sid, [TaskDefinition(
+                payload_id=low.payload_id, options=_options(priority=2),
+                expected_output_ids=[api.results.create_results_metadata(["o"], sid)["o"].result_id])])[0]
+            late = api.results.create_results_metadata(["late"], sid)["late"].result_id
+            waiting, _ = api.submit(sid, {"op": "sum"}, deps=[late])
+        cluster.kill_broker()
+        cluster.start_broker()
+        cluster.wait_ready()
+        with connect(cluster.endpoint, timeout=30) as conn:
+            api = Api(conn)
+            # nobody can report the cancelled run any more: the restart ends it
+            assert api.tasks.get_task(running.id).status == _T.CANCELLED
+            assert [api.tasks.get_task(t.id).status for t in (low, high, waiting)] == [_T.PAUSED] * 3
+            agent = ScriptedAgent(cluster.agents_endpoint)
+            try:
+                assert agent.pushed_tasks(Op.DISPATCH) == []
+                api.sessions.resume_session(sid)
+                assert agent.pushed_tasks(Op.DISPATCH) == [high.id, low.id]
+                assert api.tasks.get_task(waiting.id).status == _T.PENDING
+            finally:
+                agent.close()
+    finally:
+        cluster.cleanup()
