@@ -6,7 +6,7 @@ import msgpack
 import pytest
 import zmq
 
-from armonik_zmq.protocol import PROTOCOL_VERSION, ErrorCode, Op, request
+from armonik_zmq.protocol import ErrorCode, Op, request
 
 
 @pytest.fixture

@@ -630,7 +630,7 @@ def test_stale_entry_of_a_reused_slot_is_never_dispatched():
         c.free_task(t)
     news = [c.add_task(1, 50, []) for _ in range(10)]
     assert not set(news) & set(olds)
-    a = c.add_agent([1], 100)
+    c.add_agent([1], 100)
     assert [t for _, t in c.dispatch()] == news
     c.validate()
 
@@ -653,7 +653,7 @@ def test_dead_entries_are_purged_when_nobody_serves_the_partition():
     for t in junk:
         c.cancel_task(t)
     c.validate()
-    a = c.add_agent([3], 1000)
+    c.add_agent([3], 1000)
     assert [t for _, t in c.dispatch()] == keep
     c.validate()
 

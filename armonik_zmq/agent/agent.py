@@ -18,7 +18,6 @@ import signal
 import socket
 import tempfile
 import time
-import traceback
 import uuid
 from collections import deque
 from typing import Callable, Optional
@@ -27,7 +26,7 @@ import zmq
 
 from ..broker.options import merge as merge_options
 from ..config import AgentConfig
-from ..protocol import (WORKER_OPS, ErrorCode, Op, ProtocolError, check_reply, decode_header, envelope_of,
+from ..protocol import (DATA_CHUNK_MAX_SIZE, WORKER_OPS, ErrorCode, Op, ProtocolError, decode_header, envelope_of,
                         reply_error, reply_ok, request, split_frames, validate)
 from ..status import ResultStatus, SessionStatus, TaskStatus
 from .pool import WorkerPool, WorkerProc
@@ -103,6 +102,7 @@ class Agent:
         self._backoff = 0.5
         self.heartbeat_interval = 1.0
         self.lease = 5.0
+        self.data_chunk_max_size = DATA_CHUNK_MAX_SIZE
         self.stats = {"completed": 0, "failed": 0, "released": 0, "refused": 0}
 
     # -- broker connection ------------------------------------------------------------------------
@@ -150,6 +150,7 @@ class Agent:
         self._backoff = 0.5
         self.heartbeat_interval = header["heartbeat_interval"]
         self.lease = header["lease"]
+        self.data_chunk_max_size = header["data_chunk_max_size"]
         self._last_heard = time.monotonic()
         log.info("agent %s registered with %s (%d slots)", self.agent_id, self.config.broker, self.capacity)
 
@@ -309,7 +310,7 @@ class Agent:
         header = request(Op.RUN, 0, token=task.token, task_id=task.task_id, session_id=msg["session_id"],
                          payload_id=msg["payload_id"], data_dependencies=msg["data_dependencies"],
                          expected_output_ids=msg["expected_output_ids"], options=msg["options"],
-                         configuration={"data_chunk_max_size": 2 * 1024 * 1024})
+                         configuration={"data_chunk_max_size": self.data_chunk_max_size})
         data = [task.data[msg["payload_id"]], *(task.data[d] for d in msg["data_dependencies"])]
         self.workers_sock.send_multipart([proc.identity, header, *data], copy=False)
         if len(proc.queue) == 1:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 from ..protocol import ErrorCode, Op, ProtocolError, request, split_frames
 from ..status import ResultStatus, SessionStatus, TaskStatus, TASK_FINAL
@@ -104,9 +104,13 @@ class Backend:
         self._agent(req)
         req.reply()
 
-    def expire_leases(self: "Broker", txn: Txn, now: float) -> None:
-        mono = time.monotonic()
-        for agent in [a for a in self.agents.values() if a.expires < mono]:
+    def expire_leases(self: "Broker", txn: Txn, now: float, turn_started: float) -> None:
+        """Drop agents silent for a whole lease before this turn started.
+
+        Judged at the turn's start, not now: a heartbeat that arrived during a long turn is still
+        waiting in the socket, and must not count as missed.
+        """
+        for agent in [a for a in self.agents.values() if a.expires < turn_started]:
             self.drop_agent(txn, agent, f"missed its heartbeats for {self.config.lease:g}s", now)
 
     def handle_fetch_data(self: "Broker", req: "Request", txn: Txn) -> None:

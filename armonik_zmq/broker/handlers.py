@@ -104,9 +104,8 @@ class Handlers:
             for rid in txn.session_result_ids(row["session_id"]):
                 rrow = txn.get_result(rid)
                 if rrow["status"] == _R.CREATED:
-                    rrow["status"] = int(_R.ABORTED)
-                    txn.put_result(rrow)
-                    self.state.events.result_status(rrow)
+                    for task in self.state.abort_result(txn, rrow):  # only tasks of this session can wait on it
+                        self.state.end_task(txn, task, _T.CANCELLED, now, f"session {row['session_id']} was cancelled")
         self._session_transition(req, txn, (_S.RUNNING, _S.PAUSED, _S.CLOSED), "cancelled", cancel)
 
     def handle_close_sessions(self: "Broker", req: "Request", txn: Txn) -> None:

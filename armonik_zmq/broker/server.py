@@ -207,6 +207,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData):
             self.poller.poll(timeout_ms)
         batch: list = []
         limit = self.config.max_batch_messages
+        turn_started = time.monotonic()
         self._drain(self.backend, limit // 2, batch)
         self._drain(self.frontend, limit, batch)
         self._drain(self.backend, limit, batch)
@@ -228,7 +229,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData):
                 self._lost_agents = []
                 if lease_due:
                     self._next_lease_check = mono + min(0.25, self.config.lease / 4)
-                    self.expire_leases(txn, now)
+                    self.expire_leases(txn, now, turn_started)
                 self.dispatch(txn, now)
         except Exception:
             # The turn's transaction is gone: nothing of it happened. Answer everyone, rebuild from LMDB.

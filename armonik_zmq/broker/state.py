@@ -256,22 +256,28 @@ class BrokerState:
             self.set_task_status(txn, trow, st, now, msg)
             if st != _T.CANCELLING:
                 self._task_ended(trow["task_id"])
+            dep_status = _T.CANCELLED if st in (_T.CANCELLED, _T.CANCELLING) else _T.ERROR
             for rid in trow["expected_output_ids"]:
                 rrow = txn.get_result(rid)
                 if rrow is None or rrow["owner_task_id"] != trow["task_id"] or rrow["status"] != _R.CREATED:
                     continue
-                rrow["status"] = int(_R.ABORTED)
-                txn.put_result(rrow)
-                self.events.result_status(rrow)
-                slot = self.result_slot.pop(rid, None)
-                if slot is None:
-                    continue
-                for t in self.core.on_result_aborted(slot):
-                    dep_id = self.slot_task[t]
-                    dep = txn.get_task(dep_id)
-                    dep_status = _T.CANCELLED if st in (_T.CANCELLED, _T.CANCELLING) else _T.ERROR
+                for dep in self.abort_result(txn, rrow):
                     work.append((dep, dep_status, f"input result {rid} was aborted because {reason}"))
-                self.core.free_result(slot)
+
+    def abort_result(self, txn: Txn, row: dict) -> list[dict]:
+        """Mark a result without data ABORTED; return the rows of the tasks that were waiting for it.
+
+        The caller ends those tasks (ERROR or CANCELLED); they no longer wait in the core.
+        """
+        row["status"] = int(_R.ABORTED)
+        txn.put_result(row)
+        self.events.result_status(row)
+        slot = self.result_slot.pop(row["result_id"], None)
+        if slot is None:
+            return []
+        waiting = [txn.get_task(self.slot_task[t]) for t in self.core.on_result_aborted(slot)]
+        self.core.free_result(slot)
+        return waiting
 
     def retry_or_fail(self, txn: Txn, row: dict, message: str, now: float) -> None:
         """Handle a retryable failure (exception, worker or agent lost): retry the task, or ERROR when out of retries.
