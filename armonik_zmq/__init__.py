@@ -23,11 +23,12 @@ from .status import EventTypes, ResultStatus, SessionStatus, TaskStatus
 
 if TYPE_CHECKING:
     from .client import ArmoniKEvents, ArmoniKResults, ArmoniKSessions, ArmoniKTasks, Connection
+    from .futures import Client, Future, LocalCluster
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "__version__", "connect", "Connection",
+    "__version__", "connect", "Connection", "Client", "Future", "LocalCluster",
     "ArmoniKSessions", "ArmoniKResults", "ArmoniKTasks", "ArmoniKEvents",
     "TaskOptions", "TaskDefinition", "Task", "Result", "Session", "Output",
     "TaskStatus", "ResultStatus", "SessionStatus", "EventTypes",
@@ -35,6 +36,8 @@ __all__ = [
 ]
 
 _LAZY = frozenset({"Connection", "ArmoniKSessions", "ArmoniKResults", "ArmoniKTasks", "ArmoniKEvents"})
+#: the futures API, loaded on first use too
+_LAZY_FUTURES = frozenset({"Client", "Future", "LocalCluster"})
 
 
 def connect(endpoint: Optional[str] = None, *, timeout: float = 30.0) -> "Connection":
@@ -54,4 +57,8 @@ def __getattr__(name: str):
         from . import client
 
         return getattr(client, name)
+    if name in _LAZY_FUTURES:
+        from . import futures
+
+        return getattr(futures, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,6 +8,9 @@ Payloads are JSON objects with an ``op``:
   over their outputs, which takes over this task's expected output (ownership transfer);
 - ``{"op": "fail", "message": "..."}``: return ``Output(message)`` (the task ends in ERROR);
 - ``{"op": "echo"}``: output the payload itself.
+
+Any other payload starting with pickle's first byte is a call of the futures API
+(``armonik_zmq.functions``), so a default cluster serves both.
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ import time
 from datetime import timedelta
 from typing import Optional
 
+from . import functions
 from .common import Output, ResultStatus, TaskDefinition, TaskOptions, TaskStatus
 
 
 def processor(task_handler) -> Output:
-    """Run one demo task."""
+    """Run one demo task; a pickled call (the futures API) goes to the function processor."""
+    if memoryview(task_handler.payload)[:1] == bytes([functions.PAYLOAD_MARK]):
+        return functions.processor(task_handler)
     payload = json.loads(task_handler.payload)
     op = payload.get("op")
     out = task_handler.expected_results[0]

@@ -86,3 +86,24 @@ def from_error(code: int, message: str) -> ArmoniKZmqError:
 
 def from_protocol_error(err: ProtocolError) -> ArmoniKZmqError:
     return from_error(err.code, err.message)
+
+
+class TaskFailedError(RuntimeError):
+    """A task of the futures API ended without a value of its own (not an exception its function raised)."""
+
+    def __init__(self, message: str, task_id: str = "", status_message: str = ""):
+        super().__init__(message)
+        self.task_id = task_id
+        self.status_message = status_message
+
+
+class TaskCancelledError(TaskFailedError):
+    """The task was cancelled on the broker (by another client, its session, or a failed dependency)."""
+
+
+class TaskTimeoutError(TaskFailedError, TimeoutError):
+    """The task ran past its max_duration."""
+
+
+class WorkerLostError(TaskFailedError):
+    """The task's worker process died on every attempt the task had."""

@@ -274,7 +274,10 @@ class Backend:
         for rrow, data in produced:
             state.complete_result(txn, rrow, data, task_id, now)
         # 5. ArmoniK only logs an expected output that was neither written nor handed to a subtask
+        written = {rrow["result_id"] for rrow, _ in produced}
         for rid in row["expected_output_ids"]:
+            if rid in written:
+                continue
             rrow = txn.get_result(rid)
             if rrow is not None and rrow["owner_task_id"] == task_id and rrow["status"] == _R.CREATED:
                 log.warning("task %s completed without writing its expected output %s", task_id, rid)
@@ -285,20 +288,25 @@ class Backend:
     # -- dispatch ----------------------------------------------------------------------------------
 
     @staticmethod
-    def _inline_inputs(txn: Txn, row: dict, limit: int) -> tuple[list[str], list]:
+    def _inline_inputs(txn: Txn, row: dict, limit: int, seen: dict) -> tuple[list[str], list]:
         """Return the task's inputs small enough to travel inside DISPATCH, and their data.
 
-        Raise when an input has no data any more (deleted since the task was queued, or an imported
-        object gone from the object storage): the task could never run.
+        ``seen`` keeps each input's (size, inline data) for the rest of the dispatch, which writes no
+        data: tasks sharing a payload read it once. Raise when an input has no data any more (deleted
+        since the task was queued, or an imported object gone from the object storage): the task
+        could never run.
         """
         inline, data = [], []
         for rid in dict.fromkeys([row["payload_id"], *row["data_dependencies"]]):
-            size = txn.object_size(rid)
-            if size is None:
-                raise ProtocolError(ErrorCode.FAILED_PRECONDITION, f"input result {rid} has no data any more")
-            if size <= limit:
+            known = seen.get(rid)
+            if known is None:
+                size = txn.object_size(rid)
+                if size is None:
+                    raise ProtocolError(ErrorCode.FAILED_PRECONDITION, f"input result {rid} has no data any more")
+                known = seen[rid] = (size, txn.read_object(rid) if size <= limit else None)
+            if known[0] <= limit:
                 inline.append(rid)
-                data.append(txn.read_object(rid))
+                data.append(known[1])
         return inline, data
 
     def dispatch(self: "Broker", txn: Txn, now: float) -> None:
@@ -306,6 +314,7 @@ class Backend:
         state = self.state
         per_agent: dict[int, tuple[list, list, list]] = {}
         inline_limit = self.config.inline_limit
+        inputs_seen: dict = {}
         for a, t in state.core.dispatch():
             agent = self.agent_by_slot[a]
             task_id = state.slot_task[t]
@@ -320,7 +329,7 @@ class Backend:
                                f"session {row['session_id']} is {_S(session_status).name}")
                 continue
             try:
-                inline, data = self._inline_inputs(txn, row, inline_limit)
+                inline, data = self._inline_inputs(txn, row, inline_limit, inputs_seen)
             except ProtocolError as exc:
                 state.end_task(txn, row, _T.ERROR, now, exc.message)
                 continue

@@ -28,7 +28,16 @@ class EventBus:
     def __init__(self) -> None:
         self.by_session: dict[str, list[Subscription]] = {}
         self.by_key: dict[tuple[bytes, int], Subscription] = {}
+        #: session id -> the event types any of its subscriptions wants: an event no one wants is never built
+        self.wanted: dict[str, frozenset] = {}
         self.dirty: list[Subscription] = []
+
+    def _update_wanted(self, session_id: str) -> None:
+        subs = self.by_session.get(session_id)
+        if subs:
+            self.wanted[session_id] = frozenset().union(*(sub.types for sub in subs))
+        else:
+            self.wanted.pop(session_id, None)
 
     def subscribe(self, peer: bytes, rid: int, session_id: str, types, task_filter, result_filter) -> Subscription:
         task_filter = Filter(task_filter, "task_filter", "task")
@@ -38,6 +47,7 @@ class EventBus:
         self.unsubscribe(peer, rid)
         self.by_key[(peer, rid)] = sub
         self.by_session.setdefault(session_id, []).append(sub)
+        self._update_wanted(session_id)
         return sub
 
     def unsubscribe(self, peer: bytes, rid: int) -> bool:
@@ -49,6 +59,7 @@ class EventBus:
             subs.remove(sub)
         if not subs:
             self.by_session.pop(sub.session_id, None)
+        self._update_wanted(sub.session_id)
         return True
 
     def drop_peer(self, peer: bytes) -> None:
@@ -76,7 +87,7 @@ class EventBus:
     # -- the five ArmoniK event types --------------------------------------------------------------
 
     def new_task(self, row: dict) -> None:
-        if row["session_id"] in self.by_session:
+        if _E.NEW_TASK in self.wanted.get(row["session_id"], ()):
             self._emit(row["session_id"], _E.NEW_TASK, {
                 "task_id": row["task_id"], "payload_id": row["payload_id"],
                 "origin_task_id": row.get("created_by") or "", "status": row["status"],
@@ -85,23 +96,23 @@ class EventBus:
             }, row, True)
 
     def task_status(self, row: dict) -> None:
-        if row["session_id"] in self.by_session:
+        if _E.TASK_STATUS_UPDATE in self.wanted.get(row["session_id"], ()):
             self._emit(row["session_id"], _E.TASK_STATUS_UPDATE,
                        {"task_id": row["task_id"], "status": row["status"]}, row, True)
 
     def new_result(self, row: dict) -> None:
-        if row["session_id"] in self.by_session:
+        if _E.NEW_RESULT in self.wanted.get(row["session_id"], ()):
             self._emit(row["session_id"], _E.NEW_RESULT, {
                 "result_id": row["result_id"], "owner_id": row["owner_task_id"], "status": row["status"],
             }, row, False)
 
     def result_status(self, row: dict) -> None:
-        if row["session_id"] in self.by_session:
+        if _E.RESULT_STATUS_UPDATE in self.wanted.get(row["session_id"], ()):
             self._emit(row["session_id"], _E.RESULT_STATUS_UPDATE,
                        {"result_id": row["result_id"], "status": row["status"]}, row, False)
 
     def result_owner(self, row: dict, previous: str) -> None:
-        if row["session_id"] in self.by_session:
+        if _E.RESULT_OWNER_UPDATE in self.wanted.get(row["session_id"], ()):
             self._emit(row["session_id"], _E.RESULT_OWNER_UPDATE, {
                 "result_id": row["result_id"], "previous_owner_id": previous,
                 "current_owner_id": row["owner_task_id"],

@@ -77,17 +77,9 @@ class Txn:
         self.store = store
         self.txn = txn
 
-    @contextlib.contextmanager
-    def nested(self) -> Iterator["Txn"]:
+    def nested(self) -> "_Nested":
         """Run one request in a child transaction, so its failure undoes only its own writes."""
-        child = self.store.env.begin(write=True, parent=self.txn)
-        try:
-            yield Txn(self.store, child)
-        except BaseException:
-            child.abort()
-            raise
-        else:
-            child.commit()
+        return _Nested(self)
 
     # -- rows -------------------------------------------------------------------------------
 
@@ -294,3 +286,22 @@ class Txn:
 
     def iter_sessions(self) -> Iterator[dict]:
         return self.iter_rows(self.store.sessions)
+
+
+class _Nested:
+    """The context of ``Txn.nested``: a plain class, as it runs once per request (a generator costs more)."""
+
+    __slots__ = ("parent", "child")
+
+    def __init__(self, parent: Txn):
+        self.parent = parent
+
+    def __enter__(self) -> Txn:
+        self.child = self.parent.store.env.begin(write=True, parent=self.parent.txn)
+        return Txn(self.parent.store, self.child)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.child.commit()
+        else:
+            self.child.abort()

@@ -1,0 +1,141 @@
+"""The built-in function processor: tasks whose payload is a pickled Python call (the futures API).
+
+A payload is ``pickle((function bytes, argument bytes))``: the function pickled alone with
+cloudpickle (so workers cache it by its bytes), the arguments pickled with cloudpickle where every
+future became a persistent id, its result id, which is also a data dependency of the task.
+
+A result is one tag byte then a pickle: ``OK`` then the return value, or ``ERROR`` then an
+``ErrorRecord`` (the exception and its formatted traceback). A user exception is a result like any
+other, so the task succeeds and is not retried; a task depending on a failed one passes the error on.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import traceback
+from collections import OrderedDict
+from typing import Any, Callable, Mapping
+
+import cloudpickle
+
+from .common import Output
+
+OK = b"\x00"
+ERROR = b"\x01"
+#: the first byte of a payload made by ``dump_call`` (pickle protocol >= 2 starts with PROTO, 0x80)
+PAYLOAD_MARK = 0x80
+#: unpickled functions kept per worker
+_FUNCTION_CACHE_SIZE = 256
+
+_functions: "OrderedDict[bytes, Callable]" = OrderedDict()
+
+
+class ErrorRecord:
+    """What a failed call leaves as its result: the exception (pickled, if it can be) and the remote traceback."""
+
+    def __init__(self, exc: BaseException):
+        self.type_name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+        self.text = str(exc)
+        self.traceback = "".join(traceback.format_exception(exc))
+        try:
+            self.exception = cloudpickle.dumps(exc)
+            pickle.loads(self.exception)  # an exception whose constructor takes other arguments fails here
+        except Exception:
+            self.exception = None
+
+    def to_exception(self) -> BaseException:
+        """Rebuild the exception (a ``RuntimeError`` with the text if it cannot be), the remote traceback attached."""
+        exc = None
+        if self.exception is not None:
+            try:
+                exc = pickle.loads(self.exception)
+            except Exception:
+                exc = None
+        if not isinstance(exc, BaseException):
+            exc = RuntimeError(f"{self.type_name}: {self.text}")
+        exc.remote_traceback = self.traceback
+        exc.add_note(f"Remote traceback:\n{self.traceback}")
+        return exc
+
+
+class _CallPickler(cloudpickle.Pickler):
+    """Pickle call arguments, writing each future as its result id and noting it in ``dependencies``."""
+
+    def __init__(self, buffer: io.BytesIO, future_type: type):
+        super().__init__(buffer, protocol=pickle.HIGHEST_PROTOCOL)
+        self.future_type = future_type
+        self.dependencies: dict[str, None] = {}
+
+    def persistent_id(self, obj):
+        if isinstance(obj, self.future_type):
+            self.dependencies[obj.result_id] = None
+            return obj.result_id
+        return None
+
+
+def dump_call(function_bytes: bytes, args: tuple, kwargs: dict, future_type: type) -> tuple[bytes, list[str]]:
+    """Return the payload of ``function(*args, **kwargs)`` and the result ids of the futures among the arguments."""
+    buffer = io.BytesIO()
+    pickler = _CallPickler(buffer, future_type)
+    pickler.dump((args, kwargs))
+    payload = pickle.dumps((function_bytes, buffer.getvalue()), protocol=pickle.HIGHEST_PROTOCOL)
+    return payload, list(pickler.dependencies)
+
+
+def dump_result(value: Any) -> bytes:
+    return OK + cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def dump_error(exc: BaseException) -> bytes:
+    return ERROR + pickle.dumps(ErrorRecord(exc), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def load_result(data) -> Any:
+    """Return the value of a result, or raise the exception of a failed call."""
+    view = memoryview(data)
+    value = pickle.loads(view[1:])
+    if bytes(view[:1]) == ERROR:
+        raise value.to_exception()
+    return value
+
+
+def _function(function_bytes: bytes) -> Callable:
+    """Return the unpickled function, from the cache when these bytes were seen before."""
+    fn = _functions.get(function_bytes)
+    if fn is None:
+        fn = pickle.loads(function_bytes)
+        _functions[function_bytes] = fn
+        if len(_functions) > _FUNCTION_CACHE_SIZE:
+            _functions.popitem(last=False)
+    else:
+        _functions.move_to_end(function_bytes)
+    return fn
+
+
+def _load_arguments(argument_bytes: bytes, values: Mapping[str, Any]) -> tuple[tuple, dict]:
+    class _Unpickler(pickle.Unpickler):
+        def persistent_load(self, pid):
+            return values[pid]
+
+    return _Unpickler(io.BytesIO(argument_bytes)).load()
+
+
+def processor(task_handler) -> Output:
+    """Run one pickled call and write its return value (or its error record) to the task's output."""
+    out = task_handler.expected_results[0]
+    deps = task_handler.data_dependencies
+    for data in deps.values():
+        if bytes(memoryview(data)[:1]) == ERROR:  # an argument failed: so does this call, with the same error
+            task_handler.send_results({out: bytes(data)})
+            return Output()
+    try:
+        function_bytes, argument_bytes = pickle.loads(task_handler.payload)
+        fn = _function(function_bytes)
+        args, kwargs = _load_arguments(argument_bytes, {rid: pickle.loads(memoryview(data)[1:])
+                                                        for rid, data in deps.items()})
+        data = dump_result(fn(*args, **kwargs))
+    except Exception as exc:
+        data = dump_error(exc)
+    task_handler.send_results({out: data})
+    return Output()

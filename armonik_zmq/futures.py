@@ -1,0 +1,410 @@
+"""The Python-native API: ``Client.submit`` returns a ``concurrent.futures.Future`` of a remote call.
+
+Functions and arguments travel with cloudpickle to the built-in function processor
+(``armonik_zmq.functions``). A future passed as an argument becomes a data dependency, so DAGs
+build themselves. Completion needs no polling: each client follows one event subscription of its
+session and settles the futures of the results it reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import pickle
+import queue
+import threading
+import time
+import weakref
+from concurrent.futures import ALL_COMPLETED, InvalidStateError
+from datetime import timedelta
+from itertools import islice
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, List, Optional, Sequence
+
+import cloudpickle
+
+from . import functions
+from .common import TaskOptions
+from .errors import BrokerUnavailableError, ConnectionLostError, TaskCancelledError, TaskFailedError, TaskTimeoutError, WorkerLostError
+from .protocol import Op, chunks, split_frames
+from .status import EventTypes, ResultStatus, TaskStatus
+
+if TYPE_CHECKING:
+    from .client import Connection
+
+__all__ = ["Client", "Future", "LocalCluster"]
+
+log = logging.getLogger(__name__)
+
+#: results downloaded per request when many complete at once
+_DOWNLOAD_BATCH = 256
+#: seconds between attempts to subscribe again after the connection dropped
+_RESUBSCRIBE_DELAY = 0.2
+
+
+class Future(concurrent.futures.Future):
+    """The future value of one remote call: a stdlib future, also awaitable in asyncio."""
+
+    def __init__(self, client: "Client", result_id: str):
+        super().__init__()
+        self._client = client
+        #: the id of the result that will hold the value (the data dependency when passed to another call)
+        self.result_id = result_id
+        #: the id of the task computing it
+        self.task_id = ""
+
+    def cancel(self) -> bool:
+        """Cancel the task on the broker and this future; return False if the future is already done."""
+        if self.done():
+            return False
+        return self._client.cancel([self]) == 1
+
+    def _cancel_here(self) -> bool:
+        """Mark this future cancelled and wake the stdlib's ``wait``/``as_completed`` waiting on it."""
+        with self._condition:  # reentrant: the stdlib methods below take it too
+            if self.done():
+                return False
+            super().cancel()
+            self.set_running_or_notify_cancel()  # CANCELLED becomes CANCELLED_AND_NOTIFIED: waiters see it
+        return True
+
+    def _settle(self, value: Any = None, exception: Optional[BaseException] = None) -> None:
+        try:
+            if exception is not None:
+                self.set_exception(exception)
+            else:
+                self.set_result(value)
+        except InvalidStateError:  # cancelled here while the broker finished it
+            pass
+
+    def __await__(self):
+        return asyncio.wrap_future(self).__await__()
+
+    def __repr__(self) -> str:
+        return f"<armonik_zmq.Future {self._state.lower()} result={self.result_id}>"
+
+
+class Client:
+    """Submit Python calls to a cluster; one session per client, closed with it.
+
+    Args:
+        endpoint: the broker (default: env ``ARMONIK_ZMQ_ENDPOINT``, else ``tcp://127.0.0.1:5555``).
+        retries: attempts of each task (ArmoniK's max_retries).
+        timeout: longest run of one task, seconds (its max_duration).
+        priority: tasks' priority (1..99).
+        partitions: partitions the session may use (default: the default partition).
+        connect_timeout: how long a broker call may wait for its reply.
+        connection: an open ``Connection`` to use instead of connecting (left open by ``close``).
+    """
+
+    def __init__(self, endpoint: Optional[str] = None, *, retries: int = 2, timeout: float = 3600.0,
+                 priority: int = 1, partitions: Optional[List[str]] = None, connect_timeout: float = 30.0,
+                 connection: Optional["Connection"] = None):
+        from .client import ArmoniKSessions, ArmoniKTasks, connect
+
+        self._owns_connection = connection is None
+        self._conn = connect(endpoint, timeout=connect_timeout) if connection is None else connection
+        self._tasks = ArmoniKTasks(self._conn)
+        self._sessions = ArmoniKSessions(self._conn)
+        self._closed = False
+        self._lock = threading.Lock()  # guards _pending
+        self._pending: dict[str, Future] = {}
+        self._function_bytes: "weakref.WeakKeyDictionary[Callable, bytes]" = weakref.WeakKeyDictionary()
+        try:
+            header, _ = self._conn.call(Op.GET_SERVICE_CONFIG)
+            self._chunk_size = int(header["data_chunk_max_size"])
+            options = TaskOptions(max_duration=timedelta(seconds=timeout), priority=priority, max_retries=retries)
+            #: the session holding this client's tasks
+            self.session_id = self._sessions.create_session(options, partitions)
+            self._subscription = self._subscribe()
+        except BaseException:
+            if self._owns_connection:
+                self._conn.close()
+            raise
+        self._listener = threading.Thread(target=self._listen, name="armonik-zmq-futures", daemon=True)
+        self._listener.start()
+
+    # -- submitting -----------------------------------------------------------------------------
+
+    def submit(self, fn: Callable, *args, retries: Optional[int] = None, timeout: Optional[float] = None,
+               priority: Optional[int] = None, partition: Optional[str] = None, **kwargs) -> Future:
+        """Run ``fn(*args, **kwargs)`` on a worker; futures among the arguments are replaced by their values."""
+        options = _task_options(retries, timeout, priority, partition)
+        return self._submit_calls(fn, [(args, kwargs)], options)[0]
+
+    def map(self, fn: Callable, *iterables: Iterable, chunksize: int = 1000, retries: Optional[int] = None,
+            timeout: Optional[float] = None, priority: Optional[int] = None,
+            partition: Optional[str] = None) -> List[Future]:
+        """Submit ``fn`` over the zipped iterables, ``chunksize`` calls per broker message; return their futures."""
+        if chunksize < 1:
+            raise ValueError(f"chunksize must be at least 1, got {chunksize}")
+        options = _task_options(retries, timeout, priority, partition)
+        calls = ((args, {}) for args in zip(*iterables))
+        futures: List[Future] = []
+        while batch := list(islice(calls, chunksize)):
+            futures.extend(self._submit_calls(fn, batch, options))
+        return futures
+
+    def _dump_function(self, fn: Callable) -> bytes:
+        """Return ``fn`` pickled with cloudpickle, once per function object."""
+        try:
+            data = self._function_bytes.get(fn)
+        except TypeError:  # not weakly referenceable (a builtin, a callable instance)
+            return cloudpickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
+        if data is None:
+            data = self._function_bytes[fn] = cloudpickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
+        return data
+
+    def _submit_calls(self, fn: Callable, calls: Sequence[tuple], options: Optional[dict]) -> List[Future]:
+        """Submit one task per call: payloads in one message, outputs in another, the tasks in a third."""
+        self._check_open()
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        function_bytes = self._dump_function(fn)
+        name = getattr(fn, "__name__", "call")
+        specs, counts, frames, dependencies = [], [], [], []
+        for args, kwargs in calls:
+            payload, deps = functions.dump_call(function_bytes, args, kwargs, Future)
+            parts = chunks(payload, self._chunk_size)
+            specs.append({"name": f"{name}-payload"})
+            counts.append(len(parts))
+            frames.extend(parts)
+            dependencies.append(deps)
+        sid = self.session_id
+        payloads = self._conn.call_async(Op.CREATE_RESULTS, frames, counts=counts, session_id=sid, results=specs)
+        outputs = self._conn.call_async(Op.CREATE_RESULTS_METADATA, session_id=sid,
+                                        results=[{"name": name}] * len(specs))
+        payload_ids = [r["result_id"] for r in self._reply(Op.CREATE_RESULTS, payloads)["results"]]
+        output_ids = [r["result_id"] for r in self._reply(Op.CREATE_RESULTS_METADATA, outputs)["results"]]
+        futures = [Future(self, rid) for rid in output_ids]
+        with self._lock:  # before the tasks exist, so no completion can come first
+            self._pending.update(zip(output_ids, futures))
+        tasks = [{"payload_id": p, "expected_output_ids": [o], "data_dependencies": deps}
+                 for p, o, deps in zip(payload_ids, output_ids, dependencies)]
+        if options:
+            for task in tasks:
+                task["options"] = options
+        try:
+            header, _ = self._conn.call(Op.SUBMIT_TASKS, session_id=sid, tasks=tasks)
+        except BaseException:
+            with self._lock:
+                for rid in output_ids:
+                    self._pending.pop(rid, None)
+            raise
+        for fut, task in zip(futures, header["tasks"]):
+            fut.task_id = task["task_id"]
+        return futures
+
+    def _reply(self, op: Op, fut: concurrent.futures.Future) -> dict:
+        """Return the header of the reply to a request sent with ``call_async``."""
+        try:
+            return fut.result(self._conn.timeout)[0]
+        except TimeoutError:
+            if fut.done():
+                return fut.result()[0]
+            raise BrokerUnavailableError(f"no reply to {op.name} within {self._conn.timeout:g}s") from None
+
+    # -- waiting --------------------------------------------------------------------------------
+
+    @staticmethod
+    def gather(futures: Iterable[Future], timeout: Optional[float] = None) -> list:
+        """Return the values of the futures, in order; raise the first error met."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return [f.result(None if deadline is None else max(0.0, deadline - time.monotonic())) for f in futures]
+
+    @staticmethod
+    def as_completed(futures: Iterable[Future], timeout: Optional[float] = None) -> Iterator[Future]:
+        """Yield the futures as they finish (cancelled ones included); ``TimeoutError`` after ``timeout``."""
+        return concurrent.futures.as_completed(futures, timeout)
+
+    @staticmethod
+    def wait(futures: Iterable[Future], timeout: Optional[float] = None, return_when: str = ALL_COMPLETED):
+        """Wait like ``concurrent.futures.wait``; return ``(done, not_done)``."""
+        return concurrent.futures.wait(futures, timeout, return_when)
+
+    def cancel(self, futures: Iterable[Future]) -> int:
+        """Cancel the tasks of the futures not done yet (one broker request); return how many were cancelled."""
+        todo = [f for f in futures if not f.done()]
+        if todo:
+            self._tasks.cancel_tasks([f.task_id for f in todo])
+            with self._lock:  # settled here: their ABORTED events need no lookup
+                for f in todo:
+                    self._pending.pop(f.result_id, None)
+        return sum(f._cancel_here() for f in todo)
+
+    # -- completion -------------------------------------------------------------------------------
+
+    def _subscribe(self):
+        return self._conn.subscribe(self.session_id, [int(EventTypes.RESULT_STATUS_UPDATE)])
+
+    def _listen(self) -> None:
+        """Settle futures from the session's result events, a batch of events at a time."""
+        while not self._closed:
+            try:
+                events = [self._subscription.get()]
+                while True:
+                    try:
+                        events.append(self._subscription.get(timeout=0))
+                    except queue.Empty:
+                        break
+                self._on_statuses({e.result_id: e.status for _, e in events})
+            except ConnectionLostError:
+                self._resubscribe()
+            except Exception:
+                if self._closed:
+                    return
+                log.exception("settling futures of session %s failed", self.session_id)
+
+    def _resubscribe(self) -> None:
+        """Subscribe again after a dropped connection, then catch up with the statuses missed meanwhile."""
+        while not self._closed:
+            try:
+                self._subscription = self._subscribe()
+                with self._lock:
+                    ids = list(self._pending)
+                for start in range(0, len(ids), _DOWNLOAD_BATCH):
+                    header, _ = self._conn.call(Op.GET_RESULTS, result_ids=ids[start:start + _DOWNLOAD_BATCH])
+                    self._on_statuses({r["result_id"]: r["status"] for r in header["results"]})
+                return
+            except BrokerUnavailableError:  # still down: try again shortly
+                time.sleep(_RESUBSCRIBE_DELAY)
+
+    def _on_statuses(self, statuses: dict) -> None:
+        with self._lock:
+            completed = [rid for rid, s in statuses.items() if s == ResultStatus.COMPLETED and rid in self._pending]
+            aborted = [rid for rid, s in statuses.items() if s == ResultStatus.ABORTED and rid in self._pending]
+        for start in range(0, len(completed), _DOWNLOAD_BATCH):
+            self._download(completed[start:start + _DOWNLOAD_BATCH])
+        if aborted:
+            self._fail(aborted)
+
+    def _download(self, result_ids: List[str]) -> None:
+        header, frames = self._conn.call(Op.DOWNLOAD_RESULT_DATA, session_id=self.session_id, result_ids=result_ids)
+        for rid, parts in zip(result_ids, split_frames(frames, header["frames"])):
+            with self._lock:
+                fut = self._pending.pop(rid, None)
+            if fut is None:
+                continue
+            try:
+                fut._settle(functions.load_result(parts[0] if len(parts) == 1 else b"".join(parts)))
+            except Exception as exc:
+                fut._settle(exception=exc)
+
+    def _fail(self, result_ids: List[str]) -> None:
+        """Fail the futures of aborted results with the error of the task that owned each."""
+        header, _ = self._conn.call(Op.GET_RESULTS, result_ids=result_ids)
+        owners = {r["result_id"]: r["owner_task_id"] for r in header["results"]}
+        header, _ = self._conn.call(Op.GET_TASKS, task_ids=list(dict.fromkeys(owners.values())))
+        tasks = {t["task_id"]: t for t in header["tasks"]}
+        for rid in result_ids:
+            with self._lock:
+                fut = self._pending.pop(rid, None)
+            if fut is not None:
+                fut._settle(exception=_task_error(tasks.get(owners.get(rid), {}), rid))
+
+    # -- lifetime -------------------------------------------------------------------------------
+
+    def session(self, *, retries: int = 2, timeout: float = 3600.0, priority: int = 1,
+                partitions: Optional[List[str]] = None) -> "Client":
+        """Open another session on this client's connection, as a client of its own.
+
+        Use it as a context manager: its session is closed on exit, cancelled on an exception.
+        """
+        self._check_open()
+        return Client(retries=retries, timeout=timeout, priority=priority, partitions=partitions,
+                      connection=self._conn)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this Client is closed")
+
+    def close(self, cancel: bool = False) -> None:
+        """Close the session (``cancel``: cancel it, stopping its tasks), the event subscription and our connection.
+
+        Futures still pending are cancelled here.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if cancel:
+                self._sessions.cancel_session(self.session_id)
+            else:
+                self._sessions.close_session(self.session_id)
+        finally:
+            self._subscription.close()
+            with self._lock:
+                pending, self._pending = list(self._pending.values()), {}
+            for fut in pending:
+                fut._cancel_here()
+            if self._owns_connection:
+                self._conn.close()
+            self._listener.join()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(cancel=exc_type is not None)
+
+    def __repr__(self) -> str:
+        return f"<armonik_zmq.Client session={self.session_id} {'closed' if self._closed else 'open'}>"
+
+
+def _task_options(retries: Optional[int], timeout: Optional[float], priority: Optional[int],
+                  partition: Optional[str]) -> Optional[dict]:
+    """Return the wire options of tasks submitted with these overrides (None: the session's defaults)."""
+    options = {name: value for name, value in (("max_retries", retries), ("max_duration", timeout),
+                                                ("priority", priority), ("partition_id", partition))
+               if value is not None}
+    return options or None
+
+
+def _task_error(task: dict, result_id: str) -> TaskFailedError:
+    """Return the exception of a task that ended without writing its output."""
+    task_id, message = task.get("task_id", ""), task.get("status_message", "") or ""
+    status = task.get("status")
+    text = f"task {task_id} of result {result_id} ended {TaskStatus(status).name if status else 'without a value'}"
+    text += f": {message}" if message else ""
+    if status in (TaskStatus.CANCELLED, TaskStatus.CANCELLING):
+        return TaskCancelledError(text, task_id, message)
+    if status == TaskStatus.TIMEOUT:
+        return TaskTimeoutError(text, task_id, message)
+    if status == TaskStatus.ERROR and "died" in message:
+        return WorkerLostError(text, task_id, message)
+    return TaskFailedError(text, task_id, message)
+
+
+class LocalCluster:
+    """A broker, an agent and ``n_workers`` worker processes for a script or a notebook.
+
+    ``with LocalCluster(n_workers=4) as client:`` yields a connected ``Client``; leaving the block
+    closes it and stops the processes.
+    """
+
+    def __init__(self, n_workers: int = 4, **client_options: Any):
+        from .cluster import LocalProcesses
+
+        self.processes = LocalProcesses(workers=n_workers, processor="armonik_zmq.functions:processor")
+        self._client_options = client_options
+        self.client: Optional[Client] = None
+
+    @property
+    def endpoint(self) -> str:
+        return self.processes.endpoint
+
+    def __enter__(self) -> Client:
+        self.processes.start()
+        try:
+            self.client = Client(self.endpoint, **self._client_options)
+        except BaseException:
+            self.processes.cleanup()
+            raise
+        return self.client
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if self.client is not None:
+                self.client.__exit__(exc_type, exc, tb)
+        finally:
+            self.processes.cleanup()

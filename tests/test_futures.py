@@ -1,0 +1,189 @@
+"""The Python-native API against a real cluster, checked against the stdlib's own future semantics."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import sys
+import time
+
+import cloudpickle
+import pytest
+
+import armonik_zmq
+from armonik_zmq.client import ArmoniKTasks, connect
+from armonik_zmq.cluster import LocalProcesses
+from armonik_zmq.errors import TaskCancelledError, TaskTimeoutError, WorkerLostError
+from armonik_zmq.status import TaskStatus
+
+# Workers cannot import this test module: its functions travel by value, as a notebook's would.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture(scope="module")
+def demo_cluster(tmp_path_factory):
+    """A cluster with the default (demo) processor: it must serve the futures API too."""
+    with LocalProcesses(data_dir=str(tmp_path_factory.mktemp("futures") / "lmdb"), workers=2) as processes:
+        yield processes
+
+
+@pytest.fixture
+def client(demo_cluster):
+    with armonik_zmq.Client(demo_cluster.endpoint) as c:
+        yield c
+
+
+def add(a, b):
+    return a + b
+
+
+def fail(message):
+    raise KeyError(message)
+
+
+class TwoArgumentError(Exception):
+    """An exception pickle cannot rebuild (its constructor takes two arguments, its args hold one)."""
+
+    def __init__(self, a, b):
+        super().__init__(f"{a}/{b}")
+
+
+def fail_unpicklable():
+    raise TwoArgumentError("x", "y")
+
+
+def test_submit_returns_stdlib_futures(client):
+    fut = client.submit(add, 2, b=40)
+    assert isinstance(fut, concurrent.futures.Future)
+    seen = []
+    fut.add_done_callback(seen.append)
+    assert fut.result(timeout=30) == 42
+    assert seen == [fut]
+    assert client.submit(lambda: {"nested": [1, 2]}).result(30) == {"nested": [1, 2]}
+
+
+def test_futures_as_arguments_build_a_dag(client):
+    a = client.submit(add, 1, 2)
+    b = client.submit(add, a, 10)
+    total = client.submit(sum, [a, b, client.submit(add, b, b)])  # futures nested in a list too
+    assert total.result(30) == 3 + 13 + 26
+    tasks = ArmoniKTasks(client._conn)
+    assert set(tasks.get_task(total.task_id).data_dependencies) >= {a.result_id, b.result_id}
+
+
+def test_map_batches_and_gather(client):
+    futures = client.map(add, range(50), range(50), chunksize=20)
+    assert client.gather(futures) == [2 * i for i in range(50)]
+    assert len({f.task_id for f in futures}) == 50
+
+
+def test_remote_exception_keeps_type_and_traceback(client):
+    fut = client.submit(fail, "missing")
+    with pytest.raises(KeyError) as info:
+        fut.result(30)
+    assert "in fail" in info.value.remote_traceback
+    assert "raise KeyError(message)" in info.value.remote_traceback
+    # a call over a failed future fails the same way, without running
+    with pytest.raises(KeyError):
+        client.submit(add, fut, 1).result(30)
+    with pytest.raises(RuntimeError, match="TwoArgumentError: x/y"):
+        client.submit(fail_unpicklable).result(30)
+
+
+def test_as_completed_yields_in_completion_order_and_times_out_without_cancelling(client):
+    slow = client.submit(time.sleep, 1.0)
+    fast = client.submit(add, 1, 1)
+    with pytest.raises(TimeoutError):
+        for done in client.as_completed([slow, fast], timeout=0.3):
+            assert done is fast
+    assert not slow.cancelled()
+    assert slow.result(30) is None  # it ran to the end
+    assert list(concurrent.futures.as_completed([fast, slow])) and fast.result() == 2
+
+
+def test_cancelled_future_is_yielded_by_as_completed(client):
+    blocker = client.submit(time.sleep, 30)
+    waiting = client.submit(add, blocker, 1)
+    assert waiting.cancel()
+    assert waiting.cancelled()
+    assert next(client.as_completed([waiting, blocker], timeout=10)) is waiting
+    with pytest.raises(concurrent.futures.CancelledError):
+        waiting.result()
+    assert client.cancel([blocker]) == 1
+    done, not_done = client.wait([blocker, waiting], timeout=10)
+    assert not not_done
+    tasks = ArmoniKTasks(client._conn)
+    assert tasks.get_task(waiting.task_id).status == TaskStatus.CANCELLED
+
+
+def test_cancelled_elsewhere_raises_task_cancelled(client, demo_cluster):
+    blocker = client.submit(time.sleep, 30)
+    dependent = client.submit(add, blocker, 1)
+    with connect(demo_cluster.endpoint) as conn:
+        ArmoniKTasks(conn).cancel_tasks([blocker.task_id])
+    with pytest.raises(TaskCancelledError):
+        blocker.result(30)
+    with pytest.raises(TaskCancelledError):
+        dependent.result(30)
+
+
+def test_timeout_and_worker_loss_have_their_own_errors(client):
+    with pytest.raises(TaskTimeoutError):
+        client.submit(time.sleep, 30, timeout=0.5, retries=1).result(30)
+    with pytest.raises(WorkerLostError, match="died"):
+        client.submit(os._exit, 3, retries=1).result(30)
+    assert client.submit(add, 1, 1).result(30) == 2  # the agent replaced the worker
+
+
+def test_futures_are_awaitable(client):
+    async def main():
+        one = await client.submit(add, 1, 2)
+        rest = await asyncio.gather(*(client.submit(add, i, 0) for i in range(5)))
+        return one, rest
+
+    assert asyncio.run(main()) == (3, [0, 1, 2, 3, 4])
+
+
+def test_client_context_closes_or_cancels_its_session(demo_cluster):
+    from armonik_zmq.client import ArmoniKSessions
+    from armonik_zmq.status import SessionStatus
+
+    with armonik_zmq.Client(demo_cluster.endpoint) as c:
+        assert c.submit(add, 1, 1).result(30) == 2
+    with pytest.raises(RuntimeError, match="closed"):
+        c.submit(add, 1, 1)
+    with pytest.raises(ZeroDivisionError):
+        with armonik_zmq.Client(demo_cluster.endpoint) as failing:
+            pending = failing.submit(time.sleep, 30)
+            raise ZeroDivisionError("the block fails")
+    assert pending.cancelled()
+    with armonik_zmq.Client(demo_cluster.endpoint) as parent:
+        with parent.session(priority=2) as inner:
+            assert inner.session_id != parent.session_id
+            assert inner.submit(add, 3, 3).result(30) == 6
+        assert parent.submit(add, 4, 4).result(30) == 8  # the shared connection stays open
+    with connect(demo_cluster.endpoint) as conn:
+        sessions = ArmoniKSessions(conn)
+        assert sessions.get_session(c.session_id).status == SessionStatus.CLOSED
+        assert sessions.get_session(failing.session_id).status == SessionStatus.CANCELLED
+        assert sessions.get_session(inner.session_id).status == SessionStatus.CLOSED
+
+
+def test_local_cluster_yields_a_connected_client():
+    with armonik_zmq.LocalCluster(n_workers=2) as client:
+        assert isinstance(client, armonik_zmq.Client)
+        assert client.gather(client.map(abs, [-1, -2, 3])) == [1, 2, 3]
+
+
+def test_futures_survive_a_broker_restart(tmp_path):
+    with LocalProcesses(data_dir=str(tmp_path / "lmdb"), workers=2) as processes:
+        with armonik_zmq.Client(processes.endpoint) as c:
+            first = c.submit(add, 1, 1)
+            assert first.result(30) == 2
+            later = c.map(time.sleep, [0.1] * 10)
+            processes.kill_broker()
+            processes.start_broker()
+            processes.wait_ready()
+            assert c.gather(later, timeout=60) == [None] * 10
+            assert c.submit(add, 2, 2).result(30) == 4
