@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 from datetime import timedelta
@@ -20,6 +22,18 @@ WORKER_ENV = {"PYTHONPATH": os.pathsep.join([HERE, *filter(None, [os.environ.get
 def make_cluster(tmp_path, workers: int = 2, **kwargs) -> LocalProcesses:
     return LocalProcesses(data_dir=str(tmp_path / "lmdb"), workers=workers, processor=PROCESSOR, env=WORKER_ENV,
                           **kwargs)
+
+
+@contextlib.contextmanager
+def broker_only(tmp_path_factory, *broker_args: str):
+    """Run a broker with no agent of its own (a test plays the agent, or needs none)."""
+    cluster = make_cluster(tmp_path_factory.mktemp("lone"), broker_args=broker_args)
+    try:
+        cluster.start_broker()
+        cluster.wait_ready()
+        yield cluster
+    finally:
+        cluster.cleanup()
 
 
 @pytest.fixture(scope="module")

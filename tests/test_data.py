@@ -18,7 +18,7 @@ from armonik_zmq.broker.store import Store
 from armonik_zmq.client import ResultStatus, SessionStatus, TaskDefinition, TaskStatus, connect
 from armonik_zmq.errors import ArmoniKZmqError, FailedPreconditionError, InvalidArgumentError, NotFoundError
 from armonik_zmq.protocol import ErrorCode, Op
-from conftest import PROCESSOR, WORKER_ENV, Api, make_cluster
+from conftest import PROCESSOR, WORKER_ENV, Api, broker_only, make_cluster
 
 MiB = 1 << 20
 
@@ -308,13 +308,8 @@ def test_store_keeps_objects_as_chunks(tmp_path):
 @pytest.fixture(scope="module")
 def lone_broker(tmp_path_factory):
     """A broker alone (no agent, no object storage, no fsync): data operations only."""
-    cluster = make_cluster(tmp_path_factory.mktemp("lone"), broker_args=("--no-sync",))
-    try:
-        cluster.start_broker()
-        cluster.wait_ready()
+    with broker_only(tmp_path_factory, "--no-sync") as cluster:
         yield cluster
-    finally:
-        cluster.cleanup()
 
 
 def test_up_serves_an_object_storage(tmp_path, storage):

@@ -22,7 +22,7 @@ from armonik_zmq.client import (EventTypes, ResultStatus, SessionStatus, TaskDef
                                 connect)
 from armonik_zmq.errors import FailedPreconditionError, InvalidArgumentError
 from armonik_zmq.protocol import ErrorCode, Op, request
-from conftest import Api, make_cluster
+from conftest import Api, broker_only, make_cluster
 
 _S = SessionStatus
 _T = TaskStatus
@@ -401,14 +401,8 @@ class ScriptedAgent:
 def lone(tmp_path_factory):
     """A broker without an agent of its own (tests bring a ScriptedAgent)."""
     # "solo": no agent ever serves it, its tasks stay queued; "late", "order": an agent comes when a test says so
-    cluster = make_cluster(tmp_path_factory.mktemp("lone"), broker_args=("--no-sync", "--partition",
-                                                                         "default,solo,late,order"))
-    try:
-        cluster.start_broker()
-        cluster.wait_ready()
+    with broker_only(tmp_path_factory, "--no-sync", "--partition", "default,solo,late,order") as cluster:
         yield cluster
-    finally:
-        cluster.cleanup()
 
 
 @pytest.fixture
