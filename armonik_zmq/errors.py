@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .protocol import ErrorCode, ProtocolError
+from .protocol import ErrorCode
 
 
 class ArmoniKZmqError(Exception):
@@ -82,10 +82,6 @@ def from_error(code: int, message: str) -> ArmoniKZmqError:
     except ValueError:
         code = ErrorCode.UNKNOWN
     return _BY_CODE.get(code, ArmoniKZmqError)(message, code)
-
-
-def from_protocol_error(err: ProtocolError) -> ArmoniKZmqError:
-    return from_error(err.code, err.message)
 
 
 class TaskFailedError(RuntimeError):

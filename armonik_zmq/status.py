@@ -65,11 +65,6 @@ TASK_FINAL = frozenset(
     {TaskStatus.COMPLETED, TaskStatus.ERROR, TaskStatus.TIMEOUT, TaskStatus.CANCELLED, TaskStatus.RETRIED}
 )
 
-#: Session states in which nothing may be submitted nor run.
-SESSION_STOPPED = frozenset(
-    {SessionStatus.CANCELLED, SessionStatus.PURGED, SessionStatus.DELETED}
-)
-
 _T = TaskStatus
 
 #: Every legal task transition (ArmoniK Core's lifecycle, ARMONIK.md 1.2 and 3.x).

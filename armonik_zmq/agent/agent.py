@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 class LocalTask:
     """A task this agent holds, from DISPATCH until its report is acknowledged."""
 
-    __slots__ = ("msg", "task_id", "attempt", "data", "waiting_fetch", "token", "worker", "created_results",
+    __slots__ = ("msg", "task_id", "attempt", "data", "token", "worker", "created_results",
                  "results", "result_frames", "subtasks", "fetched_at", "started_at")
 
     def __init__(self, msg: dict):
@@ -46,7 +46,6 @@ class LocalTask:
         self.attempt: int = msg["attempt"]
         #: input data by result id (payload and dependencies)
         self.data: dict[str, object] = {}
-        self.waiting_fetch = False
         self.token = uuid.uuid4().hex
         self.worker: Optional[WorkerProc] = None
         # What the worker produced, committed by the broker only if the task ends OK.
@@ -227,10 +226,8 @@ class Agent:
 
     def _prefetch(self, task: LocalTask, missing: list[str]) -> None:
         """Fetch inputs too large to travel inside DISPATCH, before a worker is free."""
-        task.waiting_fetch = True
 
         def on_data(header: dict, frames: list) -> None:
-            task.waiting_fetch = False
             if self.tasks.get(task.task_id) is not task:
                 return
             if "error" in header:

@@ -71,9 +71,6 @@ class EventBus:
         for sub in list(self.by_session.get(session_id, ())):
             self.unsubscribe(sub.peer, sub.rid)
 
-    def has(self, session_id: str) -> bool:
-        return session_id in self.by_session
-
     def _emit(self, session_id: str, etype: EventTypes, body: dict, row: dict, is_task: bool) -> None:
         for sub in self.by_session.get(session_id, ()):
             if etype not in sub.types:

@@ -47,7 +47,6 @@ class Store:
         #: session id -> task ids / result ids (for cancel, purge, delete)
         self.session_tasks = self.env.open_db(b"session_tasks", dupsort=True)
         self.session_results = self.env.open_db(b"session_results", dupsort=True)
-        self.meta = self.env.open_db(b"meta")
 
     @contextlib.contextmanager
     def write(self) -> Iterator["Txn"]:
