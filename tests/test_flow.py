@@ -131,7 +131,7 @@ def test_error_aborts_outputs_and_dependents(api):
     for t in (dependent, further):
         row = api.tasks.get_task(t.id)
         assert row.status == TaskStatus.ERROR
-        assert bad.id in row.status_message or "aborted" in row.status_message
+        assert bad.id in row.status_message and "aborted" in row.status_message
     for r in (bad_out, dep_out, further_out):
         assert api.results.get_result(r).status == ResultStatus.ABORTED
     # submitting on an aborted input is refused
