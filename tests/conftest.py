@@ -14,6 +14,9 @@ from armonik_zmq.client import (ArmoniKEvents, ArmoniKResults, ArmoniKSessions, 
                                 TaskOptions, connect)
 from armonik_zmq.cluster import LocalProcesses
 
+# the reliability tools: History, figure() and the `scale` fixture (full / ci) for every test module
+pytest_plugins = ["reliability"]
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROCESSOR = "processors:processor"
 WORKER_ENV = {"PYTHONPATH": os.pathsep.join([HERE, *filter(None, [os.environ.get("PYTHONPATH")])])}

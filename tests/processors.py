@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -9,8 +10,30 @@ import time
 from armonik_zmq.demo import processor as demo_processor
 from armonik_zmq.worker import Output, TaskDefinition
 
+# reliability tests (tests/reliability.py) read this log: one line per execution, "task id\tpid\ttime"
+EXEC_LOG = os.environ.get("ARMONIK_ZMQ_EXEC_LOG")
+
+
+def record_execution(task_id: str) -> None:
+    """One write on an O_APPEND descriptor, so that lines of concurrent workers never interleave."""
+    fd = os.open(EXEC_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, f"{task_id}\t{os.getpid()}\t{time.time():.6f}\n".encode())
+    finally:
+        os.close(fd)
+
 
 def processor(task_handler) -> Output:
+    if EXEC_LOG:
+        record_execution(task_handler.task_id)
+    return _process(task_handler)
+
+
+def _process(task_handler) -> Output:
+    if task_handler.payload.startswith(b"sha256:"):
+        # reliability tests' no-op: the result is the payload's sha256, a cheap proof of the right data
+        task_handler.send_results({task_handler.expected_results[0]: hashlib.sha256(task_handler.payload).digest()})
+        return Output()
     payload = json.loads(task_handler.payload)
     op = payload.get("op")
     out = task_handler.expected_results[0] if task_handler.expected_results else None
@@ -28,6 +51,8 @@ def processor(task_handler) -> Output:
         return Output()
     if op == "crash":
         os._exit(3)
+    if op == "abort":
+        os.abort()
     if op == "raise":
         raise ValueError("raised on purpose")
     if op == "pid":
@@ -92,7 +117,7 @@ def processor(task_handler) -> Output:
             if time.monotonic() > deadline:
                 return Output("the gate never opened")
             time.sleep(0.01)
-        return processor(_WithPayload(task_handler, json.dumps(payload["then"]).encode()))
+        return _process(_WithPayload(task_handler, json.dumps(payload["then"]).encode()))
     return demo_processor(task_handler)
 
 
