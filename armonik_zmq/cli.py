@@ -67,8 +67,15 @@ def _configured_partitions(config_file: Optional[str], values: tuple[str, ...]) 
               help="A TOML file of [[partitions]] (id, priority, pod_max, ...); --partition adds more.")
 @click.option("--object-storage", type=click.Path(exists=True, file_okay=False), default=None,
               help=OBJECT_STORAGE_HELP)
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help="Serve Prometheus metrics over HTTP on this port (0: off).")
+@click.option("--metrics-address", default="127.0.0.1", show_default=True,
+              help="Address the metrics HTTP server binds (keep it private: metrics reveal activity).")
+@click.option("--max-message-size", type=click.IntRange(1024, 1 << 31), default=64 << 20, show_default=True,
+              help="Largest message frame (bytes) a peer may send; a bigger one disconnects the peer.")
 @click.pass_context
-def broker(ctx, data_dir, endpoint, agents_endpoint, partitions, lease, no_sync, config_file, object_storage) -> None:
+def broker(ctx, data_dir, endpoint, agents_endpoint, partitions, lease, no_sync, config_file, object_storage,
+           metrics_port, metrics_address, max_message_size) -> None:
     """Run the broker (the control plane) in the foreground."""
     from .broker import Broker
 
@@ -76,7 +83,8 @@ def broker(ctx, data_dir, endpoint, agents_endpoint, partitions, lease, no_sync,
     ids, details = _configured_partitions(config_file, partitions)
     config = BrokerConfig(data_dir=data_dir, endpoint=endpoint, agents_endpoint=agents_endpoint,
                           partitions=ids, partition_details=details, lease=lease, sync=not no_sync,
-                          object_storage=object_storage or "")
+                          object_storage=object_storage or "", metrics_port=metrics_port,
+                          metrics_address=metrics_address, max_message_size=max_message_size)
     try:
         server = Broker(config)
     except RuntimeError as exc:

@@ -125,8 +125,12 @@ class BrokerConfig:
     lease: float = 5.0
     #: most messages handled per loop turn (one LMDB transaction per turn)
     max_batch_messages: int = 1024
-    #: largest message a peer may send (bytes)
-    max_message_size: int = 1 << 30
+    #: largest message frame a peer may send (bytes): a bigger one disconnects the peer (ZMQ_MAXMSGSIZE).
+    #: Data travels in frames of data_chunk_max_size, so only a broken or hostile peer reaches it.
+    max_message_size: int = 64 << 20
+    #: serve Prometheus metrics over HTTP on this port (0: off)
+    metrics_port: int = 0
+    metrics_address: str = "127.0.0.1"
 
 
 @dataclass(frozen=True)

@@ -502,7 +502,8 @@ SCHEMAS: dict[Op, Map] = {
         "snapshot": Bool(),
     }),
     Op.UNSUBSCRIBE_EVENTS: Map(required={"subscription": Int(0)}),
-    Op.HEALTH: Map(),
+    # metrics: also return the broker's counters (broker/metrics.py), e.g. for tests and tools
+    Op.HEALTH: Map(optional={"metrics": Bool()}),
     Op.LIST_SESSIONS: Map(optional=PAGING),
     Op.LIST_TASKS: Map(optional={**PAGING, "with_errors": Bool(), "detailed": Bool()}),
     Op.COUNT_TASKS_BY_STATUS: Map(optional={"filter": FILTER}),

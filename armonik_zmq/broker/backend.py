@@ -21,6 +21,16 @@ _S = SessionStatus
 _T = TaskStatus
 
 
+#: metrics counter of each kind of fenced-off completion (``_refusal``)
+_REFUSAL_COUNTER = {"duplicate": "completions_duplicate", "stale": "completions_stale", "foreign": "completions_foreign"}
+
+
+def _refusal(kind: str, exc: ProtocolError) -> ProtocolError:
+    """Tag a fencing refusal with its kind (duplicate, stale, foreign) for the metrics."""
+    exc.refusal = kind
+    return exc
+
+
 class AgentInfo:
     __slots__ = ("agent_id", "peer", "slot", "hostname", "capacity", "partitions", "expires")
 
@@ -79,8 +89,8 @@ class Backend:
         self.agent_by_slot.pop(agent.slot, None)
         return self.state.core.remove_agent(agent.slot)
 
-    def drop_agent(self: "Broker", txn: Txn, agent: AgentInfo, why: str, now: float) -> None:
-        """The agent is gone: take its tasks back, fencing off any late report from it.
+    def drop_agent(self: "Broker", txn: Txn, agent: AgentInfo, why: str, now: float) -> int:
+        """The agent is gone: take its tasks back, fencing off any late report from it; return how many.
 
         A task it had started (PROCESSING) failed with it: nothing of that run was committed, so it takes the
         retry path (ArmoniK 3.5). One it had not started goes back to its queue, not counted as a retry.
@@ -99,6 +109,7 @@ class Backend:
                 self.state.set_task_status(txn, row, _T.SUBMITTED, now, f"agent {agent.agent_id} {why}")
         log.warning("agent %s %s: %d task(s) back in the queue, %d running one(s) failed", agent.agent_id, why,
                     len(held) - retried, retried)
+        return len(held)
 
     def handle_agent_heartbeat(self: "Broker", req: "Request", txn: Txn) -> None:
         self._agent(req)
@@ -123,21 +134,26 @@ class Backend:
         """Return the task row if this agent's attempt still owns the task, else refuse (fencing)."""
         row = txn.get_task(task_id)
         if row is None:
-            raise not_found("task", task_id)
+            raise _refusal("foreign", not_found("task", task_id))
         if row["status"] in TASK_FINAL:
-            raise ProtocolError(ErrorCode.STALE_ATTEMPT,
-                                f"task {task_id} already ended ({_T(row['status']).name}); this report is discarded")
+            raise _refusal("duplicate", ProtocolError(
+                ErrorCode.STALE_ATTEMPT, f"task {task_id} already ended ({_T(row['status']).name}); this report is discarded"))
         if row["status"] == _T.SUBMITTED:
-            raise ProtocolError(ErrorCode.STALE_ATTEMPT, f"task {task_id} was queued again (its agent was lost or "
-                                                         f"the broker restarted); this report is discarded")
+            raise _refusal("stale", ProtocolError(
+                ErrorCode.STALE_ATTEMPT, f"task {task_id} was queued again (its agent was lost or the broker restarted); "
+                                         f"this report is discarded"))
         if row["status"] in (_T.PAUSED, _T.CANCELLING):
-            raise ProtocolError(ErrorCode.STALE_ATTEMPT, f"task {task_id} is {_T(row['status']).name}: its agent was "
-                                                         f"told to stop it; this report is discarded")
-        if row["attempt"] != attempt:
-            raise ProtocolError(ErrorCode.STALE_ATTEMPT,
-                                f"task {task_id} attempt {attempt} was replaced by attempt {row['attempt']}")
+            raise _refusal("stale", ProtocolError(
+                ErrorCode.STALE_ATTEMPT, f"task {task_id} is {_T(row['status']).name}: its agent was told to stop it; "
+                                         f"this report is discarded"))
+        # The owner first: another agent's task is foreign to this one whatever attempt it names.
         if row["owner_pod_id"] not in ("", agent.agent_id):
-            raise ProtocolError(ErrorCode.STALE_ATTEMPT, f"task {task_id} is owned by agent {row['owner_pod_id']}")
+            raise _refusal("foreign", ProtocolError(
+                ErrorCode.STALE_ATTEMPT, f"task {task_id} is owned by agent {row['owner_pod_id']}, not by "
+                                         f"{agent.agent_id}; this report is discarded"))
+        if row["attempt"] != attempt:
+            raise _refusal("stale", ProtocolError(
+                ErrorCode.STALE_ATTEMPT, f"task {task_id} attempt {attempt} was replaced by attempt {row['attempt']}"))
         return row
 
     def handle_tasks_started(self: "Broker", req: "Request", txn: Txn) -> None:
@@ -200,8 +216,14 @@ class Backend:
                         req.rollback_to(mark)
                         raise
                 accepted.append(task_id)
+                if completion["ok"]:
+                    self.metrics.counters["tasks_completed"] += 1
+                    self.metrics.counters["tasks_submitted"] += len(completion.get("subtasks", ()))
+                else:
+                    self.metrics.counters["tasks_failed"] += 1
             except ProtocolError as exc:
                 refused.append([task_id, int(exc.code), exc.message])
+                self.metrics.counters[_REFUSAL_COUNTER.get(getattr(exc, "refusal", None), "completions_invalid")] += 1
                 if exc.code != ErrorCode.STALE_ATTEMPT:
                     self._fail_bad_completion(txn, agent, completion, exc, req.now)
         req.reply(accepted=accepted, refused=refused)

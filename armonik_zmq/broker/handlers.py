@@ -50,10 +50,11 @@ class Handlers:
 
     def handle_health(self: "Broker", req: "Request", txn: Txn) -> None:
         agents = len(self.agents)
+        extra = {"metrics": self.metrics.snapshot(**self.gauges())} if req.header.get("metrics") else {}
         req.reply(healthy=True, checks=[
             {"name": "lmdb", "healthy": True, "message": self.store.path},
             {"name": "agents", "healthy": agents > 0, "message": f"{agents} agent(s) registered"},
-        ])
+        ], **extra)
 
     # -- sessions ------------------------------------------------------------------------------
 

@@ -23,19 +23,28 @@ from typing import Callable, Optional
 import zmq
 
 from ..config import BrokerConfig
-from ..protocol import (BACKEND_OPS, FRONTEND_OPS, ErrorCode, Op, ProtocolError, decode_header, envelope_of,
-                        reply_error, reply_ok, request, validate)
+from ..protocol import (BACKEND_OPS, FRONTEND_OPS, MAX_HEADER_SIZE, ErrorCode, Op, ProtocolError, decode_header,
+                        envelope_of, reply_error, reply_ok, request, validate)
 from .backend import AgentInfo, Backend
 from .data import ResultData
 from .events import EventBus
 from .handlers import Handlers, handler_table
 from .lifecycle import Lifecycle
 from .listing import Listing
+from .metrics import Metrics, serve_http
 from .objects import ObjectStorage
 from .state import BrokerState, now as wall_now
 from .store import Store
 
 log = logging.getLogger(__name__)
+
+#: metrics' reason for a frame refused by decode_header/validate, by the error code it got
+_REJECT_REASON = {ErrorCode.MALFORMED: "malformed", ErrorCode.UNSUPPORTED_VERSION: "unsupported_version",
+                  ErrorCode.UNIMPLEMENTED: "unknown_op", ErrorCode.INVALID_ARGUMENT: "invalid"}
+
+
+def _errno_name(errno: int) -> str:
+    return {zmq.EHOSTUNREACH: "EHOSTUNREACH", zmq.EAGAIN: "EAGAIN"}.get(errno, str(errno))
 
 
 class Request:
@@ -61,6 +70,7 @@ class Request:
         self.out = [self.peer, reply_ok(self.op, self.rid, **fields), *data]
 
     def fail(self, code: ErrorCode, message: str) -> None:
+        self.broker.metrics.error(int(code))
         self.out = [self.peer, reply_error(self.op, self.rid, code, message)]
 
     def on_rollback(self, fn: Callable[[], None]) -> None:
@@ -103,6 +113,10 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData):
         self.scan_jobs: deque = deque()
         self._running = False
         self.stats = {"turns": 0, "requests": 0, "errors": 0, "commits": 0}
+        self.metrics = Metrics()
+        if config.metrics_port:
+            serve_http(self.metrics, config.metrics_port, config.metrics_address, self.gauges)
+            log.info("metrics served on http://%s:%d/metrics", config.metrics_address, config.metrics_port)
 
     def _load_state(self) -> BrokerState:
         state = BrokerState(self.config.partitions, EventBus())
@@ -143,6 +157,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData):
             try:
                 sock.send_multipart(frames, flags=zmq.DONTWAIT, copy=False)
             except zmq.ZMQError as exc:
+                self.metrics.send_failed(_errno_name(exc.errno))
                 if agent is not None:
                     log.warning("cannot reach agent %s (%s): its tasks go back to the queue", agent.agent_id, exc.strerror)
                     self._lost_agents.append(agent)
@@ -156,6 +171,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData):
             try:
                 self.frontend.send_multipart([sub.peer, header], flags=zmq.DONTWAIT)
             except zmq.ZMQError as exc:
+                self.metrics.send_failed(_errno_name(exc.errno))
                 log.info("subscriber gone (%s): subscription %d dropped", exc.strerror, sub.rid)
                 self.state.events.unsubscribe(sub.peer, sub.rid)
 
@@ -173,6 +189,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData):
         peer = frames[0].bytes
         if len(frames) < 2:
             self.stats["errors"] += 1
+            self.metrics.reject("malformed", ErrorCode.MALFORMED)
             return [peer, reply_error(0, 0, ErrorCode.MALFORMED, "message has no header frame")]
         raw = frames[1].bytes
         try:
@@ -180,14 +197,18 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData):
             op = validate(header, FRONTEND_OPS if sock is self.frontend else BACKEND_OPS)
         except ProtocolError as exc:
             self.stats["errors"] += 1
+            self.metrics.reject("oversize" if len(raw) > MAX_HEADER_SIZE else _REJECT_REASON.get(exc.code, "invalid"), exc.code)
             op_num, rid = envelope_of(raw)
             log.info("bad request from %s: %s", peer.hex(), exc)
             return [peer, reply_error(op_num, rid, exc.code, exc.message)]
+        self.metrics.requests[op] += 1
         req = Request(self, sock, peer, header, [f.buffer for f in frames[2:]], now)
         mark = req.mark()
         try:
             with txn.nested() as child:
                 self.handlers[op](req, child)
+            if op is Op.SUBMIT_TASKS:
+                self.metrics.counters["tasks_submitted"] += len(header["tasks"])
         except ProtocolError as exc:
             req.rollback_to(mark)
             self.stats["errors"] += 1
@@ -225,7 +246,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData):
                         replies.append((sock, out, None))
                 for agent in self._lost_agents:
                     if self.agents.get(agent.agent_id) is agent:
-                        self.drop_agent(txn, agent, "could not be reached", now)
+                        self.metrics.add("send_failure_requeues", self.drop_agent(txn, agent, "could not be reached", now))
                 self._lost_agents = []
                 if lease_due:
                     self._next_lease_check = mono + min(0.25, self.config.lease / 4)
@@ -237,6 +258,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData):
             self._outbox = []
             self.state.events.discard_pending()
             for sock, out, _ in replies:
+                self.metrics.error(ErrorCode.UNAVAILABLE)
                 header = decode_header(bytes(out[1]))
                 self._send_now(sock, [out[0], reply_error(header["op"], header["rid"], ErrorCode.UNAVAILABLE,
                                                           "the broker could not commit this request; retry")])
@@ -251,12 +273,18 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData):
         self.stats["requests"] += len(batch)
         self._outbox[:0] = replies
         self._flush()
+        self.metrics.turn(time.monotonic() - turn_started)
 
     def _send_now(self, sock: zmq.Socket, frames: list) -> None:
         try:
             sock.send_multipart(frames, flags=zmq.DONTWAIT)
         except zmq.ZMQError:
             pass
+
+    def gauges(self) -> dict:
+        """Current levels, next to the counters (HEALTH metrics, Prometheus gauges)."""
+        return {"agents": len(self.agents), "tasks_ready": self.state.core.n_ready(),
+                "lmdb_last_txnid": self.store.env.info()["last_txnid"]}
 
     def _dispatch_possible(self) -> bool:
         return bool(self.agents) and self.state.core.n_ready() > 0 and any(
