@@ -44,6 +44,8 @@ class Core:
 
         Ready results in ``missing`` are ignored; an aborted one is a ValueError. Nothing changes on error.
         """
+    def add_held_task(self, partition: SupportsIndex, priority: SupportsIndex, a: SupportsIndex) -> int:
+        """Allocate a task agent a already holds (DISPATCHED; the broker reloading); ValueError if a has no credit."""
     def missing(self, t: SupportsIndex) -> int: ...
     def state(self, t: SupportsIndex) -> int:
         """Return a STATE_* constant; a freed (in range) slot reports STATE_FREE."""

@@ -567,6 +567,56 @@ cdef class Core:
         tr.missing = <int32_t>n
         return t
 
+    def add_held_task(self, partition, priority, a):
+        """Allocate a task that agent a already holds (DISPATCHED): the broker reloading its state.
+
+        It takes one of a's credits; ValueError if a has none left. Nothing changes on error.
+        """
+        cdef int64_t p = _as_int(partition)
+        cdef int64_t prio = _as_int(priority)
+        cdef int64_t ai = _as_int(a)
+        if prio < PRIO_MIN or prio > PRIO_MAX:
+            raise ValueError(f"priority {priority!r} is out of range ({PRIO_MIN}..{PRIO_MAX})")
+        if p < 0 or p >= PART_LIMIT:
+            raise ValueError(f"partition {partition!r} is out of range (0..{PART_LIMIT - 1})")
+        self._agent_slot(ai)
+        if self.agents[ai].n_held >= self.agents[ai].capacity:
+            raise ValueError(f"agent slot {ai} has no credit left (it holds {self.agents[ai].n_held})")
+        self._grow_partitions(p)
+        cdef int32_t t
+        cdef TaskRec rec
+        if self.task_free == NONE:
+            if self.tasks.size() >= <size_t>INT32_MAX:
+                raise MemoryError("no task slot left (2**31 - 1 in use)")
+            rec.seq = 0
+            rec.partition = 0
+            rec.owner = NONE
+            rec.missing = 0
+            rec.dep_head = NONE
+            rec.held_prev = NONE
+            rec.held_next = NONE
+            rec.next_free = NONE
+            rec.priority = 0
+            rec.state = TS_FREE
+            rec.in_queue = 0
+            self.tasks.push_back(rec)
+            self.task_free = <int32_t>self.tasks.size() - 1
+        t = self.task_free
+        cdef TaskRec* tr = &self.tasks[t]
+        self.task_free = tr.next_free
+        tr.next_free = NONE
+        tr.partition = <int32_t>p
+        tr.priority = <uint8_t>prio
+        tr.seq = 0
+        tr.missing = 0
+        tr.dep_head = NONE
+        tr.in_queue = 0
+        tr.state = TS_DISPATCHED
+        self._hold(<int32_t>ai, t)
+        self.n_disp += 1
+        self.n_live_tasks += 1
+        return t
+
     def missing(self, t):
         """Return how many results task t still waits for."""
         cdef int64_t ti = _as_int(t)

@@ -36,6 +36,30 @@ def main(ctx: click.Context, log_level: str) -> None:
     ctx.obj = {"log_level": log_level}
 
 
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000 ** 2, "mib": 1 << 20,
+               "g": 1 << 30, "gb": 1000 ** 3, "gib": 1 << 30, "t": 1 << 40, "tb": 1000 ** 4, "tib": 1 << 40}
+
+
+class ByteSize(click.ParamType):
+    """A size in bytes: 1048576, 1MiB, 64GiB, 1.5TB (powers of 1024 for KiB/MiB/GiB/TiB and K/M/G/T)."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower().replace(" ", "")
+        number = text.rstrip("kmgtib")
+        try:
+            size = int(float(number) * _SIZE_UNITS[text[len(number):]])
+        except (ValueError, KeyError):
+            self.fail(f"{value!r} is not a size: write bytes, or a number with KiB, MiB, GiB or TiB (e.g. 64GiB)",
+                      param, ctx)
+        if size < 0:
+            self.fail(f"{value!r} is negative", param, ctx)
+        return size
+
+
 def _partitions(values: tuple[str, ...]) -> tuple[str, ...]:
     parts = tuple(p for v in values for p in v.split(",") if p)
     return parts or (DEFAULT_PARTITION,)
@@ -73,18 +97,27 @@ def _configured_partitions(config_file: Optional[str], values: tuple[str, ...]) 
               help="Address the metrics HTTP server binds (keep it private: metrics reveal activity).")
 @click.option("--max-message-size", type=click.IntRange(1024, 1 << 31), default=64 << 20, show_default=True,
               help="Largest message frame (bytes) a peer may send; a bigger one disconnects the peer.")
+@click.option("--map-size", type=ByteSize(), default="64GiB", show_default=True,
+              help="Starting LMDB map size (reserved address space, not disk). It doubles when it fills.")
+@click.option("--max-map-size", type=ByteSize(), default="0", show_default="64 x --map-size, at least 1TiB",
+              help="The LMDB map never grows beyond this; once full there, writes are refused (STORAGE_FULL).")
 @click.pass_context
 def broker(ctx, data_dir, endpoint, agents_endpoint, partitions, lease, no_sync, config_file, object_storage,
-           metrics_port, metrics_address, max_message_size) -> None:
+           metrics_port, metrics_address, max_message_size, map_size, max_map_size) -> None:
     """Run the broker (the control plane) in the foreground."""
     from .broker import Broker
 
     _setup_logging(ctx.obj["log_level"], "broker")
+    if map_size < 64 << 10:
+        raise click.BadParameter("must be at least 64KiB", param_hint="--map-size")
+    if max_map_size and max_map_size < map_size:
+        raise click.BadParameter(f"must be at least --map-size ({map_size} bytes)", param_hint="--max-map-size")
     ids, details = _configured_partitions(config_file, partitions)
     config = BrokerConfig(data_dir=data_dir, endpoint=endpoint, agents_endpoint=agents_endpoint,
                           partitions=ids, partition_details=details, lease=lease, sync=not no_sync,
                           object_storage=object_storage or "", metrics_port=metrics_port,
-                          metrics_address=metrics_address, max_message_size=max_message_size)
+                          metrics_address=metrics_address, max_message_size=max_message_size, map_size=map_size,
+                          max_map_size=max_map_size)
     try:
         server = Broker(config)
     except RuntimeError as exc:
@@ -203,6 +236,50 @@ def demo(ctx, endpoint, n, workers) -> None:
     finally:
         if cluster is not None:
             cluster.cleanup()
+
+
+@main.command()
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--tasks", "n_tasks", type=click.IntRange(0), default=20, show_default=True,
+              help="List this many unfinished tasks (id and status).")
+@click.option("--by-status", is_flag=True, help="Count every task by status (reads every task row).")
+@click.option("--readers", "show_readers", is_flag=True, help="Show LMDB's reader slots (pid, snapshot).")
+@click.option("--watch", type=click.FloatRange(min=0.01), default=None, metavar="SECONDS",
+              help="Repeat every SECONDS until Ctrl-C or SIGTERM.")
+@click.option("--count", type=click.IntRange(1), default=None, help="With --watch: stop after this many snapshots.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per snapshot, one per line.")
+def inspect(data_dir, n_tasks, by_status, show_readers, watch, count, as_json) -> None:
+    """Show what a broker's LMDB directory DATA_DIR holds, read-only (safe while the broker runs).
+
+    Table sizes, map size and use, reader slots, and the unfinished tasks. When the broker grows
+    its map meanwhile, the next snapshot picks up the new size (MapResizedError handled).
+    """
+    import json
+
+    from .inspector import Inspector, format_snapshot
+
+    try:
+        inspector = Inspector(data_dir)
+    except ValueError as exc:
+        raise click.ClickException(str(exc))
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+    shown = 0
+    try:
+        while not stopping:
+            snap = inspector.snapshot(tasks=n_tasks, by_status=by_status)
+            shown += 1
+            if as_json:
+                click.echo(json.dumps(snap, separators=(",", ":")))
+            else:
+                click.echo(format_snapshot(snap, inspector.readers() if show_readers else None))
+            if watch is None or (count is not None and shown >= count):
+                break
+            time.sleep(watch)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        inspector.close()
 
 
 if __name__ == "__main__":

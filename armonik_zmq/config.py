@@ -110,8 +110,13 @@ class BrokerConfig:
     partitions: tuple[str, ...] = (DEFAULT_PARTITION,)
     #: the informative fields of some of ``partitions`` (from ``--config``); the others have zeros
     partition_details: tuple[PartitionConfig, ...] = ()
-    #: LMDB map size; it is only reserved address space until pages are written.
+    #: LMDB map size at start; it is only reserved address space until pages are written. It doubles
+    #: when it fills, up to ``max_map_size``.
     map_size: int = 64 << 30
+    #: the map never grows beyond this (0: 64 times ``map_size``, at least 1 TiB)
+    max_map_size: int = 0
+    #: seconds between two sweeps of the reader slots left by dead processes (LMDB reader_check)
+    reader_check_interval: float = 5.0
     #: fsync every commit (durable). False survives process crashes but not power loss.
     sync: bool = True
     data_chunk_max_size: int = DATA_CHUNK_MAX_SIZE

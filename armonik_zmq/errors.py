@@ -59,6 +59,12 @@ class StaleAttemptError(ArmoniKZmqError):
     code = ErrorCode.STALE_ATTEMPT
 
 
+class StorageFullError(ResourceExhaustedError):
+    """The broker's storage is full (its LMDB map is at ``--max-map-size``): nothing was applied."""
+
+    code = ErrorCode.STORAGE_FULL
+
+
 class BrokerUnavailableError(ArmoniKZmqError, TimeoutError):
     """The broker did not answer in time (not running, wrong endpoint, or overloaded)."""
 
@@ -73,6 +79,9 @@ _BY_CODE = {cls.code: cls for cls in (
     InvalidArgumentError, NotFoundError, FailedPreconditionError, AbortedError, PermissionDeniedError,
     ResourceExhaustedError, UnimplementedError, MalformedError, StaleAttemptError, BrokerUnavailableError,
 )}
+
+
+_BY_CODE[ErrorCode.STORAGE_FULL] = StorageFullError
 
 
 def from_error(code: int, message: str) -> ArmoniKZmqError:

@@ -116,6 +116,7 @@ class ErrorCode(IntEnum):
     UNSUPPORTED_VERSION = 101
     STALE_ATTEMPT = 102  # completion from an attempt that no longer owns the task
     UNKNOWN_AGENT = 103  # agent must (re-)register
+    STORAGE_FULL = 125  # the LMDB map is full at --max-map-size: nothing can be written
 
 
 class ProtocolError(Exception):

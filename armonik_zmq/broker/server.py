@@ -9,6 +9,12 @@ One thread does everything, in turns:
 4. only then send the turn's replies, dispatches and events.
 
 A crash anywhere before 3 loses nothing that was acknowledged: nothing of that turn was acknowledged.
+
+When the LMDB map fills during a turn (``MapFullError``), the turn's transaction is aborted, the
+in-memory state is put back as it was before the turn (each request's ``on_rollback`` undos, then
+queues and dependency counts reloaded from LMDB with every agent keeping the tasks it holds), the
+map grows, and the same batch is handled again: no request fails. The map also grows ahead of a
+turn when a quarter of it is no longer free, so this is rare.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import time
 from collections import deque
 from typing import Callable, Optional
 
+import lmdb
 import zmq
 
 from ..config import BrokerConfig
@@ -34,7 +41,7 @@ from .listing import Listing
 from .metrics import Metrics, serve_http
 from .objects import ObjectStorage
 from .state import BrokerState, now as wall_now
-from .store import Store
+from .store import MapAtLimit, Store
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +105,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData):
 
     def __init__(self, config: BrokerConfig):
         self.config = config
-        self.store = Store(config.data_dir, map_size=config.map_size, sync=config.sync,
+        self.store = Store(config.data_dir, map_size=config.map_size, max_map_size=config.max_map_size, sync=config.sync,
                            chunk_size=config.data_chunk_max_size,
                            object_storage=ObjectStorage(config.object_storage) if config.object_storage else None)
         self.agents: dict[str, AgentInfo] = {}
@@ -112,20 +119,68 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData):
         self._lost_agents: list[AgentInfo] = []
         self.scan_jobs: deque = deque()
         self._running = False
-        self.stats = {"turns": 0, "requests": 0, "errors": 0, "commits": 0}
+        self.stats = {"turns": 0, "requests": 0, "errors": 0, "commits": 0, "map_growths": 0, "turns_replayed": 0,
+                      "stale_readers_cleared": 0}
         self.metrics = Metrics()
         if config.metrics_port:
             serve_http(self.metrics, config.metrics_port, config.metrics_address, self.gauges)
             log.info("metrics served on http://%s:%d/metrics", config.metrics_address, config.metrics_port)
+        #: the requests of the running turn (their undos run if the turn is aborted and replayed)
+        self._turn_requests: list[Request] = []
+        self._next_reader_check = time.monotonic() + config.reader_check_interval
 
-    def _load_state(self) -> BrokerState:
-        state = BrokerState(self.config.partitions, EventBus())
+    def _load_state(self, events: Optional[EventBus] = None, agents: Optional[dict] = None) -> BrokerState:
+        """Build the in-memory state from LMDB: after a restart, or (``agents`` given) after an aborted turn."""
         started = time.monotonic()
-        with self.store.write() as txn:
-            counts = state.rebuild(txn, wall_now())
+        while True:
+            state = BrokerState(self.config.partitions, events or EventBus())
+            try:
+                with self.store.write() as txn:
+                    counts = state.rebuild(txn, wall_now(), agents)
+                break
+            except lmdb.MapFullError:
+                self._grow_map("while rebuilding the state")
+        if agents is not None:
+            self.agent_by_slot = {a.slot: a for a in agents.values()}
+        # "state rebuilt ... in Xs" is the restart-time figure (tests/test_lmdb_faults.py reads it)
         log.info("state rebuilt from %s in %.3fs: %s", self.config.data_dir, time.monotonic() - started,
                  ", ".join(f"{v} {k}" for k, v in counts.items()))
         return state
+
+    # -- LMDB upkeep -----------------------------------------------------------------------------------
+
+    def _grow_map(self, why: str, incoming: int = -1) -> bool:
+        """Grow the map (double it; ahead of a turn, enough for ``incoming`` bytes); return whether it grew.
+
+        Raise MapAtLimit if it is full and cannot grow. Growing invalidates this process's read
+        transactions, so the scans in progress start again from a fresh snapshot (none has replied yet).
+        """
+        before = self.store.map_size
+        if incoming >= 0 and not self.store.needs_room(incoming):
+            return False
+        for job in getattr(self, "scan_jobs", ()):  # none yet while __init__ loads the state
+            if job.txn is not None:
+                job.txn.abort()
+                job.txn = None
+                job.steps = None
+        grown = self.store.room_for(incoming) if incoming >= 0 else self.store.grow()
+        if not grown:
+            if incoming >= 0:
+                return False
+            raise MapAtLimit(f"the LMDB map is full at its limit of {before} bytes")
+        if hasattr(self, "stats"):
+            self.stats["map_growths"] += 1
+        log.warning("LMDB map grown from %d to %d bytes %s (%d bytes in use; limit %d)", before, self.store.map_size,
+                    why, self.store.used_bytes(), self.store.max_map_size)
+        return True
+
+    def _check_readers(self, mono: float) -> None:
+        self._next_reader_check = mono + self.config.reader_check_interval
+        cleared = self.store.reader_check()
+        if cleared:
+            self.stats["stale_readers_cleared"] += cleared
+            # A dead reader's slot pins every page freed after its snapshot: the file would grow without bound.
+            log.warning("cleared %d stale LMDB reader slot(s) left by dead processes", cleared)
 
     def _router(self, endpoint: str) -> zmq.Socket:
         sock = self.ctx.socket(zmq.ROUTER)
@@ -203,12 +258,15 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData):
             return [peer, reply_error(op_num, rid, exc.code, exc.message)]
         self.metrics.requests[op] += 1
         req = Request(self, sock, peer, header, [f.buffer for f in frames[2:]], now)
+        self._turn_requests.append(req)
         mark = req.mark()
         try:
             with txn.nested() as child:
                 self.handlers[op](req, child)
             if op is Op.SUBMIT_TASKS:
                 self.metrics.counters["tasks_submitted"] += len(header["tasks"])
+        except lmdb.MapFullError:
+            raise  # the whole turn is replayed once the map has grown
         except ProtocolError as exc:
             req.rollback_to(mark)
             self.stats["errors"] += 1
@@ -233,25 +291,38 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData):
         self._drain(self.frontend, limit, batch)
         self._drain(self.backend, limit, batch)
         mono = time.monotonic()
+        if mono >= self._next_reader_check:
+            self._check_readers(mono)
         lease_due = mono >= self._next_lease_check
         if not batch and not lease_due and not self._lost_agents and not self._dispatch_possible():
             return
         now = wall_now()
-        replies = []
+        replies: list = []
+        incoming = sum(f.buffer.nbytes for _, frames in batch for f in frames)
         try:
-            with self.store.write() as txn:
-                for sock, frames in batch:
-                    out = self._handle(txn, sock, frames, now)
-                    if out is not None:
-                        replies.append((sock, out, None))
-                for agent in self._lost_agents:
-                    if self.agents.get(agent.agent_id) is agent:
-                        self.metrics.add("send_failure_requeues", self.drop_agent(txn, agent, "could not be reached", now))
-                self._lost_agents = []
-                if lease_due:
-                    self._next_lease_check = mono + min(0.25, self.config.lease / 4)
-                    self.expire_leases(txn, now, turn_started)
-                self.dispatch(txn, now)
+            self._grow_map("ahead of a turn", incoming)
+            while True:
+                snapshot = (dict(self.agents), list(self._lost_agents), len(self._outbox), self._next_lease_check)
+                self._turn_requests = []
+                replies = []
+                try:
+                    self._run_turn(batch, replies, now, mono, lease_due, turn_started)
+                    break
+                except lmdb.MapFullError:
+                    self._undo_turn(*snapshot)
+                    self._grow_map(f"after MapFullError: replaying the turn's {len(batch)} request(s)")
+                    self.stats["turns_replayed"] += 1
+        except MapAtLimit as exc:
+            # the turn was undone before the growth that failed
+            log.error("%s: %d request(s) refused; raise --max-map-size or delete data", exc, len(batch))
+            for sock, frames in batch:
+                if len(frames) >= 2:
+                    op_num, rid = envelope_of(frames[1].bytes)
+                    self._send_now(sock, [frames[0].bytes, reply_error(
+                        op_num, rid, ErrorCode.STORAGE_FULL,
+                        f"{exc}: the request was not applied (the operator must raise --max-map-size, or delete "
+                        f"sessions or result data)")])
+            return
         except Exception:
             # The turn's transaction is gone: nothing of it happened. Answer everyone, rebuild from LMDB.
             log.exception("turn aborted: %d request(s) answered UNAVAILABLE, state reloaded from LMDB", len(batch))
@@ -265,15 +336,50 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData):
             events = self.state.events
             for agent in list(self.agents.values()):
                 self.forget_agent(agent)
-            self.state = self._load_state()
-            self.state.events = events
+            self.state = self._load_state(events)
             return
+        finally:
+            self._turn_requests = []
         self.stats["turns"] += 1
         self.stats["commits"] += 1
         self.stats["requests"] += len(batch)
         self._outbox[:0] = replies
         self._flush()
         self.metrics.turn(time.monotonic() - turn_started)
+
+    def _run_turn(self, batch: list, replies: list, now: float, mono: float, lease_due: bool,
+                  turn_started: float) -> None:
+        """Handle the batch, lost agents, leases and dispatch in one write transaction, then commit."""
+        with self.store.write() as txn:
+            for sock, frames in batch:
+                out = self._handle(txn, sock, frames, now)
+                if out is not None:
+                    replies.append((sock, out, None))
+            for agent in self._lost_agents:
+                if self.agents.get(agent.agent_id) is agent:
+                    self.metrics.add("send_failure_requeues", self.drop_agent(txn, agent, "could not be reached", now))
+            self._lost_agents = []
+            if lease_due:
+                self._next_lease_check = mono + min(0.25, self.config.lease / 4)
+                self.expire_leases(txn, now, turn_started)
+            self.dispatch(txn, now)
+
+    def _undo_turn(self, agents: dict, lost: list, outbox_len: int, next_lease_check: float) -> None:
+        """Put the in-memory state back as it was before an aborted turn (its transaction is gone).
+
+        Every undo the turn's requests registered runs, newest first; agents dropped or registered
+        during the turn are as before; queues, dependency counts and who holds what come from LMDB.
+        """
+        for req in reversed(self._turn_requests):
+            while req._rollbacks:
+                req._rollbacks.pop()()
+        self._turn_requests = []
+        self.state.events.discard_pending()
+        del self._outbox[outbox_len:]
+        self.agents = agents
+        self._lost_agents = lost
+        self._next_lease_check = next_lease_check
+        self.state = self._load_state(self.state.events, agents)
 
     def _send_now(self, sock: zmq.Socket, frames: list) -> None:
         try:

@@ -384,17 +384,36 @@ class BrokerState:
 
     # -- restart ---------------------------------------------------------------------------------
 
-    def rebuild(self, txn: Txn, now: float) -> dict:
-        """Rebuild queues and dependency counts from LMDB after a restart; return counts for the log."""
+    def rebuild(self, txn: Txn, now: float, agents: Optional[dict] = None) -> dict:
+        """Rebuild queues and dependency counts from LMDB; return counts for the log.
+
+        Reads only the unfinished tasks (the live-task table), so it costs O(live tasks). After a
+        restart (``agents`` None) the tasks agents held go back to the queue. After an aborted turn
+        (``agents``: agent id -> AgentInfo of the agents still connected, given fresh core slots here)
+        each agent holds again the tasks LMDB says it holds, so nothing moves.
+        """
         for s in txn.iter_sessions():
             self.session_status[s["session_id"]] = s["status"]
-        counts = {"pending": 0, "queued": 0, "requeued": 0, "failed": 0, "paused": 0, "cancelled": 0}
+        counts = {"pending": 0, "queued": 0, "requeued": 0, "failed": 0, "paused": 0, "cancelled": 0, "held": 0}
+        holders = {}
+        for agent in (agents or {}).values():
+            agent.slot = self.core.add_agent([self.partition_slot[p] for p in agent.partitions], agent.capacity)
+            holders[agent.agent_id] = agent
         to_fail = []
         to_cancel = []
         paused = []
-        for row in txn.iter_tasks():
+        for row in txn.iter_live_tasks():
             status = row["status"]
             if status in TASK_FINAL:
+                continue
+            holder = holders.get(row["owner_pod_id"]) if status in (_T.DISPATCHED, _T.PROCESSING, _T.CANCELLING) else None
+            if holder is not None:
+                opts = row["options"]
+                tslot = self.core.add_held_task(self.partition_slot.get(opts["partition_id"], 0), opts["priority"],
+                                                holder.slot)
+                self.task_slot[row["task_id"]] = tslot
+                self.slot_task[tslot] = row["task_id"]
+                counts["held"] += 1
                 continue
             if status == _T.CANCELLING:
                 to_cancel.append(row)  # its agent may still finish the run: that report is refused

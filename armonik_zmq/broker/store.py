@@ -15,6 +15,7 @@ import lmdb
 import msgpack
 
 from ..protocol import DATA_CHUNK_MAX_SIZE, ErrorCode, ProtocolError
+from ..status import TASK_FINAL
 from .objects import ObjectStorage, chunk_key, n_chunks, rechunk
 
 _pack = msgpack.Packer(use_bin_type=True).pack
@@ -24,13 +25,28 @@ def _unpack(buf) -> dict:
     return msgpack.unpackb(buf, raw=False)
 
 
-class Store:
-    """One LMDB environment with the broker's named databases, opened once at start."""
+#: the table of unfinished task ids (restart reads it instead of every task row)
+LIVE_TASKS_DB = b"live_tasks"
 
-    def __init__(self, path: str, *, map_size: int = 64 << 30, sync: bool = True,
+
+class MapAtLimit(Exception):
+    """The LMDB map is full and already at ``max_map_size``: nothing more can be written."""
+
+
+class Store:
+    """One LMDB environment with the broker's named databases, opened once at start.
+
+    The map starts at ``map_size`` and grows (doubling, up to ``max_map_size``) when it fills: see
+    ``grow`` and ``room_for``. Another process reading the same directory sees the new size through
+    ``MapResizedError`` (``armonik-zmq inspect`` shows how to react).
+    """
+
+    def __init__(self, path: str, *, map_size: int = 64 << 30, max_map_size: int = 0, sync: bool = True,
                  chunk_size: int = DATA_CHUNK_MAX_SIZE, object_storage: Optional[ObjectStorage] = None):
         os.makedirs(path, mode=0o700, exist_ok=True)
         self.path = path
+        #: the map never grows beyond this (0: no more than 64 times the starting size, at least 1 TiB)
+        self.max_map_size = max_map_size or max(map_size * 64, 1 << 40)
         #: largest chunk of object data kept in one LMDB value (new objects; each records its own)
         self.chunk_size = chunk_size
         #: where imported results' files are, if the broker has an object storage
@@ -47,6 +63,66 @@ class Store:
         #: session id -> task ids / result ids (for cancel, purge, delete)
         self.session_tasks = self.env.open_db(b"session_tasks", dupsort=True)
         self.session_results = self.env.open_db(b"session_results", dupsort=True)
+        with self.env.begin() as txn:
+            indexed = txn.get(LIVE_TASKS_DB) is not None
+        #: task id -> b"" for every task not in a final status (maintained by ``Txn.put_task``)
+        self.live_tasks = self.env.open_db(LIVE_TASKS_DB)
+        if not indexed:
+            self._index_live_tasks()
+        #: page size, to turn page numbers into bytes
+        self.page_size = self.env.stat()["psize"]
+
+    def _index_live_tasks(self) -> None:
+        """Build the live-task table of a directory written before it existed (one full scan, once)."""
+        with self.env.begin(write=True) as txn:
+            with txn.cursor(db=self.tasks) as cur:
+                for key, buf in cur:
+                    if _unpack(buf)["status"] not in TASK_FINAL:
+                        txn.put(key, b"", db=self.live_tasks)
+
+    # -- map size ------------------------------------------------------------------------------------
+
+    @property
+    def map_size(self) -> int:
+        return self.env.info()["map_size"]
+
+    def used_bytes(self) -> int:
+        """Return the bytes of the map in use: up to the highest page ever written (the data file's size)."""
+        return (self.env.info()["last_pgno"] + 1) * self.page_size
+
+    def needs_room(self, incoming: int) -> bool:
+        """Return whether the map should grow before a turn that may write ``incoming`` bytes.
+
+        It should when less than a quarter of it is free, or less than twice ``incoming``: a turn
+        then rarely meets a full map (``MapFullError`` is still handled, by the broker's replay).
+        """
+        info = self.env.info()
+        free = info["map_size"] - (info["last_pgno"] + 1) * self.page_size
+        return free < info["map_size"] // 4 or free < 2 * incoming
+
+    def room_for(self, incoming: int) -> bool:
+        """Grow the map if ``needs_room(incoming)``, by doublings; return whether it grew."""
+        if not self.needs_room(incoming):
+            return False
+        info = self.env.info()
+        size = info["map_size"]
+        free = size - (info["last_pgno"] + 1) * self.page_size
+        target = size
+        while target < self.max_map_size and (target - size + free < target // 4 or target - size + free < 2 * incoming):
+            target *= 2
+        return self.grow(target)
+
+    def grow(self, target: int = 0) -> bool:
+        """Enlarge the map (double it by default, never beyond ``max_map_size``); return whether it grew.
+
+        No transaction of this process may be open: LMDB invalidates them all.
+        """
+        size = self.map_size
+        target = min(max(target, 2 * size), self.max_map_size)
+        if target <= size:
+            return False
+        self.env.set_mapsize(target)
+        return True
 
     @contextlib.contextmanager
     def write(self) -> Iterator["Txn"]:
@@ -98,6 +174,11 @@ class Txn:
     def put_task(self, row: dict, new: bool = False) -> None:
         key = row["task_id"].encode()
         self.txn.put(key, _pack(row), db=self.store.tasks)
+        # the live-task table changes in the same transaction as the status: a task leaves it once, when it ends
+        if row["status"] in TASK_FINAL:
+            self.txn.delete(key, db=self.store.live_tasks)
+        elif new:
+            self.txn.put(key, b"", db=self.store.live_tasks)
         if new:
             self.txn.put(row["session_id"].encode(), key, db=self.store.session_tasks)
 
@@ -266,6 +347,7 @@ class Txn:
         result_ids = self.session_result_ids(session_id)
         for tid in task_ids:
             self.txn.delete(tid.encode(), db=self.store.tasks)
+            self.txn.delete(tid.encode(), db=self.store.live_tasks)
         for rid in result_ids:
             self.txn.delete(rid.encode(), db=self.store.results)
             self.delete_object(rid)
@@ -282,6 +364,13 @@ class Txn:
 
     def iter_tasks(self) -> Iterator[dict]:
         return self.iter_rows(self.store.tasks)
+
+    def iter_live_tasks(self) -> Iterator[dict]:
+        """Yield the rows of the tasks not in a final status, in task id order (what a restart needs)."""
+        tasks, get = self.store.tasks, self.txn.get
+        with self.txn.cursor(db=self.store.live_tasks) as cur:
+            for key in cur.iternext(values=False):
+                yield _unpack(get(key, db=tasks))
 
     def iter_sessions(self) -> Iterator[dict]:
         return self.iter_rows(self.store.sessions)
