@@ -31,7 +31,8 @@ class LocalProcesses:
     def __init__(self, data_dir: Optional[str] = None, endpoint: Optional[str] = None,
                  agents_endpoint: Optional[str] = None, workers: int = 2, processor: str = DEFAULT_PROCESSOR,
                  log_level: str = "WARNING", lease: Optional[float] = None, env: Optional[dict] = None,
-                 broker_args: tuple[str, ...] = (), agent_id: str = "", agent_args: tuple[str, ...] = ()):
+                 broker_args: tuple[str, ...] = (), agent_id: str = "", agent_args: tuple[str, ...] = (),
+                 broker_log: Optional[str] = None):
         self._tmp = tempfile.mkdtemp(prefix="armonik-zmq-")
         self.data_dir = data_dir or os.path.join(self._tmp, "data")
         self.endpoint = endpoint or f"ipc://{self._tmp}/frontend"
@@ -47,6 +48,8 @@ class LocalProcesses:
         self.agent_args = list(agent_args)
         #: the first agent's name ("" lets the agent choose one)
         self.agent_id = agent_id
+        #: a file the broker's log (stderr) is appended to, across restarts (None: this process's stderr)
+        self.broker_log = broker_log
         self.broker: Optional[subprocess.Popen] = None
         self.agent: Optional[subprocess.Popen] = None
         #: agents started with start_extra_agent, stopped with the cluster
@@ -58,7 +61,11 @@ class LocalProcesses:
         if self.lease is not None:
             args += ["--lease", str(self.lease)]
         args += self.broker_args
-        self.broker = subprocess.Popen(_cli(*args), env=self.env)
+        if self.broker_log is None:
+            self.broker = subprocess.Popen(_cli(*args), env=self.env)
+        else:
+            with open(self.broker_log, "ab") as log_file:
+                self.broker = subprocess.Popen(_cli(*args), env=self.env, stderr=log_file)
         return self.broker
 
     def _spawn_agent(self, agent_id: str, workers: int) -> subprocess.Popen:

@@ -31,8 +31,8 @@ class Inspector:
         self.resized = 0
         try:
             # readonly: this process never writes; lock=True: it takes a reader slot like any LMDB reader;
-            # a tiny map_size makes LMDB adopt the size the broker last set (the larger one wins at open)
-            self.env = lmdb.open(path, readonly=True, lock=True, max_dbs=16, max_spare_txns=0, map_size=4096)
+            # map_size=0: adopt the size the broker last recorded in the meta page
+            self.env = lmdb.open(path, readonly=True, lock=True, max_dbs=16, max_spare_txns=0, map_size=0)
         except lmdb.Error as exc:
             raise ValueError(f"cannot open the LMDB environment in {path}: {exc}") from None
         self.dbs = {}
