@@ -23,12 +23,14 @@ from .status import EventTypes, ResultStatus, SessionStatus, TaskStatus
 
 if TYPE_CHECKING:
     from .client import ArmoniKEvents, ArmoniKResults, ArmoniKSessions, ArmoniKTasks, Connection
-    from .futures import Client, Future, LocalCluster
+    from .futures import Client, Future, LocalCluster, as_completed, wait
+    from .subtasks import get_client, worker_client
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "__version__", "connect", "Connection", "Client", "Future", "LocalCluster",
+    "__version__", "connect", "Connection", "Client", "Future", "LocalCluster", "as_completed", "wait",
+    "get_client", "worker_client",
     "ArmoniKSessions", "ArmoniKResults", "ArmoniKTasks", "ArmoniKEvents",
     "TaskOptions", "TaskDefinition", "Task", "Result", "Session", "Output",
     "TaskStatus", "ResultStatus", "SessionStatus", "EventTypes",
@@ -37,7 +39,7 @@ __all__ = [
 
 _LAZY = frozenset({"Connection", "ArmoniKSessions", "ArmoniKResults", "ArmoniKTasks", "ArmoniKEvents"})
 #: the futures API, loaded on first use too
-_LAZY_FUTURES = frozenset({"Client", "Future", "LocalCluster"})
+_LAZY_FUTURES = frozenset({"Client", "Future", "LocalCluster", "as_completed", "wait"})
 
 
 def connect(endpoint: Optional[str] = None, *, timeout: float = 30.0) -> "Connection":
@@ -53,6 +55,10 @@ def connect(endpoint: Optional[str] = None, *, timeout: float = 30.0) -> "Connec
 
 def __getattr__(name: str):
     """Load the client classes on first use, so importing the package does not import ZeroMQ."""
+    if name in ("get_client", "worker_client"):
+        from . import subtasks
+
+        return getattr(subtasks, name)
     if name in _LAZY:
         from . import client
 

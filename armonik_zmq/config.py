@@ -11,7 +11,7 @@ from .protocol import DATA_CHUNK_MAX_SIZE
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 DEFAULT_AGENTS_ENDPOINT = "tcp://127.0.0.1:5556"
 DEFAULT_PARTITION = "default"
-DEFAULT_PROCESSOR = "armonik_zmq.demo:processor"
+DEFAULT_PROCESSOR = "armonik_zmq.processors:processor"
 
 
 def default_endpoint() -> str:

@@ -9,8 +9,8 @@ Payloads are JSON objects with an ``op``:
 - ``{"op": "fail", "message": "..."}``: return ``Output(message)`` (the task ends in ERROR);
 - ``{"op": "echo"}``: output the payload itself.
 
-Any other payload starting with pickle's first byte is a call of the futures API
-(``armonik_zmq.functions``), so a default cluster serves both.
+Agents run it behind ``armonik_zmq.processors.processor``, which sends calls of the futures API
+(``armonik_zmq.functions``) to the function processor, so a default cluster serves both.
 """
 
 from __future__ import annotations
@@ -20,14 +20,11 @@ import time
 from datetime import timedelta
 from typing import Optional
 
-from . import functions
 from .common import Output, ResultStatus, TaskDefinition, TaskOptions, TaskStatus
 
 
 def processor(task_handler) -> Output:
-    """Run one demo task; a pickled call (the futures API) goes to the function processor."""
-    if memoryview(task_handler.payload)[:1] == bytes([functions.PAYLOAD_MARK]):
-        return functions.processor(task_handler)
+    """Run one demo task."""
     payload = json.loads(task_handler.payload)
     op = payload.get("op")
     out = task_handler.expected_results[0]

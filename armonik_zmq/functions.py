@@ -1,6 +1,6 @@
 """The built-in function processor: tasks whose payload is a pickled Python call (the futures API).
 
-A payload is ``pickle((function bytes, argument bytes))``: the function pickled alone with
+A payload is ``PAYLOAD_MAGIC + pickle((function bytes, argument bytes))``: the function pickled alone with
 cloudpickle (so workers cache it by its bytes), the arguments pickled with cloudpickle where every
 future became a persistent id, its result id, which is also a data dependency of the task.
 
@@ -15,16 +15,18 @@ import io
 import pickle
 import traceback
 from collections import OrderedDict
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import cloudpickle
 
+from . import subtasks
 from .common import Output
 
 OK = b"\x00"
 ERROR = b"\x01"
-#: the first byte of a payload made by ``dump_call`` (pickle protocol >= 2 starts with PROTO, 0x80)
-PAYLOAD_MARK = 0x80
+#: the first bytes of a payload made by ``dump_call``: no JSON, text or pickle starts with a NUL byte,
+#: so a processor can tell a call of the futures API from its own payloads (``armonik_zmq.processors``)
+PAYLOAD_MAGIC = b"\x00azc1"
 #: unpickled functions kept per worker
 _FUNCTION_CACHE_SIZE = 256
 
@@ -79,8 +81,18 @@ def dump_call(function_bytes: bytes, args: tuple, kwargs: dict, future_type: typ
     buffer = io.BytesIO()
     pickler = _CallPickler(buffer, future_type)
     pickler.dump((args, kwargs))
-    payload = pickle.dumps((function_bytes, buffer.getvalue()), protocol=pickle.HIGHEST_PROTOCOL)
-    return payload, list(pickler.dependencies)
+    return dump_payload(function_bytes, buffer.getvalue()), list(pickler.dependencies)
+
+
+def dump_payload(function_bytes: bytes, argument_bytes: bytes, aliases: Optional[dict] = None) -> bytes:
+    """Return a call's payload; ``aliases`` maps persistent ids in the arguments to the result ids they stand for."""
+    parts = (function_bytes, argument_bytes, aliases) if aliases else (function_bytes, argument_bytes)
+    return PAYLOAD_MAGIC + pickle.dumps(parts, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def is_call(payload) -> bool:
+    """Whether a payload is a call made by ``dump_call``."""
+    return bytes(memoryview(payload)[:len(PAYLOAD_MAGIC)]) == PAYLOAD_MAGIC
 
 
 def dump_result(value: Any) -> bytes:
@@ -113,10 +125,10 @@ def _function(function_bytes: bytes) -> Callable:
     return fn
 
 
-def _load_arguments(argument_bytes: bytes, values: Mapping[str, Any]) -> tuple[tuple, dict]:
+def _load_arguments(argument_bytes: bytes, values: Mapping[str, Any], aliases: Mapping[str, str]) -> tuple[tuple, dict]:
     class _Unpickler(pickle.Unpickler):
         def persistent_load(self, pid):
-            return values[pid]
+            return values[aliases.get(pid, pid)]
 
     return _Unpickler(io.BytesIO(argument_bytes)).load()
 
@@ -130,11 +142,19 @@ def processor(task_handler) -> Output:
             task_handler.send_results({out: bytes(data)})
             return Output()
     try:
-        function_bytes, argument_bytes = pickle.loads(task_handler.payload)
+        if not is_call(task_handler.payload):
+            raise ValueError("this payload is not a call of armonik_zmq's futures API (no PAYLOAD_MAGIC prefix); "
+                             "serve other tasks with armonik_zmq.processors.with_functions(your_processor)")
+        function_bytes, argument_bytes, *aliases = pickle.loads(memoryview(task_handler.payload)[len(PAYLOAD_MAGIC):])
         fn = _function(function_bytes)
         args, kwargs = _load_arguments(argument_bytes, {rid: pickle.loads(memoryview(data)[1:])
-                                                        for rid, data in deps.items()})
-        data = dump_result(fn(*args, **kwargs))
+                                                        for rid, data in deps.items()}, aliases[0] if aliases else {})
+        with subtasks.running(task_handler) as client:
+            value = fn(*args, **kwargs)
+            # A subtask's future returned: the subtask takes over this output (it writes it, not us).
+            if client._finish(value):
+                return Output()
+        data = dump_result(value)
     except Exception as exc:
         data = dump_error(exc)
     task_handler.send_results({out: data})

@@ -19,11 +19,11 @@ import weakref
 from concurrent.futures import ALL_COMPLETED, InvalidStateError
 from datetime import timedelta
 from itertools import islice
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, List, Optional, Sequence, Union
 
 import cloudpickle
 
-from . import functions
+from . import functions, subtasks
 from .common import TaskOptions
 from .errors import BrokerUnavailableError, ConnectionLostError, TaskCancelledError, TaskFailedError, TaskTimeoutError, WorkerLostError
 from .protocol import Op, chunks, split_frames
@@ -32,7 +32,7 @@ from .status import EventTypes, ResultStatus, TaskStatus
 if TYPE_CHECKING:
     from .client import Connection
 
-__all__ = ["Client", "Future", "LocalCluster"]
+__all__ = ["Client", "Future", "LocalCluster", "as_completed", "wait"]
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,7 @@ class Client:
             raise
         self._listener = threading.Thread(target=self._listen, name="armonik-zmq-futures", daemon=True)
         self._listener.start()
+        subtasks.set_default_client(self)  # what get_client() returns outside tasks
 
     # -- submitting -----------------------------------------------------------------------------
 
@@ -213,9 +214,14 @@ class Client:
         return [f.result(None if deadline is None else max(0.0, deadline - time.monotonic())) for f in futures]
 
     @staticmethod
-    def as_completed(futures: Iterable[Future], timeout: Optional[float] = None) -> Iterator[Future]:
-        """Yield the futures as they finish (cancelled ones included); ``TimeoutError`` after ``timeout``."""
-        return concurrent.futures.as_completed(futures, timeout)
+    def as_completed(futures: Iterable[Future], timeout: Optional[float] = None,
+                     progress: Union[bool, dict] = False) -> Iterator[Future]:
+        """Yield the futures as they finish (cancelled ones included); ``TimeoutError`` after ``timeout``.
+
+        ``progress=True`` shows a ``tqdm.auto`` bar (a widget in notebooks, a bar in terminals); a dict
+        is passed to ``tqdm`` as its options (``{"desc": "tiles", "file": sys.stdout}``).
+        """
+        return as_completed(futures, timeout, progress)
 
     @staticmethod
     def wait(futures: Iterable[Future], timeout: Optional[float] = None, return_when: str = ALL_COMPLETED):
@@ -349,6 +355,31 @@ class Client:
 
     def __repr__(self) -> str:
         return f"<armonik_zmq.Client session={self.session_id} {'closed' if self._closed else 'open'}>"
+
+
+def as_completed(futures: Iterable[concurrent.futures.Future], timeout: Optional[float] = None,
+                 progress: Union[bool, dict] = False) -> Iterator[concurrent.futures.Future]:
+    """``concurrent.futures.as_completed``, with an optional ``tqdm.auto`` progress bar (see ``Client.as_completed``)."""
+    if not progress:
+        return concurrent.futures.as_completed(futures, timeout)
+    futures = list(futures)
+    return _with_progress(concurrent.futures.as_completed(futures, timeout), len(set(futures)),
+                          progress if isinstance(progress, dict) else {})
+
+
+def _with_progress(done: Iterator, total: int, options: dict) -> Iterator:
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, unit="task", **options) as bar:  # closed on a timeout too
+        for fut in done:
+            bar.update(1)
+            yield fut
+
+
+def wait(futures: Iterable[concurrent.futures.Future], timeout: Optional[float] = None,
+         return_when: str = ALL_COMPLETED):
+    """``concurrent.futures.wait``: return ``(done, not_done)``."""
+    return concurrent.futures.wait(futures, timeout, return_when)
 
 
 def _task_options(retries: Optional[int], timeout: Optional[float], priority: Optional[int],

@@ -1,0 +1,122 @@
+"""The rest of the futures API against real clusters: the default dispatcher processor, progress bars,
+subtasks submitted from inside a task (and the ownership transfer of a returned future), cancel(force=)."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+import cloudpickle
+import pytest
+
+import armonik_zmq
+from armonik_zmq.client import ArmoniKResults, ArmoniKTasks, TaskDefinition, connect
+from armonik_zmq.cluster import LocalProcesses
+from armonik_zmq.client.filters import Task
+
+# Workers cannot import this test module: its functions travel by value, as a notebook's would.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture(scope="module")
+def default_cluster(tmp_path_factory):
+    """A cluster started with no --processor: agents run armonik_zmq.processors:processor."""
+    with LocalProcesses(data_dir=str(tmp_path_factory.mktemp("futures-api") / "lmdb"), workers=2) as processes:
+        yield processes
+
+
+@pytest.fixture
+def client(default_cluster):
+    with armonik_zmq.Client(default_cluster.endpoint) as c:
+        yield c
+
+
+def add(a, b):
+    return a + b
+
+
+def square(x):
+    return x * x
+
+
+def test_default_processor_serves_calls_and_demo_payloads(client, default_cluster):
+    assert client.submit(square, 7).result(30) == 49
+    results, tasks = ArmoniKResults(client._conn), ArmoniKTasks(client._conn)
+    payload = results.create_results({"p": json.dumps({"op": "square", "x": 5}).encode()}, client.session_id)["p"]
+    out = results.create_results_metadata(["o"], client.session_id)["o"].result_id
+    tasks.submit_tasks(client.session_id, [TaskDefinition(payload_id=payload.result_id, expected_output_ids=[out])])
+    from armonik_zmq.client import ArmoniKEvents
+
+    ArmoniKEvents(client._conn).wait_for_result_availability(out, client.session_id)
+    assert json.loads(results.download_result_data(out, client.session_id)) == 25
+
+
+def test_as_completed_shows_a_progress_bar(client):
+    futures = client.map(square, range(3))
+    bar = io.StringIO()
+    done = list(client.as_completed(futures, timeout=30, progress={"file": bar, "desc": "squares"}))
+    assert set(done) == set(futures)
+    assert "squares" in bar.getvalue() and "3/3" in bar.getvalue()
+    # the module-level function is the same, and progress=False is the stdlib's own iterator
+    assert set(armonik_zmq.as_completed(futures, timeout=30)) == set(futures)
+
+
+def fan_out(n):
+    client = armonik_zmq.get_client()
+    parts = client.map(square, range(n))
+    return client.submit(sum, parts)  # returned: the sum subtask computes this task's result
+
+
+def fib(n):
+    if n < 2:
+        return n
+    with armonik_zmq.worker_client() as client:
+        return client.submit(add, client.submit(fib, n - 1), client.submit(fib, n - 2))
+
+
+def test_a_returned_subtask_future_takes_over_the_parent_output(client):
+    fut = client.submit(fan_out, 10)
+    assert fut.result(60) == sum(i * i for i in range(10))
+    results, tasks = ArmoniKResults(client._conn), ArmoniKTasks(client._conn)
+    owner = results.get_owner_task_id([fut.result_id], client.session_id)[fut.result_id]
+    assert owner != fut.task_id  # ownership moved to the subtask
+    sub = tasks.get_task(owner)
+    assert fut.result_id in sub.expected_output_ids and len(sub.data_dependencies) == 10
+    assert sub.created_by == fut.task_id
+
+
+def test_recursive_delegation_through_worker_client(client):
+    assert client.submit(fib, 7).result(120) == 13
+
+
+def wait_inside():
+    return armonik_zmq.get_client().submit(square, 3).result()
+
+
+def submit_then_fail():
+    armonik_zmq.get_client().map(square, range(5))
+    raise ValueError("failed after submitting")
+
+
+def return_in_a_list():
+    return [armonik_zmq.get_client().submit(square, 3)]
+
+
+def test_subtask_misuse_fails_the_call_with_a_clear_error(client):
+    with pytest.raises(RuntimeError, match="cannot be waited for"):
+        client.submit(wait_inside).result(30)
+    failing = client.submit(submit_then_fail)
+    with pytest.raises(ValueError, match="failed after submitting"):
+        failing.result(30)
+    counts = ArmoniKTasks(client._conn).count_tasks_by_status(Task.session_id == client.session_id)
+    assert sum(counts.values()) == 2  # the two calls; the failed one submitted nothing
+    with pytest.raises(TypeError, match="can be returned by its task"):
+        client.submit(return_in_a_list).result(30)
+    with pytest.raises(ValueError, match="inside a task"):
+        with armonik_zmq.worker_client():
+            pass
+
+
+def test_get_client_outside_a_task_is_the_last_client_opened(client):
+    assert armonik_zmq.get_client() is client
