@@ -53,11 +53,15 @@ class Future(concurrent.futures.Future):
         #: the id of the task computing it
         self.task_id = ""
 
-    def cancel(self) -> bool:
-        """Cancel the task on the broker and this future; return False if the future is already done."""
+    def cancel(self, force: bool = False) -> bool:
+        """Cancel the task on the broker and this future; return False if the future is already done.
+
+        A running task runs to its end and its value is dropped (ArmoniK's cancel); ``force=True``
+        kills its worker process instead (the agent starts a new one).
+        """
         if self.done():
             return False
-        return self._client.cancel([self]) == 1
+        return self._client.cancel([self], force=force) == 1
 
     def _cancel_here(self) -> bool:
         """Mark this future cancelled and wake the stdlib's ``wait``/``as_completed`` waiting on it."""
@@ -228,11 +232,14 @@ class Client:
         """Wait like ``concurrent.futures.wait``; return ``(done, not_done)``."""
         return concurrent.futures.wait(futures, timeout, return_when)
 
-    def cancel(self, futures: Iterable[Future]) -> int:
-        """Cancel the tasks of the futures not done yet (one broker request); return how many were cancelled."""
+    def cancel(self, futures: Iterable[Future], force: bool = False) -> int:
+        """Cancel the tasks of the futures not done yet (one broker request); return how many were cancelled.
+
+        ``force``: kill the worker processes running any of them, rather than let those runs end unused.
+        """
         todo = [f for f in futures if not f.done()]
         if todo:
-            self._tasks.cancel_tasks([f.task_id for f in todo])
+            self._tasks.cancel_tasks([f.task_id for f in todo], force=force)
             with self._lock:  # settled here: their ABORTED events need no lookup
                 for f in todo:
                     self._pending.pop(f.result_id, None)

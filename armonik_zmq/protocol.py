@@ -495,7 +495,7 @@ SCHEMAS: dict[Op, Map] = {
     Op.SUBMIT_TASKS: Map(required={"session_id": ID, "tasks": List(TASK_CREATE)},
                          optional={"task_options": Opt(TASK_OPTIONS)}),
     Op.GET_TASKS: Map(required={"task_ids": IDS}),
-    Op.CANCEL_TASKS: Map(required={"task_ids": IDS}),
+    Op.CANCEL_TASKS: Map(required={"task_ids": IDS}, optional={"force": Bool()}),
     Op.SUBSCRIBE_EVENTS: Map(required={"session_id": ID}, optional={
         "event_types": Opt(List(Int(0, 5), max_len=8)),
         "task_filter": FILTER,

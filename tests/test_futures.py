@@ -110,7 +110,7 @@ def test_cancelled_future_is_yielded_by_as_completed(client):
     assert next(client.as_completed([waiting, blocker], timeout=10)) is waiting
     with pytest.raises(concurrent.futures.CancelledError):
         waiting.result()
-    assert client.cancel([blocker]) == 1
+    assert client.cancel([blocker], force=True) == 1  # its worker is killed: the 30 s sleep ends now
     done, not_done = client.wait([blocker, waiting], timeout=10)
     assert not not_done
     tasks = ArmoniKTasks(client._conn)

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
+import time
 
 import cloudpickle
 import pytest
 
 import armonik_zmq
-from armonik_zmq.client import ArmoniKResults, ArmoniKTasks, TaskDefinition, connect
+from armonik_zmq.client import ArmoniKResults, ArmoniKTasks, TaskDefinition
 from armonik_zmq.cluster import LocalProcesses
 from armonik_zmq.client.filters import Task
+from armonik_zmq.status import ResultStatus, TaskStatus
 
 # Workers cannot import this test module: its functions travel by value, as a notebook's would.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -120,3 +123,74 @@ def test_subtask_misuse_fails_the_call_with_a_clear_error(client):
 
 def test_get_client_outside_a_task_is_the_last_client_opened(client):
     assert armonik_zmq.get_client() is client
+
+
+def sleep_and_mark(path, seconds):
+    """Write this worker's pid, sleep, then write 'done' (so a test sees whether the run reached its end)."""
+    with open(path, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    time.sleep(seconds)
+    with open(path, "a") as f:
+        f.write("done\n")
+    return os.getpid()
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout:g}s")
+        time.sleep(0.05)
+
+
+def _started(path):
+    return lambda: path.exists() and path.read_text().strip()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a killed child not reaped yet is a zombie
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_cancel_lets_a_running_task_end_and_drops_its_value(client, tmp_path):
+    mark = tmp_path / "soft"
+    fut = client.submit(sleep_and_mark, str(mark), 1.5)
+    _wait_for(_started(mark), 30, "the task's start")
+    pid = int(mark.read_text().split()[0])
+    assert fut.cancel() and fut.cancelled()
+    tasks, results = ArmoniKTasks(client._conn), ArmoniKResults(client._conn)
+    assert tasks.get_task(fut.task_id).status == TaskStatus.CANCELLING  # still running on its worker
+    _wait_for(lambda: tasks.get_task(fut.task_id).status == TaskStatus.CANCELLED, 30, "CANCELLED")
+    assert mark.read_text().endswith("done\n")  # the run reached its end...
+    assert _alive(pid)  # ...on a worker that lives on
+    assert results.get_result(fut.result_id).status == ResultStatus.ABORTED  # and its value was dropped
+    assert client.submit(add, 1, 2).result(30) == 3
+
+
+def test_cancel_force_kills_the_worker_and_the_agent_replaces_it(client, tmp_path):
+    mark = tmp_path / "hard"
+    fut = client.submit(sleep_and_mark, str(mark), 60)
+    _wait_for(_started(mark), 30, "the task's start")
+    pid = int(mark.read_text().split()[0])
+    assert fut.cancel(force=True) and fut.cancelled()
+    tasks = ArmoniKTasks(client._conn)
+    _wait_for(lambda: tasks.get_task(fut.task_id).status == TaskStatus.CANCELLED, 15, "CANCELLED")
+    _wait_for(lambda: not _alive(pid), 10, "the worker's death")
+    assert "done" not in mark.read_text()
+    seen: set = set()
+
+    def two_workers_answer():  # the replacement needs a moment to start
+        seen.update(client.gather(client.map(_slow_pid, [0.3] * 4), timeout=60))
+        return len(seen) >= 2
+
+    _wait_for(two_workers_answer, 60, "two live workers")
+    assert pid not in seen  # the killed one was replaced
+
+
+def _slow_pid(seconds):
+    time.sleep(seconds)
+    return os.getpid()

@@ -91,6 +91,9 @@ class Agent:
         #: tasks to stop that are queued at a worker behind its running task: their RUN is already there,
         #: so the worker is killed when it would start them
         self._stopping: set[str] = set()
+        #: tasks cancelled without force that are at a worker: they run to their end, then their outcome is
+        #: dropped and they are reported stopped
+        self._discarding: set[str] = set()
         #: reports sent but not acknowledged, by rid: sent again if the broker forgets us
         self._unacked: dict[int, tuple[str, list]] = {}
         self.registered = False
@@ -102,7 +105,7 @@ class Agent:
         self.heartbeat_interval = 1.0
         self.lease = 5.0
         self.data_chunk_max_size = DATA_CHUNK_MAX_SIZE
-        self.stats = {"completed": 0, "failed": 0, "released": 0, "refused": 0}
+        self.stats = {"completed": 0, "failed": 0, "released": 0, "refused": 0, "discarded": 0}
 
     # -- broker connection ------------------------------------------------------------------------
 
@@ -164,7 +167,7 @@ class Agent:
             self._on_dispatch(header, frames[1:])
             return
         if header["op"] == Op.STOP_TASKS:
-            self._on_stop(header["tasks"])
+            self._on_stop(header["tasks"], header.get("force", True))
             return
         callback = self._pending.pop(header["rid"], None)
         err = header.get("error")
@@ -252,15 +255,21 @@ class Agent:
         self.tasks.pop(task.task_id, None)
         self.by_token.pop(task.token, None)
         self._stopping.discard(task.task_id)
+        self._discarding.discard(task.task_id)
 
-    def _on_stop(self, items: list) -> None:
+    def _on_stop(self, items: list, force: bool = True) -> None:
         """Stop the attempts the broker no longer wants run (cancelled, paused), then report them stopped.
 
         One not at a worker yet is dropped; a running one has its worker killed; one queued behind the
-        running task is dropped when its worker would start it (see ``_drop_if_stopping``).
+        running task is dropped when its worker would start it (see ``_drop_if_stopping``). Without
+        ``force``, one already at a worker runs to its end and is reported stopped then (``_finish``).
         """
         for task_id, attempt in items:
             task = self.tasks.get(task_id)
+            if task is not None and task.attempt <= attempt and not force and task.worker is not None:
+                self._discarding.add(task_id)
+                log.info("task %s cancelled: its run goes on, its outcome will be dropped", task_id)
+                continue
             if task is not None and task.attempt <= attempt:
                 proc = task.worker
                 if proc is not None and proc.queue and proc.queue[0] == task_id:
@@ -275,6 +284,10 @@ class Agent:
 
     def _drop_if_stopping(self, task: LocalTask) -> bool:
         """Drop a task the broker stopped, about to start (killing its worker if the RUN reached it); say if so."""
+        if task.task_id in self._discarding and task.worker is None:  # sent back by a dead worker before it ran
+            self._stopped.append([task.task_id, task.attempt])
+            self._forget(task)
+            return True
         if task.task_id not in self._stopping:
             return False
         proc = task.worker
@@ -416,14 +429,18 @@ class Agent:
                       "timestamps": {k: v for k, v in (("fetched_at", task.fetched_at), ("started_at", task.started_at),
                                                         ("processed_at", time.time())) if v is not None}}
         frames: list = []
-        if ok:
+        if task.task_id in self._discarding:  # cancelled without force: the run ended, nothing to report
+            self._stopped.append([task.task_id, task.attempt])
+            self.stats["discarded"] += 1
+        elif ok:
             completion.update(created_results=task.created_results, results=task.results, subtasks=task.subtasks)
             frames = task.result_frames
             self.stats["completed"] += 1
         else:
             completion.update(error=error or "task failed", raised=raised, timeout=timeout)
             self.stats["failed"] += 1
-        self._done.append((completion, frames))
+        if task.task_id not in self._discarding:
+            self._done.append((completion, frames))
         proc = task.worker
         if proc is not None and proc.queue and proc.queue[0] == task.task_id:
             proc.queue.popleft()

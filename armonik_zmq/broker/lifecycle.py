@@ -64,14 +64,18 @@ class Lifecycle:
         self._session_transition(req, txn, tuple(_S), "changed", stop)
 
     def handle_cancel_tasks(self: "Broker", req: "Request", txn: Txn) -> None:
-        """Cancel tasks: outputs ABORTED, dependents CANCELLED; the ones agents hold are stopped there."""
+        """Cancel tasks: outputs ABORTED, dependents CANCELLED; the ones agents hold are stopped there.
+
+        ``force`` (default true): a running task's worker is killed; false: it runs to its end and its
+        outcome is discarded (the worker lives on).
+        """
         ids = list(dict.fromkeys(req.header["task_ids"]))
         for tid in ids:
             self.state.require_task(txn, tid)
-        self.cancel_tasks(req, txn, ids, "cancelled by a client")
+        self.cancel_tasks(req, txn, ids, "cancelled by a client", force=req.header.get("force", True))
         req.reply(tasks=[txn.get_task(tid) for tid in ids])
 
-    def cancel_tasks(self: "Broker", req: "Request", txn: Txn, task_ids, message: str) -> None:
+    def cancel_tasks(self: "Broker", req: "Request", txn: Txn, task_ids, message: str, force: bool = True) -> None:
         """Cancel every unfinished task of ``task_ids`` (read afresh: cancelling one may end others)."""
         stops = []
         for tid in task_ids:
@@ -80,9 +84,10 @@ class Lifecycle:
             agent_id = self.state.cancel_task(txn, row, req.now, message)
             if agent_id:
                 stops.append((agent_id, tid, attempt))
-        self.stop_on_agents(req, txn, stops)
+        self.stop_on_agents(req, txn, stops, force)
 
-    def stop_on_agents(self: "Broker", req: "Request", txn: Txn, stops: list[tuple[str, str, int]]) -> None:
+    def stop_on_agents(self: "Broker", req: "Request", txn: Txn, stops: list[tuple[str, str, int]],
+                       force: bool = True) -> None:
         """Push ``STOP_TASKS`` to each agent holding one of these (agent id, task id, attempt); sent after commit."""
         by_agent: dict[str, list] = {}
         for agent_id, task_id, attempt in stops:
@@ -96,7 +101,8 @@ class Lifecycle:
                     if row["status"] == _T.CANCELLING:
                         self.state.finish_cancel(txn, row, req.now)
                 continue
-            entry = (self.backend, [agent.peer, request(Op.STOP_TASKS, 0, tasks=tasks)], agent)
+            fields = {} if force else {"force": False}  # absent: kill running ones (the default)
+            entry = (self.backend, [agent.peer, request(Op.STOP_TASKS, 0, tasks=tasks, **fields)], agent)
             self._outbox.append(entry)
             req.on_rollback(lambda entry=entry: self._outbox.remove(entry))
             log.info("asking agent %s to stop %d task(s)", agent_id, len(tasks))

@@ -59,7 +59,7 @@ class ArmoniKTasks:
         header, _ = self._conn.call(Op.GET_TASKS, task_ids=[task_id])
         return Task.from_wire(header["tasks"][0])
 
-    def cancel_tasks(self, task_ids: List[str], chunk_size: Optional[int] = 500) -> List[Task]:
+    def cancel_tasks(self, task_ids: List[str], chunk_size: Optional[int] = 500, *, force: bool = True) -> List[Task]:
         """Cancel tasks and return them as they are now.
 
         Queued or waiting tasks are CANCELLED at once; running ones are CANCELLING until their agent has
@@ -68,10 +68,13 @@ class ArmoniKTasks:
         Args:
             task_ids: the tasks.
             chunk_size: tasks per request at least; larger batches are sent since the wire is batched.
+            force: kill the worker process of a running task (the agent starts another); False lets the
+                run end on its own and drops its outcome (the task is CANCELLED then).
         """
         ids = list(task_ids)
         size = min(max(chunk_size or 0, _MIN_WIRE_BATCH), MAX_BATCH)
-        replies = self._conn._call_many(Op.CANCEL_TASKS, [({"task_ids": ids[i:i + size]}, ())
+        extra = {} if force else {"force": False}
+        replies = self._conn._call_many(Op.CANCEL_TASKS, [({"task_ids": ids[i:i + size], **extra}, ())
                                                           for i in range(0, len(ids), size)])
         return [Task.from_wire(t) for header, _ in replies for t in header["tasks"]]
 
