@@ -11,6 +11,7 @@ other, so the task succeeds and is not retried; a task depending on a failed one
 
 from __future__ import annotations
 
+import hashlib
 import io
 import pickle
 import traceback
@@ -30,6 +31,7 @@ PAYLOAD_MAGIC = b"\x00azc1"
 #: unpickled functions kept per worker
 _FUNCTION_CACHE_SIZE = 256
 
+#: unpickled functions by the blake2b digest of their bytes (a closure over a big array is not kept twice)
 _functions: "OrderedDict[bytes, Callable]" = OrderedDict()
 
 
@@ -113,15 +115,16 @@ def load_result(data) -> Any:
 
 
 def _function(function_bytes: bytes) -> Callable:
-    """Return the unpickled function, from the cache when these bytes were seen before."""
-    fn = _functions.get(function_bytes)
+    """Return the unpickled function, from the cache when bytes with the same digest were seen before."""
+    key = hashlib.blake2b(function_bytes, digest_size=16).digest()
+    fn = _functions.get(key)
     if fn is None:
         fn = pickle.loads(function_bytes)
-        _functions[function_bytes] = fn
+        _functions[key] = fn
         if len(_functions) > _FUNCTION_CACHE_SIZE:
             _functions.popitem(last=False)
     else:
-        _functions.move_to_end(function_bytes)
+        _functions.move_to_end(key)
     return fn
 
 

@@ -215,9 +215,15 @@ def main(systems: str, workloads: str, workers: int, runs: int, scale: float, js
             report["systems"][name] = record = _child(name, chosen, workers, runs, scale, system_timeout, console)
         what = record["status"] if record["status"] != "ok" else f"done in {time.perf_counter() - started:.1f}s"
         console.print(f"{name}: {what}" + (f" ({record['reason']})" if record["status"] != "ok" else ""), markup=False)
+        if json_path:  # after every system: an interrupted run keeps what it measured
+            _write(json_path, report)
     render(report, console)
     if json_path:
-        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-        with open(json_path, "w") as f:
-            json.dump(report, f, indent=2)
         console.print(f"wrote {json_path}")
+
+
+def _write(path: str, report: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(path + ".tmp", path)

@@ -194,3 +194,27 @@ def test_cancel_force_kills_the_worker_and_the_agent_replaces_it(client, tmp_pat
 def _slow_pid(seconds):
     time.sleep(seconds)
     return os.getpid()
+
+
+class CountsItsUnpickling:
+    """A callable whose every unpickling appends a line to a file: how often a worker rebuilt it."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        with open(self.path, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+    def __call__(self, x):
+        return x + 1
+
+
+def test_workers_unpickle_a_function_once_and_cache_it(client, tmp_path):
+    log = tmp_path / "unpickled"
+    fn = CountsItsUnpickling(str(log))
+    assert client.gather(client.map(fn, range(40), chunksize=10), timeout=60) == list(range(1, 41))
+    assert client.submit(fn, 100).result(30) == 101
+    pids = log.read_text().split()
+    assert 1 <= len(pids) <= 2 and len(set(pids)) == len(pids)  # at most once per worker process
