@@ -672,6 +672,50 @@ cdef class Core:
         self._unhold(<int32_t>ti)
         self.n_disp -= 1
 
+    def adopt(self, t, a):
+        """Give task t (QUEUED, or DISPATCHED to another agent) to agent a, as if dispatched to it.
+
+        For an attempt an agent re-announces after a reconnection or a broker restart: it keeps
+        running there instead of being queued again. A queued entry is deleted lazily.
+        """
+        cdef int64_t ti = _as_int(t)
+        cdef int64_t ai = _as_int(a)
+        self._task_slot(ti)
+        self._agent_slot(ai)
+        cdef TaskRec* tr = &self.tasks[ti]
+        cdef int32_t p = tr.partition
+        if tr.state == TS_DISPATCHED and tr.owner == ai:
+            return
+        if self.agents[ai].n_held >= self.agents[ai].capacity:
+            raise ValueError(f"agent slot {ai} has no credit left to adopt task slot {ti}")
+        cdef deque[int32_t]* dq
+        cdef size_t i, k, n
+        if tr.state == TS_QUEUED:
+            # Taken out of its bucket now (rare: a linear scan of one bucket), so no entry names it.
+            dq = &self.buckets[p * N_BUCKETS + tr.priority]
+            n = dq.size()
+            k = 0
+            for i in range(n):
+                if deref(dq)[i] != ti:
+                    deref(dq)[k] = deref(dq)[i]
+                    k += 1
+            while dq.size() > k:
+                dq.pop_back()
+            if k == 0:
+                _clear_bit(self.bitmap, p, tr.priority)
+            tr.in_queue = 0
+            self.live[p] -= 1
+            self.n_queued -= 1
+            tr.state = TS_DISPATCHED
+            self.n_disp += 1
+            self._hold(<int32_t>ai, <int32_t>ti)
+        elif tr.state == TS_DISPATCHED:
+            self._unhold(<int32_t>ti)
+            self._hold(<int32_t>ai, <int32_t>ti)
+        else:
+            raise ValueError(f"task slot {ti} is {_STATE_NAMES[tr.state]}: only a queued or dispatched task "
+                             "can be adopted")
+
     # -- agents ---------------------------------------------------------------------------------
 
     def add_agent(self, partitions, capacity):

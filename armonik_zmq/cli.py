@@ -101,9 +101,14 @@ def _configured_partitions(config_file: Optional[str], values: tuple[str, ...]) 
               help="Starting LMDB map size (reserved address space, not disk). It doubles when it fills.")
 @click.option("--max-map-size", type=ByteSize(), default="0", show_default="64 x --map-size, at least 1TiB",
               help="The LMDB map never grows beyond this; once full there, writes are refused (STORAGE_FULL).")
+@click.option("--agent-grace", type=click.FloatRange(0), default=10.0, show_default=True,
+              help="After a restart, seconds an agent has to register again and keep the tasks it was running.")
+@click.option("--idempotency-ttl", type=click.FloatRange(1), default=900.0, show_default=True,
+              help="Seconds a retried creating request (same idempotency key) still gets its first reply.")
 @click.pass_context
 def broker(ctx, data_dir, endpoint, agents_endpoint, partitions, lease, no_sync, config_file, object_storage,
-           metrics_port, metrics_address, max_message_size, map_size, max_map_size) -> None:
+           metrics_port, metrics_address, max_message_size, map_size, max_map_size, agent_grace,
+           idempotency_ttl) -> None:
     """Run the broker (the control plane) in the foreground."""
     from .broker import Broker
 
@@ -117,7 +122,7 @@ def broker(ctx, data_dir, endpoint, agents_endpoint, partitions, lease, no_sync,
                           partitions=ids, partition_details=details, lease=lease, sync=not no_sync,
                           object_storage=object_storage or "", metrics_port=metrics_port,
                           metrics_address=metrics_address, max_message_size=max_message_size, map_size=map_size,
-                          max_map_size=max_map_size)
+                          max_map_size=max_map_size, agent_grace=agent_grace, idempotency_ttl=idempotency_ttl)
     try:
         server = Broker(config)
     except RuntimeError as exc:
@@ -141,8 +146,11 @@ def broker(ctx, data_dir, endpoint, agents_endpoint, partitions, lease, no_sync,
               help="Tasks held with their inputs fetched, beyond those queued at workers.")
 @click.option("--agent-id", default="", help="This agent's name, shown as the owner of the tasks it runs. "
               "[default: HOSTNAME-PID-RANDOM]")
+@click.option("--outage-tolerance", type=click.FloatRange(1), default=60.0, show_default=True,
+              help="Seconds the agent keeps running its tasks while the broker is unreachable; past that it stops "
+              "them.")
 @click.pass_context
-def agent(ctx, broker_endpoint, workers, processor, partitions, window, prefetch, agent_id) -> None:
+def agent(ctx, broker_endpoint, workers, processor, partitions, window, prefetch, agent_id, outage_tolerance) -> None:
     """Run an agent and its worker processes (one per node of a multi-node cluster)."""
     from .agent import Agent
     from .worker.runtime import load_processor
@@ -154,7 +162,7 @@ def agent(ctx, broker_endpoint, workers, processor, partitions, window, prefetch
         raise click.ClickException(str(exc))
     server = Agent(AgentConfig(broker=broker_endpoint, workers=workers, processor=processor,
                                partitions=_partitions(partitions), window=window, prefetch=prefetch,
-                               agent_id=agent_id))
+                               agent_id=agent_id, outage_tolerance=outage_tolerance))
     server.install_signal_handlers()
     server.run()
 

@@ -136,6 +136,10 @@ class BrokerConfig:
     #: serve Prometheus metrics over HTTP on this port (0: off)
     metrics_port: int = 0
     metrics_address: str = "127.0.0.1"
+    #: seconds an idempotency key (and the reply it replays) is kept after its request was applied
+    idempotency_ttl: float = 900.0
+    #: after a restart, seconds an agent has to register again and keep the tasks it held
+    agent_grace: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -153,5 +157,8 @@ class AgentConfig:
     agent_id: str = ""
     #: seconds between re-registration attempts when the broker does not answer (capped backoff)
     reconnect_max: float = 2.0
+    #: seconds without any word from the broker after which the agent stops the tasks it holds (until
+    #: then they keep running through the outage and are reported once the broker is back)
+    outage_tolerance: float = 60.0
     #: extra environment for worker processes
     worker_env: dict = field(default_factory=dict)

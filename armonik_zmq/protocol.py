@@ -117,6 +117,7 @@ class ErrorCode(IntEnum):
     STALE_ATTEMPT = 102  # completion from an attempt that no longer owns the task
     UNKNOWN_AGENT = 103  # agent must (re-)register
     STORAGE_FULL = 125  # the LMDB map is full at --max-map-size: nothing can be written
+    IDEMPOTENCY_MISMATCH = 115  # an idempotency_key reused with a different request body
 
 
 class ProtocolError(Exception):
@@ -465,10 +466,16 @@ def field_kind(entity: str, field: str) -> str | None:
         return "string"
     return kind
 
+#: A client's name for one creating request (``<client id>:<sequence>``): a retry with the same key gets
+#: the first reply and creates nothing new (see broker/idempotency.py).
+IDEMPOTENCY_KEY = Str(nonempty=True)
+MAX_IDEMPOTENCY_KEY = 256
+
 #: Request fields of every op a peer may send. Reply fields are documented in docs/protocol.md.
 SCHEMAS: dict[Op, Map] = {
     Op.GET_SERVICE_CONFIG: Map(),
-    Op.CREATE_SESSION: Map(optional={"default_task_options": Opt(TASK_OPTIONS), "partition_ids": Opt(List(Str()))}),
+    Op.CREATE_SESSION: Map(optional={"default_task_options": Opt(TASK_OPTIONS), "partition_ids": Opt(List(Str())),
+                                     "idempotency_key": IDEMPOTENCY_KEY}),
     Op.GET_SESSIONS: Map(required={"session_ids": IDS}),
     Op.CANCEL_SESSIONS: Map(required={"session_ids": IDS}),
     Op.CLOSE_SESSIONS: Map(required={"session_ids": IDS}),
@@ -478,8 +485,10 @@ SCHEMAS: dict[Op, Map] = {
     Op.RESUME_SESSIONS: Map(required={"session_ids": IDS}),
     # client/worker: true switches that kind of submission off (ArmoniK's StopSubmission)
     Op.STOP_SUBMISSION: Map(required={"session_ids": IDS, "client": Bool(), "worker": Bool()}),
-    Op.CREATE_RESULTS_METADATA: Map(required={"session_id": ID, "results": List(RESULT_CREATE)}),
-    Op.CREATE_RESULTS: Map(required={"session_id": ID, "results": List(RESULT_CREATE), "frames": FRAME_COUNTS}),
+    Op.CREATE_RESULTS_METADATA: Map(required={"session_id": ID, "results": List(RESULT_CREATE)},
+                                    optional={"idempotency_key": IDEMPOTENCY_KEY}),
+    Op.CREATE_RESULTS: Map(required={"session_id": ID, "results": List(RESULT_CREATE), "frames": FRAME_COUNTS},
+                           optional={"idempotency_key": IDEMPOTENCY_KEY}),
     # offset/final: one part of a chunked upload of one result (bytes already sent; false while more follow).
     Op.UPLOAD_RESULT_DATA: Map(required={"session_id": ID, "result_ids": IDS, "frames": FRAME_COUNTS},
                                optional={"offset": Int(0, 1 << 62), "final": Bool()}),
@@ -493,7 +502,7 @@ SCHEMAS: dict[Op, Map] = {
     Op.GET_OWNER_TASK_ID: Map(required={"session_id": ID, "result_ids": IDS}),
     Op.DELETE_RESULTS_DATA: Map(required={"session_id": ID, "result_ids": IDS}),
     Op.SUBMIT_TASKS: Map(required={"session_id": ID, "tasks": List(TASK_CREATE)},
-                         optional={"task_options": Opt(TASK_OPTIONS)}),
+                         optional={"task_options": Opt(TASK_OPTIONS), "idempotency_key": IDEMPOTENCY_KEY}),
     Op.GET_TASKS: Map(required={"task_ids": IDS}),
     Op.CANCEL_TASKS: Map(required={"task_ids": IDS}, optional={"force": Bool()}),
     Op.SUBSCRIBE_EVENTS: Map(required={"session_id": ID}, optional={
@@ -513,8 +522,10 @@ SCHEMAS: dict[Op, Map] = {
     Op.LIST_PARTITIONS: Map(optional=PAGING),
     Op.GET_PARTITIONS: Map(required={"partition_ids": IDS}),
     Op.LIST_VERSIONS: Map(),
+    # holds: the attempts the agent still has (re-registration): [task_id, attempt, started]; the broker
+    # keeps those it still gives to this agent and pushes STOP_TASKS for the others.
     Op.AGENT_REGISTER: Map(required={"agent_id": ID, "capacity": Int(1, 1 << 20)}, optional={
-        "partitions": List(Str()), "hostname": Str(), "pid": Int(),
+        "partitions": List(Str()), "hostname": Str(), "pid": Int(), "holds": List(List(Any_(), max_len=3)),
     }),
     Op.AGENT_HEARTBEAT: Map(required={"agent_id": ID}),
     Op.FETCH_DATA: Map(required={"agent_id": ID, "session_id": ID, "result_ids": IDS}),

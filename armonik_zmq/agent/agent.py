@@ -145,7 +145,17 @@ class Agent:
         self._backoff = min(self._backoff * 2, self.config.reconnect_max)
         self._connect()
         self._call(Op.AGENT_REGISTER, on_reply=self._on_registered, capacity=self.capacity,
-                   partitions=list(self.config.partitions), hostname=self.hostname, pid=os.getpid())
+                   partitions=list(self.config.partitions), hostname=self.hostname, pid=os.getpid(),
+                   holds=self._holds())
+
+    def _holds(self) -> list:
+        """The attempts to re-announce: every task held (running or not), and every finished one not yet reported.
+
+        The broker keeps those it still gives to this agent, and pushes STOP_TASKS for the others.
+        """
+        holds = [[t.task_id, t.attempt, t.started_at is not None] for t in self.tasks.values()]
+        holds += [[c["task_id"], c["attempt"], True] for c, _ in self._done]
+        return holds
 
     def _on_registered(self, header: dict, frames: list) -> None:
         self.registered = True
@@ -154,7 +164,12 @@ class Agent:
         self.lease = header["lease"]
         self.data_chunk_max_size = header["data_chunk_max_size"]
         self._last_heard = time.monotonic()
-        log.info("agent %s registered with %s (%d slots)", self.agent_id, self.config.broker, self.capacity)
+        log.info("agent %s registered with %s (%d slots, %d attempt(s) kept)", self.agent_id, self.config.broker,
+                 self.capacity, header.get("kept", 0))
+        # Fetches in flight on the previous socket were lost with it: ask again.
+        for task in list(self.tasks.values()):
+            if task.fetched_at is None:
+                self._prefetch(task, [rid for rid in task.inputs() if rid not in task.data])
 
     def _on_broker_message(self, frames: list) -> None:
         self._last_heard = time.monotonic()
@@ -281,6 +296,20 @@ class Agent:
                     self._forget(task)
                 log.info("task %s stopped at the broker's request", task_id)
             self._stopped.append([task_id, attempt])
+
+    def _abandon_all(self, silent_for: float) -> None:
+        """Stop every task held: the broker has been silent longer than ``outage_tolerance``.
+
+        Their reports would come too late to matter (the broker requeues what an agent does not re-announce in
+        time), so the workers are freed for the work the broker hands out once it is back. Reports of tasks
+        that finished stay queued: the broker takes those it still expects.
+        """
+        log.warning("no word from the broker for %.0fs (outage tolerance %gs): stopping the %d task(s) held",
+                    silent_for, self.config.outage_tolerance, len(self.tasks))
+        for task in list(self.tasks.values()):
+            self._kill_running(task, "the broker is unreachable past the outage tolerance")
+            self._forget(task)
+        self.ready.clear()
 
     def _drop_if_stopping(self, task: LocalTask) -> bool:
         """Drop a task the broker stopped, about to start (killing its worker if the RUN reached it); say if so."""
@@ -543,6 +572,8 @@ class Agent:
         try:
             while self._running:
                 mono = time.monotonic()
+                if self.tasks and mono - self._last_heard > self.config.outage_tolerance:
+                    self._abandon_all(mono - self._last_heard)
                 if not self.registered:
                     self._register()
                 elif mono - self._last_heard > self.lease:

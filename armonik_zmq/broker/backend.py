@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
+from .._core import STATE_QUEUED
 from ..protocol import ErrorCode, Op, ProtocolError, request, split_frames
 from ..status import ResultStatus, SessionStatus, TaskStatus, TASK_FINAL
 from .state import not_found
@@ -34,9 +35,10 @@ def _refusal(kind: str, exc: ProtocolError) -> ProtocolError:
 class AgentInfo:
     __slots__ = ("agent_id", "peer", "slot", "hostname", "capacity", "partitions", "expires")
 
-    def __init__(self, agent_id: str, peer: bytes, slot: int, hostname: str, capacity: int, partitions: list[str],
+    def __init__(self, agent_id: str, peer: Optional[bytes], slot: int, hostname: str, capacity: int, partitions: list[str],
                  expires: float):
         self.agent_id = agent_id
+        #: None for the placeholder of an agent that held tasks before a broker restart (hold_for_absent_agents)
         self.peer = peer
         self.slot = slot
         self.hostname = hostname
@@ -67,20 +69,88 @@ class Backend:
             if p not in self.state.partition_slot:
                 raise ProtocolError(ErrorCode.INVALID_ARGUMENT,
                                     f"partition '{p}' does not exist on this broker (known: {self.state.partitions})")
+        holds = h.get("holds") or []
+        for item in holds:
+            if len(item) != 3 or type(item[0]) is not str or type(item[1]) is not int or type(item[2]) is not bool:
+                raise ProtocolError(ErrorCode.INVALID_ARGUMENT, "holds items must be [task_id, attempt, started]")
         old = self.agents.get(h["agent_id"])
+        # Room for every attempt it re-announces, even past its nominal capacity (they end soon).
+        slot = self.state.core.add_agent([self.state.partition_slot[p] for p in partitions],
+                                         max(h["capacity"], len(holds)))
+        agent = AgentInfo(h["agent_id"], req.peer, slot, h.get("hostname", ""), max(h["capacity"], len(holds)),
+                          partitions, time.monotonic() + self.config.lease)
+        kept, dropped = self._adopt_holds(txn, agent, old, holds, req.now)
         if old is not None:
-            log.info("agent %s registers again: its previous connection's tasks go back to the queue", old.agent_id)
-            self.drop_agent(txn, old, "re-registered", req.now)
-        slot = self.state.core.add_agent([self.state.partition_slot[p] for p in partitions], h["capacity"])
-        agent = AgentInfo(h["agent_id"], req.peer, slot, h.get("hostname", ""), h["capacity"], partitions,
-                          time.monotonic() + self.config.lease)
+            # What the previous connection (or the placeholder) still holds was not re-announced: lost with it.
+            self.drop_agent(txn, old, "registered again without them", req.now)
         self.agents[agent.agent_id] = agent
         self.agent_by_slot[slot] = agent
         req.on_rollback(lambda: self.forget_agent(agent))
-        log.info("agent %s registered from %s: %d slots, partitions %s", agent.agent_id, agent.hostname or "?",
-                 agent.capacity, ",".join(partitions))
+        log.info("agent %s registered from %s: %d slots, partitions %s, %d attempt(s) kept, %d to drop",
+                 agent.agent_id, agent.hostname or "?", agent.capacity, ",".join(partitions), len(kept), len(dropped))
         req.reply(heartbeat_interval=self.config.heartbeat_interval, lease=self.config.lease,
-                  data_chunk_max_size=self.config.data_chunk_max_size)
+                  data_chunk_max_size=self.config.data_chunk_max_size, kept=len(kept))
+        if dropped:
+            # After the reply (the outbox sends replies first): the agent stops what it no longer owns.
+            self.send_backend(agent.peer, [request(Op.STOP_TASKS, 0, tasks=dropped)], on_fail=agent)
+
+    def _adopt_holds(self: "Broker", txn: Txn, agent: AgentInfo, old, holds: list, now: float) -> tuple[list, list]:
+        """Give ``agent`` back the attempts it re-announces and still owns; return (kept, to drop).
+
+        An attempt is kept when the task is still that attempt and nobody else's: held by this agent's
+        previous connection (or, after a broker restart, by the placeholder that waits for it), or queued
+        again without having been dispatched since (same attempt number) while its session runs. The
+        others (ended, retried, dispatched to another agent, cancelled) are dropped by the agent.
+        """
+        state = self.state
+        core = state.core
+        old_slot = old.slot if old is not None else -1
+        kept, dropped = [], []
+        for task_id, attempt, started in holds:
+            row = txn.get_task(task_id)
+            tslot = state.task_slot.get(task_id)
+            keep = False
+            if row is not None and tslot is not None and row["attempt"] == attempt:
+                status = row["status"]
+                if status in (_T.DISPATCHED, _T.PROCESSING):
+                    keep = row["owner_pod_id"] == agent.agent_id and core.owner(tslot) == old_slot >= 0
+                elif status == _T.SUBMITTED:
+                    keep = (core.state(tslot) == STATE_QUEUED and row["owner_pod_id"] == ""
+                            and state.session_status.get(row["session_id"]) == _S.RUNNING)
+            if not keep:
+                dropped.append([task_id, attempt])
+                continue
+            core.adopt(tslot, agent.slot)
+            if row["status"] == _T.SUBMITTED:
+                row["owner_pod_id"] = agent.agent_id
+                row["pod_hostname"] = agent.hostname
+                state.set_task_status(txn, row, _T.DISPATCHED, now, f"re-announced by agent {agent.agent_id}")
+            if started and row["status"] == _T.DISPATCHED:
+                state.set_task_status(txn, row, _T.PROCESSING, now)
+            kept.append(task_id)
+        return kept, dropped
+
+    def hold_for_absent_agents(self: "Broker", orphans: dict[str, list[str]]) -> None:
+        """After a restart, keep each agent's dispatched attempts for it during ``agent_grace`` seconds.
+
+        A placeholder agent (no connection, no credit) holds them, so they are neither dispatched
+        elsewhere nor retried while the agent reconnects; the agent re-announces them when it registers
+        again (``_adopt_holds``). A placeholder whose agent does not come back in time is dropped like a
+        lost agent: its tasks are queued again, or retried if they had started.
+        """
+        core = self.state.core
+        for agent_id, task_ids in orphans.items():
+            slots = [self.state.task_slot[t] for t in task_ids]
+            parts = sorted({core.partition(t) for t in slots})
+            slot = core.add_agent(parts, len(slots))
+            ghost = AgentInfo(agent_id, None, slot, "", len(slots), [self.state.partitions[p] for p in parts],
+                              time.monotonic() + self.config.agent_grace)
+            for t in slots:
+                core.adopt(t, slot)
+            self.agents[agent_id] = ghost
+            self.agent_by_slot[slot] = ghost
+            log.info("holding %d task(s) of agent %s for %gs, until it registers again", len(slots), agent_id,
+                     self.config.agent_grace)
 
     def forget_agent(self: "Broker", agent: AgentInfo) -> list[int]:
         """Remove an agent from the tables; return the core task slots it held (now queued again)."""
@@ -122,7 +192,9 @@ class Backend:
         waiting in the socket, and must not count as missed.
         """
         for agent in [a for a in self.agents.values() if a.expires < turn_started]:
-            self.drop_agent(txn, agent, f"missed its heartbeats for {self.config.lease:g}s", now)
+            why = (f"did not register again within {self.config.agent_grace:g}s of the broker's restart"
+                   if agent.peer is None else f"missed its heartbeats for {self.config.lease:g}s")
+            self.drop_agent(txn, agent, why, now)
 
     def handle_fetch_data(self: "Broker", req: "Request", txn: Txn) -> None:
         self._agent(req)

@@ -49,7 +49,7 @@ class Handlers:
                   max_message_size=self.config.max_message_size, version=__version__)
 
     def handle_health(self: "Broker", req: "Request", txn: Txn) -> None:
-        agents = len(self.agents)
+        agents = sum(1 for a in self.agents.values() if a.peer is not None)  # not the placeholders of a restart
         extra = {"metrics": self.metrics.snapshot(**self.gauges())} if req.header.get("metrics") else {}
         req.reply(healthy=True, checks=[
             {"name": "lmdb", "healthy": True, "message": self.store.path},

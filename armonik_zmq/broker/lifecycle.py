@@ -94,8 +94,9 @@ class Lifecycle:
             by_agent.setdefault(agent_id, []).append([task_id, attempt])
         for agent_id, tasks in by_agent.items():
             agent = self.agents.get(agent_id)
-            if agent is None:
-                # Its agent is gone (its tasks were taken back): nothing runs them any more.
+            if agent is None or agent.peer is None:
+                # Its agent is gone (its tasks were taken back), or not back since a broker restart (it will be
+                # told to drop them when it registers again): nothing runs them for the broker any more.
                 for task_id, _ in tasks:
                     row = txn.get_task(task_id)
                     if row["status"] == _T.CANCELLING:

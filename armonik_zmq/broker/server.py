@@ -36,6 +36,7 @@ from .backend import AgentInfo, Backend
 from .data import ResultData
 from .events import EventBus
 from .handlers import Handlers, handler_table
+from .idempotency import Idempotency
 from .lifecycle import Lifecycle
 from .listing import Listing
 from .metrics import Metrics, serve_http
@@ -111,7 +112,10 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData):
         self.agents: dict[str, AgentInfo] = {}
         self.agent_by_slot: dict[int, AgentInfo] = {}
         self.state = self._load_state()
+        self.hold_for_absent_agents(self.state.orphans)
         self.handlers = handler_table(self)
+        self.idempotency = Idempotency(self.store, config.idempotency_ttl)
+        self.idempotency.wrap(self.handlers)
         self.ctx = zmq.Context()
         self.frontend = self._router(config.endpoint)
         self.backend = self._router(config.agents_endpoint)
@@ -337,6 +341,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData):
             for agent in list(self.agents.values()):
                 self.forget_agent(agent)
             self.state = self._load_state(events)
+            self.hold_for_absent_agents(self.state.orphans)
             return
         finally:
             self._turn_requests = []
@@ -362,6 +367,8 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData):
             if lease_due:
                 self._next_lease_check = mono + min(0.25, self.config.lease / 4)
                 self.expire_leases(txn, now, turn_started)
+                if self.idempotency.due(mono):
+                    self.idempotency.collect(txn, now, mono)
             self.dispatch(txn, now)
 
     def _undo_turn(self, agents: dict, lost: list, outbox_len: int, next_lease_check: float) -> None:
@@ -380,6 +387,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData):
         self._lost_agents = lost
         self._next_lease_check = next_lease_check
         self.state = self._load_state(self.state.events, agents)
+        self.hold_for_absent_agents(self.state.orphans)
 
     def _send_now(self, sock: zmq.Socket, frames: list) -> None:
         try:

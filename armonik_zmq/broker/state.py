@@ -66,6 +66,8 @@ class BrokerState:
         #: result id -> core slot; also each paused session's pause gate (``pause_gate``)
         self.result_slot: dict[str, int] = {}
         self.session_status: dict[str, int] = {}
+        #: after ``rebuild``: agent id -> the tasks it held (DISPATCHED, PROCESSING), kept for it a while
+        self.orphans: dict[str, list[str]] = {}
 
     # -- sessions ------------------------------------------------------------------------------
 
@@ -388,13 +390,16 @@ class BrokerState:
         """Rebuild queues and dependency counts from LMDB; return counts for the log.
 
         Reads only the unfinished tasks (the live-task table), so it costs O(live tasks). After a
-        restart (``agents`` None) the tasks agents held go back to the queue. After an aborted turn
+        restart (``agents`` None) the tasks agents held are
+        listed in ``orphans`` by agent, queued in the core; the broker gives them to placeholders that wait
+        for their agents (``Backend.hold_for_absent_agents``). After an aborted turn
         (``agents``: agent id -> AgentInfo of the agents still connected, given fresh core slots here)
         each agent holds again the tasks LMDB says it holds, so nothing moves.
         """
         for s in txn.iter_sessions():
             self.session_status[s["session_id"]] = s["status"]
-        counts = {"pending": 0, "queued": 0, "requeued": 0, "failed": 0, "paused": 0, "cancelled": 0, "held": 0}
+        counts = {"pending": 0, "queued": 0, "requeued": 0, "failed": 0, "paused": 0, "cancelled": 0, "held": 0,
+                  "awaiting_agent": 0}
         holders = {}
         for agent in (agents or {}).values():
             agent.slot = self.core.add_agent([self.partition_slot[p] for p in agent.partitions], agent.capacity)
@@ -435,9 +440,11 @@ class BrokerState:
                     paused.append((row, missing))
                     continue
                 counts["pending" if missing else "queued"] += 1
+            elif status in (_T.DISPATCHED, _T.PROCESSING) and row["owner_pod_id"]:
+                # Kept for its agent, which re-announces it when it registers again (Backend.hold_for_absent_agents).
+                self.orphans.setdefault(row["owner_pod_id"], []).append(row["task_id"])
+                counts["awaiting_agent"] += 1
             elif status in (_T.DISPATCHED, _T.PROCESSING):
-                # Queued again; an agent still running it adopts the attempt it is dispatched next (reports of
-                # the old attempt are refused as stale).
                 row["status"] = int(_T.SUBMITTED)
                 txn.put_task(row)
                 counts["requeued"] += 1

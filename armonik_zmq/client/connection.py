@@ -4,14 +4,27 @@ User threads never touch the DEALER socket (ZeroMQ sockets are not thread-safe).
 request, register a ``Future`` under its ``rid``, and hand the frames to the I/O thread through an
 inproc PUSH socket. The I/O thread forwards them to the broker and routes every reply to its future
 by ``rid``, and every ``EVENT`` push to the queue of its subscription.
+
+Broker restarts are survived Lazy-Pirate style. Each creating request (``KEYED_OPS``) carries an
+``idempotency_key`` (``<client id>:<sequence>``), so the broker applies it once however often it
+arrives. When the connection drops (the socket monitor sees a closed connection at once, a silent
+broker through ZMTP heartbeats), libzmq reconnects with capped exponential backoff, and every keyed
+or read-only request still without a reply is sent again; a request that was neither (cancel, close,
+upload, ...) fails with ``ConnectionLostError``, as it may or may not have been applied. A request
+answered ``UNAVAILABLE`` (the broker could not commit its turn) is retried the same way. The call's
+``timeout`` bounds the whole.
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 import queue
+import struct
 import threading
+import time
+import uuid
 from collections import deque
 from concurrent.futures import Future, InvalidStateError
 from typing import Any, Iterable, Iterator, Optional, Sequence
@@ -38,6 +51,23 @@ _HEARTBEAT_TIMEOUT = 6_000
 #: Put in a subscription's queue to wake a reader blocked on it (an empty batch of events).
 _WAKE: tuple = ()
 _instances = itertools.count(1)
+#: libzmq's reconnection backoff: first retry after this, doubling up to the cap (milliseconds)
+_RECONNECT_IVL = 100
+_RECONNECT_IVL_MAX = 2_000
+#: Creating requests: each gets an idempotency key, so sending one again never creates twice.
+KEYED_OPS = frozenset({Op.CREATE_SESSION, Op.CREATE_RESULTS_METADATA, Op.CREATE_RESULTS, Op.SUBMIT_TASKS})
+#: Requests that change nothing (or only this connection's subscriptions): safe to send again.
+READ_ONLY_OPS = frozenset({
+    Op.GET_SERVICE_CONFIG, Op.GET_SESSIONS, Op.DOWNLOAD_RESULT_DATA, Op.GET_RESULTS, Op.GET_TASKS, Op.HEALTH,
+    Op.LIST_SESSIONS, Op.LIST_TASKS, Op.COUNT_TASKS_BY_STATUS, Op.GET_RESULT_IDS, Op.LIST_RESULTS,
+    Op.LIST_PARTITIONS, Op.GET_PARTITIONS, Op.LIST_VERSIONS, Op.GET_OWNER_TASK_ID, Op.SUBSCRIBE_EVENTS,
+    Op.UNSUBSCRIBE_EVENTS,
+})
+#: Seconds before sending again a request answered UNAVAILABLE, doubling up to the cap.
+_UNAVAILABLE_RETRY = 0.05
+_UNAVAILABLE_RETRY_MAX = 2.0
+#: The frame that leads each request on the inproc pipe: rid, op, and whether it may be sent again.
+_LEAD = struct.Struct(">QH?")
 
 
 def connect(endpoint: Optional[str] = None, *, timeout: float = 30.0) -> "Connection":
@@ -65,6 +95,16 @@ class Connection:
         self.endpoint = endpoint or default_endpoint()
         self.timeout = timeout
         self._rids = itertools.count(1)  # rid 0 is what the broker answers when it cannot read ours
+        #: this connection's name in idempotency keys, and their sequence
+        self.client_id = uuid.uuid4().hex
+        self._keys = itertools.count(1)
+        #: I/O thread only: rid -> _Inflight of each request sent to the broker and not answered yet
+        self._inflight: dict[int, _Inflight] = {}
+        #: I/O thread only: (monotonic time, rid) of requests to send again after an UNAVAILABLE reply
+        self._later: list[tuple[float, int]] = []
+        #: I/O thread only: how many times the connection dropped (requests sent before a drop were maybe lost)
+        self._epoch = 0
+        self.stats = {"resent": 0, "lost": 0, "reconnections": 0}
         self._pending: dict[int, Future] = {}
         self._subs: dict[int, Subscription] = {}
         self._lock = threading.Lock()  # guards _pending and _subs
@@ -176,6 +216,9 @@ class Connection:
         """Register a future for a new request and hand its frames to the I/O thread."""
         if rid is None:
             rid = next(self._rids)
+        if op in KEYED_OPS and "idempotency_key" not in fields:
+            fields["idempotency_key"] = f"{self.client_id}:{next(self._keys)}"
+        retryable = op in KEYED_OPS or op in READ_ONLY_OPS
         header = protocol.request(op, rid, **fields)
         fut: Future = Future()
         with self._send_lock:
@@ -185,7 +228,7 @@ class Connection:
             with self._lock:
                 self._pending[rid] = fut
             # copy=False: bulk frames reach the DEALER without being copied (small ones are, by pyzmq).
-            self._push.send_multipart([header, *frames], copy=False)
+            self._push.send_multipart([_LEAD.pack(rid, op, retryable), header, *frames], copy=False)
         return rid, fut
 
     def _call_many(self, op: Op, requests: Iterable[tuple[dict, Sequence[Any]]],
@@ -270,6 +313,8 @@ class Connection:
             dealer.setsockopt(zmq.IMMEDIATE, 0)  # requests queue while the broker is not (yet) there
             dealer.setsockopt(zmq.HEARTBEAT_IVL, _HEARTBEAT_IVL)
             dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, _HEARTBEAT_TIMEOUT)
+            dealer.setsockopt(zmq.RECONNECT_IVL, _RECONNECT_IVL)
+            dealer.setsockopt(zmq.RECONNECT_IVL_MAX, _RECONNECT_IVL_MAX)
             monitor = dealer.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
             sockets.append(monitor)
             try:
@@ -308,11 +353,17 @@ class Connection:
         poller.register(dealer, zmq.POLLIN)
         poller.register(pull, zmq.POLLIN)
         route = self._route
+        self._dealer = dealer
         while True:
-            ready = dict(poller.poll())
+            wait_ms = None
+            if self._later:
+                wait_ms = max(0, int((self._later[0][0] - time.monotonic()) * 1000) + 1)
+            ready = dict(poller.poll(wait_ms))
             # Connection changes first, so a disconnect is seen before later traffic.
             if monitor in ready:
                 self._on_monitor(monitor)
+            if self._later:
+                self._resend_due()
             if dealer in ready:
                 for _ in range(_DRAIN):
                     try:
@@ -328,10 +379,18 @@ class Connection:
                         break
                     if len(msg) == 1 and len(msg[0]) == 0:
                         return
+                    rid, op, retryable = _LEAD.unpack(msg[0].bytes)
+                    msg = msg[1:]
+                    # Kept until the reply: sent again if the connection drops (pyzmq sends a frame by reference).
+                    self._inflight[rid] = _Inflight(msg if retryable else None, self._epoch, op)
                     try:
                         dealer.send_multipart(msg, zmq.NOBLOCK, copy=False)
                     except zmq.ZMQError as exc:  # unlimited HWM makes this unexpected; fail only that call
-                        self._fail_request(msg[0].bytes, f"cannot send to {self.endpoint}: {exc.strerror}")
+                        self._inflight.pop(rid, None)
+                        self._fail_rid(rid, errors.BrokerUnavailableError(
+                            f"cannot send to {self.endpoint}: {exc.strerror}"))
+                if len(self._inflight) > 2 * len(self._pending) + 1024:
+                    self._sweep_inflight()
 
     def _route(self, msg: list) -> None:
         """Deliver one message from the broker: a reply to its future, an EVENT to its subscription."""
@@ -348,11 +407,19 @@ class Connection:
             if sub is not None:  # else: unsubscribed, the broker's answer is on its way
                 sub._queue.put(header.get("events") or ())
             return
+        err = header.get("error")
+        inflight = self._inflight.pop(rid, None)
+        if (inflight is not None and inflight.msg is not None and isinstance(err, dict)
+                and err.get("code") == ErrorCode.UNAVAILABLE and rid in self._pending):
+            # The broker could not commit the turn that held it: nothing was applied, send it again shortly.
+            inflight.delay = min(max(inflight.delay * 2, _UNAVAILABLE_RETRY), _UNAVAILABLE_RETRY_MAX)
+            self._inflight[rid] = inflight
+            heapq.heappush(self._later, (time.monotonic() + inflight.delay, rid))
+            return
         with self._lock:
             fut = self._pending.pop(rid, None)
-        if fut is None:  # the caller timed out, or a stale reply after a reconnection
+        if fut is None:  # the caller timed out, or a duplicate reply to a request sent again
             return
-        err = header.get("error")
         try:
             if err is None:
                 fut.set_result((header, [f.buffer for f in msg[1:]]))
@@ -394,6 +461,73 @@ class Connection:
                     sub._queue.put(errors.ConnectionLostError(
                         f"the connection to the broker at {self.endpoint} was lost: events may have been missed; "
                         f"subscribe again"))
+                self._on_connection_lost()
+
+    def _on_connection_lost(self) -> None:
+        """Send again the requests the dropped connection may have lost; fail those that cannot be sent again.
+
+        Replies that arrived before the drop are routed first, so only unanswered requests are touched. The
+        requests go to the DEALER's pipe, which delivers them once libzmq has reconnected.
+        """
+        self.stats["reconnections"] += 1
+        while True:
+            try:
+                msg = self._dealer.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            self._route(msg)
+        self._epoch += 1
+        with self._lock:
+            pending = set(self._pending)
+        for rid, inflight in list(self._inflight.items()):
+            if rid not in pending:
+                del self._inflight[rid]  # its caller gave up
+            elif inflight.msg is None:
+                del self._inflight[rid]
+                self.stats["lost"] += 1
+                self._fail_rid(rid, errors.ConnectionLostError(
+                    f"the connection to the broker at {self.endpoint} was lost while {_op_name(inflight.op)} was "
+                    f"in flight: it may or may not have been applied (only creating and read-only requests are "
+                    f"sent again); check the state before trying again"))
+            elif inflight.epoch < self._epoch:
+                inflight.epoch = self._epoch
+                self.stats["resent"] += 1
+                self._send_again(rid, inflight)
+
+    def _send_again(self, rid: int, inflight: "_Inflight") -> None:
+        try:
+            self._dealer.send_multipart(inflight.msg, zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:
+            self._inflight.pop(rid, None)
+            self._fail_rid(rid, errors.BrokerUnavailableError(f"cannot send to {self.endpoint}: {exc.strerror}"))
+
+    def _fail_rid(self, rid: int, exc: BaseException) -> None:
+        with self._lock:
+            fut = self._pending.pop(rid, None)
+        if fut is not None:
+            try:
+                fut.set_exception(exc)
+            except InvalidStateError:
+                pass
+
+    def _resend_due(self) -> None:
+        """Send again the requests whose UNAVAILABLE back-off has passed."""
+        now = time.monotonic()
+        while self._later and self._later[0][0] <= now:
+            _, rid = heapq.heappop(self._later)
+            inflight = self._inflight.get(rid)
+            if inflight is None or rid not in self._pending:
+                self._inflight.pop(rid, None)
+                continue
+            self.stats["resent"] += 1
+            self._send_again(rid, inflight)
+
+    def _sweep_inflight(self) -> None:
+        """Forget the requests whose callers gave up (timed out)."""
+        with self._lock:
+            pending = set(self._pending)
+        for rid in [r for r in self._inflight if r not in pending]:
+            del self._inflight[rid]
 
     def _fail_all(self, exc: errors.ArmoniKZmqError) -> None:
         """Fail every pending call and end every subscription (the connection is going away)."""
@@ -409,6 +543,28 @@ class Connection:
                 pass
         for sub in subs:
             sub._queue.put(exc)
+
+
+class _Inflight:
+    """A request sent to the broker and not answered yet (I/O thread only)."""
+
+    __slots__ = ("msg", "epoch", "op", "delay")
+
+    def __init__(self, msg: Optional[list], epoch: int, op: int):
+        #: the frames to send again, or None when the request may not be sent twice
+        self.msg = msg
+        #: the connection epoch it was last sent in
+        self.epoch = epoch
+        self.op = op
+        #: back-off before the next resend after an UNAVAILABLE reply
+        self.delay = 0.0
+
+
+def _op_name(op: int) -> str:
+    try:
+        return Op(op).name
+    except ValueError:
+        return str(op)
 
 
 class Subscription:

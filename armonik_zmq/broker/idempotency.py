@@ -1,0 +1,138 @@
+"""Idempotency keys: a retried creating request gets its first reply and creates nothing new.
+
+A client names each creating request (CREATE_SESSION, CREATE_RESULTS_METADATA, CREATE_RESULTS,
+SUBMIT_TASKS) with an ``idempotency_key`` (``<client id>:<sequence>``). The broker stores, in the
+same LMDB transaction as the request's changes (the request's nested transaction), the key with a
+digest of the request body and the reply. So either both the change and the key are durable, or
+neither is: a client that never saw the reply (broker killed, connection lost) sends the request
+again with the same key, and gets the stored reply (with its new ``rid``) if the first one
+committed, or a first application if it did not.
+
+The same key with a different body (anything but ``rid`` differs, data frames included) is refused
+with ``IDEMPOTENCY_MISMATCH``: a client bug, never silently answered with another request's reply.
+
+Keys expire: each is kept ``ttl`` seconds after its request was applied (``BrokerConfig.idempotency_ttl``,
+15 minutes by default, far longer than any retry), then removed by a collection that runs on a
+timer inside the broker's turns, a bounded number of keys per turn. So the table holds at most
+the keyed requests of the last ``ttl`` seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import struct
+from typing import TYPE_CHECKING, Callable
+
+import msgpack
+
+from ..protocol import ErrorCode, Op, ProtocolError, pack, reply_ok
+from .store import Store, Txn
+
+if TYPE_CHECKING:
+    from .server import Request
+
+log = logging.getLogger(__name__)
+
+#: The ops whose requests may carry an ``idempotency_key``.
+KEYED_OPS = (Op.CREATE_SESSION, Op.CREATE_RESULTS_METADATA, Op.CREATE_RESULTS, Op.SUBMIT_TASKS)
+#: Longest key accepted (bytes of UTF-8).
+MAX_KEY = 256
+#: Most expired keys removed by one collection (bounds the turn it runs in).
+GC_BATCH = 2000
+#: Seconds between collections.
+GC_PERIOD = 1.0
+
+_TS = struct.Struct(">Q")
+
+
+def _digest(header: dict, frames: list) -> bytes:
+    """Digest of a request's body: its header without the envelope's ``rid``, and its data frames."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(pack({k: v for k, v in header.items() if k != "rid"}))
+    for frame in frames:
+        h.update(_TS.pack(len(frame)))
+        h.update(frame)
+    return h.digest()
+
+
+class Idempotency:
+    """The key table (two LMDB databases) and the wrapper that consults it around keyed handlers."""
+
+    def __init__(self, store: Store, ttl: float):
+        self.store = store
+        self.ttl = ttl
+        #: key -> msgpack [digest, applied_at, reply fields]
+        self.keys = store.env.open_db(b"idempotency")
+        #: 8-byte applied_at (microseconds, big-endian) + key -> b"": expiry order
+        self.by_age = store.env.open_db(b"idempotency_age")
+        self._next_gc = 0.0
+        self.stats = {"replayed": 0, "mismatched": 0, "expired": 0}
+
+    def wrap(self, handlers: dict) -> None:
+        """Put the key check around the handler of every keyed op in ``handlers`` (Op -> handler)."""
+        for op in KEYED_OPS:
+            if op in handlers:
+                handlers[op] = self._keyed(handlers[op])
+
+    def _keyed(self, handler: Callable[["Request", Txn], None]) -> Callable[["Request", Txn], None]:
+        def keyed(req: "Request", txn: Txn) -> None:
+            key = req.header.get("idempotency_key")
+            if key is None:
+                handler(req, txn)
+                return
+            kb = key.encode()
+            if len(kb) > MAX_KEY:
+                raise ProtocolError(ErrorCode.INVALID_ARGUMENT,
+                                    f"idempotency_key has {len(kb)} bytes, at most {MAX_KEY} allowed")
+            digest = _digest(req.header, req.frames)
+            raw = txn.txn.get(kb, db=self.keys)
+            if raw is not None:
+                seen_digest, _, fields = msgpack.unpackb(raw, raw=False)
+                if seen_digest != digest:
+                    self.stats["mismatched"] += 1
+                    raise ProtocolError(ErrorCode.IDEMPOTENCY_MISMATCH,
+                                        f"idempotency_key {key!r} was already used for a different "
+                                        f"{Op(req.op).name} request: use a new key for a new request")
+                self.stats["replayed"] += 1
+                fields.pop("ok", None)
+                req.out = [req.peer, reply_ok(req.op, req.rid, **fields)]
+                return
+            handler(req, txn)
+            if req.out is None:
+                return
+            fields = msgpack.unpackb(req.out[1], raw=False)
+            if "error" in fields:
+                return  # refused: nothing was created, so nothing to remember
+            for name in ("v", "op", "rid"):
+                fields.pop(name, None)
+            now = req.now
+            txn.txn.put(kb, pack([digest, now, fields]), db=self.keys)
+            txn.txn.put(_TS.pack(int(now * 1e6)) + kb, b"", db=self.by_age)
+
+        keyed.__name__ = getattr(handler, "__name__", "keyed")
+        return keyed
+
+    def due(self, mono: float) -> bool:
+        """Whether a collection is due (checked every turn; cheap)."""
+        return mono >= self._next_gc
+
+    def collect(self, txn: Txn, now: float, mono: float) -> int:
+        """Remove up to ``GC_BATCH`` keys applied more than ``ttl`` seconds ago; return how many."""
+        self._next_gc = mono + GC_PERIOD
+        limit = _TS.pack(max(0, int((now - self.ttl) * 1e6)))
+        removed = 0
+        cursor = txn.txn.cursor(db=self.by_age)
+        positioned = cursor.first()
+        while positioned and removed < GC_BATCH:
+            age_key = cursor.key()
+            if age_key[:8] >= limit:
+                break
+            txn.txn.delete(age_key[8:], db=self.keys)
+            cursor.delete()  # moves to the next entry, or off the end (empty key)
+            removed += 1
+            positioned = bool(cursor.key())
+        self.stats["expired"] += removed
+        if removed:
+            log.debug("%d idempotency key(s) expired", removed)
+        return removed
