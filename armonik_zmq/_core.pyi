@@ -59,6 +59,8 @@ class Core:
         """Forget t in any state; its agent gets the credit back; the slot is recycled."""
     def requeue(self, t: SupportsIndex) -> None:
         """Put dispatched t back at the front of its priority bucket; ValueError if not DISPATCHED."""
+    def adopt(self, t: SupportsIndex, a: SupportsIndex) -> None:
+        """Give queued (or another agent's dispatched) t to agent a; ValueError if a has no credit left."""
 
     # agents
     def add_agent(self, partitions: Iterable[SupportsIndex], capacity: SupportsIndex) -> int:

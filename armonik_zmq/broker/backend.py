@@ -185,6 +185,20 @@ class Backend:
         self._agent(req)
         req.reply()
 
+    def forgive_stall(self: "Broker", turn_started: float) -> None:
+        """Give every agent a fresh lease when this broker itself stalled (stopped, swapped out, a very long turn).
+
+        Agents could not be heard while the broker did not run: their silence is not theirs. Without this, a
+        broker resumed after a pause longer than the lease would drop every agent (and retry their tasks)
+        before reading the heartbeats and re-registrations waiting in its sockets.
+        """
+        last = getattr(self, "_last_turn_started", None)
+        self._last_turn_started = turn_started
+        if last is not None and turn_started - last > max(1.0, self.config.heartbeat_interval):
+            for agent in self.agents.values():
+                if agent.peer is not None:
+                    agent.expires = max(agent.expires, turn_started + self.config.lease)
+
     def expire_leases(self: "Broker", txn: Txn, now: float, turn_started: float) -> None:
         """Drop agents silent for a whole lease before this turn started.
 

@@ -291,6 +291,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData):
         batch: list = []
         limit = self.config.max_batch_messages
         turn_started = time.monotonic()
+        self.forgive_stall(turn_started)
         self._drain(self.backend, limit // 2, batch)
         self._drain(self.frontend, limit, batch)
         self._drain(self.backend, limit, batch)
