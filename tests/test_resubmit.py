@@ -453,3 +453,29 @@ def test_t6_broker_outage_with_live_peers(tmp_path):
     assert report == {"lost": 0, "unexpected": 0, "duplicated": 0, "recovered": 0}, history.explain()
     assert extra == 0 and not retried, (history.explain(), retried)
     assert not restarted
+
+
+def test_agent_stops_its_tasks_past_the_outage_tolerance(tmp_path):
+    """Through a short outage an agent keeps running its tasks; past --outage-tolerance it stops them."""
+    cluster = make_cluster(tmp_path, workers=1, agent_args=("--outage-tolerance", "2"))
+    try:
+        cluster.start()
+        with connect(cluster.endpoint, timeout=30) as conn:
+            api = Api(conn)
+            sid = api.session()
+            p = api.results.create_results({"p": json.dumps({"op": "pid", "sleep": 60}).encode()}, sid)["p"]
+            out = api.results.create_results_metadata(["out"], sid)["out"].result_id
+            (task,) = api.tasks.submit_tasks(sid, [TaskDefinition(payload_id=p.result_id, expected_output_ids=[out])])
+            wait_for(lambda: task_row(conn, task.id)["status"] == _T.PROCESSING, "the task to start")
+        (worker,) = children_of(cluster.agent.pid)
+        cluster.kill_broker()
+        killed_at = time.monotonic()
+        time.sleep(1.0)
+        assert alive(worker), "the agent stopped its task before the outage tolerance"
+        wait_for(lambda: not alive(worker), "the agent to stop its task past the outage tolerance", timeout=10)
+        stopped_after = time.monotonic() - killed_at
+        assert cluster.agent.poll() is None
+        # silence counts from the agent's last word from the broker (a heartbeat reply, <= 1 s before the kill)
+        assert 1.0 <= stopped_after <= 4.0, stopped_after
+    finally:
+        cluster.cleanup()
