@@ -95,6 +95,8 @@ def test_a_request_sent_again_with_its_key_gets_its_first_reply_and_creates_noth
                           idempotency_key="k:5")
             assert conn.call(Op.CREATE_RESULTS_METADATA, session_id=sid, results=[{"name": "x"}],
                              idempotency_key="k:5")[0]["results"][0]["name"] == "x"
+            metrics = conn.call(Op.HEALTH, metrics=True)[0]["metrics"]
+            assert metrics["idempotent_replays"] == 4 and metrics["idempotency_mismatches"] == 2
 
         # the key is durable with the change it made: a SIGKILL and a restart later, the same reply
         restart_broker(cluster)
@@ -290,6 +292,7 @@ def test_agent_registering_again_keeps_its_running_task(tmp_path):
             assert row["status"] == _T.COMPLETED and row["owner_pod_id"] == "a1", row
             assert [r["task_id"] for r in session_task_rows(conn, sid)] == [task_id]  # no retry
             assert [e[0] for e in read_executions(str(log))] == [task_id]
+            assert conn.call(Op.HEALTH, metrics=True)[0]["metrics"]["attempts_kept"] == 1
     finally:
         cluster.cleanup()
 

@@ -90,6 +90,8 @@ class Backend:
                  agent.agent_id, agent.hostname or "?", agent.capacity, ",".join(partitions), len(kept), len(dropped))
         req.reply(heartbeat_interval=self.config.heartbeat_interval, lease=self.config.lease,
                   data_chunk_max_size=self.config.data_chunk_max_size, kept=len(kept))
+        self.metrics.add("attempts_kept", len(kept))
+        self.metrics.add("attempts_dropped", len(dropped))
         if dropped:
             # After the reply (the outbox sends replies first): the agent stops what it no longer owns.
             self.send_backend(agent.peer, [request(Op.STOP_TASKS, 0, tasks=dropped)], on_fail=agent)

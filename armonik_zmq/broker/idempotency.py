@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Callable
 import msgpack
 
 from ..protocol import ErrorCode, Op, ProtocolError, pack, reply_ok
+from .metrics import Metrics
 from .store import Store, Txn
 
 if TYPE_CHECKING:
@@ -59,15 +60,15 @@ def _digest(header: dict, frames: list) -> bytes:
 class Idempotency:
     """The key table (two LMDB databases) and the wrapper that consults it around keyed handlers."""
 
-    def __init__(self, store: Store, ttl: float):
+    def __init__(self, store: Store, ttl: float, metrics: Metrics):
         self.store = store
         self.ttl = ttl
+        self.metrics = metrics
         #: key -> msgpack [digest, applied_at, reply fields]
         self.keys = store.env.open_db(b"idempotency")
         #: 8-byte applied_at (microseconds, big-endian) + key -> b"": expiry order
         self.by_age = store.env.open_db(b"idempotency_age")
         self._next_gc = 0.0
-        self.stats = {"replayed": 0, "mismatched": 0, "expired": 0}
 
     def wrap(self, handlers: dict) -> None:
         """Put the key check around the handler of every keyed op in ``handlers`` (Op -> handler)."""
@@ -90,11 +91,11 @@ class Idempotency:
             if raw is not None:
                 seen_digest, _, fields = msgpack.unpackb(raw, raw=False)
                 if seen_digest != digest:
-                    self.stats["mismatched"] += 1
+                    self.metrics.add("idempotency_mismatches")
                     raise ProtocolError(ErrorCode.IDEMPOTENCY_MISMATCH,
                                         f"idempotency_key {key!r} was already used for a different "
                                         f"{Op(req.op).name} request: use a new key for a new request")
-                self.stats["replayed"] += 1
+                self.metrics.add("idempotent_replays")
                 fields.pop("ok", None)
                 req.out = [req.peer, reply_ok(req.op, req.rid, **fields)]
                 return
@@ -132,7 +133,7 @@ class Idempotency:
             cursor.delete()  # moves to the next entry, or off the end (empty key)
             removed += 1
             positioned = bool(cursor.key())
-        self.stats["expired"] += removed
         if removed:
+            self.metrics.add("idempotency_keys_expired", removed)
             log.debug("%d idempotency key(s) expired", removed)
         return removed

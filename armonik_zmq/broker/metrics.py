@@ -39,6 +39,11 @@ COUNTERS: dict[str, str] = {
     "completions_stale": "Completions refused because their attempt was replaced or their task requeued.",
     "completions_foreign": "Completions refused because the task is unknown or owned by another agent.",
     "completions_invalid": "Completions refused as invalid (bad data, results or subtasks): their task ends in ERROR.",
+    "idempotent_replays": "Keyed requests received again: answered with their first reply, nothing created.",
+    "idempotency_mismatches": "Keyed requests refused: their key was used for a request with another body.",
+    "idempotency_keys_expired": "Idempotency keys removed once older than --idempotency-ttl.",
+    "attempts_kept": "Attempts an agent re-announced when registering again and kept (no retry, no second run).",
+    "attempts_dropped": "Attempts an agent re-announced that it no longer owns (STOP_TASKS sent).",
 }
 
 

@@ -114,8 +114,6 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData):
         self.state = self._load_state()
         self.hold_for_absent_agents(self.state.orphans)
         self.handlers = handler_table(self)
-        self.idempotency = Idempotency(self.store, config.idempotency_ttl)
-        self.idempotency.wrap(self.handlers)
         self.ctx = zmq.Context()
         self.frontend = self._router(config.endpoint)
         self.backend = self._router(config.agents_endpoint)
@@ -126,6 +124,8 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData):
         self.stats = {"turns": 0, "requests": 0, "errors": 0, "commits": 0, "map_growths": 0, "turns_replayed": 0,
                       "stale_readers_cleared": 0}
         self.metrics = Metrics()
+        self.idempotency = Idempotency(self.store, config.idempotency_ttl, self.metrics)
+        self.idempotency.wrap(self.handlers)
         if config.metrics_port:
             serve_http(self.metrics, config.metrics_port, config.metrics_address, self.gauges)
             log.info("metrics served on http://%s:%d/metrics", config.metrics_address, config.metrics_port)
