@@ -405,6 +405,7 @@ def test_t6_broker_outage_with_live_peers(tmp_path):
                      "every agent to run a task")
             cluster.kill_broker()
             down_at = time.monotonic()
+            down_wall = time.time()
             # a request made during the outage: answered once the broker is back (sent again by the client)
             late = {}
             asker = threading.Thread(target=lambda: late.update(ids=submit_sleeps(work[1][0], work[1][1], 1, 0.0,
@@ -412,6 +413,7 @@ def test_t6_broker_outage_with_live_peers(tmp_path):
             asker.start()
             time.sleep(outage)
             cluster.start_broker()
+            spawned = time.monotonic()
             back = None
             while back is None:
                 try:
@@ -419,8 +421,12 @@ def test_t6_broker_outage_with_live_peers(tmp_path):
                     back = time.monotonic()
                 except errors.BrokerUnavailableError:
                     pass
+            back_wall = time.time()
             wait_for(lambda: registered_agents(monitor) == agents, "every agent to register again", timeout=10)
             reregistered = time.monotonic() - back
+            from_spawn = time.monotonic() - spawned
+            # tasks that ran while the broker was down: their results travelled after it came back
+            during = [e for e in read_executions(str(log)) if down_wall <= e[2] <= back_wall]
             for t in [*waiters, asker]:
                 t.join(60)
             for c in range(2):
@@ -452,6 +458,11 @@ def test_t6_broker_outage_with_live_peers(tmp_path):
            report["lost"] + report["duplicated"] == 0)
     figure("T6", "peer processes restarted", len(restarted), "", "= 0", not restarted)
     figure("T6", "broker down", round(down, 2), "s", "(setup: 5 s + start)", True)
+    figure("T6", "agents registered again after the broker process started", round(from_spawn, 2), "s",
+           "(info: includes the broker's own start)", True)
+    figure("T6", "tasks run during the outage", len(during), "tasks", f">= {agents} (every agent kept working)",
+           len(during) >= agents)
+    assert len(during) >= agents, f"only {len(during)} task(s) ran during the outage"
     assert reregistered <= 3.0, f"agents registered again {reregistered:.2f}s after the broker was back"
     assert report == {"lost": 0, "unexpected": 0, "duplicated": 0, "recovered": 0}, history.explain()
     assert extra == 0 and not retried, (history.explain(), retried)
