@@ -121,16 +121,17 @@ class WorkerClient:
                 c.future.result_id = created[f"subtask-{c.future._index}"].result_id
         if delegated is not None:
             delegated.result_id = handler.expected_results[0]
+        # placeholder -> result id; a future kept from an earlier task already names its real result
         aliases = {placeholders[c.future._index]: c.future.result_id for c in self._calls}
         payloads = handler.create_results({
             f"payload-{c.future._index}": functions.dump_payload(c.function_bytes, c.argument_bytes,
-                                                                 {d: aliases[d] for d in c.dependencies})
+                                                                 {d: aliases.get(d, d) for d in c.dependencies})
             for c in self._calls})
         tasks = []
         for c in self._calls:
             task = {"payload_id": payloads[f"payload-{c.future._index}"].result_id,
                     "expected_output_ids": [c.future.result_id],
-                    "data_dependencies": [aliases[d] for d in c.dependencies]}
+                    "data_dependencies": [aliases.get(d, d) for d in c.dependencies]}
             if c.options:
                 task["options"] = c.options
             tasks.append(task)

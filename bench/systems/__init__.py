@@ -87,13 +87,13 @@ class System:
     def chains(self, fn: Callable, starts: Sequence[int], length: int) -> list:
         """``len(starts)`` chains of ``length`` calls ``fn(previous)``; return the last values.
 
-        Submitted level by level, so a system that resolves arguments in the client waits for the
-        previous level's results in the order they come.
+        Submitted level by level (in bulk where futures can be arguments), so a system that resolves
+        arguments in the client waits for the previous level's results in the order they come.
         """
         level = self.map(fn, [(s,) for s in starts])
         for _ in range(length - 1):
             if self.native_deps:
-                level = [self.submit(fn, h) for h in level]
+                level = self.map(fn, [(h,) for h in level])
             else:
                 level = [self.submit(fn, self.result(h)) for h in level]
         return self.gather(level)
