@@ -97,6 +97,8 @@ class Agent:
         #: reports sent but not acknowledged, by rid: sent again if the broker forgets us
         self._unacked: dict[int, tuple[str, list]] = {}
         self.registered = False
+        #: task ids announced by the last AGENT_REGISTER (``_holds``)
+        self._announced: set[str] = set()
         self._running = False
         self._last_heard = time.monotonic()
         self._next_heartbeat = 0.0
@@ -144,9 +146,11 @@ class Agent:
         self._next_register = mono + self._backoff
         self._backoff = min(self._backoff * 2, self.config.reconnect_max)
         self._connect()
+        holds = self._holds()
+        self._announced = {task_id for task_id, _, _ in holds}
         self._call(Op.AGENT_REGISTER, on_reply=self._on_registered, capacity=self.capacity,
                    partitions=list(self.config.partitions), hostname=self.hostname, pid=os.getpid(),
-                   holds=self._holds())
+                   holds=holds)
 
     def _holds(self) -> list:
         """The attempts to re-announce: every task held (running or not), and every finished one not yet reported.
@@ -166,6 +170,12 @@ class Agent:
         self._last_heard = time.monotonic()
         log.info("agent %s registered with %s (%d slots, %d attempt(s) kept)", self.agent_id, self.config.broker,
                  self.capacity, header.get("kept", 0))
+        # A task received after the REGISTER left was dispatched to the registration it replaces: the broker,
+        # which kept only what the REGISTER announced, queued it again. Running it would be a second execution.
+        for task in [t for t in self.tasks.values() if t.task_id not in self._announced]:
+            log.info("task %s came to the previous registration: dropped", task.task_id)
+            self._kill_running(task, "it was dispatched to the registration this one replaces")
+            self._forget(task)
         # Fetches in flight on the previous socket were lost with it: ask again.
         for task in list(self.tasks.values()):
             if task.fetched_at is None:
