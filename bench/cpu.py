@@ -47,3 +47,43 @@ def tree_seconds(root: int | None = None) -> float:
         total += cpu.get(pid, 0.0)
         todo.extend(children.get(pid, ()))
     return total
+
+
+def tree_cpu(roots: list[int]) -> dict[int, float]:
+    """User+system CPU seconds by pid of the ``roots`` and every live descendant (per-process figures)."""
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            st = _stat(entry)
+            if st is not None:
+                stats[int(entry)] = st
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    out, todo = {}, [r for r in roots if r in stats]
+    while todo:
+        pid = todo.pop()
+        out[pid] = stats[pid][1]
+        todo.extend(children.get(pid, ()))
+    return out
+
+
+class CpuMeter:
+    """``with CpuMeter([broker_pid, agent_pid]) as m: ...``: then ``m.seconds`` (the trees + this process)
+    and ``m.by_pid`` (this process included), for CPU time per task by process."""
+
+    def __init__(self, roots: list[int]):
+        self.roots = roots
+        self.seconds = 0.0
+        self.by_pid: dict[int, float] = {}
+
+    def __enter__(self) -> "CpuMeter":
+        self._before = tree_cpu(self.roots)
+        self._self = _stat(str(os.getpid()))[1]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        after = tree_cpu(self.roots)
+        self.by_pid = {pid: after[pid] - self._before.get(pid, 0.0) for pid in after}
+        self.by_pid[os.getpid()] = _stat(str(os.getpid()))[1] - self._self
+        self.seconds = sum(self.by_pid.values())

@@ -19,6 +19,7 @@ from armonik_zmq.cluster import LocalProcesses
 from armonik_zmq.worker import Output
 
 from .common import bench_env, write_json
+from .cpu import CpuMeter
 
 
 def noop(task_handler) -> Output:
@@ -47,6 +48,16 @@ def run_once(endpoint: str, n: int) -> dict:
             "submit_tasks_per_s": n / (submit_done - submitted_at)}
 
 
+def _by_role(by_pid: dict, cluster: LocalProcesses, n: int) -> dict:
+    """CPU us per task of the client, the broker, the agent and the workers (summed)."""
+    import os
+
+    roles = {"client": os.getpid(), "broker": cluster.broker.pid, "agent": cluster.agent.pid}
+    out = {role: by_pid.get(pid, 0.0) / n * 1e6 for role, pid in roles.items()}
+    out["workers"] = sum(v for pid, v in by_pid.items() if pid not in roles.values()) / n * 1e6
+    return out
+
+
 @click.command()
 @click.option("--tasks", "n", default=20_000, show_default=True, help="Tasks per run.")
 @click.option("--workers", default=2, show_default=True, help="Worker processes.")
@@ -62,16 +73,26 @@ def main(n: int, workers: int, runs: int, no_sync: bool, json_path: str) -> None
         rows = []
         for i in range(runs):
             with console.status(f"run {i + 1}/{runs}: {n} tasks on {workers} workers..."):
-                rows.append(run_once(cluster.endpoint, n))
+                with CpuMeter([cluster.broker.pid, cluster.agent.pid]) as cpu:
+                    row = run_once(cluster.endpoint, n)
+                # CPU time per task over every process (client, broker, agent, workers): what to compare
+                # before/after on a shared machine, where wall figures are noise.
+                row["cpu_us_per_task"] = cpu.seconds / n * 1e6
+                row["cpu_us_per_task_by_process"] = _by_role(cpu.by_pid, cluster, n)
+                rows.append(row)
     table = Table(title=f"tiny tasks: {n} no-op tasks, {workers} workers, durable={'no' if no_sync else 'yes'}")
-    for col in ("run", "seconds", "tasks/s", "submit tasks/s"):
+    for col in ("run", "seconds", "tasks/s", "submit tasks/s", "cpu us/task", "by process (us/task)"):
         table.add_column(col, justify="right")
     for i, r in enumerate(rows):
-        table.add_row(str(i + 1), f"{r['seconds']:.3f}", f"{r['tasks_per_s']:,.0f}", f"{r['submit_tasks_per_s']:,.0f}")
+        table.add_row(str(i + 1), f"{r['seconds']:.3f}", f"{r['tasks_per_s']:,.0f}", f"{r['submit_tasks_per_s']:,.0f}",
+                      f"{r['cpu_us_per_task']:.0f}",
+                      " ".join(f"{k}={v:.0f}" for k, v in r["cpu_us_per_task_by_process"].items()))
     median = statistics.median(r["tasks_per_s"] for r in rows)
-    table.add_row("median", "", f"{median:,.0f}", f"{statistics.median(r['submit_tasks_per_s'] for r in rows):,.0f}")
+    cpu_median = statistics.median(r["cpu_us_per_task"] for r in rows)
+    table.add_row("median", "", f"{median:,.0f}", f"{statistics.median(r['submit_tasks_per_s'] for r in rows):,.0f}",
+                  f"{cpu_median:.0f}", "")
     console.print(table)
-    path = write_json(json_path, "tiny_tasks", {"median_tasks_per_s": median, "runs": rows},
+    path = write_json(json_path, "tiny_tasks", {"median_tasks_per_s": median, "median_cpu_us_per_task": cpu_median, "runs": rows},
                       {"tasks": n, "workers": workers, "sync": not no_sync})
     console.print(f"wrote {path}")
 

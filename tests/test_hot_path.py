@@ -13,12 +13,14 @@ from test_events import stream  # noqa: F401  (the fixture)
 _E = EventTypes
 
 
-def test_new_ids_are_distinct_version_4_uuids():
-    ids = [new_id() for _ in range(2000)]
+def test_new_ids_are_distinct_time_ordered_version_7_uuids():
+    """Ids are valid UUID strings that sort in creation order (LMDB page locality), even within a millisecond."""
+    ids = [new_id() for _ in range(20000)]
     assert len(set(ids)) == len(ids)
+    assert ids == sorted(ids)
     for i in ids:
         parsed = uuid.UUID(i)
-        assert str(parsed) == i and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+        assert str(parsed) == i and parsed.version == 7 and parsed.variant == uuid.RFC_4122
 
 
 def test_each_subscription_gets_its_types_while_others_come_and_go(api, stream):  # noqa: F811

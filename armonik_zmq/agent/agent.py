@@ -26,6 +26,7 @@ import zmq
 
 from ..broker.options import merge as merge_options
 from ..config import AgentConfig
+from ..ids import new_id
 from ..protocol import (DATA_CHUNK_MAX_SIZE, WORKER_OPS, ErrorCode, Op, ProtocolError, decode_header, envelope_of,
                         reply_error, reply_ok, request, split_frames, validate)
 from ..status import ResultStatus, SessionStatus, TaskStatus
@@ -386,6 +387,8 @@ class Agent:
         except ProtocolError as exc:
             op_num, rid = envelope_of(raw)
             reply = [reply_error(op_num, rid, exc.code, exc.message)]
+        if reply is None:
+            return  # an accepted W_OUTPUT: the worker does not wait for it, so no message at all
         try:
             self.workers_sock.send_multipart([identity, *reply], flags=zmq.DONTWAIT)
         except zmq.ZMQError as exc:
@@ -398,7 +401,7 @@ class Agent:
             raise ProtocolError(ErrorCode.INVALID_ARGUMENT, "unknown or stale task token")
         return task
 
-    def _handle_worker(self, identity: bytes, op: Op, h: dict, frames: list) -> list:
+    def _handle_worker(self, identity: bytes, op: Op, h: dict, frames: list) -> Optional[list]:
         rid = h["rid"]
         if op == Op.WORKER_READY:
             proc = self.pool.on_ready(identity, h["pid"])
@@ -415,7 +418,7 @@ class Agent:
                     raise ProtocolError(ErrorCode.INVALID_ARGUMENT, "'frames' must have one count per name")
                 groups = split_frames(frames, h["frames"])
             for i, name in enumerate(h["names"]):
-                rid_ = str(uuid.uuid4())
+                rid_ = new_id()
                 task.created_results.append({"result_id": rid_, "name": name})
                 status = ResultStatus.CREATED
                 if op == Op.W_CREATE_RESULTS:
@@ -436,7 +439,7 @@ class Agent:
             for t in h["tasks"]:
                 # Pre-merge the request's options so each subtask carries its own (task > request).
                 opts = merge_options(t.get("options"), h.get("task_options")) if (t.get("options") or h.get("task_options")) else None
-                sub = {"task_id": str(uuid.uuid4()), "payload_id": t["payload_id"],
+                sub = {"task_id": new_id(), "payload_id": t["payload_id"],
                        "expected_output_ids": t["expected_output_ids"],
                        "data_dependencies": t.get("data_dependencies", []), "options": opts}
                 task.subtasks.append(sub)
@@ -446,7 +449,7 @@ class Agent:
             if "result_ids" in h:
                 self._keep_results(task, h, frames)
             self._finish(task, h["ok"], h.get("error"), h.get("raised", False))
-            return [reply_ok(op, rid)]
+            return None
         raise ProtocolError(ErrorCode.UNIMPLEMENTED, f"op {op.name} is not served by the agent")
 
     @staticmethod
@@ -545,8 +548,19 @@ class Agent:
     def _flush(self) -> None:
         if not self.registered:
             return
+        if self._done and any(kind == "done" for kind, _ in self._unacked.values()):
+            # One TASKS_DONE in flight at a time: the completions of the tasks that end meanwhile wait for
+            # its acknowledgement (the broker's next commit) and go out together. The batch size follows the
+            # broker's pace, and a lone task is still reported at once. Starts wait with them (a start sent
+            # now would mostly be followed by its completion anyway).
+            return
         if self._started:
-            self._call(Op.TASKS_STARTED, tasks=self._started)
+            # A task that already ended this turn needs no STARTED of its own: its completion carries
+            # started_at, and the broker passes it through PROCESSING on the way (one message, one row write).
+            finished = {c["task_id"] for c, _ in self._done} if self._done else ()
+            started = [s for s in self._started if s[0] not in finished]
+            if started:
+                self._call(Op.TASKS_STARTED, tasks=started)
             self._started = []
         if self._released:
             released, self._released = self._released, []
@@ -638,6 +652,7 @@ class Agent:
                 while self._pending and time.monotonic() < deadline:
                     if self.broker.poll(100):
                         self._on_broker_message(self.broker.recv_multipart(copy=False))
+                        self._flush()  # reports held back while one was in flight
         except zmq.ZMQError:
             pass
         if self.broker is not None:

@@ -331,6 +331,10 @@ class Backend:
         state = self.state
         row = self._owned(txn, agent, c["task_id"], c["attempt"])
         stamps = c.get("timestamps") or {}
+        if row["status"] == _T.DISPATCHED and "started_at" in stamps:
+            # The agent folds TASKS_STARTED into the completion of a task that ended before its next
+            # report: pass through PROCESSING (event included); the outcome below stores the row once.
+            state.set_task_status(txn, row, _T.PROCESSING, stamps["started_at"], store=False)
         for name in ("fetched_at", "started_at", "processed_at"):
             if name in stamps:
                 row[name] = stamps[name]

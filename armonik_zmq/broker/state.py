@@ -9,11 +9,11 @@ slot until it ends, a result only while some task waits for its data.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Iterable, Optional
 
 from .._core import Core
+from ..ids import new_id  # noqa: F401  (re-exported: handlers and tests use state.new_id)
 from ..protocol import ErrorCode, ProtocolError
 from ..status import ResultStatus, SessionStatus, TaskStatus, TASK_FINAL, check_task_transition
 from . import options as task_options
@@ -31,23 +31,6 @@ _USABLE = (_R.CREATED, _R.COMPLETED)
 _STAMP = {_T.SUBMITTED: "submitted_at", _T.DISPATCHED: "acquired_at", _T.PROCESSING: "started_at",
           _T.COMPLETED: "ended_at", _T.ERROR: "ended_at", _T.TIMEOUT: "ended_at", _T.CANCELLED: "ended_at",
           _T.RETRIED: "ended_at"}
-
-
-#: random bytes drawn from the OS 4 KiB at a time (one system call per 256 ids); a forked child draws its own
-_random_pool = bytearray()
-os.register_at_fork(after_in_child=_random_pool.clear)
-
-
-def new_id() -> str:
-    """Return a random (version 4) UUID string, built directly: three times as fast as ``str(uuid.uuid4())``."""
-    if len(_random_pool) < 16:
-        _random_pool.extend(os.urandom(4096))
-    raw = _random_pool[-16:]
-    del _random_pool[-16:]
-    raw[6] = raw[6] & 0x0F | 0x40
-    raw[8] = raw[8] & 0x3F | 0x80
-    h = raw.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def not_found(kind: str, ident: str, session_id: Optional[str] = None) -> ProtocolError:
@@ -141,8 +124,13 @@ class BrokerState:
 
     # -- tasks ---------------------------------------------------------------------------------
 
-    def set_task_status(self, txn: Txn, row: dict, status: TaskStatus, now: float, message: Optional[str] = None) -> None:
-        """Move a task to ``status`` (checked against status.TASK_TRANSITIONS), stamp it, store it, tell subscribers."""
+    def set_task_status(self, txn: Txn, row: dict, status: TaskStatus, now: float, message: Optional[str] = None,
+                        store: bool = True) -> None:
+        """Move a task to ``status`` (checked against status.TASK_TRANSITIONS), stamp it, store it, tell subscribers.
+
+        ``store=False``: the caller moves the row on again in the same transaction and stores it then
+        (one write for both transitions; subscribers still see each status).
+        """
         check_task_transition(row["status"], status)
         row["status"] = int(status)
         stamp = _STAMP.get(status)
@@ -150,7 +138,8 @@ class BrokerState:
             row[stamp] = now
         if message is not None:
             row["status_message"] = message
-        txn.put_task(row)
+        if store:
+            txn.put_task(row)
         self.events.task_status(row)
 
     def require_task(self, txn: Txn, task_id: str) -> dict:
@@ -201,6 +190,7 @@ class BrokerState:
         session_defaults = session.get("options")
         plans = []
         claimed: set[str] = set()
+        inputs_seen: dict[str, dict] = {}
         for i, c in enumerate(creations):
             where = f"{where_prefix} {i}"
             opts = task_options.validate(task_options.merge(c.get("options"), request_options, session_defaults),
@@ -212,7 +202,10 @@ class BrokerState:
             inputs = [c["payload_id"], *c.get("data_dependencies", ())]
             missing = []
             for rid in inputs:
-                rrow = self.require_result(txn, rid, sid)
+                # Inputs are only looked at here: a payload shared by the whole batch is read once.
+                rrow = inputs_seen.get(rid)
+                if rrow is None:
+                    rrow = inputs_seen[rid] = self.require_result(txn, rid, sid)
                 if rrow["status"] not in _USABLE:
                     raise ProtocolError(ErrorCode.ABORTED, f"{where}: input result {rid} is "
                                         f"{_R(rrow['status']).name} and will never have data")

@@ -15,10 +15,15 @@ import lmdb
 import msgpack
 
 from ..protocol import DATA_CHUNK_MAX_SIZE, ErrorCode, ProtocolError
-from ..status import TASK_FINAL
+from ..status import TASK_FINAL, ResultStatus
 from .objects import ObjectStorage, chunk_key, n_chunks, rechunk
 
 _pack = msgpack.Packer(use_bin_type=True).pack
+
+#: rows of live tasks and of results still waiting for data kept decoded (see ``Store.rows``), at most this many
+ROW_CACHE_MAX = 200_000
+_TASK_ENDED = frozenset(int(s) for s in TASK_FINAL)
+_RESULT_CREATED = int(ResultStatus.CREATED)
 
 
 def _unpack(buf) -> dict:
@@ -123,12 +128,23 @@ class Store:
             return False
         self.env.set_mapsize(target)
         return True
+        #: Decoded rows of live tasks and of results without data yet, by id: the hot path reads each one
+        #: several times (submit, dispatch, completion) and decoding dominated. Write-through (LMDB stays
+        #: the truth); a row a failed nested transaction touched is dropped (its dict may hold undone
+        #: changes), and the whole cache when a turn's transaction aborts.
+        self.task_rows: dict[str, dict] = {}
+        self.result_rows: dict[str, dict] = {}
 
     @contextlib.contextmanager
     def write(self) -> Iterator["Txn"]:
         """Open the turn's write transaction: commit on success, abort on any exception."""
-        with self.env.begin(write=True) as txn:
-            yield Txn(self, txn)
+        try:
+            with self.env.begin(write=True) as txn:
+                yield Txn(self, txn)
+        except BaseException:
+            self.task_rows.clear()
+            self.result_rows.clear()
+            raise
 
     @contextlib.contextmanager
     def read(self) -> Iterator["Txn"]:
@@ -146,11 +162,13 @@ class Store:
 class Txn:
     """Typed access to the tables inside one LMDB transaction."""
 
-    __slots__ = ("store", "txn")
+    __slots__ = ("store", "txn", "touched")
 
-    def __init__(self, store: Store, txn: lmdb.Transaction):
+    def __init__(self, store: Store, txn: lmdb.Transaction, touched: Optional[set] = None):
         self.store = store
         self.txn = txn
+        #: ids of cached rows handed out or stored in this (nested) transaction: dropped from the cache if it aborts
+        self.touched = touched
 
     def nested(self) -> "_Nested":
         """Run one request in a child transaction, so its failure undoes only its own writes."""
@@ -169,10 +187,19 @@ class Txn:
         self.txn.put(row["session_id"].encode(), _pack(row), db=self.store.sessions)
 
     def get_task(self, task_id: str) -> Optional[dict]:
-        return self._get(self.store.tasks, task_id)
+        row = self.store.task_rows.get(task_id)
+        if row is None:
+            row = self._get(self.store.tasks, task_id)
+            if row is None or row["status"] in _TASK_ENDED or len(self.store.task_rows) >= ROW_CACHE_MAX:
+                return row
+            self.store.task_rows[task_id] = row
+        if self.touched is not None:
+            self.touched.add(task_id)
+        return row
 
     def put_task(self, row: dict, new: bool = False) -> None:
-        key = row["task_id"].encode()
+        task_id = row["task_id"]
+        key = task_id.encode()
         self.txn.put(key, _pack(row), db=self.store.tasks)
         # the live-task table changes in the same transaction as the status: a task leaves it once, when it ends
         if row["status"] in TASK_FINAL:
@@ -181,15 +208,38 @@ class Txn:
             self.txn.put(key, b"", db=self.store.live_tasks)
         if new:
             self.txn.put(row["session_id"].encode(), key, db=self.store.session_tasks)
+        cache = self.store.task_rows
+        if row["status"] in _TASK_ENDED:
+            cache.pop(task_id, None)
+        elif len(cache) < ROW_CACHE_MAX or task_id in cache:
+            cache[task_id] = row
+            if self.touched is not None:
+                self.touched.add(task_id)
 
     def get_result(self, result_id: str) -> Optional[dict]:
-        return self._get(self.store.results, result_id)
+        row = self.store.result_rows.get(result_id)
+        if row is None:
+            row = self._get(self.store.results, result_id)
+            if row is None or row["status"] != _RESULT_CREATED or len(self.store.result_rows) >= ROW_CACHE_MAX:
+                return row
+            self.store.result_rows[result_id] = row
+        if self.touched is not None:
+            self.touched.add(result_id)
+        return row
 
     def put_result(self, row: dict, new: bool = False) -> None:
-        key = row["result_id"].encode()
+        result_id = row["result_id"]
+        key = result_id.encode()
         self.txn.put(key, _pack(row), db=self.store.results)
         if new:
             self.txn.put(row["session_id"].encode(), key, db=self.store.session_results)
+        cache = self.store.result_rows
+        if row["status"] != _RESULT_CREATED:
+            cache.pop(result_id, None)
+        elif len(cache) < ROW_CACHE_MAX or result_id in cache:
+            cache[result_id] = row
+            if self.touched is not None:
+                self.touched.add(result_id)
 
     # -- object data (see objects.py) -------------------------------------------------------------
     # An object row is {size, chunks, chunk_size} plus ``staged`` while an upload is unfinished, or
@@ -348,8 +398,10 @@ class Txn:
         for tid in task_ids:
             self.txn.delete(tid.encode(), db=self.store.tasks)
             self.txn.delete(tid.encode(), db=self.store.live_tasks)
+            self.store.task_rows.pop(tid, None)
         for rid in result_ids:
             self.txn.delete(rid.encode(), db=self.store.results)
+            self.store.result_rows.pop(rid, None)
             self.delete_object(rid)
         self.txn.delete(key, db=self.store.session_tasks)
         self.txn.delete(key, db=self.store.session_results)
@@ -379,17 +431,25 @@ class Txn:
 class _Nested:
     """The context of ``Txn.nested``: a plain class, as it runs once per request (a generator costs more)."""
 
-    __slots__ = ("parent", "child")
+    __slots__ = ("parent", "child", "touched")
 
     def __init__(self, parent: Txn):
         self.parent = parent
 
     def __enter__(self) -> Txn:
         self.child = self.parent.store.env.begin(write=True, parent=self.parent.txn)
-        return Txn(self.parent.store, self.child)
+        self.touched = set()
+        return Txn(self.parent.store, self.child, self.touched)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.child.commit()
+            if self.parent.touched is not None:
+                self.parent.touched |= self.touched
         else:
             self.child.abort()
+            # Rows this request handed out may carry changes LMDB just undid: read them again next time.
+            store = self.parent.store
+            for key in self.touched:
+                store.task_rows.pop(key, None)
+                store.result_rows.pop(key, None)
