@@ -20,7 +20,7 @@ from .objects import ObjectStorage, chunk_key, n_chunks, rechunk
 
 _pack = msgpack.Packer(use_bin_type=True).pack
 
-#: rows of live tasks and of results still waiting for data kept decoded (see ``Store.rows``), at most this many
+#: rows of live tasks and of results still waiting for data kept decoded (``Store.task_rows``, ``Store.result_rows``): at most this many each
 ROW_CACHE_MAX = 200_000
 _TASK_ENDED = frozenset(int(s) for s in TASK_FINAL)
 _RESULT_CREATED = int(ResultStatus.CREATED)
@@ -68,6 +68,12 @@ class Store:
         #: session id -> task ids / result ids (for cancel, purge, delete)
         self.session_tasks = self.env.open_db(b"session_tasks", dupsort=True)
         self.session_results = self.env.open_db(b"session_results", dupsort=True)
+        #: Decoded rows of live tasks and of results without data yet, by id: the hot path reads each one
+        #: several times (submit, dispatch, completion) and decoding dominated. Write-through (LMDB stays
+        #: the truth); a row a failed nested transaction touched is dropped (its dict may hold undone
+        #: changes), and the whole cache when a turn's transaction aborts.
+        self.task_rows: dict[str, dict] = {}
+        self.result_rows: dict[str, dict] = {}
         with self.env.begin() as txn:
             indexed = txn.get(LIVE_TASKS_DB) is not None
         #: task id -> b"" for every task not in a final status (maintained by ``Txn.put_task``)
@@ -128,12 +134,6 @@ class Store:
             return False
         self.env.set_mapsize(target)
         return True
-        #: Decoded rows of live tasks and of results without data yet, by id: the hot path reads each one
-        #: several times (submit, dispatch, completion) and decoding dominated. Write-through (LMDB stays
-        #: the truth); a row a failed nested transaction touched is dropped (its dict may hold undone
-        #: changes), and the whole cache when a turn's transaction aborts.
-        self.task_rows: dict[str, dict] = {}
-        self.result_rows: dict[str, dict] = {}
 
     @contextlib.contextmanager
     def write(self) -> Iterator["Txn"]:
