@@ -28,8 +28,18 @@ def noop(task_handler) -> Output:
     return Output()
 
 
+def broker_counts(conn) -> dict:
+    """Loop turns (one commit each) and requests by op the broker handled so far."""
+    from armonik_zmq.protocol import Op
+
+    header, _ = conn.call(Op.HEALTH, metrics=True)
+    m = header.get("metrics", {})
+    return {"turns": m.get("turns", 0), **{f"requests_{k}": v for k, v in m.get("requests", {}).items()}}
+
+
 def run_once(endpoint: str, n: int) -> dict:
     with connect(endpoint, timeout=120) as conn:
+        before = broker_counts(conn)
         sessions, results, tasks, events = (ArmoniKSessions(conn), ArmoniKResults(conn), ArmoniKTasks(conn),
                                             ArmoniKEvents(conn))
         session_id = sessions.create_session(TaskOptions(max_duration=timedelta(minutes=10), priority=1, max_retries=1))
@@ -43,9 +53,13 @@ def run_once(endpoint: str, n: int) -> dict:
         submit_done = time.perf_counter()
         events.wait_for_result_availability(out_ids, session_id, bucket_size=n)
         done = time.perf_counter()
+        after = broker_counts(conn)
         sessions.close_session(session_id)
+    # broker turns and agent reports per 1,000 tasks: how well each hop batches
+    per_1000 = {k: (v - before.get(k, 0)) * 1000 / n for k, v in after.items()
+                if k == "turns" or k in ("requests_TASKS_DONE", "requests_TASKS_STARTED")}
     return {"tasks": n, "seconds": done - started, "tasks_per_s": n / (done - started),
-            "submit_tasks_per_s": n / (submit_done - submitted_at)}
+            "submit_tasks_per_s": n / (submit_done - submitted_at), "broker_per_1000_tasks": per_1000}
 
 
 def _by_role(by_pid: dict, cluster: LocalProcesses, n: int) -> dict:
@@ -92,6 +106,9 @@ def main(n: int, workers: int, runs: int, no_sync: bool, json_path: str) -> None
     table.add_row("median", "", f"{median:,.0f}", f"{statistics.median(r['submit_tasks_per_s'] for r in rows):,.0f}",
                   f"{cpu_median:.0f}", "")
     console.print(table)
+    for i, r in enumerate(rows):
+        console.print(f"run {i + 1}: per 1,000 tasks: "
+                      + ", ".join(f"{k} {v:.1f}" for k, v in r["broker_per_1000_tasks"].items()))
     path = write_json(json_path, "tiny_tasks", {"median_tasks_per_s": median, "median_cpu_us_per_task": cpu_median, "runs": rows},
                       {"tasks": n, "workers": workers, "sync": not no_sync})
     console.print(f"wrote {path}")
