@@ -113,6 +113,9 @@ class Client:
         self._closed = False
         self._lock = threading.Lock()  # guards _pending
         self._pending: dict[str, Future] = {}
+        #: SUBMIT_INLINE requests waiting for their reply, and the statuses of unknown results seen meanwhile
+        self._inline_in_flight = 0
+        self._early: dict[str, int] = {}
         self._function_bytes: "weakref.WeakKeyDictionary[Callable, bytes]" = weakref.WeakKeyDictionary()
         try:
             header, _ = self._conn.call(Op.GET_SERVICE_CONFIG)
@@ -161,43 +164,50 @@ class Client:
         return data
 
     def _submit_calls(self, fn: Callable, calls: Sequence[tuple], options: Optional[dict]) -> List[Future]:
-        """Submit one task per call: payloads in one message, outputs in another, the tasks in a third."""
+        """Submit one task per call, all in one SUBMIT_INLINE request (payloads, outputs and tasks together)."""
         self._check_open()
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
         function_bytes = self._dump_function(fn)
         name = getattr(fn, "__name__", "call")
-        specs, counts, frames, dependencies = [], [], [], []
+        counts, frames, dependencies = [], [], []
         for args, kwargs in calls:
             payload, deps = functions.dump_call(function_bytes, args, kwargs, Future)
             parts = chunks(payload, self._chunk_size)
-            specs.append({"name": f"{name}-payload"})
             counts.append(len(parts))
             frames.extend(parts)
             dependencies.append(deps)
         sid = self.session_id
-        payloads = self._conn.call_async(Op.CREATE_RESULTS, frames, counts=counts, session_id=sid, results=specs)
-        outputs = self._conn.call_async(Op.CREATE_RESULTS_METADATA, session_id=sid,
-                                        results=[{"name": name}] * len(specs))
-        payload_ids = [r["result_id"] for r in self._reply(Op.CREATE_RESULTS, payloads)["results"]]
-        output_ids = [r["result_id"] for r in self._reply(Op.CREATE_RESULTS_METADATA, outputs)["results"]]
-        futures = [Future(self, rid) for rid in output_ids]
-        with self._lock:  # before the tasks exist, so no completion can come first
-            self._pending.update(zip(output_ids, futures))
-        tasks = [{"payload_id": p, "expected_output_ids": [o], "data_dependencies": deps}
-                 for p, o, deps in zip(payload_ids, output_ids, dependencies)]
+        tasks = [{"name": name, "data_dependencies": deps} for deps in dependencies]
         if options:
             for task in tasks:
                 task["options"] = options
+        # One request creates the payloads, the outputs and the tasks (one commit on the way to the start).
+        # The output ids come with its reply, so a completion may overtake their registration: statuses
+        # of unknown results are kept meanwhile (``_early``) and looked at once the futures are registered.
+        with self._lock:
+            self._inline_in_flight += 1
         try:
-            header, _ = self._conn.call(Op.SUBMIT_TASKS, session_id=sid, tasks=tasks)
+            header, _ = self._conn.call(Op.SUBMIT_INLINE, frames=frames, counts=counts, session_id=sid, tasks=tasks)
         except BaseException:
             with self._lock:
-                for rid in output_ids:
-                    self._pending.pop(rid, None)
+                self._inline_in_flight -= 1
+                if not self._inline_in_flight:
+                    self._early.clear()
             raise
-        for fut, task in zip(futures, header["tasks"]):
-            fut.task_id = task["task_id"]
+        futures = []
+        with self._lock:
+            for task in header["tasks"]:
+                fut = Future(self, task["expected_output_ids"][0])
+                fut.task_id = task["task_id"]
+                self._pending[fut.result_id] = fut
+                futures.append(fut)
+            early = {f.result_id: self._early[f.result_id] for f in futures if f.result_id in self._early}
+            self._inline_in_flight -= 1
+            if not self._inline_in_flight:
+                self._early.clear()
+        if early:
+            self._on_statuses(early)
         return futures
 
     def _reply(self, op: Op, fut: concurrent.futures.Future) -> dict:
@@ -284,6 +294,8 @@ class Client:
 
     def _on_statuses(self, statuses: dict) -> None:
         with self._lock:
+            if self._inline_in_flight:
+                self._early.update((rid, s) for rid, s in statuses.items() if rid not in self._pending)
             completed = [rid for rid, s in statuses.items() if s == ResultStatus.COMPLETED and rid in self._pending]
             aborted = [rid for rid, s in statuses.items() if s == ResultStatus.ABORTED and rid in self._pending]
         for start in range(0, len(completed), _DOWNLOAD_BATCH):

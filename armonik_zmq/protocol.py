@@ -63,6 +63,8 @@ class Op(IntEnum):
     SUBMIT_TASKS = 30
     GET_TASKS = 31
     CANCEL_TASKS = 32
+    #: performance (95-99): payload results, output results and tasks in one request (one commit)
+    SUBMIT_INLINE = 95
     SUBSCRIBE_EVENTS = 40
     UNSUBSCRIBE_EVENTS = 41
     EVENT = 42  # push, broker -> client
@@ -501,6 +503,9 @@ SCHEMAS: dict[Op, Map] = {
         required={"result_id": ID, "opaque_id": StrOrBytes(nonempty=True)}))}),
     Op.GET_OWNER_TASK_ID: Map(required={"session_id": ID, "result_ids": IDS}),
     Op.DELETE_RESULTS_DATA: Map(required={"session_id": ID, "result_ids": IDS}),
+    Op.SUBMIT_INLINE: Map(required={"session_id": ID, "tasks": List(Map(optional={
+        "name": Str(), "data_dependencies": IDS, "options": Opt(TASK_OPTIONS)})), "frames": FRAME_COUNTS},
+        optional={"task_options": Opt(TASK_OPTIONS), "idempotency_key": IDEMPOTENCY_KEY}),
     Op.SUBMIT_TASKS: Map(required={"session_id": ID, "tasks": List(TASK_CREATE)},
                          optional={"task_options": Opt(TASK_OPTIONS), "idempotency_key": IDEMPOTENCY_KEY}),
     Op.GET_TASKS: Map(required={"task_ids": IDS}),
@@ -582,7 +587,7 @@ FRONTEND_OPS = frozenset({
     Op.LIST_SESSIONS, Op.LIST_TASKS, Op.COUNT_TASKS_BY_STATUS, Op.GET_RESULT_IDS, Op.LIST_RESULTS,
     Op.LIST_PARTITIONS, Op.GET_PARTITIONS, Op.LIST_VERSIONS,
     Op.PAUSE_SESSIONS, Op.RESUME_SESSIONS, Op.STOP_SUBMISSION, Op.IMPORT_RESULTS_DATA, Op.GET_OWNER_TASK_ID,
-    Op.DELETE_RESULTS_DATA, Op.CANCEL_TASKS,
+    Op.DELETE_RESULTS_DATA, Op.CANCEL_TASKS, Op.SUBMIT_INLINE,
 })
 BACKEND_OPS = frozenset({
     Op.AGENT_REGISTER, Op.AGENT_HEARTBEAT, Op.FETCH_DATA, Op.TASKS_STARTED, Op.TASKS_DONE,

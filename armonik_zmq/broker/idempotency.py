@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: The ops whose requests may carry an ``idempotency_key``.
-KEYED_OPS = (Op.CREATE_SESSION, Op.CREATE_RESULTS_METADATA, Op.CREATE_RESULTS, Op.SUBMIT_TASKS)
+KEYED_OPS = (Op.CREATE_SESSION, Op.CREATE_RESULTS_METADATA, Op.CREATE_RESULTS, Op.SUBMIT_TASKS, Op.SUBMIT_INLINE)
 #: Longest key accepted (bytes of UTF-8).
 MAX_KEY = 256
 #: Most expired keys removed by one collection (bounds the turn it runs in).

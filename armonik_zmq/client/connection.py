@@ -55,7 +55,8 @@ _instances = itertools.count(1)
 _RECONNECT_IVL = 100
 _RECONNECT_IVL_MAX = 2_000
 #: Creating requests: each gets an idempotency key, so sending one again never creates twice.
-KEYED_OPS = frozenset({Op.CREATE_SESSION, Op.CREATE_RESULTS_METADATA, Op.CREATE_RESULTS, Op.SUBMIT_TASKS})
+KEYED_OPS = frozenset({Op.CREATE_SESSION, Op.CREATE_RESULTS_METADATA, Op.CREATE_RESULTS, Op.SUBMIT_TASKS,
+                       Op.SUBMIT_INLINE})
 #: Requests that change nothing (or only this connection's subscriptions): safe to send again.
 READ_ONLY_OPS = frozenset({
     Op.GET_SERVICE_CONFIG, Op.GET_SESSIONS, Op.DOWNLOAD_RESULT_DATA, Op.GET_RESULTS, Op.GET_TASKS, Op.HEALTH,

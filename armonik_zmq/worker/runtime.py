@@ -78,17 +78,16 @@ class WorkerRuntime:
                     raise RuntimeError(f"agent refused {op.name}: {exc}") from None
 
     def _receive(self):
-        try:
-            msg = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-        except zmq.Again:
+        if not self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # cheaper than a failed NOBLOCK recv
             # Nothing yet: wait, but notice when the agent died (we were re-parented), so that a
             # SIGKILLed agent leaves no orphan workers behind.
             while not self.sock.poll(1000):
                 if os.getppid() != self._agent_pid:
                     raise SystemExit("the agent is gone: worker exiting")
-            msg = self.sock.recv_multipart(copy=False)
+        # copy=True: bytes at once (a task handler wants bytes anyway; no zmq.Frame objects per message)
+        msg = self.sock.recv_multipart()
         try:
-            header = decode_header(msg[0].bytes)
+            header = decode_header(msg[0])
         except ProtocolError as exc:
             log.error("undecodable message from the agent ignored: %s", exc)
             return None, []
@@ -107,7 +106,7 @@ class WorkerRuntime:
 
     def run_one(self, header: dict, frames: list) -> None:
         token = header["token"]
-        handler = TaskHandler(header, [f.bytes for f in frames], self.call)
+        handler = TaskHandler(header, frames, self.call)
         try:
             output = self.processor(handler)
         except Exception:
