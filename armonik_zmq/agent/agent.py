@@ -557,12 +557,11 @@ class Agent:
     def _flush(self) -> None:
         if not self.registered:
             return
-        if self._done and any(kind == "done" for kind, _ in self._unacked.values()):
-            # One TASKS_DONE in flight at a time: the completions of the tasks that end meanwhile wait for
-            # its acknowledgement (the broker's next commit) and go out together. The batch size follows the
-            # broker's pace, and a lone task is still reported at once. Starts wait with them (a start sent
-            # now would mostly be followed by its completion anyway).
-            return
+        # One TASKS_DONE in flight at a time: the completions of the tasks that end meanwhile wait for its
+        # acknowledgement (the broker's next commit) and go out together. The batch size follows the
+        # broker's pace, and a lone task is still reported at once. Starts are never held back: the
+        # broker must know a task runs (PROCESSING) before a cancel or a lost agent decides its fate.
+        hold_done = bool(self._done) and any(kind == "done" for kind, _ in self._unacked.values())
         if self._started:
             # A task that already ended this turn needs no STARTED of its own: its completion carries
             # started_at, and the broker passes it through PROCESSING on the way (one message, one row write).
@@ -575,7 +574,7 @@ class Agent:
             released, self._released = self._released, []
             rid = self._call(Op.TASKS_RELEASE, on_reply=self._on_ack, tasks=released)
             self._unacked[rid] = ("released", released)
-        if self._done:
+        if self._done and not hold_done:
             done, self._done = self._done, []
             frames = [f for _, fs in done for f in fs]
             rid = self._call(Op.TASKS_DONE, frames, on_reply=self._on_ack, tasks=[c for c, _ in done])
