@@ -94,6 +94,9 @@ class Agent:
         self._rids = itertools.count(1)
         self._pending: dict[int, Callable[[dict, list], None]] = {}
         self._started: list = []
+        #: starts of tasks that were queued at their worker behind another: they may wait for the next
+        #: completion report and ride with it (see ``_flush``)
+        self._started_queued: list = []
         self._done: list[tuple[dict, list]] = []
         self._released: list = []
         #: [task_id, attempt] the broker asked to stop (STOP_TASKS) and that run nowhere here any more
@@ -375,12 +378,12 @@ class Agent:
         if len(proc.queue) == 1:
             self._mark_started(task)
 
-    def _mark_started(self, task: LocalTask) -> None:
+    def _mark_started(self, task: LocalTask, queued: bool = False) -> None:
         """Record that ``task`` now runs on its worker; its max_duration counts from here (ArmoniK: Process deadline)."""
         if self._drop_if_stopping(task):
             return
         task.started_at = time.time()
-        self._started.append([task.task_id, task.attempt, task.started_at])
+        (self._started_queued if queued else self._started).append([task.task_id, task.attempt, task.started_at])
         heapq.heappush(self._deadlines, (time.monotonic() + task.msg["options"]["max_duration"], task.token))
         if len(self._deadlines) > 2 * len(self.by_token) + 64:
             self._deadlines = [d for d in self._deadlines if d[1] in self.by_token]
@@ -498,7 +501,7 @@ class Agent:
             if proc.queue:
                 nxt = self.tasks.get(proc.queue[0])
                 if nxt is not None:
-                    self._mark_started(nxt)
+                    self._mark_started(nxt, queued=True)
         self._forget(task)
 
     def _on_worker_death(self, proc: WorkerProc, code: int) -> None:
@@ -559,17 +562,21 @@ class Agent:
             return
         # One TASKS_DONE in flight at a time: the completions of the tasks that end meanwhile wait for its
         # acknowledgement (the broker's next commit) and go out together. The batch size follows the
-        # broker's pace, and a lone task is still reported at once. Starts are never held back: the
-        # broker must know a task runs (PROCESSING) before a cancel or a lost agent decides its fate.
+        # broker's pace, and a lone task is still reported at once. The start of a task sent to an idle
+        # worker goes out now, before the task can do anything (a cancel then finds it PROCESSING); the
+        # start of one that was queued behind another waits with the completions.
         hold_done = bool(self._done) and any(kind == "done" for kind, _ in self._unacked.values())
-        if self._started:
-            # A task that already ended this turn needs no STARTED of its own: its completion carries
-            # started_at, and the broker passes it through PROCESSING on the way (one message, one row write).
+        if self._started or (self._started_queued and not hold_done):
+            # A task that already ended needs no STARTED of its own: its completion carries started_at, and
+            # the broker passes it through PROCESSING on the way (one message, one row write).
             finished = {c["task_id"] for c, _ in self._done} if self._done else ()
-            started = [s for s in self._started if s[0] not in finished]
+            started = self._started if hold_done else self._started + self._started_queued
+            started = [s for s in started if s[0] not in finished]
             if started:
                 self._call(Op.TASKS_STARTED, tasks=started)
             self._started = []
+            if not hold_done:
+                self._started_queued = []
         if self._released:
             released, self._released = self._released, []
             rid = self._call(Op.TASKS_RELEASE, on_reply=self._on_ack, tasks=released)
