@@ -84,8 +84,12 @@ def _configured_partitions(config_file: Optional[str], values: tuple[str, ...]) 
 @click.option("--agents-endpoint", default=DEFAULT_AGENTS_ENDPOINT, show_default=True, help="Where agents connect.")
 @click.option("--partition", "partitions", multiple=True, help="A partition to serve (repeat or comma-separate); "
               "the first is the default. [default: default]")
-@click.option("--lease", type=float, default=5.0, show_default=True,
-              help="Seconds without a heartbeat after which an agent loses its tasks.")
+@click.option("--heartbeat-interval", type=click.FloatRange(min=0.01), default=1.0, show_default=True,
+              help="Seconds between an agent's heartbeats (any message from it counts as one).")
+@click.option("--liveness", type=click.IntRange(1, 1000), default=3, show_default=True,
+              help="Heartbeats an agent may miss before its tasks go back to the queue.")
+@click.option("--lease", type=click.FloatRange(min=0), default=0.0, show_default="heartbeat interval x liveness",
+              help="Seconds without a message after which an agent loses its tasks (overrides --liveness).")
 @click.option("--no-sync", is_flag=True, help="Do not fsync commits: survives process crashes, not power loss.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
               help="A TOML file of [[partitions]] (id, priority, pod_max, ...); --partition adds more.")
@@ -106,9 +110,9 @@ def _configured_partitions(config_file: Optional[str], values: tuple[str, ...]) 
 @click.option("--idempotency-ttl", type=click.FloatRange(1), default=900.0, show_default=True,
               help="Seconds a retried creating request (same idempotency key) still gets its first reply.")
 @click.pass_context
-def broker(ctx, data_dir, endpoint, agents_endpoint, partitions, lease, no_sync, config_file, object_storage,
-           metrics_port, metrics_address, max_message_size, map_size, max_map_size, agent_grace,
-           idempotency_ttl) -> None:
+def broker(ctx, data_dir, endpoint, agents_endpoint, partitions, heartbeat_interval, liveness, lease, no_sync,
+           config_file, object_storage, metrics_port, metrics_address, max_message_size, map_size, max_map_size,
+           agent_grace, idempotency_ttl) -> None:
     """Run the broker (the control plane) in the foreground."""
     from .broker import Broker
 
@@ -119,7 +123,8 @@ def broker(ctx, data_dir, endpoint, agents_endpoint, partitions, lease, no_sync,
         raise click.BadParameter(f"must be at least --map-size ({map_size} bytes)", param_hint="--max-map-size")
     ids, details = _configured_partitions(config_file, partitions)
     config = BrokerConfig(data_dir=data_dir, endpoint=endpoint, agents_endpoint=agents_endpoint,
-                          partitions=ids, partition_details=details, lease=lease, sync=not no_sync,
+                          partitions=ids, partition_details=details, heartbeat_interval=heartbeat_interval,
+                          liveness=liveness, lease=lease, sync=not no_sync,
                           object_storage=object_storage or "", metrics_port=metrics_port,
                           metrics_address=metrics_address, max_message_size=max_message_size, map_size=map_size,
                           max_map_size=max_map_size, agent_grace=agent_grace, idempotency_ttl=idempotency_ttl)

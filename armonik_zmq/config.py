@@ -126,8 +126,10 @@ class BrokerConfig:
     inline_limit: int = 1 << 20
     #: agents send a heartbeat this often (seconds)
     heartbeat_interval: float = 1.0
-    #: an agent silent for this long loses its tasks (seconds)
-    lease: float = 5.0
+    #: heartbeats an agent may miss (any message counts as one) before it loses its tasks (Paranoid Pirate)
+    liveness: int = 3
+    #: an agent silent for this long loses its tasks (seconds); 0 = heartbeat_interval x liveness
+    lease: float = 0.0
     #: most messages handled per loop turn (one LMDB transaction per turn)
     max_batch_messages: int = 1024
     #: largest message frame a peer may send (bytes): a bigger one disconnects the peer (ZMQ_MAXMSGSIZE).
@@ -140,6 +142,14 @@ class BrokerConfig:
     idempotency_ttl: float = 900.0
     #: after a restart, seconds an agent has to register again and keep the tasks it held
     agent_grace: float = 10.0
+
+    def __post_init__(self):
+        if self.heartbeat_interval <= 0 or self.liveness < 1:
+            raise ValueError(f"heartbeat_interval must be > 0 and liveness >= 1 (got {self.heartbeat_interval:g}, "
+                             f"{self.liveness})")
+        if not self.lease:
+            # frozen: the derived default is set once, here
+            object.__setattr__(self, "lease", self.heartbeat_interval * self.liveness)
 
 
 @dataclass(frozen=True)
