@@ -5,27 +5,30 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import time
 
 from armonik_zmq.demo import processor as demo_processor
 from armonik_zmq.worker import Output, TaskDefinition
 
-# reliability tests (tests/reliability.py) read this log: one line per execution, "task id\tpid\ttime"
+# reliability tests (tests/reliability.py) read this log: one line per execution,
+# "task id\tpid\ttime\tkey", key being the KEY of a b"sha256:KEY:..." payload (else empty)
 EXEC_LOG = os.environ.get("ARMONIK_ZMQ_EXEC_LOG")
 
 
-def record_execution(task_id: str) -> None:
+def record_execution(task_id: str, payload: bytes = b"") -> None:
     """One write on an O_APPEND descriptor, so that lines of concurrent workers never interleave."""
+    key = payload.split(b":", 2)[1].decode(errors="replace") if payload.startswith(b"sha256:") else ""
     fd = os.open(EXEC_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
-        os.write(fd, f"{task_id}\t{os.getpid()}\t{time.time():.6f}\n".encode())
+        os.write(fd, f"{task_id}\t{os.getpid()}\t{time.time():.6f}\t{key}\n".encode())
     finally:
         os.close(fd)
 
 
 def processor(task_handler) -> Output:
     if EXEC_LOG:
-        record_execution(task_handler.task_id)
+        record_execution(task_handler.task_id, bytes(task_handler.payload[:64]))
     return _process(task_handler)
 
 
@@ -52,6 +55,7 @@ def _process(task_handler) -> Output:
     if op == "crash":
         os._exit(3)
     if op == "abort":
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a poison task, not a bug to debug: no core file
         os.abort()
     if op == "raise":
         raise ValueError("raised on purpose")

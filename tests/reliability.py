@@ -39,28 +39,35 @@ def initial_task_id(task_id: str) -> str:
     return _RETRY_SUFFIX.sub("", task_id)
 
 
-def read_executions(path: str) -> list[tuple[str, int, float]]:
-    """The execution log (written by ``tests/processors.py``) as (task id, worker pid, wall time) rows.
+def read_executions(path: str) -> list[tuple[str, int, float, str]]:
+    """The execution log (written by ``tests/processors.py``) as (task id, worker pid, wall time, key) rows.
 
-    A missing file means no execution yet.
+    ``key`` is the KEY of a ``b"sha256:KEY:..."`` payload, "" for other payloads. A missing file means no
+    execution yet.
     """
     rows = []
     try:
         with open(path) as f:
             for line in f:
                 parts = line.rstrip("\n").split("\t")
-                if len(parts) == 3:
-                    rows.append((parts[0], int(parts[1]), float(parts[2])))
+                if len(parts) >= 3:
+                    rows.append((parts[0], int(parts[1]), float(parts[2]), parts[3] if len(parts) > 3 else ""))
     except FileNotFoundError:
         pass
     return rows
 
 
+def execution_id(row: tuple) -> str:
+    """The logical id of an execution: its payload key when it has one, else its initial task id."""
+    return row[3] or initial_task_id(row[0])
+
+
 class History:
     """What a reliability test did and saw, checked like Jepsen's total-queue.
 
-    Ids are logical task ids: by default the initial task id (retries fold into it), but a test may
-    use any key of its own (e.g. the payload's sequence number) as long as it is consistent.
+    Ids are logical task ids: the initial task id (retries fold into it), or, for ``b"sha256:KEY:..."``
+    payloads, their KEY (a test that must resubmit cannot know the task ids of submissions that were
+    never acknowledged, but it chose their keys).
 
     - attempted: the test tried to submit it (whether or not the broker answered);
     - acknowledged: the broker acknowledged the submission (it promised to keep it);
@@ -104,7 +111,7 @@ class History:
         """Executions per logical id: those recorded by hand plus those in the execution log."""
         counts = collections.Counter(self._executed)
         if self.exec_log:
-            counts.update(initial_task_id(task_id) for task_id, _, _ in read_executions(self.exec_log))
+            counts.update(execution_id(row) for row in read_executions(self.exec_log))
         return counts
 
     def extra_executions(self) -> int:

@@ -47,16 +47,17 @@ def test_the_execution_log_of_real_workers_counts_retries_as_the_same_task(tmp_p
     log = tmp_path / "exec.log"
     code = ("import processors\n"
             "for t in ['t1', 't1###1', 't1###2', 't2']:\n"
-            "    processors.record_execution(t)\n")
+            "    processors.record_execution(t)\n"
+            "processors.record_execution('t3', b'sha256:k3:xyz')\n")
     env = {**os.environ, "ARMONIK_ZMQ_EXEC_LOG": str(log), "PYTHONPATH": os.pathsep.join([HERE, *sys.path])}
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env) for _ in range(3)]
     assert [p.wait(30) for p in procs] == [0, 0, 0]
     rows = read_executions(str(log))
-    assert len(rows) == 12 and {pid for _, pid, _ in rows} == {p.pid for p in procs}
+    assert len(rows) == 15 and {row[1] for row in rows} == {p.pid for p in procs}
     h = History(exec_log=str(log))
-    h.attempt(["t1", "t2"])
-    assert h.executed == {"t1": 9, "t2": 3}
-    assert h.extra_executions() == 10
+    h.attempt(["t1", "t2", "k3"])
+    assert h.executed == {"t1": 9, "t2": 3, "k3": 3}
+    assert h.extra_executions() == 12
     assert initial_task_id("abc###12") == "abc" and initial_task_id("a#b") == "a#b"
 
 
