@@ -362,21 +362,35 @@ class Agent:
                 task = self.tasks.get(self.ready.popleft())
                 if task is None or self._drop_if_stopping(task):
                     continue
-                self._send_run(proc, task)
+                if not self._send_run(proc, task):
+                    return  # tried again on the next loop turn
 
-    def _send_run(self, proc: WorkerProc, task: LocalTask) -> None:
+    def _send_run(self, proc: WorkerProc, task: LocalTask) -> bool:
+        """Send the task to the worker; False if it could not take it (the task is back in ``ready``)."""
         msg = task.msg
-        task.worker = proc
-        self.by_token[task.token] = task
-        proc.queue.append(task.task_id)
         header = request(Op.RUN, 0, token=task.token, task_id=task.task_id, session_id=msg["session_id"],
                          payload_id=msg["payload_id"], data_dependencies=msg["data_dependencies"],
                          expected_output_ids=msg["expected_output_ids"], options=msg["options"],
                          configuration={"data_chunk_max_size": self.data_chunk_max_size})
         data = [task.data[msg["payload_id"]], *(task.data[d] for d in msg["data_dependencies"])]
-        self.workers_sock.send_multipart([proc.identity, header, *data], copy=False)
+        try:
+            self.workers_sock.send_multipart([proc.identity, header, *data], flags=zmq.DONTWAIT, copy=False)
+        except zmq.ZMQError as exc:
+            # The worker died (EHOSTUNREACH) before the reaper noticed, or cannot take more (EAGAIN): the task
+            # waits for another worker. An unreachable worker is killed, so the reaper replaces it for sure.
+            # Never let a worker's death take the agent down with it.
+            log.warning("worker %d (pid %d) unreachable (%s): task %s waits for another worker", proc.index,
+                        proc.pid, exc.strerror, task.task_id)
+            if exc.errno == zmq.EHOSTUNREACH:
+                self.pool.kill(proc)
+            self.ready.appendleft(task.task_id)
+            return False
+        task.worker = proc
+        self.by_token[task.token] = task
+        proc.queue.append(task.task_id)
         if len(proc.queue) == 1:
             self._mark_started(task)
+        return True
 
     def _mark_started(self, task: LocalTask, queued: bool = False) -> None:
         """Record that ``task`` now runs on its worker; its max_duration counts from here (ArmoniK: Process deadline)."""
