@@ -34,7 +34,11 @@ def processor(task_handler) -> Output:
 
 def _process(task_handler) -> Output:
     if task_handler.payload.startswith(b"sha256:"):
-        # reliability tests' no-op: the result is the payload's sha256, a cheap proof of the right data
+        # reliability tests' no-op: the result is the payload's sha256, a cheap proof of the right data;
+        # b"sha256:KEY:sleep=S:..." sleeps S seconds first
+        rest = task_handler.payload.split(b":", 3)
+        if len(rest) > 3 and rest[2].startswith(b"sleep="):
+            time.sleep(float(rest[2][6:]))
         task_handler.send_results({task_handler.expected_results[0]: hashlib.sha256(task_handler.payload).digest()})
         return Output()
     payload = json.loads(task_handler.payload)

@@ -7,21 +7,25 @@ that misbehaves on purpose (spins, aborts). Each test records its figures with `
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
+import random
 import signal
+import threading
 import time
 from datetime import timedelta
 
 
-from armonik_zmq.client import TaskDefinition, TaskOptions, TaskStatus, connect
+from armonik_zmq.client import ResultStatus, TaskDefinition, TaskOptions, TaskStatus, connect
 from armonik_zmq.client.filters import Direction, to_wire_filter, to_wire_sort
 from armonik_zmq.client.tasks import Task
+from armonik_zmq.errors import ArmoniKZmqError
 from armonik_zmq.protocol import Op
 from armonik_zmq.cluster import LocalProcesses
 from conftest import PROCESSOR, WORKER_ENV, Api, make_cluster
-from reliability import figure, read_executions
+from reliability import History, figure, read_executions
 from test_outcomes import alive, children_of, result_row, task_row, wait_for
 
 _T = TaskStatus
@@ -50,9 +54,10 @@ def session_tasks(conn, session_id: str) -> list[dict]:
         page += 1
 
 
-def sha_payload(key: str, size: int = 100) -> bytes:
-    """A ``sha256:KEY:`` payload of ``size`` bytes (tests/processors.py answers with its sha256)."""
-    head = f"sha256:{key}:".encode()
+def sha_payload(key: str, size: int = 100, sleep: float = 0.0) -> bytes:
+    """A ``sha256:KEY:`` payload of ``size`` bytes (tests/processors.py answers with its sha256, after
+    sleeping ``sleep`` seconds)."""
+    head = (f"sha256:{key}:sleep={sleep:g}:" if sleep else f"sha256:{key}:").encode()
     return head + os.urandom(max(0, size - len(head)))
 
 
@@ -219,3 +224,259 @@ def test_t4_poison_task_ends_in_error_after_exactly_four_attempts(tmp_path, scal
     assert len(execs) == 4, f"the poison task ran {len(execs)} times (criterion: exactly 4)"
     assert completed == n and digests_ok
     assert took <= 8.0, f"the poison task took {took:.2f}s from its first attempt to Error (criterion 8 s)"
+
+
+# -- T1: broker kill -9 storm ----------------------------------------------------------------------------
+
+AGENTS = 4
+PREFETCH = 64  # the agent's default (config.AgentConfig.prefetch)
+WINDOW = 1
+
+
+def start_agents(cluster: LocalProcesses, n: int) -> None:
+    """The cluster's own agent plus n - 1 more, each with one worker (2 cores: 4 agents x 1 worker)."""
+    cluster.start_agent()
+    for _ in range(n - 1):
+        cluster.start_extra_agent(workers=cluster.workers)
+
+
+def result_rows(conn, result_ids: list[str]) -> list[dict]:
+    rows = []
+    for i in range(0, len(result_ids), 1000):
+        rows += conn.call(Op.GET_RESULTS, result_ids=result_ids[i:i + 1000])[0]["results"]
+    return rows
+
+
+class StormClient:
+    """Submits keyed no-op tasks in batches through broker kills, without ever submitting a key twice.
+
+    A batch is three calls (payloads, outputs, tasks). When the submit call gets no answer, the
+    outputs it named tell whether it was committed: a committed submission made a task their owner.
+    Until the idempotency keys of the `resubmit` parcel exist, this is how the test resubmits exactly
+    the batches that were not committed.
+    """
+
+    def __init__(self, conn, api: Api, session_id: str, history: History, sleep: float = 0.0):
+        self.conn, self.api, self.session_id, self.history = conn, api, session_id, history
+        self.sleep = sleep
+        #: key -> (output id, payload)
+        self.outputs: dict[str, tuple[str, bytes]] = {}
+        self.unanswered = 0
+
+    def _retry(self, call):
+        while True:
+            try:
+                return call()
+            except ArmoniKZmqError:
+                self.unanswered += 1
+                time.sleep(0.05)
+
+    def submit(self, keys: list[str]) -> None:
+        self.history.attempt(keys)
+        payloads = {k: sha_payload(k, sleep=self.sleep) for k in keys}
+        created = self._retry(lambda: self.api.results.create_results(payloads, self.session_id,
+                                                                      batch_size=len(keys)))
+        outs = self._retry(lambda: self.api.results.create_results_metadata([f"out-{k}" for k in keys],
+                                                                            self.session_id))
+        for k in keys:
+            self.outputs[k] = (outs[f"out-{k}"].result_id, payloads[k])
+        definitions = [TaskDefinition(payload_id=created[k].result_id,
+                                      expected_output_ids=[outs[f"out-{k}"].result_id]) for k in keys]
+        while True:
+            try:
+                self.api.tasks.submit_tasks(self.session_id, definitions)
+                self.history.acknowledge(keys)
+                return
+            except ArmoniKZmqError:
+                self.unanswered += 1
+            # no answer: was it committed? (all or nothing: one request, one nested transaction)
+            owners = self._retry(lambda: result_rows(self.conn, [self.outputs[k][0] for k in keys]))
+            if all(r["owner_task_id"] for r in owners):
+                return  # committed though never acknowledged: History reports these as "recovered"
+            assert not any(r["owner_task_id"] for r in owners), "a submission was committed in part"
+
+    def completed_count(self) -> int:
+        rows = self._retry(lambda: result_rows(self.conn, [o for o, _ in self.outputs.values()]))
+        return sum(r["status"] == ResultStatus.COMPLETED for r in rows)
+
+
+def run_storm(cluster: LocalProcesses, n: int, kills: int, log) -> dict:
+    """Submit n keyed tasks, SIGKILL the broker ``kills`` times meanwhile; return what happened."""
+    open(log, "w").close()  # this run's executions only
+    history = History(exec_log=str(log))
+    with connect(cluster.endpoint, timeout=3) as conn:
+        api = Api(conn)
+        session_id = api.sessions.create_session(options(max_retries=5))
+        client = StormClient(conn, api, session_id, history)
+        prefix = f"{'storm' if kills else 'base'}{os.getpid()}-"
+        batches = [[f"{prefix}{i}" for i in range(j, min(n, j + 100))] for j in range(0, n, 100)]
+        started = time.time()
+        restarts: list[tuple[float, float]] = []  # (killed at, restarted at)
+        done = threading.Event()
+
+        def submitter():
+            for keys in batches:
+                client.submit(keys)
+            done.set()
+
+        thread = threading.Thread(target=submitter, daemon=True)
+        thread.start()
+        rng = random.Random(n * 7 + kills)
+        # kill at random moments, the first while submitting; 1-3 s apart, so that most restarts get to
+        # dispatch (restart to first dispatch is measured between a restart and the next kill)
+        for k in range(kills):
+            time.sleep(rng.uniform(0.3, 1.5) if k == 0 else rng.uniform(1.0, 3.0))
+            killed = time.time()
+            cluster.kill_broker()
+            cluster.start_broker()
+            restarts.append((killed, time.time()))
+        thread.join(timeout=600)
+        assert done.is_set(), "the submitter did not finish"
+        deadline = time.monotonic() + 600
+        while client.completed_count() < n:
+            assert time.monotonic() < deadline, "tasks still unfinished after 600 s"
+            time.sleep(0.2)
+        wall = time.time() - started
+        conn.timeout = 60
+        rows = session_tasks(conn, session_id)
+        key_of = {o: k for k, (o, _) in client.outputs.items()}
+        completed_rows = [r for r in rows if r["status"] == _T.COMPLETED]
+        history.complete(key_of.get(r["expected_output_ids"][0], r["task_id"]) for r in completed_rows)
+        stray = [r["task_id"] for r in rows if r["expected_output_ids"][0] not in key_of]
+        results = result_rows(conn, [o for o, _ in client.outputs.values()])
+        wrong = [r["result_id"] for r in results
+                 if r["status"] != ResultStatus.COMPLETED or api.results.download_result_data(
+                     r["result_id"], session_id) != hashlib.sha256(client.outputs[key_of[r["result_id"]]][1]).digest()]
+        statuses = collections.Counter(_T(r["status"]).name for r in rows)
+        # the first dispatch after each restart: the earliest dispatch stamp between it and the next kill
+        firsts = []
+        for i, (_, restarted) in enumerate(restarts):
+            until = restarts[i + 1][0] if i + 1 < len(restarts) else float("inf")
+            stamps = [r["acquired_at"] for r in rows if r["acquired_at"] and restarted <= r["acquired_at"] < until]
+            if stamps:
+                firsts.append(min(stamps) - restarted)
+            elif until - restarted >= 2.0 and any(r["acquired_at"] and r["acquired_at"] >= until for r in rows):
+                firsts.append(until - restarted)  # work was left, yet nothing was dispatched before the next kill
+            # else: killed again within 2 s, before a dispatch could be seen: not measured
+    return {"history": history, "wall": wall, "restarts": restarts, "firsts": firsts, "wrong": wrong,
+            "stray": stray, "statuses": statuses, "unanswered": client.unanswered}
+
+
+def test_t1_broker_kill_storm(tmp_path, scale):
+    """20,000 (CI 2,000) no-op tasks, 4 agents, 1 client; SIGKILL the broker 10 (CI 3) times, restart at once."""
+    n, kills = (20_000, 10) if scale == 1.0 else (2_000, 3)
+    log = tmp_path / "exec.log"
+    cluster = cluster_with_log(tmp_path, log, workers=1)
+    try:
+        cluster.start_broker()
+        start_agents(cluster, AGENTS)
+        cluster.wait_ready()
+        baseline = run_storm(cluster, n, 0, log)
+        storm = run_storm(cluster, n, kills, log)
+    finally:
+        cluster.cleanup()
+    h: History = storm["history"]
+    report = h.report()
+    bound = kills * AGENTS * (cluster.workers * (1 + WINDOW) + PREFETCH)
+    extra = h.extra_executions()
+    restart_gap = max(r - k for k, r in storm["restarts"])
+    slowest_first = max(storm["firsts"], default=float("nan"))
+    ratio = storm["wall"] / baseline["wall"]
+    figure("T1", "lost (acknowledged, never completed)", report["lost"], "tasks", "= 0", report["lost"] == 0)
+    figure("T1", "unexpected", report["unexpected"] + len(storm["stray"]), "tasks", "= 0",
+           report["unexpected"] + len(storm["stray"]) == 0)
+    figure("T1", "duplicated (more than one Completed task per key)", report["duplicated"], "tasks", "= 0",
+           report["duplicated"] == 0)
+    figure("T1", "recovered (committed, never acknowledged)", report["recovered"], "tasks", "(information)", True)
+    figure("T1", "wrong or missing results", len(storm["wrong"]), "results", "= 0", not storm["wrong"])
+    figure("T1", "extra executions", extra, "", f"<= kills x agents x prefetch = {bound}", extra <= bound)
+    figure("T1", "kill to restart", restart_gap, "s", "<= 0.5 s", restart_gap <= 0.5)
+    figure("T1", f"restart to first dispatch (slowest of {len(storm['firsts'])})", slowest_first, "s", "<= 2 s",
+           slowest_first <= 2.0)
+    figure("T1", "wall time / fault-free baseline", ratio, "x",
+           f"<= 3 (baseline {baseline['wall']:.1f} s, storm {storm['wall']:.1f} s)", ratio <= 3.0)
+    assert report == {**report, "lost": 0, "unexpected": 0, "duplicated": 0}, h.explain()
+    assert not storm["stray"] and not storm["wrong"], (storm["stray"][:5], storm["wrong"][:5])
+    assert storm["statuses"]["COMPLETED"] == n and set(storm["statuses"]) <= {"COMPLETED", "RETRIED"}, storm["statuses"]
+    assert baseline["history"].report()["lost"] == 0
+    assert extra <= bound, f"{extra} extra executions (bound {bound})"
+    assert restart_gap <= 0.5
+    assert storm["firsts"] and slowest_first <= 2.0, storm["firsts"]
+    assert ratio <= 3.0, f"storm {storm['wall']:.1f}s vs fault-free {baseline['wall']:.1f}s"
+
+
+# -- T2: agent kill -9 -----------------------------------------------------------------------------------
+
+
+def test_t2_agent_kill_storm(tmp_path, scale):
+    """10,000 (CI 1,000) tasks of 50 ms on 4 agents; SIGKILL a random agent every 2 s, a supervisor respawns it."""
+    n = int(10_000 * scale)
+    log = tmp_path / "exec.log"
+    cluster = cluster_with_log(tmp_path, log, workers=2)
+    kills: dict[str, float] = {}  # agent id -> SIGKILL time
+    try:
+        cluster.start_broker()
+        live = {f"a{i}-0": cluster.start_extra_agent(f"a{i}-0") for i in range(AGENTS)}
+        cluster.wait_ready()
+        history = History(exec_log=str(log))
+        with connect(cluster.endpoint, timeout=30) as conn:
+            api = Api(conn)
+            session_id = api.sessions.create_session(options(max_retries=5))
+            # 50 ms tasks (CI: 20 ms, to stay within its time budget)
+            client = StormClient(conn, api, session_id, history, sleep=0.05 if scale == 1.0 else 0.02)
+            started = time.time()
+            for j in range(0, n, 500):
+                client.submit([f"t2-{i}" for i in range(j, min(n, j + 500))])
+            rng = random.Random(n)
+            generation = 0
+            next_kill = time.monotonic() + 2.0
+            deadline = time.monotonic() + 900
+            while client.completed_count() < n:
+                assert time.monotonic() < deadline, "tasks still unfinished after 900 s"
+                if time.monotonic() >= next_kill:
+                    # the supervisor: kill one, start its replacement at once (a new name: a new agent)
+                    next_kill += 2.0
+                    victim = rng.choice(sorted(live))
+                    live.pop(victim).kill()
+                    kills[victim] = time.time()
+                    generation += 1
+                    slot = victim.split("-")[0]
+                    live[f"{slot}-{generation}"] = cluster.start_extra_agent(f"{slot}-{generation}")
+                time.sleep(0.05)
+            wall = time.time() - started
+            rows = session_tasks(conn, session_id)
+            key_of = {o: k for k, (o, _) in client.outputs.items()}
+            history.complete(key_of[r["expected_output_ids"][0]] for r in rows if r["status"] == _T.COMPLETED)
+            results = result_rows(conn, [o for o, _ in client.outputs.values()])
+            by_id = {r["task_id"]: r for r in rows}
+            one_result = all(r["status"] == ResultStatus.COMPLETED and by_id[r["completed_by"]]["status"] == _T.COMPLETED
+                             for r in results)
+    finally:
+        cluster.cleanup()
+    statuses = collections.Counter(_T(r["status"]).name for r in rows)
+    errors = [r for r in rows if r["status"] == _T.ERROR]
+    # how long each task running on a killed agent took to be back in the queue (its RETRIED stamp)
+    delays = []
+    for r in rows:
+        if r["status"] == _T.RETRIED:
+            agent = r["status_message"].split(" ")[1]
+            if agent in kills:
+                delays.append(r["ended_at"] - kills[agent])
+    worst = max(delays, default=float("nan"))
+    report = history.report()
+    figure("T2", "agents killed", len(kills), "", "one every 2 s", len(kills) >= 2)
+    figure("T2", "tasks Completed, one result each", statuses["COMPLETED"], "tasks", f"= {n}",
+           statuses["COMPLETED"] == n and one_result)
+    figure("T2", f"back in the queue after the kill (worst of {len(delays)})", worst, "s",
+           "<= heartbeat x liveness + 1 s = 4 s", worst <= 4.0)
+    figure("T2", "left Dispatched or Processing", statuses["DISPATCHED"] + statuses["PROCESSING"], "tasks", "= 0",
+           statuses["DISPATCHED"] + statuses["PROCESSING"] == 0)
+    figure("T2", "Error without exceeding max_retries", sum(len(r["retry_of_ids"]) < 5 for r in errors), "tasks",
+           "= 0", all(len(r["retry_of_ids"]) >= 5 for r in errors))
+    figure("T2", "wall time", wall, "s", "(information)", True)
+    assert len(kills) >= 2, "the run ended before two agents were killed: raise the count"
+    assert report == {**report, "lost": 0, "unexpected": 0, "duplicated": 0}, history.explain()
+    assert statuses["COMPLETED"] == n and one_result, statuses
+    assert set(statuses) <= {"COMPLETED", "RETRIED", "ERROR"}, statuses
+    assert all(len(r["retry_of_ids"]) >= 5 for r in errors), [r["status_message"] for r in errors]
+    assert delays and worst <= 4.0, sorted(delays)[-5:]
