@@ -90,6 +90,10 @@ def _configured_partitions(config_file: Optional[str], values: tuple[str, ...]) 
               help="Heartbeats an agent may miss before its tasks go back to the queue.")
 @click.option("--lease", type=click.FloatRange(min=0), default=0.0, show_default="heartbeat interval x liveness",
               help="Seconds without a message after which an agent loses its tasks (overrides --liveness).")
+@click.option("--backend-sndhwm", type=click.IntRange(1), default=100_000, hidden=True,
+              help="Messages queued per agent before a send fails (EAGAIN) and its tasks are requeued.")
+@click.option("--no-router-mandatory", is_flag=True, hidden=True,
+              help="Test only: let ROUTER sockets drop unroutable messages silently (shows what T7 guards).")
 @click.option("--no-sync", is_flag=True, help="Do not fsync commits: survives process crashes, not power loss.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
               help="A TOML file of [[partitions]] (id, priority, pod_max, ...); --partition adds more.")
@@ -110,9 +114,9 @@ def _configured_partitions(config_file: Optional[str], values: tuple[str, ...]) 
 @click.option("--idempotency-ttl", type=click.FloatRange(1), default=900.0, show_default=True,
               help="Seconds a retried creating request (same idempotency key) still gets its first reply.")
 @click.pass_context
-def broker(ctx, data_dir, endpoint, agents_endpoint, partitions, heartbeat_interval, liveness, lease, no_sync,
-           config_file, object_storage, metrics_port, metrics_address, max_message_size, map_size, max_map_size,
-           agent_grace, idempotency_ttl) -> None:
+def broker(ctx, data_dir, endpoint, agents_endpoint, partitions, heartbeat_interval, liveness, lease, backend_sndhwm,
+           no_router_mandatory, no_sync, config_file, object_storage, metrics_port, metrics_address, max_message_size,
+           map_size, max_map_size, agent_grace, idempotency_ttl) -> None:
     """Run the broker (the control plane) in the foreground."""
     from .broker import Broker
 
@@ -124,7 +128,8 @@ def broker(ctx, data_dir, endpoint, agents_endpoint, partitions, heartbeat_inter
     ids, details = _configured_partitions(config_file, partitions)
     config = BrokerConfig(data_dir=data_dir, endpoint=endpoint, agents_endpoint=agents_endpoint,
                           partitions=ids, partition_details=details, heartbeat_interval=heartbeat_interval,
-                          liveness=liveness, lease=lease, sync=not no_sync,
+                          liveness=liveness, lease=lease, backend_sndhwm=backend_sndhwm,
+                          router_mandatory=not no_router_mandatory, sync=not no_sync,
                           object_storage=object_storage or "", metrics_port=metrics_port,
                           metrics_address=metrics_address, max_message_size=max_message_size, map_size=map_size,
                           max_map_size=max_map_size, agent_grace=agent_grace, idempotency_ttl=idempotency_ttl)
@@ -154,8 +159,11 @@ def broker(ctx, data_dir, endpoint, agents_endpoint, partitions, heartbeat_inter
 @click.option("--outage-tolerance", type=click.FloatRange(1), default=60.0, show_default=True,
               help="Seconds the agent keeps running its tasks while the broker is unreachable; past that it stops "
               "them.")
+@click.option("--rcvhwm", type=click.IntRange(0), default=0, hidden=True,
+              help="Messages from the broker queued here before it must wait (0: no limit; tests lower it).")
 @click.pass_context
-def agent(ctx, broker_endpoint, workers, processor, partitions, window, prefetch, agent_id, outage_tolerance) -> None:
+def agent(ctx, broker_endpoint, workers, processor, partitions, window, prefetch, agent_id, outage_tolerance,
+          rcvhwm) -> None:
     """Run an agent and its worker processes (one per node of a multi-node cluster)."""
     from .agent import Agent
     from .worker.runtime import load_processor
@@ -167,7 +175,7 @@ def agent(ctx, broker_endpoint, workers, processor, partitions, window, prefetch
         raise click.ClickException(str(exc))
     server = Agent(AgentConfig(broker=broker_endpoint, workers=workers, processor=processor,
                                partitions=_partitions(partitions), window=window, prefetch=prefetch,
-                               agent_id=agent_id, outage_tolerance=outage_tolerance))
+                               agent_id=agent_id, outage_tolerance=outage_tolerance, rcvhwm=rcvhwm))
     server.install_signal_handlers()
     server.run()
 

@@ -130,6 +130,10 @@ class BrokerConfig:
     liveness: int = 3
     #: an agent silent for this long loses its tasks (seconds); 0 = heartbeat_interval x liveness
     lease: float = 0.0
+    #: messages queued for one agent before a send fails with EAGAIN (its tasks then go back to the queue)
+    backend_sndhwm: int = 100_000
+    #: test only (hidden flag): False shows what silent ROUTER drops look like (RELIABILITY.md T7 guard)
+    router_mandatory: bool = True
     #: most messages handled per loop turn (one LMDB transaction per turn)
     max_batch_messages: int = 1024
     #: largest message frame a peer may send (bytes): a bigger one disconnects the peer (ZMQ_MAXMSGSIZE).
@@ -172,3 +176,5 @@ class AgentConfig:
     outage_tolerance: float = 60.0
     #: extra environment for worker processes
     worker_env: dict = field(default_factory=dict)
+    #: messages the broker may queue at this agent (0: no limit); tests lower it (RELIABILITY.md T7)
+    rcvhwm: int = 0

@@ -256,9 +256,9 @@ class StormClient:
     the batches that were not committed.
     """
 
-    def __init__(self, conn, api: Api, session_id: str, history: History, sleep: float = 0.0):
+    def __init__(self, conn, api: Api, session_id: str, history: History, sleep: float = 0.0, size: int = 100):
         self.conn, self.api, self.session_id, self.history = conn, api, session_id, history
-        self.sleep = sleep
+        self.sleep, self.size = sleep, size
         #: key -> (output id, payload)
         self.outputs: dict[str, tuple[str, bytes]] = {}
         self.unanswered = 0
@@ -273,7 +273,7 @@ class StormClient:
 
     def submit(self, keys: list[str]) -> None:
         self.history.attempt(keys)
-        payloads = {k: sha_payload(k, sleep=self.sleep) for k in keys}
+        payloads = {k: sha_payload(k, size=self.size, sleep=self.sleep) for k in keys}
         created = self._retry(lambda: self.api.results.create_results(payloads, self.session_id,
                                                                       batch_size=len(keys)))
         outs = self._retry(lambda: self.api.results.create_results_metadata([f"out-{k}" for k in keys],
@@ -480,3 +480,153 @@ def test_t2_agent_kill_storm(tmp_path, scale):
     assert set(statuses) <= {"COMPLETED", "RETRIED", "ERROR"}, statuses
     assert all(len(r["retry_of_ids"]) >= 5 for r in errors), [r["status_message"] for r in errors]
     assert delays and worst <= 4.0, sorted(delays)[-5:]
+
+
+# -- T7: no silent ROUTER drops --------------------------------------------------------------------------
+
+
+def metrics(conn) -> dict:
+    return conn.call(Op.HEALTH, metrics=True)[0]["metrics"]
+
+
+def turn_p99(before: dict, after: dict) -> float:
+    """The 99th percentile of the broker's loop-turn durations between two snapshots (bucket upper bound)."""
+    counts = [n1 - n0 for (_, n0), (_, n1) in zip(before["turn_seconds"]["buckets"], after["turn_seconds"]["buckets"])]
+    bounds = [float("inf") if b == "+Inf" else b for b, _ in after["turn_seconds"]["buckets"]]
+    total, seen = sum(counts), 0
+    for bound, n in zip(bounds, counts):
+        seen += n
+        if seen >= 0.99 * total:
+            return bound
+    return float("inf")
+
+
+def test_t7a_send_to_a_killed_agent_requeues_its_task_at_once(tmp_path):
+    """SIGKILL an agent, then give the broker a task for it: the send fails (EHOSTUNREACH), the task is requeued."""
+    cluster = make_cluster(tmp_path, workers=1, agent_id="victim")
+    try:
+        cluster.start()
+        with connect(cluster.endpoint, timeout=30) as conn:
+            api = Api(conn)
+            session_id = api.sessions.create_session(options())
+            before = metrics(conn)
+            cluster.agent.kill()
+            cluster.agent.wait()
+            time.sleep(0.3)  # the broker's ROUTER has seen the connection go; the broker still counts on it
+            key, (task_id, out, payload) = next(iter(submit_sha(api, session_id, ["t7a"]).items()))
+            acked = time.time()
+            wait_for(lambda: metrics(conn)["send_failure_requeues"] > before["send_failure_requeues"],
+                     "the failed send to be noticed", timeout=10)
+            row = task_row(conn, task_id)
+            requeue = row["submitted_at"] - acked
+            assert row["status"] == _T.SUBMITTED and row["status_message"] == "agent victim could not be reached"
+            after = metrics(conn)
+            cluster.start_extra_agent("rescuer", workers=1)
+            api.events.wait_for_result_availability(out, session_id)
+            assert api.results.download_result_data(out, session_id) == hashlib.sha256(payload).digest()
+            done = task_row(conn, task_id)
+            assert done["owner_pod_id"] == "rescuer" and done["attempt"] == 2 and done["retry_of_ids"] == []
+    finally:
+        cluster.cleanup()
+    failures = after["send_failures"]["EHOSTUNREACH"] - before["send_failures"]["EHOSTUNREACH"]
+    figure("T7", "(a) requeued after the failed send (EHOSTUNREACH)", max(0.0, requeue), "s", "<= 1 s", requeue <= 1.0)
+    assert failures >= 1 and requeue <= 1.0, (failures, requeue)
+
+
+def stopped_agent_run(tmp_path, mandatory: bool, n_batches: int) -> dict:
+    """SIGSTOP an agent (RCVHWM 100, room for 100,000 tasks) while the broker keeps pushing tasks to it.
+
+    The broker's lease is long (600 s): only a failed send can take the stopped agent's tasks back, so
+    silent drops (ROUTER_MANDATORY off) leave tasks that never complete. Durable commits are off: the
+    loop lag measured is the broker's own work and sends, not the disk's fsync.
+    """
+    broker_args = ["--lease", "600", "--backend-sndhwm", "10", "--no-sync"]
+    if not mandatory:
+        broker_args.append("--no-router-mandatory")
+    cluster = make_cluster(tmp_path, workers=1, agent_id="stopped", broker_args=tuple(broker_args),
+                           agent_args=("--rcvhwm", "100", "--prefetch", "100000"))
+    history = History()
+    stopped = False
+    try:
+        cluster.start()
+        with connect(cluster.endpoint, timeout=30) as conn:
+            api = Api(conn)
+            # the tiny HWM may also cut off the rescuer now and then (dropped, its running tasks retried)
+            session_id = api.sessions.create_session(options(max_retries=20))
+            cluster.agent.send_signal(signal.SIGSTOP)
+            stopped = True
+            before = metrics(conn)
+            # 50 KB payloads travel inside DISPATCH: a few messages fill the socket buffers, then the pipe
+            client = StormClient(conn, api, session_id, history, size=50_000)
+            # many small submissions: one broker turn, and one DISPATCH to the stopped agent, each
+            for j in range(n_batches):
+                client.submit([f"t7b-{j}-{i}" for i in range(5)])
+            pushed = metrics(conn)
+            # the rescuer holds few tasks at a time: small DISPATCH messages, which the tiny HWM lets through
+            cluster.agent_args = ["--prefetch", "0"]
+            rescuer = cluster.start_extra_agent("rescuer", workers=2)
+            n = 5 * n_batches
+            last, still = -1, time.monotonic()
+            while True:  # until every task is done, or nothing moves for 5 s
+                count = client.completed_count()
+                if count == n:
+                    break
+                if count != last:
+                    last, still = count, time.monotonic()
+                elif time.monotonic() - still > 5:
+                    break
+                time.sleep(0.2)
+            cluster.agent.send_signal(signal.SIGCONT)
+            stopped = False
+            # the resumed agent works off what reached it (silently dropped tasks never do)
+            last, still = -1, time.monotonic()
+            while True:
+                count = client.completed_count()
+                if count == n or time.monotonic() - still > 3:
+                    break
+                if count != last:
+                    last, still = count, time.monotonic()
+                time.sleep(0.2)
+            rows = session_tasks(conn, session_id)
+            key_of = {o: k for k, (o, _) in client.outputs.items()}
+            history.complete(key_of[r["expected_output_ids"][0]] for r in rows if r["status"] == _T.COMPLETED)
+            after = metrics(conn)
+            assert rescuer.poll() is None
+    finally:
+        if stopped:
+            cluster.agent.send_signal(signal.SIGCONT)
+        cluster.cleanup()
+    return {"history": history, "before": before, "pushed": pushed, "after": after, "n": n, "completed": count}
+
+
+def test_t7b_full_pipe_to_a_stopped_agent_requeues_never_drops(tmp_path):
+    run = stopped_agent_run(tmp_path, mandatory=True, n_batches=60)
+    before, pushed, after = run["before"], run["pushed"], run["after"]
+    eagain = after["send_failures"]["EAGAIN"] - before["send_failures"]["EAGAIN"]
+    failed = after["agent_send_failures"] - before["agent_send_failures"]
+    handled = after["agent_send_failures_handled"] - before["agent_send_failures_handled"]
+    p99 = turn_p99(before, pushed)
+    report = run["history"].report()
+    figure("T7", "(b) EAGAIN on sends to agents", eagain, "", ">= 1 (the pipe filled)", eagain >= 1)
+    figure("T7", "(b) failed sends to registered agents / requeues that followed", f"{failed} / {handled}", "",
+           "equal", failed == handled)
+    figure("T7", "(b) broker loop turn p99 while pushing", p99 * 1000, "ms", "<= 10 ms", p99 <= 0.010)
+    figure("T7", "(b) lost", report["lost"], "tasks", "= 0", report["lost"] == 0)
+    assert eagain >= 1, "the stopped agent's pipe never filled: push more"
+    assert failed == handled and failed >= 1
+    assert report == {**report, "lost": 0, "unexpected": 0, "duplicated": 0}, run["history"].explain()
+    assert run["completed"] == run["n"]
+    assert p99 <= 0.010, f"loop turn p99 {p99 * 1000:g} ms"
+
+
+def test_t7_guard_without_router_mandatory_drops_are_seen(tmp_path):
+    """The same run with ROUTER_MANDATORY off: the full pipe drops DISPATCH messages silently, and the checks
+    above catch it (tasks that never complete, no EAGAIN counted). So the T7(b) test can fail."""
+    run = stopped_agent_run(tmp_path, mandatory=False, n_batches=60)
+    before, after = run["before"], run["after"]
+    eagain = after["send_failures"]["EAGAIN"] - before["send_failures"]["EAGAIN"]
+    report = run["history"].report()
+    figure("T7", "guard (ROUTER_MANDATORY off): lost", report["lost"], "tasks", "> 0 (the test can fail)",
+           report["lost"] > 0)
+    assert eagain == 0
+    assert report["lost"] > 0, "with ROUTER_MANDATORY off nothing was lost: the T7(b) scenario proves nothing"

@@ -132,7 +132,7 @@ class Agent:
         self.broker.setsockopt(zmq.LINGER, 0)
         self.broker.setsockopt(zmq.IDENTITY, self.agent_id.encode())
         self.broker.setsockopt(zmq.SNDHWM, 0)
-        self.broker.setsockopt(zmq.RCVHWM, 0)
+        self.broker.setsockopt(zmq.RCVHWM, self.config.rcvhwm)
         self.broker.connect(self.config.broker)
         self.poller.register(self.broker, zmq.POLLIN)
         self._pending.clear()

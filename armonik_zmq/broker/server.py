@@ -116,7 +116,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData):
         self.handlers = handler_table(self)
         self.ctx = zmq.Context()
         self.frontend = self._router(config.endpoint)
-        self.backend = self._router(config.agents_endpoint)
+        self.backend = self._router(config.agents_endpoint, sndhwm=config.backend_sndhwm)
         self._outbox: list[tuple[zmq.Socket, list, Optional[AgentInfo]]] = []
         self._lost_agents: list[AgentInfo] = []
         self.scan_jobs: deque = deque()
@@ -186,14 +186,14 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData):
             # A dead reader's slot pins every page freed after its snapshot: the file would grow without bound.
             log.warning("cleared %d stale LMDB reader slot(s) left by dead processes", cleared)
 
-    def _router(self, endpoint: str) -> zmq.Socket:
+    def _router(self, endpoint: str, sndhwm: int = 100_000) -> zmq.Socket:
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         # Never drop silently: an unroutable reply raises EHOSTUNREACH, a full pipe EAGAIN (RELIABILITY.md 3.2).
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1 if self.config.router_mandatory else 0)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_size)
-        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.SNDHWM, sndhwm)  # before bind: the listener copies the options then
         sock.setsockopt(zmq.RCVHWM, 100_000)
         if endpoint.startswith("ipc://"):
             os.makedirs(os.path.dirname(endpoint[len("ipc://"):]) or ".", mode=0o700, exist_ok=True)
@@ -217,7 +217,11 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData):
                 sock.send_multipart(frames, flags=zmq.DONTWAIT, copy=False)
             except zmq.ZMQError as exc:
                 self.metrics.send_failed(_errno_name(exc.errno))
+                if agent is None and sock is self.backend:
+                    # a reply to an agent lost (e.g. a FETCH_DATA it waits for): treat it like a lost DISPATCH
+                    agent = next((a for a in self.agents.values() if a.peer == frames[0]), None)
                 if agent is not None:
+                    self.metrics.counters["agent_send_failures"] += 1
                     log.warning("cannot reach agent %s (%s): its tasks go back to the queue", agent.agent_id, exc.strerror)
                     self._lost_agents.append(agent)
                 else:
@@ -364,6 +368,8 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData):
             for agent in self._lost_agents:
                 if self.agents.get(agent.agent_id) is agent:
                     self.metrics.add("send_failure_requeues", self.drop_agent(txn, agent, "could not be reached", now))
+                # dropped now, or by an earlier failure or lease expiry: either way its tasks are queued again
+                self.metrics.counters["agent_send_failures_handled"] += 1
             self._lost_agents = []
             if lease_due:
                 self._next_lease_check = mono + min(0.25, self.config.lease / 4)
