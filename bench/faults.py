@@ -45,6 +45,27 @@ TITLES = {
 }
 
 
+#: what a reader of the figures must know: where a test departs from RELIABILITY.md, and why
+NOTES = {
+    "T1": "Until the client has idempotency keys (the `resubmit` parcel), the test resubmits a batch only when "
+          "none of its outputs got an owner task: a submission is one transaction, all or nothing, so no key is "
+          "ever submitted twice. `recovered` counts batches committed but never acknowledged. The fault-free "
+          "baseline is the same workload on the same cluster just before the storm.",
+    "T2": "A task counts as back in the queue at its RETRIED stamp (the broker drops the agent and requeues "
+          "all its tasks in the same step). The CI size runs 20 ms tasks instead of 50 ms.",
+    "T3": "(b) ArmoniK ends a task that runs past its max_duration in TIMEOUT, without retry; RELIABILITY.md says "
+          "it is retried. armonik_zmq keeps ArmoniK's behaviour (the test checks TIMEOUT and no retry). "
+          "(a) The CI size stops the agent 5 s instead of 10 s (still past its 3 s lease).",
+    "T4": "Detection + respawn is budgeted at 2 s per attempt (agent reaps dead workers every 0.2 s; a new "
+          "worker starts in about 0.3-1 s); the measured time per attempt is listed.",
+    "T7": "(b) The broker's per-agent SNDHWM is lowered to 10 (hidden `--backend-sndhwm`), the stopped agent "
+          "has RCVHWM 100 and room for 100,000 tasks, 50 KB payloads fill the socket buffers; the lease is "
+          "600 s so only a failed send can take the tasks back, and commits are not fsynced so the loop lag "
+          "is the broker's own (turn-duration histogram, p99 as its bucket's upper bound). The guard runs "
+          "the same with `--no-router-mandatory`: tasks are lost, which the same checks report.",
+}
+
+
 def _test_key(test_id: str) -> tuple:
     digits = "".join(c for c in test_id if c.isdigit())
     return (int(digits) if digits else 99, test_id)
@@ -129,6 +150,9 @@ def render(rows: list[dict], size: str, outcomes: dict[str, str], started: float
                          f"| {_command(row, size)} |")
     failed = [r for r in rows if not r["passed"]]
     lines += ["", f"{len(rows)} figures, {len(failed)} failing their criterion."]
+    notes = [(t, n) for t, n in sorted(NOTES.items(), key=lambda item: _test_key(item[0])) if t in by_test]
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- **{t}**: {n}" for t, n in notes]
     return "\n".join(lines) + "\n"
 
 
