@@ -52,7 +52,7 @@ NOTES = {
           "ever submitted twice. `recovered` counts batches committed but never acknowledged. The fault-free "
           "baseline is the same workload on the same cluster just before the storm.",
     "T2": "A task counts as back in the queue at its RETRIED stamp (the broker drops the agent and requeues "
-          "all its tasks in the same step). The CI size runs 20 ms tasks instead of 50 ms.",
+          "all its tasks in the same step). The first kill comes 1 s after the submissions, then one every 2 s.",
     "T3": "(b) ArmoniK ends a task that runs past its max_duration in TIMEOUT, without retry; RELIABILITY.md says "
           "it is retried. armonik_zmq keeps ArmoniK's behaviour (the test checks TIMEOUT and no retry). "
           "(a) The CI size stops the agent 5 s instead of 10 s (still past its 3 s lease).",
