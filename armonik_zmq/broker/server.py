@@ -217,8 +217,10 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData):
                 sock.send_multipart(frames, flags=zmq.DONTWAIT, copy=False)
             except zmq.ZMQError as exc:
                 self.metrics.send_failed(_errno_name(exc.errno))
-                if agent is None and sock is self.backend:
-                    # a reply to an agent lost (e.g. a FETCH_DATA it waits for): treat it like a lost DISPATCH
+                if agent is None and sock is self.backend and exc.errno == zmq.EAGAIN:
+                    # A reply to an agent whose pipe is full (e.g. a FETCH_DATA it waits for): treat it like a
+                    # lost DISPATCH. Not EHOSTUNREACH: that is an old connection of an agent that reconnected
+                    # under the same routing id (or one gone for good, which its lease settles).
                     agent = next((a for a in self.agents.values() if a.peer == frames[0]), None)
                 if agent is not None:
                     self.metrics.counters["agent_send_failures"] += 1
