@@ -47,10 +47,12 @@ TITLES = {
 
 #: what a reader of the figures must know: where a test departs from RELIABILITY.md, and why
 NOTES = {
-    "T1": "Until the client has idempotency keys (the `resubmit` parcel), the test resubmits a batch only when "
-          "none of its outputs got an owner task: a submission is one transaction, all or nothing, so no key is "
-          "ever submitted twice. `recovered` counts batches committed but never acknowledged. The fault-free "
-          "baseline is the same workload on the same cluster just before the storm.",
+    "T1": "The client retries a call across broker restarts with an idempotency key (the `resubmit` parcel); "
+          "when a submit still fails, the test resubmits the batch only if none of its outputs got an owner task "
+          "(a submission is one transaction, all or nothing), so no key is ever submitted twice. `recovered` "
+          "counts tasks whose submission was committed but never acknowledged to the test. The fault-free "
+          "baseline is the same workload on the same cluster just before the storm. Restart to first dispatch "
+          "includes starting a new broker process (Python imports) and the agents registering again.",
     "T2": "A task counts as back in the queue at its RETRIED stamp (the broker drops the agent and requeues "
           "all its tasks in the same step). The first kill comes 1 s after the submissions, then one every 2 s.",
     "T3": "(b) ArmoniK ends a task that runs past its max_duration in TIMEOUT, without retry; RELIABILITY.md says "
@@ -110,7 +112,8 @@ def _command(row: dict, size: str) -> str:
     return f"`ARMONIK_ZMQ_SIZE={size} python -m pytest -m '' '{node}'`"
 
 
-def render(rows: list[dict], size: str, outcomes: dict[str, str], started: float, took: float) -> str:
+def render(rows: list[dict], size: str, outcomes: dict[str, str], started: float, took: float,
+           load: float) -> str:
     m = machine()
     lines = [
         "# Reliability report",
@@ -124,7 +127,8 @@ def render(rows: list[dict], size: str, outcomes: dict[str, str], started: float
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}, run took {took / 60:.1f} min",
         f"- machine: {m['platform']}, {m['cpus']} CPUs, Python {m['python']}, pyzmq {m['pyzmq']} "
         f"(libzmq {m['libzmq']}), py-lmdb {m['lmdb']}, msgpack {m['msgpack']}",
-        "- timings are wall-clock on a shared machine: other load makes them noisy (and pessimistic).",
+        "- timings are wall-clock on a shared machine: other load makes them noisy (and pessimistic); "
+        f"load average at the end of the run: {load:.1f} on {m['cpus']} CPUs.",
         "",
         "## Test files",
         "",
@@ -132,7 +136,8 @@ def render(rows: list[dict], size: str, outcomes: dict[str, str], started: float
         "| --- | --- | --- |",
     ]
     for path, tests in TEST_FILES.items():
-        lines.append(f"| `{path}` | {tests} | {outcomes.get(path, 'not run')} |")
+        missing = "not run" if os.path.exists(os.path.join(ROOT, path)) else "not in the repository yet"
+        lines.append(f"| `{path}` | {tests} | {outcomes.get(path, missing)} |")
     by_test: dict[str, list[dict]] = {}
     for row in rows:
         by_test.setdefault(row["test"], []).append(row)
@@ -173,7 +178,12 @@ def main(size: str, output: str, figures_path: str | None, only: tuple[str, ...]
     console = Console(stderr=True)
     started = time.time()
     if render_only:
-        rows, outcomes = load_figures(render_only), {}
+        rows, meta = load_figures(render_only), {}
+        if os.path.exists(render_only + ".meta.json"):
+            with open(render_only + ".meta.json") as f:
+                meta = json.load(f)
+        outcomes = meta.get("outcomes", {})
+        started = meta.get("started", started)
     else:
         files = list(only) or [f for f in TEST_FILES if os.path.exists(os.path.join(ROOT, f))]
         missing = [f for f in files if not os.path.exists(os.path.join(ROOT, f))]
@@ -186,7 +196,13 @@ def main(size: str, output: str, figures_path: str | None, only: tuple[str, ...]
             open(figures_path, "w").close()
         outcomes = run_tests(files, size, figures_path, ("-k", keyword) if keyword else ())
         rows = load_figures(figures_path)
-    text = render(rows, size, outcomes, started, time.time() - started)
+        # kept beside the figures, so that --render-only can render this run again
+        with open(figures_path + ".meta.json", "w") as f:
+            json.dump({"outcomes": outcomes, "started": started, "took": time.time() - started,
+                       "load": os.getloadavg()[0]}, f)
+    took = meta.get("took", time.time() - started) if render_only else time.time() - started
+    load = meta.get("load", os.getloadavg()[0]) if render_only else os.getloadavg()[0]
+    text = render(rows, size, outcomes, started, took, load)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as f:
         f.write(text)
