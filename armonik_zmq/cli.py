@@ -1,4 +1,4 @@
-"""The ``armonik-zmq`` command: up | broker | agent | demo."""
+"""The ``armonik-zmq`` command: up | broker | agent | demo | keys."""
 
 from __future__ import annotations
 
@@ -76,6 +76,71 @@ def _configured_partitions(config_file: Optional[str], values: tuple[str, ...]) 
     return tuple(ids) or (DEFAULT_PARTITION,), details
 
 
+def _broker_keys(keys: Optional[str], server_secret: Optional[str], client_keys: Optional[str],
+                 agent_keys: Optional[str]) -> dict:
+    """Return the BrokerConfig key fields: --keys DIR's files, each overridden by its own option."""
+    from .security import AGENTS, CLIENTS
+
+    found = {}
+    if keys:
+        found = {"server_secret": os.path.join(keys, "server.key_secret"), "client_keys": os.path.join(keys, CLIENTS),
+                 "agent_keys": os.path.join(keys, AGENTS)}
+    for name, value in (("server_secret", server_secret), ("client_keys", client_keys), ("agent_keys", agent_keys)):
+        if value:
+            found[name] = value
+    if found and not found.get("server_secret"):
+        raise click.UsageError("--client-keys/--agent-keys need the broker's own key: --server-secret FILE "
+                               "(or --keys DIR)")
+    return found
+
+
+KEYS_HELP = ("Turn CURVE on with the key directory made by `armonik-zmq keys DIR`: the broker's secret key "
+             "DIR/server.key_secret, the client allow-list DIR/clients/*.key, the agent allow-list DIR/agents/*.key. "
+             "Without keys only loopback and ipc:// endpoints may be served.")
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--clients", type=click.IntRange(0, 10_000), default=None,
+              help="Client key pairs to add, named client-1, client-2, ... [default: 1 for a new directory]")
+@click.option("--agents", type=click.IntRange(0, 10_000), default=None,
+              help="Agent key pairs to add, named agent-1, agent-2, ... [default: 1 for a new directory]")
+@click.option("--client", "client_names", multiple=True, help="Add a client key pair with this name (User-Id "
+              "client:NAME); repeatable.")
+@click.option("--agent", "agent_names", multiple=True, help="Add an agent key pair with this name (User-Id "
+              "agent:NAME); repeatable.")
+def keys(directory, clients, agents, client_names, agent_names) -> None:
+    """Make CurveZMQ keys in DIRECTORY: the broker's pair (once), and client and agent pairs.
+
+    Files are mode 0600 in directories of mode 0700. Start the broker with `--keys DIRECTORY`;
+    give each client DIRECTORY/server.key and its own clients/NAME.key_secret, each agent
+    DIRECTORY/server.key and its own agents/NAME.key_secret. Run again to add keys; delete a
+    NAME.key file to revoke that key (the broker notices at the next handshake).
+    """
+    from .security import AGENTS, CLIENTS, SecurityError, create_keys, next_names
+
+    fresh = not os.path.exists(os.path.join(directory, "server.key_secret"))
+    if clients is None:
+        clients = 1 if fresh and not client_names else 0
+    if agents is None:
+        agents = 1 if fresh and not agent_names else 0
+    try:
+        client_list = list(client_names) + next_names(directory, CLIENTS, "client", clients)
+        agent_list = list(agent_names) + next_names(directory, AGENTS, "agent", agents)
+        created = create_keys(directory, client_list, agent_list)
+    except SecurityError as exc:
+        raise click.ClickException(str(exc))
+    for path in created:
+        click.echo(f"created {path}")
+    if not created:
+        click.echo("nothing to create (the server key exists; ask for --client NAME or --agent NAME)")
+    click.echo(f"broker: armonik-zmq broker --keys {directory} ...")
+    click.echo(f"agent:  armonik-zmq agent --server-key {os.path.join(directory, 'server.key')} "
+               f"--agent-secret {os.path.join(directory, AGENTS, 'NAME.key_secret')} ...")
+    click.echo(f"client: armonik_zmq.connect(endpoint, server_key='{os.path.join(directory, 'server.key')}', "
+               f"secret='{os.path.join(directory, CLIENTS, 'NAME.key_secret')}')")
+
+
 @main.command()
 @click.option("--data-dir", default="./armonik-zmq-data", show_default=True, type=click.Path(file_okay=False),
               help="LMDB directory holding sessions, tasks, results and data (created if missing).")
@@ -113,10 +178,18 @@ def _configured_partitions(config_file: Optional[str], values: tuple[str, ...]) 
               help="After a restart, seconds an agent has to register again and keep the tasks it was running.")
 @click.option("--idempotency-ttl", type=click.FloatRange(1), default=900.0, show_default=True,
               help="Seconds a retried creating request (same idempotency key) still gets its first reply.")
+@click.option("--keys", "keys_dir", type=click.Path(exists=True, file_okay=False), default=None, help=KEYS_HELP)
+@click.option("--server-secret", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="CURVE: the broker's secret key file (instead of --keys DIR/server.key_secret).")
+@click.option("--client-keys", type=click.Path(exists=True, file_okay=False), default=None,
+              help="CURVE: directory of allowed client public keys, *.key (instead of --keys DIR/clients).")
+@click.option("--agent-keys", type=click.Path(exists=True, file_okay=False), default=None,
+              help="CURVE: directory of allowed agent public keys, *.key (instead of --keys DIR/agents).")
 @click.pass_context
 def broker(ctx, data_dir, endpoint, agents_endpoint, partitions, heartbeat_interval, liveness, lease, backend_sndhwm,
            no_router_mandatory, no_sync, config_file, object_storage, metrics_port, metrics_address, max_message_size,
-           map_size, max_map_size, agent_grace, idempotency_ttl) -> None:
+           map_size, max_map_size, agent_grace, idempotency_ttl, keys_dir, server_secret, client_keys,
+           agent_keys) -> None:
     """Run the broker (the control plane) in the foreground."""
     from .broker import Broker
 
@@ -132,7 +205,8 @@ def broker(ctx, data_dir, endpoint, agents_endpoint, partitions, heartbeat_inter
                           router_mandatory=not no_router_mandatory, sync=not no_sync,
                           object_storage=object_storage or "", metrics_port=metrics_port,
                           metrics_address=metrics_address, max_message_size=max_message_size, map_size=map_size,
-                          max_map_size=max_map_size, agent_grace=agent_grace, idempotency_ttl=idempotency_ttl)
+                          max_map_size=max_map_size, agent_grace=agent_grace, idempotency_ttl=idempotency_ttl,
+                          **_broker_keys(keys_dir, server_secret, client_keys, agent_keys))
     try:
         server = Broker(config)
     except RuntimeError as exc:
@@ -161,9 +235,13 @@ def broker(ctx, data_dir, endpoint, agents_endpoint, partitions, heartbeat_inter
               "them.")
 @click.option("--rcvhwm", type=click.IntRange(0), default=0, hidden=True,
               help="Messages from the broker queued here before it must wait (0: no limit; tests lower it).")
+@click.option("--server-key", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="CURVE: the broker's public key file (server.key of the broker's key directory).")
+@click.option("--agent-secret", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="CURVE: this agent's secret key file (agents/NAME.key_secret); its User-Id is agent:NAME.")
 @click.pass_context
 def agent(ctx, broker_endpoint, workers, processor, partitions, window, prefetch, agent_id, outage_tolerance,
-          rcvhwm) -> None:
+          rcvhwm, server_key, agent_secret) -> None:
     """Run an agent and its worker processes (one per node of a multi-node cluster)."""
     from .agent import Agent
     from .worker.runtime import load_processor
@@ -173,9 +251,13 @@ def agent(ctx, broker_endpoint, workers, processor, partitions, window, prefetch
         load_processor(processor)
     except ValueError as exc:
         raise click.ClickException(str(exc))
-    server = Agent(AgentConfig(broker=broker_endpoint, workers=workers, processor=processor,
-                               partitions=_partitions(partitions), window=window, prefetch=prefetch,
-                               agent_id=agent_id, outage_tolerance=outage_tolerance, rcvhwm=rcvhwm))
+    try:
+        server = Agent(AgentConfig(broker=broker_endpoint, workers=workers, processor=processor,
+                                   partitions=_partitions(partitions), window=window, prefetch=prefetch,
+                                   agent_id=agent_id, outage_tolerance=outage_tolerance, rcvhwm=rcvhwm,
+                                   server_key=server_key or "", agent_secret=agent_secret or ""))
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc))
     server.install_signal_handlers()
     server.run()
 

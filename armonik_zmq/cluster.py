@@ -32,7 +32,7 @@ class LocalProcesses:
                  agents_endpoint: Optional[str] = None, workers: int = 2, processor: str = DEFAULT_PROCESSOR,
                  log_level: str = "WARNING", lease: Optional[float] = None, env: Optional[dict] = None,
                  broker_args: tuple[str, ...] = (), agent_id: str = "", agent_args: tuple[str, ...] = (),
-                 broker_log: Optional[str] = None):
+                 broker_log: Optional[str] = None, secure: bool = False):
         self._tmp = tempfile.mkdtemp(prefix="armonik-zmq-")
         self.data_dir = data_dir or os.path.join(self._tmp, "data")
         self.endpoint = endpoint or f"ipc://{self._tmp}/frontend"
@@ -54,12 +54,29 @@ class LocalProcesses:
         self.agent: Optional[subprocess.Popen] = None
         #: agents started with start_extra_agent, stopped with the cluster
         self.extra_agents: list[subprocess.Popen] = []
+        #: with ``secure``: CURVE keys made for this cluster (broker, one client, one agent), else None
+        self.keys_dir: Optional[str] = None
+        if secure:
+            from .security import create_keys
+
+            self.keys_dir = os.path.join(self._tmp, "keys")
+            create_keys(self.keys_dir, ["client-1"], ["agent-1"])
+
+    @property
+    def client_keys(self) -> dict:
+        """``connect()``'s key arguments for this cluster's client key (empty without ``secure``)."""
+        if self.keys_dir is None:
+            return {}
+        return {"server_key": os.path.join(self.keys_dir, "server.key"),
+                "secret": os.path.join(self.keys_dir, "clients", "client-1.key_secret")}
 
     def start_broker(self) -> subprocess.Popen:
         args = ["--log-level", self.log_level, "broker", "--data-dir", self.data_dir, "--endpoint", self.endpoint,
                 "--agents-endpoint", self.agents_endpoint]
         if self.lease is not None:
             args += ["--lease", str(self.lease)]
+        if self.keys_dir is not None:
+            args += ["--keys", self.keys_dir]
         args += self.broker_args
         if self.broker_log is None:
             self.broker = subprocess.Popen(_cli(*args), env=self.env)
@@ -73,6 +90,9 @@ class LocalProcesses:
                 "--processor", self.processor]
         if agent_id:
             args += ["--agent-id", agent_id]
+        if self.keys_dir is not None:
+            args += ["--server-key", os.path.join(self.keys_dir, "server.key"),
+                     "--agent-secret", os.path.join(self.keys_dir, "agents", "agent-1.key_secret")]
         args += self.agent_args
         return subprocess.Popen(_cli(*args), env=self.env)
 
@@ -92,7 +112,7 @@ class LocalProcesses:
         from .protocol import Op
 
         deadline = time.monotonic() + timeout
-        with connect(self.endpoint, timeout=1.0) as conn:
+        with connect(self.endpoint, timeout=1.0, **self.client_keys) as conn:
             while True:
                 for name, proc in (("broker", self.broker), ("agent", self.agent)):
                     if proc is not None and proc.poll() is not None:

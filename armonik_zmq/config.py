@@ -146,6 +146,12 @@ class BrokerConfig:
     idempotency_ttl: float = 900.0
     #: after a restart, seconds an agent has to register again and keep the tasks it held
     agent_grace: float = 10.0
+    #: CURVE: the broker's secret key file (server.key_secret); "" = NULL security, loopback/ipc endpoints only
+    server_secret: str = ""
+    #: CURVE: directory of the allowed client public keys (*.key); each key's User-Id is client:<file name>
+    client_keys: str = ""
+    #: CURVE: directory of the allowed agent public keys (*.key); each key's User-Id is agent:<file name>
+    agent_keys: str = ""
 
     def __post_init__(self):
         if self.heartbeat_interval <= 0 or self.liveness < 1:
@@ -178,3 +184,6 @@ class AgentConfig:
     worker_env: dict = field(default_factory=dict)
     #: messages the broker may queue at this agent (0: no limit); tests lower it (RELIABILITY.md T7)
     rcvhwm: int = 0
+    #: CURVE: the broker's public key file (server.key) and this agent's secret key file ("" = NULL security)
+    server_key: str = ""
+    agent_secret: str = ""

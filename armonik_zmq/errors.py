@@ -75,6 +75,12 @@ class ConnectionLostError(BrokerUnavailableError):
     """The connection to the broker dropped: the broker forgot this client's subscriptions."""
 
 
+class AuthenticationError(BrokerUnavailableError):
+    """The broker refused this connection's CURVE handshake (unknown key, wrong server key, or no keys given)."""
+
+    code = ErrorCode.UNAUTHENTICATED
+
+
 _BY_CODE = {cls.code: cls for cls in (
     InvalidArgumentError, NotFoundError, FailedPreconditionError, AbortedError, PermissionDeniedError,
     ResourceExhaustedError, UnimplementedError, MalformedError, StaleAttemptError, BrokerUnavailableError,

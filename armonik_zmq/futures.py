@@ -99,15 +99,18 @@ class Client:
         partitions: partitions the session may use (default: the default partition).
         connect_timeout: how long a broker call may wait for its reply.
         connection: an open ``Connection`` to use instead of connecting (left open by ``close``).
+        server_key, secret: CURVE keys, as ``armonik_zmq.connect`` takes them (the broker's public key,
+            this client's key pair).
     """
 
     def __init__(self, endpoint: Optional[str] = None, *, retries: int = 2, timeout: float = 3600.0,
                  priority: int = 1, partitions: Optional[List[str]] = None, connect_timeout: float = 30.0,
-                 connection: Optional["Connection"] = None):
+                 connection: Optional["Connection"] = None, server_key=None, secret=None):
         from .client import ArmoniKSessions, ArmoniKTasks, connect
 
         self._owns_connection = connection is None
-        self._conn = connect(endpoint, timeout=connect_timeout) if connection is None else connection
+        self._conn = (connect(endpoint, timeout=connect_timeout, server_key=server_key, secret=secret)
+                      if connection is None else connection)
         self._tasks = ArmoniKTasks(self._conn)
         self._sessions = ArmoniKSessions(self._conn)
         self._closed = False
@@ -432,11 +435,12 @@ class LocalCluster:
     closes it and stops the processes.
     """
 
-    def __init__(self, n_workers: int = 4, **client_options: Any):
+    def __init__(self, n_workers: int = 4, *, secure: bool = False, **client_options: Any):
         from .cluster import LocalProcesses
 
-        self.processes = LocalProcesses(workers=n_workers, processor="armonik_zmq.functions:processor")
-        self._client_options = client_options
+        # secure: CURVE between every process, with keys made for this cluster only
+        self.processes = LocalProcesses(workers=n_workers, processor="armonik_zmq.functions:processor", secure=secure)
+        self._client_options = {**self.processes.client_keys, **client_options}
         self.client: Optional[Client] = None
 
     @property

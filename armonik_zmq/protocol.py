@@ -77,6 +77,7 @@ class Op(IntEnum):
     LIST_PARTITIONS = 65
     GET_PARTITIONS = 66
     LIST_VERSIONS = 67
+    AUTH_INFO = 70  # who the broker thinks the caller is, and its authentication counters
     # -- agent <-> broker "backend" --------------------------------------------------------
     AGENT_REGISTER = 100
     AGENT_HEARTBEAT = 101
@@ -118,6 +119,7 @@ class ErrorCode(IntEnum):
     UNSUPPORTED_VERSION = 101
     STALE_ATTEMPT = 102  # completion from an attempt that no longer owns the task
     UNKNOWN_AGENT = 103  # agent must (re-)register
+    UNAUTHENTICATED = 110  # client side only: the broker refused the connection's CURVE handshake
     STORAGE_FULL = 125  # the LMDB map is full at --max-map-size: nothing can be written
     IDEMPOTENCY_MISMATCH = 115  # an idempotency_key reused with a different request body
 
@@ -527,6 +529,7 @@ SCHEMAS: dict[Op, Map] = {
     Op.LIST_PARTITIONS: Map(optional=PAGING),
     Op.GET_PARTITIONS: Map(required={"partition_ids": IDS}),
     Op.LIST_VERSIONS: Map(),
+    Op.AUTH_INFO: Map(),
     # holds: the attempts the agent still has (re-registration): [task_id, attempt, started]; the broker
     # keeps those it still gives to this agent and pushes STOP_TASKS for the others.
     Op.AGENT_REGISTER: Map(required={"agent_id": ID, "capacity": Int(1, 1 << 20)}, optional={
@@ -588,6 +591,7 @@ FRONTEND_OPS = frozenset({
     Op.LIST_PARTITIONS, Op.GET_PARTITIONS, Op.LIST_VERSIONS,
     Op.PAUSE_SESSIONS, Op.RESUME_SESSIONS, Op.STOP_SUBMISSION, Op.IMPORT_RESULTS_DATA, Op.GET_OWNER_TASK_ID,
     Op.DELETE_RESULTS_DATA, Op.CANCEL_TASKS, Op.SUBMIT_INLINE,
+    Op.AUTH_INFO,
 })
 BACKEND_OPS = frozenset({
     Op.AGENT_REGISTER, Op.AGENT_HEARTBEAT, Op.FETCH_DATA, Op.TASKS_STARTED, Op.TASKS_DONE,

@@ -28,9 +28,9 @@ def make_cluster(tmp_path, workers: int = 2, **kwargs) -> LocalProcesses:
 
 
 @contextlib.contextmanager
-def broker_only(tmp_path_factory, *broker_args: str):
+def broker_only(tmp_path_factory, *broker_args: str, **kwargs):
     """Run a broker with no agent of its own (a test plays the agent, or needs none)."""
-    cluster = make_cluster(tmp_path_factory.mktemp("lone"), broker_args=broker_args)
+    cluster = make_cluster(tmp_path_factory.mktemp("lone"), broker_args=broker_args, **kwargs)
     try:
         cluster.start_broker()
         cluster.wait_ready()

@@ -27,6 +27,7 @@ import zmq
 from ..broker.options import merge as merge_options
 from ..config import AgentConfig
 from ..ids import new_id
+from ..security import ClientKeys
 from ..protocol import (DATA_CHUNK_MAX_SIZE, WORKER_OPS, ErrorCode, Op, ProtocolError, decode_header, envelope_of,
                         reply_error, reply_ok, request, split_frames, validate)
 from ..status import ResultStatus, SessionStatus, TaskStatus
@@ -76,6 +77,9 @@ class Agent:
         self.agent_id = config.agent_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.hostname = socket.gethostname()
         self.capacity = config.workers * (1 + config.window) + config.prefetch
+        #: CURVE keys to reach the broker (None: NULL security)
+        self.keys = ClientKeys.from_options(config.server_key or None, config.agent_secret or None,
+                                            "--server-key", "--agent-secret")
         self.ctx = zmq.Context()
         self._sockdir = tempfile.mkdtemp(prefix="armonik-zmq-agent-")  # mkdtemp makes it 0700
         self.worker_endpoint = f"ipc://{self._sockdir}/workers"
@@ -130,7 +134,13 @@ class Agent:
             self.broker.close(linger=0)
         self.broker = self.ctx.socket(zmq.DEALER)
         self.broker.setsockopt(zmq.LINGER, 0)
-        self.broker.setsockopt(zmq.IDENTITY, self.agent_id.encode())
+        if self.keys is None:
+            self.broker.setsockopt(zmq.IDENTITY, self.agent_id.encode())
+        else:
+            # With CURVE the broker never hands a live routing id over to a new connection, so each
+            # connection gets its own: a reconnection is never refused because the old one lingers.
+            self.keys.apply(self.broker)
+            self.broker.setsockopt(zmq.IDENTITY, f"{self.agent_id}/{uuid.uuid4().hex[:8]}".encode())
         self.broker.setsockopt(zmq.SNDHWM, 0)
         self.broker.setsockopt(zmq.RCVHWM, self.config.rcvhwm)
         self.broker.connect(self.config.broker)

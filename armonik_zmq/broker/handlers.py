@@ -25,7 +25,7 @@ _R = ResultStatus
 _S = SessionStatus
 _T = TaskStatus
 _SESSION_FIELDS = ("session_id", "status", "client_submission", "worker_submission", "partition_ids", "options",
-                   "created_at", "cancelled_at", "closed_at", "purged_at", "deleted_at", "duration")
+                   "created_at", "cancelled_at", "closed_at", "purged_at", "deleted_at", "duration", "owner")
 _RESULT_FIELDS = ("result_id", "session_id", "name", "owner_task_id", "created_by", "completed_by", "status",
                   "created_at", "completed_at", "size", "opaque_id", "manual_deletion")
 
@@ -148,6 +148,7 @@ class Handlers:
         for sid in req.header["session_ids"]:
             txn.txn.delete(sid.encode(), db=self.store.sessions)
             self.state.session_status.pop(sid, None)
+            self.state.session_owner.pop(sid, None)
 
     # -- results -------------------------------------------------------------------------------
 

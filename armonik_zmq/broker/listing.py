@@ -225,6 +225,8 @@ class Listing:
         """Answer the filter, sort and paging of a List* request with ``{total, page, page_size, <name>}``."""
         h = req.header
         flt = Filter(h.get("filter"), "filter", entity)
+        if self.auth is not None:
+            flt = self.auth.restrict(req, flt, entity)
         sort = SortKey(h.get("sort"), entity, default_sort)
         page, size = h.get("page", 0), h.get("page_size", DEFAULT_PAGE_SIZE)
         by_key = sort.field == key_field and (flt.match is None or (index is not None and flt.only_pins("session_id")))
@@ -254,6 +256,8 @@ class Listing:
 
     def handle_count_tasks_by_status(self: "Broker", req: "Request", txn: Txn) -> None:
         flt = Filter(req.header.get("filter"), "filter", "task")
+        if self.auth is not None:
+            flt = self.auth.restrict(req, flt, "task")
         db, index = self.store.tasks, self.store.session_tasks
 
         def work(txn: Txn) -> Steps:

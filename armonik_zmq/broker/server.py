@@ -32,8 +32,10 @@ import zmq
 from ..config import BrokerConfig
 from ..protocol import (BACKEND_OPS, FRONTEND_OPS, MAX_HEADER_SIZE, ErrorCode, Op, ProtocolError, decode_header,
                         envelope_of, reply_error, reply_ok, request, validate)
+from ..security import check_bind
 from .backend import AgentInfo, Backend
 from .data import ResultData
+from .auth import Authorizer, Guard, Security
 from .events import EventBus
 from .handlers import Handlers, handler_table
 from .idempotency import Idempotency
@@ -101,7 +103,7 @@ class Request:
             del sub.pending[n:]
 
 
-class Broker(Handlers, Backend, Listing, Lifecycle, ResultData):
+class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
     """The control plane: serve clients on ``endpoint`` and agents on ``agents_endpoint``."""
 
     def __init__(self, config: BrokerConfig):
@@ -115,8 +117,13 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData):
         self.hold_for_absent_agents(self.state.orphans)
         self.handlers = handler_table(self)
         self.ctx = zmq.Context()
+        #: CURVE + ZAP when the broker has keys (broker/auth.py); None: NULL security, local peers only
+        self.guard = Guard(self.ctx, config) if config.server_secret else None
+        self.auth = Authorizer(self) if self.guard is not None else None
         self.frontend = self._router(config.endpoint)
         self.backend = self._router(config.agents_endpoint, sndhwm=config.backend_sndhwm)
+        if self.guard is not None:
+            self.guard.start()
         self._outbox: list[tuple[zmq.Socket, list, Optional[AgentInfo]]] = []
         self._lost_agents: list[AgentInfo] = []
         self.scan_jobs: deque = deque()
@@ -187,6 +194,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData):
             log.warning("cleared %d stale LMDB reader slot(s) left by dead processes", cleared)
 
     def _router(self, endpoint: str, sndhwm: int = 100_000) -> zmq.Socket:
+        check_bind(endpoint, self.guard is not None, "clients on" if endpoint == self.config.endpoint else "agents on")
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         # Never drop silently: an unroutable reply raises EHOSTUNREACH, a full pipe EAGAIN (RELIABILITY.md 3.2).
@@ -195,6 +203,8 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData):
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_size)
         sock.setsockopt(zmq.SNDHWM, sndhwm)  # before bind: the listener copies the options then
         sock.setsockopt(zmq.RCVHWM, 100_000)
+        if self.guard is not None:
+            self.guard.protect(sock, endpoint)
         if endpoint.startswith("ipc://"):
             os.makedirs(os.path.dirname(endpoint[len("ipc://"):]) or ".", mode=0o700, exist_ok=True)
         try:
@@ -272,6 +282,8 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData):
         mark = req.mark()
         try:
             with txn.nested() as child:
+                if self.auth is not None:
+                    self.auth.authorize(req, child, frames[1])
                 self.handlers[op](req, child)
             if op is Op.SUBMIT_TASKS:
                 self.metrics.counters["tasks_submitted"] += len(header["tasks"])
@@ -440,6 +452,8 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData):
     def close(self) -> None:
         for sock in (self.frontend, self.backend):
             sock.close(linger=0)
+        if self.guard is not None:
+            self.guard.stop()
         self.ctx.term()
         self.store.close()
         log.info("broker stopped: %s", ", ".join(f"{v} {k}" for k, v in self.stats.items()))

@@ -51,6 +51,8 @@ class BrokerState:
         self.session_status: dict[str, int] = {}
         #: after ``rebuild``: agent id -> the tasks it held (DISPATCHED, PROCESSING), kept for it a while
         self.orphans: dict[str, list[str]] = {}
+        #: session id -> User-Id of its creator ("" without security), for authorization (broker/auth.py)
+        self.session_owner: dict[str, str] = {}
 
     # -- sessions ------------------------------------------------------------------------------
 
@@ -74,6 +76,7 @@ class BrokerState:
     def put_session(self, txn: Txn, row: dict) -> None:
         txn.put_session(row)
         self.session_status[row["session_id"]] = row["status"]
+        self.session_owner[row["session_id"]] = row.get("owner", "")
 
     # -- results -------------------------------------------------------------------------------
 
@@ -391,6 +394,7 @@ class BrokerState:
         """
         for s in txn.iter_sessions():
             self.session_status[s["session_id"]] = s["status"]
+            self.session_owner[s["session_id"]] = s.get("owner", "")
         counts = {"pending": 0, "queued": 0, "requeued": 0, "failed": 0, "paused": 0, "cancelled": 0, "held": 0,
                   "awaiting_agent": 0}
         holders = {}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import os
 import queue
 import struct
 import threading
@@ -36,6 +37,7 @@ from .. import errors, protocol
 from ..common import event_from_wire
 from ..config import default_endpoint
 from ..protocol import ErrorCode, Op
+from ..security import ClientKeys, KeyInput
 
 __all__ = ["Connection", "Subscription", "connect"]
 
@@ -71,13 +73,36 @@ _UNAVAILABLE_RETRY_MAX = 2.0
 _LEAD = struct.Struct(">QH?")
 
 
-def connect(endpoint: Optional[str] = None, *, timeout: float = 30.0) -> "Connection":
+#: the handshake failures a client socket can see
+_HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                       zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+def _handshake_failure(event: int, with_keys: bool) -> str:
+    """Say what a failed handshake means for the user, and what to do."""
+    if not with_keys:
+        return ("the broker requires CURVE: pass server_key= (its server.key) and secret= (this client's "
+                ".key_secret), or set ARMONIK_ZMQ_SERVER_KEY and ARMONIK_ZMQ_SECRET")
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return ("the broker refused this client's key: it is not in the broker's client allow-list (or it is an "
+                "agent key); ask for a client key made by `armonik-zmq keys DIR --client NAME`")
+    return ("the CURVE handshake failed: is server_key the broker's public key (server.key of its key directory), "
+            "and does this broker use CURVE (started with --keys)?")
+
+
+def connect(endpoint: Optional[str] = None, *, timeout: float = 30.0, server_key: Optional[KeyInput] = None,
+            secret=None) -> "Connection":
     """Open a connection to the broker at ``endpoint`` (default: ``config.default_endpoint()``).
 
     Connecting is asynchronous, like a gRPC channel: requests queue until the broker is reachable,
     and a call that gets no reply within ``timeout`` seconds raises ``BrokerUnavailableError``.
+
+    With CURVE, ``server_key`` is the broker's public key (the ``server.key`` file, or its 40 Z85
+    characters) and ``secret`` this client's key pair (its ``.key_secret`` file, or a (public,
+    secret) pair); they default to the files named by ``ARMONIK_ZMQ_SERVER_KEY`` and
+    ``ARMONIK_ZMQ_SECRET``. A refused handshake fails the pending calls with ``AuthenticationError``.
     """
-    return Connection(endpoint, timeout=timeout)
+    return Connection(endpoint, timeout=timeout, server_key=server_key, secret=secret)
 
 
 def _with_counts(fields: dict, frames: Sequence[Any], counts: Optional[list[int]]) -> dict:
@@ -92,9 +117,16 @@ def _with_counts(fields: dict, frames: Sequence[Any], counts: Optional[list[int]
 class Connection:
     """A thread-safe connection to the broker's client endpoint; use it as a context manager."""
 
-    def __init__(self, endpoint: Optional[str] = None, *, timeout: float = 30.0):
+    def __init__(self, endpoint: Optional[str] = None, *, timeout: float = 30.0,
+                 server_key: Optional[KeyInput] = None, secret=None):
         self.endpoint = endpoint or default_endpoint()
         self.timeout = timeout
+        if server_key is None and secret is None:
+            server_key = os.environ.get("ARMONIK_ZMQ_SERVER_KEY") or None
+            secret = os.environ.get("ARMONIK_ZMQ_SECRET") or None
+        self._keys = ClientKeys.from_options(server_key, secret)
+        #: why the last handshake failed, until one succeeds (explains timeouts)
+        self._handshake_error: Optional[str] = None
         self._rids = itertools.count(1)  # rid 0 is what the broker answers when it cannot read ours
         #: this connection's name in idempotency keys, and their sequence
         self.client_id = uuid.uuid4().hex
@@ -277,7 +309,9 @@ class Connection:
             name = Op(op).name
         except ValueError:
             name = str(op)
-        if self._connected:
+        if self._handshake_error is not None and not self._connected:
+            why = self._handshake_error
+        elif self._connected:
             why = ("the connection is up but the broker did not answer in time (overloaded, or it restarted "
                    "and lost the request); check that `armonik-zmq up` is running")
         else:
@@ -316,7 +350,12 @@ class Connection:
             dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, _HEARTBEAT_TIMEOUT)
             dealer.setsockopt(zmq.RECONNECT_IVL, _RECONNECT_IVL)
             dealer.setsockopt(zmq.RECONNECT_IVL_MAX, _RECONNECT_IVL_MAX)
-            monitor = dealer.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+            if self._keys is not None:
+                self._keys.apply(dealer)
+            events = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+            for failure in _HANDSHAKE_FAILURES:
+                events |= failure
+            monitor = dealer.get_monitor_socket(events)
             sockets.append(monitor)
             try:
                 dealer.connect(self.endpoint)
@@ -452,6 +491,22 @@ class Connection:
                 return
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._connected = True
+                self._handshake_error = None
+            elif event in _HANDSHAKE_FAILURES:
+                # Retrying cannot help until someone changes a key: fail what waits now, with the reason.
+                first = self._handshake_error is None
+                self._handshake_error = _handshake_failure(event, self._keys is not None)
+                if first:
+                    log.error("cannot connect to the broker at %s: %s", self.endpoint, self._handshake_error)
+                with self._lock:
+                    futures = list(self._pending.values())
+                    self._pending.clear()
+                for fut in futures:
+                    try:
+                        fut.set_exception(errors.AuthenticationError(
+                            f"cannot talk to the broker at {self.endpoint}: {self._handshake_error}"))
+                    except InvalidStateError:
+                        pass
             elif event == zmq.EVENT_DISCONNECTED and self._connected:
                 self._connected = False
                 log.info("connection to the broker at %s lost; reconnecting", self.endpoint)

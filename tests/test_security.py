@@ -1,0 +1,397 @@
+"""T13: authentication (CurveZMQ + ZAP allow-lists) and authorization (each client sees only its own sessions).
+
+Real broker processes with CURVE on, real sockets; peers that should not get in are plain pyzmq
+sockets whose handshakes the test watches with socket monitors.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+from datetime import timedelta
+
+import msgpack
+import pytest
+import zmq
+import zmq.auth
+from zmq.utils.monitor import recv_monitor_message
+
+from armonik_zmq import errors
+from armonik_zmq.client import ArmoniKSessions, Task, TaskDefinition, TaskOptions, connect
+from armonik_zmq.protocol import ErrorCode, Op, request
+from armonik_zmq.security import create_keys, is_private_endpoint
+
+from conftest import Api, broker_only, make_cluster
+
+pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="libzmq without CURVE")
+
+OPTIONS = TaskOptions(max_duration=timedelta(minutes=1), priority=1, max_retries=1)
+FAILED = {zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL}
+
+
+@pytest.fixture(scope="module")
+def secure(tmp_path_factory):
+    """A broker with CURVE on and no agent of its own; clients alice and bob, agents a1 and a2."""
+    # "guarded": only the routing-id test's scripted agent serves it
+    with broker_only(tmp_path_factory, "--no-sync", "--partition", "default,guarded", secure=True) as cluster:
+        create_keys(cluster.keys_dir, ["alice", "bob"], ["a1", "a2"])
+        yield cluster
+
+
+def key(cluster, role: str, name: str) -> str:
+    return os.path.join(cluster.keys_dir, role, f"{name}.key_secret")
+
+
+def server_key(cluster) -> str:
+    return os.path.join(cluster.keys_dir, "server.key")
+
+
+def client(cluster, name: str):
+    return connect(cluster.endpoint, timeout=20, server_key=server_key(cluster), secret=key(cluster, "clients", name))
+
+
+class Peer:
+    """A raw DEALER with its own CURVE keys (or none), whose handshake a monitor watches."""
+
+    def __init__(self, endpoint: str, keys=None, identity: bytes = b""):
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        if identity:
+            self.sock.setsockopt(zmq.IDENTITY, identity)
+        if keys is not None:
+            server, public, secret = keys
+            self.sock.curve_serverkey = server
+            self.sock.curve_publickey = public
+            self.sock.curve_secretkey = secret
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                                                    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                                                    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        self.sock.connect(endpoint)
+        self._rids = itertools.count(1)
+        self.pushes: list[dict] = []
+
+    def handshake(self, timeout: float = 10.0) -> int:
+        """Return the first handshake event (succeeded or one of the failures)."""
+        if not self.monitor.poll(int(timeout * 1000)):
+            raise AssertionError("no handshake event in time")
+        return recv_monitor_message(self.monitor)["event"]
+
+    def send(self, op: Op, frames=(), **fields) -> int:
+        rid = next(self._rids)
+        self.sock.send_multipart([request(op, rid, **fields), *frames])
+        return rid
+
+    def call(self, op: Op, frames=(), timeout: float = 10.0, **fields) -> dict:
+        rid = self.send(op, frames, **fields)
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.sock.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+                raise AssertionError(f"no reply to {op.name} in time")
+            header = msgpack.unpackb(self.sock.recv_multipart()[0], raw=False)
+            if header["op"] == op and header["rid"] == rid:
+                return header
+            self.pushes.append(header)
+
+    def received(self, timeout: float) -> list[dict]:
+        """Everything that arrives within ``timeout`` seconds (plus what was kept)."""
+        deadline = time.monotonic() + timeout
+        while self.sock.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+            self.pushes.append(msgpack.unpackb(self.sock.recv_multipart()[0], raw=False))
+        return self.pushes
+
+    def close(self) -> None:
+        self.sock.disable_monitor()
+        self.monitor.close(linger=0)
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+
+def peer_keys(cluster, role: str, name: str) -> tuple:
+    public, secret = zmq.auth.load_certificate(key(cluster, role, name))
+    return zmq.auth.load_certificate(server_key(cluster))[0], public, secret
+
+
+def denied(header: dict) -> str:
+    assert header.get("error", {}).get("code") == ErrorCode.PERMISSION_DENIED, header
+    return header["error"]["message"]
+
+
+# -- authentication ----------------------------------------------------------------------------------
+
+
+def test_strangers_fail_the_handshake_and_reach_nothing(secure, tmp_path):
+    stranger_public, stranger_secret = zmq.auth.load_certificate(zmq.auth.create_certificates(tmp_path, "x")[1])
+    server, alice_public, alice_secret = peer_keys(secure, "clients", "alice")
+    cases = {
+        "unknown key": ((server, stranger_public, stranger_secret), {zmq.EVENT_HANDSHAKE_FAILED_AUTH}),
+        "NULL client": (None, FAILED),  # PROTOCOL (mechanism mismatch) on tcp, NO_DETAIL on ipc
+        # the broker cannot open the client's HELLO: the client only sees its connection fail
+        "wrong server key": ((stranger_public, alice_public, alice_secret), FAILED),
+    }
+    with client(secure, "alice") as conn:
+        before, _ = conn.call(Op.AUTH_INFO)
+        for endpoint in (secure.endpoint, secure.agents_endpoint):
+            for name, (keys, expected) in cases.items():
+                peer = Peer(endpoint, keys)
+                try:
+                    for _ in range(20):  # requests queue behind the handshake; none may get through
+                        peer.send(Op.CREATE_SESSION if endpoint == secure.endpoint else Op.AGENT_REGISTER,
+                                  agent_id="stranger", capacity=1, default_task_options=OPTIONS.to_wire())
+                    event = peer.handshake()
+                    assert event in expected, (name, endpoint, zmq.Event(event).name)
+                    assert peer.received(0.3) == [], name
+                finally:
+                    peer.close()
+        after, _ = conn.call(Op.AUTH_INFO)
+    # Only the first AUTH_INFO reached the broker's loop in between: not one frame of the strangers.
+    assert after["requests"] - before["requests"] == 1
+    assert after["zap_denied"] - before["zap_denied"] >= 2
+    for endpoint in (secure.endpoint, secure.agents_endpoint):
+        b, a = before["handshakes"][endpoint], after["handshakes"][endpoint]
+        assert a["failed_auth"] - b["failed_auth"] >= 1, (endpoint, b, a)
+        assert a["failed_protocol"] - b["failed_protocol"] >= 2, (endpoint, b, a)  # NULL, and the wrong server key
+    assert after["user"] == "client:alice" and after["secure"] is True
+
+
+def test_the_client_says_why_its_handshake_failed(secure, tmp_path):
+    _, stranger = zmq.auth.create_certificates(tmp_path, "stranger")
+    with connect(secure.endpoint, timeout=10, server_key=server_key(secure), secret=stranger) as conn:
+        started = time.monotonic()
+        with pytest.raises(errors.AuthenticationError, match="allow-list"):
+            conn.call(Op.HEALTH)
+        assert time.monotonic() - started < 5  # failed at the handshake, not at the timeout
+    with connect(secure.endpoint, timeout=10) as conn:  # no keys at all
+        with pytest.raises(errors.AuthenticationError, match="requires CURVE"):
+            conn.call(Op.HEALTH)
+
+
+def test_a_deleted_key_is_refused_from_its_next_handshake(secure):
+    create_keys(secure.keys_dir, ["carol"], [])
+    with client(secure, "carol") as conn:
+        assert conn.call(Op.AUTH_INFO)[0]["user"] == "client:carol"
+    os.unlink(os.path.join(secure.keys_dir, "clients", "carol.key"))
+    peer = Peer(secure.endpoint, peer_keys(secure, "clients", "carol"))
+    try:
+        assert peer.handshake() == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    finally:
+        peer.close()
+
+
+# -- roles -------------------------------------------------------------------------------------------
+
+
+def test_a_client_key_cannot_pull_tasks(secure):
+    peer = Peer(secure.agents_endpoint, peer_keys(secure, "clients", "alice"))
+    try:
+        assert peer.handshake() == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        assert "not an agent key" in denied(peer.call(Op.AGENT_REGISTER, agent_id="sneaky", capacity=4))
+        assert "not an agent key" in denied(peer.call(Op.AGENT_HEARTBEAT, agent_id="sneaky"))
+        assert peer.received(0.3) == []  # no DISPATCH
+    finally:
+        peer.close()
+
+
+def test_an_agent_key_cannot_create_sessions(secure):
+    peer = Peer(secure.endpoint, peer_keys(secure, "agents", "a1"))
+    try:
+        assert peer.handshake() == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        assert "not a client key" in denied(peer.call(Op.CREATE_SESSION, default_task_options=OPTIONS.to_wire()))
+        assert "not a client key" in denied(peer.call(Op.LIST_SESSIONS))
+    finally:
+        peer.close()
+
+
+# -- authorization -----------------------------------------------------------------------------------
+
+
+def test_sessions_record_their_creators_user_id(secure):
+    with client(secure, "alice") as conn:
+        sid = ArmoniKSessions(conn).create_session(OPTIONS)
+        header, _ = conn.call(Op.GET_SESSIONS, session_ids=[sid])
+        assert header["sessions"][0]["owner"] == "client:alice"
+
+
+def test_a_client_cannot_touch_another_clients_sessions(secure):
+    with client(secure, "alice") as a, client(secure, "bob") as b:
+        alice = Api(a)
+        sid = alice.session()
+        payload = alice.results.create_results({"payload": b"secret"}, sid)["payload"].result_id
+        output = alice.results.create_results_metadata(["out"], sid)["out"].result_id
+        task = alice.tasks.submit_tasks(sid, [TaskDefinition(payload_id=payload, expected_output_ids=[output])])[0]
+        bob = Api(b)
+        own = bob.session()
+        bob.results.create_results({"mine": b"1"}, own)
+        refused = {
+            "get_session": lambda: bob.sessions.get_session(sid),
+            "cancel_session": lambda: bob.sessions.cancel_session(sid),
+            "pause_session": lambda: bob.sessions.pause_session(sid),
+            "close_session": lambda: bob.sessions.close_session(sid),
+            "purge_session": lambda: bob.sessions.purge_session(sid),
+            "delete_session": lambda: bob.sessions.delete_session(sid),
+            "stop_submission": lambda: bob.sessions.stop_submission_session(sid, True, True),
+            "create_results_metadata": lambda: bob.results.create_results_metadata(["x"], sid),
+            "create_results": lambda: bob.results.create_results({"x": b"x"}, sid),
+            "upload_result_data": lambda: bob.results.upload_result_data(output, sid, b"forged"),
+            "download_result_data": lambda: bob.results.download_result_data(payload, sid),
+            "download through own session": lambda: bob.results.download_result_data(payload, own),
+            "get_result": lambda: bob.results.get_result(payload),
+            "get_owner_task_id": lambda: bob.results.get_owner_task_id([output], sid),
+            "get_results_ids": lambda: bob.results.get_results_ids(sid, ["out"]),
+            "import_data": lambda: bob.results.import_data(sid, [(output, "some/file")]),
+            "delete_result_data": lambda: bob.results.delete_result_data([payload], sid),
+            "submit_tasks": lambda: bob.tasks.submit_tasks(sid, [TaskDefinition(payload_id=payload,
+                                                                                expected_output_ids=[output])]),
+            "get_task": lambda: bob.tasks.get_task(task.id),
+            "cancel_tasks": lambda: bob.tasks.cancel_tasks([task.id]),
+            "get_result_ids": lambda: bob.tasks.get_result_ids([task.id]),
+            "list_tasks of the session": lambda: bob.tasks.list_tasks(Task.session_id == sid),
+            "count_tasks_by_status": lambda: bob.tasks.count_tasks_by_status(Task.session_id == sid),
+            "events": lambda: b.subscribe(sid),
+        }
+        for name, call in refused.items():
+            with pytest.raises(errors.PermissionDeniedError, match="belongs to another client"):
+                call()
+                pytest.fail(f"{name} was allowed")
+        # Lists show bob only his own things, whatever the filter.
+        total, sessions = bob.sessions.list_sessions()
+        assert total == 1 and [s.session_id for s in sessions] == [own]
+        assert {r.session_id for r in bob.results.list_results()[1]} == {own}
+        assert bob.tasks.list_tasks()[0] == 0
+        assert bob.tasks.count_tasks_by_status() == {}
+        # Nothing of alice's changed; she still sees and reads all of it.
+        assert alice.sessions.get_session(sid).status == 1  # RUNNING
+        assert alice.results.download_result_data(payload, sid) == b"secret"
+        assert alice.tasks.get_task(task.id).status == 2  # SUBMITTED, not cancelled
+        total, tasks = alice.tasks.list_tasks()
+        assert total == 1 and tasks[0].id == task.id
+        assert sid in {s.session_id for s in alice.sessions.list_sessions()[1]}
+
+
+# -- agent identity ------------------------------------------------------------------------------------
+
+
+def test_reusing_a_live_agents_routing_id_takes_nothing_over(secure):
+    victim = Peer(secure.agents_endpoint, peer_keys(secure, "agents", "a1"), identity=b"victim")
+    thief = impostor = None
+    try:
+        assert victim.call(Op.AGENT_REGISTER, agent_id="victim", capacity=1, partitions=["guarded"]).get("ok")
+        thief = Peer(secure.agents_endpoint, peer_keys(secure, "agents", "a2"), identity=b"victim")
+        impostor = Peer(secure.agents_endpoint, peer_keys(secure, "agents", "a2"), identity=b"impostor")
+        assert thief.handshake() == zmq.EVENT_HANDSHAKE_SUCCEEDED  # a valid agent key, a stolen routing id
+        assert impostor.handshake() == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        with client(secure, "alice") as conn:
+            api = Api(conn)
+            api.options = TaskOptions(max_duration=timedelta(minutes=1), priority=1, max_retries=1,
+                                      partition_id="guarded")
+            sid = api.sessions.create_session(api.options, ["guarded"])
+            first, (out1,) = api.submit(sid, {"n": 1})
+            dispatched = [t for h in victim.received(5) if h["op"] == Op.DISPATCH for t in h["tasks"]]
+            assert [t["task_id"] for t in dispatched] == [first.id]
+            attempt = dispatched[0]["attempt"]
+            forged = [{"task_id": first.id, "attempt": attempt, "ok": True, "results": [{"result_id": out1,
+                                                                                          "frames": 1}]}]
+            # The thief's connection carries the victim's routing id: the broker never routes it anything, and
+            # never reads what it sends.
+            thief.send(Op.TASKS_DONE, [b"forged"], agent_id="victim", tasks=forged)
+            thief.send(Op.AGENT_REGISTER, agent_id="victim", capacity=8)
+            # The impostor, on its own routing id, is refused outright.
+            assert "live agent of another key" in denied(impostor.call(Op.AGENT_REGISTER, agent_id="victim",
+                                                                       capacity=8))
+            assert "live agent of another key" in denied(impostor.call(Op.TASKS_DONE, [b"forged"],
+                                                                       agent_id="victim", tasks=forged))
+            # The victim keeps its task stream and its task: it reports, the broker takes it.
+            reply = victim.call(Op.TASKS_DONE, [b"genuine"], agent_id="victim", tasks=[
+                {"task_id": first.id, "attempt": attempt, "ok": True, "results": [{"result_id": out1, "frames": 1}]}])
+            assert reply.get("accepted") == [first.id], reply
+            assert api.results.download_result_data(out1, sid) == b"genuine"
+            second, _ = api.submit(sid, {"n": 2})
+            dispatched = [t["task_id"] for h in victim.received(5) if h["op"] == Op.DISPATCH for t in h["tasks"]]
+            assert second.id in dispatched
+        assert thief.received(0.3) == [] and impostor.received(0) == []
+    finally:
+        for peer in (victim, thief, impostor):
+            if peer is not None:
+                peer.close()
+
+
+# -- a whole cluster ---------------------------------------------------------------------------------
+
+
+def test_a_cluster_runs_tasks_end_to_end_with_curve(tmp_path):
+    with make_cluster(tmp_path, secure=True) as cluster:
+        with connect(cluster.endpoint, timeout=30, **cluster.client_keys) as conn:
+            api = Api(conn)
+            sid = api.session()
+            outs = [api.submit(sid, {"op": "square", "x": n})[1][0] for n in range(6)]
+            _, (two_step,) = api.submit(sid, {"op": "two-step", "x": 4})  # a subtask, made by a worker
+            assert [api.value(sid, out) for out in outs] == [n * n for n in range(6)]
+            assert api.value(sid, two_step) == 5
+            info, _ = conn.call(Op.AUTH_INFO)
+            assert info["handshakes"][cluster.agents_endpoint]["succeeded"] >= 1
+
+
+# -- endpoints and keys --------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_only_loopback_and_ipc_are_private():
+    for endpoint in ("ipc:///tmp/x", "inproc://x", "tcp://127.0.0.1:5555", "tcp://localhost:5555",
+                     "tcp://[::1]:5555", "tcp://127.0.0.2:1"):
+        assert is_private_endpoint(endpoint), endpoint
+    for endpoint in ("tcp://*:5555", "tcp://0.0.0.0:5555", "tcp://10.0.0.1:5555", "tcp://eth0:5555",
+                     "tcp://[::]:5555", "udp://127.0.0.1:5555"):
+        assert not is_private_endpoint(endpoint), endpoint
+
+
+def test_the_broker_refuses_an_open_address_without_curve(tmp_path):
+    port = _free_port()
+    out = subprocess.run([sys.executable, "-m", "armonik_zmq", "broker", "--data-dir", str(tmp_path / "d"),
+                          "--endpoint", f"tcp://0.0.0.0:{port}", "--agents-endpoint", f"ipc://{tmp_path}/b"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert "without authentication" in out.stderr and "--keys" in out.stderr, out.stderr
+
+
+def test_an_open_address_is_served_with_curve(tmp_path):
+    port = _free_port()
+    cluster = make_cluster(tmp_path, secure=True, endpoint=f"tcp://0.0.0.0:{port}")
+    try:
+        cluster.start_broker()
+        with connect(f"tcp://127.0.0.1:{port}", timeout=20, **cluster.client_keys) as conn:
+            assert conn.call(Op.AUTH_INFO)[0]["user"] == "client:client-1"
+    finally:
+        cluster.cleanup()
+
+
+def test_keys_command_makes_private_files(tmp_path):
+    keys = tmp_path / "keys"
+    run = [sys.executable, "-m", "armonik_zmq", "keys"]
+    out = subprocess.run([*run, str(keys), "--clients", "2", "--agents", "1"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    names = sorted(p.relative_to(keys).as_posix() for p in keys.rglob("*") if p.is_file())
+    assert names == ["agents/agent-1.key", "agents/agent-1.key_secret", "clients/client-1.key",
+                     "clients/client-1.key_secret", "clients/client-2.key", "clients/client-2.key_secret",
+                     "server.key", "server.key_secret"]
+    for path in keys.rglob("*"):
+        assert stat.S_IMODE(path.stat().st_mode) == (0o700 if path.is_dir() else 0o600), path
+    assert stat.S_IMODE(keys.stat().st_mode) == 0o700
+    server_before = (keys / "server.key").read_bytes()
+    out = subprocess.run([*run, str(keys), "--client", "alice"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and (keys / "clients" / "alice.key_secret").exists(), out.stderr
+    assert (keys / "server.key").read_bytes() == server_before  # never regenerated
+    out = subprocess.run([*run, str(keys), "--client", "alice"], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "exists already" in out.stderr
+    out = subprocess.run([*run, "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "Usage:" in out.stdout
