@@ -27,6 +27,7 @@ from armonik_zmq.protocol import ErrorCode, Op, request
 from armonik_zmq.security import create_keys, is_private_endpoint
 
 from conftest import Api, broker_only, make_cluster
+from reliability import figure
 
 pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="libzmq without CURVE")
 
@@ -37,8 +38,10 @@ FAILED = {zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, 
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory):
     """A broker with CURVE on and no agent of its own; clients alice and bob, agents a1 and a2."""
-    # "guarded": only the routing-id test's scripted agent serves it
-    with broker_only(tmp_path_factory, "--no-sync", "--partition", "default,guarded", secure=True) as cluster:
+    # "guarded": only the routing-id test's scripted agent serves it; that agent sends no heartbeats of its own,
+    # so the lease is long enough for a loaded CI machine
+    with broker_only(tmp_path_factory, "--no-sync", "--partition", "default,guarded", secure=True,
+                     lease=120.0) as cluster:
         create_keys(cluster.keys_dir, ["alice", "bob"], ["a1", "a2"])
         yield cluster
 
@@ -150,12 +153,18 @@ def test_strangers_fail_the_handshake_and_reach_nothing(secure, tmp_path):
                     peer.close()
         after, _ = conn.call(Op.AUTH_INFO)
     # Only the first AUTH_INFO reached the broker's loop in between: not one frame of the strangers.
-    assert after["requests"] - before["requests"] == 1
+    leaked = after["requests"] - before["requests"] - 1
+    figure("T13", "messages of 3 bad peers x 2 endpoints (120 sent) that reached the broker's loop", leaked,
+           "messages", "= 0", leaked == 0)
+    assert leaked == 0
     assert after["zap_denied"] - before["zap_denied"] >= 2
+    failures = 0
     for endpoint in (secure.endpoint, secure.agents_endpoint):
         b, a = before["handshakes"][endpoint], after["handshakes"][endpoint]
         assert a["failed_auth"] - b["failed_auth"] >= 1, (endpoint, b, a)
         assert a["failed_protocol"] - b["failed_protocol"] >= 2, (endpoint, b, a)  # NULL, and the wrong server key
+        failures += sum(a[k] - b[k] for k in ("failed_auth", "failed_protocol", "failed_other"))
+    figure("T13", "handshake failures the broker counted for them", failures, "handshakes", ">= 6", failures >= 6)
     assert after["user"] == "client:alice" and after["secure"] is True
 
 
@@ -193,6 +202,8 @@ def test_a_client_key_cannot_pull_tasks(secure):
         assert "not an agent key" in denied(peer.call(Op.AGENT_REGISTER, agent_id="sneaky", capacity=4))
         assert "not an agent key" in denied(peer.call(Op.AGENT_HEARTBEAT, agent_id="sneaky"))
         assert peer.received(0.3) == []  # no DISPATCH
+        figure("T13", "client key on the agents endpoint: registered / tasks pulled", 0, "", "= 0 (PERMISSION_DENIED)",
+               True)
     finally:
         peer.close()
 
@@ -203,6 +214,7 @@ def test_an_agent_key_cannot_create_sessions(secure):
         assert peer.handshake() == zmq.EVENT_HANDSHAKE_SUCCEEDED
         assert "not a client key" in denied(peer.call(Op.CREATE_SESSION, default_task_options=OPTIONS.to_wire()))
         assert "not a client key" in denied(peer.call(Op.LIST_SESSIONS))
+        figure("T13", "agent key on the clients endpoint: sessions created", 0, "", "= 0 (PERMISSION_DENIED)", True)
     finally:
         peer.close()
 
@@ -254,10 +266,14 @@ def test_a_client_cannot_touch_another_clients_sessions(secure):
             "count_tasks_by_status": lambda: bob.tasks.count_tasks_by_status(Task.session_id == sid),
             "events": lambda: b.subscribe(sid),
         }
+        denials = 0
         for name, call in refused.items():
             with pytest.raises(errors.PermissionDeniedError, match="belongs to another client"):
                 call()
                 pytest.fail(f"{name} was allowed")
+            denials += 1
+        figure("T13", "client B's calls on client A's session, tasks, results, events refused", denials,
+               f"of {len(refused)}", "= all (PERMISSION_DENIED)", denials == len(refused))
         # Lists show bob only his own things, whatever the filter.
         total, sessions = bob.sessions.list_sessions()
         assert total == 1 and [s.session_id for s in sessions] == [own]
@@ -314,6 +330,8 @@ def test_reusing_a_live_agents_routing_id_takes_nothing_over(secure):
             dispatched = [t["task_id"] for h in victim.received(5) if h["op"] == Op.DISPATCH for t in h["tasks"]]
             assert second.id in dispatched
         assert thief.received(0.3) == [] and impostor.received(0) == []
+        figure("T13", "messages routed to a peer reusing a live agent's routing id", 0, "messages",
+               "= 0 (no takeover)", True)
     finally:
         for peer in (victim, thief, impostor):
             if peer is not None:
@@ -395,3 +413,19 @@ def test_keys_command_makes_private_files(tmp_path):
     assert out.returncode != 0 and "exists already" in out.stderr
     out = subprocess.run([*run, "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "Usage:" in out.stdout
+
+
+# -- what CURVE costs ------------------------------------------------------------------------------
+
+
+def test_curve_throughput_is_at_least_60_percent_of_null(scale):
+    from bench.curve import compare
+
+    n = int(200_000 * scale)
+    result = compare(n, 1024, runs=3)
+    ratio = result["ratio"]
+    figure("T13", f"CURVE throughput / NULL, 1 KiB DEALER->ROUTER messages (best of 3 each, {n:,} per run)",
+           round(100 * ratio, 1), "%", ">= 60 %", ratio >= 0.6)
+    figure("T13", "CURVE CPU time per message / NULL (both processes)", round(result["cpu_ratio"], 2), "x",
+           "(informative)", True)
+    assert ratio >= 0.6, result["best"]
