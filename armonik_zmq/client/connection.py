@@ -124,7 +124,7 @@ class Connection:
         if server_key is None and secret is None:
             server_key = os.environ.get("ARMONIK_ZMQ_SERVER_KEY") or None
             secret = os.environ.get("ARMONIK_ZMQ_SECRET") or None
-        self._keys = ClientKeys.from_options(server_key, secret)
+        self._curve = ClientKeys.from_options(server_key, secret)
         #: why the last handshake failed, until one succeeds (explains timeouts)
         self._handshake_error: Optional[str] = None
         self._rids = itertools.count(1)  # rid 0 is what the broker answers when it cannot read ours
@@ -350,8 +350,8 @@ class Connection:
             dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, _HEARTBEAT_TIMEOUT)
             dealer.setsockopt(zmq.RECONNECT_IVL, _RECONNECT_IVL)
             dealer.setsockopt(zmq.RECONNECT_IVL_MAX, _RECONNECT_IVL_MAX)
-            if self._keys is not None:
-                self._keys.apply(dealer)
+            if self._curve is not None:
+                self._curve.apply(dealer)
             events = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
             for failure in _HANDSHAKE_FAILURES:
                 events |= failure
@@ -495,7 +495,7 @@ class Connection:
             elif event in _HANDSHAKE_FAILURES:
                 # Retrying cannot help until someone changes a key: fail what waits now, with the reason.
                 first = self._handshake_error is None
-                self._handshake_error = _handshake_failure(event, self._keys is not None)
+                self._handshake_error = _handshake_failure(event, self._curve is not None)
                 if first:
                     log.error("cannot connect to the broker at %s: %s", self.endpoint, self._handshake_error)
                 with self._lock:
