@@ -275,17 +275,23 @@ def agent(ctx, broker_endpoint, workers, processor, partitions, window, prefetch
               help=OBJECT_STORAGE_HELP)
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
               help="A TOML file of [[partitions]] for the broker; the agent serves all of them.")
+@click.option("--keys", "keys_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Turn CURVE on with this key directory (see `armonik-zmq keys`): the broker uses it as with "
+              "`broker --keys`, the agent the first key of DIR/agents. Needed to serve a non-loopback address.")
 @click.pass_context
-def up(ctx, data_dir, endpoint, agents_endpoint, workers, processor, object_storage, config_file) -> None:
+def up(ctx, data_dir, endpoint, agents_endpoint, workers, processor, object_storage, config_file, keys_dir) -> None:
     """Run a local cluster in the foreground: broker + one agent + N workers. Ctrl-C stops it."""
     from .cluster import LocalProcesses
 
     partitions, _ = _configured_partitions(config_file, ())
-    cluster = LocalProcesses(data_dir=data_dir, endpoint=endpoint, agents_endpoint=agents_endpoint, workers=workers,
-                             processor=processor, log_level=ctx.obj["log_level"],
-                             broker_args=(("--object-storage", object_storage) if object_storage else ())
-                             + (("--config", config_file) if config_file else ()),
-                             agent_args=("--partition", ",".join(partitions)))
+    try:
+        cluster = LocalProcesses(data_dir=data_dir, endpoint=endpoint, agents_endpoint=agents_endpoint,
+                                 workers=workers, processor=processor, log_level=ctx.obj["log_level"],
+                                 broker_args=(("--object-storage", object_storage) if object_storage else ())
+                                 + (("--config", config_file) if config_file else ()),
+                                 agent_args=("--partition", ",".join(partitions)), keys_dir=keys_dir)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc))
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
     try:

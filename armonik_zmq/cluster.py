@@ -32,7 +32,7 @@ class LocalProcesses:
                  agents_endpoint: Optional[str] = None, workers: int = 2, processor: str = DEFAULT_PROCESSOR,
                  log_level: str = "WARNING", lease: Optional[float] = None, env: Optional[dict] = None,
                  broker_args: tuple[str, ...] = (), agent_id: str = "", agent_args: tuple[str, ...] = (),
-                 broker_log: Optional[str] = None, secure: bool = False):
+                 broker_log: Optional[str] = None, secure: bool = False, keys_dir: Optional[str] = None):
         self._tmp = tempfile.mkdtemp(prefix="armonik-zmq-")
         self.data_dir = data_dir or os.path.join(self._tmp, "data")
         self.endpoint = endpoint or f"ipc://{self._tmp}/frontend"
@@ -54,21 +54,31 @@ class LocalProcesses:
         self.agent: Optional[subprocess.Popen] = None
         #: agents started with start_extra_agent, stopped with the cluster
         self.extra_agents: list[subprocess.Popen] = []
-        #: with ``secure``: CURVE keys made for this cluster (broker, one client, one agent), else None
-        self.keys_dir: Optional[str] = None
-        if secure:
+        #: CURVE keys (``armonik-zmq keys`` layout): ``keys_dir``, or with ``secure`` keys made for this cluster
+        self.keys_dir: Optional[str] = keys_dir
+        if secure and keys_dir is None:
             from .security import create_keys
 
             self.keys_dir = os.path.join(self._tmp, "keys")
             create_keys(self.keys_dir, ["client-1"], ["agent-1"])
+        #: the agent's and this process's secret keys: the first of each kind in the key directory
+        self._agent_secret = self._first_secret("agents") if self.keys_dir else ""
+        self._client_secret = self._first_secret("clients") if self.keys_dir else ""
+
+    def _first_secret(self, kind: str) -> str:
+        where = os.path.join(self.keys_dir, kind)
+        names = sorted(n for n in os.listdir(where) if n.endswith(".key_secret")) if os.path.isdir(where) else []
+        if not names:
+            raise RuntimeError(f"no {kind[:-1]} secret key in {where}: the local {kind[:-1]} needs one "
+                               f"(armonik-zmq keys {self.keys_dir} --{kind[:-1]} NAME)")
+        return os.path.join(where, names[0])
 
     @property
     def client_keys(self) -> dict:
         """``connect()``'s key arguments for this cluster's client key (empty without ``secure``)."""
         if self.keys_dir is None:
             return {}
-        return {"server_key": os.path.join(self.keys_dir, "server.key"),
-                "secret": os.path.join(self.keys_dir, "clients", "client-1.key_secret")}
+        return {"server_key": os.path.join(self.keys_dir, "server.key"), "secret": self._client_secret}
 
     def start_broker(self) -> subprocess.Popen:
         args = ["--log-level", self.log_level, "broker", "--data-dir", self.data_dir, "--endpoint", self.endpoint,
@@ -92,7 +102,7 @@ class LocalProcesses:
             args += ["--agent-id", agent_id]
         if self.keys_dir is not None:
             args += ["--server-key", os.path.join(self.keys_dir, "server.key"),
-                     "--agent-secret", os.path.join(self.keys_dir, "agents", "agent-1.key_secret")]
+                     "--agent-secret", self._agent_secret]
         args += self.agent_args
         return subprocess.Popen(_cli(*args), env=self.env)
 

@@ -350,6 +350,11 @@ def test_a_cluster_runs_tasks_end_to_end_with_curve(tmp_path):
             _, (two_step,) = api.submit(sid, {"op": "two-step", "x": 4})  # a subtask, made by a worker
             assert [api.value(sid, out) for out in outs] == [n * n for n in range(6)]
             assert api.value(sid, two_step) == 5
+            # A broker restart: the agent comes back on a new connection (its own routing id), the client too.
+            cluster.kill_broker()
+            cluster.start_broker()
+            _, (later,) = api.submit(sid, {"op": "square", "x": 7})
+            assert api.value(sid, later) == 49
             info, _ = conn.call(Op.AUTH_INFO)
             assert info["handshakes"][cluster.agents_endpoint]["succeeded"] >= 1
 
@@ -383,11 +388,12 @@ def test_the_broker_refuses_an_open_address_without_curve(tmp_path):
 
 def test_an_open_address_is_served_with_curve(tmp_path):
     port = _free_port()
-    cluster = make_cluster(tmp_path, secure=True, endpoint=f"tcp://0.0.0.0:{port}")
+    create_keys(str(tmp_path / "keys"), ["alice"], ["node1"])  # an operator's key directory (`up --keys`)
+    cluster = make_cluster(tmp_path, keys_dir=str(tmp_path / "keys"), endpoint=f"tcp://0.0.0.0:{port}")
     try:
         cluster.start_broker()
         with connect(f"tcp://127.0.0.1:{port}", timeout=20, **cluster.client_keys) as conn:
-            assert conn.call(Op.AUTH_INFO)[0]["user"] == "client:client-1"
+            assert conn.call(Op.AUTH_INFO)[0]["user"] == "client:alice"
     finally:
         cluster.cleanup()
 
