@@ -134,16 +134,10 @@ def _fmt(fig: Optional[dict]) -> str:
     return f"{v:,.0f}" if v >= 100 else f"{v:,.1f}"
 
 
-def render(report: dict, console: Console) -> None:
+def _rows(report: dict) -> tuple[list[str], list[list[str]]]:
+    """The table's systems and rows (label, one cell per system), from a report."""
     systems = [n for n, r in report["systems"].items() if r["status"] == "ok"]
-    p = report["params"]
-    if not systems:
-        console.print("no system ran", style="yellow")
-    table = Table(title=f"{p['workers']} workers, median of {p['runs']} run(s), scale {p['scale']:g} "
-                        f"({report['machine']['cpus']} CPUs, others may be running: compare CPU us/task too)")
-    table.add_column("workload")
-    for name in systems:
-        table.add_column(name, justify="right")
+    rows = []
     for fname, label in LABELS.items():
         cells = []
         for name in systems:
@@ -156,13 +150,47 @@ def render(report: dict, console: Console) -> None:
                 label = f"data one {mib:g} MiB array (s)" if mib else label
             cells.append(_fmt(fig))
         if any(c != "-" for c in cells):
-            table.add_row(label, *cells)
-    for workload in p["workloads"]:
+            rows.append([label, *cells])
+    for workload in report["params"]["workloads"]:
         cells = []
         for name in systems:
             w = report["systems"][name]["workloads"].get(workload, {})
             cells.append("error" if "error" in w else f"{w['cpu_us_per_task']:,.0f}" if w else "-")
-        table.add_row(f"CPU us/task, {workload}", *cells)
+        rows.append([f"CPU us/task, {workload}", *cells])
+    return systems, rows
+
+
+def _markdown(report: dict) -> str:
+    """The report as a Markdown table (for notes and issues), with its command and the systems' versions."""
+    systems, rows = _rows(report)
+    p = report["params"]
+    lines = [f"`{p.get('command', 'python -m bench')}`: {p['workers']} workers, median of {p['runs']} run(s), "
+             f"scale {p['scale']:g}, {report['machine']['date']}", "",
+             "| workload | " + " | ".join(systems) + " |", "|---" * (len(systems) + 1) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines.append("")
+    for name, r in report["systems"].items():
+        extra = f" {r.get('version', '')}: {r['description']}; {r['dag_note']}" if r["status"] == "ok" else \
+            f": {r['status']} ({r['reason']})"
+        lines.append(f"- {name}{extra}")
+        for workload, w in r.get("workloads", {}).items():
+            if "error" in w:
+                lines.append(f"  - {workload}: {w['error']}")
+    return "\n".join(lines) + "\n"
+
+
+def render(report: dict, console: Console) -> None:
+    systems, rows = _rows(report)
+    p = report["params"]
+    if not systems:
+        console.print("no system ran", style="yellow")
+    table = Table(title=f"{p['workers']} workers, median of {p['runs']} run(s), scale {p['scale']:g} "
+                        f"({report['machine']['cpus']} CPUs, others may be running: compare CPU us/task too)")
+    table.add_column("workload")
+    for name in systems:
+        table.add_column(name, justify="right")
+    for row in rows:
+        table.add_row(*row)
     if systems:
         console.print(table)
     for name, r in report["systems"].items():
@@ -186,9 +214,11 @@ def render(report: dict, console: Console) -> None:
               help="Multiply every count and size (0.01 for a smoke run).")
 @click.option("--json", "json_path", default="", help="Also write the full report (every run) to this file.")
 @click.option("--system-timeout", default=1800.0, show_default=True, help="Seconds one system may take in all.")
+@click.option("--show", "show_path", default="", help="Print the table of a report written before (--json) and stop.")
+@click.option("--markdown", is_flag=True, help="With --show: print the table as Markdown.")
 @click.option("--one", "one_path", default="", hidden=True, help="Internal: run the one system given, write JSON here.")
 def main(systems: str, workloads: str, workers: int, runs: int, scale: float, json_path: str,
-         system_timeout: float, one_path: str) -> None:
+         system_timeout: float, show_path: str, markdown: bool, one_path: str) -> None:
     """Benchmark armonik_zmq against Dask, Ray, IPyParallel, Scaler and ProcessPoolExecutor.
 
     Workloads: tiny (20,000 no-op tasks in bulk), latency (1,000 sequential round trips), dag
@@ -196,6 +226,14 @@ def main(systems: str, workloads: str, workers: int, runs: int, scale: float, js
     `armonik_api` is armonik_zmq's ArmoniK-style path (payload bytes + worker module).
     Peers install with `pip install -e .[bench]`.
     """
+    if show_path:
+        with open(show_path) as f:
+            report = json.load(f)
+        if markdown:
+            click.echo(_markdown(report), nl=False)
+        else:
+            render(report, Console(width=None if sys.stdout.isatty() else 160))
+        return
     names = _split(systems, SYSTEMS, "system")
     chosen = _split(workloads, WORKLOADS, "workload")
     if one_path:

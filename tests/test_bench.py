@@ -41,6 +41,11 @@ def test_bench_runs_systems_one_after_another_and_writes_json(tmp_path):
         assert figures["latency_p99_us"]["value"] >= figures["latency_p50_us"]["value"]
     assert "tiny tasks (tasks/s)" in proc.stdout  # the table
     assert elapsed < 40, f"the smoke run took {elapsed:.1f}s"
+    shown = subprocess.run([sys.executable, "-m", "bench", "--show", str(out), "--markdown"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert "| workload | armonik_zmq | processpool |" in shown.stdout
+    assert "| tiny tasks (tasks/s) |" in shown.stdout and "- processpool " in shown.stdout
 
 
 def test_a_system_not_installed_is_skipped_with_a_clear_line(tmp_path):
