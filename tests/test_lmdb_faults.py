@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import signal
 import subprocess
@@ -15,8 +16,11 @@ import threading
 import time
 from datetime import timedelta
 
+import pytest
+
 from armonik_zmq.client import (ArmoniKEvents, ArmoniKResults, ArmoniKSessions, ArmoniKTasks, Task, TaskDefinition,
                                 TaskOptions, TaskStatus, connect)
+from armonik_zmq.protocol import Op
 from conftest import make_cluster
 from reliability import figure
 
@@ -212,3 +216,255 @@ def test_map_full_mid_turn_is_replayed_and_agents_keep_their_tasks(tmp_path):
     # the agent kept its tasks through the reload: each ran once, no re-registration, no stale report
     assert sorted(executions) == sorted(t.id for t in held), executions
     assert "registers again" not in log and "could not be reached" not in log and "Traceback" not in log, log[-3000:]
+
+
+# -- T9 ----------------------------------------------------------------------------------------------
+
+READER = """
+import sys, time, lmdb
+env = lmdb.open(sys.argv[1], readonly=True, lock=True, max_dbs=16, map_size=0)
+txn = env.begin()  # a read snapshot, held until this process is killed
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def _cleared_slots(log: str) -> int:
+    return sum(int(n) for n in re.findall(r"cleared (\d+) stale LMDB reader slot", log))
+
+
+def _completed_session(conn, k: int, payload: bytes) -> tuple[str, list[str]]:
+    """A session with ``k`` tasks run to completion; return its id and output ids."""
+    sessions, results, tasks, events = ArmoniKSessions(conn), ArmoniKResults(conn), ArmoniKTasks(conn), ArmoniKEvents(conn)
+    sid = sessions.create_session(OPTIONS)
+    p = results.create_results({"p": payload}, sid)["p"].result_id
+    outs = results.create_results_metadata([f"o{i}" for i in range(k)], sid, batch_size=k)
+    ids = [o.result_id for o in outs.values()]
+    tasks.submit_tasks(sid, [TaskDefinition(payload_id=p, expected_output_ids=[o]) for o in ids], chunk_size=k)
+    events.wait_for_result_availability(ids, sid, bucket_size=k)
+    return sid, ids
+
+
+def test_t9_stale_readers_are_cleared_and_the_file_stops_growing(tmp_path, scale):
+    """T9: 20 readers holding a read snapshot are SIGKILLed; the broker's reader_check clears their 20 slots
+    within 10 s; then update/delete churn on completed tasks keeps the data file within 2x its steady size.
+    """
+    total_ops = int(200_000 * scale)
+    k = 500  # tasks per cycle; each cycle: k completions, k result-data deletions, k tasks + k+1 results deleted
+    ops_per_cycle = 4 * k
+    log_path = str(tmp_path / "broker.log")
+    cluster = make_cluster(tmp_path, workers=2, log_level="INFO", broker_log=log_path)
+    readers: list[subprocess.Popen] = []
+    data_file = os.path.join(cluster.data_dir, "data.mdb")
+    try:
+        cluster.start()
+        with connect(cluster.endpoint, timeout=120) as conn:
+            _completed_session(conn, k, b"sha256:t9")  # rows for the readers' snapshots to pin
+            readers = [subprocess.Popen([sys.executable, "-c", READER, cluster.data_dir], stdout=subprocess.PIPE,
+                                        text=True) for _ in range(20)]
+            for r in readers:
+                assert r.stdout.readline().strip() == "ready"
+            held = _inspect_once(cluster.data_dir)["readers"]
+            before = _cleared_slots(_read_log(log_path))
+            for r in readers:
+                r.kill()
+            killed_at = time.monotonic()
+            for r in readers:
+                r.wait()
+            while _cleared_slots(_read_log(log_path)) - before < 20 and time.monotonic() - killed_at < 15:
+                time.sleep(0.05)
+            clear_s = time.monotonic() - killed_at
+            cleared = _cleared_slots(_read_log(log_path)) - before
+            # churn: run k tasks, delete their results' data, delete the session; steady size after 2 cycles
+            results, sessions = ArmoniKResults(conn), ArmoniKSessions(conn)
+            cycles = max(3, total_ops // ops_per_cycle)
+            sizes = []
+            for c in range(cycles):
+                sid, ids = _completed_session(conn, k, f"sha256:t9-{c}".encode())
+                results.delete_result_data(ids, sid, batch_size=k)
+                sessions.delete_session(sid)
+                sizes.append(os.path.getsize(data_file))
+        log = _read_log(log_path)
+    finally:
+        for r in readers:
+            if r.poll() is None:
+                r.kill()
+                r.wait()
+        cluster.cleanup()
+    steady = sizes[1]
+    growth = max(sizes) / steady
+    figure("T9", "reader slots held by the 20 readers before the kill", held, "slots", ">= 20", held >= 20)
+    figure("T9", "stale reader slots cleared by the broker", cleared, "slots", "= 20", cleared >= 20)
+    figure("T9", "time from SIGKILL to slots cleared", round(clear_s, 2), "s", "<= 10 s", clear_s <= 10)
+    figure("T9", "update/delete operations on completed tasks", cycles * ops_per_cycle, "ops",
+           f">= {total_ops}", cycles * ops_per_cycle >= total_ops)
+    figure("T9", "data file growth over the churn (max / steady state)", round(growth, 2), "x", "<= 2", growth <= 2)
+    figure("T9", "MDB_READERS_FULL", int("READERS_FULL" in log), "occurrences", "= 0", "READERS_FULL" not in log)
+    assert held >= 20
+    assert growth <= 2, sizes  # without reader_check, the pinned snapshot makes it grow with every cycle
+    assert cleared >= 20 and clear_s <= 10, (cleared, clear_s, log[-2000:])
+    assert "READERS_FULL" not in log and "Traceback" not in log, log[-3000:]
+
+
+# -- T15 ---------------------------------------------------------------------------------------------
+
+
+def _rss_mib(pid: int) -> tuple[float, float]:
+    """Return (current, peak) resident set size of a process, in MiB."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            fields[name] = value
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def _cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        parts = f.read().rsplit(")", 1)[1].split()
+    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _agents_registered(conn) -> int:
+    header, _ = conn.call(Op.HEALTH, timeout=5)
+    return int(header["checks"][1]["message"].split()[0])
+
+
+def _oversubscribed() -> str:
+    """Say why a throughput figure taken now would mean nothing ("" if it would mean something)."""
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    if load > 2 * cpus:
+        return f"the machine is oversubscribed (load {load:.1f} on {cpus} CPUs before the test)"
+    return ""
+
+
+def test_t15_throughput_floor(tmp_path, scale):
+    """T15: no-op tasks on 4 agents, durable: >= 1,000 tasks/s end to end, submit-ack p99 <= 20 ms, broker RSS
+    <= 300 MiB. The two timing floors are judged only when the machine is not already oversubscribed by
+    other work (a shared development box); CI runs the suite alone.
+    """
+    n = int(100_000 * scale)
+    batch = 100
+    busy = _oversubscribed()
+    cluster = make_cluster(tmp_path, workers=1)
+    try:
+        cluster.start()
+        for _ in range(3):
+            cluster.start_extra_agent()
+        with connect(cluster.endpoint, timeout=120) as conn:
+            deadline = time.monotonic() + 60
+            while _agents_registered(conn) < 4:
+                assert time.monotonic() < deadline, "the 4 agents did not register"
+                time.sleep(0.05)
+            sessions, results, tasks = ArmoniKSessions(conn), ArmoniKResults(conn), ArmoniKTasks(conn)
+            sid = sessions.create_session(OPTIONS)
+            payload = results.create_results({"p": b"sha256:" + b"x" * 93}, sid)["p"].result_id
+            outs = results.create_results_metadata([f"o{i}" for i in range(n)], sid, batch_size=10_000)
+            ids = [o.result_id for o in outs.values()]
+            broker_pid = cluster.broker.pid
+            cpu_before = _cpu_s(broker_pid)
+            latencies = []
+
+            # results are awaited on a connection of their own: its events must not delay the submit acks
+            def wait_all() -> None:
+                with connect(cluster.endpoint, timeout=600) as wconn:
+                    ArmoniKEvents(wconn).wait_for_result_availability(ids, sid, bucket_size=n)
+
+            waiter = threading.Thread(target=wait_all)
+            started = time.monotonic()
+            for i in range(0, n, batch):
+                t0 = time.perf_counter()
+                tasks.submit_tasks(sid, [TaskDefinition(payload_id=payload, expected_output_ids=[o])
+                                         for o in ids[i:i + batch]], chunk_size=batch)
+                latencies.append(time.perf_counter() - t0)
+                if i == 0:
+                    waiter.start()
+            waiter.join(600)
+            elapsed = time.monotonic() - started
+            assert not waiter.is_alive(), "the tasks did not all complete"
+            cpu_per_task_ms = (_cpu_s(broker_pid) - cpu_before) / n * 1000
+            rss = _rss_mib(broker_pid)[1]
+    finally:
+        cluster.cleanup()
+    latencies.sort()
+    p99_ms = latencies[int(0.99 * (len(latencies) - 1))] * 1000
+    p50_ms = latencies[len(latencies) // 2] * 1000
+    rate = n / elapsed
+    note = f" ({busy})" if busy else ""
+    figure("T15", "end-to-end throughput (4 agents x 1 worker, durable)" + note, round(rate), "tasks/s", ">= 1000",
+           rate >= 1000)
+    figure("T15", "submit-ack p99 (batches of 100)" + note, round(p99_ms, 2), "ms", "<= 20 ms", p99_ms <= 20)
+    figure("T15", "submit-ack p50 (batches of 100)" + note, round(p50_ms, 2), "ms", "informative", True)
+    figure("T15", "broker CPU per task (utime + stime)", round(cpu_per_task_ms, 3), "ms", "informative", True)
+    figure("T15", "broker peak RSS during the run", round(rss), "MiB", "<= 300 MiB", rss <= 300)
+    assert rss <= 300, rss
+    if busy:
+        pytest.skip(f"{busy}: measured {rate:.0f} tasks/s and submit-ack p99 {p99_ms:.1f} ms, not judged")
+    assert p99_ms <= 20, latencies[-10:]
+    assert rate >= 1000, (rate, elapsed)
+
+
+def test_t15_restart_with_queued_tasks(tmp_path, scale):
+    """T15: with 100,000 (CI: 10,000) tasks queued, the broker's RSS stays <= 300 MiB, a restart rebuilds the
+    state in <= 2 s (it reads only the unfinished tasks) and the first dispatch follows at once.
+    """
+    n = int(100_000 * scale)
+    log_path = str(tmp_path / "broker.log")
+    cluster = make_cluster(tmp_path, workers=1, log_level="INFO", broker_log=log_path)
+    try:
+        cluster.start_broker()
+        cluster.wait_ready()
+        with connect(cluster.endpoint, timeout=120) as conn:
+            sessions, results, tasks = ArmoniKSessions(conn), ArmoniKResults(conn), ArmoniKTasks(conn)
+            sid = sessions.create_session(OPTIONS)
+            payload = results.create_results({"p": b"sha256:" + b"x" * 93}, sid)["p"].result_id
+            # history the restart must not read: 2 x n finished tasks (cancelled) besides the n queued ones
+            old = sessions.create_session(OPTIONS)
+            old_payload = results.create_results({"p": b"sha256:old"}, old)["p"].result_id
+            for i in range(0, 2 * n, 1000):
+                outs = results.create_results_metadata([f"h{i + j}" for j in range(1000)], old, batch_size=1000)
+                tasks.submit_tasks(old, [TaskDefinition(payload_id=old_payload, expected_output_ids=[o.result_id])
+                                         for o in outs.values()], chunk_size=1000)
+            sessions.cancel_session(old)
+            for i in range(0, n, 1000):
+                outs = results.create_results_metadata([f"o{i + j}" for j in range(1000)], sid, batch_size=1000)
+                tasks.submit_tasks(sid, [TaskDefinition(payload_id=payload, expected_output_ids=[o.result_id])
+                                         for o in outs.values()], chunk_size=1000)
+            rss_queued = _rss_mib(cluster.broker.pid)[1]
+        cluster.kill_broker()
+        log_before = len(_read_log(log_path))
+        # an agent already waiting for the broker, as after a broker crash; ZeroMQ queues its registration
+        cluster.start_agent()
+        time.sleep(2.0)
+        restarted = time.monotonic()
+        cluster.start_broker()
+        with connect(cluster.endpoint, timeout=120) as conn:
+            tasks = ArmoniKTasks(conn)
+            while tasks.count_tasks_by_status(Task.session_id == sid).get(TaskStatus.COMPLETED, 0) == 0:
+                assert time.monotonic() - restarted < 60, "no task ran after the restart"
+                time.sleep(0.01)
+            first_done_s = time.monotonic() - restarted
+            log = _read_log(log_path)[log_before:]
+            while "first dispatch" not in log:
+                assert time.monotonic() - restarted < 60, log[-2000:]
+                time.sleep(0.05)
+                log = _read_log(log_path)[log_before:]
+            rss_restarted = _rss_mib(cluster.broker.pid)[1]
+    finally:
+        cluster.cleanup()
+    rebuilt = re.search(r"state rebuilt from \S+ in ([0-9.]+)s: \d+ pending, (\d+) queued", log)
+    assert rebuilt, log[:3000]
+    rebuild_s, queued = float(rebuilt.group(1)), int(rebuilt.group(2))
+    dispatch_s = float(re.search(r"first dispatch ([0-9.]+)s after the state was loaded", log).group(1))
+    rss = max(rss_queued, rss_restarted)
+    figure("T15", f"broker peak RSS with {n} tasks queued (before and after the restart)", round(rss), "MiB",
+           "<= 300 MiB", rss <= 300)
+    figure("T15", f"restart: state rebuilt ({queued} queued, {2 * n} finished)", round(rebuild_s, 3), "s",
+           "<= 2 s", rebuild_s <= 2)
+    figure("T15", "restart: state loaded to first dispatch (agent waiting)", round(dispatch_s, 3), "s", "<= 2 s",
+           dispatch_s <= 2)
+    figure("T15", "restart: broker process start to first task completed", round(first_done_s, 2), "s",
+           "informative", True)
+    assert queued == n, log[:3000]
+    assert rebuild_s <= 2 and dispatch_s <= 2, log[:3000]
+    assert rss <= 300, (rss_queued, rss_restarted)

@@ -139,6 +139,8 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         #: the requests of the running turn (their undos run if the turn is aborted and replayed)
         self._turn_requests: list[Request] = []
         self._next_reader_check = time.monotonic() + config.reader_check_interval
+        #: when the state was loaded, until the first dispatch after it is logged (the restart figure)
+        self._loaded_at: Optional[float] = time.monotonic()
 
     def _load_state(self, events: Optional[EventBus] = None, agents: Optional[dict] = None) -> BrokerState:
         """Build the in-memory state from LMDB: after a restart, or (``agents`` given) after an aborted turn."""
@@ -369,6 +371,9 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         self.stats["requests"] += len(batch)
         self._outbox[:0] = replies
         self._flush()
+        if self._loaded_at is not None and self.state.core.n_dispatched():
+            log.info("first dispatch %.3fs after the state was loaded", time.monotonic() - self._loaded_at)
+            self._loaded_at = None
         self.metrics.turn(time.monotonic() - turn_started)
 
     def _run_turn(self, batch: list, replies: list, now: float, mono: float, lease_due: bool,
