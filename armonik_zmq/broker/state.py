@@ -134,15 +134,17 @@ class BrokerState:
         ``store=False``: the caller moves the row on again in the same transaction and stores it then
         (one write for both transitions; subscribers still see each status).
         """
-        check_task_transition(row["status"], status)
+        was = row["status"]
+        check_task_transition(was, status)
         row["status"] = int(status)
         stamp = _STAMP.get(status)
         if stamp:
             row[stamp] = now
         if message is not None:
             row["status_message"] = message
-        if store:
-            txn.put_task(row)
+        # A move into or out of SUBMITTED is always stored: the live-task table's entry changes with it.
+        if store or (was == _T.SUBMITTED) != (status == _T.SUBMITTED):
+            txn.put_task(row, was=was)
         self.events.task_status(row)
 
     def require_task(self, txn: Txn, task_id: str) -> dict:
@@ -404,7 +406,15 @@ class BrokerState:
         to_fail = []
         to_cancel = []
         paused = []
-        for row in txn.iter_live_tasks():
+        for task_id, queued in txn.iter_live_tasks():
+            if queued is not None:
+                # SUBMITTED: its partition and priority are all the queue needs (its row is not read)
+                self._add_to_core(task_id, {"partition_id": queued[0], "priority": queued[1]}, ())
+                counts["queued"] += 1
+                continue
+            row = txn.get_task(task_id)
+            if row is None:  # never expected: both tables change in one transaction
+                continue
             status = row["status"]
             if status in TASK_FINAL:
                 continue

@@ -15,7 +15,9 @@ import lmdb
 import msgpack
 
 from ..protocol import DATA_CHUNK_MAX_SIZE, ErrorCode, ProtocolError
-from ..status import TASK_FINAL, ResultStatus
+from ..status import TASK_FINAL, ResultStatus, TaskStatus
+
+_SUBMITTED = TaskStatus.SUBMITTED
 from .objects import ObjectStorage, chunk_key, n_chunks, rechunk
 
 _pack = msgpack.Packer(use_bin_type=True).pack
@@ -76,7 +78,7 @@ class Store:
         self.result_rows: dict[str, dict] = {}
         with self.env.begin() as txn:
             indexed = txn.get(LIVE_TASKS_DB) is not None
-        #: task id -> b"" for every task not in a final status (maintained by ``Txn.put_task``)
+        #: task id -> ``_live_value`` for every task not in a final status (maintained by ``Txn.put_task``)
         self.live_tasks = self.env.open_db(LIVE_TASKS_DB)
         if not indexed:
             self._index_live_tasks()
@@ -88,8 +90,9 @@ class Store:
         with self.env.begin(write=True) as txn:
             with txn.cursor(db=self.tasks) as cur:
                 for key, buf in cur:
-                    if _unpack(buf)["status"] not in TASK_FINAL:
-                        txn.put(key, b"", db=self.live_tasks)
+                    row = _unpack(buf)
+                    if row["status"] not in TASK_FINAL:
+                        txn.put(key, _live_value(row), db=self.live_tasks)
 
     # -- map size ------------------------------------------------------------------------------------
 
@@ -159,6 +162,14 @@ class Store:
         self.env.close()
 
 
+def _live_value(row: dict) -> bytes:
+    """A queued (SUBMITTED) task's [partition, priority], all a restart needs to queue it; b"" for other statuses."""
+    if row["status"] == _SUBMITTED:
+        opts = row["options"]
+        return _pack([opts["partition_id"], opts["priority"]])
+    return b""
+
+
 class Txn:
     """Typed access to the tables inside one LMDB transaction."""
 
@@ -197,15 +208,20 @@ class Txn:
             self.touched.add(task_id)
         return row
 
-    def put_task(self, row: dict, new: bool = False) -> None:
+    def put_task(self, row: dict, new: bool = False, was: Optional[int] = None) -> None:
+        """Store a task row (``was``: its status before, when known) and keep the live-task table in step.
+
+        The table changes in the same transaction as the status: a task leaves it when it ends, and
+        its value changes only when the task enters or leaves SUBMITTED.
+        """
         task_id = row["task_id"]
         key = task_id.encode()
         self.txn.put(key, _pack(row), db=self.store.tasks)
-        # the live-task table changes in the same transaction as the status: a task leaves it once, when it ends
-        if row["status"] in TASK_FINAL:
+        status = row["status"]
+        if status in TASK_FINAL:
             self.txn.delete(key, db=self.store.live_tasks)
-        elif new:
-            self.txn.put(key, b"", db=self.store.live_tasks)
+        elif new or was is None or (was == _SUBMITTED) != (status == _SUBMITTED):
+            self.txn.put(key, _live_value(row), db=self.store.live_tasks)
         if new:
             self.txn.put(row["session_id"].encode(), key, db=self.store.session_tasks)
         cache = self.store.task_rows
@@ -417,12 +433,15 @@ class Txn:
     def iter_tasks(self) -> Iterator[dict]:
         return self.iter_rows(self.store.tasks)
 
-    def iter_live_tasks(self) -> Iterator[dict]:
-        """Yield the rows of the tasks not in a final status, in task id order (what a restart needs)."""
-        tasks, get = self.store.tasks, self.txn.get
+    def iter_live_tasks(self) -> Iterator[tuple[str, Optional[tuple[str, int]]]]:
+        """Yield (task id, queued) for every task not in a final status, in task id order (what a restart reads).
+
+        ``queued`` is (partition id, priority) for a SUBMITTED task, which is all it takes to queue it
+        again without reading its row; None for any other status (read the row).
+        """
         with self.txn.cursor(db=self.store.live_tasks) as cur:
-            for key in cur.iternext(values=False):
-                yield _unpack(get(key, db=tasks))
+            for key, value in cur:
+                yield key.decode(), (tuple(_unpack(value)) if value else None)
 
     def iter_sessions(self) -> Iterator[dict]:
         return self.iter_rows(self.store.sessions)
