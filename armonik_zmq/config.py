@@ -152,6 +152,10 @@ class BrokerConfig:
     client_keys: str = ""
     #: CURVE: directory of the allowed agent public keys (*.key); each key's User-Id is agent:<file name>
     agent_keys: str = ""
+    #: results at least this big move as sealed memfds between processes of this host (0: off; shm.py)
+    shm_threshold: int = 256 << 10
+    #: fsync a shared-memory result's file before acknowledging its task (survives power loss; slower)
+    shm_fsync: bool = False
 
     def __post_init__(self):
         if self.heartbeat_interval <= 0 or self.liveness < 1:

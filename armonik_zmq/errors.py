@@ -65,6 +65,11 @@ class StorageFullError(ResourceExhaustedError):
     code = ErrorCode.STORAGE_FULL
 
 
+class DataCorruptError(ArmoniKZmqError):
+    """Shared-memory data that does not match the checksum recorded with it: never returned, always raised."""
+    code = ErrorCode.DATA_CORRUPT
+
+
 class BrokerUnavailableError(ArmoniKZmqError, TimeoutError):
     """The broker did not answer in time (not running, wrong endpoint, or overloaded)."""
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import cloudpickle
 
-from . import subtasks
+from . import serialization, subtasks
 from .common import Output
 
 OK = b"\x00"
@@ -97,8 +97,9 @@ def is_call(payload) -> bool:
     return bytes(memoryview(payload)[:len(PAYLOAD_MAGIC)]) == PAYLOAD_MAGIC
 
 
-def dump_result(value: Any) -> bytes:
-    return OK + cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+def dump_result(value: Any):
+    """``OK`` + pickle; a value holding big buffers (numpy arrays) is a list of buffers written once (serialization.py)."""
+    return serialization.pack(value, OK)
 
 
 def dump_error(exc: BaseException) -> bytes:
@@ -108,7 +109,7 @@ def dump_error(exc: BaseException) -> bytes:
 def load_result(data) -> Any:
     """Return the value of a result, or raise the exception of a failed call."""
     view = memoryview(data)
-    value = pickle.loads(view[1:])
+    value = serialization.unpack(view)
     if bytes(view[:1]) == ERROR:
         raise value.to_exception()
     return value
@@ -150,7 +151,7 @@ def processor(task_handler) -> Output:
                              "serve other tasks with armonik_zmq.processors.with_functions(your_processor)")
         function_bytes, argument_bytes, *aliases = pickle.loads(memoryview(task_handler.payload)[len(PAYLOAD_MAGIC):])
         fn = _function(function_bytes)
-        args, kwargs = _load_arguments(argument_bytes, {rid: pickle.loads(memoryview(data)[1:])
+        args, kwargs = _load_arguments(argument_bytes, {rid: serialization.unpack(data)
                                                         for rid, data in deps.items()}, aliases[0] if aliases else {})
         with subtasks.running(task_handler) as client:
             value = fn(*args, **kwargs)

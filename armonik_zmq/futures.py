@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, List, Optio
 
 import cloudpickle
 
-from . import functions, subtasks
+from . import functions, shm, subtasks
 from .common import TaskOptions
+from .errors import DataCorruptError
 from .errors import BrokerUnavailableError, ConnectionLostError, TaskCancelledError, TaskFailedError, TaskTimeoutError, WorkerLostError
 from .protocol import Op, chunks, split_frames
 from .status import EventTypes, ResultStatus, TaskStatus
@@ -105,7 +106,8 @@ class Client:
 
     def __init__(self, endpoint: Optional[str] = None, *, retries: int = 2, timeout: float = 3600.0,
                  priority: int = 1, partitions: Optional[List[str]] = None, connect_timeout: float = 30.0,
-                 connection: Optional["Connection"] = None, server_key=None, secret=None):
+                 connection: Optional["Connection"] = None, server_key=None, secret=None,
+                 shared_memory: bool = True):
         from .client import ArmoniKSessions, ArmoniKTasks, connect
 
         self._owns_connection = connection is None
@@ -123,6 +125,9 @@ class Client:
         try:
             header, _ = self._conn.call(Op.GET_SERVICE_CONFIG)
             self._chunk_size = int(header["data_chunk_max_size"])
+            #: the broker's data socket when it runs on this host: large results are mapped, not downloaded
+            self._service = header if shared_memory else None
+            self._data = shm.DataChannel.open(header) if shared_memory else None
             options = TaskOptions(max_duration=timedelta(seconds=timeout), priority=priority, max_retries=retries)
             #: the session holding this client's tasks
             self.session_id = self._sessions.create_session(options, partitions)
@@ -307,6 +312,30 @@ class Client:
             self._fail(aborted)
 
     def _download(self, result_ids: List[str]) -> None:
+        if self._data is None and self._service is not None:
+            self._data = shm.DataChannel.open(self._service)
+        if self._data is not None:
+            try:
+                views = self._data.get(self.session_id, result_ids)
+            except (OSError, shm.DataError) as exc:  # the broker restarted: its new socket next time
+                log.info("data socket unusable (%s): downloading over the sockets", exc)
+                self._data = None
+                views = {}
+            for rid, view in views.items():
+                with self._lock:
+                    fut = self._pending.pop(rid, None)
+                if fut is None:
+                    continue
+                if isinstance(view, shm.DataError):
+                    fut._settle(exception=DataCorruptError(str(view)))
+                    continue
+                try:
+                    fut._settle(functions.load_result(view))
+                except Exception as exc:
+                    fut._settle(exception=exc)
+            result_ids = [rid for rid in result_ids if rid not in views]
+            if not result_ids:
+                return
         header, frames = self._conn.call(Op.DOWNLOAD_RESULT_DATA, session_id=self.session_id, result_ids=result_ids)
         for rid, parts in zip(result_ids, split_frames(frames, header["frames"])):
             with self._lock:
@@ -368,6 +397,8 @@ class Client:
             if self._owns_connection:
                 self._conn.close()
             self._listener.join()
+            if self._data is not None:  # values already mapped stay valid: a mapping outlives its descriptor
+                self._data.close()
 
     def __enter__(self) -> "Client":
         return self

@@ -122,6 +122,8 @@ class ErrorCode(IntEnum):
     UNAUTHENTICATED = 110  # client side only: the broker refused the connection's CURVE handshake
     STORAGE_FULL = 125  # the LMDB map is full at --max-map-size: nothing can be written
     IDEMPOTENCY_MISMATCH = 115  # an idempotency_key reused with a different request body
+    SEGMENT_LOST = 130  # a shared-memory segment named by a report is gone (broker restarted before storing it)
+    DATA_CORRUPT = 131  # shared-memory data does not match its recorded checksum
 
 
 class ProtocolError(Exception):
@@ -474,6 +476,8 @@ def field_kind(entity: str, field: str) -> str | None:
 #: the first reply and creates nothing new (see broker/idempotency.py).
 IDEMPOTENCY_KEY = Str(nonempty=True)
 MAX_IDEMPOTENCY_KEY = 256
+#: A shared-memory segment handed to the broker's data socket (shm.py): token, size, "<algorithm>:<hex>" checksum.
+SEGMENT = Map(required={"token": Str(nonempty=True), "size": Int(0, 1 << 62), "checksum": Str(nonempty=True)})
 
 #: Request fields of every op a peer may send. Reply fields are documented in docs/protocol.md.
 SCHEMAS: dict[Op, Map] = {
@@ -547,7 +551,7 @@ SCHEMAS: dict[Op, Map] = {
             "raised": Bool(),
             "timeout": Bool(),
             "created_results": List(Map(required={"result_id": ID, "name": Str()})),
-            "results": List(Map(required={"result_id": ID, "frames": Int(0, 1 << 20)})),
+            "results": List(Map(required={"result_id": ID, "frames": Int(0, 1 << 20)}, optional={"segment": SEGMENT})),
             "subtasks": List(Map(required={"task_id": ID, "payload_id": ID, "expected_output_ids": List(ID, nonempty=True)},
                                  optional={"data_dependencies": IDS, "options": Opt(TASK_OPTIONS)})),
             "subtask_options": Opt(TASK_OPTIONS),
@@ -565,7 +569,9 @@ SCHEMAS: dict[Op, Map] = {
     # raised: the processor raised (or the worker died) instead of returning Output(error).
     # result_ids/frames: result data kept back by send_results until the output (small data, one message).
     Op.W_OUTPUT: Map(required={"token": Str(), "ok": Bool()}, optional={
-        "error": Opt(Str()), "raised": Bool(), "result_ids": IDS, "frames": FRAME_COUNTS}),
+        "error": Opt(Str()), "raised": Bool(), "result_ids": IDS, "frames": FRAME_COUNTS,
+        # results handed to the broker's data socket as sealed memfds (shm.py): no data frames
+        "segments": List(Map(required={"result_id": ID, "segment": SEGMENT}))}),
 }
 
 

@@ -124,6 +124,8 @@ class Agent:
         self.heartbeat_interval = 1.0
         self.lease = 5.0
         self.data_chunk_max_size = DATA_CHUNK_MAX_SIZE
+        #: where the broker takes shared-memory results (data_socket, host_id, shm_threshold), if it does
+        self.shm_config: dict = {}
         self.stats = {"completed": 0, "failed": 0, "released": 0, "refused": 0, "discarded": 0}
 
     # -- broker connection ------------------------------------------------------------------------
@@ -190,6 +192,7 @@ class Agent:
         self.heartbeat_interval = header["heartbeat_interval"]
         self.lease = header["lease"]
         self.data_chunk_max_size = header["data_chunk_max_size"]
+        self.shm_config = {k: header[k] for k in ("data_socket", "host_id", "shm_threshold") if k in header}
         self._last_heard = time.monotonic()
         log.info("agent %s registered with %s (%d slots, %d attempt(s) kept)", self.agent_id, self.config.broker,
                  self.capacity, header.get("kept", 0))
@@ -381,7 +384,7 @@ class Agent:
         header = request(Op.RUN, 0, token=task.token, task_id=task.task_id, session_id=msg["session_id"],
                          payload_id=msg["payload_id"], data_dependencies=msg["data_dependencies"],
                          expected_output_ids=msg["expected_output_ids"], options=msg["options"],
-                         configuration={"data_chunk_max_size": self.data_chunk_max_size})
+                         configuration={"data_chunk_max_size": self.data_chunk_max_size, **self.shm_config})
         data = [task.data[msg["payload_id"]], *(task.data[d] for d in msg["data_dependencies"])]
         try:
             self.workers_sock.send_multipart([proc.identity, header, *data], flags=zmq.DONTWAIT, copy=False)
@@ -484,6 +487,8 @@ class Agent:
         if op == Op.W_OUTPUT:
             if "result_ids" in h:
                 self._keep_results(task, h, frames)
+            for seg in h.get("segments", ()):  # handed to the broker's data socket: only the reference travels
+                task.results.append({"result_id": seg["result_id"], "frames": 0, "segment": seg["segment"]})
             self._finish(task, h["ok"], h.get("error"), h.get("raised", False))
             return None
         raise ProtocolError(ErrorCode.UNIMPLEMENTED, f"op {op.name} is not served by the agent")

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Optional
 from .._core import STATE_QUEUED
 from ..protocol import ErrorCode, Op, ProtocolError, request, split_frames
 from ..status import ResultStatus, SessionStatus, TaskStatus, TASK_FINAL
+from . import segments as shm_segments
 from .state import not_found
 from .store import Txn
 
@@ -89,7 +90,8 @@ class Backend:
         log.info("agent %s registered from %s: %d slots, partitions %s, %d attempt(s) kept, %d to drop",
                  agent.agent_id, agent.hostname or "?", agent.capacity, ",".join(partitions), len(kept), len(dropped))
         req.reply(heartbeat_interval=self.config.heartbeat_interval, lease=self.config.lease,
-                  data_chunk_max_size=self.config.data_chunk_max_size, kept=len(kept))
+                  data_chunk_max_size=self.config.data_chunk_max_size, kept=len(kept),
+                  **shm_segments.advertise(self.segments, self.config.shm_threshold))
         self.metrics.add("attempts_kept", len(kept))
         self.metrics.add("attempts_dropped", len(dropped))
         if dropped:
@@ -323,6 +325,10 @@ class Backend:
             row = self._owned(txn, agent, completion["task_id"], completion["attempt"])
         except ProtocolError:
             return
+        if exc.code == ErrorCode.SEGMENT_LOST:  # the data is gone, not wrong: run the task again
+            log.warning("task %s: completion refused (%s): the task is retried", row["task_id"], exc)
+            self.state.retry_or_fail(txn, row, exc.message, now)
+            return
         log.warning("task %s: completion refused (%s): the task ends in ERROR", row["task_id"], exc)
         self.state.end_task(txn, row, _T.ERROR, now, f"invalid completion from agent {agent.agent_id}: {exc.message}")
 
@@ -372,6 +378,8 @@ class Backend:
                                     f"'{rrow['owner_task_id']}' (only expected outputs and created results)")
             if rrow["status"] != _R.CREATED:
                 raise ProtocolError(ErrorCode.FAILED_PRECONDITION, f"result {rid} is {_R(rrow['status']).name}: written twice?")
+            if "segment" in spec:
+                data = shm_segments.check(self.segments, spec["segment"], rid)
             produced.append((rrow, data))
         # 3. subtasks, taking over the outputs they list (ownership transfer). They are created before the
         #    data is marked COMPLETED so that every check (here and above) runs before the core changes.
@@ -386,7 +394,10 @@ class Backend:
                                task_ids=[s["task_id"] for s in subtasks])
         # 4. the data, which releases waiting tasks (subtasks included)
         for rrow, data in produced:
-            state.complete_result(txn, rrow, data, task_id, now)
+            if isinstance(data, shm_segments.SegmentRef):
+                state.mark_result_completed(txn, rrow, shm_segments.store(txn, rrow["result_id"], data), task_id, now)
+            else:
+                state.complete_result(txn, rrow, data, task_id, now)
         # 5. ArmoniK only logs an expected output that was neither written nor handed to a subtask
         written = {rrow["result_id"] for rrow, _ in produced}
         for rid in row["expected_output_ids"]:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 from ..protocol import ErrorCode, Op, ProtocolError, split_frames
 from ..status import ResultStatus, SessionStatus, TaskStatus, TASK_FINAL
 from . import options as task_options
+from . import segments as shm_segments
 from .state import new_id, not_found
 from .store import Txn
 
@@ -46,7 +47,8 @@ class Handlers:
     def handle_get_service_config(self: "Broker", req: "Request", txn: Txn) -> None:
         from .. import __version__
         req.reply(data_chunk_max_size=self.config.data_chunk_max_size,
-                  max_message_size=self.config.max_message_size, version=__version__)
+                  max_message_size=self.config.max_message_size, version=__version__,
+                  **shm_segments.advertise(self.segments, self.config.shm_threshold))
 
     def handle_health(self: "Broker", req: "Request", txn: Txn) -> None:
         agents = sum(1 for a in self.agents.values() if a.peer is not None)  # not the placeholders of a restart

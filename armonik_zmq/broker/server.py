@@ -43,6 +43,7 @@ from .lifecycle import Lifecycle
 from .listing import Listing
 from .metrics import Metrics, serve_http
 from .objects import ObjectStorage
+from ..shm import SegmentStore
 from .state import BrokerState, now as wall_now
 from .store import MapAtLimit, Store
 
@@ -111,6 +112,10 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         self.store = Store(config.data_dir, map_size=config.map_size, max_map_size=config.max_map_size, sync=config.sync,
                            chunk_size=config.data_chunk_max_size,
                            object_storage=ObjectStorage(config.object_storage) if config.object_storage else None)
+        #: large results handed over as sealed memfds on a Unix socket (None: shared memory off)
+        self.segments = (SegmentStore(self.store, config.data_dir, fsync=config.shm_fsync)
+                         if config.shm_threshold > 0 else None)
+        self.store.segments = self.segments
         self.agents: dict[str, AgentInfo] = {}
         self.agent_by_slot: dict[int, AgentInfo] = {}
         self.state = self._load_state()
@@ -460,5 +465,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         if self.guard is not None:
             self.guard.stop()
         self.ctx.term()
+        if self.segments is not None:
+            self.segments.close()
         self.store.close()
         log.info("broker stopped: %s", ", ".join(f"{v} {k}" for k, v in self.stats.items()))

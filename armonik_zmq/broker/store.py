@@ -137,6 +137,10 @@ class Store:
             return False
         self.env.set_mapsize(target)
         return True
+        #: shared-memory segment token -> result id: the segment files some result's data is (shm.py)
+        self.segment_files = self.env.open_db(b"segment_files")
+        #: the broker's shm.SegmentStore once it serves a data socket (set by the broker)
+        self.segments = None
 
     @contextlib.contextmanager
     def write(self) -> Iterator["Txn"]:
@@ -335,6 +339,15 @@ class Txn:
         self._put_object_row(result_id, {"size": size, "chunks": n_chunks(size, cs), "chunk_size": cs,
                                          "opaque_id": opaque_id})
 
+    def put_segment(self, result_id: str, token: str, size: int, digest: str) -> int:
+        """Make a result's data the spilled shared-memory segment ``token`` (shm.py); return its size."""
+        self.delete_object(result_id)
+        cs = self.store.chunk_size
+        self._put_object_row(result_id, {"size": size, "chunks": n_chunks(size, cs), "chunk_size": cs,
+                                         "segment": token, "checksum": digest})
+        self.txn.put(token.encode(), result_id.encode(), db=self.store.segment_files)
+        return size
+
     def object_size(self, result_id: str) -> Optional[int]:
         """Return the size of a result's data, or None if it has none (or only an unfinished upload).
 
@@ -353,6 +366,21 @@ class Txn:
                                 f"result {result_id} was imported from an object storage, and this broker has none")
         return self.store.object_storage
 
+    def _read_segment(self, result_id: str, token: str, offset: int, length: int) -> bytes:
+        try:
+            fd = os.open(os.path.join(self.store.path, "segments", token), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                data = os.pread(fd, length, offset)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise ProtocolError(ErrorCode.FAILED_PRECONDITION, f"the data of result {result_id} (shared-memory "
+                                f"segment {token}) cannot be read: {exc.strerror}") from None
+        if len(data) != length:
+            raise ProtocolError(ErrorCode.FAILED_PRECONDITION, f"the data of result {result_id} (shared-memory "
+                                f"segment {token}) is shorter than recorded")
+        return data
+
     def object_chunks(self, result_id: str) -> int:
         """Return how many chunks a result's data has (0 if it has none)."""
         row = self._object(result_id)
@@ -365,6 +393,11 @@ class Txn:
             return
         stop = row["chunks"] if count is None else min(row["chunks"], start + count)
         name = row.get("opaque_id")
+        if "segment" in row:  # a shared-memory segment's file: read a chunk at a time, for peers on other hosts
+            cs, size = row["chunk_size"], row["size"]
+            for index in range(start, stop):
+                yield self._read_segment(result_id, row["segment"], index * cs, min(cs, size - index * cs))
+            return
         if name is None:
             for index in range(start, stop):
                 yield self.txn.get(chunk_key(result_id, index), db=self.store.data)
@@ -386,7 +419,11 @@ class Txn:
         row = self._object(result_id)
         if row is None:
             return False
-        if "opaque_id" not in row:
+        if "segment" in row:
+            self.txn.delete(row["segment"].encode(), db=self.store.segment_files)
+            if self.store.segments is not None:
+                self.store.segments.forget(row["segment"])
+        elif "opaque_id" not in row:
             for index in range(row["chunks"]):
                 self.txn.delete(chunk_key(result_id, index), db=self.store.data)
         self.txn.delete(result_id.encode(), db=self.store.objects)

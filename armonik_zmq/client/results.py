@@ -112,8 +112,29 @@ class ArmoniKResults:
                     for group in (parts[first:first + per_message],))
         self._conn._call_many(Op.UPLOAD_RESULT_DATA, requests, window=_STREAM_WINDOW)
 
+    def download_result_view(self, result_id: str, session_id: str) -> memoryview:
+        """Return the data of a result as a read-only memoryview; on the broker's host, a mapping of it (no copy).
+
+        A large result produced on this host is a shared-memory segment: it is mapped, its checksum
+        verified (``DataCorruptError`` if it does not match), never copied. Anything else is downloaded.
+        """
+        from .. import shm
+        from ..errors import DataCorruptError
+
+        channel = shm.channel_of(self._conn)
+        if channel is not None:
+            view = channel.get(session_id, [result_id]).get(result_id)
+            if isinstance(view, shm.DataError):
+                raise DataCorruptError(str(view))
+            if view is not None:
+                return view
+        return memoryview(self._download_frames(result_id, session_id)).toreadonly()
+
     def download_result_data(self, result_id: str, session_id: str) -> bytes:
         """Return the data of a result, asked a few chunks at a time (a large result never travels in one message)."""
+        return self._download_frames(result_id, session_id)
+
+    def _download_frames(self, result_id: str, session_id: str) -> bytes:
         per_message = max(1, _STREAM_MESSAGE_BYTES // self.get_service_config())
         header, frames = self._conn.call(Op.DOWNLOAD_RESULT_DATA, session_id=session_id, result_ids=[result_id],
                                          first_chunk=0, max_chunks=per_message)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Mapping, Optional, Union
 
+from .. import shm
 from ..common import Result, Task, TaskDefinition, TaskOptions
 from ..protocol import Op, chunks
 
@@ -32,6 +33,8 @@ class TaskHandler:
         self.data_dependencies: Mapping[str, bytes] = {rid: frame for rid, frame in zip(deps, frames[1:])}
         #: small results kept for the output message
         self._kept: Dict[str, bytes] = {}
+        #: results handed to the broker's data socket: [{result_id, segment}] for the output message
+        self._segments: List[dict] = []
 
     def _call(self, op: Op, data=(), **fields) -> dict:
         """Ask the agent, on behalf of this task run (its token)."""
@@ -52,6 +55,12 @@ class TaskHandler:
         """
         big = {}
         for rid, data in results_data.items():
+            if isinstance(data, (list, tuple)):  # several buffers (e.g. pickle-5 out-of-band): written once
+                if self._to_segment(rid, data):
+                    continue
+                data = b"".join(data)
+            elif self._to_segment(rid, [data]):
+                continue
             if len(data) < SEND_NOW_THRESHOLD:
                 self._kept[rid] = data
             else:
@@ -59,6 +68,22 @@ class TaskHandler:
         if big:
             ids, counts, frames = self._framed(big)
             self._call(Op.W_SEND_RESULTS, frames, result_ids=ids, frames=counts)
+
+    def _to_segment(self, result_id: str, buffers: list) -> bool:
+        """Hand a large result to the broker's data socket as a sealed memfd, if the broker is on this host."""
+        threshold = self.configuration.get("shm_threshold", 0)
+        if not threshold or shm.nbytes(buffers) < threshold:
+            return False
+        channel = _data_channel(self.configuration)
+        if channel is None:
+            return False
+        try:
+            segment = channel.put(buffers)
+        except (OSError, shm.DataError):
+            _channels.pop(self.configuration.get("data_socket"), None)  # reconnect next time; frames this time
+            return False
+        self._segments.append({"result_id": result_id, "segment": segment})
+        return True
 
     def _framed(self, results_data: Dict[str, bytes]) -> tuple[list, list, list]:
         ids, counts, frames = [], [], []
@@ -71,10 +96,11 @@ class TaskHandler:
 
     def output_message(self) -> tuple[dict, list]:
         """Header fields and data frames of the kept results, for the output message."""
+        fields: dict = {"segments": self._segments} if self._segments else {}
         if not self._kept:
-            return {}, []
+            return fields, []
         ids, counts, frames = self._framed(self._kept)
-        return {"result_ids": ids, "frames": counts}, frames
+        return {**fields, "result_ids": ids, "frames": counts}, frames
 
     def create_results_metadata(self, result_names: List[str], batch_size: int = 100) -> Dict[str, Result]:
         """Create results without data; return name -> Result."""
@@ -97,3 +123,19 @@ class TaskHandler:
         return [Task(id=t["task_id"], session_id=self.session_id, expected_output_ids=t["expected_output_ids"],
                      data_dependencies=t["data_dependencies"], payload_id=t["payload_id"])
                 for t in header["tasks"]]
+
+
+#: this worker process's connections to broker data sockets, by path (None: not reachable from here)
+_channels: Dict[str, Optional[shm.DataChannel]] = {}
+
+
+def _data_channel(configuration: dict) -> Optional[shm.DataChannel]:
+    path = configuration.get("data_socket")
+    if not path:
+        return None
+    channel = _channels.get(path)
+    if channel is None:  # not cached when unreachable: the broker may be restarting
+        channel = shm.DataChannel.open(configuration)
+        if channel is not None:
+            _channels[path] = channel
+    return channel

@@ -1,0 +1,591 @@
+"""Data that never crosses a socket on one host: sealed memfds handed over a Unix socket (SCM_RIGHTS).
+
+A worker writes a large result once, into a memfd (``MFD_CLOEXEC``), seals it
+(``F_SEAL_SHRINK|GROW|WRITE|SEAL``: nobody can change it any more) and hands the descriptor to
+the broker's data socket with ``socket.send_fds``; only a token, the size and a checksum travel
+on the ZeroMQ sockets. The broker copies the memfd into a file of its data directory (``sendfile``,
+in a helper thread, from the moment it receives it) and acknowledges the task's completion only
+once that copy is complete (and fsynced, if asked): the result then survives a broker SIGKILL.
+A local client (or worker) asks the same data socket for a result by id and gets a read-only
+descriptor of that file, which it maps: the bytes are never copied into a socket, and the
+checksum recorded in LMDB is verified on every read. See docs/data-path.md.
+
+The data socket is ``SOCK_SEQPACKET`` (message boundaries kept, descriptors ride in the message's
+ancillary data), in the broker's data directory (0700): only the broker's user can connect.
+Messages are msgpack maps: ``{"op": "put", "token", "size", "checksum"}`` + one fd, answered
+``{"ok": true}`` or ``{"error": ...}``; ``{"op": "get", "session_id", "result_ids"}`` answered
+``{"items": [...]}`` + one fd per item that has ``"fd": true``.
+
+Nothing here is named in ``/dev/shm``: a memfd disappears with its last descriptor and mapping,
+so a crash leaks nothing; spilled files are owned by LMDB rows and swept when no row names them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import mmap
+import os
+import re
+import socket
+import stat
+import threading
+import time
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Iterable, Optional, Sequence
+
+import msgpack
+
+try:  # xxh3 hashes 256 MiB in ~16 ms here, blake2b in ~520 ms: the checksum must not cost more than the copy
+    import xxhash
+except ImportError:  # pragma: no cover - xxhash is a dependency; blake2b keeps working without it
+    xxhash = None
+
+log = logging.getLogger(__name__)
+
+SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+#: tokens are made by the writer; the broker accepts only this shape, so a token can name a file safely
+TOKEN_RE = re.compile(r"^[0-9a-f]{32}$")
+#: result ids per "get" message (SCM_RIGHTS carries at most 253 descriptors per message)
+GET_BATCH = 200
+_MAX_MESSAGE = 1 << 20
+_PUT_TIMEOUT = 60.0
+
+
+class DataError(Exception):
+    """Shared-memory data that cannot be used: a checksum mismatch, a segment lost or not sealed."""
+
+
+# -- checksums ----------------------------------------------------------------------------------------
+
+def _hasher(algorithm: str):
+    if algorithm == "xxh3" and xxhash is not None:
+        return xxhash.xxh3_128()
+    if algorithm == "b2":
+        return hashlib.blake2b(digest_size=16)
+    raise DataError(f"unknown checksum algorithm {algorithm!r} (install xxhash to read xxh3 checksums)")
+
+
+def checksum(buffers: Iterable, algorithm: Optional[str] = None) -> str:
+    """Return ``"<algorithm>:<hex digest>"`` of the concatenated buffers (xxh3-128 if available, else blake2b)."""
+    algorithm = algorithm or ("xxh3" if xxhash is not None else "b2")
+    h = _hasher(algorithm)
+    for buf in buffers:
+        h.update(buf)
+    return f"{algorithm}:{h.hexdigest()}"
+
+
+def verify(view, expected: str, what: str) -> None:
+    """Raise ``DataError`` unless ``view`` has the checksum ``expected`` (computed with the same algorithm)."""
+    algorithm = expected.partition(":")[0]
+    got = checksum([view], algorithm)
+    if got != expected:
+        raise DataError(f"{what}: checksum mismatch (recorded {expected}, read {got}): the data is damaged; "
+                        f"run the task that produced it again")
+
+
+# -- segments ---------------------------------------------------------------------------------------
+
+def nbytes(buffers: Sequence) -> int:
+    return sum(memoryview(b).nbytes for b in buffers)
+
+
+def write_segment(buffers: Sequence, name: str = "armonik-zmq") -> tuple[int, int, str]:
+    """Write the buffers once into a new sealed memfd; return (fd, size, checksum). The caller closes fd."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        h = _hasher("xxh3" if xxhash is not None else "b2")
+        size = 0
+        for buf in buffers:
+            view = memoryview(buf).cast("B")
+            h.update(view)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+                size += n
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, size, f"{'xxh3' if xxhash is not None else 'b2'}:{h.hexdigest()}"
+
+
+def map_fd(fd: int, size: int) -> memoryview:
+    """Map ``size`` bytes of ``fd`` read-only; the returned view keeps the mapping alive (fd may be closed)."""
+    if size == 0:
+        return memoryview(b"")
+    return memoryview(mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ))
+
+
+def check_sealed(fd: int, size: int) -> None:
+    """Refuse a descriptor that is not a fully sealed memfd of ``size`` bytes."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError as exc:
+        raise DataError(f"the descriptor is not a sealable memfd ({exc.strerror})") from None
+    if seals & SEALS != SEALS:
+        raise DataError(f"the memfd is not sealed (seals {seals:#x}, need {SEALS:#x})")
+    actual = os.fstat(fd).st_size
+    if actual != size:
+        raise DataError(f"the memfd holds {actual} bytes, the message says {size}")
+
+
+def host_id() -> str:
+    """Identify this host (and boot): a data socket path seen from another host must not be trusted."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+# -- the client side of the data socket ------------------------------------------------------------
+
+class DataChannel:
+    """A connection to a broker's data socket: hand over segments, get result descriptors."""
+
+    def __init__(self, path: str, timeout: float = _PUT_TIMEOUT):
+        self.path = path
+        self._lock = threading.Lock()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(path)
+        except OSError:
+            self.sock.close()
+            raise
+
+    @classmethod
+    def open(cls, config: dict) -> Optional["DataChannel"]:
+        """Connect to the data socket a broker advertised (``data_socket``, ``host_id``), if it is on this host."""
+        path = config.get("data_socket")
+        if not path or config.get("host_id") != host_id():
+            return None
+        try:
+            return cls(path)
+        except OSError as exc:
+            log.info("broker data socket %s unreachable (%s): data goes over the sockets", path, exc.strerror)
+            return None
+
+    def _request(self, msg: dict, fds: Sequence[int] = ()) -> tuple[dict, list[int]]:
+        with self._lock:
+            raw = msgpack.packb(msg, use_bin_type=True)
+            if fds:
+                socket.send_fds(self.sock, [raw], list(fds))
+            else:
+                self.sock.sendall(raw)
+            data, got, flags, _ = socket.recv_fds(self.sock, _MAX_MESSAGE, GET_BATCH + 1)
+        if not data:
+            for fd in got:
+                os.close(fd)
+            raise DataError("the broker closed its data socket")
+        reply = msgpack.unpackb(data, raw=False)
+        if "error" in reply:
+            for fd in got:
+                os.close(fd)
+            raise DataError(reply["error"])
+        return reply, got
+
+    def put(self, buffers: Sequence) -> dict:
+        """Write the buffers into a sealed memfd, hand it to the broker; return ``{token, size, checksum}``."""
+        fd, size, digest = write_segment(buffers)
+        try:
+            token = os.urandom(16).hex()
+            self._request({"op": "put", "token": token, "size": size, "checksum": digest}, [fd])
+        finally:
+            os.close(fd)
+        return {"token": token, "size": size, "checksum": digest}
+
+    def get(self, session_id: str, result_ids: Sequence[str], check: bool = True) -> dict:
+        """Map the results of the list that are shared segments; return result id -> read-only memoryview.
+
+        Results kept another way (small ones, in LMDB) are absent: fetch them over the sockets. A
+        result whose data does not match its recorded checksum maps to a ``DataError`` instead.
+        """
+        out = {}
+        for start in range(0, len(result_ids), GET_BATCH):
+            batch = list(result_ids[start:start + GET_BATCH])
+            reply, fds = self._request({"op": "get", "session_id": session_id, "result_ids": batch})
+            fds_iter = iter(fds)
+            try:
+                for item in reply["items"]:
+                    if not item.get("fd"):
+                        continue
+                    fd = next(fds_iter)
+                    try:
+                        view = map_fd(fd, item["size"])
+                    finally:
+                        os.close(fd)
+                    if check:
+                        try:
+                            verify(view, item["checksum"], f"result {item['result_id']}")
+                        except DataError as exc:
+                            view = exc
+                    out[item["result_id"]] = view
+            finally:
+                for fd in fds_iter:
+                    os.close(fd)
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# -- the broker side ------------------------------------------------------------------------------
+
+_client_channels: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def channel_of(conn) -> Optional[DataChannel]:
+    """The data socket of the broker a client ``Connection`` talks to, if it is on this host (cached per connection)."""
+    if conn in _client_channels:
+        return _client_channels[conn]
+    from .protocol import Op
+
+    header, _ = conn.call(Op.GET_SERVICE_CONFIG)
+    channel = DataChannel.open(header)
+    _client_channels[conn] = channel
+    return channel
+
+
+class _Segment:
+    __slots__ = ("fd", "size", "checksum", "spill", "received")
+
+    def __init__(self, fd: int, size: int, digest: str, spill: Future):
+        self.fd = fd
+        self.size = size
+        self.checksum = digest
+        self.spill = spill
+        self.received = time.monotonic()
+
+
+class SegmentStore:
+    """The broker's segments: receives memfds on the data socket, spills them to files, serves descriptors.
+
+    Files live in ``<data_dir>/segments`` (0700), one per segment, named by its token, mode 0400.
+    A file is the result's data once an LMDB ``segment_files`` row names it; the sweeper removes
+    files no row names (a task that failed after writing, a result deleted or purged), after
+    ``grace`` seconds, so a completion re-sent after a restart still finds its file.
+    """
+
+    def __init__(self, store, data_dir: str, socket_path: Optional[str] = None, fsync: bool = False,
+                 grace: float = 600.0, sweep_interval: float = 5.0):
+        self.store = store
+        self.dir = os.path.join(data_dir, "segments")
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        self.fsync = fsync
+        self.grace = grace
+        self.sweep_interval = sweep_interval
+        self.path = socket_path or os.path.join(os.path.abspath(data_dir), "data.sock")
+        if len(self.path.encode()) > 107:
+            raise RuntimeError(f"data socket path {self.path!r} is longer than a Unix socket allows (107 bytes): "
+                             f"use a shorter --data-dir")
+        self._segments: dict[str, _Segment] = {}
+        #: tokens whose row was deleted: their file goes at the next sweep that no longer sees the row
+        self._released: set[str] = set()
+        self._lock = threading.Lock()
+        self._spiller = ThreadPoolExecutor(max_workers=2, thread_name_prefix="armonik-zmq-spill")
+        self.stats = {"put": 0, "get": 0, "spilled_bytes": 0, "swept": 0, "refused": 0}
+        for name in os.listdir(self.dir):  # a copy cut short by a crash is garbage
+            if name.endswith(".part"):
+                os.unlink(os.path.join(self.dir, name))
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)  # the socket file is 0600 from birth: no window where others could connect
+        try:
+            self.listener.bind(self.path)
+        finally:
+            os.umask(old)
+        self.listener.listen(64)
+        self._running = True
+        self._thread = threading.Thread(target=self._serve, name="armonik-zmq-data", daemon=True)
+        self._thread.start()
+
+    def advertise(self) -> dict:
+        """The fields peers need to find this socket (GET_SERVICE_CONFIG, AGENT_REGISTER replies)."""
+        return {"data_socket": self.path, "host_id": host_id()}
+
+    def file_path(self, token: str) -> str:
+        return os.path.join(self.dir, token)
+
+    # -- receiving ------------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        sel.register(self.listener, selectors.EVENT_READ)
+        next_sweep = time.monotonic() + self.sweep_interval
+        while self._running:
+            for key, _ in sel.select(min(0.5, self.sweep_interval)):
+                if key.fileobj is self.listener:
+                    try:
+                        conn, _ = self.listener.accept()
+                    except OSError:
+                        continue
+                    conn.setblocking(False)
+                    sel.register(conn, selectors.EVENT_READ)
+                    continue
+                conn = key.fileobj
+                try:
+                    self._serve_one(conn)
+                except (ConnectionError, BlockingIOError, InterruptedError):
+                    pass
+                except OSError:
+                    sel.unregister(conn)
+                    conn.close()
+                except _Closed:
+                    sel.unregister(conn)
+                    conn.close()
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + self.sweep_interval
+                try:
+                    self.sweep()
+                except Exception:
+                    log.exception("segment sweep failed")
+        sel.close()
+
+    def _serve_one(self, conn: socket.socket) -> None:
+        data, fds, _, _ = socket.recv_fds(conn, _MAX_MESSAGE, 4)
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            raise _Closed()
+        try:
+            msg = msgpack.unpackb(data, raw=False, strict_map_key=True, max_str_len=1 << 16, max_array_len=GET_BATCH,
+                                  max_map_len=16, max_bin_len=0, max_ext_len=0)
+            if not isinstance(msg, dict):
+                raise DataError("a data socket message is a msgpack map")
+            op = msg.get("op")
+            if op == "put":
+                reply, out = self._put(msg, fds), []
+                fds = []  # kept by _put
+            elif op == "get":
+                reply, out = self._get(msg)
+            else:
+                raise DataError(f"unknown op {op!r} on the data socket (put, get)")
+        except (DataError, ValueError, KeyError, TypeError) as exc:
+            self.stats["refused"] += 1
+            reply, out = {"error": str(exc)}, []
+        finally:
+            for fd in fds:
+                os.close(fd)
+        conn.setblocking(True)
+        try:
+            raw = msgpack.packb(reply, use_bin_type=True)
+            if out:
+                socket.send_fds(conn, [raw], out)
+            else:
+                conn.sendall(raw)
+        finally:
+            conn.setblocking(False)
+            for fd in out:
+                os.close(fd)
+
+    def _put(self, msg: dict, fds: list[int]) -> dict:
+        token, size, digest = msg.get("token"), msg.get("size"), msg.get("checksum")
+        if len(fds) != 1:
+            raise DataError(f"a put carries exactly one descriptor, got {len(fds)}")
+        if not isinstance(token, str) or not TOKEN_RE.match(token):
+            raise DataError("token must be 32 lowercase hex digits")
+        if type(size) is not int or size < 0 or not isinstance(digest, str) or ":" not in digest:
+            raise DataError("put needs an integer size and a checksum '<algorithm>:<hex>'")
+        fd = fds[0]
+        check_sealed(fd, size)
+        with self._lock:
+            if token in self._segments or os.path.exists(self.file_path(token)):
+                raise DataError(f"segment {token} was already handed over")
+            seg = _Segment(fd, size, digest, None)
+            self._segments[token] = seg
+        fds.clear()
+        seg.spill = self._spiller.submit(self._spill, token, seg)
+        self.stats["put"] += 1
+        return {"ok": True}
+
+    def _spill(self, token: str, seg: _Segment) -> None:
+        """Copy a memfd into its file (sendfile: no user-space copy); fsync when asked; then drop the memfd."""
+        part = self.file_path(token) + ".part"
+        out = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o400)
+        try:
+            offset = 0
+            while offset < seg.size:
+                n = os.sendfile(out, seg.fd, offset, seg.size - offset)
+                if n == 0:
+                    raise DataError(f"segment {token} ended after {offset} of {seg.size} bytes")
+                offset += n
+            if self.fsync:
+                os.fsync(out)
+        except BaseException:
+            os.close(out)
+            os.unlink(part)
+            raise
+        os.close(out)
+        os.rename(part, self.file_path(token))
+        if self.fsync:
+            dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        self.stats["spilled_bytes"] += seg.size
+        with self._lock:
+            if self._segments.get(token) is seg:
+                os.close(seg.fd)
+                seg.fd = -1
+
+    # -- the broker loop's side -----------------------------------------------------------------------
+
+    def adopt(self, token: str, size: int, digest: str, what: str) -> None:
+        """Wait until segment ``token`` is safely in its file; raise ``DataError`` if it cannot be.
+
+        After a broker restart the memfd is gone, but a file copied before the crash is adopted once
+        its checksum matches.
+        """
+        if not TOKEN_RE.match(token):
+            raise DataError(f"{what}: invalid segment token")
+        with self._lock:
+            seg = self._segments.get(token)
+        if seg is not None:
+            if seg.size != size or seg.checksum != digest:
+                raise DataError(f"{what}: segment {token} is {seg.size} bytes with checksum {seg.checksum}, "
+                                f"the report says {size} bytes, {digest}")
+            try:
+                seg.spill.result(timeout=_PUT_TIMEOUT)
+            except Exception as exc:
+                raise DataError(f"{what}: segment {token} could not be stored: {exc}") from None
+            return
+        path = self.file_path(token)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            raise DataError(f"{what}: segment {token} is lost (the broker restarted before storing it)") from None
+        try:
+            if os.fstat(fd).st_size != size:
+                raise DataError(f"{what}: segment {token} was stored incomplete")
+            verify(map_fd(fd, size), digest, what)
+        finally:
+            os.close(fd)
+
+    def open_file(self, token: str) -> int:
+        return os.open(self.file_path(token), os.O_RDONLY | os.O_CLOEXEC)
+
+    def read(self, token: str, offset: int, length: int) -> bytes:
+        fd = self.open_file(token)
+        try:
+            return os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+
+    # -- serving reads ------------------------------------------------------------------------------
+
+    def _get(self, msg: dict) -> tuple[dict, list[int]]:
+        sid, ids = msg.get("session_id"), msg.get("result_ids")
+        if not isinstance(sid, str) or not isinstance(ids, list) or not all(isinstance(r, str) for r in ids):
+            raise DataError("get needs a session_id and a list of result_ids")
+        if len(ids) > GET_BATCH:
+            raise DataError(f"at most {GET_BATCH} result ids per get")
+        items, fds = [], []
+        from .broker.store import _unpack
+        try:
+            with self.store.env.begin(write=False) as txn:
+                for rid in ids:
+                    item = {"result_id": rid}
+                    items.append(item)
+                    row = txn.get(rid.encode(), db=self.store.results)
+                    row = _unpack(row) if row is not None else None
+                    if row is None or row["session_id"] != sid:
+                        item["error"] = f"result {rid} not found in session {sid}"
+                        continue
+                    if row["status"] != 2:  # ResultStatus.COMPLETED
+                        item["error"] = f"result {rid} has no data (status {row['status']})"
+                        continue
+                    obj = txn.get(rid.encode(), db=self.store.objects)
+                    obj = _unpack(obj) if obj is not None else None
+                    if obj is None or "segment" not in obj:
+                        continue  # kept in LMDB: over the sockets
+                    fds.append(self.open_file(obj["segment"]))
+                    item.update(fd=True, size=obj["size"], checksum=obj["checksum"])
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        self.stats["get"] += len(fds)
+        return {"items": items}, fds
+
+    # -- lifetime -------------------------------------------------------------------------------------
+
+    def sweep(self) -> int:
+        """Remove segment files no LMDB row names (at once if released, else after ``grace``); return how many.
+
+        Segments received but never adopted (their task failed, its report never came) are forgotten
+        after ``grace``; adopted ones as soon as their row is committed.
+        """
+        now_wall = time.time()
+        mono = time.monotonic()
+        removed = 0
+        with self.store.env.begin(write=False) as txn:
+            def named(token: str) -> bool:
+                return txn.get(token.encode(), db=self.store.segment_files) is not None
+
+            with self._lock:
+                for token, seg in list(self._segments.items()):
+                    if seg.spill.done() and (named(token) or mono - seg.received > self.grace):
+                        del self._segments[token]
+                        if seg.fd >= 0:
+                            os.close(seg.fd)
+                            seg.fd = -1
+                pending = set(self._segments)
+                released, self._released = self._released, set()
+            for name in os.listdir(self.dir):
+                if name in pending or not TOKEN_RE.match(name):
+                    continue
+                if named(name):
+                    continue
+                path = self.file_path(name)
+                try:
+                    if name not in released and now_wall - os.stat(path).st_mtime < self.grace:
+                        continue
+                    os.unlink(path)
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+            # a released token whose row is still there (the delete was rolled back) stays released
+            with self._lock:
+                self._released |= {t for t in released if named(t)}
+        self.stats["swept"] += removed
+        return removed
+
+    def forget(self, token: str) -> None:
+        """Called when a row naming ``token`` is deleted: the file goes at the first sweep after the commit."""
+        with self._lock:
+            self._released.add(token)
+
+    def close(self) -> None:
+        self._running = False
+        self._thread.join(timeout=2)
+        self.listener.close()
+        self._spiller.shutdown(wait=True)
+        with self._lock:
+            for seg in self._segments.values():
+                if seg.fd >= 0:
+                    os.close(seg.fd)
+            self._segments.clear()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+class _Closed(Exception):
+    pass
+
+
+def segment_mode_ok(path: str) -> bool:
+    """True if a file is readable by its owner only (0400 or 0600)."""
+    return stat.S_IMODE(os.stat(path).st_mode) & 0o077 == 0
