@@ -190,11 +190,14 @@ def keys(directory, clients, agents, client_names, agent_names) -> None:
                    "(never through a socket); 0 turns shared memory off.")
 @click.option("--shm-fsync", is_flag=True, help="fsync a shared-memory result's file before acknowledging its task "
               "(survives power loss, costs ~5 ms per MiB here); without it results survive a broker crash.")
+@click.option("--shm-grace", type=click.FloatRange(0), default=600.0, show_default=True,
+              help="Seconds a shared-memory segment no result names is kept before it is swept (the report of "
+                   "its task may still come after a restart); deleted and purged results go at once.")
 @click.pass_context
 def broker(ctx, data_dir, endpoint, agents_endpoint, partitions, heartbeat_interval, liveness, lease, backend_sndhwm,
            no_router_mandatory, no_sync, config_file, object_storage, metrics_port, metrics_address, max_message_size,
            map_size, max_map_size, agent_grace, idempotency_ttl, keys_dir, server_secret, client_keys,
-           agent_keys, shm_threshold, shm_fsync) -> None:
+           agent_keys, shm_threshold, shm_fsync, shm_grace) -> None:
     """Run the broker (the control plane) in the foreground."""
     from .broker import Broker
 
@@ -211,7 +214,7 @@ def broker(ctx, data_dir, endpoint, agents_endpoint, partitions, heartbeat_inter
                           object_storage=object_storage or "", metrics_port=metrics_port,
                           metrics_address=metrics_address, max_message_size=max_message_size, map_size=map_size,
                           max_map_size=max_map_size, agent_grace=agent_grace, idempotency_ttl=idempotency_ttl,
-                          shm_threshold=shm_threshold, shm_fsync=shm_fsync,
+                          shm_threshold=shm_threshold, shm_fsync=shm_fsync, shm_grace=shm_grace,
                           **_broker_keys(keys_dir, server_secret, client_keys, agent_keys))
     try:
         server = Broker(config)

@@ -156,6 +156,8 @@ class BrokerConfig:
     shm_threshold: int = 256 << 10
     #: fsync a shared-memory result's file before acknowledging its task (survives power loss; slower)
     shm_fsync: bool = False
+    #: seconds a segment file no result names is kept (a report re-sent after a restart may still claim it)
+    shm_grace: float = 600.0
 
     def __post_init__(self):
         if self.heartbeat_interval <= 0 or self.liveness < 1:

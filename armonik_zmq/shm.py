@@ -272,13 +272,14 @@ class SegmentStore:
     """
 
     def __init__(self, store, data_dir: str, socket_path: Optional[str] = None, fsync: bool = False,
-                 grace: float = 600.0, sweep_interval: float = 5.0):
+                 grace: float = 600.0, sweep_interval: Optional[float] = None):
         self.store = store
         self.dir = os.path.join(data_dir, "segments")
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         self.fsync = fsync
         self.grace = grace
-        self.sweep_interval = sweep_interval
+        #: seconds between sweeps (sooner with a short grace, so tests and small hosts see files go quickly)
+        self.sweep_interval = sweep_interval if sweep_interval is not None else min(5.0, max(0.2, grace / 2))
         self.path = socket_path or os.path.join(os.path.abspath(data_dir), "data.sock")
         if len(self.path.encode()) > 107:
             raise RuntimeError(f"data socket path {self.path!r} is longer than a Unix socket allows (107 bytes): "
@@ -509,7 +510,11 @@ class SegmentStore:
                     obj = _unpack(obj) if obj is not None else None
                     if obj is None or "segment" not in obj:
                         continue  # kept in LMDB: over the sockets
-                    fds.append(self.open_file(obj["segment"]))
+                    try:
+                        fds.append(self.open_file(obj["segment"]))
+                    except OSError as exc:  # gone (e.g. after an OS crash): the socket path reports it
+                        item["error"] = f"result {rid}: segment {obj['segment']} cannot be read ({exc.strerror})"
+                        continue
                     item.update(fd=True, size=obj["size"], checksum=obj["checksum"])
         except BaseException:
             for fd in fds:

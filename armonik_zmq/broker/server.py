@@ -113,7 +113,8 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
                            chunk_size=config.data_chunk_max_size,
                            object_storage=ObjectStorage(config.object_storage) if config.object_storage else None)
         #: large results handed over as sealed memfds on a Unix socket (None: shared memory off)
-        self.segments = (SegmentStore(self.store, config.data_dir, fsync=config.shm_fsync)
+        self.segments = (SegmentStore(self.store, config.data_dir, fsync=config.shm_fsync,
+                                         grace=config.shm_grace)
                          if config.shm_threshold > 0 else None)
         self.store.segments = self.segments
         self.agents: dict[str, AgentInfo] = {}

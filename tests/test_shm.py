@@ -1,0 +1,354 @@
+"""Large data on one host: sealed memfds over the broker's data socket (shm.py), and T14 (memfd hygiene).
+
+Real broker, agent and worker processes; results produced by the function processor (futures API)
+or by tests/processors.py (ArmoniK-style API).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import random
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+
+import cloudpickle
+import msgpack
+import numpy as np
+import pytest
+
+import armonik_zmq
+from armonik_zmq import shm
+from armonik_zmq.client import ArmoniKResults, ArmoniKSessions, connect
+from armonik_zmq.cluster import LocalProcesses
+from armonik_zmq.errors import DataCorruptError
+from reliability import figure
+
+# Workers cannot import this module: its functions travel by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+FUNCTIONS = "armonik_zmq.functions:processor"
+MiB = 1 << 20
+
+
+def pattern(i: int, n_bytes: int) -> np.ndarray:
+    """A result that differs for every task and every position: a wrong or torn byte shows."""
+    return np.arange(n_bytes // 8, dtype=np.int64) * 7919 + i
+
+
+def make_array(i: int, n_bytes: int) -> np.ndarray:
+    return pattern(i, n_bytes)
+
+
+def segment_files(cluster: LocalProcesses) -> list[str]:
+    d = os.path.join(cluster.data_dir, "segments")
+    return sorted(os.listdir(d)) if os.path.isdir(d) else []
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} after {timeout:g}s")
+        time.sleep(0.1)
+
+
+def backing_mmap(array) -> object:
+    """Follow an array's bases down to the object that owns the memory."""
+    obj = array
+    while True:
+        nxt = obj.obj if isinstance(obj, memoryview) else getattr(obj, "base", None)
+        if nxt is None:
+            return obj
+        obj = nxt
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with LocalProcesses(data_dir=str(tmp_path_factory.mktemp("shm") / "lmdb"), workers=2, processor=FUNCTIONS,
+                        broker_args=("--shm-grace", "1")) as c:
+        yield c
+
+
+@pytest.fixture
+def client(cluster):
+    with armonik_zmq.Client(cluster.endpoint) as c:
+        yield c
+
+
+def test_numpy_result_comes_back_as_a_read_only_view_of_the_mapping(client, cluster):
+    assert client._data is not None, "the client is on the broker's host: it must use the data socket"
+    before = len(segment_files(cluster))
+    value = client.submit(make_array, 3, 4 * MiB).result(60)
+    assert np.array_equal(value, pattern(3, 4 * MiB))
+    assert not value.flags.writeable
+    assert not value.flags.owndata
+    assert isinstance(backing_mmap(value), mmap.mmap), "the array must be a view of the mapping, not a copy"
+    assert len(segment_files(cluster)) == before + 1
+    # small values stay inline (no segment for them)
+    assert client.submit(make_array, 1, 1024).result(60).nbytes == 1024
+    assert len(segment_files(cluster)) == before + 1
+    # a large value feeds another task as a data dependency
+    assert client.submit(np.sum, client.submit(make_array, 5, 2 * MiB)).result(60) == pattern(5, 2 * MiB).sum()
+
+
+def test_segment_files_and_socket_are_private(cluster, client):
+    client.submit(make_array, 4, MiB).result(60)
+    seg_dir = os.path.join(cluster.data_dir, "segments")
+    assert stat.S_IMODE(os.stat(seg_dir).st_mode) == 0o700
+    sock = os.path.join(cluster.data_dir, "data.sock")
+    assert stat.S_ISSOCK(os.stat(sock).st_mode) and stat.S_IMODE(os.stat(sock).st_mode) & 0o077 == 0
+    for name in segment_files(cluster):
+        assert shm.segment_mode_ok(os.path.join(seg_dir, name)), name
+    # the broker holds no memfd once its data is in the file, and nothing of ours is named in /dev/shm
+    assert not [n for n in os.listdir("/dev/shm") if "armonik" in n]
+
+
+def test_arraylike_download_api_maps_without_copy(cluster, client):
+    fut = client.submit(make_array, 9, 2 * MiB)
+    fut.result(60)
+    with connect(cluster.endpoint) as conn:
+        results = ArmoniKResults(conn)
+        view = results.download_result_view(fut.result_id, client.session_id)
+        assert isinstance(backing_mmap(view), mmap.mmap) and view.readonly
+        data = results.download_result_data(fut.result_id, client.session_id)
+        assert bytes(view) == data
+        assert np.array_equal(armonik_zmq.functions.load_result(view), pattern(9, 2 * MiB))
+
+
+def test_client_without_shared_memory_gets_the_data_in_chunks(cluster):
+    """A client on another host (here: shared memory refused) reads the same results over the socket."""
+    with armonik_zmq.Client(cluster.endpoint, shared_memory=False) as c:
+        assert c._data is None
+        value = c.submit(make_array, 11, 6 * MiB).result(60)
+        assert np.array_equal(value, pattern(11, 6 * MiB))
+        assert value.flags.owndata or not isinstance(backing_mmap(value), mmap.mmap)
+
+
+def test_shared_memory_off_still_moves_large_results(tmp_path):
+    with LocalProcesses(data_dir=str(tmp_path / "lmdb"), workers=1, processor=FUNCTIONS,
+                        broker_args=("--shm-threshold", "0")) as c:
+        with armonik_zmq.Client(c.endpoint) as client:
+            assert client._data is None
+            assert np.array_equal(client.submit(make_array, 2, 3 * MiB).result(60), pattern(2, 3 * MiB))
+        assert not os.path.exists(os.path.join(c.data_dir, "data.sock"))
+        assert segment_files(c) == []
+
+
+def test_purge_and_delete_free_their_segments(cluster):
+    before = set(segment_files(cluster))
+    with armonik_zmq.Client(cluster.endpoint) as client:
+        futs = [client.submit(make_array, i, MiB) for i in range(4)]
+        client.gather(futs, timeout=60)
+        files = set(segment_files(cluster)) - before
+        assert len(files) == 4
+        sid = client.session_id
+        with connect(cluster.endpoint) as conn:
+            ArmoniKResults(conn).delete_result_data([futs[0].result_id], sid)
+            wait_until(lambda: len(set(segment_files(cluster)) & files) == len(files) - 1, 15,
+                       "the deleted result's segment is still there")
+    with connect(cluster.endpoint) as conn:
+        ArmoniKSessions(conn).purge_session(sid)
+    wait_until(lambda: not set(segment_files(cluster)) & files, 15, "purged segments are still there")
+
+
+def test_checksum_mismatch_is_detected_never_returned(cluster, client):
+    before = set(segment_files(cluster))
+    fut = client.submit(make_array, 21, MiB)
+    fut.result(60)
+    (name,) = set(segment_files(cluster)) - before
+    # damage one byte in the middle of the file, as a torn write or a bad disk would
+    path = os.path.join(cluster.data_dir, "segments", name)
+    os.chmod(path, 0o600)
+    with open(path, "r+b") as f:
+        f.seek(MiB // 2)
+        byte = f.read(1)
+        f.seek(MiB // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with connect(cluster.endpoint) as conn:
+        with pytest.raises(DataCorruptError, match="checksum mismatch"):
+            ArmoniKResults(conn).download_result_view(fut.result_id, client.session_id)
+    with armonik_zmq.Client(cluster.endpoint) as other:  # the futures path raises too, never returns the bytes
+        views = other._data.get(client.session_id, [fut.result_id])
+        assert isinstance(views[fut.result_id], shm.DataError)
+
+
+def test_data_socket_refuses_what_is_not_a_sealed_memfd(cluster):
+    path = os.path.join(cluster.data_dir, "data.sock")
+
+    def ask(msg, fds=()):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.settimeout(10)
+        s.connect(path)
+        try:
+            raw = msg if isinstance(msg, bytes) else msgpack.packb(msg)
+            socket.send_fds(s, [raw], list(fds)) if fds else s.sendall(raw)
+            data, got, _, _ = socket.recv_fds(s, 1 << 16, 8)
+            for fd in got:
+                os.close(fd)
+            return msgpack.unpackb(data)
+        finally:
+            s.close()
+
+    unsealed = os.memfd_create("x", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.write(unsealed, b"x" * 100)
+    token = os.urandom(16).hex()
+    try:
+        assert "not sealed" in ask({"op": "put", "token": token, "size": 100, "checksum": "b2:00"}, [unsealed])["error"]
+    finally:
+        os.close(unsealed)
+    fd, size, digest = shm.write_segment([b"y" * 100])
+    try:
+        assert "token" in ask({"op": "put", "token": "../../etc/passwd", "size": size, "checksum": digest}, [fd])["error"]
+        assert "says 99" in ask({"op": "put", "token": token, "size": 99, "checksum": digest}, [fd])["error"]
+        assert "exactly one descriptor" in ask({"op": "put", "token": token, "size": size, "checksum": digest})["error"]
+    finally:
+        os.close(fd)
+    assert "error" in ask(b"\xc1garbage")
+    assert "unknown op" in ask({"op": "rm -rf"})["error"]
+    assert ask({"op": "get", "session_id": "nope", "result_ids": ["x"]})["items"][0]["error"]
+    # and it still serves
+    with armonik_zmq.Client(cluster.endpoint) as client:
+        assert np.array_equal(client.submit(make_array, 1, MiB).result(60), pattern(1, MiB))
+
+
+_READER = """
+import sys
+from armonik_zmq import shm
+ch = shm.DataChannel(sys.argv[1])
+view = ch.get(sys.argv[2], [sys.argv[3]])[sys.argv[3]]
+assert not isinstance(view, Exception), view
+print(len(view), int(view[len(view) // 2]))
+del view
+ch.close()
+"""
+
+
+def test_a_reader_that_attaches_and_exits_never_removes_the_segment(cluster, client):
+    fut = client.submit(make_array, 8, MiB)
+    expected = pattern(8, MiB)
+    fut.result(60)
+    files = segment_files(cluster)
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", _READER, os.path.join(cluster.data_dir, "data.sock"),
+                              client.session_id, fut.result_id], capture_output=True, text=True, timeout=60,
+                             env={**os.environ})
+        assert out.returncode == 0, out.stderr
+        assert int(out.stdout.split()[0]) > MiB  # the array and its pickle header
+    time.sleep(1.5)  # a sweep or two (grace 1 s here)
+    assert segment_files(cluster) == files
+    with connect(cluster.endpoint) as conn:
+        again = ArmoniKResults(conn).download_result_view(fut.result_id, client.session_id)
+        assert np.array_equal(armonik_zmq.functions.load_result(again), expected)
+
+
+# -- T14 -------------------------------------------------------------------------------------------------
+
+def slow_array(i: int, n_bytes: int, seconds: float) -> np.ndarray:
+    time.sleep(seconds)
+    return pattern(i, n_bytes)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(x) for x in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
+def _dev_shm_used() -> int:
+    return shutil.disk_usage("/dev/shm").used
+
+
+def test_t14_memfd_hygiene_under_worker_agent_and_broker_kills(tmp_path, scale):
+    """T14: 1,000 (CI 100) tasks with 8 MiB results over the memfd path; SIGKILL 10 workers (CI 3), 3 agents
+    (CI 1; whole process groups) and the broker once: every result checksum-correct, nothing left in /dev/shm."""
+    n_tasks = int(1000 * scale)
+    worker_kills, agent_kills = (10, 3) if scale >= 1 else (3, 1)
+    size = 8 * MiB
+    baseline_shm = _dev_shm_used()
+    project_entries = lambda: [n for n in os.listdir("/dev/shm") if "armonik" in n.lower()]  # noqa: E731
+    assert project_entries() == []
+    cluster = LocalProcesses(data_dir=str(tmp_path / "lmdb"), workers=2, processor=FUNCTIONS, lease=2.0,
+                             broker_args=("--shm-grace", "2"))
+    agents: list[subprocess.Popen] = []
+
+    def start_agent() -> None:
+        args = [sys.executable, "-m", "armonik_zmq.cli", "--log-level", "WARNING", "agent", "--broker",
+                cluster.agents_endpoint, "--workers", "2", "--processor", FUNCTIONS]
+        # its own process group: a kill takes the agent and its workers at once
+        agents.append(subprocess.Popen(args, env=cluster.env, start_new_session=True))
+
+    rng = random.Random(14)
+    started = time.monotonic()
+    try:
+        cluster.start_broker()
+        for _ in range(3):
+            start_agent()
+        cluster.wait_ready()
+        with armonik_zmq.Client(cluster.endpoint, retries=20) as client:
+            futures = client.map(slow_array, range(n_tasks), [size] * n_tasks, [0.05] * n_tasks, chunksize=50)
+            done = lambda: sum(f.done() for f in futures)  # noqa: E731
+            # the faults, spread over the run: workers (mostly caught writing), agents, the broker once
+            plan = ["worker"] * worker_kills + ["agent"] * agent_kills + ["broker"]
+            rng.shuffle(plan)
+            killed = {"worker": 0, "agent": 0, "broker": 0}
+            for k, fault in enumerate(plan):
+                wait_until(lambda: done() >= n_tasks * (k + 1) // (len(plan) + 2), 300, "the run stalled")
+                live = [a for a in agents if a.poll() is None]
+                if fault == "worker":
+                    workers = [w for a in live for w in _children(a.pid)]
+                    if workers:
+                        os.kill(rng.choice(workers), signal.SIGKILL)
+                        killed["worker"] += 1
+                elif fault == "agent":
+                    victim = rng.choice(live)
+                    os.killpg(victim.pid, signal.SIGKILL)
+                    victim.wait()
+                    killed["agent"] += 1
+                    start_agent()  # the supervisor's respawn
+                else:
+                    cluster.kill_broker()
+                    cluster.start_broker()
+                    killed["broker"] += 1
+            values = client.gather(futures, timeout=600)  # every mapping's checksum is verified on read
+            wrong = [i for i, v in enumerate(values) if not np.array_equal(v, pattern(i, size))]
+            assert wrong == [], f"{len(wrong)} result(s) with wrong data, e.g. tasks {wrong[:5]}"
+            assert all(isinstance(backing_mmap(v), mmap.mmap) for v in values[-10:])
+            del values
+            assert killed == {"worker": worker_kills, "agent": agent_kills, "broker": 1}, killed
+            seg_dir = os.path.join(cluster.data_dir, "segments")
+            assert all(shm.segment_mode_ok(os.path.join(seg_dir, n)) for n in segment_files(cluster))
+            sid = client.session_id
+        with connect(cluster.endpoint) as conn:
+            ArmoniKSessions(conn).purge_session(sid)
+        # after the run and a sweep: no segment left, nothing named in /dev/shm, its usage at baseline
+        wait_until(lambda: segment_files(cluster) == [], 30, "segment files are left after purge and sweep")
+        leftover = _dev_shm_used() - baseline_shm
+        figure("T14", "wrong or lost results", len(wrong), "results", "= 0", not wrong)
+        figure("T14", "/dev/shm project entries after the run", len(project_entries()), "entries", "= 0",
+               not project_entries())
+        figure("T14", "/dev/shm usage vs baseline", round(leftover / MiB, 2), "MiB", "within +-1 MiB",
+               abs(leftover) <= MiB)
+        figure("T14", "wall time", round(time.monotonic() - started, 1), "s", "(informative)", True)
+        assert project_entries() == []
+        assert abs(leftover) <= MiB, f"/dev/shm usage moved by {leftover / MiB:.1f} MiB"
+    finally:
+        for a in agents:
+            if a.poll() is None:
+                os.killpg(a.pid, signal.SIGTERM)
+        for a in agents:
+            try:
+                a.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(a.pid, signal.SIGKILL)
+        cluster.cleanup()
