@@ -494,7 +494,7 @@ class SegmentStore:
         items, fds = [], []
         from .broker.store import _unpack
         try:
-            with self.store.env.begin(write=False) as txn:
+            with self.store.readers_lock, self.store.env.begin(write=False) as txn:
                 for rid in ids:
                     item = {"result_id": rid}
                     items.append(item)
@@ -534,7 +534,7 @@ class SegmentStore:
         now_wall = time.time()
         mono = time.monotonic()
         removed = 0
-        with self.store.env.begin(write=False) as txn:
+        with self.store.readers_lock, self.store.env.begin(write=False) as txn:
             def named(token: str) -> bool:
                 return txn.get(token.encode(), db=self.store.segment_files) is not None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from typing import Iterator, Optional
 
 import lmdb
@@ -84,6 +85,12 @@ class Store:
             self._index_live_tasks()
         #: page size, to turn page numbers into bytes
         self.page_size = self.env.stat()["psize"]
+        #: shared-memory segment token -> result id: the segment files some result's data is (shm.py)
+        self.segment_files = self.env.open_db(b"segment_files")
+        #: the broker's shm.SegmentStore once it serves a data socket (set by the broker)
+        self.segments = None
+        #: held by threads other than the loop's around their read transactions, and by ``grow``
+        self.readers_lock = threading.Lock()
 
     def _index_live_tasks(self) -> None:
         """Build the live-task table of a directory written before it existed (one full scan, once)."""
@@ -135,12 +142,9 @@ class Store:
         target = min(max(target, 2 * size), self.max_map_size)
         if target <= size:
             return False
-        self.env.set_mapsize(target)
+        with self.readers_lock:  # the data socket's thread (shm.py) must hold no read transaction now
+            self.env.set_mapsize(target)
         return True
-        #: shared-memory segment token -> result id: the segment files some result's data is (shm.py)
-        self.segment_files = self.env.open_db(b"segment_files")
-        #: the broker's shm.SegmentStore once it serves a data socket (set by the broker)
-        self.segments = None
 
     @contextlib.contextmanager
     def write(self) -> Iterator["Txn"]:
