@@ -199,6 +199,17 @@ class DataChannel:
             os.close(fd)
         return {"token": token, "size": size, "checksum": digest}
 
+    def segments(self, session_id: str, result_ids: Sequence[str]) -> set:
+        """Return which of the results are shared-memory segments (nothing is opened or mapped)."""
+        found = set()
+        for start in range(0, len(result_ids), GET_BATCH):
+            reply, fds = self._request({"op": "get", "session_id": session_id,
+                                        "result_ids": list(result_ids[start:start + GET_BATCH]), "open": False})
+            for fd in fds:
+                os.close(fd)
+            found.update(item["result_id"] for item in reply["items"] if item.get("segment"))
+        return found
+
     def get(self, session_id: str, result_ids: Sequence[str], check: bool = True) -> dict:
         """Map the results of the list that are shared segments; return result id -> read-only memoryview.
 
@@ -492,6 +503,7 @@ class SegmentStore:
         if len(ids) > GET_BATCH:
             raise DataError(f"at most {GET_BATCH} result ids per get")
         items, fds = [], []
+        open_fds = msg.get("open", True) is not False
         from .broker.store import _unpack
         try:
             with self.store.readers_lock, self.store.env.begin(write=False) as txn:
@@ -510,6 +522,9 @@ class SegmentStore:
                     obj = _unpack(obj) if obj is not None else None
                     if obj is None or "segment" not in obj:
                         continue  # kept in LMDB: over the sockets
+                    if not open_fds:
+                        item["segment"] = True
+                        continue
                     try:
                         fds.append(self.open_file(obj["segment"]))
                     except OSError as exc:  # gone (e.g. after an OS crash): the socket path reports it

@@ -97,6 +97,17 @@ def test_numpy_result_comes_back_as_a_read_only_view_of_the_mapping(client, clus
     assert client.submit(np.sum, client.submit(make_array, 5, 2 * MiB)).result(60) == pattern(5, 2 * MiB).sum()
 
 
+def is_mapped(array) -> bool:
+    return not array.flags.writeable and isinstance(backing_mmap(array), mmap.mmap)
+
+
+def test_a_large_input_reaches_the_worker_by_descriptor(client):
+    """Above the DISPATCH inline limit (1 MiB), a segment input is mapped by the worker, not fetched as bytes."""
+    assert client.submit(is_mapped, client.submit(make_array, 6, 3 * MiB)).result(60) is True
+    # a small one travels inline (a private copy in the worker)
+    assert client.submit(is_mapped, client.submit(make_array, 6, 512 << 10)).result(60) is False
+
+
 def test_segment_files_and_socket_are_private(cluster, client):
     client.submit(make_array, 4, MiB).result(60)
     seg_dir = os.path.join(cluster.data_dir, "segments")

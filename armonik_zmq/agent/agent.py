@@ -30,10 +30,14 @@ from ..ids import new_id
 from ..security import ClientKeys
 from ..protocol import (DATA_CHUNK_MAX_SIZE, WORKER_OPS, ErrorCode, Op, ProtocolError, decode_header, envelope_of,
                         reply_error, reply_ok, request, split_frames, validate)
+from .. import shm
 from ..status import ResultStatus, SessionStatus, TaskStatus
 from .pool import WorkerPool, WorkerProc
 
 log = logging.getLogger(__name__)
+
+#: stands for an input the worker maps from the broker's data socket (no bytes at the agent)
+_MAPPED = object()
 
 
 _tokens = itertools.count(1)
@@ -126,6 +130,8 @@ class Agent:
         self.data_chunk_max_size = DATA_CHUNK_MAX_SIZE
         #: where the broker takes shared-memory results (data_socket, host_id, shm_threshold), if it does
         self.shm_config: dict = {}
+        #: the broker's data socket, when it is on this host: large inputs are then mapped by the worker
+        self._data: Optional[shm.DataChannel] = None
         self.stats = {"completed": 0, "failed": 0, "released": 0, "refused": 0, "discarded": 0}
 
     # -- broker connection ------------------------------------------------------------------------
@@ -279,7 +285,20 @@ class Agent:
         return None
 
     def _prefetch(self, task: LocalTask, missing: list[str]) -> None:
-        """Fetch inputs too large to travel inside DISPATCH, before a worker is free."""
+        """Fetch inputs too large to travel inside DISPATCH, before a worker is free.
+
+        Inputs that are shared-memory segments of a broker on this host are not fetched: the worker
+        maps them (they reach it by descriptor, never as bytes).
+        """
+        mapped = self._mapped_inputs(task.msg["session_id"], missing)
+        if mapped:
+            for rid in mapped:
+                task.data[rid] = _MAPPED
+            missing = [rid for rid in missing if rid not in mapped]
+            if not missing:
+                task.fetched_at = time.time()
+                self.ready.append(task.task_id)
+                return
 
         def on_data(header: dict, frames: list) -> None:
             if self.tasks.get(task.task_id) is not task:
@@ -295,6 +314,21 @@ class Agent:
             self.ready.append(task.task_id)
 
         self._call(Op.FETCH_DATA, on_reply=on_data, session_id=task.msg["session_id"], result_ids=missing)
+
+    def _mapped_inputs(self, session_id: str, result_ids: list[str]) -> set:
+        if not self.shm_config:
+            return set()
+        if self._data is None:
+            self._data = shm.DataChannel.open(self.shm_config)
+            if self._data is None:
+                return set()
+        try:
+            return self._data.segments(session_id, result_ids)
+        except (OSError, shm.DataError) as exc:  # the broker restarted: fetch this time, reconnect next time
+            log.info("data socket unusable (%s): fetching inputs over the socket", exc)
+            self._data.close()
+            self._data = None
+            return set()
 
     def _release(self, task: LocalTask, reason: str) -> None:
         log.info("releasing task %s: %s", task.task_id, reason)
@@ -386,6 +420,14 @@ class Agent:
                          expected_output_ids=msg["expected_output_ids"], options=msg["options"],
                          configuration={"data_chunk_max_size": self.data_chunk_max_size, **self.shm_config})
         data = [task.data[msg["payload_id"]], *(task.data[d] for d in msg["data_dependencies"])]
+        if any(d is _MAPPED for d in data):
+            mapped = [rid for rid in task.inputs() if task.data[rid] is _MAPPED]
+            header = request(Op.RUN, 0, token=task.token, task_id=task.task_id, session_id=msg["session_id"],
+                             payload_id=msg["payload_id"], data_dependencies=msg["data_dependencies"],
+                             expected_output_ids=msg["expected_output_ids"], options=msg["options"],
+                             configuration={"data_chunk_max_size": self.data_chunk_max_size, **self.shm_config},
+                             mapped=mapped)
+            data = [d for d in data if d is not _MAPPED]
         try:
             self.workers_sock.send_multipart([proc.identity, header, *data], flags=zmq.DONTWAIT, copy=False)
         except zmq.ZMQError as exc:

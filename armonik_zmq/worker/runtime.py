@@ -17,7 +17,7 @@ import zmq
 
 from ..common import Output
 from ..protocol import Op, ProtocolError, check_reply, decode_header, request
-from .taskhandler import TaskHandler
+from .taskhandler import TaskHandler, mapped_inputs
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,15 @@ class WorkerRuntime:
 
     def run_one(self, header: dict, frames: list) -> None:
         token = header["token"]
-        handler = TaskHandler(header, frames, self.call)
+        inputs = frames
+        if header.get("mapped"):
+            try:
+                inputs = mapped_inputs(header, inputs)
+            except Exception as exc:  # the data is gone or damaged: the retry path (maybe elsewhere)
+                self.send(Op.W_OUTPUT, token=token, ok=False, raised=True,
+                          error=f"cannot map the task's inputs from the broker's data socket: {exc}")
+                return
+        handler = TaskHandler(header, inputs, self.call)
         try:
             output = self.processor(handler)
         except Exception:

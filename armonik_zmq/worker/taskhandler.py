@@ -139,3 +139,22 @@ def _data_channel(configuration: dict) -> Optional[shm.DataChannel]:
         if channel is not None:
             _channels[path] = channel
     return channel
+
+
+def mapped_inputs(header: dict, frames: list) -> list:
+    """The payload and dependencies of a RUN, in order, with the ``mapped`` ones mapped from the data socket.
+
+    Those are read-only memoryviews of the broker's segment files (checksums verified): no copy.
+    """
+    mapped = header["mapped"]
+    channel = _data_channel(header.get("configuration") or {})
+    if channel is None:
+        raise shm.DataError("the broker's data socket is not reachable from this worker")
+    views = channel.get(header["session_id"], mapped)
+    for rid in mapped:
+        view = views.get(rid)
+        if view is None or isinstance(view, Exception):
+            raise shm.DataError(f"input {rid}: {view or 'not a segment any more'}")
+    rest = iter(frames)
+    return [views[rid] if rid in views else next(rest)
+            for rid in [header["payload_id"], *header["data_dependencies"]]]
