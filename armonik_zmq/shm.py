@@ -299,6 +299,7 @@ class SegmentStore:
         #: tokens whose row was deleted: their file goes at the next sweep that no longer sees the row
         self._released: set[str] = set()
         self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
         self._spiller = ThreadPoolExecutor(max_workers=2, thread_name_prefix="armonik-zmq-spill")
         self.stats = {"put": 0, "get": 0, "spilled_bytes": 0, "swept": 0, "refused": 0}
         for name in os.listdir(self.dir):  # a copy cut short by a crash is garbage
@@ -376,8 +377,8 @@ class SegmentStore:
                 raise DataError("a data socket message is a msgpack map")
             op = msg.get("op")
             if op == "put":
-                reply, out = self._put(msg, fds), []
-                fds = []  # kept by _put
+                self._put(conn, msg, fds)  # answered once the segment is in its file (see _spill)
+                return
             elif op == "get":
                 reply, out = self._get(msg)
             else:
@@ -388,19 +389,37 @@ class SegmentStore:
         finally:
             for fd in fds:
                 os.close(fd)
-        conn.setblocking(True)
         try:
-            raw = msgpack.packb(reply, use_bin_type=True)
-            if out:
-                socket.send_fds(conn, [raw], out)
-            else:
-                conn.sendall(raw)
+            self._send(conn, reply, out)
         finally:
-            conn.setblocking(False)
             for fd in out:
                 os.close(fd)
 
-    def _put(self, msg: dict, fds: list[int]) -> dict:
+    def _send(self, conn: socket.socket, reply: dict, fds: Sequence[int] = ()) -> None:
+        """Send one reply on a (non-blocking) connection; from the serving thread or a spill thread."""
+        import select
+
+        raw = msgpack.packb(reply, use_bin_type=True)
+        deadline = time.monotonic() + 5.0
+        with self._send_lock:
+            while True:
+                try:
+                    if fds:
+                        socket.send_fds(conn, [raw], list(fds))
+                    else:
+                        conn.send(raw)
+                    return
+                except (BlockingIOError, InterruptedError):
+                    if time.monotonic() > deadline:
+                        raise ConnectionError("peer does not read its replies") from None
+                    select.select([], [conn], [], 0.1)
+
+    def _put(self, conn: socket.socket, msg: dict, fds: list[int]) -> None:
+        """Take a sealed memfd; answer once it is copied into its file, so a worker never outruns the copies.
+
+        That answer is the backpressure that bounds the memfds the broker holds (one per writing
+        worker), and it comes before the worker's report: the completion then never waits.
+        """
         token, size, digest = msg.get("token"), msg.get("size"), msg.get("checksum")
         if len(fds) != 1:
             raise DataError(f"a put carries exactly one descriptor, got {len(fds)}")
@@ -418,7 +437,15 @@ class SegmentStore:
         fds.clear()
         seg.spill = self._spiller.submit(self._spill, token, seg)
         self.stats["put"] += 1
-        return {"ok": True}
+
+        def answer(done: Future) -> None:
+            exc = done.exception()
+            try:
+                self._send(conn, {"ok": True} if exc is None else {"error": f"segment {token} not stored: {exc}"})
+            except OSError:
+                pass  # the worker is gone; its segment is swept after the grace period
+
+        seg.spill.add_done_callback(answer)
 
     def _spill(self, token: str, seg: _Segment) -> None:
         """Copy a memfd into its file (sendfile: no user-space copy); fsync when asked; then drop the memfd."""
@@ -436,6 +463,10 @@ class SegmentStore:
         except BaseException:
             os.close(out)
             os.unlink(part)
+            with self._lock:  # the memfd is useless now: the completion naming it is refused (SEGMENT_LOST)
+                if seg.fd >= 0:
+                    os.close(seg.fd)
+                    seg.fd = -1
             raise
         os.close(out)
         os.rename(part, self.file_path(token))
@@ -471,6 +502,7 @@ class SegmentStore:
                 seg.spill.result(timeout=_PUT_TIMEOUT)
             except Exception as exc:
                 raise DataError(f"{what}: segment {token} could not be stored: {exc}") from None
+            seg.received = time.monotonic()  # kept from the sweeper until its row is committed (or grace passes)
             return
         path = self.file_path(token)
         try:
@@ -483,6 +515,10 @@ class SegmentStore:
             verify(map_fd(fd, size), digest, what)
         finally:
             os.close(fd)
+        done: Future = Future()
+        done.set_result(None)
+        with self._lock:  # pending again until its row is committed: the sweeper must not take it meanwhile
+            self._segments[token] = _Segment(-1, size, digest, done)
 
     def open_file(self, token: str) -> int:
         return os.open(self.file_path(token), os.O_RDONLY | os.O_CLOEXEC)
@@ -553,6 +589,8 @@ class SegmentStore:
             def named(token: str) -> bool:
                 return txn.get(token.encode(), db=self.store.segment_files) is not None
 
+            # a segment leaves ``pending`` once committed, or ``grace`` after its put or adoption
+            # (an adoption commits within its turn, or was rolled back)
             with self._lock:
                 for token, seg in list(self._segments.items()):
                     if seg.spill.done() and (named(token) or mono - seg.received > self.grace):
@@ -562,6 +600,8 @@ class SegmentStore:
                             seg.fd = -1
                 pending = set(self._segments)
                 released, self._released = self._released, set()
+        # a snapshot taken after that decision: it sees every commit of the segments just let go
+        with self.store.readers_lock, self.store.env.begin(write=False) as txn:
             for name in os.listdir(self.dir):
                 if name in pending or not TOKEN_RE.match(name):
                     continue

@@ -276,6 +276,20 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _memfds(pid: int) -> int:
+    """How many memfds a process holds (the broker's are bounded by its writing workers: one put each)."""
+    n = 0
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:")
+            except OSError:
+                pass
+    except OSError:
+        pass
+    return n
+
+
 def _dev_shm_used() -> int:
     return shutil.disk_usage("/dev/shm").used
 
@@ -289,7 +303,7 @@ def test_t14_memfd_hygiene_under_worker_agent_and_broker_kills(tmp_path, scale):
     baseline_shm = _dev_shm_used()
     project_entries = lambda: [n for n in os.listdir("/dev/shm") if "armonik" in n.lower()]  # noqa: E731
     assert project_entries() == []
-    cluster = LocalProcesses(data_dir=str(tmp_path / "lmdb"), workers=2, processor=FUNCTIONS, lease=2.0,
+    cluster = LocalProcesses(data_dir=str(tmp_path / "lmdb"), workers=2, processor=FUNCTIONS, lease=3.0,
                              broker_args=("--shm-grace", "2"))
     agents: list[subprocess.Popen] = []
 
@@ -313,8 +327,14 @@ def test_t14_memfd_hygiene_under_worker_agent_and_broker_kills(tmp_path, scale):
             plan = ["worker"] * worker_kills + ["agent"] * agent_kills + ["broker"]
             rng.shuffle(plan)
             killed = {"worker": 0, "agent": 0, "broker": 0}
+            held = []  # the broker's memfds, sampled while it works
+
+            def progressed(target: int) -> bool:
+                held.append(_memfds(cluster.broker.pid))
+                return done() >= target
+
             for k, fault in enumerate(plan):
-                wait_until(lambda: done() >= n_tasks * (k + 1) // (len(plan) + 2), 300, "the run stalled")
+                wait_until(lambda: progressed(n_tasks * (k + 1) // (len(plan) + 2)), 300, "the run stalled")
                 live = [a for a in agents if a.poll() is None]
                 if fault == "worker":
                     workers = [w for a in live for w in _children(a.pid)]
@@ -334,11 +354,16 @@ def test_t14_memfd_hygiene_under_worker_agent_and_broker_kills(tmp_path, scale):
             values = client.gather(futures, timeout=600)  # every mapping's checksum is verified on read
             wrong = [i for i, v in enumerate(values) if not np.array_equal(v, pattern(i, size))]
             assert wrong == [], f"{len(wrong)} result(s) with wrong data, e.g. tasks {wrong[:5]}"
-            assert all(isinstance(backing_mmap(v), mmap.mmap) for v in values[-10:])
+            # mapped, not downloaded (a batch read while the broker restarts falls back to the socket)
+            mapped = sum(isinstance(backing_mmap(v), mmap.mmap) for v in values)
+            assert mapped >= len(values) // 2, f"only {mapped} of {len(values)} results were mapped"
             del values
             assert killed == {"worker": worker_kills, "agent": agent_kills, "broker": 1}, killed
+            # 6 workers write at most one segment each at a time: the broker never piles memfds up
+            assert max(held) <= 12, f"the broker held up to {max(held)} memfds"
             seg_dir = os.path.join(cluster.data_dir, "segments")
-            assert all(shm.segment_mode_ok(os.path.join(seg_dir, n)) for n in segment_files(cluster))
+            modes = {n: oct(stat.S_IMODE(os.stat(os.path.join(seg_dir, n)).st_mode)) for n in segment_files(cluster)}
+            assert all(shm.segment_mode_ok(os.path.join(seg_dir, n)) for n in modes), modes
             sid = client.session_id
         with connect(cluster.endpoint) as conn:
             ArmoniKSessions(conn).purge_session(sid)
@@ -350,6 +375,8 @@ def test_t14_memfd_hygiene_under_worker_agent_and_broker_kills(tmp_path, scale):
                not project_entries())
         figure("T14", "/dev/shm usage vs baseline", round(leftover / MiB, 2), "MiB", "within +-1 MiB",
                abs(leftover) <= MiB)
+        figure("T14", "most memfds the broker held at once", max(held), "memfds", "<= 12 (6 workers)",
+               max(held) <= 12)
         figure("T14", "wall time", round(time.monotonic() - started, 1), "s", "(informative)", True)
         assert project_entries() == []
         assert abs(leftover) <= MiB, f"/dev/shm usage moved by {leftover / MiB:.1f} MiB"
