@@ -25,7 +25,7 @@ import cloudpickle
 
 from . import functions, shm, subtasks
 from .common import TaskOptions
-from .errors import DataCorruptError
+from .errors import ArmoniKZmqError, DataCorruptError
 from .errors import BrokerUnavailableError, ConnectionLostError, TaskCancelledError, TaskFailedError, TaskTimeoutError, WorkerLostError
 from .protocol import Op, chunks, split_frames
 from .status import EventTypes, ResultStatus, TaskStatus
@@ -318,7 +318,7 @@ class Client:
             try:
                 views = self._data.get(self.session_id, result_ids)
             except (OSError, shm.DataError) as exc:  # the broker restarted: its new socket next time
-                log.info("data socket unusable (%s): downloading over the sockets", exc)
+                log.warning("data socket unusable (%s): downloading over the sockets", exc)
                 self._data = None
                 views = {}
             for rid, view in views.items():
@@ -336,7 +336,18 @@ class Client:
             result_ids = [rid for rid in result_ids if rid not in views]
             if not result_ids:
                 return
-        header, frames = self._conn.call(Op.DOWNLOAD_RESULT_DATA, session_id=self.session_id, result_ids=result_ids)
+        try:
+            header, frames = self._conn.call(Op.DOWNLOAD_RESULT_DATA, session_id=self.session_id,
+                                             result_ids=result_ids)
+        except ArmoniKZmqError as exc:
+            if isinstance(exc, BrokerUnavailableError):
+                raise  # transient: the listener subscribes again and catches up
+            for rid in result_ids:  # the data cannot be read: say so rather than leave the futures waiting
+                with self._lock:
+                    fut = self._pending.pop(rid, None)
+                if fut is not None:
+                    fut._settle(exception=exc)
+            return
         for rid, parts in zip(result_ids, split_frames(frames, header["frames"])):
             with self._lock:
                 fut = self._pending.pop(rid, None)

@@ -262,8 +262,12 @@ def channel_of(conn) -> Optional[DataChannel]:
     return channel
 
 
+#: seconds an adopted segment stays pinned while no committed row names it (its completion was rolled back)
+_ADOPTED_PIN = 600.0
+
+
 class _Segment:
-    __slots__ = ("fd", "size", "checksum", "spill", "received")
+    __slots__ = ("fd", "size", "checksum", "spill", "received", "adopted")
 
     def __init__(self, fd: int, size: int, digest: str, spill: Future):
         self.fd = fd
@@ -271,6 +275,8 @@ class _Segment:
         self.checksum = digest
         self.spill = spill
         self.received = time.monotonic()
+        #: a completion named it: kept until a committed row names it (never judged by ``grace``)
+        self.adopted = False
 
 
 class SegmentStore:
@@ -502,7 +508,8 @@ class SegmentStore:
                 seg.spill.result(timeout=_PUT_TIMEOUT)
             except Exception as exc:
                 raise DataError(f"{what}: segment {token} could not be stored: {exc}") from None
-            seg.received = time.monotonic()  # kept from the sweeper until its row is committed (or grace passes)
+            seg.received = time.monotonic()
+            seg.adopted = True  # pinned: a turn may take long before its commit makes the row visible
             return
         path = self.file_path(token)
         try:
@@ -517,8 +524,10 @@ class SegmentStore:
             os.close(fd)
         done: Future = Future()
         done.set_result(None)
+        seg = _Segment(-1, size, digest, done)
+        seg.adopted = True
         with self._lock:  # pending again until its row is committed: the sweeper must not take it meanwhile
-            self._segments[token] = _Segment(-1, size, digest, done)
+            self._segments[token] = seg
 
     def open_file(self, token: str) -> int:
         return os.open(self.file_path(token), os.O_RDONLY | os.O_CLOEXEC)
@@ -589,11 +598,13 @@ class SegmentStore:
             def named(token: str) -> bool:
                 return txn.get(token.encode(), db=self.store.segment_files) is not None
 
-            # a segment leaves ``pending`` once committed, or ``grace`` after its put or adoption
-            # (an adoption commits within its turn, or was rolled back)
+            # a segment leaves ``pending`` once a committed row names it; one never adopted after
+            # ``grace``; an adopted one whose completion was rolled back after a long pin
             with self._lock:
                 for token, seg in list(self._segments.items()):
-                    if seg.spill.done() and (named(token) or mono - seg.received > self.grace):
+                    limit = max(self.grace, _ADOPTED_PIN) if seg.adopted else self.grace
+                    gone = token in self._released  # committed, then deleted before a sweep saw it
+                    if seg.spill.done() and (named(token) or gone or mono - seg.received > limit):
                         del self._segments[token]
                         if seg.fd >= 0:
                             os.close(seg.fd)

@@ -304,7 +304,7 @@ def test_t14_memfd_hygiene_under_worker_agent_and_broker_kills(tmp_path, scale):
     project_entries = lambda: [n for n in os.listdir("/dev/shm") if "armonik" in n.lower()]  # noqa: E731
     assert project_entries() == []
     cluster = LocalProcesses(data_dir=str(tmp_path / "lmdb"), workers=2, processor=FUNCTIONS, lease=3.0,
-                             broker_args=("--shm-grace", "2"))
+                             broker_args=("--shm-grace", "10"))
     agents: list[subprocess.Popen] = []
 
     def start_agent() -> None:
@@ -354,9 +354,12 @@ def test_t14_memfd_hygiene_under_worker_agent_and_broker_kills(tmp_path, scale):
             values = client.gather(futures, timeout=600)  # every mapping's checksum is verified on read
             wrong = [i for i, v in enumerate(values) if not np.array_equal(v, pattern(i, size))]
             assert wrong == [], f"{len(wrong)} result(s) with wrong data, e.g. tasks {wrong[:5]}"
-            # mapped, not downloaded (a batch read while the broker restarts falls back to the socket)
+            # most went through memfds (a result written while the broker is down goes over the socket),
+            # and were mapped, not downloaded (a batch read while the broker restarts is downloaded)
             mapped = sum(isinstance(backing_mmap(v), mmap.mmap) for v in values)
-            assert mapped >= len(values) // 2, f"only {mapped} of {len(values)} results were mapped"
+            segments = len(segment_files(cluster))
+            assert segments >= len(values) * 3 // 4 and mapped >= segments // 2, \
+                f"{segments} segment files, {mapped} results mapped, of {len(values)}"
             del values
             assert killed == {"worker": worker_kills, "agent": agent_kills, "broker": 1}, killed
             # 6 workers write at most one segment each at a time: the broker never piles memfds up
@@ -368,7 +371,7 @@ def test_t14_memfd_hygiene_under_worker_agent_and_broker_kills(tmp_path, scale):
         with connect(cluster.endpoint) as conn:
             ArmoniKSessions(conn).purge_session(sid)
         # after the run and a sweep: no segment left, nothing named in /dev/shm, its usage at baseline
-        wait_until(lambda: segment_files(cluster) == [], 30, "segment files are left after purge and sweep")
+        wait_until(lambda: segment_files(cluster) == [], 60, "segment files are left after purge and sweep")
         leftover = _dev_shm_used() - baseline_shm
         figure("T14", "wrong or lost results", len(wrong), "results", "= 0", not wrong)
         figure("T14", "/dev/shm project entries after the run", len(project_entries()), "entries", "= 0",

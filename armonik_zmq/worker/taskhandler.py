@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Dict, List, Mapping, Optional, Union
 
 from .. import shm
 from ..common import Result, Task, TaskDefinition, TaskOptions
 from ..protocol import Op, chunks
+
+log = logging.getLogger(__name__)
 
 #: send_results data below this size waits for the task's output message (one message per short task)
 SEND_NOW_THRESHOLD = 64 * 1024
@@ -74,13 +78,20 @@ class TaskHandler:
         threshold = self.configuration.get("shm_threshold", 0)
         if not threshold or shm.nbytes(buffers) < threshold:
             return False
-        channel = _data_channel(self.configuration)
-        if channel is None:
-            return False
-        try:
-            segment = channel.put(buffers)
-        except (OSError, shm.DataError):
-            _channels.pop(self.configuration.get("data_socket"), None)  # reconnect next time; frames this time
+        segment = None
+        for attempt in range(2):  # a second time on a fresh connection: the broker may have restarted
+            channel = _data_channel(self.configuration, wait=_RECONNECT_WAIT)
+            if channel is None:
+                break
+            try:
+                segment = channel.put(buffers)
+                break
+            except (OSError, shm.DataError) as exc:
+                _channels.pop(self.configuration.get("data_socket"), None)
+                channel.close()
+                if attempt:
+                    log.warning("result %s goes over the socket: the broker's data socket failed (%s)", result_id, exc)
+        if segment is None:
             return False
         self._segments.append({"result_id": result_id, "segment": segment})
         return True
@@ -129,15 +140,25 @@ class TaskHandler:
 _channels: Dict[str, Optional[shm.DataChannel]] = {}
 
 
-def _data_channel(configuration: dict) -> Optional[shm.DataChannel]:
+#: seconds a worker waits for a restarting broker's data socket before sending a result over the sockets
+#: (its agent is cut off from that broker meanwhile too, so the output would wait anyway)
+_RECONNECT_WAIT = 5.0
+
+
+def _data_channel(configuration: dict, wait: float = 0.0) -> Optional[shm.DataChannel]:
     path = configuration.get("data_socket")
     if not path:
         return None
     channel = _channels.get(path)
-    if channel is None:  # not cached when unreachable: the broker may be restarting
+    deadline = time.monotonic() + wait
+    while channel is None:  # not cached when unreachable: the broker may be restarting
         channel = shm.DataChannel.open(configuration)
         if channel is not None:
             _channels[path] = channel
+        elif time.monotonic() >= deadline or configuration.get("host_id") != shm.host_id():
+            return None
+        else:
+            time.sleep(0.1)
     return channel
 
 
