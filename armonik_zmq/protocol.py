@@ -157,16 +157,19 @@ def unpack(buf: bytes) -> Any:
     """Decode one msgpack object with every limit on (no ext types, string map keys only)."""
     if len(buf) > MAX_HEADER_SIZE:
         raise ProtocolError(ErrorCode.MALFORMED, f"header of {len(buf)} bytes exceeds {MAX_HEADER_SIZE}")
+    # Every item takes at least one byte: a short frame cannot make the decoder allocate a big container.
+    n = len(buf)
     try:
         return msgpack.unpackb(
             buf,
             raw=False,
             strict_map_key=True,
             ext_hook=_no_ext,
-            max_str_len=MAX_STR,
-            max_bin_len=MAX_HEADER_SIZE,
-            max_array_len=MAX_BATCH * 4,
-            max_map_len=MAX_BATCH,
+            max_str_len=min(MAX_STR, n),
+            max_bin_len=min(MAX_HEADER_SIZE, n),
+            max_array_len=min(MAX_BATCH * 4, n),
+            max_map_len=min(MAX_BATCH, n // 2),
+            max_ext_len=min(64, n),
             timestamp=0,
         )
     except (ValueError, TypeError, RecursionError) as exc:  # every msgpack decode error is a ValueError
@@ -189,7 +192,14 @@ def reply_ok(op: int, rid: int, **fields: Any) -> bytes:
     return pack(fields)
 
 
+#: Longest error message sent (longer ones are cut): a message quoting a huge bad value must still
+#: decode on the other side (MAX_STR) and not cost more than the request did.
+MAX_ERROR_MESSAGE = 2048
+
+
 def reply_error(op: int, rid: int, code: ErrorCode, message: str) -> bytes:
+    if len(message) > MAX_ERROR_MESSAGE:
+        message = message[:MAX_ERROR_MESSAGE - 20] + "... (message cut)"
     return pack({"v": PROTOCOL_VERSION, "op": op, "rid": rid, "error": {"code": int(code), "message": message}})
 
 
@@ -317,6 +327,21 @@ class Any_(_Type):
         pass
 
 
+_SCALARS = (str, int, float, bool, bytes, type(None))
+
+
+class Scalar(_Type):
+    """Any one plain value (string, number, boolean, bytes, nil), never a container or an ext object.
+
+    Where a field takes values of several types, this keeps the schema's depth bounded: nothing
+    nested (a list 1,000 deep, a msgpack Timestamp) gets past validation to a handler or a repr.
+    """
+
+    def check(self, value, path):
+        if type(value) not in _SCALARS:
+            raise _fail(path, "a string, number, boolean, bytes or nil", value)
+
+
 class List(_Type):
     def __init__(self, item: _Type, max_len: int = MAX_BATCH, nonempty: bool = False):
         self.item, self.max_len, self.nonempty = item, max_len, nonempty
@@ -405,7 +430,7 @@ TASK_CREATE = Map(
 )
 #: A filter in disjunctive normal form: OR of ANDs of [field, operator, value]. Many OR clauses are
 #: normal (waiting on many results names each one); an AND clause has few terms.
-FILTER = Opt(List(List(List(Any_(), max_len=3), max_len=64), max_len=MAX_BATCH))
+FILTER = Opt(List(List(List(Scalar(), max_len=3), max_len=64), max_len=MAX_BATCH))
 FRAME_COUNTS = List(Int(0, 1 << 20))
 #: Most rows in one page of a List* reply (bigger pages would not fit in one header).
 MAX_PAGE_SIZE = 10_000
@@ -541,7 +566,7 @@ SCHEMAS: dict[Op, Map] = {
     }),
     Op.AGENT_HEARTBEAT: Map(required={"agent_id": ID}),
     Op.FETCH_DATA: Map(required={"agent_id": ID, "session_id": ID, "result_ids": IDS}),
-    Op.TASKS_STARTED: Map(required={"agent_id": ID, "tasks": List(List(Any_(), max_len=3))}),
+    Op.TASKS_STARTED: Map(required={"agent_id": ID, "tasks": List(List(Scalar(), max_len=3))}),
     Op.TASKS_DONE: Map(required={"agent_id": ID, "tasks": List(Map(
         required={"task_id": ID, "attempt": Int(0), "ok": Bool()},
         optional={
@@ -558,8 +583,8 @@ SCHEMAS: dict[Op, Map] = {
             "timestamps": Map(optional={"fetched_at": Num(), "started_at": Num(), "processed_at": Num()}),
         },
     ))}),
-    Op.TASKS_RELEASE: Map(required={"agent_id": ID, "tasks": List(List(Any_(), max_len=3))}),
-    Op.TASKS_STOPPED: Map(required={"agent_id": ID, "tasks": List(List(Any_(), max_len=2))}),
+    Op.TASKS_RELEASE: Map(required={"agent_id": ID, "tasks": List(List(Scalar(), max_len=3))}),
+    Op.TASKS_STOPPED: Map(required={"agent_id": ID, "tasks": List(List(Scalar(), max_len=2))}),
     Op.WORKER_READY: Map(required={"pid": Int()}),
     Op.W_CREATE_RESULTS_METADATA: Map(required={"token": Str(), "names": List(Str())}),
     Op.W_CREATE_RESULTS: Map(required={"token": Str(), "names": List(Str()), "frames": FRAME_COUNTS}),

@@ -468,6 +468,10 @@ class Agent:
         except ProtocolError as exc:
             op_num, rid = envelope_of(raw)
             reply = [reply_error(op_num, rid, exc.code, exc.message)]
+        except Exception as exc:  # a bug: answer, log loudly, keep serving the other workers
+            log.exception("request from worker %r failed inside the agent", identity)
+            op_num, rid = envelope_of(raw)
+            reply = [reply_error(op_num, rid, ErrorCode.INTERNAL, f"internal error in the agent: {exc!r}")]
         if reply is None:
             return  # an accepted W_OUTPUT: the worker does not wait for it, so no message at all
         try:
