@@ -111,7 +111,7 @@ def run_demo(endpoint: Optional[str] = None, n: int = 20, echo=print) -> dict:
         events.wait_for_result_availability(fan, session_id)
         figures["subtasks"] = json.loads(results.download_result_data(fan, session_id))
         owner = results.get_result(fan).owner_task_id
-        echo(f"subtasks: task {parent.id[:8]} spawned 5 subtasks; subtask {owner[:8]} took over its output = "
+        echo(f"subtasks: task {parent.id} spawned 5 subtasks; subtask {owner} took over its output = "
              f"{figures['subtasks']}")
 
         # 5. an error: the output is aborted and the waiting client is told
@@ -131,5 +131,5 @@ def run_demo(endpoint: Optional[str] = None, n: int = 20, echo=print) -> dict:
         sessions.close_session(session_id)
         sessions.purge_session(session_id)
         sessions.delete_session(session_id)
-        echo(f"session {session_id[:8]} closed, purged and deleted")
+        echo(f"session {session_id} closed, purged and deleted")
     return figures
