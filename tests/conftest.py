@@ -10,6 +10,7 @@ from datetime import timedelta
 
 import pytest
 
+import armonik_zmq
 from armonik_zmq.client import (ArmoniKEvents, ArmoniKResults, ArmoniKSessions, ArmoniKTasks, TaskDefinition,
                                 TaskOptions, connect)
 from armonik_zmq.cluster import LocalProcesses
@@ -43,6 +44,20 @@ def broker_only(tmp_path_factory, *broker_args: str, **kwargs):
 def cluster(tmp_path_factory):
     """One cluster shared by a test module (each test uses its own session)."""
     with make_cluster(tmp_path_factory.mktemp("cluster")) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def default_cluster(tmp_path_factory):
+    """A cluster started with no --processor: agents run armonik_zmq.processors:processor (functions + demo)."""
+    with LocalProcesses(data_dir=str(tmp_path_factory.mktemp("default") / "lmdb"), workers=2) as processes:
+        yield processes
+
+
+@pytest.fixture
+def client(default_cluster):
+    """A futures-API client (armonik_zmq.Client) of ``default_cluster``."""
+    with armonik_zmq.Client(default_cluster.endpoint) as c:
         yield c
 
 

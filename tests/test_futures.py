@@ -21,19 +21,6 @@ from armonik_zmq.status import TaskStatus
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-@pytest.fixture(scope="module")
-def demo_cluster(tmp_path_factory):
-    """A cluster with the default (demo) processor: it must serve the futures API too."""
-    with LocalProcesses(data_dir=str(tmp_path_factory.mktemp("futures") / "lmdb"), workers=2) as processes:
-        yield processes
-
-
-@pytest.fixture
-def client(demo_cluster):
-    with armonik_zmq.Client(demo_cluster.endpoint) as c:
-        yield c
-
-
 def add(a, b):
     return a + b
 
@@ -117,10 +104,10 @@ def test_cancelled_future_is_yielded_by_as_completed(client):
     assert tasks.get_task(waiting.task_id).status == TaskStatus.CANCELLED
 
 
-def test_cancelled_elsewhere_raises_task_cancelled(client, demo_cluster):
+def test_cancelled_elsewhere_raises_task_cancelled(client, default_cluster):
     blocker = client.submit(time.sleep, 30)
     dependent = client.submit(add, blocker, 1)
-    with connect(demo_cluster.endpoint) as conn:
+    with connect(default_cluster.endpoint) as conn:
         ArmoniKTasks(conn).cancel_tasks([blocker.task_id])
     with pytest.raises(TaskCancelledError):
         blocker.result(30)
@@ -145,25 +132,25 @@ def test_futures_are_awaitable(client):
     assert asyncio.run(main()) == (3, [0, 1, 2, 3, 4])
 
 
-def test_client_context_closes_or_cancels_its_session(demo_cluster):
+def test_client_context_closes_or_cancels_its_session(default_cluster):
     from armonik_zmq.client import ArmoniKSessions
     from armonik_zmq.status import SessionStatus
 
-    with armonik_zmq.Client(demo_cluster.endpoint) as c:
+    with armonik_zmq.Client(default_cluster.endpoint) as c:
         assert c.submit(add, 1, 1).result(30) == 2
     with pytest.raises(RuntimeError, match="closed"):
         c.submit(add, 1, 1)
     with pytest.raises(ZeroDivisionError):
-        with armonik_zmq.Client(demo_cluster.endpoint) as failing:
+        with armonik_zmq.Client(default_cluster.endpoint) as failing:
             pending = failing.submit(time.sleep, 30)
             raise ZeroDivisionError("the block fails")
     assert pending.cancelled()
-    with armonik_zmq.Client(demo_cluster.endpoint) as parent:
+    with armonik_zmq.Client(default_cluster.endpoint) as parent:
         with parent.session(priority=2) as inner:
             assert inner.session_id != parent.session_id
             assert inner.submit(add, 3, 3).result(30) == 6
         assert parent.submit(add, 4, 4).result(30) == 8  # the shared connection stays open
-    with connect(demo_cluster.endpoint) as conn:
+    with connect(default_cluster.endpoint) as conn:
         sessions = ArmoniKSessions(conn)
         assert sessions.get_session(c.session_id).status == SessionStatus.CLOSED
         assert sessions.get_session(failing.session_id).status == SessionStatus.CANCELLED

@@ -14,25 +14,11 @@ import pytest
 
 import armonik_zmq
 from armonik_zmq.client import ArmoniKResults, ArmoniKTasks, TaskDefinition
-from armonik_zmq.cluster import LocalProcesses
 from armonik_zmq.client.filters import Task
 from armonik_zmq.status import ResultStatus, TaskStatus
 
 # Workers cannot import this test module: its functions travel by value, as a notebook's would.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
-@pytest.fixture(scope="module")
-def default_cluster(tmp_path_factory):
-    """A cluster started with no --processor: agents run armonik_zmq.processors:processor."""
-    with LocalProcesses(data_dir=str(tmp_path_factory.mktemp("futures-api") / "lmdb"), workers=2) as processes:
-        yield processes
-
-
-@pytest.fixture
-def client(default_cluster):
-    with armonik_zmq.Client(default_cluster.endpoint) as c:
-        yield c
 
 
 def add(a, b):
