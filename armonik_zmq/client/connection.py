@@ -426,9 +426,13 @@ class Connection:
                     try:
                         dealer.send_multipart(msg, zmq.NOBLOCK, copy=False)
                     except zmq.ZMQError as exc:  # unlimited HWM makes this unexpected; fail only that call
+                        if exc.errno == zmq.EAGAIN and not self._connected:
+                            # no pipe right now (a handshake failing or a reconnect under way): the call stays
+                            # in flight, sent again on reconnect, failed with the reason by a refused handshake,
+                            # or explained at its timeout
+                            continue
                         self._inflight.pop(rid, None)
-                        self._fail_rid(rid, errors.BrokerUnavailableError(
-                            f"cannot send to {self.endpoint}: {exc.strerror}"))
+                        self._fail_rid(rid, self._send_error(exc))
                 if len(self._inflight) > 2 * len(self._pending) + 1024:
                     self._sweep_inflight()
 
@@ -555,7 +559,13 @@ class Connection:
             self._dealer.send_multipart(inflight.msg, zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as exc:
             self._inflight.pop(rid, None)
-            self._fail_rid(rid, errors.BrokerUnavailableError(f"cannot send to {self.endpoint}: {exc.strerror}"))
+            self._fail_rid(rid, self._send_error(exc))
+
+    def _send_error(self, exc: zmq.ZMQError) -> BaseException:
+        """The error for a send that failed: a refused handshake tears the pipe down, so say why."""
+        if self._handshake_error is not None and not self._connected:
+            return errors.AuthenticationError(f"cannot talk to the broker at {self.endpoint}: {self._handshake_error}")
+        return errors.BrokerUnavailableError(f"cannot send to {self.endpoint}: {exc.strerror}")
 
     def _fail_rid(self, rid: int, exc: BaseException) -> None:
         with self._lock:
