@@ -174,6 +174,7 @@ cdef class Core:
     cdef int _task_slot(self, int64_t t) except -1
     cdef int _result_slot(self, int64_t r) except -1
     cdef int _agent_slot(self, int64_t a) except -1
+    cdef int _ensure_free_slot(self) except -1
     cdef int _grow_partitions(self, int64_t p) except -1
     cdef int _push(self, int32_t t, bint front) noexcept
 

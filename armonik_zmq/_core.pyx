@@ -155,6 +155,29 @@ cdef class Core:
             raise ValueError(f"agent slot {a} is free: its agent was removed")
         return 0
 
+    cdef int _ensure_free_slot(self) except -1:
+        """Make sure the free list has a head. A new slot joins the free list first, so that every
+        caller takes the head of the list and a failure after this leaves it there untouched."""
+        if self.task_free != NONE:
+            return 0
+        if self.tasks.size() >= <size_t>INT32_MAX:
+            raise MemoryError("no task slot left (2**31 - 1 in use)")
+        cdef TaskRec rec
+        rec.seq = 0
+        rec.partition = 0
+        rec.owner = NONE
+        rec.missing = 0
+        rec.dep_head = NONE
+        rec.held_prev = NONE
+        rec.held_next = NONE
+        rec.next_free = NONE
+        rec.priority = 0
+        rec.state = TS_FREE
+        rec.in_queue = 0
+        self.tasks.push_back(rec)
+        self.task_free = <int32_t>self.tasks.size() - 1
+        return 0
+
     cdef int _grow_partitions(self, int64_t p) except -1:
         if p < self.n_partitions:
             return 0
@@ -499,25 +522,7 @@ cdef class Core:
         if self.edges.capacity() < self.edges.size() + n:
             self.edges.reserve(max(2 * self.edges.capacity(), self.edges.size() + n))
         cdef int32_t t
-        cdef TaskRec rec
-        if self.task_free == NONE:
-            # A new slot joins the free list first, so that both paths take the head of the list
-            # and a failed push below leaves it there untouched.
-            if self.tasks.size() >= <size_t>INT32_MAX:
-                raise MemoryError("no task slot left (2**31 - 1 in use)")
-            rec.seq = 0
-            rec.partition = 0
-            rec.owner = NONE
-            rec.missing = 0
-            rec.dep_head = NONE
-            rec.held_prev = NONE
-            rec.held_next = NONE
-            rec.next_free = NONE
-            rec.priority = 0
-            rec.state = TS_FREE
-            rec.in_queue = 0
-            self.tasks.push_back(rec)
-            self.task_free = <int32_t>self.tasks.size() - 1
+        self._ensure_free_slot()
         t = self.task_free
         cdef TaskRec* tr = &self.tasks[t]
         tr.partition = <int32_t>p
@@ -584,23 +589,7 @@ cdef class Core:
             raise ValueError(f"agent slot {ai} has no credit left (it holds {self.agents[ai].n_held})")
         self._grow_partitions(p)
         cdef int32_t t
-        cdef TaskRec rec
-        if self.task_free == NONE:
-            if self.tasks.size() >= <size_t>INT32_MAX:
-                raise MemoryError("no task slot left (2**31 - 1 in use)")
-            rec.seq = 0
-            rec.partition = 0
-            rec.owner = NONE
-            rec.missing = 0
-            rec.dep_head = NONE
-            rec.held_prev = NONE
-            rec.held_next = NONE
-            rec.next_free = NONE
-            rec.priority = 0
-            rec.state = TS_FREE
-            rec.in_queue = 0
-            self.tasks.push_back(rec)
-            self.task_free = <int32_t>self.tasks.size() - 1
+        self._ensure_free_slot()
         t = self.task_free
         cdef TaskRec* tr = &self.tasks[t]
         self.task_free = tr.next_free
