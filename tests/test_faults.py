@@ -406,10 +406,14 @@ def test_t1_broker_kill_storm(tmp_path, scale):
     # a restart starts a Python process and its agents register again: seconds only on a machine not oversubscribed
     if not overloaded():
         assert slowest_first <= 2.0, storm["firsts"]
+    # The ratio compares the storm with the work it interrupts. At CI size the work takes about a second while
+    # the kill schedule alone (first kill after 0.3-1.5 s, then 1-3 s apart) lasts 2.3-7.5 s, so the ratio
+    # measures the schedule: it is judged at full size only (20,000 tasks outlast ten kills).
+    if scale == 1.0 and not overloaded():
         assert ratio <= 3.0, f"storm {storm['wall']:.1f}s vs fault-free {baseline['wall']:.1f}s"
     elif slowest_first > 2.0 or ratio > 3.0:
-        warnings.warn(f"restart to dispatch {storm['firsts']}, wall ratio {ratio:.2f}: not judged, load average "
-                      f"{os.getloadavg()[0]:.1f}")
+        warnings.warn(f"restart to dispatch {storm['firsts']}, wall ratio {ratio:.2f}: not judged (size {scale}, "
+                      f"load average {os.getloadavg()[0]:.1f})")
 
 
 # -- T2: agent kill -9 -----------------------------------------------------------------------------------
