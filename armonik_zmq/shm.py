@@ -1,23 +1,27 @@
-"""Data that never crosses a socket on one host: sealed memfds handed over a Unix socket (SCM_RIGHTS).
+"""Data that never crosses a socket on one host: descriptors handed over a Unix socket (SCM_RIGHTS).
 
-A worker writes a large result once, into a memfd (``MFD_CLOEXEC``), seals it
-(``F_SEAL_SHRINK|GROW|WRITE|SEAL``: nobody can change it any more) and hands the descriptor to
-the broker's data socket with ``socket.send_fds``; only a token, the size and a checksum travel
-on the ZeroMQ sockets. The broker copies the memfd into a file of its data directory (``sendfile``,
-in a helper thread, from the moment it receives it) and acknowledges the task's completion only
-once that copy is complete (and fsynced, if asked): the result then survives a broker SIGKILL.
+A worker writes a large result once, into a nameless file (``O_TMPFILE``, mode 0400) of the
+broker's segment directory, closes its writable descriptor and hands a read-only one to the
+broker's data socket with ``socket.send_fds``; only a token, the size and a checksum travel on the
+ZeroMQ sockets. The broker checks that nobody can write the file any more (a read lease is granted
+only then) and links it under its token: the worker's bytes are the stored data, nothing is copied.
+Where the worker cannot write there (the directory is not on a filesystem with ``O_TMPFILE`` and
+leases), it writes a memfd and seals it (``F_SEAL_SHRINK|GROW|WRITE|SEAL``); the broker copies that
+into the file (``sendfile``, in a helper thread). Either way the task's completion is acknowledged
+only once the file is complete (and fsynced, if asked): the result then survives a broker SIGKILL.
 A local client (or worker) asks the same data socket for a result by id and gets a read-only
 descriptor of that file, which it maps: the bytes are never copied into a socket, and the
 checksum recorded in LMDB is verified on every read. See docs/data-path.md.
 
 The data socket is ``SOCK_SEQPACKET`` (message boundaries kept, descriptors ride in the message's
 ancillary data), in the broker's data directory (0700): only the broker's user can connect.
-Messages are msgpack maps: ``{"op": "put", "token", "size", "checksum"}`` + one fd, answered
+Messages are msgpack maps: ``{"op": "hello"}`` answered ``{"segment_dir": path or None}``;
+``{"op": "put", "token", "size", "checksum"}`` + one fd, answered
 ``{"ok": true}`` or ``{"error": ...}``; ``{"op": "get", "session_id", "result_ids"}`` answered
 ``{"items": [...]}`` + one fd per item that has ``"fd": true``.
 
-Nothing here is named in ``/dev/shm``: a memfd disappears with its last descriptor and mapping,
-so a crash leaks nothing; spilled files are owned by LMDB rows and swept when no row names them.
+Nothing here is named in ``/dev/shm``: a memfd, like a file not linked yet, disappears with its
+last descriptor and mapping, so a crash leaks nothing; spilled files are owned by LMDB rows and swept when no row names them.
 """
 
 from __future__ import annotations
@@ -92,24 +96,75 @@ def nbytes(buffers: Sequence) -> int:
     return sum(memoryview(b).nbytes for b in buffers)
 
 
+def _write_all(fd: int, buffers: Sequence) -> tuple[int, str]:
+    """Write the buffers to ``fd`` once, hashing them on the way; return (size, checksum)."""
+    algorithm = "xxh3" if xxhash is not None else "b2"
+    h = _hasher(algorithm)
+    size = 0
+    for buf in buffers:
+        view = memoryview(buf).cast("B")
+        h.update(view)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+            size += n
+    return size, f"{algorithm}:{h.hexdigest()}"
+
+
 def write_segment(buffers: Sequence, name: str = "armonik-zmq") -> tuple[int, int, str]:
     """Write the buffers once into a new sealed memfd; return (fd, size, checksum). The caller closes fd."""
     fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
-        h = _hasher("xxh3" if xxhash is not None else "b2")
-        size = 0
-        for buf in buffers:
-            view = memoryview(buf).cast("B")
-            h.update(view)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-                size += n
+        size, digest = _write_all(fd, buffers)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
     except BaseException:
         os.close(fd)
         raise
-    return fd, size, f"{'xxh3' if xxhash is not None else 'b2'}:{h.hexdigest()}"
+    return fd, size, digest
+
+
+def write_file(directory: str, buffers: Sequence) -> tuple[int, int, str]:
+    """Write the buffers once into a nameless file of ``directory``; return (read-only fd, size, checksum).
+
+    The file (``O_TMPFILE``, mode 0400) has no name until the broker links it: a writer killed
+    half-way leaves nothing behind. Only a read-only descriptor is returned, the writable one is
+    closed, so the broker can check (with a read lease) that nobody can write the file any more.
+    """
+    wfd = os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o400)
+    try:
+        size, digest = _write_all(wfd, buffers)
+        fd = os.open(f"/proc/self/fd/{wfd}", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(wfd)
+    return fd, size, digest
+
+
+def check_unwritable(fd: int) -> None:
+    """Raise ``DataError`` if any process holds the file open for writing (or mapped writable).
+
+    A read lease is granted only when there is no writer; it is dropped at once: it is a probe.
+    """
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as exc:
+        raise DataError(f"the file is still open for writing somewhere ({exc.strerror}): "
+                        f"close every writable descriptor before handing it over") from None
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+
+
+def files_supported(directory: str) -> bool:
+    """Whether workers can write segments straight into ``directory`` (O_TMPFILE and read leases work there)."""
+    try:
+        fd, _, _ = write_file(directory, [b"\0"])
+    except OSError:
+        return False
+    try:
+        check_unwritable(fd)
+        return True
+    except (OSError, DataError):
+        return False
+    finally:
+        os.close(fd)
 
 
 def map_fd(fd: int, size: int) -> memoryview:
@@ -157,6 +212,8 @@ class DataChannel:
         except OSError:
             self.sock.close()
             raise
+        #: the broker's segment directory, where puts are written straight into files ("" : memfds; None: not asked yet)
+        self.segment_dir: Optional[str] = None
 
     @classmethod
     def open(cls, config: dict) -> Optional["DataChannel"]:
@@ -190,8 +247,24 @@ class DataChannel:
         return reply, got
 
     def put(self, buffers: Sequence) -> dict:
-        """Write the buffers into a sealed memfd, hand it to the broker; return ``{token, size, checksum}``."""
-        fd, size, digest = write_segment(buffers)
+        """Write the buffers once, hand them to the broker; return ``{token, size, checksum}``.
+
+        Written straight into a nameless file of the broker's segment directory when the broker
+        offers one (the broker links it: no copy), else into a sealed memfd (the broker copies it).
+        """
+        if self.segment_dir is None:
+            reply, fds = self._request({"op": "hello"})
+            for fd in fds:
+                os.close(fd)
+            self.segment_dir = reply.get("segment_dir") or ""
+        made = None
+        if self.segment_dir:
+            try:
+                made = write_file(self.segment_dir, buffers)
+            except OSError as exc:  # e.g. the directory is not ours: memfds from now on
+                log.info("cannot write into %s (%s): results go through memfds", self.segment_dir, exc.strerror)
+                self.segment_dir = ""
+        fd, size, digest = made or write_segment(buffers)
         try:
             token = os.urandom(16).hex()
             self._request({"op": "put", "token": token, "size": size, "checksum": digest}, [fd])
@@ -291,8 +364,12 @@ class SegmentStore:
     def __init__(self, store, data_dir: str, socket_path: Optional[str] = None, fsync: bool = False,
                  grace: float = 600.0, sweep_interval: Optional[float] = None):
         self.store = store
-        self.dir = os.path.join(data_dir, "segments")
+        self.dir = os.path.join(os.path.abspath(data_dir), "segments")
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        self._dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._dev = os.fstat(self._dir_fd).st_dev
+        #: writers put files straight into ``dir`` (one copy per byte); else sealed memfds copied here
+        self.files = files_supported(self.dir)
         self.fsync = fsync
         self.grace = grace
         #: seconds between sweeps (sooner with a short grace, so tests and small hosts see files go quickly)
@@ -307,7 +384,7 @@ class SegmentStore:
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._spiller = ThreadPoolExecutor(max_workers=2, thread_name_prefix="armonik-zmq-spill")
-        self.stats = {"put": 0, "get": 0, "spilled_bytes": 0, "swept": 0, "refused": 0}
+        self.stats = {"put": 0, "get": 0, "spilled_bytes": 0, "linked_bytes": 0, "swept": 0, "refused": 0}
         for name in os.listdir(self.dir):  # a copy cut short by a crash is garbage
             if name.endswith(".part"):
                 os.unlink(os.path.join(self.dir, name))
@@ -387,8 +464,10 @@ class SegmentStore:
                 return
             elif op == "get":
                 reply, out = self._get(msg)
+            elif op == "hello":
+                reply, out = {"segment_dir": self.dir if self.files else None}, []
             else:
-                raise DataError(f"unknown op {op!r} on the data socket (put, get)")
+                raise DataError(f"unknown op {op!r} on the data socket (put, get, hello)")
         except (DataError, ValueError, KeyError, TypeError) as exc:
             self.stats["refused"] += 1
             reply, out = {"error": str(exc)}, []
@@ -434,14 +513,26 @@ class SegmentStore:
         if type(size) is not int or size < 0 or not isinstance(digest, str) or ":" not in digest:
             raise DataError("put needs an integer size and a checksum '<algorithm>:<hex>'")
         fd = fds[0]
-        check_sealed(fd, size)
+        is_file = self.files and os.fstat(fd).st_dev == self._dev
+        if is_file:
+            self._check_file(fd, size)
+        else:
+            check_sealed(fd, size)
         with self._lock:
             if token in self._segments or os.path.exists(self.file_path(token)):
                 raise DataError(f"segment {token} was already handed over")
             seg = _Segment(fd, size, digest, None)
             self._segments[token] = seg
         fds.clear()
-        seg.spill = self._spiller.submit(self._spill, token, seg)
+        if is_file and not self.fsync:  # a link, no copy: done here, at once
+            seg.spill = Future()
+            try:
+                self._link(token, seg)
+                seg.spill.set_result(None)
+            except BaseException as exc:
+                seg.spill.set_exception(exc)
+        else:
+            seg.spill = self._spiller.submit(self._link if is_file else self._spill, token, seg)
         self.stats["put"] += 1
 
         def answer(done: Future) -> None:
@@ -452,6 +543,36 @@ class SegmentStore:
                 pass  # the worker is gone; its segment is swept after the grace period
 
         seg.spill.add_done_callback(answer)
+
+    def _check_file(self, fd: int, size: int) -> None:
+        """Refuse a file that is not a nameless, read-only, unwritable file of ours of ``size`` bytes."""
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 0:
+            raise DataError("a file handed over must be a nameless regular file (O_TMPFILE in the segment directory)")
+        if st.st_uid != os.geteuid():
+            raise DataError("the file handed over belongs to another user")
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY:
+            raise DataError("hand over a read-only descriptor of the file, not a writable one")
+        check_unwritable(fd)
+        if st.st_size != size:
+            raise DataError(f"the file holds {st.st_size} bytes, the message says {size}")
+
+    def _link(self, token: str, seg: _Segment) -> None:
+        """Give a written file its name (the writer's bytes are the data: nothing is copied); fsync when asked."""
+        try:
+            os.fchmod(seg.fd, 0o400)  # owner read-only, whatever mode the writer chose
+            if self.fsync:
+                os.fsync(seg.fd)
+            # os.link follows the /proc magic link only through linkat, which a dir fd selects
+            os.link(f"/proc/self/fd/{seg.fd}", token, dst_dir_fd=self._dir_fd, follow_symlinks=True)
+            if self.fsync:
+                os.fsync(self._dir_fd)
+        finally:
+            with self._lock:  # the name holds the data now (or the put failed: the completion gets SEGMENT_LOST)
+                if seg.fd >= 0:
+                    os.close(seg.fd)
+                    seg.fd = -1
+        self.stats["linked_bytes"] += seg.size
 
     def _spill(self, token: str, seg: _Segment) -> None:
         """Copy a memfd into its file (sendfile: no user-space copy); fsync when asked; then drop the memfd."""
@@ -642,6 +763,7 @@ class SegmentStore:
         self._thread.join(timeout=2)
         self.listener.close()
         self._spiller.shutdown(wait=True)
+        os.close(self._dir_fd)
         with self._lock:
             for seg in self._segments.values():
                 if seg.fd >= 0:

@@ -228,6 +228,71 @@ def test_data_socket_refuses_what_is_not_a_sealed_memfd(cluster):
         assert np.array_equal(client.submit(make_array, 1, MiB).result(60), pattern(1, MiB))
 
 
+def test_results_are_written_straight_into_the_segment_directory(cluster, client):
+    """The writer puts a nameless file into the broker's segment directory; the broker links it (no copy)."""
+    seg_dir = os.path.join(cluster.data_dir, "segments")
+    ch = shm.DataChannel(os.path.join(cluster.data_dir, "data.sock"))
+    try:
+        ref = ch.put([b"z" * 1000])
+        assert os.path.samefile(ch.segment_dir, seg_dir), "the broker must offer its segment directory"
+        path = os.path.join(seg_dir, ref["token"])
+        assert os.stat(path).st_size == 1000 and stat.S_IMODE(os.stat(path).st_mode) == 0o400
+        # the writer is gone from the picture: its file has one name, the broker's, and no writer
+        assert os.stat(path).st_nlink == 1
+    finally:
+        ch.close()
+    os.unlink(path)  # never named by a row: the sweeper would take it after the grace anyway
+    # the futures path uses it too: a value made by a worker is there under its token, mode 0400
+    before = set(segment_files(cluster))
+    assert np.array_equal(client.submit(make_array, 2, MiB).result(60), pattern(2, MiB))
+    (new,) = set(segment_files(cluster)) - before
+    assert stat.S_IMODE(os.stat(os.path.join(seg_dir, new)).st_mode) == 0o400
+
+
+def test_data_socket_refuses_files_that_are_named_writable_or_still_written(cluster):
+    path = os.path.join(cluster.data_dir, "data.sock")
+    seg_dir = os.path.join(cluster.data_dir, "segments")
+    ch = shm.DataChannel(path)
+
+    def put(fd, size):
+        token = os.urandom(16).hex()
+        with pytest.raises(shm.DataError) as info:
+            ch._request({"op": "put", "token": token, "size": size, "checksum": "b2:00"}, [fd])
+        assert not os.path.exists(os.path.join(seg_dir, token))
+        return str(info.value)
+
+    try:
+        writer = os.open(seg_dir, os.O_TMPFILE | os.O_RDWR, 0o400)
+        os.write(writer, b"w" * 100)
+        reader = os.open(f"/proc/self/fd/{writer}", os.O_RDONLY)
+        try:
+            assert "read-only descriptor" in put(writer, 100)
+            assert "open for writing" in put(reader, 100)  # the writer still holds it: it could change it
+            os.close(writer)
+            writer = -1
+            assert "says 99" in put(reader, 99)
+        finally:
+            os.close(reader)
+            if writer >= 0:
+                os.close(writer)
+        named = os.path.join(seg_dir, "not-a-token")
+        with open(named, "wb") as f:
+            f.write(b"n" * 100)
+        os.chmod(named, 0o400)
+        fd = os.open(named, os.O_RDONLY)
+        try:  # a file that has a name already (any file of the user's) is never linked into the store
+            assert "nameless" in put(fd, 100)
+        finally:
+            os.close(fd)
+            os.unlink(named)
+        # and it still takes a proper one
+        ok = os.path.join(seg_dir, ch.put([b"ok" * 50])["token"])
+        assert os.path.exists(ok)
+        os.unlink(ok)  # named by no row: the sweeper would take it after the grace anyway
+    finally:
+        ch.close()
+
+
 _READER = """
 import sys
 from armonik_zmq import shm
@@ -277,12 +342,14 @@ def _children(pid: int) -> list[int]:
 
 
 def _memfds(pid: int) -> int:
-    """How many memfds a process holds (the broker's are bounded by its writing workers: one put each)."""
+    """How many segments a process holds open: memfds, or files of a segment directory being handed over
+    (the broker's are bounded by its writing workers: one put each)."""
     n = 0
     try:
         for fd in os.listdir(f"/proc/{pid}/fd"):
             try:
-                n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:")
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                n += target.startswith("/memfd:") or "/segments/" in target
             except OSError:
                 pass
     except OSError:
