@@ -298,13 +298,22 @@ class Backend:
         for completion, frames in zip(h["tasks"], groups):
             task_id = completion["task_id"]
             try:
-                with txn.nested() as child:
+                if completion["ok"] and not completion.get("created_results") and not completion.get("subtasks"):
+                    # The common case needs no child transaction: every refusal comes before any write.
                     mark = req.mark()
                     try:
-                        self._complete(child, agent, completion, frames, req.now)
-                    except BaseException:
+                        self._complete_simple(txn, agent, completion, frames, req.now)
+                    except ProtocolError:
                         req.rollback_to(mark)
                         raise
+                else:
+                    with txn.nested() as child:
+                        mark = req.mark()
+                        try:
+                            self._complete(child, agent, completion, frames, req.now)
+                        except BaseException:
+                            req.rollback_to(mark)
+                            raise
                 accepted.append(task_id)
                 if completion["ok"]:
                     self.metrics.counters["tasks_completed"] += 1
@@ -332,18 +341,38 @@ class Backend:
         log.warning("task %s: completion refused (%s): the task ends in ERROR", row["task_id"], exc)
         self.state.end_task(txn, row, _T.ERROR, now, f"invalid completion from agent {agent.agent_id}: {exc.message}")
 
-    def _complete(self: "Broker", txn: Txn, agent: AgentInfo, c: dict, frames: list, now: float) -> None:
-        """Apply one task's outcome; every side effect of a successful task commits together (ARMONIK.md 2.3)."""
-        state = self.state
-        row = self._owned(txn, agent, c["task_id"], c["attempt"])
+    def _stamp(self: "Broker", txn: Txn, row: dict, c: dict) -> None:
+        """Record the run's timestamps on the row (not stored yet: the outcome stores it)."""
         stamps = c.get("timestamps") or {}
         if row["status"] == _T.DISPATCHED and "started_at" in stamps:
             # The agent folds TASKS_STARTED into the completion of a task that ended before its next
             # report: pass through PROCESSING (event included); the outcome below stores the row once.
-            state.set_task_status(txn, row, _T.PROCESSING, stamps["started_at"], store=False)
+            self.state.set_task_status(txn, row, _T.PROCESSING, stamps["started_at"], store=False)
         for name in ("fetched_at", "started_at", "processed_at"):
             if name in stamps:
                 row[name] = stamps[name]
+
+    def _complete_simple(self: "Broker", txn: Txn, agent: AgentInfo, c: dict, frames: list, now: float) -> None:
+        """Apply a success that creates no result and no subtask, in the request's own transaction.
+
+        Every check runs before anything changes (row, LMDB, core, events): a refused completion leaves
+        no trace, so it needs no child transaction of its own (one per task cost more than the rest).
+        """
+        row = self._owned(txn, agent, c["task_id"], c["attempt"])
+        produced = self._produced(txn, row, c, frames, {})
+        try:
+            self._stamp(txn, row, c)
+            self._finish(txn, row, produced, now)
+        except ProtocolError as exc:
+            # Past the checks nothing may refuse: a refusal now would leave half a completion in the request's
+            # transaction, so it fails the whole request (its transaction is undone) instead.
+            raise RuntimeError(f"task {c['task_id']}: completion refused after it began to apply: {exc}") from exc
+
+    def _complete(self: "Broker", txn: Txn, agent: AgentInfo, c: dict, frames: list, now: float) -> None:
+        """Apply one task's outcome; every side effect of a successful task commits together (ARMONIK.md 2.3)."""
+        state = self.state
+        row = self._owned(txn, agent, c["task_id"], c["attempt"])
+        self._stamp(txn, row, c)
         if not c["ok"]:
             # ArmoniK 2.4: Output(error) ends in ERROR, a deadline in TIMEOUT, an exception or a crash is retried.
             error = c.get("error") or "the task failed without a message"
@@ -365,6 +394,24 @@ class Backend:
             state.insert_result(txn, rrow)
             created[rrow["result_id"]] = rrow
         # 2. data it produced: its own expected outputs, or results it created
+        produced = self._produced(txn, row, c, frames, created)
+        # 3. subtasks, taking over the outputs they list (ownership transfer). They are created before the
+        #    data is marked COMPLETED so that every check (here and above) runs before the core changes.
+        subtasks = c.get("subtasks", ())
+        if subtasks:
+            session = state.require_session(txn, sid)
+            state.check_submission(session, "worker")
+            for s in subtasks:
+                if txn.get_task(s["task_id"]) is not None:
+                    raise ProtocolError(ErrorCode.ALREADY_EXISTS, f"task {s['task_id']} already exists")
+            state.create_tasks(txn, session, list(subtasks), c.get("subtask_options"), now, parent=row,
+                               task_ids=[s["task_id"] for s in subtasks])
+        self._finish(txn, row, produced, now)
+
+    def _produced(self: "Broker", txn: Txn, row: dict, c: dict, frames: list, created: dict) -> list:
+        """Check the data a completion reports; return (result row, data) pairs. Reads only, changes nothing."""
+        task_id = row["task_id"]
+        sid = row["session_id"]
         data_groups = split_frames(frames, [r["frames"] for r in c.get("results", ())])
         produced = []
         for spec, data in zip(c.get("results", ()), data_groups):
@@ -381,17 +428,12 @@ class Backend:
             if "segment" in spec:
                 data = shm_segments.check(self.segments, spec["segment"], rid)
             produced.append((rrow, data))
-        # 3. subtasks, taking over the outputs they list (ownership transfer). They are created before the
-        #    data is marked COMPLETED so that every check (here and above) runs before the core changes.
-        subtasks = c.get("subtasks", ())
-        if subtasks:
-            session = state.require_session(txn, sid)
-            state.check_submission(session, "worker")
-            for s in subtasks:
-                if txn.get_task(s["task_id"]) is not None:
-                    raise ProtocolError(ErrorCode.ALREADY_EXISTS, f"task {s['task_id']} already exists")
-            state.create_tasks(txn, session, list(subtasks), c.get("subtask_options"), now, parent=row,
-                               task_ids=[s["task_id"] for s in subtasks])
+        return produced
+
+    def _finish(self: "Broker", txn: Txn, row: dict, produced: list, now: float) -> None:
+        """Store a successful task's data and end it COMPLETED (steps 4 and 5 of ``_complete``)."""
+        state = self.state
+        task_id = row["task_id"]
         # 4. the data, which releases waiting tasks (subtasks included)
         for rrow, data in produced:
             if isinstance(data, shm_segments.SegmentRef):

@@ -37,6 +37,7 @@ from .backend import AgentInfo, Backend
 from .data import ResultData
 from .auth import Authorizer, Guard, Security
 from .events import EventBus
+from .gcpolicy import GcPolicy
 from .handlers import Handlers, handler_table
 from .idempotency import Idempotency
 from .lifecycle import Lifecycle
@@ -147,6 +148,8 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         self._next_reader_check = time.monotonic() + config.reader_check_interval
         #: when the state was loaded, until the first dispatch after it is logged (the restart figure)
         self._loaded_at: Optional[float] = time.monotonic()
+        #: full garbage collections wait for idle moments (gcpolicy.py: they were the submit-ack tail)
+        self.gc_policy = GcPolicy()
 
     def _load_state(self, events: Optional[EventBus] = None, agents: Optional[dict] = None) -> BrokerState:
         """Build the in-memory state from LMDB: after a restart, or (``agents`` given) after an aborted turn."""
@@ -312,8 +315,9 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
     def turn(self, timeout_ms: int) -> None:
         # long lists run between turns, after the commit of the turn that received them
         scanning = self.advance_scans()
+        idle = False
         if not scanning and not self._lost_agents and not self._dispatch_possible():
-            self.poller.poll(timeout_ms)
+            idle = not self.poller.poll(timeout_ms)
         batch: list = []
         limit = self.config.max_batch_messages
         turn_started = time.monotonic()
@@ -326,10 +330,12 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
             self._check_readers(mono)
         lease_due = mono >= self._next_lease_check
         if not batch and not lease_due and not self._lost_agents and not self._dispatch_possible():
+            if idle:
+                self.gc_policy.idle()
             return
         now = wall_now()
         replies: list = []
-        incoming = sum(f.buffer.nbytes for _, frames in batch for f in frames)
+        incoming = sum(sum(map(len, frames)) for _, frames in batch)  # len(Frame): no memoryview per frame
         try:
             self._grow_map("ahead of a turn", incoming)
             while True:
@@ -381,6 +387,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
             log.info("first dispatch %.3fs after the state was loaded", time.monotonic() - self._loaded_at)
             self._loaded_at = None
         self.metrics.turn(time.monotonic() - turn_started)
+        self.gc_policy.busy()
 
     def _run_turn(self, batch: list, replies: list, now: float, mono: float, lease_due: bool,
                   turn_started: float) -> None:
@@ -445,12 +452,14 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         self.poller.register(self.backend, zmq.POLLIN)
         self._next_lease_check = time.monotonic() + self.config.lease
         self._running = True
+        self.gc_policy.start()
         log.info("broker serving clients on %s and agents on %s (data in %s, sync=%s)", self.config.endpoint,
                  self.config.agents_endpoint, self.config.data_dir, self.config.sync)
         try:
             while self._running:
                 self.turn(100)
         finally:
+            self.gc_policy.stop()
             self.close()
 
     def stop(self, *_args) -> None:

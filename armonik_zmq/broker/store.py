@@ -23,8 +23,11 @@ from .objects import ObjectStorage, chunk_key, n_chunks, rechunk
 
 _pack = msgpack.Packer(use_bin_type=True).pack
 
-#: rows of live tasks and of results still waiting for data kept decoded (``Store.task_rows``, ``Store.result_rows``): at most this many each
-ROW_CACHE_MAX = 200_000
+#: rows of live tasks and of results still waiting for data kept decoded (``Store.task_rows``, ``Store.result_rows``): at most this many each.
+#: A decoded task row takes ~2 KB: 32k of them (plus as many result rows) stay well inside T15's 300 MiB with
+#: 100,000 tasks queued, and cover every task agents hold at once; a queued task past the cap is read from
+#: LMDB when it is dispatched (and cached then, once finished tasks made room).
+ROW_CACHE_MAX = 32_768
 _TASK_ENDED = frozenset(int(s) for s in TASK_FINAL)
 _RESULT_CREATED = int(ResultStatus.CREATED)
 
