@@ -312,15 +312,21 @@ class Client:
             self._fail(aborted)
 
     def _download(self, result_ids: List[str]) -> None:
-        if self._data is None and self._service is not None:
-            self._data = shm.DataChannel.open(self._service)
-        if self._data is not None:
+        views = None
+        for attempt in range(2):  # a broken data socket (the broker restarted): once more on its new socket
+            if self._data is None and self._service is not None:
+                self._data = shm.DataChannel.open(self._service)
+            if self._data is None:
+                break
             try:
                 views = self._data.get(self.session_id, result_ids)
-            except (OSError, shm.DataError) as exc:  # the broker restarted: its new socket next time
-                log.warning("data socket unusable (%s): downloading over the sockets", exc)
+                break
+            except (OSError, shm.DataError) as exc:
+                log.warning("data socket unusable (%s): %s", exc,
+                            "connecting again" if not attempt else "downloading over the sockets")
+                self._data.close()
                 self._data = None
-                views = {}
+        if views is not None:
             for rid, view in views.items():
                 with self._lock:
                     fut = self._pending.pop(rid, None)

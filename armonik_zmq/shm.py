@@ -1,31 +1,34 @@
 """Data that never crosses a socket on one host: descriptors handed over a Unix socket (SCM_RIGHTS).
 
 A worker writes a large result once, into a nameless file (``O_TMPFILE``, mode 0400) of the
-broker's segment directory, closes its writable descriptor and hands a read-only one to the
-broker's data socket with ``socket.send_fds``; only a token, the size and a checksum travel on the
-ZeroMQ sockets. The broker checks that nobody can write the file any more (a read lease is granted
-only then) and links it under its token: the worker's bytes are the stored data, nothing is copied.
-Where the worker cannot write there (the directory is not on a filesystem with ``O_TMPFILE`` and
-leases), it writes a memfd and seals it (``F_SEAL_SHRINK|GROW|WRITE|SEAL``); the broker copies that
-into the file (``sendfile``, in a helper thread). Either way the task's completion is acknowledged
-only once the file is complete (and fsynced, if asked): the result then survives a broker SIGKILL.
+broker's segment directory, and links it under a fresh token when complete; only the token, the
+size and a checksum travel on the ZeroMQ sockets. The completion naming it makes the broker adopt
+the file once nobody can write it any more (a read lease is granted only then): the worker's bytes
+are the stored data, nothing is copied, no message is needed. Where the worker cannot write there
+(the directory is not on a filesystem with ``O_TMPFILE`` and leases), it writes a memfd, seals it
+(``F_SEAL_SHRINK|GROW|WRITE|SEAL``) and hands it to the broker's data socket with
+``socket.send_fds``; the broker copies it into the file (``sendfile``, in a helper thread) before
+answering. Either way the task's completion is acknowledged only once the file is complete (and
+fsynced, if asked): the result then survives a broker SIGKILL.
 A local client (or worker) asks the same data socket for a result by id and gets a read-only
 descriptor of that file, which it maps: the bytes are never copied into a socket, and the
 checksum recorded in LMDB is verified on every read. See docs/data-path.md.
 
 The data socket is ``SOCK_SEQPACKET`` (message boundaries kept, descriptors ride in the message's
 ancillary data), in the broker's data directory (0700): only the broker's user can connect.
-Messages are msgpack maps: ``{"op": "hello"}`` answered ``{"segment_dir": path or None}``;
+Messages are msgpack maps: ``{"op": "hello"}`` answered ``{"segment_dir": path or None, "fsync": bool}``;
 ``{"op": "put", "token", "size", "checksum"}`` + one fd, answered
 ``{"ok": true}`` or ``{"error": ...}``; ``{"op": "get", "session_id", "result_ids"}`` answered
 ``{"items": [...]}`` + one fd per item that has ``"fd": true``.
 
 Nothing here is named in ``/dev/shm``: a memfd, like a file not linked yet, disappears with its
-last descriptor and mapping, so a crash leaks nothing; spilled files are owned by LMDB rows and swept when no row names them.
+last descriptor and mapping, so a crash leaks nothing; segment files are owned by LMDB rows and
+swept when no row names them.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import logging
@@ -123,20 +126,25 @@ def write_segment(buffers: Sequence, name: str = "armonik-zmq") -> tuple[int, in
     return fd, size, digest
 
 
-def write_file(directory: str, buffers: Sequence) -> tuple[int, int, str]:
-    """Write the buffers once into a nameless file of ``directory``; return (read-only fd, size, checksum).
+def write_file(dir_fd: int, token: str, buffers: Sequence, fsync: bool = False) -> tuple[int, str]:
+    """Write the buffers once into a new file ``token`` (mode 0400) of the directory ``dir_fd``; return (size, checksum).
 
-    The file (``O_TMPFILE``, mode 0400) has no name until the broker links it: a writer killed
-    half-way leaves nothing behind. Only a read-only descriptor is returned, the writable one is
-    closed, so the broker can check (with a read lease) that nobody can write the file any more.
+    The file is written nameless (``O_TMPFILE``) and linked under ``token`` only when complete (and
+    fsynced, if asked): its name never shows a partial file, and a writer killed half-way leaves
+    nothing behind. The writable descriptor is closed on return.
     """
-    wfd = os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o400)
+    wfd = os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o400, dir_fd=dir_fd)
     try:
         size, digest = _write_all(wfd, buffers)
-        fd = os.open(f"/proc/self/fd/{wfd}", os.O_RDONLY | os.O_CLOEXEC)
+        if fsync:
+            os.fsync(wfd)
+        # os.link follows the /proc magic link only through linkat, which a dir fd selects
+        os.link(f"/proc/self/fd/{wfd}", token, dst_dir_fd=dir_fd, follow_symlinks=True)
     finally:
         os.close(wfd)
-    return fd, size, digest
+    if fsync:
+        os.fsync(dir_fd)
+    return size, digest
 
 
 def check_unwritable(fd: int) -> None:
@@ -153,18 +161,28 @@ def check_unwritable(fd: int) -> None:
 
 
 def files_supported(directory: str) -> bool:
-    """Whether workers can write segments straight into ``directory`` (O_TMPFILE and read leases work there)."""
+    """Whether writers can put segments straight into ``directory`` (O_TMPFILE, linkat and read leases work)."""
+    token = f"probe-{os.getpid()}-{os.urandom(4).hex()}"
     try:
-        fd, _, _ = write_file(directory, [b"\0"])
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return False
     try:
-        check_unwritable(fd)
+        write_file(dir_fd, token, [b"\0"])
+        fd = os.open(token, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            check_unwritable(fd)
+        finally:
+            os.close(fd)
         return True
     except (OSError, DataError):
         return False
     finally:
-        os.close(fd)
+        try:
+            os.unlink(token, dir_fd=dir_fd)
+        except OSError:
+            pass
+        os.close(dir_fd)
 
 
 def map_fd(fd: int, size: int) -> memoryview:
@@ -212,8 +230,10 @@ class DataChannel:
         except OSError:
             self.sock.close()
             raise
-        #: the broker's segment directory, where puts are written straight into files ("" : memfds; None: not asked yet)
+        #: the broker's segment directory, where results are written straight into files ("": memfds; None: not asked yet)
         self.segment_dir: Optional[str] = None
+        self._dir_fd = -1
+        self._fsync = False
 
     @classmethod
     def open(cls, config: dict) -> Optional["DataChannel"]:
@@ -247,30 +267,46 @@ class DataChannel:
         return reply, got
 
     def put(self, buffers: Sequence) -> dict:
-        """Write the buffers once, hand them to the broker; return ``{token, size, checksum}``.
+        """Write the buffers once where the broker keeps them; return ``{token, size, checksum}``.
 
-        Written straight into a nameless file of the broker's segment directory when the broker
-        offers one (the broker links it: no copy), else into a sealed memfd (the broker copies it).
+        When the broker offers its segment directory, the file is written there and named by the
+        writer: no message, no copy; the completion naming it makes the broker adopt it. Otherwise the
+        buffers go into a sealed memfd that is handed to the broker, which copies it into its file
+        before answering.
         """
         if self.segment_dir is None:
-            reply, fds = self._request({"op": "hello"})
-            for fd in fds:
-                os.close(fd)
-            self.segment_dir = reply.get("segment_dir") or ""
-        made = None
-        if self.segment_dir:
+            self._hello()
+        token = os.urandom(16).hex()
+        if self._dir_fd >= 0:
             try:
-                made = write_file(self.segment_dir, buffers)
-            except OSError as exc:  # e.g. the directory is not ours: memfds from now on
-                log.info("cannot write into %s (%s): results go through memfds", self.segment_dir, exc.strerror)
-                self.segment_dir = ""
-        fd, size, digest = made or write_segment(buffers)
+                size, digest = write_file(self._dir_fd, token, buffers, self._fsync)
+                return {"token": token, "size": size, "checksum": digest}
+            except OSError as exc:
+                log.warning("cannot write into %s (%s): this result goes through a memfd", self.segment_dir, exc)
+                if exc.errno in (errno.EACCES, errno.EPERM, errno.EOPNOTSUPP, errno.EISDIR, errno.ENOENT,
+                                 errno.EXDEV, errno.EINVAL):  # it will not work next time either
+                    os.close(self._dir_fd)
+                    self._dir_fd, self.segment_dir = -1, ""
+        fd, size, digest = write_segment(buffers)
         try:
-            token = os.urandom(16).hex()
             self._request({"op": "put", "token": token, "size": size, "checksum": digest}, [fd])
         finally:
             os.close(fd)
         return {"token": token, "size": size, "checksum": digest}
+
+    def _hello(self) -> None:
+        """Ask the broker where it keeps segment files (and whether it fsyncs them)."""
+        reply, fds = self._request({"op": "hello"})
+        for fd in fds:
+            os.close(fd)
+        self.segment_dir = reply.get("segment_dir") or ""
+        self._fsync = bool(reply.get("fsync"))
+        if self.segment_dir:
+            try:
+                self._dir_fd = os.open(self.segment_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as exc:
+                log.info("cannot open %s (%s): results go through memfds", self.segment_dir, exc.strerror)
+                self.segment_dir = ""
 
     def segments(self, session_id: str, result_ids: Sequence[str]) -> set:
         """Return which of the results are shared-memory segments (nothing is opened or mapped)."""
@@ -316,6 +352,9 @@ class DataChannel:
 
     def close(self) -> None:
         self.sock.close()
+        if self._dir_fd >= 0:
+            os.close(self._dir_fd)
+            self._dir_fd = -1
 
 
 # -- the broker side ------------------------------------------------------------------------------
@@ -366,8 +405,6 @@ class SegmentStore:
         self.store = store
         self.dir = os.path.join(os.path.abspath(data_dir), "segments")
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
-        self._dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        self._dev = os.fstat(self._dir_fd).st_dev
         #: writers put files straight into ``dir`` (one copy per byte); else sealed memfds copied here
         self.files = files_supported(self.dir)
         self.fsync = fsync
@@ -384,7 +421,7 @@ class SegmentStore:
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._spiller = ThreadPoolExecutor(max_workers=2, thread_name_prefix="armonik-zmq-spill")
-        self.stats = {"put": 0, "get": 0, "spilled_bytes": 0, "linked_bytes": 0, "swept": 0, "refused": 0}
+        self.stats = {"put": 0, "get": 0, "spilled_bytes": 0, "swept": 0, "refused": 0}
         for name in os.listdir(self.dir):  # a copy cut short by a crash is garbage
             if name.endswith(".part"):
                 os.unlink(os.path.join(self.dir, name))
@@ -465,7 +502,7 @@ class SegmentStore:
             elif op == "get":
                 reply, out = self._get(msg)
             elif op == "hello":
-                reply, out = {"segment_dir": self.dir if self.files else None}, []
+                reply, out = {"segment_dir": self.dir if self.files else None, "fsync": self.fsync}, []
             else:
                 raise DataError(f"unknown op {op!r} on the data socket (put, get, hello)")
         except (DataError, ValueError, KeyError, TypeError) as exc:
@@ -513,26 +550,14 @@ class SegmentStore:
         if type(size) is not int or size < 0 or not isinstance(digest, str) or ":" not in digest:
             raise DataError("put needs an integer size and a checksum '<algorithm>:<hex>'")
         fd = fds[0]
-        is_file = self.files and os.fstat(fd).st_dev == self._dev
-        if is_file:
-            self._check_file(fd, size)
-        else:
-            check_sealed(fd, size)
+        check_sealed(fd, size)
         with self._lock:
             if token in self._segments or os.path.exists(self.file_path(token)):
                 raise DataError(f"segment {token} was already handed over")
             seg = _Segment(fd, size, digest, None)
             self._segments[token] = seg
         fds.clear()
-        if is_file and not self.fsync:  # a link, no copy: done here, at once
-            seg.spill = Future()
-            try:
-                self._link(token, seg)
-                seg.spill.set_result(None)
-            except BaseException as exc:
-                seg.spill.set_exception(exc)
-        else:
-            seg.spill = self._spiller.submit(self._link if is_file else self._spill, token, seg)
+        seg.spill = self._spiller.submit(self._spill, token, seg)
         self.stats["put"] += 1
 
         def answer(done: Future) -> None:
@@ -543,36 +568,6 @@ class SegmentStore:
                 pass  # the worker is gone; its segment is swept after the grace period
 
         seg.spill.add_done_callback(answer)
-
-    def _check_file(self, fd: int, size: int) -> None:
-        """Refuse a file that is not a nameless, read-only, unwritable file of ours of ``size`` bytes."""
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 0:
-            raise DataError("a file handed over must be a nameless regular file (O_TMPFILE in the segment directory)")
-        if st.st_uid != os.geteuid():
-            raise DataError("the file handed over belongs to another user")
-        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY:
-            raise DataError("hand over a read-only descriptor of the file, not a writable one")
-        check_unwritable(fd)
-        if st.st_size != size:
-            raise DataError(f"the file holds {st.st_size} bytes, the message says {size}")
-
-    def _link(self, token: str, seg: _Segment) -> None:
-        """Give a written file its name (the writer's bytes are the data: nothing is copied); fsync when asked."""
-        try:
-            os.fchmod(seg.fd, 0o400)  # owner read-only, whatever mode the writer chose
-            if self.fsync:
-                os.fsync(seg.fd)
-            # os.link follows the /proc magic link only through linkat, which a dir fd selects
-            os.link(f"/proc/self/fd/{seg.fd}", token, dst_dir_fd=self._dir_fd, follow_symlinks=True)
-            if self.fsync:
-                os.fsync(self._dir_fd)
-        finally:
-            with self._lock:  # the name holds the data now (or the put failed: the completion gets SEGMENT_LOST)
-                if seg.fd >= 0:
-                    os.close(seg.fd)
-                    seg.fd = -1
-        self.stats["linked_bytes"] += seg.size
 
     def _spill(self, token: str, seg: _Segment) -> None:
         """Copy a memfd into its file (sendfile: no user-space copy); fsync when asked; then drop the memfd."""
@@ -614,8 +609,9 @@ class SegmentStore:
     def adopt(self, token: str, size: int, digest: str, what: str) -> None:
         """Wait until segment ``token`` is safely in its file; raise ``DataError`` if it cannot be.
 
-        After a broker restart the memfd is gone, but a file copied before the crash is adopted once
-        its checksum matches.
+        A file its writer named in the segment directory (the usual way) is adopted once it is a
+        private file of the right size that nobody has open for writing; so is a memfd's copy made
+        before a broker restart (the memfd itself died with the broker).
         """
         if not TOKEN_RE.match(token):
             raise DataError(f"{what}: invalid segment token")
@@ -632,23 +628,39 @@ class SegmentStore:
             seg.received = time.monotonic()
             seg.adopted = True  # pinned: a turn may take long before its commit makes the row visible
             return
-        path = self.file_path(token)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            raise DataError(f"{what}: segment {token} is lost (the broker restarted before storing it)") from None
-        try:
-            if os.fstat(fd).st_size != size:
-                raise DataError(f"{what}: segment {token} was stored incomplete")
-            verify(map_fd(fd, size), digest, what)
-        finally:
-            os.close(fd)
+        # Its bytes are not read here (a 256 MiB checksum would stall the loop): every reader verifies it.
         done: Future = Future()
         done.set_result(None)
         seg = _Segment(-1, size, digest, done)
         seg.adopted = True
-        with self._lock:  # pending again until its row is committed: the sweeper must not take it meanwhile
+        with self._lock:  # pending from now until its row is committed: the sweeper must not take it
             self._segments[token] = seg
+        try:
+            self._check_file(token, size, what)
+        except BaseException:
+            with self._lock:
+                if self._segments.get(token) is seg:
+                    del self._segments[token]
+            raise
+
+    def _check_file(self, token: str, size: int, what: str) -> None:
+        try:
+            fd = os.open(self.file_path(token), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            raise DataError(f"{what}: segment {token} is lost (never written, or the broker restarted "
+                            f"before storing it)") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o077:
+                raise DataError(f"{what}: segment {token} is not a private file of the broker's user")
+            if st.st_size != size:
+                raise DataError(f"{what}: segment {token} holds {st.st_size} bytes, the report says {size}")
+            try:  # its writer closed it: nobody can change it under its readers any more
+                check_unwritable(fd)
+            except DataError as exc:
+                raise DataError(f"{what}: segment {token}: {exc}") from None
+        finally:
+            os.close(fd)
 
     def open_file(self, token: str) -> int:
         return os.open(self.file_path(token), os.O_RDONLY | os.O_CLOEXEC)
@@ -763,7 +775,6 @@ class SegmentStore:
         self._thread.join(timeout=2)
         self.listener.close()
         self._spiller.shutdown(wait=True)
-        os.close(self._dir_fd)
         with self._lock:
             for seg in self._segments.values():
                 if seg.fd >= 0:

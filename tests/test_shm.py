@@ -229,19 +229,19 @@ def test_data_socket_refuses_what_is_not_a_sealed_memfd(cluster):
 
 
 def test_results_are_written_straight_into_the_segment_directory(cluster, client):
-    """The writer puts a nameless file into the broker's segment directory; the broker links it (no copy)."""
+    """The writer names a file of the broker's segment directory itself: no message, no copy."""
     seg_dir = os.path.join(cluster.data_dir, "segments")
     ch = shm.DataChannel(os.path.join(cluster.data_dir, "data.sock"))
     try:
         ref = ch.put([b"z" * 1000])
         assert os.path.samefile(ch.segment_dir, seg_dir), "the broker must offer its segment directory"
         path = os.path.join(seg_dir, ref["token"])
-        assert os.stat(path).st_size == 1000 and stat.S_IMODE(os.stat(path).st_mode) == 0o400
-        # the writer is gone from the picture: its file has one name, the broker's, and no writer
-        assert os.stat(path).st_nlink == 1
+        st = os.stat(path)
+        assert st.st_size == 1000 and stat.S_IMODE(st.st_mode) == 0o400 and st.st_nlink == 1
+        assert ref["checksum"] == shm.checksum([b"z" * 1000])
     finally:
         ch.close()
-    os.unlink(path)  # never named by a row: the sweeper would take it after the grace anyway
+    os.unlink(path)  # named by no row: the sweeper would take it after the grace anyway
     # the futures path uses it too: a value made by a worker is there under its token, mode 0400
     before = set(segment_files(cluster))
     assert np.array_equal(client.submit(make_array, 2, MiB).result(60), pattern(2, MiB))
@@ -249,48 +249,72 @@ def test_results_are_written_straight_into_the_segment_directory(cluster, client
     assert stat.S_IMODE(os.stat(os.path.join(seg_dir, new)).st_mode) == 0o400
 
 
-def test_data_socket_refuses_files_that_are_named_writable_or_still_written(cluster):
-    path = os.path.join(cluster.data_dir, "data.sock")
-    seg_dir = os.path.join(cluster.data_dir, "segments")
-    ch = shm.DataChannel(path)
+@pytest.fixture
+def segment_store(tmp_path):
+    """A real broker Store and SegmentStore on a fresh data directory, in this process."""
+    from armonik_zmq.broker.store import Store
 
-    def put(fd, size):
-        token = os.urandom(16).hex()
-        with pytest.raises(shm.DataError) as info:
-            ch._request({"op": "put", "token": token, "size": size, "checksum": "b2:00"}, [fd])
-        assert not os.path.exists(os.path.join(seg_dir, token))
-        return str(info.value)
-
+    store = Store(str(tmp_path / "lmdb"))
+    segments = shm.SegmentStore(store, str(tmp_path / "lmdb"), grace=600)
     try:
-        writer = os.open(seg_dir, os.O_TMPFILE | os.O_RDWR, 0o400)
-        os.write(writer, b"w" * 100)
-        reader = os.open(f"/proc/self/fd/{writer}", os.O_RDONLY)
-        try:
-            assert "read-only descriptor" in put(writer, 100)
-            assert "open for writing" in put(reader, 100)  # the writer still holds it: it could change it
-            os.close(writer)
-            writer = -1
-            assert "says 99" in put(reader, 99)
-        finally:
-            os.close(reader)
-            if writer >= 0:
-                os.close(writer)
-        named = os.path.join(seg_dir, "not-a-token")
-        with open(named, "wb") as f:
-            f.write(b"n" * 100)
-        os.chmod(named, 0o400)
-        fd = os.open(named, os.O_RDONLY)
-        try:  # a file that has a name already (any file of the user's) is never linked into the store
-            assert "nameless" in put(fd, 100)
-        finally:
-            os.close(fd)
-            os.unlink(named)
-        # and it still takes a proper one
-        ok = os.path.join(seg_dir, ch.put([b"ok" * 50])["token"])
-        assert os.path.exists(ok)
-        os.unlink(ok)  # named by no row: the sweeper would take it after the grace anyway
+        yield segments
     finally:
-        ch.close()
+        segments.close()
+        store.env.close()
+
+
+def test_a_completion_adopts_only_a_complete_private_file_nobody_writes(segment_store):
+    assert segment_store.files, "this directory supports O_TMPFILE and leases: writers must use it"
+    seg_dir = segment_store.dir
+    dir_fd = os.open(seg_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        good = os.urandom(16).hex()
+        size, digest = shm.write_file(dir_fd, good, [b"g" * 4096])
+        segment_store.adopt(good, size, digest, "result r1")
+        assert segment_store.sweep() == 0 and os.path.exists(os.path.join(seg_dir, good))  # pinned meanwhile
+
+        with pytest.raises(shm.DataError, match="is lost"):
+            segment_store.adopt(os.urandom(16).hex(), 10, "xxh3:00", "result r2")
+        short = os.urandom(16).hex()
+        shm.write_file(dir_fd, short, [b"s" * 4096])
+        with pytest.raises(shm.DataError, match="holds 4096 bytes, the report says 4095"):
+            segment_store.adopt(short, 4095, "xxh3:00", "result r3")
+        # still open for writing (its writer could change it under the readers): refused
+        token = os.urandom(16).hex()
+        writer = os.open(os.path.join(seg_dir, token), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(writer, b"w" * 100)
+            with pytest.raises(shm.DataError, match="open for writing"):
+                segment_store.adopt(token, 100, "xxh3:00", "result r4")
+        finally:
+            os.close(writer)
+        os.chmod(os.path.join(seg_dir, token), 0o644)  # readable by others: refused too
+        with pytest.raises(shm.DataError, match="private file"):
+            segment_store.adopt(token, 100, "xxh3:00", "result r5")
+        os.chmod(os.path.join(seg_dir, token), 0o400)
+        segment_store.adopt(token, 100, "xxh3:00", "result r6")  # now it is fine
+        with pytest.raises(shm.DataError, match="invalid segment token"):
+            segment_store.adopt("../../etc/passwd", 10, "xxh3:00", "result r7")
+    finally:
+        os.close(dir_fd)
+
+
+def test_a_writer_killed_while_writing_leaves_no_file(segment_store):
+    """The file has no name until it is complete: a SIGKILLed writer leaves nothing, and frees its space."""
+    code = ("import os, sys; d = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)\n"
+            "fd = os.open('.', os.O_TMPFILE | os.O_WRONLY, 0o400, dir_fd=d)\n"
+            "os.write(fd, b'x' * (64 << 20)); print('written', flush=True); import time; time.sleep(60)")
+    before = shutil.disk_usage(segment_store.dir).used
+    proc = subprocess.Popen([sys.executable, "-c", code, segment_store.dir], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "written"
+        assert os.listdir(segment_store.dir) == []
+    finally:
+        proc.kill()
+        proc.wait()
+    assert os.listdir(segment_store.dir) == []
+    # ext4 may account the freed blocks a little later; 64 MiB must not stay allocated
+    wait_until(lambda: shutil.disk_usage(segment_store.dir).used - before < 32 * MiB, 10, "the space stayed used")
 
 
 _READER = """
