@@ -82,3 +82,9 @@ class Core:
     def n_tasks(self) -> int: ...
     def validate(self) -> None:
         """Check every invariant; AssertionError naming the broken one."""
+
+# ids (armonik_zmq/ids.py documents the layout)
+def new_id() -> str:
+    """Return a new version 7 UUID string; ids made by one process sort in the order they were made."""
+def reset_id_pool() -> None:
+    """Forget the random bytes drawn so far (a forked child must draw its own)."""

@@ -354,8 +354,13 @@ class List(_Type):
         if self.nonempty and not value:
             raise ProtocolError(ErrorCode.INVALID_ARGUMENT, f"field '{path}' must not be empty")
         item = self.item
-        for i, v in enumerate(value):
-            item.check(v, f"{path}[{i}]")
+        try:
+            for v in value:
+                item.check(v, path)  # no path per item (batches hold 10,000s): built only to name a fault
+        except ProtocolError:
+            for i, v in enumerate(value):
+                item.check(v, f"{path}[{i}]")
+            raise
 
 
 class StrMap(_Type):

@@ -196,10 +196,18 @@ class BrokerState:
         plans = []
         claimed: set[str] = set()
         inputs_seen: dict[str, dict] = {}
+        #: the options of every task that names none of its own: merged and checked once, one dict shared by the rows
+        shared_opts = None
         for i, c in enumerate(creations):
             where = f"{where_prefix} {i}"
-            opts = task_options.validate(task_options.merge(c.get("options"), request_options, session_defaults),
-                                         session["partition_ids"], where)
+            if c.get("options"):
+                opts = task_options.validate(task_options.merge(c["options"], request_options, session_defaults),
+                                             session["partition_ids"], where)
+            else:
+                if shared_opts is None:
+                    shared_opts = task_options.validate(task_options.merge(None, request_options, session_defaults),
+                                                        session["partition_ids"], where)
+                opts = shared_opts
             if opts["partition_id"] not in self.partition_slot:
                 raise ProtocolError(ErrorCode.INVALID_ARGUMENT,
                                     f"{where}: partition '{opts['partition_id']}' is not served by this broker "

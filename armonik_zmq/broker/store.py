@@ -177,8 +177,16 @@ def _live_value(row: dict) -> bytes:
     """A queued (SUBMITTED) task's [partition, priority], all a restart needs to queue it; b"" for other statuses."""
     if row["status"] == _SUBMITTED:
         opts = row["options"]
-        return _pack([opts["partition_id"], opts["priority"]])
+        key = (opts["partition_id"], opts["priority"])
+        value = _LIVE_VALUES.get(key)
+        if value is None:
+            value = _LIVE_VALUES[key] = _pack(list(key))
+        return value
     return b""
+
+
+#: packed live-task values by (partition, priority): a few partitions x 99 priorities at most
+_LIVE_VALUES: dict[tuple, bytes] = {}
 
 
 class Txn:
