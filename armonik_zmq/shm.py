@@ -99,6 +99,12 @@ def nbytes(buffers: Sequence) -> int:
     return sum(memoryview(b).nbytes for b in buffers)
 
 
+#: bytes per write(2): a 256 MiB write in one call makes the page cache take 2 MiB folios, which on a VM
+#: whose balloon reports free 2 MiB blocks to the host cost a host fault each (256 MiB: 0.1 s to 1.5 s);
+#: 256 KiB writes keep 0.09-0.23 s (docs/data-path.md)
+_WRITE_CHUNK = 256 << 10
+
+
 def _write_all(fd: int, buffers: Sequence) -> tuple[int, str]:
     """Write the buffers to ``fd`` once, hashing them on the way; return (size, checksum)."""
     algorithm = "xxh3" if xxhash is not None else "b2"
@@ -108,7 +114,7 @@ def _write_all(fd: int, buffers: Sequence) -> tuple[int, str]:
         view = memoryview(buf).cast("B")
         h.update(view)
         while view:
-            n = os.write(fd, view)
+            n = os.write(fd, view[:_WRITE_CHUNK])
             view = view[n:]
             size += n
     return size, f"{algorithm}:{h.hexdigest()}"
