@@ -380,6 +380,13 @@ def channel_of(conn) -> Optional[DataChannel]:
     return channel
 
 
+def drop_channel(conn) -> None:
+    """Forget (and close) the cached data socket of a client ``Connection``: the next use connects again."""
+    channel = _client_channels.pop(conn, None)
+    if channel is not None:
+        channel.close()
+
+
 #: seconds an adopted segment stays pinned while no committed row names it (its completion was rolled back)
 _ADOPTED_PIN = 600.0
 

@@ -127,9 +127,29 @@ def test_arraylike_download_api_maps_without_copy(cluster, client):
         results = ArmoniKResults(conn)
         view = results.download_result_view(fut.result_id, client.session_id)
         assert isinstance(backing_mmap(view), mmap.mmap) and view.readonly
-        data = results.download_result_data(fut.result_id, client.session_id)
-        assert bytes(view) == data
+        data = results.download_result_data(fut.result_id, client.session_id)  # one copy of the mapping
+        assert isinstance(data, bytes) and bytes(view) == data
+        assert results._download_frames(fut.result_id, client.session_id) == data  # what other hosts get
         assert np.array_equal(armonik_zmq.functions.load_result(view), pattern(9, 2 * MiB))
+
+
+def test_results_stay_mapped_through_a_broker_restart(tmp_path):
+    """A result written before a broker SIGKILL is still there after it, and clients map it again
+    (their data socket reconnects to the new broker), through both APIs."""
+    with LocalProcesses(data_dir=str(tmp_path / "lmdb"), workers=1, processor=FUNCTIONS) as cl:
+        with armonik_zmq.Client(cl.endpoint) as c, connect(cl.endpoint, timeout=60) as conn:
+            fut = c.submit(make_array, 12, 2 * MiB)
+            assert np.array_equal(fut.result(60), pattern(12, 2 * MiB))
+            results = ArmoniKResults(conn)
+            assert isinstance(backing_mmap(results.download_result_view(fut.result_id, c.session_id)), mmap.mmap)
+            cl.kill_broker()
+            cl.start_broker()
+            cl.wait_ready()
+            view = results.download_result_view(fut.result_id, c.session_id)
+            assert isinstance(backing_mmap(view), mmap.mmap), "mapped again, not downloaded"
+            assert np.array_equal(armonik_zmq.functions.load_result(view), pattern(12, 2 * MiB))
+            # and a task run after the restart writes and maps as before
+            assert is_mapped(c.submit(make_array, 13, 2 * MiB).result(60))
 
 
 def test_client_without_shared_memory_gets_the_data_in_chunks(cluster):
@@ -184,6 +204,8 @@ def test_checksum_mismatch_is_detected_never_returned(cluster, client):
     with connect(cluster.endpoint) as conn:
         with pytest.raises(DataCorruptError, match="checksum mismatch"):
             ArmoniKResults(conn).download_result_view(fut.result_id, client.session_id)
+        with pytest.raises(DataCorruptError, match="checksum mismatch"):  # the copying call as well
+            ArmoniKResults(conn).download_result_data(fut.result_id, client.session_id)
     with armonik_zmq.Client(cluster.endpoint) as other:  # the futures path raises too, never returns the bytes
         views = other._data.get(client.session_id, [fut.result_id])
         assert isinstance(views[fut.result_id], shm.DataError)

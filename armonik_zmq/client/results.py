@@ -118,21 +118,41 @@ class ArmoniKResults:
         A large result produced on this host is a shared-memory segment: it is mapped, its checksum
         verified (``DataCorruptError`` if it does not match), never copied. Anything else is downloaded.
         """
-        from .. import shm
-        from ..errors import DataCorruptError
-
-        channel = shm.channel_of(self._conn)
-        if channel is not None:
-            view = channel.get(session_id, [result_id]).get(result_id)
-            if isinstance(view, shm.DataError):
-                raise DataCorruptError(str(view))
-            if view is not None:
-                return view
+        view = self._mapped(result_id, session_id)
+        if view is not None:
+            return view
         return memoryview(self._download_frames(result_id, session_id)).toreadonly()
 
     def download_result_data(self, result_id: str, session_id: str) -> bytes:
-        """Return the data of a result, asked a few chunks at a time (a large result never travels in one message)."""
+        """Return the data of a result, asked a few chunks at a time (a large result never travels in one message).
+
+        On the broker's host a shared-memory result is copied once from its mapping instead (checksum
+        verified, ``DataCorruptError`` if it does not match); ``download_result_view`` avoids that copy.
+        """
+        view = self._mapped(result_id, session_id)
+        if view is not None:
+            return bytes(view)
         return self._download_frames(result_id, session_id)
+
+    def _mapped(self, result_id: str, session_id: str) -> Optional[memoryview]:
+        """A read-only mapping of the result if it is a shared-memory segment of a broker on this host, else None."""
+        from .. import shm
+        from ..errors import DataCorruptError
+
+        for attempt in range(2):  # a broken data socket (the broker restarted): once more on its new socket
+            channel = shm.channel_of(self._conn)
+            if channel is None:
+                return None
+            try:
+                view = channel.get(session_id, [result_id]).get(result_id)
+                break
+            except (OSError, shm.DataError):
+                shm.drop_channel(self._conn)
+                if attempt:
+                    return None  # over the sockets, then
+        if isinstance(view, shm.DataError):
+            raise DataCorruptError(str(view))
+        return view
 
     def _download_frames(self, result_id: str, session_id: str) -> bytes:
         per_message = max(1, _STREAM_MESSAGE_BYTES // self.get_service_config())
