@@ -177,6 +177,8 @@ class AgentConfig:
     partitions: tuple[str, ...] = (DEFAULT_PARTITION,)
     #: tasks queued at each worker beyond the running one, so a worker never waits for the next
     window: int = 1
+    #: the window while tasks run under a millisecond: they travel and are reported in batches this deep
+    tiny_window: int = 16
     #: tasks held (inputs fetched) beyond those queued at workers: one broker round trip then moves
     #: this many tasks instead of a handful, which is what keeps short tasks flowing
     prefetch: int = 64

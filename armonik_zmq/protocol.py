@@ -96,6 +96,9 @@ class Op(IntEnum):
     W_SEND_RESULTS = 204
     W_SUBMIT_TASKS = 205
     W_OUTPUT = 206
+    # several tasks per message: a worker's queue filled in one push, the outputs of the tasks it ran in one
+    RUNS = 220  # push, agent -> worker
+    W_OUTPUTS = 221  # push, worker -> agent (a reply only when an output is refused)
 
 
 class ErrorCode(IntEnum):
@@ -602,6 +605,12 @@ SCHEMAS: dict[Op, Map] = {
         "error": Opt(Str()), "raised": Bool(), "result_ids": IDS, "frames": FRAME_COUNTS,
         # results handed to the broker's data socket as sealed memfds (shm.py): no data frames
         "segments": List(Map(required={"result_id": ID, "segment": SEGMENT}))}),
+    # The outputs of consecutive tasks of one worker, in the order it ran them; each as W_OUTPUT's fields,
+    # plus the worker's clock at the task's start and end (its deadline and timestamps count from there).
+    Op.W_OUTPUTS: Map(required={"outputs": List(Map(required={"token": Str(), "ok": Bool()}, optional={
+        "error": Opt(Str()), "raised": Bool(), "result_ids": IDS, "frames": FRAME_COUNTS,
+        "segments": List(Map(required={"result_id": ID, "segment": SEGMENT})),
+        "started_at": Num(), "ended_at": Num()}), nonempty=True)}),
 }
 
 
@@ -635,5 +644,5 @@ BACKEND_OPS = frozenset({
 })
 WORKER_OPS = frozenset({
     Op.WORKER_READY, Op.W_CREATE_RESULTS_METADATA, Op.W_CREATE_RESULTS, Op.W_SEND_RESULTS,
-    Op.W_SUBMIT_TASKS, Op.W_OUTPUT,
+    Op.W_SUBMIT_TASKS, Op.W_OUTPUT, Op.W_OUTPUTS,
 })

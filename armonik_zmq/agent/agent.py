@@ -42,6 +42,9 @@ _MAPPED = object()
 
 _tokens = itertools.count(1)
 
+#: tasks whose runs average less than this (seconds) are queued deeper at workers (``Agent._depth``)
+TINY_RUN = 0.001
+
 
 def _new_token() -> str:
     """A fresh run token: a counter is enough, as a worker's message must also come from the worker
@@ -133,6 +136,10 @@ class Agent:
         #: the broker's data socket, when it is on this host: large inputs are then mapped by the worker
         self._data: Optional[shm.DataChannel] = None
         self.stats = {"completed": 0, "failed": 0, "released": 0, "refused": 0, "discarded": 0}
+        #: moving average of the run time of tasks (seconds, from the workers' W_OUTPUTS); unknown = long
+        self._run_avg = 1.0
+        #: tokens of the outputs of the W_OUTPUTS being handled: those tasks already ended on their worker
+        self._ended: set = set()
 
     # -- broker connection ------------------------------------------------------------------------
 
@@ -387,8 +394,8 @@ class Agent:
             self._stopped.append([task.task_id, task.attempt])
             self._forget(task)
             return True
-        if task.task_id not in self._stopping:
-            return False
+        if task.task_id not in self._stopping or task.token in self._ended:
+            return False  # one that already ended on its worker is reported stopped with its output (_finish)
         proc = task.worker
         if proc is not None and proc.queue and proc.queue[0] == task.task_id:
             self._kill_running(task, "it would start a task the broker stopped")
@@ -397,54 +404,77 @@ class Agent:
 
     # -- workers ------------------------------------------------------------------------------------
 
+    def _depth(self) -> int:
+        """Tasks queued at each worker, the running one included.
+
+        ``1 + window``; while tasks run shorter than ``TINY_RUN`` (their average), up to ``1 + tiny_window``:
+        the worker then gets them in batches and reports them in batches (one message per several tasks
+        each way), and a task waits behind the others at most a few milliseconds. A window of 0 stays 0.
+        """
+        window = self.config.window
+        if window and self._run_avg < TINY_RUN:
+            return 1 + max(window, self.config.tiny_window)
+        return 1 + window
+
     def _assign(self) -> None:
-        """Queue ready tasks at workers: each keeps one running and ``window`` more, payloads already there."""
-        while self.ready:
-            free = self.pool.free(self.config.window)
-            if not free:
-                return
-            for proc in free:
-                if not self.ready:
-                    return
+        """Queue ready tasks at workers, least loaded first, several per RUNS message; payloads already there."""
+        if not self.ready:
+            return
+        depth = self._depth()
+        free = [p for p in self.pool.workers.values() if p.ready and len(p.queue) < depth]
+        if not free:
+            return
+        free.sort(key=lambda p: len(p.queue))
+        for i, proc in enumerate(free):
+            # An even share of what is ready for each worker with room, so that one worker's batch does not
+            # take the tasks another one idles for.
+            share = -(-len(self.ready) // (len(free) - i))
+            batch = []
+            while self.ready and len(batch) < min(share, depth - len(proc.queue)):
                 task = self.tasks.get(self.ready.popleft())
                 if task is None or self._drop_if_stopping(task):
                     continue
-                if not self._send_run(proc, task):
-                    return  # tried again on the next loop turn
+                batch.append(task)
+            if batch and not self._send_runs(proc, batch):
+                return  # tried again on the next loop turn
+            if not self.ready:
+                return
 
-    def _send_run(self, proc: WorkerProc, task: LocalTask) -> bool:
-        """Send the task to the worker; False if it could not take it (the task is back in ``ready``)."""
-        msg = task.msg
-        header = request(Op.RUN, 0, token=task.token, task_id=task.task_id, session_id=msg["session_id"],
-                         payload_id=msg["payload_id"], data_dependencies=msg["data_dependencies"],
-                         expected_output_ids=msg["expected_output_ids"], options=msg["options"],
+    def _send_runs(self, proc: WorkerProc, tasks: list[LocalTask]) -> bool:
+        """Send tasks to a worker in one RUNS; False if it could not take them (they are back in ``ready``)."""
+        runs, counts, data = [], [], []
+        for task in tasks:
+            msg = task.msg
+            run = {"token": task.token, "task_id": task.task_id, "session_id": msg["session_id"],
+                   "payload_id": msg["payload_id"], "data_dependencies": msg["data_dependencies"],
+                   "expected_output_ids": msg["expected_output_ids"], "options": msg["options"]}
+            inputs = [task.data[msg["payload_id"]], *(task.data[d] for d in msg["data_dependencies"])]
+            if any(d is _MAPPED for d in inputs):
+                run["mapped"] = [rid for rid in task.inputs() if task.data[rid] is _MAPPED]
+                inputs = [d for d in inputs if d is not _MAPPED]
+            runs.append(run)
+            counts.append(len(inputs))
+            data.extend(inputs)
+        header = request(Op.RUNS, 0, runs=runs, frames=counts,
                          configuration={"data_chunk_max_size": self.data_chunk_max_size, **self.shm_config})
-        data = [task.data[msg["payload_id"]], *(task.data[d] for d in msg["data_dependencies"])]
-        if any(d is _MAPPED for d in data):
-            mapped = [rid for rid in task.inputs() if task.data[rid] is _MAPPED]
-            header = request(Op.RUN, 0, token=task.token, task_id=task.task_id, session_id=msg["session_id"],
-                             payload_id=msg["payload_id"], data_dependencies=msg["data_dependencies"],
-                             expected_output_ids=msg["expected_output_ids"], options=msg["options"],
-                             configuration={"data_chunk_max_size": self.data_chunk_max_size, **self.shm_config},
-                             mapped=mapped)
-            data = [d for d in data if d is not _MAPPED]
         try:
             self.workers_sock.send_multipart([proc.identity, header, *data], flags=zmq.DONTWAIT, copy=False)
         except zmq.ZMQError as exc:
-            # The worker died (EHOSTUNREACH) before the reaper noticed, or cannot take more (EAGAIN): the task
-            # waits for another worker. An unreachable worker is killed, so the reaper replaces it for sure.
+            # The worker died (EHOSTUNREACH) before the reaper noticed, or cannot take more (EAGAIN): the tasks
+            # wait for another worker. An unreachable worker is killed, so the reaper replaces it for sure.
             # Never let a worker's death take the agent down with it.
-            log.warning("worker %d (pid %d) unreachable (%s): task %s waits for another worker", proc.index,
-                        proc.pid, exc.strerror, task.task_id)
+            log.warning("worker %d (pid %d) unreachable (%s): %d task(s) wait for another worker", proc.index,
+                        proc.pid, exc.strerror, len(tasks))
             if exc.errno == zmq.EHOSTUNREACH:
                 self.pool.kill(proc)
-            self.ready.appendleft(task.task_id)
+            self.ready.extendleft(task.task_id for task in reversed(tasks))
             return False
-        task.worker = proc
-        self.by_token[task.token] = task
-        proc.queue.append(task.task_id)
-        if len(proc.queue) == 1:
-            self._mark_started(task)
+        for task in tasks:
+            task.worker = proc
+            self.by_token[task.token] = task
+            proc.queue.append(task.task_id)
+            if len(proc.queue) == 1:
+                self._mark_started(task)
         return True
 
     def _mark_started(self, task: LocalTask, queued: bool = False) -> None:
@@ -493,6 +523,8 @@ class Agent:
             if proc is None:
                 raise ProtocolError(ErrorCode.PERMISSION_DENIED, f"pid {h['pid']} is not a worker of this agent")
             return [reply_ok(op, rid)]
+        if op == Op.W_OUTPUTS:
+            return self._on_outputs(identity, h, frames)
         task = self._task_of(identity, h["token"])
         sid = task.msg["session_id"]
         now = time.time()
@@ -539,6 +571,35 @@ class Agent:
             return None
         raise ProtocolError(ErrorCode.UNIMPLEMENTED, f"op {op.name} is not served by the agent")
 
+    def _on_outputs(self, identity: bytes, h: dict, frames: list) -> Optional[list]:
+        """The outputs of consecutive runs of one worker, in order; refused ones are answered in one error."""
+        outputs = h["outputs"]
+        groups = split_frames(frames, [sum(o.get("frames", ())) for o in outputs])
+        self._ended = {o["token"] for o in outputs}
+        refused = []
+        try:
+            for o, group in zip(outputs, groups):
+                try:
+                    task = self._task_of(identity, o["token"])
+                    if "result_ids" in o:
+                        self._keep_results(task, o, group)
+                except ProtocolError as exc:
+                    refused.append(f"{o['token']}: {exc.message}")
+                    continue
+                for seg in o.get("segments", ()):
+                    task.results.append({"result_id": seg["result_id"], "frames": 0, "segment": seg["segment"]})
+                started, ended = o.get("started_at"), o.get("ended_at")
+                if started is not None and ended is not None:
+                    task.started_at = started  # the worker's clock: the task may have waited here unnoticed
+                    self._run_avg += 0.2 * (max(0.0, ended - started) - self._run_avg)
+                self._finish(task, o["ok"], o.get("error"), o.get("raised", False), processed_at=ended)
+        finally:
+            self._ended = set()
+        if refused:
+            raise ProtocolError(ErrorCode.INVALID_ARGUMENT, f"{len(refused)} of {len(outputs)} outputs refused: "
+                                + "; ".join(refused))
+        return None
+
     @staticmethod
     def _keep_results(task: LocalTask, h: dict, frames: list) -> None:
         """Buffer result data until the task's completion report."""
@@ -548,7 +609,8 @@ class Agent:
             task.results.append({"result_id": result_id, "frames": len(group)})
             task.result_frames.extend(group)
 
-    def _finish(self, task: LocalTask, ok: bool, error: Optional[str], raised: bool, timeout: bool = False) -> None:
+    def _finish(self, task: LocalTask, ok: bool, error: Optional[str], raised: bool, timeout: bool = False,
+                processed_at: Optional[float] = None) -> None:
         """Turn the worker's output into a completion report; start the worker's next task.
 
         ``raised``: the processor raised or its worker died (the broker retries the task); ``timeout``: it ran
@@ -556,9 +618,12 @@ class Agent:
         """
         completion = {"task_id": task.task_id, "attempt": task.attempt, "ok": ok,
                       "timestamps": {k: v for k, v in (("fetched_at", task.fetched_at), ("started_at", task.started_at),
-                                                        ("processed_at", time.time())) if v is not None}}
+                                                        ("processed_at", processed_at or time.time()))
+                                    if v is not None}}
         frames: list = []
-        if task.task_id in self._discarding:  # cancelled without force: the run ended, nothing to report
+        # Cancelled without force, or stopped while queued behind a task at its worker, which ran it before
+        # the agent heard the previous one had ended (batched outputs): the run ended, nothing to report.
+        if task.task_id in self._discarding or task.task_id in self._stopping:
             self._stopped.append([task.task_id, task.attempt])
             self.stats["discarded"] += 1
         elif ok:
@@ -568,7 +633,7 @@ class Agent:
         else:
             completion.update(error=error or "task failed", raised=raised, timeout=timeout)
             self.stats["failed"] += 1
-        if task.task_id not in self._discarding:
+        if task.task_id not in self._discarding and task.task_id not in self._stopping:
             self._done.append((completion, frames))
         proc = task.worker
         if proc is not None and proc.queue and proc.queue[0] == task.task_id:

@@ -9,6 +9,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 import traceback
 from collections import deque
 from typing import Callable
@@ -16,7 +18,7 @@ from typing import Callable
 import zmq
 
 from ..common import Output
-from ..protocol import Op, ProtocolError, check_reply, decode_header, request
+from ..protocol import Op, ProtocolError, check_reply, decode_header, request, split_frames
 from .taskhandler import TaskHandler, mapped_inputs
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,22 @@ def load_processor(spec: str) -> Callable[[TaskHandler], Output]:
     return fn
 
 
+#: outputs held back at most this long (seconds) while the worker runs the next task of its queue
+OUTPUT_DELAY = 0.001
+#: outputs sent in one message at most (the agent refills the worker's queue as they arrive)
+OUTPUT_BATCH = 8
+
+
 class WorkerRuntime:
+    """Runs the tasks the agent queues here, one at a time, in order.
+
+    Outputs are batched: the output of a task that ends while another task is queued here waits (at most
+    ``OUTPUT_DELAY``, or ``OUTPUT_BATCH`` outputs) to travel with the next ones, as one ``W_OUTPUTS``. Each
+    ZeroMQ send wakes both I/O threads, which cost more than a tiny task. A guard thread sends the held
+    outputs when the next task runs longer than ``OUTPUT_DELAY``, so a long task never holds back the
+    report of a short one (its agent would count that one as still running).
+    """
+
     def __init__(self, agent_endpoint: str, processor: Callable[[TaskHandler], Output], identity: str = ""):
         self.processor = processor
         self.ctx = zmq.Context()
@@ -51,31 +68,82 @@ class WorkerRuntime:
         self.sock.connect(agent_endpoint)
         self._rids = itertools.count(1)
         self._agent_pid = os.getppid()
-        #: RUN pushes that arrived while waiting for a reply (the agent queues the next task early)
+        #: runs queued here by the agent (RUN, RUNS), not started yet
         self._runs: deque = deque()
+        #: outputs not sent yet: (fields, data frames)
+        self._outputs: list = []
+        #: the socket is used by this thread and the guard thread: one at a time (ZeroMQ sockets are not
+        #: thread-safe; a lock is the full barrier a socket needs to change threads)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        threading.Thread(target=self._guard, name="output-guard", daemon=True).start()
 
     def send(self, op: Op, data=(), **fields) -> int:
         rid = next(self._rids)
-        self.sock.send_multipart([request(op, rid, **fields), *data], copy=False)
+        with self._lock:
+            self.sock.send_multipart([request(op, rid, **fields), *data], copy=False)
         return rid
 
     def call(self, op: Op, data=(), **fields) -> dict:
         """Send one request (header fields + ``data`` frames) to the agent and wait for its reply.
 
-        RUN pushes that arrive meanwhile are kept for later.
+        Held outputs go first (the agent checks the request's token against the task it thinks is running).
+        Runs that arrive meanwhile are kept for later.
         """
-        rid = self.send(op, data, **fields)
+        rid = next(self._rids)
+        with self._lock:
+            self._flush()
+            self.sock.send_multipart([request(op, rid, **fields), *data], copy=False)
+            while True:
+                header, frames = self._receive()
+                if header is None:
+                    continue
+                if header["op"] == Op.RUN or header["op"] == Op.RUNS:
+                    self._queue_runs(header, frames)
+                elif header["rid"] == rid:
+                    try:
+                        return check_reply(header)
+                    except ProtocolError as exc:
+                        raise RuntimeError(f"agent refused {op.name}: {exc}") from None
+
+    def _output(self, data=(), **fields) -> None:
+        """Hold a task's output (sent by ``_flush``): W_OUTPUT's ``fields``, its ``data`` frames."""
+        with self._lock:
+            self._outputs.append((fields, data))
+            if len(self._outputs) >= OUTPUT_BATCH:
+                self._flush()
+
+    def _flush(self) -> None:
+        """Send the held outputs as one W_OUTPUTS (the caller holds ``_lock``)."""
+        if not self._outputs:
+            return
+        outputs, self._outputs = self._outputs, []
+        data = [f for _, frames in outputs for f in frames]
+        self.sock.send_multipart([request(Op.W_OUTPUTS, next(self._rids), outputs=[o for o, _ in outputs]), *data],
+                                 copy=False)
+
+    def _guard(self) -> None:
+        """Send held outputs once the task that runs after them has run ``OUTPUT_DELAY`` (see the class)."""
         while True:
-            header, frames = self._receive()
-            if header is None:
-                continue
-            if header["op"] == Op.RUN:
-                self._runs.append((header, frames))
-            elif header["rid"] == rid:
-                try:
-                    return check_reply(header)
-                except ProtocolError as exc:
-                    raise RuntimeError(f"agent refused {op.name}: {exc}") from None
+            self._wake.wait()
+            time.sleep(OUTPUT_DELAY)
+            self._wake.clear()
+            with self._lock:
+                self._flush()
+
+    def _queue_runs(self, header: dict, frames: list) -> None:
+        if header["op"] == Op.RUN:
+            self._runs.append((header, frames))
+            return
+        configuration = header.get("configuration") or {}
+        try:
+            groups = split_frames(frames, header["frames"])
+        except (ProtocolError, KeyError, TypeError) as exc:
+            log.error("malformed RUNS from the agent ignored: %s", exc)
+            return
+        for run, group in zip(header["runs"], groups):
+            run["configuration"] = configuration
+            self._runs.append((run, group))
 
     def _receive(self):
         if not self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # cheaper than a failed NOBLOCK recv
@@ -91,42 +159,51 @@ class WorkerRuntime:
         except ProtocolError as exc:
             log.error("undecodable message from the agent ignored: %s", exc)
             return None, []
-        if header["op"] == Op.W_OUTPUT and "error" in header:
+        if header["op"] in (Op.W_OUTPUT, Op.W_OUTPUTS) and "error" in header:
             # Outputs are not waited for (the next task starts at once), so their refusals surface here.
             log.error("agent refused an output: %s", header["error"].get("message"))
         return header, msg[1:]
 
     def _next_run(self):
+        """The next run queued here; when there is none, send the held outputs and wait for the agent."""
         if self._runs:
+            if self._outputs and not self._wake.is_set():
+                self._wake.set()
             return self._runs.popleft()
-        while True:
-            header, frames = self._receive()
-            if header is not None and header["op"] == Op.RUN:
-                return header, frames
+        with self._lock:
+            self._flush()
+            while not self._runs:
+                header, frames = self._receive()
+                if header is not None and (header["op"] == Op.RUN or header["op"] == Op.RUNS):
+                    self._queue_runs(header, frames)
+        return self._runs.popleft()
 
     def run_one(self, header: dict, frames: list) -> None:
         token = header["token"]
+        started_at = time.time()
         inputs = frames
         if header.get("mapped"):
             try:
                 inputs = mapped_inputs(header, inputs)
             except Exception as exc:  # the data is gone or damaged: the retry path (maybe elsewhere)
-                self.send(Op.W_OUTPUT, token=token, ok=False, raised=True,
-                          error=f"cannot map the task's inputs from the broker's data socket: {exc}")
+                self._output(token=token, ok=False, raised=True, started_at=started_at, ended_at=time.time(),
+                             error=f"cannot map the task's inputs from the broker's data socket: {exc}")
                 return
         handler = TaskHandler(header, inputs, self.call)
         try:
             output = self.processor(handler)
         except Exception:
             # ArmoniK: an exception is not an Output: the task takes the retry path.
-            self.send(Op.W_OUTPUT, token=token, ok=False, raised=True, error=traceback.format_exc())
+            self._output(token=token, ok=False, raised=True, error=traceback.format_exc(), started_at=started_at,
+                         ended_at=time.time())
             return
         if not isinstance(output, Output):
-            self.send(Op.W_OUTPUT, token=token, ok=False, raised=True,
-                      error=f"processor returned {type(output).__name__}, expected armonik_zmq.worker.Output")
+            self._output(token=token, ok=False, raised=True, started_at=started_at, ended_at=time.time(),
+                         error=f"processor returned {type(output).__name__}, expected armonik_zmq.worker.Output")
             return
         fields, frames = handler.output_message() if output.success else ({}, [])
-        self.send(Op.W_OUTPUT, frames, token=token, ok=output.success, error=output.error, **fields)
+        self._output(frames, token=token, ok=output.success, error=output.error, started_at=started_at,
+                     ended_at=time.time(), **fields)
 
     def serve(self) -> None:
         self.call(Op.WORKER_READY, pid=os.getpid())
