@@ -606,11 +606,12 @@ SCHEMAS: dict[Op, Map] = {
         # results handed to the broker's data socket as sealed memfds (shm.py): no data frames
         "segments": List(Map(required={"result_id": ID, "segment": SEGMENT}))}),
     # The outputs of consecutive tasks of one worker, in the order it ran them; each as W_OUTPUT's fields,
-    # plus the worker's clock at the task's start and end (its deadline and timestamps count from there).
+    # plus the worker's clock at the task's start and end (its timestamps count from there). returned:
+    # tokens of runs queued at the worker behind a long task, which it gives back without running them.
     Op.W_OUTPUTS: Map(required={"outputs": List(Map(required={"token": Str(), "ok": Bool()}, optional={
         "error": Opt(Str()), "raised": Bool(), "result_ids": IDS, "frames": FRAME_COUNTS,
         "segments": List(Map(required={"result_id": ID, "segment": SEGMENT})),
-        "started_at": Num(), "ended_at": Num()}), nonempty=True)}),
+        "started_at": Num(), "ended_at": Num()}))}, optional={"returned": List(Str())}),
 }
 
 

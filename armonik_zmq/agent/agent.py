@@ -94,7 +94,8 @@ class Agent:
         self.workers_sock.setsockopt(zmq.LINGER, 0)
         self.workers_sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.workers_sock.bind(self.worker_endpoint)
-        self.pool = WorkerPool(config.workers, self.worker_endpoint, config.processor, config.worker_env)
+        self.pool = WorkerPool(config.workers, self.worker_endpoint, config.processor, config.worker_env,
+                               state_dir=self._sockdir)
         self.broker: Optional[zmq.Socket] = None
         self.tasks: dict[str, LocalTask] = {}
         self.by_token: dict[str, LocalTask] = {}
@@ -421,7 +422,8 @@ class Agent:
         if not self.ready:
             return
         depth = self._depth()
-        free = [p for p in self.pool.workers.values() if p.ready and len(p.queue) < depth]
+        shallow = 1 + self.config.window
+        free = [p for p in self.pool.workers.values() if p.ready and len(p.queue) < (shallow if p.slow else depth)]
         if not free:
             return
         free.sort(key=lambda p: len(p.queue))
@@ -429,8 +431,9 @@ class Agent:
             # An even share of what is ready for each worker with room, so that one worker's batch does not
             # take the tasks another one idles for.
             share = -(-len(self.ready) // (len(free) - i))
+            room = (shallow if proc.slow else depth) - len(proc.queue)
             batch = []
-            while self.ready and len(batch) < min(share, depth - len(proc.queue)):
+            while self.ready and len(batch) < min(share, room):
                 task = self.tasks.get(self.ready.popleft())
                 if task is None or self._drop_if_stopping(task):
                     continue
@@ -456,7 +459,8 @@ class Agent:
             counts.append(len(inputs))
             data.extend(inputs)
         header = request(Op.RUNS, 0, runs=runs, frames=counts,
-                         configuration={"data_chunk_max_size": self.data_chunk_max_size, **self.shm_config})
+                         configuration={"data_chunk_max_size": self.data_chunk_max_size, "keep": self.config.window,
+                                        **self.shm_config})
         try:
             self.workers_sock.send_multipart([proc.identity, header, *data], flags=zmq.DONTWAIT, copy=False)
         except zmq.ZMQError as exc:
@@ -575,6 +579,11 @@ class Agent:
         """The outputs of consecutive runs of one worker, in order; refused ones are answered in one error."""
         outputs = h["outputs"]
         groups = split_frames(frames, [sum(o.get("frames", ())) for o in outputs])
+        proc = self.pool.by_identity.get(identity)
+        if proc is not None and outputs:
+            proc.slow = False
+        if h.get("returned") and proc is not None:
+            self._take_back(proc, h["returned"])
         self._ended = {o["token"] for o in outputs}
         refused = []
         try:
@@ -599,6 +608,20 @@ class Agent:
             raise ProtocolError(ErrorCode.INVALID_ARGUMENT, f"{len(refused)} of {len(outputs)} outputs refused: "
                                 + "; ".join(refused))
         return None
+
+    def _take_back(self, proc: WorkerProc, tokens: list) -> None:
+        """Runs a worker gives back unstarted (they were queued behind a long task): other workers take them."""
+        proc.slow = True
+        tokens = set(tokens)
+        back = [task for task in (self.tasks.get(task_id) for task_id in proc.queue)
+                if task is not None and task.token in tokens and task.worker is proc]
+        if not back:
+            return
+        ids = {task.task_id for task in back}
+        kept = [task_id for task_id in proc.queue if task_id not in ids]
+        proc.queue.clear()
+        proc.queue.extend(kept)
+        self._requeue(back)
 
     @staticmethod
     def _keep_results(task: LocalTask, h: dict, frames: list) -> None:
@@ -645,30 +668,43 @@ class Agent:
         self._forget(task)
 
     def _on_worker_death(self, proc: WorkerProc, code: int) -> None:
-        """A dead worker fails the task it was running (retry path); the ones queued behind it run elsewhere."""
-        running = self._take_tasks_off(proc)
+        """A dead worker fails the task it was running (retry path); the others queued there run elsewhere."""
+        running = self._take_tasks_off(proc, self.pool.run_state(proc))
+        self.pool.forget_state(proc)
         if running is not None:
             self._finish(running, False, f"worker process {proc.pid} died (exit code {code}) while running the task",
                          raised=True)
 
-    def _take_tasks_off(self, proc: WorkerProc) -> Optional[LocalTask]:
+    def _take_tasks_off(self, proc: WorkerProc, state: Optional[tuple[str, bool]]) -> Optional[LocalTask]:
         """Empty the queue of a worker that died or is being killed; return the task it was running.
 
-        The tasks queued behind it go back to the front of the ready queue, in order, under a fresh token
-        (a late message about their old run is then refused).
+        ``state`` is the worker's run state (``WorkerPool.run_state``): outputs travel in batches, so the
+        task the worker was running may come after others that ended but were not reported yet. Without it
+        the first task of the queue is taken as the running one. The others go back to the front of the
+        ready queue, in order, under a fresh token (a late message about their old run is then refused);
+        those that had ended run again (their outputs died with the worker).
         """
         queued = [self.tasks.get(task_id) for task_id in proc.queue]
         proc.queue.clear()
-        running = queued[0] if queued else None
-        behind = [task for task in queued[1:] if task is not None]
-        for task in behind:
-            self.by_token.pop(task.token, None)
-            task.token = _new_token()
-            task.worker = None
-        self.ready.extendleft(task.task_id for task in reversed(behind))
+        at = 0
+        if state is not None:
+            token, running = state
+            found = next((i for i, task in enumerate(queued) if task is not None and task.token == token), None)
+            if found is not None:
+                at = found if running else found + 1
+        running = queued[at] if at < len(queued) else None
+        self._requeue([task for i, task in enumerate(queued) if i != at and task is not None])
         if running is not None:
             running.worker = None
         return running
+
+    def _requeue(self, tasks: list[LocalTask]) -> None:
+        """Put tasks taken off a worker back at the front of the ready queue, in order, under fresh tokens."""
+        for task in tasks:
+            self.by_token.pop(task.token, None)
+            task.token = _new_token()
+            task.worker = None
+        self.ready.extendleft(task.task_id for task in reversed(tasks))
 
     def _kill_running(self, task: LocalTask, reason: str) -> None:
         """Stop a task that is running on a worker by killing that worker (SIGKILL to its process group).
@@ -679,9 +715,14 @@ class Agent:
         proc = task.worker
         if proc is None or not proc.queue or proc.queue[0] != task.task_id:
             return
+        state = self.pool.run_state(proc)  # before the kill: a dying worker writes nothing more
         log.warning("task %s: killing worker process %d: %s", task.task_id, proc.pid, reason)
         self.pool.kill(proc)
-        self._take_tasks_off(proc)
+        running = self._take_tasks_off(proc, state)
+        if running is not None and running is not task:
+            # The task had ended (its output was on its way) and the worker was running a later one: that
+            # one runs again elsewhere.
+            self._requeue([running])
 
     def _expire_deadlines(self, mono: float) -> None:
         """End in TIMEOUT every running task past its max_duration (ArmoniK: no retry)."""

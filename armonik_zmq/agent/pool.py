@@ -7,9 +7,12 @@ import os
 import signal
 import subprocess
 import sys
+import itertools
 import time
 from collections import deque
 from typing import Optional
+
+from ..worker.runtime import STATE_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -17,10 +20,14 @@ log = logging.getLogger(__name__)
 class WorkerProc:
     """One worker process and the tasks the agent has queued at it (the first one is running)."""
 
-    __slots__ = ("index", "popen", "identity", "queue", "ready", "started")
+    __slots__ = ("index", "popen", "identity", "queue", "ready", "started", "state_path", "slow")
 
-    def __init__(self, index: int, popen: subprocess.Popen):
+    def __init__(self, index: int, popen: subprocess.Popen, state_path: str = ""):
         self.index = index
+        #: this worker's run-state file (STATE_SIZE), "" without one
+        self.state_path = state_path
+        #: it gave back the runs queued behind a long task: no deep queue for it until its next output
+        self.slow = False
         self.popen = popen
         #: ROUTER routing id, known once the worker said WORKER_READY
         self.identity: Optional[bytes] = None
@@ -35,8 +42,11 @@ class WorkerProc:
 
 
 class WorkerPool:
-    def __init__(self, n: int, endpoint: str, processor: str, env: Optional[dict] = None):
+    def __init__(self, n: int, endpoint: str, processor: str, env: Optional[dict] = None, state_dir: str = ""):
         self.n = n
+        #: where run-state files go (the agent's private directory); "" for none
+        self.state_dir = state_dir
+        self._spawns = itertools.count(1)
         self.endpoint = endpoint
         self.processor = processor
         self.env = {**os.environ, **(env or {})}
@@ -46,9 +56,16 @@ class WorkerPool:
     def _spawn(self, index: int) -> WorkerProc:
         cmd = [sys.executable, "-m", "armonik_zmq.worker", "--agent", self.endpoint, "--processor", self.processor,
                "--identity", f"w{index}"]
+        state_path = ""
+        if self.state_dir:
+            # A new file for each process: a worker being killed cannot write into its replacement's.
+            state_path = os.path.join(self.state_dir, f"w{index}-{next(self._spawns)}.state")
+            with open(state_path, "wb") as f:
+                f.write(bytes(STATE_SIZE))
+            cmd += ["--state", state_path]
         # Own process group: a Ctrl-C in the terminal reaches the agent, which stops its workers in order.
         popen = subprocess.Popen(cmd, env=self.env, start_new_session=True)
-        proc = WorkerProc(index, popen)
+        proc = WorkerProc(index, popen, state_path)
         self.workers[index] = proc
         log.info("worker %d started (pid %d)", index, popen.pid)
         return proc
@@ -81,6 +98,33 @@ class WorkerPool:
             self._spawn(index)
         return dead
 
+    @staticmethod
+    def run_state(proc: WorkerProc) -> Optional[tuple[str, bool]]:
+        """(token of the task the worker started last, whether it was still running it), or None if unknown.
+
+        Read when the worker is dead or being killed, from its run-state file; the caller removes it
+        (``forget_state``) once done.
+        """
+        if not proc.state_path:
+            return None
+        try:
+            with open(proc.state_path, "rb") as f:
+                data = f.read(STATE_SIZE)
+        except OSError:
+            return None
+        token = data[1:].rstrip(b"\0")
+        if len(data) < STATE_SIZE or not token:
+            return None
+        return token.decode("ascii", "replace"), data[0] == 1
+
+    @staticmethod
+    def forget_state(proc: WorkerProc) -> None:
+        if proc.state_path:
+            try:
+                os.unlink(proc.state_path)
+            except OSError:
+                pass
+
     def kill(self, proc: WorkerProc) -> None:
         """SIGKILL a worker and whatever it started (its process group); the next reap replaces it."""
         proc.ready = False  # no new task for it meanwhile
@@ -88,12 +132,6 @@ class WorkerPool:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-
-    def free(self, window: int) -> list[WorkerProc]:
-        """Ready workers with room in their queue, least loaded first."""
-        procs = [p for p in self.workers.values() if p.ready and len(p.queue) < 1 + window]
-        procs.sort(key=lambda p: len(p.queue))
-        return procs
 
     def stop(self, timeout: float = 3.0) -> None:
         for proc in self.workers.values():

@@ -6,6 +6,7 @@ import ctypes
 import importlib
 import itertools
 import logging
+import mmap
 import os
 import signal
 import sys
@@ -13,7 +14,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from typing import Callable
+from typing import Callable, Optional
 
 import zmq
 
@@ -42,10 +43,20 @@ def load_processor(spec: str) -> Callable[[TaskHandler], Output]:
     return fn
 
 
+#: size of a worker's run-state file: byte 0 is 1 while a task runs (0 once it ended), bytes 1.. the token
+#: of the task started last. The worker writes it through a shared mapping (no syscall per task); its
+#: agent reads it when the worker dies, to know which of the tasks queued there was running.
+STATE_SIZE = 32
+
 #: outputs held back at most this long (seconds) while the worker runs the next task of its queue
 OUTPUT_DELAY = 0.001
 #: outputs sent in one message at most (the agent refills the worker's queue as they arrive)
 OUTPUT_BATCH = 8
+#: a task still running after this long (seconds) gives the runs queued behind it back to the agent,
+#: beyond the agent's ``keep`` (its window), so that another worker can take them
+GIVE_BACK_AFTER = 0.005
+#: ... and looks again at doubling intervals up to this one while the task lasts
+GIVE_BACK_MAX = 0.1
 
 
 class WorkerRuntime:
@@ -55,11 +66,18 @@ class WorkerRuntime:
     ``OUTPUT_DELAY``, or ``OUTPUT_BATCH`` outputs) to travel with the next ones, as one ``W_OUTPUTS``. Each
     ZeroMQ send wakes both I/O threads, which cost more than a tiny task. A guard thread sends the held
     outputs when the next task runs longer than ``OUTPUT_DELAY``, so a long task never holds back the
-    report of a short one (its agent would count that one as still running).
+    report of a short one (its agent would count that one as still running), and gives back the runs
+    queued here once the task has run ``GIVE_BACK_AFTER``, so that they do not wait behind it.
     """
 
-    def __init__(self, agent_endpoint: str, processor: Callable[[TaskHandler], Output], identity: str = ""):
+    def __init__(self, agent_endpoint: str, processor: Callable[[TaskHandler], Output], identity: str = "",
+                 state_path: str = ""):
         self.processor = processor
+        #: the run-state file shared with the agent (pool.STATE_SIZE bytes), mapped: a write costs no syscall
+        self._state: Optional[mmap.mmap] = None
+        if state_path:
+            with open(state_path, "r+b") as f:
+                self._state = mmap.mmap(f.fileno(), STATE_SIZE)
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -76,6 +94,11 @@ class WorkerRuntime:
         #: thread-safe; a lock is the full barrier a socket needs to change threads)
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        #: runs started so far, and whether one is running (read by the guard thread)
+        self._seq = 0
+        self._busy = False
+        #: runs the agent wants kept here behind a long task (its window; from RUNS' configuration)
+        self._keep = 1
         threading.Thread(target=self._guard, name="output-guard", daemon=True).start()
 
     def send(self, op: Op, data=(), **fields) -> int:
@@ -123,19 +146,51 @@ class WorkerRuntime:
                                  copy=False)
 
     def _guard(self) -> None:
-        """Send held outputs once the task that runs after them has run ``OUTPUT_DELAY`` (see the class)."""
+        """Send held outputs once the task that runs after them has run ``OUTPUT_DELAY``; give back the runs
+        queued behind a task that runs ``GIVE_BACK_AFTER`` (see the class)."""
         while True:
             self._wake.wait()
             time.sleep(OUTPUT_DELAY)
             self._wake.clear()
             with self._lock:
                 self._flush()
+            seq = self._seq  # the run in progress now: while it lasts, what waits behind it is given back
+            pause = GIVE_BACK_AFTER
+            while True:
+                time.sleep(pause)
+                if not self._busy or self._seq != seq:
+                    break
+                self._give_back()
+                pause = min(2 * pause, GIVE_BACK_MAX)  # runs may still come: look again, less and less often
+
+    def _give_back(self) -> None:
+        """Hand the runs queued here beyond ``_keep`` back to the agent (the task running is a long one)."""
+        with self._lock:
+            self._drain()  # runs the agent sent while this task ran are still in the socket
+            returned = []
+            while len(self._runs) > self._keep:
+                try:
+                    header, _ = self._runs.pop()  # the main thread takes from the other end
+                except IndexError:
+                    break
+                returned.append(header["token"])
+            if returned:
+                returned.reverse()
+                self.sock.send_multipart([request(Op.W_OUTPUTS, next(self._rids), outputs=[], returned=returned)])
+
+    def _drain(self) -> None:
+        """Queue the runs that arrived, without waiting (the caller holds ``_lock``, no call in progress)."""
+        while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            header, frames = self._receive()
+            if header is not None and (header["op"] == Op.RUN or header["op"] == Op.RUNS):
+                self._queue_runs(header, frames)
 
     def _queue_runs(self, header: dict, frames: list) -> None:
         if header["op"] == Op.RUN:
             self._runs.append((header, frames))
             return
         configuration = header.get("configuration") or {}
+        self._keep = configuration.get("keep", self._keep)
         try:
             groups = split_frames(frames, header["frames"])
         except (ProtocolError, KeyError, TypeError) as exc:
@@ -166,20 +221,41 @@ class WorkerRuntime:
 
     def _next_run(self):
         """The next run queued here; when there is none, send the held outputs and wait for the agent."""
-        if self._runs:
-            if self._outputs and not self._wake.is_set():
-                self._wake.set()
-            return self._runs.popleft()
-        with self._lock:
-            self._flush()
-            while not self._runs:
-                header, frames = self._receive()
-                if header is not None and (header["op"] == Op.RUN or header["op"] == Op.RUNS):
-                    self._queue_runs(header, frames)
-        return self._runs.popleft()
+        try:
+            run = self._runs.popleft()  # the guard thread may have given the last ones back meanwhile
+        except IndexError:
+            with self._lock:
+                self._flush()
+                while True:
+                    try:
+                        run = self._runs.popleft()
+                        break
+                    except IndexError:
+                        pass
+                    header, frames = self._receive()
+                    if header is not None and (header["op"] == Op.RUN or header["op"] == Op.RUNS):
+                        self._queue_runs(header, frames)
+        self._seq += 1
+        if not self._wake.is_set():
+            self._wake.set()  # the guard watches this run (held outputs, runs that would wait behind it)
+        return run
 
     def run_one(self, header: dict, frames: list) -> None:
         token = header["token"]
+        self._busy = True
+        state = self._state
+        if state is not None:
+            # token, then flag: a kill between the two (nanoseconds) reads as "that task ended" (it runs again)
+            state[1:STATE_SIZE] = token.encode()[:STATE_SIZE - 1].ljust(STATE_SIZE - 1, b"\0")
+            state[0] = 1
+        try:
+            self._run(header, frames, token)
+        finally:
+            self._busy = False
+            if state is not None:
+                state[0] = 0
+
+    def _run(self, header: dict, frames: list, token: str) -> None:
         started_at = time.time()
         inputs = frames
         if header.get("mapped"):
@@ -225,7 +301,7 @@ def _die_with_agent() -> None:
         pass
 
 
-def main(agent_endpoint: str, processor_spec: str, identity: str = "") -> None:
+def main(agent_endpoint: str, processor_spec: str, identity: str = "", state_path: str = "") -> None:
     _die_with_agent()
     logging.basicConfig(level=os.environ.get("ARMONIK_ZMQ_LOG", "WARNING"),
                         format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s")
@@ -234,7 +310,7 @@ def main(agent_endpoint: str, processor_spec: str, identity: str = "") -> None:
     except ValueError as exc:
         print(f"armonik-zmq worker: {exc}", file=sys.stderr)
         sys.exit(2)
-    runtime = WorkerRuntime(agent_endpoint, processor, identity)
+    runtime = WorkerRuntime(agent_endpoint, processor, identity, state_path)
     try:
         runtime.serve()
     except KeyboardInterrupt:

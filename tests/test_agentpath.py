@@ -1,0 +1,93 @@
+"""Batched task path between agent and workers: RUNS (several tasks per message), W_OUTPUTS (several outputs
+per message), the deeper queue for tiny tasks, and what a worker death or a long task does to a batch."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import cloudpickle
+import pytest
+
+import armonik_zmq
+from armonik_zmq.client import TaskDefinition, TaskStatus, connect
+from armonik_zmq.protocol import ErrorCode, Op, ProtocolError, WORKER_OPS, validate
+from conftest import Api
+from reliability import read_executions
+from test_faults import cluster_with_log, options, session_tasks, submit_sha
+from test_outcomes import wait_for
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this module
+
+def _noop(x):
+    return x
+
+
+def _nap(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+def test_worker_death_in_a_batch_is_charged_to_the_task_it_was_running(tmp_path):
+    """One worker, tiny tasks in batches, one of them aborts its worker: only that one is retried.
+
+    Outputs of the tasks that ran before it in the batch may still be held by the worker when it dies: the
+    agent reads the worker's run-state file to charge the death to the right task, and runs the others
+    again without counting an attempt.
+    """
+    log = tmp_path / "exec.log"
+    cluster = cluster_with_log(tmp_path, log, workers=1)
+    try:
+        cluster.start()
+        with connect(cluster.endpoint, timeout=60) as conn:
+            api = Api(conn)
+            session_id = api.sessions.create_session(options(max_retries=3))
+            warm = submit_sha(api, session_id, [f"w{i}" for i in range(300)])  # tiny tasks: deeper queue
+            api.events.wait_for_result_availability([o for _, o, _ in warm.values()], session_id)
+            p = api.results.create_results({"p": json.dumps({"op": "abort"}).encode()}, session_id)["p"]
+            poison_out = api.results.create_results_metadata(["poison"], session_id)["poison"].result_id
+            before = submit_sha(api, session_id, [f"a{i}" for i in range(40)])
+            (poison,) = api.tasks.submit_tasks(session_id, [TaskDefinition(payload_id=p.result_id,
+                                                                           expected_output_ids=[poison_out])])
+            after = submit_sha(api, session_id, [f"b{i}" for i in range(40)])
+            api.events.wait_for_result_availability([o for _, o, _ in [*before.values(), *after.values()]],
+                                                    session_id)
+            final_id = f"{poison.id}###3"
+            wait_for(lambda: any(r["task_id"] == final_id and r["ended_at"] for r in session_tasks(conn, session_id)),
+                     "the poison task's last attempt to end", timeout=60)
+            rows = {r["task_id"]: r for r in session_tasks(conn, session_id)}
+    finally:
+        cluster.cleanup()
+    attempts = [rows[poison.id]] + [rows[f"{poison.id}###{i}"] for i in (1, 2, 3)]
+    assert [r["status"] for r in attempts] == [TaskStatus.RETRIED] * 3 + [TaskStatus.ERROR]
+    normal = {tid for tid, _, _ in [*warm.values(), *before.values(), *after.values()]}
+    retried = sorted(tid for tid in rows if "###" in tid and tid.split("###")[0] in normal)
+    assert not retried, f"tasks charged with a worker death they did not cause: {retried[:5]}"
+    assert all(rows[tid]["status"] == TaskStatus.COMPLETED for tid in normal)
+    poison_runs = [row for row in read_executions(str(log)) if row[0].split("###")[0] == poison.id]
+    assert len(poison_runs) == 4
+
+
+def test_tiny_tasks_do_not_wait_behind_a_long_one(client):
+    """Tiny tasks go to workers in deep batches; a long task gives the ones queued behind it back, beyond
+    the window (1): the other worker runs them instead of letting them wait for the long one."""
+    client.gather(client.map(_noop, range(500)))  # tasks run under a millisecond: the deep queue is on
+    long = client.submit(_nap, 6.0)
+    tiny = client.map(_noop, range(200))
+    done, not_done = armonik_zmq.wait(tiny, timeout=4.0)
+    assert len(not_done) <= 1, f"{len(not_done)} tiny tasks waited behind the long one (window: 1)"
+    assert long.result(timeout=60) == 6.0
+    assert client.gather(tiny) == list(range(200))
+
+
+def test_w_outputs_schema():
+    ok = {"v": 1, "op": int(Op.W_OUTPUTS), "rid": 1,
+          "outputs": [{"token": "a", "ok": True, "result_ids": ["r"], "frames": [1], "started_at": 1.0,
+                       "ended_at": 2.0}],
+          "returned": ["b", "c"]}
+    assert validate(ok, WORKER_OPS) == Op.W_OUTPUTS
+    for bad in ({**ok, "outputs": [{"ok": True}]}, {**ok, "returned": [1]}, {**ok, "outputs": "x"}):
+        with pytest.raises(ProtocolError) as exc:
+            validate(bad, WORKER_OPS)
+        assert exc.value.code == ErrorCode.INVALID_ARGUMENT
