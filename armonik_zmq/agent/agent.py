@@ -577,15 +577,15 @@ class Agent:
 
     def _on_outputs(self, identity: bytes, h: dict, frames: list) -> Optional[list]:
         """The outputs of consecutive runs of one worker, in order; refused ones are answered in one error."""
-        outputs = h["outputs"]
+        outputs, returned = h["outputs"], h.get("returned", ())
+        if not outputs and not returned:
+            raise ProtocolError(ErrorCode.INVALID_ARGUMENT, "W_OUTPUTS carries no output and gives back no run")
         groups = split_frames(frames, [sum(o.get("frames", ())) for o in outputs])
         proc = self.pool.by_identity.get(identity)
         if proc is not None and outputs:
             proc.slow = False
-        if h.get("returned") and proc is not None:
-            self._take_back(proc, h["returned"])
+        refused = self._take_back(proc, returned) if returned else []
         self._ended = {o["token"] for o in outputs}
-        refused = []
         try:
             for o, group in zip(outputs, groups):
                 try:
@@ -605,23 +605,31 @@ class Agent:
         finally:
             self._ended = set()
         if refused:
-            raise ProtocolError(ErrorCode.INVALID_ARGUMENT, f"{len(refused)} of {len(outputs)} outputs refused: "
-                                + "; ".join(refused))
+            raise ProtocolError(ErrorCode.INVALID_ARGUMENT, f"{len(refused)} of {len(outputs) + len(returned)} "
+                                "outputs and runs given back refused: " + "; ".join(refused))
         return None
 
-    def _take_back(self, proc: WorkerProc, tokens: list) -> None:
-        """Runs a worker gives back unstarted (they were queued behind a long task): other workers take them."""
+    def _take_back(self, proc: Optional[WorkerProc], tokens: list) -> list[str]:
+        """Runs a worker gives back unstarted (they were queued behind a long task): other workers take them.
+
+        Return why each token not queued at this worker (a stale or made-up one) is refused.
+        """
+        if proc is None:
+            return [f"{token}: not a worker of this agent" for token in tokens]
         proc.slow = True
-        tokens = set(tokens)
+        wanted = set(tokens)
         back = [task for task in (self.tasks.get(task_id) for task_id in proc.queue)
-                if task is not None and task.token in tokens and task.worker is proc]
+                if task is not None and task.token in wanted and task.worker is proc]
+        found = {task.token for task in back}
+        refused = [f"{token}: unknown or stale run token" for token in tokens if token not in found]
         if not back:
-            return
+            return refused
         ids = {task.task_id for task in back}
         kept = [task_id for task_id in proc.queue if task_id not in ids]
         proc.queue.clear()
         proc.queue.extend(kept)
         self._requeue(back)
+        return refused
 
     @staticmethod
     def _keep_results(task: LocalTask, h: dict, frames: list) -> None:
