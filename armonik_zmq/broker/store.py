@@ -19,15 +19,16 @@ from ..protocol import DATA_CHUNK_MAX_SIZE, ErrorCode, ProtocolError
 from ..status import TASK_FINAL, ResultStatus, TaskStatus
 
 _SUBMITTED = TaskStatus.SUBMITTED
+from .filepages import FilePages
 from .objects import ObjectStorage, chunk_key, n_chunks, rechunk
 
 _pack = msgpack.Packer(use_bin_type=True).pack
 
 #: rows of live tasks and of results still waiting for data kept decoded (``Store.task_rows``, ``Store.result_rows``): at most this many each.
-#: A decoded task row takes ~2 KB: 32k of them (plus as many result rows) stay well inside T15's 300 MiB with
-#: 100,000 tasks queued, and cover every task agents hold at once; a queued task past the cap is read from
-#: LMDB when it is dispatched (and cached then, once finished tasks made room).
-ROW_CACHE_MAX = 32_768
+#: A decoded task row takes ~2 KB: 16k of them (plus as many result rows, ~50 MiB in all) stay well inside
+#: T15's 300 MiB with 100,000 tasks queued, and cover every task agents hold at once; a queued task past the
+#: cap is read from LMDB when it is dispatched (and cached then, once finished tasks made room).
+ROW_CACHE_MAX = 16_384
 _TASK_ENDED = frozenset(int(s) for s in TASK_FINAL)
 _RESULT_CREATED = int(ResultStatus.CREATED)
 
@@ -94,6 +95,8 @@ class Store:
         self.segments = None
         #: held by threads other than the loop's around their read transactions, and by ``grow``
         self.readers_lock = threading.Lock()
+        #: data.mdb's pages mapped by reads, dropped from the resident size after commits (filepages.py)
+        self.file_pages = FilePages(os.path.join(path, "data.mdb"))
 
     def _index_live_tasks(self) -> None:
         """Build the live-task table of a directory written before it existed (one full scan, once)."""
@@ -159,6 +162,7 @@ class Store:
             self.task_rows.clear()
             self.result_rows.clear()
             raise
+        self.file_pages.maybe_release()
 
     @contextlib.contextmanager
     def read(self) -> Iterator["Txn"]:

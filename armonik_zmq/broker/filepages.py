@@ -1,0 +1,70 @@
+"""Give back the pages of data.mdb that LMDB's read-only map holds in the broker's resident memory.
+
+LMDB reads every page through a shared, read-only map of data.mdb (the broker does not use
+MDB_WRITEMAP). Each page the broker ever touched stays mapped, so its resident size (VmRSS, what T15
+bounds) grows with the data file, not with what it keeps in memory: with 100,000 tasks the file
+pages alone were ~230 MiB of it. They are the kernel's page cache, already on disk: dropping them
+from the broker's map (``madvise(MADV_DONTNEED)``) loses nothing, changes no byte of the file, and
+the next read of such a page maps it again from the page cache (a minor fault). This runs after a
+commit, at most once per ``interval`` seconds; only on Linux (elsewhere it does nothing).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+
+#: <sys/mman.h>: the pages are dropped from this process's map (a file mapping keeps its contents)
+MADV_DONTNEED = 4
+
+try:
+    _madvise = ctypes.CDLL(None, use_errno=True).madvise
+    _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    _madvise.restype = ctypes.c_int
+except (OSError, AttributeError):  # no libc madvise: nothing to do
+    _madvise = None
+
+
+def mapped_ranges(path: str) -> list[tuple[int, int]]:
+    """Return the (start, end) address ranges where this process maps the file ``path``."""
+    ranges = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                if line.endswith(path + "\n"):
+                    start, end = line.split(None, 1)[0].split("-")
+                    ranges.append((int(start, 16), int(end, 16)))
+    except OSError:
+        return []
+    return ranges
+
+
+class FilePages:
+    """Drop the mapped pages of one file from this process's resident memory, now and then."""
+
+    def __init__(self, path: str, interval: float = 1.0):
+        self.path = os.path.realpath(path)
+        self.interval = interval
+        self._next = time.monotonic()  # due at the first commit (after a restart: the rebuild's reads)
+        #: bytes of mapping released so far (the map's size each time, not the pages that were resident)
+        self.released = 0
+
+    def maybe_release(self) -> None:
+        """Release the pages if ``interval`` seconds have passed since the last time."""
+        now = time.monotonic()
+        if now >= self._next:
+            self._next = now + self.interval
+            self.release()
+
+    def release(self) -> int:
+        """Release every mapped page of the file now; return the bytes of mapping covered."""
+        if _madvise is None:
+            return 0
+        covered = 0
+        for start, end in mapped_ranges(self.path):
+            # Only this read-only shared map of the file: its pages stay in the page cache and on disk.
+            if _madvise(start, end - start, MADV_DONTNEED) == 0:
+                covered += end - start
+        self.released += covered
+        return covered
