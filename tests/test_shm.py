@@ -321,6 +321,43 @@ def test_a_completion_adopts_only_a_complete_private_file_nobody_writes(segment_
         os.close(dir_fd)
 
 
+def test_memfd_fallback_is_copied_into_the_segment_file_and_adopted(segment_store):
+    """Where writers cannot use the segment directory, a sealed memfd is handed over and copied there."""
+    ch = shm.DataChannel(segment_store.path)
+    try:
+        ch.segment_dir = ""  # as when the broker offers no directory (no O_TMPFILE or leases there)
+        data = [b"m" * 100_000, b"n" * 5]
+        ref = ch.put(data)
+    finally:
+        ch.close()
+    assert segment_store.stats["put"] == 1 and segment_store.stats["spilled_bytes"] == 100_005
+    path = os.path.join(segment_store.dir, ref["token"])
+    with open(path, "rb") as f:
+        assert f.read() == b"".join(data)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o400 and ref["checksum"] == shm.checksum(data)
+    segment_store.adopt(ref["token"], ref["size"], ref["checksum"], "result r1")
+    with pytest.raises(shm.DataError, match="the report says"):
+        segment_store.adopt(ref["token"], ref["size"] + 1, ref["checksum"], "result r2")
+
+
+def test_a_broker_that_fsyncs_segments_has_its_writers_fsync_them(tmp_path):
+    from armonik_zmq.broker.store import Store
+
+    store = Store(str(tmp_path / "lmdb"))
+    segments = shm.SegmentStore(store, str(tmp_path / "lmdb"), fsync=True)
+    try:
+        ch = shm.DataChannel(segments.path)
+        try:
+            ref = ch.put([b"f" * 3000])
+            assert ch._fsync is True and ch.segment_dir == segments.dir  # told by hello
+        finally:
+            ch.close()
+        assert os.path.getsize(os.path.join(segments.dir, ref["token"])) == 3000
+    finally:
+        segments.close()
+        store.env.close()
+
+
 def test_a_writer_killed_while_writing_leaves_no_file(segment_store):
     """The file has no name until it is complete: a SIGKILLed writer leaves nothing, and frees its space."""
     code = ("import os, sys; d = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)\n"
