@@ -301,14 +301,14 @@ class StormClient:
         return sum(r["status"] == ResultStatus.COMPLETED for r in rows)
 
 
-def run_storm(cluster: LocalProcesses, n: int, kills: int, log) -> dict:
-    """Submit n keyed tasks, SIGKILL the broker ``kills`` times meanwhile; return what happened."""
+def run_storm(cluster: LocalProcesses, n: int, kills: int, log, sleep: float = 0.0) -> dict:
+    """Submit n keyed tasks (each sleeping ``sleep`` s), SIGKILL the broker ``kills`` times meanwhile; return what happened."""
     open(log, "w").close()  # this run's executions only
     history = History(exec_log=str(log))
     with connect(cluster.endpoint, timeout=3) as conn:
         api = Api(conn)
         session_id = api.sessions.create_session(options(max_retries=5))
-        client = StormClient(conn, api, session_id, history)
+        client = StormClient(conn, api, session_id, history, sleep=sleep)
         prefix = f"{'storm' if kills else 'base'}{os.getpid()}-"
         batches = [[f"{prefix}{i}" for i in range(j, min(n, j + 100))] for j in range(0, n, 100)]
         started = time.time()
@@ -372,8 +372,11 @@ def test_t1_broker_kill_storm(tmp_path, scale):
         cluster.start_broker()
         start_agents(cluster, AGENTS)
         cluster.wait_ready()
-        baseline = run_storm(cluster, n, 0, log)
-        storm = run_storm(cluster, n, kills, log)
+        # At CI size no-op tasks were all done before the kills came (the schedule lasts 2.3-7.5 s): no restart
+        # had work to dispatch and none was measured. 10 ms tasks make the work (~5 s on 4 workers) outlast it.
+        sleep = 0.0 if scale == 1.0 else 0.01
+        baseline = run_storm(cluster, n, 0, log, sleep)
+        storm = run_storm(cluster, n, kills, log, sleep)
     finally:
         cluster.cleanup()
     h: History = storm["history"]
