@@ -166,9 +166,13 @@ def check_unwritable(fd: int) -> None:
     fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
 
 
+#: the name of files_supported's test file (removed at once; a broker start removes one a crash left)
+_PROBE = "probe-"
+
+
 def files_supported(directory: str) -> bool:
     """Whether writers can put segments straight into ``directory`` (O_TMPFILE, linkat and read leases work)."""
-    token = f"probe-{os.getpid()}-{os.urandom(4).hex()}"
+    token = f"{_PROBE}{os.getpid()}-{os.urandom(4).hex()}"
     try:
         dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
@@ -435,8 +439,8 @@ class SegmentStore:
         self._send_lock = threading.Lock()
         self._spiller = ThreadPoolExecutor(max_workers=2, thread_name_prefix="armonik-zmq-spill")
         self.stats = {"put": 0, "get": 0, "spilled_bytes": 0, "swept": 0, "refused": 0}
-        for name in os.listdir(self.dir):  # a copy cut short by a crash is garbage
-            if name.endswith(".part"):
+        for name in os.listdir(self.dir):  # a copy (or a start-up probe) cut short by a crash is garbage
+            if name.endswith(".part") or name.startswith(_PROBE):
                 os.unlink(os.path.join(self.dir, name))
         try:
             os.unlink(self.path)

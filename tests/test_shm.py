@@ -358,6 +358,23 @@ def test_a_broker_that_fsyncs_segments_has_its_writers_fsync_them(tmp_path):
         store.env.close()
 
 
+def test_a_broker_start_removes_what_a_crash_cut_short(tmp_path):
+    """A memfd copy (``.part``) or a start-up probe a crash left behind is removed at the next start."""
+    from armonik_zmq.broker.store import Store
+
+    seg_dir = tmp_path / "lmdb" / "segments"
+    seg_dir.mkdir(parents=True)
+    (seg_dir / ("ab" * 16 + ".part")).write_bytes(b"half")
+    (seg_dir / "probe-4242-0badf00d").write_bytes(b"\0")
+    store = Store(str(tmp_path / "lmdb"))
+    segments = shm.SegmentStore(store, str(tmp_path / "lmdb"))
+    try:
+        assert os.listdir(seg_dir) == []
+    finally:
+        segments.close()
+        store.env.close()
+
+
 def test_a_writer_killed_while_writing_leaves_no_file(segment_store):
     """The file has no name until it is complete: a SIGKILLed writer leaves nothing, and frees its space."""
     code = ("import os, sys; d = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)\n"
