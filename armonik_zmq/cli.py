@@ -168,6 +168,9 @@ def keys(directory, clients, agents, client_names, agent_names) -> None:
               help="Serve Prometheus metrics over HTTP on this port (0: off).")
 @click.option("--metrics-address", default="127.0.0.1", show_default=True,
               help="Address the metrics HTTP server binds (keep it private: metrics reveal activity).")
+@click.option("--turn-budget", type=click.FloatRange(0.0005, 10.0), default=0.01, show_default=True,
+              help="Seconds of request handling one loop turn aims at; clients take turns within it, so a "
+                   "flooding client delays the others by about this much.")
 @click.option("--max-message-size", type=click.IntRange(1024, 1 << 31), default=64 << 20, show_default=True,
               help="Largest message frame (bytes) a peer may send; a bigger one disconnects the peer.")
 @click.option("--map-size", type=ByteSize(), default="64GiB", show_default=True,
@@ -197,7 +200,7 @@ def keys(directory, clients, agents, client_names, agent_names) -> None:
 def broker(ctx, data_dir, endpoint, agents_endpoint, partitions, heartbeat_interval, liveness, lease, backend_sndhwm,
            no_router_mandatory, no_sync, config_file, object_storage, metrics_port, metrics_address, max_message_size,
            map_size, max_map_size, agent_grace, idempotency_ttl, keys_dir, server_secret, client_keys,
-           agent_keys, shm_threshold, shm_fsync, shm_grace) -> None:
+           agent_keys, shm_threshold, shm_fsync, shm_grace, turn_budget) -> None:
     """Run the broker (the control plane) in the foreground."""
     from .broker import Broker
 
@@ -215,7 +218,7 @@ def broker(ctx, data_dir, endpoint, agents_endpoint, partitions, heartbeat_inter
                           metrics_address=metrics_address, max_message_size=max_message_size, map_size=map_size,
                           max_map_size=max_map_size, agent_grace=agent_grace, idempotency_ttl=idempotency_ttl,
                           shm_threshold=shm_threshold, shm_fsync=shm_fsync, shm_grace=shm_grace,
-                          **_broker_keys(keys_dir, server_secret, client_keys, agent_keys))
+                          turn_budget=turn_budget, **_broker_keys(keys_dir, server_secret, client_keys, agent_keys))
     try:
         server = Broker(config)
     except RuntimeError as exc:

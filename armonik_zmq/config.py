@@ -134,8 +134,11 @@ class BrokerConfig:
     backend_sndhwm: int = 100_000
     #: test only (hidden flag): False shows what silent ROUTER drops look like (RELIABILITY.md T7 guard)
     router_mandatory: bool = True
-    #: most messages handled per loop turn (one LMDB transaction per turn)
+    #: most messages received and held waiting for a turn (the rest wait in ZeroMQ's pipes)
     max_batch_messages: int = 1024
+    #: seconds of request handling a loop turn aims at: peers take turns within it, so one peer's flood
+    #: or big requests delay the others by about this much (broker/fairness.py)
+    turn_budget: float = 0.01
     #: largest message frame a peer may send (bytes): a bigger one disconnects the peer (ZMQ_MAXMSGSIZE).
     #: Data travels in frames of data_chunk_max_size, so only a broken or hostile peer reaches it.
     max_message_size: int = 64 << 20

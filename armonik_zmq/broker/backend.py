@@ -236,14 +236,17 @@ class Backend:
             raise _refusal("stale", ProtocolError(
                 ErrorCode.STALE_ATTEMPT, f"task {task_id} is {_T(row['status']).name}: its agent was told to stop it; "
                                          f"this report is discarded"))
-        # The owner first: another agent's task is foreign to this one whatever attempt it names.
+        if row["attempt"] != attempt:
+            # an older attempt is a late report; a newer one was never handed out by this broker
+            older = type(attempt) is int and attempt < row["attempt"]
+            raise _refusal("stale" if older else "foreign", ProtocolError(
+                ErrorCode.STALE_ATTEMPT, f"task {task_id} attempt {attempt} was "
+                                         f"{'replaced by' if older else 'never handed out; the current one is'} "
+                                         f"attempt {row['attempt']}; this report is discarded"))
         if row["owner_pod_id"] not in ("", agent.agent_id):
             raise _refusal("foreign", ProtocolError(
                 ErrorCode.STALE_ATTEMPT, f"task {task_id} is owned by agent {row['owner_pod_id']}, not by "
                                          f"{agent.agent_id}; this report is discarded"))
-        if row["attempt"] != attempt:
-            raise _refusal("stale", ProtocolError(
-                ErrorCode.STALE_ATTEMPT, f"task {task_id} attempt {attempt} was replaced by attempt {row['attempt']}"))
         return row
 
     def handle_tasks_started(self: "Broker", req: "Request", txn: Txn) -> None:

@@ -67,6 +67,10 @@ class Metrics:
         self.turn_buckets = [0] * len(TURN_BUCKETS)
         self.turn_seconds_sum = 0.0
         self.turn_seconds_max = 0.0
+        #: LMDB commits of turns (fsync included in durable mode): count, total and longest seconds
+        self.commits = 0
+        self.commit_seconds_sum = 0.0
+        self.commit_seconds_max = 0.0
 
     # -- the loop's side (cheap) ---------------------------------------------------------------
 
@@ -94,6 +98,12 @@ class Metrics:
             i += 1
         self.turn_buckets[i] += 1
 
+    def commit(self, seconds: float) -> None:
+        self.commits += 1
+        self.commit_seconds_sum += seconds
+        if seconds > self.commit_seconds_max:
+            self.commit_seconds_max = seconds
+
     # -- readers -------------------------------------------------------------------------------
 
     def snapshot(self, **gauges) -> dict:
@@ -111,6 +121,7 @@ class Metrics:
             "turn_seconds": {"buckets": [[b if b != math.inf else "+Inf", n]
                                          for b, n in zip(TURN_BUCKETS, self.turn_buckets)],
                              "sum": self.turn_seconds_sum, "max": self.turn_seconds_max},
+            "commit_seconds": {"count": self.commits, "sum": self.commit_seconds_sum, "max": self.commit_seconds_max},
             "rss_bytes": rss_bytes(),
             **gauges,
         }
@@ -176,6 +187,9 @@ class MetricsCollector:
             buckets.append(("+Inf" if bound == math.inf else repr(bound), cumulative))
         yield HistogramMetricFamily(f"{ns}_turn_seconds", "Duration of loop turns that handled something.",
                                     buckets=buckets, sum_value=m.turn_seconds_sum)
+        yield CounterMetricFamily(f"{ns}_commits", "Turns committed to LMDB.", value=m.commits)
+        yield CounterMetricFamily(f"{ns}_commit_seconds", "Seconds spent committing turns (fsync included).",
+                                  value=m.commit_seconds_sum)
         for name, value in self.gauges().items():
             yield GaugeMetricFamily(f"{ns}_{name}", name.replace("_", " "), value=value)
 

@@ -2,7 +2,8 @@
 
 One thread does everything, in turns:
 
-1. drain up to ``max_batch_messages`` waiting messages from both sockets;
+1. drain waiting messages from both sockets (up to ``max_batch_messages`` held), and take the turn's
+   batch from them peer by peer, cut at ``turn_budget`` seconds of estimated work (broker/fairness.py);
 2. open one write transaction; decode, validate and handle each message in a nested transaction
    (a failing request undoes only itself); expire lost agents; dispatch ready tasks to agents;
 3. commit (the group commit: one fsync for the whole turn);
@@ -37,6 +38,7 @@ from .backend import AgentInfo, Backend
 from .data import ResultData
 from .auth import Authorizer, Guard, Security
 from .events import EventBus
+from .fairness import FairQueue
 from .gcpolicy import GcPolicy
 from .handlers import Handlers, handler_table
 from .idempotency import Idempotency
@@ -140,6 +142,9 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         self.metrics = Metrics()
         self.idempotency = Idempotency(self.store, config.idempotency_ttl, self.metrics)
         self.idempotency.wrap(self.handlers)
+        #: received messages waiting for a turn, served peer by peer within a time budget per turn
+        self.fair = FairQueue(config.turn_budget, config.max_batch_messages)
+        self._handling_seconds = 0.0
         if config.metrics_port:
             serve_http(self.metrics, config.metrics_port, config.metrics_address, self.gauges)
             log.info("metrics served on http://%s:%d/metrics", config.metrics_address, config.metrics_port)
@@ -263,13 +268,15 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
 
     # -- one turn ----------------------------------------------------------------------------------
 
-    def _drain(self, sock: zmq.Socket, limit: int, into: list) -> None:
-        while len(into) < limit:
+    def _drain(self, sock: zmq.Socket, key: int, limit: int) -> None:
+        """Move up to ``limit`` waiting messages of ``sock`` into the fair queue (while it has room)."""
+        fair = self.fair
+        for _ in range(min(limit, fair.room())):
             try:
                 frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            into.append((sock, frames))
+            fair.add(key, sock, frames)
 
     def _handle(self, txn, sock: zmq.Socket, frames: list, now: float) -> Optional[list]:
         peer = frames[0].bytes
@@ -316,15 +323,17 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         # long lists run between turns, after the commit of the turn that received them
         scanning = self.advance_scans()
         idle = False
-        if not scanning and not self._lost_agents and not self._dispatch_possible():
+        if not scanning and not self._lost_agents and not self.fair.waiting and not self._dispatch_possible():
             idle = not self.poller.poll(timeout_ms)
-        batch: list = []
-        limit = self.config.max_batch_messages
         turn_started = time.monotonic()
         self.forgive_stall(turn_started)
-        self._drain(self.backend, limit // 2, batch)
-        self._drain(self.frontend, limit, batch)
-        self._drain(self.backend, limit, batch)
+        # agents first (their reports free tasks and credit), then clients, then agents again
+        room = self.fair.room()
+        self._drain(self.backend, 1, room // 2)
+        self._drain(self.frontend, 0, room)
+        self._drain(self.backend, 1, room)
+        # peers in rotation, cut at the turn's time budget (broker/fairness.py)
+        batch, batch_units = self.fair.take()
         mono = time.monotonic()
         if mono >= self._next_reader_check:
             self._check_readers(mono)
@@ -381,6 +390,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         self.stats["turns"] += 1
         self.stats["commits"] += 1
         self.stats["requests"] += len(batch)
+        self.fair.record(self._handling_seconds, batch_units)
         self._outbox[:0] = replies
         self._flush()
         if self._loaded_at is not None and self.state.core.n_dispatched():
@@ -393,10 +403,12 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
                   turn_started: float) -> None:
         """Handle the batch, lost agents, leases and dispatch in one write transaction, then commit."""
         with self.store.write() as txn:
+            started = time.monotonic()
             for sock, frames in batch:
                 out = self._handle(txn, sock, frames, now)
                 if out is not None:
                     replies.append((sock, out, None))
+            self._handling_seconds = time.monotonic() - started
             for agent in self._lost_agents:
                 if self.agents.get(agent.agent_id) is agent:
                     self.metrics.add("send_failure_requeues", self.drop_agent(txn, agent, "could not be reached", now))
@@ -409,6 +421,8 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
                 if self.idempotency.due(mono):
                     self.idempotency.collect(txn, now, mono)
             self.dispatch(txn, now)
+            commit_started = time.monotonic()
+        self.metrics.commit(time.monotonic() - commit_started)
 
     def _undo_turn(self, agents: dict, lost: list, outbox_len: int, next_lease_check: float) -> None:
         """Put the in-memory state back as it was before an aborted turn (its transaction is gone).
@@ -437,6 +451,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
     def gauges(self) -> dict:
         """Current levels, next to the counters (HEALTH metrics, Prometheus gauges)."""
         return {"agents": len(self.agents), "tasks_ready": self.state.core.n_ready(),
+                "messages_waiting": self.fair.waiting, "turn_seconds_per_unit": self.fair.seconds_per_unit,
                 "lmdb_last_txnid": self.store.env.info()["last_txnid"]}
 
     def _dispatch_possible(self) -> bool:

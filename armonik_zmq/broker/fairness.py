@@ -1,0 +1,98 @@
+"""Which waiting messages a loop turn handles: peers take turns, and a turn stops at its time budget.
+
+A turn is one LMDB transaction, and nothing of it is answered before it commits: a long turn delays
+every peer, and a client flooding requests would make every turn long. So the broker:
+
+- keeps the messages it has received but not handled yet in one queue per peer (at most
+  ``max_messages`` in all: the rest wait in ZeroMQ's pipes, and a peer that keeps sending is held
+  back by its pipe's high-water mark: back-pressure, nothing dropped);
+- builds each turn's batch by taking one message per peer in rotation, so a polite client's request
+  is among the first of the next turn however many a flooder has queued;
+- cuts the batch when its estimated cost reaches ``budget`` seconds. The cost of a message is
+  estimated from its size (``units``: a fixed part plus its header's bytes), at the rate of seconds per
+  unit measured over recent turns, so the cut adapts to the machine and to the mix of requests.
+
+A turn always takes at least one message, so a single huge request still gets served (in a turn of
+its own).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+#: cost of a message beyond its header's bytes (decoding, a nested transaction, a reply), in header bytes
+MESSAGE_UNITS = 256
+#: data frames are copied, not decoded: one unit per this many bytes
+DATA_BYTES_PER_UNIT = 64
+
+
+def units(frames: list) -> int:
+    """Estimated work of a received message (routing frame, header, data frames), in units."""
+    n = MESSAGE_UNITS
+    if len(frames) > 1:
+        n += len(frames[1])
+        for f in frames[2:]:
+            n += len(f) // DATA_BYTES_PER_UNIT
+    return n
+
+
+class FairQueue:
+    """Received messages waiting for a turn, one queue per (socket, peer), served in rotation."""
+
+    def __init__(self, budget: float, max_messages: int):
+        #: seconds of handling a turn aims at
+        self.budget = budget
+        self.max_messages = max_messages
+        self.queues: dict[tuple[int, bytes], deque] = {}
+        self.waiting = 0
+        # Decayed sums of (seconds, units) of recent turns: their ratio is the cost of a unit. The start
+        # value (1 us per unit) is pessimistic: the first turns are small, and the estimate adapts.
+        self._seconds = 0.01
+        self._units = 10_000.0
+
+    def room(self) -> int:
+        return self.max_messages - self.waiting
+
+    def add(self, key: int, sock, frames: list) -> None:
+        """Queue a message received on ``sock`` (``key`` tells the sockets apart)."""
+        peer = (key, frames[0].bytes)
+        q = self.queues.get(peer)
+        if q is None:
+            q = self.queues[peer] = deque()
+        q.append((sock, frames))
+        self.waiting += 1
+
+    @property
+    def seconds_per_unit(self) -> float:
+        return self._seconds / self._units
+
+    def take(self) -> tuple[list, int]:
+        """The next turn's batch and its units: one message per peer in rotation, up to the budget.
+
+        A peer served goes to the back of the rotation, so the next turn starts with the others.
+        """
+        batch: list = []
+        limit = self.budget / self.seconds_per_unit
+        total = 0
+        queues = self.queues
+        while queues and (not batch or total < limit):
+            for peer in list(queues):
+                q = queues[peer]
+                item = q.popleft()
+                batch.append(item)
+                total += units(item[1])
+                # to the back of the rotation (or out, when it has nothing more)
+                del queues[peer]
+                if q:
+                    queues[peer] = q
+                if total >= limit:
+                    break
+        self.waiting -= len(batch)
+        return batch, total
+
+    def record(self, seconds: float, n_units: int) -> None:
+        """Learn from a turn that handled ``n_units`` in ``seconds`` (recent turns weigh most)."""
+        if n_units <= 0:
+            return
+        self._seconds = 0.9 * self._seconds + seconds
+        self._units = 0.9 * self._units + n_units
