@@ -65,6 +65,15 @@ NOTES = {
           "600 s so only a failed send can take the tasks back, and commits are not fsynced so the loop lag "
           "is the broker's own (turn-duration histogram, p99 as its bucket's upper bound). The guard runs "
           "the same with `--no-router-mandatory`: tasks are lost, which the same checks report.",
+    "T10": "The hostile agent and the honest one are raw DEALERs played by the test (no agent process). Each "
+           "report's expected kind comes from a model of the order the broker handles one connection's "
+           "messages in: a stale or foreign report of a task that has already ended counts as a duplicate. "
+           "CI size: 100 tasks (full: 1,000).",
+    "T12": "(b) The flooder sends one-task submits with up to 5,000 unanswered (its own process); the polite "
+           "client submits 1 task/s at full size (10/s at CI size, whose flood lasts 3 s), 30 samples, so its "
+           "p99 is their maximum. The polite p99 is judged only when the load average is at most 2 x CPUs (the "
+           "figure is always recorded). Outputs for the flood are created beforehand (500,000 at full size): "
+           "broker RSS includes them.",
 }
 
 

@@ -10,7 +10,11 @@ every peer, and a client flooding requests would make every turn long. So the br
   is among the first of the next turn however many a flooder has queued;
 - cuts the batch when its estimated cost reaches ``budget`` seconds. The cost of a message is
   estimated from its size (``units``: a fixed part plus its header's bytes), at the rate of seconds per
-  unit measured over recent turns, so the cut adapts to the machine and to the mix of requests.
+  unit measured over recent turns, so the cut adapts to the machine and to the mix of requests;
+- shortens a turn that serves a *light* peer (one message waiting: a client sending one request at a
+  time, an agent's heartbeat) while another peer has a backlog: its budget is then ``LIGHT_SHARE`` of
+  the usual one. The light peer's reply leaves after that turn's commit, so the flooder's share of
+  the turn is what it waits for; the flooder loses one short turn, an extra commit.
 
 A turn always takes at least one message, so a single huge request still gets served (in a turn of
 its own).
@@ -24,6 +28,8 @@ from collections import deque
 MESSAGE_UNITS = 256
 #: data frames are copied, not decoded: one unit per this many bytes
 DATA_BYTES_PER_UNIT = 64
+#: fraction of the budget a turn takes when it serves a light peer beside a backlog
+LIGHT_SHARE = 0.25
 
 
 def units(frames: list) -> int:
@@ -75,6 +81,9 @@ class FairQueue:
         limit = self.budget / self.seconds_per_unit
         total = 0
         queues = self.queues
+        if len(queues) > 1 and len(queues) < self.waiting:  # several peers, and one has a backlog
+            if any(len(q) == 1 for q in queues.values()):
+                limit *= LIGHT_SHARE
         while queues and (not batch or total < limit):
             for peer in list(queues):
                 q = queues[peer]

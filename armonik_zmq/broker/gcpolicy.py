@@ -4,12 +4,22 @@ A full collection scans every tracked object: the decoded-row cache alone holds 
 objects per live task, so with tens of thousands of tasks in flight one pause takes tens of
 milliseconds, and CPython starts one whenever a quarter more objects have survived since the last:
 exactly while the traffic grows. Such a pause lands inside a turn and delays every reply of it (the
-submit-ack tail of T5/T15). The young generations still collect as usual (short pauses: they scan
-only recent survivors); the full collection waits for an idle moment of the loop (nothing received
-for a whole poll timeout), or for ``FORCE_AFTER`` young collections if the broker is never idle.
-What was alive once the state was loaded (modules, the rebuilt state) is frozen out of every scan.
+submit-ack tail of T5/T15; in the T12 flood, 30-850 ms pauses that found nothing to free).
+
+The one place where the broker sets GC behaviour (``start`` once the state is loaded):
+
+- What was alive once the state was loaded (modules, the rebuilt state) is frozen out of every scan,
+  and CPython's own full collections are off. The young generations still collect as usual (short
+  pauses: they scan only recent survivors).
+- ``busy`` (once per turn) runs a *step* every ``STEP_PERIOD`` seconds: a full collection of what is
+  not frozen -- what survived since the last step -- then freezes the survivors. Its pause follows
+  the allocations of one period (a few ms under a flood), never the size of the heap.
+- ``idle`` (the loop waited a whole poll timeout for nothing) runs the full collection when one is
+  due, and every ``FULL_PERIOD`` seconds at most a collection of everything, frozen objects
+  included: a reference cycle that outlived a step and died later is freed there.
+
 Rows and most broker objects hold no reference cycles: they are freed at once by reference counting,
-whatever the generation they sit in.
+whatever the generation they sit in, frozen or not.
 """
 
 from __future__ import annotations
@@ -22,26 +32,37 @@ log = logging.getLogger(__name__)
 
 #: collections of the middle generation after which an idle moment runs a full collection (CPython's own threshold)
 IDLE_AFTER = 10
-#: ... and after which it runs even without an idle moment (a broker that is never idle still frees its cycles)
-FORCE_AFTER = 1000
+#: seconds between steps (collect what survived since the last one, then freeze it)
+STEP_PERIOD = 0.5
+#: seconds between collections of everything, frozen objects included (only at an idle moment)
+FULL_PERIOD = 600.0
 #: a full collection that took longer than this is logged
 SLOW_S = 0.05
 
 
 class GcPolicy:
-    """Hold full collections back while the broker works; run them when it idles."""
+    """Hold full collections back while the broker works; run them in small steps, or when it idles."""
 
     def __init__(self) -> None:
         self.young = gc.get_threshold()[:2]
         self.full_collections = 0
+        #: collections run here: how many, objects found unreachable, seconds in all and the longest
+        self.collected = 0
+        self.seconds = 0.0
+        self.max_seconds = 0.0
+        self._next_step = 0.0
+        self._next_everything = 0.0
 
     def start(self) -> None:
         """After the state is loaded: freeze what is alive, and take the full collections over from CPython."""
         gc.collect()
         gc.freeze()
         # count[2] (middle-generation collections since the last full one) never reaches this threshold:
-        # full collections happen only in ``idle`` / ``busy``.
+        # full collections happen only in ``busy`` / ``idle``.
         gc.set_threshold(self.young[0], self.young[1], 1 << 30)
+        now = time.monotonic()
+        self._next_step = now + STEP_PERIOD
+        self._next_everything = now + FULL_PERIOD
 
     def stop(self) -> None:
         gc.set_threshold(self.young[0], self.young[1], IDLE_AFTER)
@@ -49,18 +70,35 @@ class GcPolicy:
 
     def idle(self) -> None:
         """The loop waited a whole poll timeout for nothing: a good moment for the full collection, if one is due."""
-        if gc.get_count()[2] >= IDLE_AFTER:
+        now = time.monotonic()
+        if now >= self._next_everything:
+            self._next_everything = now + FULL_PERIOD
+            gc.unfreeze()
+            self._collect("idle, frozen objects included")
+            gc.freeze()
+        elif gc.get_count()[2] >= IDLE_AFTER:
             self._collect("idle")
 
     def busy(self) -> None:
-        """Called once per turn: the full collection is forced only after ``FORCE_AFTER`` young ones."""
-        if gc.get_count()[2] >= FORCE_AFTER:
-            self._collect("busy")
+        """Called once per turn: every ``STEP_PERIOD``, collect the recent survivors and freeze them."""
+        now = time.monotonic()
+        if now >= self._next_step:
+            self._next_step = now + STEP_PERIOD
+            self._collect("step")
+            gc.freeze()
 
     def _collect(self, why: str) -> None:
         started = time.perf_counter()
         found = gc.collect()
         self.full_collections += 1
         took = time.perf_counter() - started
+        self.collected += found
+        self.seconds += took
+        if took > self.max_seconds:
+            self.max_seconds = took
         if took > SLOW_S:
             log.info("full garbage collection (%s) took %.3fs, %d object(s) freed", why, took, found)
+
+    def gauges(self) -> dict:
+        return {"gc_collections": self.full_collections, "gc_collected": self.collected, "gc_seconds": self.seconds,
+                "gc_max_seconds": self.max_seconds, "gc_frozen": gc.get_freeze_count()}

@@ -452,6 +452,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         """Current levels, next to the counters (HEALTH metrics, Prometheus gauges)."""
         return {"agents": len(self.agents), "tasks_ready": self.state.core.n_ready(),
                 "messages_waiting": self.fair.waiting, "turn_seconds_per_unit": self.fair.seconds_per_unit,
+                **self.gc_policy.gauges(),
                 "lmdb_last_txnid": self.store.env.info()["last_txnid"]}
 
     def _dispatch_possible(self) -> bool:
