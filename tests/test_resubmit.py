@@ -107,6 +107,37 @@ def test_a_request_sent_again_with_its_key_gets_its_first_reply_and_creates_noth
             assert len(session_task_rows(conn, sid)) == 1
 
 
+def test_keys_stored_as_reply_fields_by_an_earlier_version_still_replay(tmp_path_factory):
+    """The key table used to hold the reply's fields (a map); it now holds the reply's bytes. A data
+    directory written before keeps answering its keys with their first reply, after a restart."""
+    import lmdb
+    import msgpack
+
+    with broker_only(tmp_path_factory) as cluster:
+        with connect(cluster.endpoint, timeout=30) as conn:
+            session = dict(default_task_options=OPTIONS.to_wire(), idempotency_key="old:1")
+            sid = conn.call(Op.CREATE_SESSION, **session)[0]["session_id"]
+        cluster.kill_broker()
+        env = lmdb.open(cluster.data_dir, max_dbs=16)
+        keys = env.open_db(b"idempotency")
+        with env.begin(write=True) as txn:
+            digest, applied_at, reply = msgpack.unpackb(txn.get(b"old:1", db=keys), raw=False)
+            assert isinstance(reply, bytes)  # the reply as sent, stored once
+            fields = msgpack.unpackb(reply, raw=False)
+            assert fields["session_id"] == sid
+            for name in ("v", "op", "rid"):
+                fields.pop(name)
+            txn.put(b"old:1", msgpack.packb([digest, applied_at, fields]), db=keys)
+        env.close()
+        cluster.start_broker()
+        cluster.wait_ready()
+        with connect(cluster.endpoint, timeout=30) as conn:
+            conn.call(Op.HEALTH)  # another rid than the first call's
+            again = conn.call(Op.CREATE_SESSION, **session)[0]
+            assert again["session_id"] == sid and again["ok"] is True
+            assert conn.call(Op.HEALTH, metrics=True)[0]["metrics"]["idempotent_replays"] == 1
+
+
 def test_keys_expire_after_their_ttl(tmp_path_factory):
     with broker_only(tmp_path_factory, "--idempotency-ttl", "1") as cluster:
         with connect(cluster.endpoint, timeout=30) as conn:

@@ -45,6 +45,8 @@ GC_BATCH = 2000
 GC_PERIOD = 1.0
 
 _TS = struct.Struct(">Q")
+#: how every reply_ok reply ends (the fields are packed in insertion order)
+_OK_TAIL = pack("ok") + pack(True)
 
 
 def _digest(header: dict, frames: list) -> bytes:
@@ -64,7 +66,8 @@ class Idempotency:
         self.store = store
         self.ttl = ttl
         self.metrics = metrics
-        #: key -> msgpack [digest, applied_at, reply fields]
+        #: key -> msgpack [digest, applied_at, reply]: the reply's bytes as sent (a replay changes its rid);
+        #: keys stored by earlier versions hold the reply's fields (a map) instead
         self.keys = store.env.open_db(b"idempotency")
         #: 8-byte applied_at (microseconds, big-endian) + key -> b"": expiry order
         self.by_age = store.env.open_db(b"idempotency_age")
@@ -89,26 +92,30 @@ class Idempotency:
             digest = _digest(req.header, req.frames)
             raw = txn.txn.get(kb, db=self.keys)
             if raw is not None:
-                seen_digest, _, fields = msgpack.unpackb(raw, raw=False)
+                seen_digest, _, reply = msgpack.unpackb(raw, raw=False)
                 if seen_digest != digest:
                     self.metrics.add("idempotency_mismatches")
                     raise ProtocolError(ErrorCode.IDEMPOTENCY_MISMATCH,
                                         f"idempotency_key {key!r} was already used for a different "
                                         f"{Op(req.op).name} request: use a new key for a new request")
                 self.metrics.add("idempotent_replays")
-                fields.pop("ok", None)
-                req.out = [req.peer, reply_ok(req.op, req.rid, **fields)]
+                if isinstance(reply, dict):  # stored by an earlier version: the reply's fields
+                    reply.pop("ok", None)
+                    req.out = [req.peer, reply_ok(req.op, req.rid, **reply)]
+                else:
+                    fields = msgpack.unpackb(reply, raw=False)
+                    fields["rid"] = req.rid
+                    req.out = [req.peer, pack(fields)]
                 return
             handler(req, txn)
             if req.out is None:
                 return
-            fields = msgpack.unpackb(req.out[1], raw=False)
-            if "error" in fields:
-                return  # refused: nothing was created, so nothing to remember
-            for name in ("v", "op", "rid"):
-                fields.pop(name, None)
+            reply = req.out[1]
+            # reply_ok puts "ok": true last; anything else (an error) created nothing, so nothing to remember
+            if not reply.endswith(_OK_TAIL) and "error" in msgpack.unpackb(reply, raw=False):
+                return
             now = req.now
-            txn.txn.put(kb, pack([digest, now, fields]), db=self.keys)
+            txn.txn.put(kb, pack([digest, now, reply]), db=self.keys)
             txn.txn.put(_TS.pack(int(now * 1e6)) + kb, b"", db=self.by_age)
 
         keyed.__name__ = getattr(handler, "__name__", "keyed")
