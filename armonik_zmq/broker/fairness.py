@@ -14,7 +14,12 @@ every peer, and a client flooding requests would make every turn long. So the br
 - shortens a turn that serves a *light* peer (one message waiting: a client sending one request at a
   time, an agent's heartbeat) while another peer has a backlog: its budget is then ``LIGHT_SHARE`` of
   the usual one. The light peer's reply leaves after that turn's commit, so the flooder's share of
-  the turn is what it waits for; the flooder loses one short turn, an extra commit.
+  the turn is what it waits for; the flooder loses one short turn, an extra commit;
+- lets a client that sent a request while a turn is being handled (a peer with nothing waiting
+  before) into that very turn: every ``PREEMPT_EVERY`` messages the loop looks at the client socket,
+  and if such a newcomer is there, the rest of the batch goes back to the front of its queues and the
+  newcomer's request is handled instead (``preempt``). It then waits for a few messages and a commit,
+  not for the flood's turn and its own.
 
 A turn always takes at least one message, so a single huge request still gets served (in a turn of
 its own).
@@ -30,6 +35,10 @@ MESSAGE_UNITS = 256
 DATA_BYTES_PER_UNIT = 64
 #: fraction of the budget a turn takes when it serves a light peer beside a backlog
 LIGHT_SHARE = 0.25
+#: messages handled between two looks for newcomers (a look is a getsockopt when nothing came)
+PREEMPT_EVERY = 8
+#: the socket key of clients: only their newcomers preempt a turn (agents' reports are a steady stream)
+CLIENTS = 0
 
 
 def units(frames: list) -> int:
@@ -51,6 +60,11 @@ class FairQueue:
         self.max_messages = max_messages
         self.queues: dict[tuple[int, bytes], deque] = {}
         self.waiting = 0
+        #: client peers that had nothing waiting when a message of theirs came, since the last take
+        self.newcomers: list[tuple[int, bytes]] = []
+        #: units of the batch being handled (take, then preempt)
+        self.turn_units = 0
+        self._keys: dict[int, int] = {}
         # Decayed sums of (seconds, units) of recent turns: their ratio is the cost of a unit. The start
         # value (1 us per unit) is pessimistic: the first turns are small, and the estimate adapts.
         self._seconds = 0.01
@@ -65,6 +79,9 @@ class FairQueue:
         q = self.queues.get(peer)
         if q is None:
             q = self.queues[peer] = deque()
+            if key == CLIENTS:
+                self.newcomers.append(peer)
+        self._keys[id(sock)] = key
         q.append((sock, frames))
         self.waiting += 1
 
@@ -97,7 +114,38 @@ class FairQueue:
                 if total >= limit:
                     break
         self.waiting -= len(batch)
+        self.newcomers = []
+        self.turn_units = total
         return batch, total
+
+    def preempt(self, batch: list, handled: int) -> None:
+        """Mid-turn, after new messages were added: newcomers' first requests replace ``batch[handled:]``.
+
+        The replaced messages go back to the front of their peers' queues (in order), and their peers to
+        the front of the rotation: they come first in the next turn.
+        """
+        newcomers = [peer for peer in self.newcomers if peer in self.queues]
+        self.newcomers = []
+        if not newcomers:
+            return
+        rest = batch[handled:]
+        del batch[handled:]
+        peers = [(self._keys[id(sock)], frames[0].bytes) for sock, frames in rest]
+        restored = {peer: None for peer in peers}  # in the order the batch had them
+        for peer in restored:
+            restored[peer] = self.queues.pop(peer, None) or deque()
+        for peer, item in zip(reversed(peers), reversed(rest)):
+            restored[peer].appendleft(item)
+            self.turn_units -= units(item[1])
+        self.queues = {**restored, **self.queues}
+        for peer in newcomers:
+            q = self.queues[peer]
+            item = q.popleft()
+            if not q:
+                del self.queues[peer]
+            batch.append(item)
+            self.turn_units += units(item[1])
+        self.waiting += len(rest) - len(newcomers)
 
     def record(self, seconds: float, n_units: int) -> None:
         """Learn from a turn that handled ``n_units`` in ``seconds`` (recent turns weigh most)."""

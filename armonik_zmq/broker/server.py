@@ -38,7 +38,7 @@ from .backend import AgentInfo, Backend
 from .data import ResultData
 from .auth import Authorizer, Guard, Security
 from .events import EventBus
-from .fairness import FairQueue
+from .fairness import PREEMPT_EVERY, FairQueue
 from .gcpolicy import GcPolicy
 from .handlers import Handlers, handler_table
 from .idempotency import Idempotency
@@ -278,6 +278,20 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
                 return
             fair.add(key, sock, frames)
 
+    def _preempt(self, batch: list, handled: int) -> None:
+        """Mid-turn: a client that had nothing waiting joins this turn instead of the batch's rest (fairness.py)."""
+        frontend, fair = self.frontend, self.fair
+        if not frontend.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            return
+        # past the queue's room if need be: by one batch at most, which the next turns' drains leave in ZeroMQ
+        for _ in range(PREEMPT_EVERY):
+            try:
+                fair.add(0, frontend, frontend.recv_multipart(flags=zmq.NOBLOCK, copy=False))
+            except zmq.Again:
+                break
+        if fair.newcomers:
+            fair.preempt(batch, handled)
+
     def _handle(self, txn, sock: zmq.Socket, frames: list, now: float) -> Optional[list]:
         peer = frames[0].bytes
         if len(frames) < 2:
@@ -390,7 +404,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         self.stats["turns"] += 1
         self.stats["commits"] += 1
         self.stats["requests"] += len(batch)
-        self.fair.record(self._handling_seconds, batch_units)
+        self.fair.record(self._handling_seconds, self.fair.turn_units)
         self._outbox[:0] = replies
         self._flush()
         if self._loaded_at is not None and self.state.core.n_dispatched():
@@ -404,10 +418,15 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         """Handle the batch, lost agents, leases and dispatch in one write transaction, then commit."""
         with self.store.write() as txn:
             started = time.monotonic()
-            for sock, frames in batch:
+            i = 0
+            while i < len(batch):  # preempt() may replace the batch's rest
+                sock, frames = batch[i]
+                i += 1
                 out = self._handle(txn, sock, frames, now)
                 if out is not None:
                     replies.append((sock, out, None))
+                if i % PREEMPT_EVERY == 0 and i < len(batch):
+                    self._preempt(batch, i)
             self._handling_seconds = time.monotonic() - started
             for agent in self._lost_agents:
                 if self.agents.get(agent.agent_id) is agent:
