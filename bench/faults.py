@@ -72,7 +72,7 @@ NOTES = {
     "T12": "(b) The flooder sends one-task submits with up to 5,000 unanswered (its own process); the polite "
            "client submits 1 task/s at full size (10/s at CI size, whose flood lasts 3 s), 30 samples, so its "
            "p99 is their maximum. The polite p99 is judged only when the load average is at most 2 x CPUs (the "
-           "figure is always recorded). Outputs for the flood are created beforehand (500,000 at full size): "
+           "figure is always recorded). Outputs for the flood are created beforehand (500,000 at full size, 100,000 at CI size): "
            "broker RSS includes them.",
 }
 
