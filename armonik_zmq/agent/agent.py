@@ -423,7 +423,10 @@ class Agent:
             return
         depth = self._depth()
         shallow = 1 + self.config.window
-        free = [p for p in self.pool.workers.values() if p.ready and len(p.queue) < (shallow if p.slow else depth)]
+        # A deep queue is topped up once half empty: fewer, fuller RUNS (the worker still has half of it to run)
+        refill = depth // 2 + 1 if depth > shallow else depth
+        free = [p for p in self.pool.workers.values()
+                if p.ready and len(p.queue) < (shallow if p.slow else refill)]
         if not free:
             return
         free.sort(key=lambda p: len(p.queue))
