@@ -13,6 +13,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from datetime import timedelta
 from typing import Callable, Optional
@@ -354,6 +356,30 @@ def test_sigkilled_agent_running_tasks_are_retried_on_another_agent(tmp_path):
                 assert api.value(session_id, out) in second_workers
     finally:
         cluster.cleanup()
+
+
+def test_a_worker_whose_agent_died_before_it_armed_its_death_signal_exits(tmp_path):
+    """An agent SIGKILLed between starting a worker and the worker's prctl sends it no signal: the worker
+    compares its parent with the agent pid it was given and exits instead of waiting forever as an orphan."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that is not this worker's parent (as after the agent died and init adopted the worker)
+    worker = subprocess.Popen([sys.executable, "-m", "armonik_zmq.worker", "--agent", f"ipc://{tmp_path}/none",
+                               "--processor", "armonik_zmq.processors:processor", "--agent-pid", str(gone.pid)],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = worker.communicate(timeout=30)
+    finally:
+        worker.kill()
+    assert worker.returncode == 3 and f"agent {gone.pid} is gone" in err, (worker.returncode, err)
+    # and with its real parent given, it stays up waiting for the agent
+    alive_worker = subprocess.Popen([sys.executable, "-m", "armonik_zmq.worker", "--agent", f"ipc://{tmp_path}/none",
+                                     "--processor", "armonik_zmq.processors:processor", "--agent-pid", str(os.getpid())])
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            alive_worker.wait(timeout=2)
+    finally:
+        alive_worker.kill()
+        alive_worker.wait()
 
 
 def test_late_report_of_a_replaced_attempt_changes_nothing(tmp_path, capfd):

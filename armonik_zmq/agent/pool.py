@@ -55,7 +55,7 @@ class WorkerPool:
 
     def _spawn(self, index: int) -> WorkerProc:
         cmd = [sys.executable, "-m", "armonik_zmq.worker", "--agent", self.endpoint, "--processor", self.processor,
-               "--identity", f"w{index}"]
+               "--identity", f"w{index}", "--agent-pid", str(os.getpid())]
         state_path = ""
         if self.state_dir:
             # A new file for each process: a worker being killed cannot write into its replacement's.

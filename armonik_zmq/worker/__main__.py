@@ -11,8 +11,10 @@ from .runtime import main
 @click.option("--identity", default="", help="Prefix of this worker's socket identity.")
 @click.option("--state", "state_path", default="", help="Run-state file the agent made for this worker (the token of "
               "the task running, read by the agent if the worker dies).")
-def cli(agent_endpoint: str, processor: str, identity: str, state_path: str) -> None:
-    main(agent_endpoint, processor, identity, state_path)
+@click.option("--agent-pid", type=int, default=None, help="The agent's process id: the worker exits at once if "
+              "its parent is not (or no longer) that process. Default: the parent at start.")
+def cli(agent_endpoint: str, processor: str, identity: str, state_path: str, agent_pid) -> None:
+    main(agent_endpoint, processor, identity, state_path, agent_pid)
 
 
 if __name__ == "__main__":

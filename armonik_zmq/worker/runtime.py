@@ -71,7 +71,7 @@ class WorkerRuntime:
     """
 
     def __init__(self, agent_endpoint: str, processor: Callable[[TaskHandler], Output], identity: str = "",
-                 state_path: str = ""):
+                 state_path: str = "", agent_pid: Optional[int] = None):
         self.processor = processor
         #: the run-state file shared with the agent (pool.STATE_SIZE bytes), mapped: a write costs no syscall
         self._state: Optional[mmap.mmap] = None
@@ -85,7 +85,7 @@ class WorkerRuntime:
             self.sock.setsockopt(zmq.IDENTITY, f"{identity}-{os.getpid()}".encode())
         self.sock.connect(agent_endpoint)
         self._rids = itertools.count(1)
-        self._agent_pid = os.getppid()
+        self._agent_pid = agent_pid or os.getppid()
         #: runs queued here by the agent (RUN, RUNS), not started yet
         self._runs: deque = deque()
         #: outputs not sent yet: (fields, data frames)
@@ -301,8 +301,14 @@ def _die_with_agent() -> None:
         pass
 
 
-def main(agent_endpoint: str, processor_spec: str, identity: str = "", state_path: str = "") -> None:
+def main(agent_endpoint: str, processor_spec: str, identity: str = "", state_path: str = "",
+         agent_pid: Optional[int] = None) -> None:
     _die_with_agent()
+    # An agent that died between starting this process and the prctl above sent no signal: this process is
+    # already an orphan, and os.getppid() names its new parent, so compare with the pid the agent gave.
+    if agent_pid is not None and os.getppid() != agent_pid:
+        print(f"armonik-zmq worker: agent {agent_pid} is gone (parent is {os.getppid()}): exiting", file=sys.stderr)
+        sys.exit(3)
     logging.basicConfig(level=os.environ.get("ARMONIK_ZMQ_LOG", "WARNING"),
                         format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s")
     try:
@@ -310,7 +316,7 @@ def main(agent_endpoint: str, processor_spec: str, identity: str = "", state_pat
     except ValueError as exc:
         print(f"armonik-zmq worker: {exc}", file=sys.stderr)
         sys.exit(2)
-    runtime = WorkerRuntime(agent_endpoint, processor, identity, state_path)
+    runtime = WorkerRuntime(agent_endpoint, processor, identity, state_path, agent_pid)
     try:
         runtime.serve()
     except KeyboardInterrupt:
