@@ -17,7 +17,10 @@ import msgpack
 from .status import TaskStatus
 
 #: the broker's tables (broker/store.py), by name
-TABLES = ("sessions", "tasks", "results", "data", "objects", "session_tasks", "session_results", "live_tasks")
+TABLES = ("sessions", "tasks", "results", "data", "objects", "session_tasks", "session_results", "live_tasks",
+          "idempotency", "segment_files")
+#: tables a directory written by an older broker may not have yet
+OPTIONAL_TABLES = ("live_tasks", "idempotency", "segment_files")
 
 
 class Inspector:
@@ -40,7 +43,7 @@ class Inspector:
             try:
                 self.dbs[name] = self._retry(lambda: self.env.open_db(name.encode(), create=False))
             except lmdb.NotFoundError:
-                if name != "live_tasks":  # a directory from before the live-task table
+                if name not in OPTIONAL_TABLES:
                     raise ValueError(f"{path} has no '{name}' table: is it a broker's data directory?") from None
 
     def _retry(self, fn):
