@@ -441,20 +441,25 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _memfds(pid: int) -> int:
-    """How many segments a process holds open: memfds, or files of a segment directory being handed over
-    (the broker's are bounded by its writing workers: one put each)."""
-    n = 0
+def _memfds(pid: int) -> tuple[int, int]:
+    """What segments a process holds open: (memfds, files of the segment directory).
+
+    The broker's memfds are bounded by its writing workers (one put each, answered once copied). Segment
+    files are open only while handed over to a reader (a client's batch of up to shm.GET_BATCH descriptors,
+    closed once sent), so they are counted apart: at rest the broker holds none.
+    """
+    memfds = files = 0
     try:
         for fd in os.listdir(f"/proc/{pid}/fd"):
             try:
                 target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                n += target.startswith("/memfd:") or "/segments/" in target
             except OSError:
-                pass
+                continue
+            memfds += target.startswith("/memfd:")
+            files += "/segments/" in target
     except OSError:
         pass
-    return n
+    return memfds, files
 
 
 def _dev_shm_used() -> int:
@@ -494,10 +499,12 @@ def test_t14_memfd_hygiene_under_worker_agent_and_broker_kills(tmp_path, scale):
             plan = ["worker"] * worker_kills + ["agent"] * agent_kills + ["broker"]
             rng.shuffle(plan)
             killed = {"worker": 0, "agent": 0, "broker": 0}
-            held = []  # the broker's memfds, sampled while it works
+            held, handed = [], []  # the broker's memfds and open segment files, sampled while it works
 
             def progressed(target: int) -> bool:
-                held.append(_memfds(cluster.broker.pid))
+                memfds, files = _memfds(cluster.broker.pid)
+                held.append(memfds)
+                handed.append(files)
                 return done() >= target
 
             for k, fault in enumerate(plan):
@@ -539,6 +546,7 @@ def test_t14_memfd_hygiene_under_worker_agent_and_broker_kills(tmp_path, scale):
             ArmoniKSessions(conn).purge_session(sid)
         # after the run and a sweep: no segment left, nothing named in /dev/shm, its usage at baseline
         wait_until(lambda: segment_files(cluster) == [], 60, "segment files are left after purge and sweep")
+        at_rest = _memfds(cluster.broker.pid)
         leftover = _dev_shm_used() - baseline_shm
         figure("T14", "wrong or lost results", len(wrong), "results", "= 0", not wrong)
         figure("T14", "/dev/shm project entries after the run", len(project_entries()), "entries", "= 0",
@@ -547,7 +555,12 @@ def test_t14_memfd_hygiene_under_worker_agent_and_broker_kills(tmp_path, scale):
                abs(leftover) <= MiB)
         figure("T14", "most memfds the broker held at once", max(held), "memfds", "<= 12 (6 workers)",
                max(held) <= 12)
+        figure("T14", "most segment files the broker held open at once (handed to readers)", max(handed), "files",
+               "(informative)", True)
+        figure("T14", "memfds / segment files the broker holds at rest after the run", f"{at_rest[0]} / {at_rest[1]}",
+               "", "0 / 0", at_rest == (0, 0))
         figure("T14", "wall time", round(time.monotonic() - started, 1), "s", "(informative)", True)
+        assert at_rest == (0, 0), f"the broker still holds {at_rest[0]} memfd(s) and {at_rest[1]} segment file(s)"
         assert project_entries() == []
         assert abs(leftover) <= MiB, f"/dev/shm usage moved by {leftover / MiB:.1f} MiB"
     finally:
