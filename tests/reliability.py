@@ -22,6 +22,7 @@ import os
 import re
 import threading
 import time
+import warnings
 from typing import Iterable, Optional
 
 import pytest
@@ -150,6 +151,19 @@ def overloaded() -> bool:
     (CI runs one suite on a fresh machine; a developer box may run several at once).
     """
     return os.getloadavg()[0] > 2 * (os.cpu_count() or 1)
+
+def judge_latency(what: str, seconds: float, limit: float) -> None:
+    """Assert a wall-clock latency criterion, unless other processes hold the CPUs (``overloaded()``).
+
+    On an oversubscribed machine a wall-clock figure measures the scheduler, not the broker: it is
+    recorded (``figure()``) by the caller, and only warned about here.
+    """
+    if seconds > limit and overloaded():
+        warnings.warn(f"{what} {seconds * 1000:.1f} ms not judged: load average {os.getloadavg()[0]:.1f} on "
+                      f"{os.cpu_count()} CPUs (criterion {limit * 1000:g} ms)")
+        return
+    assert seconds <= limit, (f"{what} {seconds * 1000:.1f} ms (criterion {limit * 1000:g} ms; "
+                              f"load {os.getloadavg()[0]:.1f})")
 
 
 def figure(test_id: str, name: str, value, unit: str, criterion: str, passed: bool) -> None:

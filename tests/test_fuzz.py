@@ -21,7 +21,6 @@ import random
 import socket
 import threading
 import time
-import warnings
 
 import msgpack
 import pytest
@@ -33,7 +32,7 @@ from armonik_zmq.broker.metrics import rss_bytes
 from armonik_zmq.protocol import BACKEND_OPS, FRONTEND_OPS, SCHEMAS, WORKER_OPS, Op
 
 from conftest import Api, make_cluster
-from reliability import figure
+from reliability import figure, judge_latency
 
 BATCH = 16  # cases per hypothesis example (a drawn case and 15 cheap mutants of it), one round trip
 #: ops left out of the schema-valid kind: they would succeed and write (a session, an agent)
@@ -468,20 +467,6 @@ def test_t11_broker_survives_malformed_input(tcp_broker, scale):
     assert after["lmdb_last_txnid"] == before["lmdb_last_txnid"], "a fuzz case made the broker commit"
     assert prober.failures == 0, f"{prober.failures} health probes unanswered or refused"
     judge_latency("T11 health probe p99", latency, 0.1)
-
-
-def judge_latency(what: str, seconds: float, limit: float) -> None:
-    """Assert a wall-clock latency criterion, unless other processes hold the CPUs.
-
-    On an oversubscribed machine (load average above twice the CPUs: several suites at once) a
-    wall-clock figure measures the scheduler, not the broker: the figure is recorded, not judged.
-    """
-    load = os.getloadavg()[0]
-    if seconds > limit and load > 2 * (os.cpu_count() or 1):
-        warnings.warn(f"{what} {seconds * 1000:.1f} ms not judged: load average {load:.1f} on {os.cpu_count()} CPUs "
-                      f"(criterion {limit * 1000:g} ms)")
-        return
-    assert seconds <= limit, f"{what} {seconds * 1000:.1f} ms (criterion {limit * 1000:g} ms; load {load:.1f})"
 
 
 def _worker_endpoint(agent_pid: int, timeout: float = 30.0) -> str:

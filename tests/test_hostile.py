@@ -11,7 +11,6 @@ import os
 import statistics
 import threading
 import time
-import warnings
 
 import msgpack
 import zmq
@@ -22,7 +21,7 @@ from armonik_zmq.client import TaskDefinition, connect
 from armonik_zmq.protocol import ErrorCode, Op, request
 
 from conftest import Api, make_cluster
-from reliability import figure
+from reliability import figure, judge_latency
 
 MiB = 1 << 20
 
@@ -37,20 +36,6 @@ def lone_broker(tmp_path):
         yield cluster
     finally:
         cluster.cleanup()
-
-
-def judge_latency(what: str, seconds: float, limit: float) -> None:
-    """Assert a wall-clock latency criterion, unless other processes hold the CPUs.
-
-    On an oversubscribed machine (load average above twice the CPUs: several suites at once) a
-    wall-clock figure measures the scheduler, not the broker: the figure is recorded, not judged.
-    """
-    load = os.getloadavg()[0]
-    if seconds > limit and load > 2 * (os.cpu_count() or 1):
-        warnings.warn(f"{what} {seconds * 1000:.1f} ms not judged: load average {load:.1f} on {os.cpu_count()} CPUs "
-                      f"(criterion {limit * 1000:g} ms)")
-        return
-    assert seconds <= limit, f"{what} {seconds * 1000:.1f} ms (criterion {limit * 1000:g} ms; load {load:.1f})"
 
 
 def p99(values: list[float]) -> float:
