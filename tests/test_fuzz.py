@@ -31,7 +31,7 @@ from armonik_zmq import protocol as P
 from armonik_zmq.broker.metrics import rss_bytes
 from armonik_zmq.protocol import BACKEND_OPS, FRONTEND_OPS, SCHEMAS, WORKER_OPS, Op
 
-from conftest import Api, make_cluster
+from conftest import Api, broker_only, make_cluster
 from reliability import figure, judge_latency
 
 BATCH = 16  # cases per hypothesis example (a drawn case and 15 cheap mutants of it), one round trip
@@ -384,15 +384,10 @@ def _run(body, strategy, seen: dict, target: int) -> None:
 # -- tests ----------------------------------------------------------------------------------------
 
 @pytest.fixture
-def tcp_broker(tmp_path):
-    cluster = make_cluster(tmp_path, endpoint=f"tcp://127.0.0.1:{_free_port()}",
-                           agents_endpoint=f"tcp://127.0.0.1:{_free_port()}")
-    try:
-        cluster.start_broker()
-        cluster.wait_ready()
+def tcp_broker(tmp_path_factory):
+    with broker_only(tmp_path_factory, endpoint=f"tcp://127.0.0.1:{_free_port()}",
+                     agents_endpoint=f"tcp://127.0.0.1:{_free_port()}") as cluster:
         yield cluster
-    finally:
-        cluster.cleanup()
 
 
 def test_t11_broker_survives_malformed_input(tcp_broker, scale):

@@ -5,7 +5,6 @@ Real broker processes, real sockets; the hostile peers are raw DEALERs speaking 
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
 import os
 import statistics
@@ -20,22 +19,10 @@ from armonik_zmq.broker.metrics import rss_bytes
 from armonik_zmq.client import TaskDefinition, connect
 from armonik_zmq.protocol import ErrorCode, Op, request
 
-from conftest import Api, make_cluster
+from conftest import Api, broker_only
 from reliability import figure, judge_latency
 
 MiB = 1 << 20
-
-
-@contextlib.contextmanager
-def lone_broker(tmp_path):
-    """A broker process and no agent: the test plays every peer."""
-    cluster = make_cluster(tmp_path)
-    try:
-        cluster.start_broker()
-        cluster.wait_ready()
-        yield cluster
-    finally:
-        cluster.cleanup()
 
 
 def p99(values: list[float]) -> float:
@@ -67,9 +54,9 @@ def ask(sock: zmq.Socket, op: Op, rid: int = 1, frames=(), **fields) -> dict:
 
 # -- T12 (a): oversize --------------------------------------------------------------------------------
 
-def test_t12a_oversize_message_disconnects_its_peer(tmp_path):
+def test_t12a_oversize_message_disconnects_its_peer(tmp_path_factory):
     """A 65 MiB frame (limit 64 MiB) disconnects its sender; the broker never holds it (peak RSS)."""
-    with lone_broker(tmp_path) as cluster:  # default --max-message-size: 64 MiB
+    with broker_only(tmp_path_factory) as cluster:  # default --max-message-size: 64 MiB
         pid = cluster.broker.pid
         ctx = zmq.Context()
         probe = dealer(ctx, cluster.endpoint)
@@ -195,11 +182,11 @@ def _outputs(api: Api, session_id: str, n: int) -> list[str]:
     return ids
 
 
-def test_t12b_a_flooding_client_does_not_starve_a_polite_one(tmp_path, scale):
+def test_t12b_a_flooding_client_does_not_starve_a_polite_one(tmp_path_factory, scale):
     seconds = 30 * scale                    # CI: 3 s of flood
     polite_every = 1.0 * scale              # 1 submit/s (CI: 10/s): 30 samples either way
     window = 5_000                          # unanswered submits the flooder keeps going
-    with lone_broker(tmp_path) as cluster:
+    with broker_only(tmp_path_factory) as cluster:
         pid = cluster.broker.pid
         with connect(cluster.endpoint, timeout=120) as conn:
             api = Api(conn)
@@ -337,12 +324,12 @@ def completion(task_id: str, attempt, output: str) -> dict:
     return {"task_id": task_id, "attempt": attempt, "ok": True, "results": [{"result_id": output, "frames": 1}]}
 
 
-def test_t10_duplicate_stale_and_foreign_reports_change_nothing(tmp_path, scale):
+def test_t10_duplicate_stale_and_foreign_reports_change_nothing(tmp_path_factory, scale):
     import random
 
     n = max(100, int(1000 * scale))  # CI: 100 tasks
     rnd = random.Random(10)
-    with lone_broker(tmp_path) as cluster:
+    with broker_only(tmp_path_factory) as cluster:
         pid = cluster.broker.pid
         with connect(cluster.endpoint, timeout=60) as conn:
             api = Api(conn)

@@ -301,22 +301,17 @@ class Backend:
         for completion, frames in zip(h["tasks"], groups):
             task_id = completion["task_id"]
             try:
-                if completion["ok"] and not completion.get("created_results") and not completion.get("subtasks"):
-                    # The common case needs no child transaction: every refusal comes before any write.
-                    mark = req.mark()
-                    try:
+                mark = req.mark()  # a refused completion takes back what it queued (replies, events)
+                try:
+                    if completion["ok"] and not completion.get("created_results") and not completion.get("subtasks"):
+                        # The common case needs no child transaction: every refusal comes before any write.
                         self._complete_simple(txn, agent, completion, frames, req.now)
-                    except ProtocolError:
-                        req.rollback_to(mark)
-                        raise
-                else:
-                    with txn.nested() as child:
-                        mark = req.mark()
-                        try:
+                    else:
+                        with txn.nested() as child:
                             self._complete(child, agent, completion, frames, req.now)
-                        except BaseException:
-                            req.rollback_to(mark)
-                            raise
+                except BaseException:
+                    req.rollback_to(mark)
+                    raise
                 accepted.append(task_id)
                 if completion["ok"]:
                     self.metrics.counters["tasks_completed"] += 1
