@@ -461,6 +461,8 @@ _EVENT_CLASSES = {
 def event_from_wire(event_type: int, body: dict):
     """Build the event object of one ``[event_type, body]`` pair of an EVENT push."""
     etype = EventTypes(event_type)
+    if "data" in body:  # a completed result's inline data (``Subscription.get_batch`` gives it): not an event field
+        body = {k: v for k, v in body.items() if k != "data"}
     obj = _EVENT_CLASSES[etype](**body)
     if hasattr(obj, "status"):
         obj.status = (TaskStatus if etype in (EventTypes.NEW_TASK, EventTypes.TASK_STATUS_UPDATE) else ResultStatus)(obj.status)

@@ -12,7 +12,6 @@ import asyncio
 import concurrent.futures
 import logging
 import pickle
-import queue
 import threading
 import time
 import weakref
@@ -39,6 +38,10 @@ log = logging.getLogger(__name__)
 
 #: results downloaded per request when many complete at once
 _DOWNLOAD_BATCH = 256
+#: results up to this size (bytes) come with their completion event: no download round trip
+_INLINE_MAX = 16 * 1024
+#: the result events a client follows: its tasks' outputs (a payload has no owner task)
+_OUTPUTS = [[["owner_task_id", "ne", ""]]]
 #: seconds between attempts to subscribe again after the connection dropped
 _RESUBSCRIBE_DELAY = 0.2
 
@@ -118,9 +121,10 @@ class Client:
         self._closed = False
         self._lock = threading.Lock()  # guards _pending
         self._pending: dict[str, Future] = {}
-        #: SUBMIT_INLINE requests waiting for their reply, and the statuses of unknown results seen meanwhile
+        #: SUBMIT_INLINE requests waiting for their reply, and the (status, inline data) of unknown results seen
+        #: meanwhile
         self._inline_in_flight = 0
-        self._early: dict[str, int] = {}
+        self._early: dict[str, tuple] = {}
         self._function_bytes: "weakref.WeakKeyDictionary[Callable, bytes]" = weakref.WeakKeyDictionary()
         try:
             header, _ = self._conn.call(Op.GET_SERVICE_CONFIG)
@@ -210,12 +214,13 @@ class Client:
                 fut.task_id = task["task_id"]
                 self._pending[fut.result_id] = fut
                 futures.append(fut)
-            early = {f.result_id: self._early[f.result_id] for f in futures if f.result_id in self._early}
+            early = [self._early[f.result_id] + (f.result_id,) for f in futures if f.result_id in self._early]
             self._inline_in_flight -= 1
             if not self._inline_in_flight:
                 self._early.clear()
         if early:
-            self._on_statuses(early)
+            self._on_statuses({rid: status for status, _, rid in early},
+                              {rid: data for _, data, rid in early if data is not None})
         return futures
 
     def _reply(self, op: Op, fut: concurrent.futures.Future) -> dict:
@@ -266,19 +271,16 @@ class Client:
     # -- completion -------------------------------------------------------------------------------
 
     def _subscribe(self):
-        return self._conn.subscribe(self.session_id, [int(EventTypes.RESULT_STATUS_UPDATE)])
+        return self._conn.subscribe(self.session_id, [int(EventTypes.RESULT_STATUS_UPDATE)], result_filter=_OUTPUTS,
+                                    inline_max=_INLINE_MAX)
 
     def _listen(self) -> None:
         """Settle futures from the session's result events, a batch of events at a time."""
         while not self._closed:
             try:
-                events = [self._subscription.get()]
-                while True:
-                    try:
-                        events.append(self._subscription.get(timeout=0))
-                    except queue.Empty:
-                        break
-                self._on_statuses({e.result_id: e.status for _, e in events})
+                bodies = [body for _, body in self._subscription.get_batch()]
+                self._on_statuses({b["result_id"]: b["status"] for b in bodies},
+                                  {b["result_id"]: b["data"] for b in bodies if "data" in b})
             except ConnectionLostError:
                 self._resubscribe()
             except Exception:
@@ -300,12 +302,20 @@ class Client:
             except BrokerUnavailableError:  # still down: try again shortly
                 time.sleep(_RESUBSCRIBE_DELAY)
 
-    def _on_statuses(self, statuses: dict) -> None:
+    def _on_statuses(self, statuses: dict, inline: Optional[dict] = None) -> None:
+        """Settle the futures of results that completed (``inline``: the data of those that came with it) or
+        were aborted."""
+        inline = inline or {}
         with self._lock:
             if self._inline_in_flight:
-                self._early.update((rid, s) for rid, s in statuses.items() if rid not in self._pending)
+                self._early.update((rid, (s, inline.get(rid))) for rid, s in statuses.items()
+                                   if rid not in self._pending)
             completed = [rid for rid, s in statuses.items() if s == ResultStatus.COMPLETED and rid in self._pending]
             aborted = [rid for rid, s in statuses.items() if s == ResultStatus.ABORTED and rid in self._pending]
+            arrived = [(self._pending.pop(rid), inline[rid]) for rid in completed if rid in inline]
+        for fut, data in arrived:
+            _settle_with(fut, data)
+        completed = [rid for rid in completed if rid not in inline]
         for start in range(0, len(completed), _DOWNLOAD_BATCH):
             self._download(completed[start:start + _DOWNLOAD_BATCH])
         if aborted:
@@ -335,10 +345,7 @@ class Client:
                 if isinstance(view, shm.DataError):
                     fut._settle(exception=DataCorruptError(str(view)))
                     continue
-                try:
-                    fut._settle(functions.load_result(view))
-                except Exception as exc:
-                    fut._settle(exception=exc)
+                _settle_with(fut, view)
             result_ids = [rid for rid in result_ids if rid not in views]
             if not result_ids:
                 return
@@ -359,10 +366,7 @@ class Client:
                 fut = self._pending.pop(rid, None)
             if fut is None:
                 continue
-            try:
-                fut._settle(functions.load_result(parts[0] if len(parts) == 1 else b"".join(parts)))
-            except Exception as exc:
-                fut._settle(exception=exc)
+            _settle_with(fut, parts[0] if len(parts) == 1 else b"".join(parts))
 
     def _fail(self, result_ids: List[str]) -> None:
         """Fail the futures of aborted results with the error of the task that owned each."""
@@ -450,6 +454,16 @@ def wait(futures: Iterable[concurrent.futures.Future], timeout: Optional[float] 
          return_when: str = ALL_COMPLETED):
     """``concurrent.futures.wait``: return ``(done, not_done)``."""
     return concurrent.futures.wait(futures, timeout, return_when)
+
+
+def _settle_with(fut: Future, data) -> None:
+    """Settle a future with the value its result's data holds (or the error of decoding it)."""
+    try:
+        value = functions.load_result(data)
+    except Exception as exc:
+        fut._settle(exception=exc)
+        return
+    fut._settle(value)
 
 
 def _task_options(retries: Optional[int], timeout: Optional[float], priority: Optional[int],

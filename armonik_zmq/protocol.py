@@ -34,6 +34,8 @@ DATA_CHUNK_MAX_SIZE = 2 * 1024 * 1024
 MAX_HEADER_SIZE = 16 * 1024 * 1024
 #: Largest number of items in one list of a request (tasks per submit, ids per get, ...).
 MAX_BATCH = 100_000
+#: Largest result data an event may carry inline (SUBSCRIBE_EVENTS' ``inline_max``).
+INLINE_EVENT_MAX = 64 * 1024
 #: Largest string we accept in a header (ids, names, messages).
 MAX_STR = 64 * 1024
 #: ArmoniK's SortDirection numbers.
@@ -554,6 +556,8 @@ SCHEMAS: dict[Op, Map] = {
         "task_filter": FILTER,
         "result_filter": FILTER,
         "snapshot": Bool(),
+        # results completed with at most this many bytes carry them in their RESULT_STATUS_UPDATE ("data")
+        "inline_max": Int(0, INLINE_EVENT_MAX),
     }),
     Op.UNSUBSCRIBE_EVENTS: Map(required={"subscription": Int(0)}),
     # metrics: also return the broker's counters (broker/metrics.py), e.g. for tests and tools

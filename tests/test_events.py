@@ -260,3 +260,42 @@ def test_wait_sleeps_until_the_result_completes(cluster, api):
         assert finished.wait(10) and time.monotonic() - uploaded < 1.0
         waiter.join()
     assert counted == [2]  # however long it waited: one subscription, no polling
+
+
+def _completions(sub, ids: set, timeout: float = 30.0) -> dict:
+    """The RESULT_STATUS_UPDATE bodies (wire form) of ``ids`` reaching COMPLETED on ``sub``, by result id."""
+    found: dict = {}
+    deadline = time.monotonic() + timeout
+    while set(found) != ids:
+        for etype, body in sub.get_batch(timeout=max(0.01, deadline - time.monotonic())):
+            if etype == _E.RESULT_STATUS_UPDATE and body["result_id"] in ids and body["status"] == ResultStatus.COMPLETED:
+                found[body["result_id"]] = body
+    return found
+
+
+def test_small_results_ride_inline_with_their_completion_event(cluster, api):
+    """A subscription with ``inline_max`` gets a result's data in its completion event up to that size; a larger
+    result, or a subscription that did not ask, gets the status alone (and the data is downloaded as usual)."""
+    session_id = api.session()
+    with connect(cluster.endpoint) as conn:
+        inline = conn.subscribe(session_id, [int(_E.RESULT_STATUS_UPDATE)], inline_max=64)
+        plain = conn.subscribe(session_id, [int(_E.RESULT_STATUS_UPDATE)])
+        try:
+            uploaded = api.results.create_results({"small": b"s" * 64, "large": b"L" * 65}, session_id)
+            task, (out,) = api.submit(session_id, {"op": "sleep", "seconds": 0, "value": [1, 2]})
+            ids = {uploaded["small"].result_id, uploaded["large"].result_id, out}
+            with_data = _completions(inline, ids)
+            without = _completions(plain, ids)
+        finally:
+            inline.close()
+            plain.close()
+    assert with_data[uploaded["small"].result_id]["data"] == b"s" * 64
+    assert "data" not in with_data[uploaded["large"].result_id]
+    assert json.loads(with_data[out]["data"]) == [1, 2]  # a task's output, from its completion
+    assert all("data" not in body for body in without.values())
+    assert api.value(session_id, out) == [1, 2]
+
+
+def test_inline_max_is_bounded(api, conn):
+    with pytest.raises(InvalidArgumentError, match="inline_max"):
+        conn.subscribe(api.session(), [int(_E.RESULT_STATUS_UPDATE)], inline_max=1 << 30)

@@ -8,16 +8,28 @@ from .filters import Filter
 _E = EventTypes
 
 
-class Subscription:
-    __slots__ = ("rid", "peer", "session_id", "types", "task_filter", "result_filter", "pending")
+def _joined(data) -> bytes:
+    """One bytes object from a result's data as stored: bytes, a buffer, or a list of frames."""
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, (bytearray, memoryview)):
+        return bytes(data)
+    return b"".join(data)
 
-    def __init__(self, rid: int, peer: bytes, session_id: str, types: frozenset, task_filter, result_filter):
+
+class Subscription:
+    __slots__ = ("rid", "peer", "session_id", "types", "task_filter", "result_filter", "inline_max", "pending")
+
+    def __init__(self, rid: int, peer: bytes, session_id: str, types: frozenset, task_filter, result_filter,
+                 inline_max: int = 0):
         self.rid = rid
         self.peer = peer
         self.session_id = session_id
         self.types = types
         self.task_filter = task_filter
         self.result_filter = result_filter
+        #: a result completed with at most this many bytes has them in its RESULT_STATUS_UPDATE (0: never)
+        self.inline_max = inline_max
         #: events of this turn, sent after the commit
         self.pending: list = []
 
@@ -39,11 +51,12 @@ class EventBus:
         else:
             self.wanted.pop(session_id, None)
 
-    def subscribe(self, peer: bytes, rid: int, session_id: str, types, task_filter, result_filter) -> Subscription:
+    def subscribe(self, peer: bytes, rid: int, session_id: str, types, task_filter, result_filter,
+                  inline_max: int = 0) -> Subscription:
         task_filter = Filter(task_filter, "task_filter", "task")
         result_filter = Filter(result_filter, "result_filter", "result")
         wanted = frozenset(EventTypes(t) for t in (types or ()) if t) or frozenset(_E) - {_E.UNSPECIFIED}
-        sub = Subscription(rid, peer, session_id, wanted, task_filter, result_filter)
+        sub = Subscription(rid, peer, session_id, wanted, task_filter, result_filter, inline_max)
         self.unsubscribe(peer, rid)
         self.by_key[(peer, rid)] = sub
         self.by_session.setdefault(session_id, []).append(sub)
@@ -71,15 +84,23 @@ class EventBus:
         for sub in list(self.by_session.get(session_id, ())):
             self.unsubscribe(sub.peer, sub.rid)
 
-    def _emit(self, session_id: str, etype: EventTypes, body: dict, row: dict, is_task: bool) -> None:
+    def _emit(self, session_id: str, etype: EventTypes, body: dict, row: dict, is_task: bool, data=None) -> None:
+        """Queue an event for the subscriptions that want it; ``data``: a completed result's, for those that take
+        small ones inline (``inline_max``). Events leave after the turn's commit: the data is durable by then."""
+        with_data = None
         for sub in self.by_session.get(session_id, ()):
             if etype not in sub.types:
                 continue
             if not (sub.task_filter if is_task else sub.result_filter)(row):
                 continue
+            item = body
+            if data is not None and row["size"] <= sub.inline_max:
+                if with_data is None:  # joined once, for every subscription that takes it
+                    with_data = {**body, "data": _joined(data)}
+                item = with_data
             if not sub.pending:
                 self.dirty.append(sub)
-            sub.pending.append([int(etype), body])
+            sub.pending.append([int(etype), item])
 
     # -- the five ArmoniK event types --------------------------------------------------------------
 
@@ -103,10 +124,11 @@ class EventBus:
                 "result_id": row["result_id"], "owner_id": row["owner_task_id"], "status": row["status"],
             }, row, False)
 
-    def result_status(self, row: dict) -> None:
+    def result_status(self, row: dict, data=None) -> None:
+        """A result's new status; ``data`` (bytes or frames) is what it completed with, when stored inline."""
         if _E.RESULT_STATUS_UPDATE in self.wanted.get(row["session_id"], ()):
             self._emit(row["session_id"], _E.RESULT_STATUS_UPDATE,
-                       {"result_id": row["result_id"], "status": row["status"]}, row, False)
+                       {"result_id": row["result_id"], "status": row["status"]}, row, False, data)
 
     def result_owner(self, row: dict, previous: str) -> None:
         if _E.RESULT_OWNER_UPDATE in self.wanted.get(row["session_id"], ()):

@@ -322,7 +322,7 @@ class Handlers:
         h = req.header
         sid = self.state.require_session(txn, h["session_id"])["session_id"]
         sub = self.state.events.subscribe(req.peer, req.rid, sid, h.get("event_types"), h.get("task_filter"),
-                                          h.get("result_filter"))
+                                          h.get("result_filter"), h.get("inline_max", 0))
         req.on_rollback(lambda: self.state.events.unsubscribe(req.peer, req.rid))
         req.reply(subscription=req.rid)
         if h.get("snapshot"):

@@ -100,7 +100,7 @@ class BrokerState:
 
     def complete_result(self, txn: Txn, row: dict, data, completed_by: str, now: float) -> None:
         """Store a result's data (bytes or frames), mark it COMPLETED and queue the tasks waiting only for it."""
-        self.mark_result_completed(txn, row, txn.put_object(row["result_id"], data), completed_by, now)
+        self.mark_result_completed(txn, row, txn.put_object(row["result_id"], data), completed_by, now, data)
 
     def delete_result_data(self, txn: Txn, row: dict) -> None:
         """Delete a result's data and keep its metadata: DELETED (an imported object's file stays)."""
@@ -109,14 +109,18 @@ class BrokerState:
         txn.put_result(row)
         self.events.result_status(row)
 
-    def mark_result_completed(self, txn: Txn, row: dict, size: int, completed_by: str, now: float) -> None:
-        """Mark a result whose data is stored (or referenced) COMPLETED and queue the tasks waiting only for it."""
+    def mark_result_completed(self, txn: Txn, row: dict, size: int, completed_by: str, now: float,
+                              data=None) -> None:
+        """Mark a result whose data is stored (or referenced) COMPLETED and queue the tasks waiting only for it.
+
+        ``data``: the bytes (or frames) stored inline, which its event may carry to subscribers that asked.
+        """
         row["status"] = int(_R.COMPLETED)
         row["size"] = size
         row["completed_at"] = now
         row["completed_by"] = completed_by
         txn.put_result(row)
-        self.events.result_status(row)
+        self.events.result_status(row, data)
         slot = self.result_slot.pop(row["result_id"], None)
         if slot is None:
             return

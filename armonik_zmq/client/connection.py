@@ -187,11 +187,13 @@ class Connection:
 
     def subscribe(self, session_id: str, event_types: Optional[Iterable[int]] = None,
                   task_filter: Optional[list] = None, result_filter: Optional[list] = None,
-                  snapshot: bool = False) -> "Subscription":
+                  snapshot: bool = False, inline_max: int = 0) -> "Subscription":
         """Subscribe to the events of a session; return the confirmed ``Subscription``.
 
         Filters are in the wire's disjunctive normal form. With ``snapshot`` the broker first pushes
         the current status of every result named by a ``result_id eq`` term of ``result_filter``.
+        With ``inline_max``, a result that completes with at most that many bytes has them in its
+        RESULT_STATUS_UPDATE body (``data``: read them with ``Subscription.get_batch``).
         """
         fields: dict[str, Any] = {"session_id": session_id,
                                   "event_types": [int(t) for t in (event_types or ())]}
@@ -201,6 +203,8 @@ class Connection:
             fields["result_filter"] = result_filter
         if snapshot:
             fields["snapshot"] = True
+        if inline_max:
+            fields["inline_max"] = inline_max
         rid = next(self._rids)
         sub = Subscription(self, rid, session_id)
         # Registered before the request leaves: the snapshot pushes follow the reply immediately.
@@ -646,7 +650,7 @@ class Subscription:
         self.session_id = session_id
         self._conn = conn
         # Filled by the I/O thread: one list of [event_type, body] per EVENT push, or a final exception.
-        self._queue: queue.Queue = queue.Queue()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._buffer: deque = deque()
         self._closed = False
 
@@ -656,6 +660,36 @@ class Subscription:
         if event is None:
             raise RuntimeError(f"subscription {self.id} is closed")
         return event
+
+    def get_batch(self, timeout: Optional[float] = None) -> list:
+        """Return the events that arrived (at least one) as the wire has them: ``[event_type, body]`` pairs.
+
+        Bodies are dicts with the wire's field names, a result's inline ``data`` included. Raise
+        ``queue.Empty`` if none comes within ``timeout``, and ``RuntimeError`` once closed.
+        """
+        batch = list(self._buffer)
+        self._buffer.clear()
+        while not batch:
+            if self._closed:
+                raise RuntimeError(f"subscription {self.id} is closed")
+            batch.extend(self._take(timeout))
+        while True:  # and whatever else is waiting, without waiting for more
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return batch
+            if isinstance(item, BaseException):
+                self._queue.put(item)  # raised by the next read
+                return batch
+            batch.extend(item)
+
+    def _take(self, timeout: Optional[float]) -> tuple:
+        """The next push's events (maybe none: a wake-up); raise the connection's final exception."""
+        item = self._queue.get(timeout=timeout)
+        if isinstance(item, BaseException):
+            self._queue.put(item)  # keep raising it on later reads
+            raise item
+        return item
 
     def __iter__(self) -> Iterator[tuple]:
         """Yield events until the subscription is closed."""
@@ -671,11 +705,7 @@ class Subscription:
             if self._buffer:
                 etype, body = self._buffer.popleft()
                 return event_from_wire(etype, body)
-            item = self._queue.get(timeout=timeout)
-            if isinstance(item, BaseException):
-                self._queue.put(item)  # keep raising it on later reads
-                raise item
-            self._buffer.extend(item)  # _WAKE is empty: the loop checks _closed again
+            self._buffer.extend(self._take(timeout))  # _WAKE is empty: the loop checks _closed again
         return None
 
     def close(self) -> None:
