@@ -81,6 +81,29 @@ def test_tiny_tasks_do_not_wait_behind_a_long_one(client):
     assert client.gather(tiny) == list(range(200))
 
 
+def test_a_short_task_reports_its_start_with_its_completion(client):
+    """A task that ends within the agent's START_REPORT_DELAY sends no TASKS_STARTED of its own: its completion
+    carries the start (one broker turn, one commit, on its way to its result). A longer task is PROCESSING
+    while it runs."""
+    def starts_reported() -> int:
+        return client._conn.call(Op.HEALTH, metrics=True)[0]["metrics"]["requests"].get("TASKS_STARTED", 0)
+
+    assert client.submit(_noop, -1).result(30) == -1  # the workers are warm
+    before = starts_reported()
+    for i in range(20):  # one at a time: each starts on an idle worker
+        assert client.submit(_noop, i).result(30) == i
+    # before the delay, each of them had its own: 20 (a loaded machine may stretch a few past the delay)
+    assert starts_reported() - before < 10
+    long = client.submit(_nap, 5.0)
+
+    def status() -> int:
+        return client._conn.call(Op.GET_TASKS, task_ids=[long.task_id])[0]["tasks"][0]["status"]
+
+    wait_for(lambda: status() == TaskStatus.PROCESSING, "the long task to be PROCESSING", timeout=4.0)
+    assert not long.done()
+    assert long.result(timeout=60) == 5.0
+
+
 def test_w_outputs_schema():
     ok = {"v": 1, "op": int(Op.W_OUTPUTS), "rid": 1,
           "outputs": [{"token": "a", "ok": True, "result_ids": ["r"], "frames": [1], "started_at": 1.0,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import math
 import os
 import shutil
 import signal
@@ -44,6 +45,10 @@ _tokens = itertools.count(1)
 
 #: tasks whose runs average less than this (seconds) are queued deeper at workers (``Agent._depth``)
 TINY_RUN = 0.001
+#: the start of a task on an idle worker is reported once it has run this long (seconds), or sooner with
+#: another report; a task that ends first has its start carried by its completion: one broker turn (one
+#: commit) on a short task's way to its result instead of two in a row
+START_REPORT_DELAY = 0.002
 
 
 def _new_token() -> str:
@@ -106,6 +111,8 @@ class Agent:
         self._rids = itertools.count(1)
         self._pending: dict[int, Callable[[dict, list], None]] = {}
         self._started: list = []
+        #: time.monotonic() when the oldest of ``_started`` is due at the broker
+        self._start_due = 0.0
         #: starts of tasks that were queued at their worker behind another: they may wait for the next
         #: completion report and ride with it (see ``_flush``)
         self._started_queued: list = []
@@ -489,6 +496,8 @@ class Agent:
         if self._drop_if_stopping(task):
             return
         task.started_at = time.time()
+        if not queued and not self._started:
+            self._start_due = time.monotonic() + START_REPORT_DELAY
         (self._started_queued if queued else self._started).append([task.task_id, task.attempt, task.started_at])
         heapq.heappush(self._deadlines, (time.monotonic() + task.msg["options"]["max_duration"], task.token))
         if len(self._deadlines) > 2 * len(self.by_token) + 64:
@@ -755,19 +764,24 @@ class Agent:
         # One TASKS_DONE in flight at a time: the completions of the tasks that end meanwhile wait for its
         # acknowledgement (the broker's next commit) and go out together. The batch size follows the
         # broker's pace, and a lone task is still reported at once. The start of a task sent to an idle
-        # worker goes out now, before the task can do anything (a cancel then finds it PROCESSING); the
-        # start of one that was queued behind another waits with the completions.
+        # worker goes out after START_REPORT_DELAY, or with any other report (its turn would be the same);
+        # the start of one that was queued behind another waits with the completions.
         hold_done = bool(self._done) and any(kind == "done" for kind, _ in self._unacked.values())
-        if self._started or (self._started_queued and not hold_done):
+        send_queued = bool(self._started_queued) and not hold_done
+        send_started = bool(self._started) and (send_queued or bool(self._released) or
+                                                (bool(self._done) and not hold_done) or
+                                                time.monotonic() >= self._start_due)
+        if send_started or send_queued:
             # A task that already ended needs no STARTED of its own: its completion carries started_at, and
             # the broker passes it through PROCESSING on the way (one message, one row write).
             finished = {c["task_id"] for c, _ in self._done} if self._done else ()
-            started = self._started if hold_done else self._started + self._started_queued
+            started = (self._started if send_started else []) + (self._started_queued if send_queued else [])
             started = [s for s in started if s[0] not in finished]
             if started:
                 self._call(Op.TASKS_STARTED, tasks=started)
-            self._started = []
-            if not hold_done:
+            if send_started:
+                self._started = []
+            if send_queued:
                 self._started_queued = []
         if self._released:
             released, self._released = self._released, []
@@ -814,7 +828,10 @@ class Agent:
                 elif mono >= self._next_heartbeat:
                     self._next_heartbeat = mono + self.heartbeat_interval
                     self._call(Op.AGENT_HEARTBEAT, on_reply=lambda h, f: None)
-                events = dict(self.poller.poll(50))
+                wait_ms = 50
+                if self._started and self.registered:  # wake up when their report is due
+                    wait_ms = min(wait_ms, max(0, math.ceil((self._start_due - time.monotonic()) * 1000)))
+                events = dict(self.poller.poll(wait_ms))
                 if self.broker in events:
                     for _ in range(1000):
                         try:
