@@ -272,7 +272,32 @@ class Client:
 
     def _subscribe(self):
         return self._conn.subscribe(self.session_id, [int(EventTypes.RESULT_STATUS_UPDATE)], result_filter=_OUTPUTS,
-                                    inline_max=_INLINE_MAX)
+                                    inline_max=_INLINE_MAX, on_events=self._settle_arrived)
+
+    def _settle_arrived(self, events: list) -> list:
+        """On the connection's I/O thread: settle the futures whose value came with their completion event,
+        one thread hop sooner than the listener would; return the other events, for the listener.
+
+        A future with done callbacks is left to the listener: a callback may call the broker and wait for the
+        reply, which this thread delivers.
+        """
+        rest = []
+        for item in events:
+            body = item[1]
+            data = body.get("data")
+            fut = self._pending.get(body["result_id"]) if data is not None else None
+            if fut is None:  # no data, or not registered yet (the listener keeps it for its SUBMIT_INLINE)
+                rest.append(item)
+                continue
+            with fut._condition:  # add_done_callback takes it too: no callback can slip in
+                if fut._done_callbacks:
+                    rest.append(item)
+                    continue
+                with self._lock:
+                    if self._pending.pop(body["result_id"], None) is None:
+                        continue  # settled meanwhile (cancelled, closed)
+                _settle_with(fut, data)
+        return rest
 
     def _listen(self) -> None:
         """Settle futures from the session's result events, a batch of events at a time."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import queue
 import sys
 import time
 
@@ -48,6 +49,21 @@ def test_submit_returns_stdlib_futures(client):
     assert fut.result(timeout=30) == 42
     assert seen == [fut]
     assert client.submit(lambda: {"nested": [1, 2]}).result(30) == {"nested": [1, 2]}
+
+
+def nap_then_add(seconds, a, b):
+    time.sleep(seconds)
+    return a + b
+
+
+def test_a_done_callback_may_call_the_client(client):
+    """A small value is set by the connection's I/O thread as its completion event arrives, but not when the
+    future has callbacks: one that submits and waits would wait for a reply that thread has to deliver."""
+    got = queue.Queue()
+    fut = client.submit(nap_then_add, 0.5, 1, 2)  # still running when the callback is added
+    fut.add_done_callback(lambda f: got.put(client.submit(add, f.result(), 1).result(timeout=30)))
+    assert got.get(timeout=60) == 4
+    assert client.submit(add, 2, 2).result(timeout=30) == 4  # and the client still serves the others
 
 
 def test_futures_as_arguments_build_a_dag(client):

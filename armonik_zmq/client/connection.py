@@ -28,7 +28,7 @@ import time
 import uuid
 from collections import deque
 from concurrent.futures import Future, InvalidStateError
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -187,13 +187,16 @@ class Connection:
 
     def subscribe(self, session_id: str, event_types: Optional[Iterable[int]] = None,
                   task_filter: Optional[list] = None, result_filter: Optional[list] = None,
-                  snapshot: bool = False, inline_max: int = 0) -> "Subscription":
+                  snapshot: bool = False, inline_max: int = 0,
+                  on_events: Optional[Callable[[list], list]] = None) -> "Subscription":
         """Subscribe to the events of a session; return the confirmed ``Subscription``.
 
         Filters are in the wire's disjunctive normal form. With ``snapshot`` the broker first pushes
         the current status of every result named by a ``result_id eq`` term of ``result_filter``.
         With ``inline_max``, a result that completes with at most that many bytes has them in its
         RESULT_STATUS_UPDATE body (``data``: read them with ``Subscription.get_batch``).
+        ``on_events`` sees each push's ``[event_type, body]`` pairs first, on the I/O thread, and returns those
+        left for the subscription's readers: it must be quick and never wait for the broker.
         """
         fields: dict[str, Any] = {"session_id": session_id,
                                   "event_types": [int(t) for t in (event_types or ())]}
@@ -206,7 +209,7 @@ class Connection:
         if inline_max:
             fields["inline_max"] = inline_max
         rid = next(self._rids)
-        sub = Subscription(self, rid, session_id)
+        sub = Subscription(self, rid, session_id, on_events)
         # Registered before the request leaves: the snapshot pushes follow the reply immediately.
         with self._lock:
             self._subs[rid] = sub
@@ -453,7 +456,11 @@ class Connection:
             with self._lock:
                 sub = self._subs.get(rid)
             if sub is not None:  # else: unsubscribed, the broker's answer is on its way
-                sub._queue.put(header.get("events") or ())
+                events = header.get("events") or ()
+                if sub.on_events is not None and events:
+                    events = sub.on_events(events)
+                if events:
+                    sub._queue.put(events)
             return
         err = header.get("error")
         inflight = self._inflight.pop(rid, None)
@@ -645,10 +652,13 @@ class Subscription:
     ``BrokerUnavailableError`` (``ConnectionLostError`` for a drop).
     """
 
-    def __init__(self, conn: Connection, rid: int, session_id: str):
+    def __init__(self, conn: Connection, rid: int, session_id: str,
+                 on_events: Optional[Callable[[list], list]] = None):
         self.id = rid
         self.session_id = session_id
         self._conn = conn
+        #: called by the I/O thread with each push's events; returns those left for the readers
+        self.on_events = on_events
         # Filled by the I/O thread: one list of [event_type, body] per EVENT push, or a final exception.
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._buffer: deque = deque()
