@@ -129,8 +129,6 @@ class Agent:
         #: reports sent but not acknowledged, by rid: sent again if the broker forgets us
         self._unacked: dict[int, tuple[str, list]] = {}
         self.registered = False
-        #: task ids announced by the last AGENT_REGISTER (``_holds``)
-        self._announced: set[str] = set()
         self._running = False
         self._last_heard = time.monotonic()
         self._next_heartbeat = 0.0
@@ -193,7 +191,6 @@ class Agent:
         self._backoff = min(self._backoff * 2, self.config.reconnect_max)
         self._connect()
         holds = self._holds()
-        self._announced = {task_id for task_id, _, _ in holds}
         self._call(Op.AGENT_REGISTER, on_reply=self._on_registered, capacity=self.capacity,
                    partitions=list(self.config.partitions), hostname=self.hostname, pid=os.getpid(),
                    holds=holds)
@@ -217,12 +214,6 @@ class Agent:
         self._last_heard = time.monotonic()
         log.info("agent %s registered with %s (%d slots, %d attempt(s) kept)", self.agent_id, self.config.broker,
                  self.capacity, header.get("kept", 0))
-        # A task received after the REGISTER left was dispatched to the registration it replaces: the broker,
-        # which kept only what the REGISTER announced, queued it again. Running it would be a second execution.
-        for task in [t for t in self.tasks.values() if t.task_id not in self._announced]:
-            log.info("task %s came to the previous registration: dropped", task.task_id)
-            self._kill_running(task, "it was dispatched to the registration this one replaces")
-            self._forget(task)
         # Fetches in flight on the previous socket were lost with it: ask again.
         for task in list(self.tasks.values()):
             if task.fetched_at is None:
@@ -262,6 +253,13 @@ class Agent:
     # -- tasks from the broker ----------------------------------------------------------------------
 
     def _on_dispatch(self, header: dict, frames: list) -> None:
+        if not self.registered:
+            # Sent to the registration our pending REGISTER replaces: the broker answers a REGISTER before it
+            # dispatches to it, and it queues again whatever the REGISTER does not announce. These tasks reach
+            # the new socket because it took over the routing id; running one, even briefly, would be a second
+            # execution of the attempt the broker hands out again.
+            log.info("%d task(s) dispatched to the previous registration: dropped", len(header["tasks"]))
+            return
         groups = split_frames(frames, header["frames"])
         for msg, data in zip(header["tasks"], groups):
             held = self.tasks.get(msg["task_id"])
