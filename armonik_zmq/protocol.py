@@ -507,8 +507,8 @@ def field_kind(entity: str, field: str) -> str | None:
         return "string"
     return kind
 
-#: A client's name for one creating request (``<client id>:<sequence>``): a retry with the same key gets
-#: the first reply and creates nothing new (see broker/idempotency.py).
+#: A client's name for one request that changes something (``<client id>:<sequence>``): a retry with the
+#: same key gets the first reply and changes nothing more (see broker/idempotency.py).
 IDEMPOTENCY_KEY = Str(nonempty=True)
 MAX_IDEMPOTENCY_KEY = 256
 #: A shared-memory segment handed to the broker's data socket (shm.py): token, size, "<algorithm>:<hex>" checksum.
@@ -517,8 +517,7 @@ SEGMENT = Map(required={"token": Str(nonempty=True), "size": Int(0, 1 << 62), "c
 #: Request fields of every op a peer may send. Reply fields are documented in docs/protocol.md.
 SCHEMAS: dict[Op, Map] = {
     Op.GET_SERVICE_CONFIG: Map(),
-    Op.CREATE_SESSION: Map(optional={"default_task_options": Opt(TASK_OPTIONS), "partition_ids": Opt(List(Str())),
-                                     "idempotency_key": IDEMPOTENCY_KEY}),
+    Op.CREATE_SESSION: Map(optional={"default_task_options": Opt(TASK_OPTIONS), "partition_ids": Opt(List(Str()))}),
     Op.GET_SESSIONS: Map(required={"session_ids": IDS}),
     Op.CANCEL_SESSIONS: Map(required={"session_ids": IDS}),
     Op.CLOSE_SESSIONS: Map(required={"session_ids": IDS}),
@@ -528,10 +527,8 @@ SCHEMAS: dict[Op, Map] = {
     Op.RESUME_SESSIONS: Map(required={"session_ids": IDS}),
     # client/worker: true switches that kind of submission off (ArmoniK's StopSubmission)
     Op.STOP_SUBMISSION: Map(required={"session_ids": IDS, "client": Bool(), "worker": Bool()}),
-    Op.CREATE_RESULTS_METADATA: Map(required={"session_id": ID, "results": List(RESULT_CREATE)},
-                                    optional={"idempotency_key": IDEMPOTENCY_KEY}),
-    Op.CREATE_RESULTS: Map(required={"session_id": ID, "results": List(RESULT_CREATE), "frames": FRAME_COUNTS},
-                           optional={"idempotency_key": IDEMPOTENCY_KEY}),
+    Op.CREATE_RESULTS_METADATA: Map(required={"session_id": ID, "results": List(RESULT_CREATE)}),
+    Op.CREATE_RESULTS: Map(required={"session_id": ID, "results": List(RESULT_CREATE), "frames": FRAME_COUNTS}),
     # offset/final: one part of a chunked upload of one result (bytes already sent; false while more follow).
     Op.UPLOAD_RESULT_DATA: Map(required={"session_id": ID, "result_ids": IDS, "frames": FRAME_COUNTS},
                                optional={"offset": Int(0, 1 << 62), "final": Bool()}),
@@ -546,9 +543,9 @@ SCHEMAS: dict[Op, Map] = {
     Op.DELETE_RESULTS_DATA: Map(required={"session_id": ID, "result_ids": IDS}),
     Op.SUBMIT_INLINE: Map(required={"session_id": ID, "tasks": List(Map(optional={
         "name": Str(), "data_dependencies": IDS, "options": Opt(TASK_OPTIONS)})), "frames": FRAME_COUNTS},
-        optional={"task_options": Opt(TASK_OPTIONS), "idempotency_key": IDEMPOTENCY_KEY}),
+        optional={"task_options": Opt(TASK_OPTIONS)}),
     Op.SUBMIT_TASKS: Map(required={"session_id": ID, "tasks": List(TASK_CREATE)},
-                         optional={"task_options": Opt(TASK_OPTIONS), "idempotency_key": IDEMPOTENCY_KEY}),
+                         optional={"task_options": Opt(TASK_OPTIONS)}),
     Op.GET_TASKS: Map(required={"task_ids": IDS}),
     Op.CANCEL_TASKS: Map(required={"task_ids": IDS}, optional={"force": Bool()}),
     Op.SUBSCRIBE_EVENTS: Map(required={"session_id": ID}, optional={
@@ -631,6 +628,19 @@ def validate(header: dict, allowed: frozenset[Op] | set[Op]) -> Op:
     SCHEMAS[op].check(header, "")
     return op
 
+
+#: The client requests that change something. Each may carry an ``idempotency_key``: sent again (a reply lost
+#: with a connection or a broker restart), it is applied once and answered with its first reply. Without
+#: keys, a retried upload would be refused (the result already has its data) and a retried cancel or
+#: session change answered with an error for a change that did happen.
+KEYED_OPS = frozenset({
+    Op.CREATE_SESSION, Op.CREATE_RESULTS_METADATA, Op.CREATE_RESULTS, Op.SUBMIT_TASKS, Op.SUBMIT_INLINE,
+    Op.CANCEL_SESSIONS, Op.CLOSE_SESSIONS, Op.PURGE_SESSIONS, Op.DELETE_SESSIONS, Op.PAUSE_SESSIONS,
+    Op.RESUME_SESSIONS, Op.STOP_SUBMISSION, Op.UPLOAD_RESULT_DATA, Op.IMPORT_RESULTS_DATA, Op.DELETE_RESULTS_DATA,
+    Op.CANCEL_TASKS,
+})
+for _op in KEYED_OPS:
+    SCHEMAS[_op].optional["idempotency_key"] = IDEMPOTENCY_KEY
 
 FRONTEND_OPS = frozenset({
     Op.GET_SERVICE_CONFIG, Op.CREATE_SESSION, Op.GET_SESSIONS, Op.CANCEL_SESSIONS, Op.CLOSE_SESSIONS,

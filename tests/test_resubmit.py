@@ -2,8 +2,8 @@
 
 - Idempotency keys: a creating request sent again with its key gets its first reply and creates
   nothing new, across broker restarts; the same key with another body is refused; keys expire.
-- The client sends again, after a dropped connection, every keyed or read-only request without a
-  reply, and fails the others with ConnectionLostError.
+- The client sends again, after a dropped connection, every request without a reply: each is keyed
+  (it changes something: creations, uploads, cancels, session changes) or read-only.
 - Agents re-register after a broker outage announcing the attempts they hold; the broker keeps them
   (no retry, no second execution) and tells them to drop what it gave away.
 """
@@ -20,11 +20,13 @@ import warnings
 from datetime import timedelta
 
 import pytest
+import zmq
 
 from armonik_zmq import errors
-from armonik_zmq.client import TaskDefinition, TaskOptions, TaskStatus, connect
+from armonik_zmq.client import ResultStatus, TaskDefinition, TaskOptions, TaskStatus, connect
 from armonik_zmq.cluster import LocalProcesses
-from armonik_zmq.protocol import ErrorCode, Op
+from armonik_zmq.protocol import DATA_CHUNK_MAX_SIZE, ErrorCode, Op, decode_header, reply_ok, request
+from armonik_zmq.status import SessionStatus
 from conftest import PROCESSOR, WORKER_ENV, Api, broker_only, make_cluster
 from reliability import History, figure, read_executions
 from test_outcomes import alive, children_of, task_row, wait_for
@@ -153,29 +155,82 @@ def test_keys_expire_after_their_ttl(tmp_path_factory):
 
 
 def test_requests_in_flight_when_the_broker_dies(tmp_path_factory):
-    """Keyed and read-only requests are sent again after the restart; a close is not (it may have applied)."""
+    """Every request without a reply (keyed or read-only) is sent again after the restart, and applied once."""
     with broker_only(tmp_path_factory) as cluster:
         with connect(cluster.endpoint, timeout=30) as conn:
             api = Api(conn)
             sid = api.session()
             other = api.session()
-            cluster.broker.send_signal(signal.SIGSTOP)  # what is sent now waits in the broker's buffers
+            up, never, out = (r["result_id"] for r in conn.call(
+                Op.CREATE_RESULTS_METADATA, session_id=sid, results=[{"name": n} for n in ("up", "never", "out")])[0]["results"])
+            (task,) = conn.call(Op.SUBMIT_TASKS, session_id=sid, tasks=[
+                {"payload_id": up, "data_dependencies": [never], "expected_output_ids": [out]}])[0]["tasks"]
+            cluster.broker.send_signal(signal.SIGSTOP)  # what is sent now waits in the broker's socket, unread
             try:
                 created = conn.call_async(Op.CREATE_RESULTS_METADATA, session_id=sid, results=[{"name": "late"}])
                 read = conn.call_async(Op.GET_SESSIONS, session_ids=[sid])
                 close = conn.call_async(Op.CLOSE_SESSIONS, session_ids=[other])
+                upload = conn.call_async(Op.UPLOAD_RESULT_DATA, [b"uploaded"], session_id=sid, result_ids=[up])
+                cancel = conn.call_async(Op.CANCEL_TASKS, task_ids=[task["task_id"]])
                 time.sleep(0.3)
             finally:
-                cluster.broker.send_signal(signal.SIGCONT)
-                restart_broker(cluster)  # SIGKILL right away: the requests die with it
-            with pytest.raises(errors.ConnectionLostError, match="CLOSE_SESSIONS.*may or may not"):
-                close.result(30)
+                restart_broker(cluster)  # SIGKILL while stopped: the requests die unread with it
             assert read.result(30)[0]["sessions"][0]["session_id"] == sid
             (row,) = created.result(30)[0]["results"]
             names = [r["name"] for r in conn.call(Op.LIST_RESULTS, filter=[[["session_id", "eq", sid]]],
                                                   page=0, page_size=100)[0]["results"]]
             assert names.count("late") == 1 and row["name"] == "late"
-            assert conn.stats["resent"] >= 2 and conn.stats["lost"] == 1
+            assert close.result(30)[0]["sessions"][0]["status"] == SessionStatus.CLOSED
+            assert upload.result(30)[0]["results"][0]["status"] == ResultStatus.COMPLETED
+            assert api.results.download_result_data(up, sid) == b"uploaded"
+            assert cancel.result(30)[0]["tasks"][0]["status"] == _T.CANCELLED
+            assert conn.stats["resent"] >= 5 and conn.stats["lost"] == 0
+
+
+def test_uploads_cancels_and_session_changes_sent_again_with_their_key_apply_once(tmp_path_factory):
+    """A reply lost after the broker committed (killed before it could answer): the client sends the request
+    again with its key. Without the key an upload would be refused (the result has its data) and a cancel of
+    a session answered FAILED_PRECONDITION (already cancelled), for changes the client itself made."""
+    with broker_only(tmp_path_factory) as cluster:
+        with connect(cluster.endpoint, timeout=30) as conn:
+            api = Api(conn)
+            sid = api.session()
+            other = api.session()
+            up, never, out = (r["result_id"] for r in conn.call(
+                Op.CREATE_RESULTS_METADATA, session_id=sid, results=[{"name": n} for n in ("up", "never", "out")])[0]["results"])
+            (task,) = conn.call(Op.SUBMIT_TASKS, session_id=sid, tasks=[
+                {"payload_id": up, "data_dependencies": [never], "expected_output_ids": [out]}])[0]["tasks"]
+            sent = {
+                Op.UPLOAD_RESULT_DATA: (dict(session_id=sid, result_ids=[up], idempotency_key="r:1"), [b"first"], "results"),
+                Op.CANCEL_TASKS: (dict(task_ids=[task["task_id"]], idempotency_key="r:2"), [], "tasks"),
+                Op.CANCEL_SESSIONS: (dict(session_ids=[other], idempotency_key="r:3"), [], "sessions"),
+            }
+            first = {op: conn.call(op, frames=frames, **fields)[0][key] for op, (fields, frames, key) in sent.items()}
+            assert first[Op.UPLOAD_RESULT_DATA][0]["status"] == ResultStatus.COMPLETED
+            assert first[Op.CANCEL_TASKS][0]["status"] == _T.CANCELLED
+            assert first[Op.CANCEL_SESSIONS][0]["status"] == SessionStatus.CANCELLED
+            for op, (fields, frames, key) in sent.items():
+                assert conn.call(op, frames=frames, **fields)[0][key] == first[op], op.name
+            # the same requests under new keys (the client's own) meet the changes the first ones made
+            with pytest.raises(errors.ArmoniKZmqError) as refused:
+                conn.call(Op.UPLOAD_RESULT_DATA, frames=[b"first"], session_id=sid, result_ids=[up])
+            assert refused.value.code == ErrorCode.FAILED_PRECONDITION
+            with pytest.raises(errors.ArmoniKZmqError) as refused:
+                conn.call(Op.CANCEL_SESSIONS, session_ids=[other])
+            assert refused.value.code == ErrorCode.FAILED_PRECONDITION
+            # a key names one request: another body under it is refused, and changes nothing
+            with pytest.raises(errors.ArmoniKZmqError) as refused:
+                conn.call(Op.UPLOAD_RESULT_DATA, frames=[b"other"], session_id=sid, result_ids=[up], idempotency_key="r:1")
+            assert refused.value.code == ErrorCode.IDEMPOTENCY_MISMATCH
+            assert conn.call(Op.HEALTH, metrics=True)[0]["metrics"]["idempotent_replays"] == 3
+
+        # the keys are durable with the changes they made: a SIGKILL and a restart later, the same replies
+        restart_broker(cluster)
+        cluster.wait_ready()
+        with connect(cluster.endpoint, timeout=30) as conn:
+            for op, (fields, frames, key) in sent.items():
+                assert conn.call(op, frames=frames, **fields)[0][key] == first[op], op.name
+            assert Api(conn).results.download_result_data(up, sid) == b"first"
 
 
 # -- T5: durable submit acks ------------------------------------------------------------------------------
@@ -361,6 +416,78 @@ def test_agent_drops_the_attempt_the_broker_gave_away(tmp_path):
         if stopped:
             cluster.agent.send_signal(signal.SIGCONT)
         cluster.cleanup()
+
+
+def test_agent_runs_nothing_dispatched_to_the_registration_its_register_replaces(tmp_path):
+    """Speak the broker's side by hand, the way the broker behaves: an agent that registers again (its broker
+    silent past the lease) gets, on its new connection, a DISPATCH the broker sent to the previous registration
+    before it read the new REGISTER (the new connection took over the routing id). The broker queues that task
+    again (the REGISTER did not announce it) and hands it out anew: the agent must not have run it meanwhile,
+    or the attempt runs twice (T4 saw a poison task run 5 times under load)."""
+    log = tmp_path / "exec.log"
+    cluster = cluster_with_log(tmp_path, log, workers=1, agent_id="a1")
+    ctx = zmq.Context()
+    broker = ctx.socket(zmq.ROUTER)
+    broker.setsockopt(zmq.LINGER, 0)
+    broker.setsockopt(zmq.ROUTER_HANDOVER, 1)  # as the broker's (broker/server.py)
+    broker.bind(cluster.agents_endpoint)
+    options = TaskOptions(max_duration=timedelta(seconds=60), priority=1, max_retries=1).to_wire()
+
+    def requests(seconds: float):
+        """The agent's requests (sender, header) for ``seconds``; none is answered here."""
+        deadline = time.monotonic() + seconds
+        while broker.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+            peer, raw, *_ = broker.recv_multipart()
+            yield peer, decode_header(raw)
+
+    def next_request(op: Op, seconds: float = 30) -> tuple[bytes, dict]:
+        for peer, header in requests(seconds):
+            if header["op"] == op:
+                return peer, header
+        raise AssertionError(f"no {op.name} from the agent in time")
+
+    def register(peer: bytes, header: dict, lease: float) -> bytes:
+        """Answer a REGISTER (and the ones the agent sends again meanwhile) until the agent heartbeats: registered."""
+        while True:
+            broker.send_multipart([peer, reply_ok(Op.AGENT_REGISTER, header["rid"], heartbeat_interval=0.2,
+                                                  lease=lease, data_chunk_max_size=DATA_CHUNK_MAX_SIZE, kept=0)])
+            for peer, header in requests(30):
+                if header["op"] in (Op.AGENT_HEARTBEAT, Op.AGENT_REGISTER):
+                    break
+            else:
+                raise AssertionError("the agent neither registered nor asked again in time")
+            if header["op"] == Op.AGENT_HEARTBEAT:
+                return peer
+
+    def dispatch(peer: bytes, task_id: str, attempt: int) -> None:
+        task = {"task_id": task_id, "attempt": attempt, "session_id": "s", "session_status": int(SessionStatus.RUNNING),
+                "status": int(_T.DISPATCHED), "payload_id": f"{task_id}-in", "data_dependencies": [],
+                "expected_output_ids": [f"{task_id}-out"], "options": options, "retry_of_ids": [],
+                "initial_task_id": task_id, "inline": [f"{task_id}-in"]}
+        broker.send_multipart([peer, request(Op.DISPATCH, 0, tasks=[task], frames=[1]), f"sha256:{task_id}:".encode()])
+
+    try:
+        cluster.start_agent()
+        peer = register(*next_request(Op.AGENT_REGISTER), lease=1.0)
+        # silent past its 1 s lease: the agent registers again, on a new connection
+        peer, again = next_request(Op.AGENT_REGISTER)
+        assert again["holds"] == []
+        dispatch(peer, "ghost", 1)  # sent to the first registration, before the broker read the new REGISTER
+        for sender, header in requests(1.0):  # an idle worker starts a task it is given within milliseconds
+            if header["op"] == Op.AGENT_REGISTER:  # sent again, unanswered (the agent's backoff)
+                peer, again = sender, header
+        assert read_executions(str(log)) == [], "the agent ran a task dispatched to the registration it replaces"
+        peer = register(peer, again, lease=60.0)
+        dispatch(peer, "ghost", 2)  # the broker queued it again and hands it to the new registration
+        peer, done = next_request(Op.TASKS_DONE)
+        broker.send_multipart([peer, reply_ok(Op.TASKS_DONE, done["rid"], accepted=["ghost"], refused=[])])
+        assert [(c["task_id"], c["attempt"], c["ok"]) for c in done["tasks"]] == [("ghost", 2, True)]
+        assert [row[0] for row in read_executions(str(log))] == ["ghost"]  # once: for attempt 2 only
+        assert cluster.agent.poll() is None
+    finally:
+        cluster.cleanup()
+        broker.close(linger=0)
+        ctx.term()
 
 
 def test_attempts_of_an_agent_that_does_not_come_back_are_retried_after_the_grace(tmp_path):

@@ -1,8 +1,8 @@
-"""Idempotency keys: a retried creating request gets its first reply and creates nothing new.
+"""Idempotency keys: a retried request gets its first reply and changes nothing more.
 
-A client names each creating request (CREATE_SESSION, CREATE_RESULTS_METADATA, CREATE_RESULTS,
-SUBMIT_TASKS) with an ``idempotency_key`` (``<client id>:<sequence>``). The broker stores, in the
-same LMDB transaction as the request's changes (the request's nested transaction), the key with a
+A client names each request that changes something (``protocol.KEYED_OPS``: creations, uploads,
+cancels, session changes) with an ``idempotency_key`` (``<client id>:<sequence>``). The broker
+stores, in the same LMDB transaction as the request's changes (the request's nested transaction), the key with a
 digest of the request body and the reply. So either both the change and the key are durable, or
 neither is: a client that never saw the reply (broker killed, connection lost) sends the request
 again with the same key, and gets the stored reply (with its new ``rid``) if the first one
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Callable
 
 import msgpack
 
-from ..protocol import ErrorCode, Op, ProtocolError, pack, reply_ok
+from ..protocol import KEYED_OPS, ErrorCode, Op, ProtocolError, pack, reply_ok
 from .metrics import Metrics
 from .store import Store, Txn
 
@@ -35,8 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: The ops whose requests may carry an ``idempotency_key``.
-KEYED_OPS = (Op.CREATE_SESSION, Op.CREATE_RESULTS_METADATA, Op.CREATE_RESULTS, Op.SUBMIT_TASKS, Op.SUBMIT_INLINE)
 #: Longest key accepted (bytes of UTF-8).
 MAX_KEY = 256
 #: Most expired keys removed by one collection (bounds the turn it runs in).
@@ -57,6 +55,17 @@ def _digest(header: dict, frames: list) -> bytes:
         h.update(_TS.pack(len(frame)))
         h.update(frame)
     return h.digest()
+
+
+#: the fields that list what a keyed request works on
+_TARGETS = ("session_ids", "task_ids", "result_ids", "results", "tasks")
+
+
+def _names_nothing(header: dict) -> bool:
+    """Whether a request lists what it works on and every such list is empty: it changed nothing, so sending
+    it again is harmless, and a key stored for it would turn a no-op into a commit."""
+    lists = [header[f] for f in _TARGETS if f in header]
+    return bool(lists) and not any(lists)
 
 
 class Idempotency:
@@ -108,7 +117,7 @@ class Idempotency:
                     req.out = [req.peer, pack(fields)]
                 return
             handler(req, txn)
-            if req.out is None:
+            if req.out is None or _names_nothing(req.header):
                 return
             reply = req.out[1]
             # reply_ok puts "ok": true last; anything else (an error) created nothing, so nothing to remember

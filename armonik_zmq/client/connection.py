@@ -5,13 +5,13 @@ request, register a ``Future`` under its ``rid``, and hand the frames to the I/O
 inproc PUSH socket. The I/O thread forwards them to the broker and routes every reply to its future
 by ``rid``, and every ``EVENT`` push to the queue of its subscription.
 
-Broker restarts are survived Lazy-Pirate style. Each creating request (``KEYED_OPS``) carries an
-``idempotency_key`` (``<client id>:<sequence>``), so the broker applies it once however often it
-arrives. When the connection drops (the socket monitor sees a closed connection at once, a silent
-broker through ZMTP heartbeats), libzmq reconnects with capped exponential backoff, and every keyed
-or read-only request still without a reply is sent again; a request that was neither (cancel, close,
-upload, ...) fails with ``ConnectionLostError``, as it may or may not have been applied. A request
-answered ``UNAVAILABLE`` (the broker could not commit its turn) is retried the same way. The call's
+Broker restarts are survived Lazy-Pirate style. Each request that changes something
+(``protocol.KEYED_OPS``: creations, uploads, cancels, session changes) carries an ``idempotency_key``
+(``<client id>:<sequence>``), so the broker applies it once however often it arrives. When the
+connection drops (the socket monitor sees a closed connection at once, a silent broker through ZMTP
+heartbeats), libzmq reconnects with capped exponential backoff, and every keyed or read-only request
+still without a reply is sent again; any other request fails with ``ConnectionLostError``, as it may
+or may not have been applied. A request answered ``UNAVAILABLE`` (the broker could not commit its turn) is retried the same way. The call's
 ``timeout`` bounds the whole.
 """
 
@@ -36,7 +36,7 @@ from zmq.utils.monitor import recv_monitor_message
 from .. import errors, protocol
 from ..common import event_from_wire
 from ..config import default_endpoint
-from ..protocol import ErrorCode, Op
+from ..protocol import KEYED_OPS, ErrorCode, Op
 from ..security import ClientKeys, KeyInput
 
 __all__ = ["Connection", "Subscription", "connect"]
@@ -56,15 +56,12 @@ _instances = itertools.count(1)
 #: libzmq's reconnection backoff: first retry after this, doubling up to the cap (milliseconds)
 _RECONNECT_IVL = 100
 _RECONNECT_IVL_MAX = 2_000
-#: Creating requests: each gets an idempotency key, so sending one again never creates twice.
-KEYED_OPS = frozenset({Op.CREATE_SESSION, Op.CREATE_RESULTS_METADATA, Op.CREATE_RESULTS, Op.SUBMIT_TASKS,
-                       Op.SUBMIT_INLINE})
 #: Requests that change nothing (or only this connection's subscriptions): safe to send again.
 READ_ONLY_OPS = frozenset({
     Op.GET_SERVICE_CONFIG, Op.GET_SESSIONS, Op.DOWNLOAD_RESULT_DATA, Op.GET_RESULTS, Op.GET_TASKS, Op.HEALTH,
     Op.LIST_SESSIONS, Op.LIST_TASKS, Op.COUNT_TASKS_BY_STATUS, Op.GET_RESULT_IDS, Op.LIST_RESULTS,
     Op.LIST_PARTITIONS, Op.GET_PARTITIONS, Op.LIST_VERSIONS, Op.GET_OWNER_TASK_ID, Op.SUBSCRIBE_EVENTS,
-    Op.UNSUBSCRIBE_EVENTS,
+    Op.UNSUBSCRIBE_EVENTS, Op.AUTH_INFO,
 })
 #: Seconds before sending again a request answered UNAVAILABLE, doubling up to the cap.
 _UNAVAILABLE_RETRY = 0.05
@@ -558,7 +555,7 @@ class Connection:
                 self.stats["lost"] += 1
                 self._fail_rid(rid, errors.ConnectionLostError(
                     f"the connection to the broker at {self.endpoint} was lost while {_op_name(inflight.op)} was "
-                    f"in flight: it may or may not have been applied (only creating and read-only requests are "
+                    f"in flight: it may or may not have been applied (only keyed and read-only requests are "
                     f"sent again); check the state before trying again"))
             elif inflight.epoch < self._epoch:
                 inflight.epoch = self._epoch
