@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import queue
+import signal
 import time
 from datetime import timedelta
 
@@ -595,3 +596,49 @@ def test_paused_and_cancelling_tasks_survive_a_broker_restart(tmp_path):
                 agent.close()
     finally:
         cluster.cleanup()
+
+
+def test_a_big_session_is_purged_a_chunk_per_turn_and_the_purge_resumes_after_a_restart(tmp_path_factory):
+    """20,000 results: the session is PURGED at once and its data deleted over many commits (each turn deletes
+    a chunk, so other requests are served between them); a broker killed mid-purge finishes it once back."""
+    import lmdb
+
+    from armonik_zmq.broker.lifecycle import PURGE_CHUNK
+
+    n = 20_000
+    with broker_only(tmp_path_factory) as cluster:
+        with connect(cluster.endpoint, timeout=60) as conn:
+            api = Api(conn)
+            sid = api.session()
+            kept = api.results.create_results_metadata(["kept"], sid, manual_deletion=True)["kept"].result_id
+            api.results.upload_result_data(kept, sid, b"kept")
+            plain = [r.result_id for r in api.results.create_results({f"r{i}": b"%d" % i for i in range(n)}, sid,
+                                                                      batch_size=n).values()]
+            api.sessions.close_session(sid)
+            commits_before = conn.call(Op.HEALTH, metrics=True)[0]["metrics"]["lmdb_last_txnid"]
+            assert api.sessions.purge_session(sid).status == _S.PURGED
+            cluster.broker.send_signal(signal.SIGSTOP)  # mid-purge: the reply came after the first chunk
+            try:
+                env = lmdb.open(cluster.data_dir, max_dbs=16, readonly=True, lock=False)
+                with env.begin() as txn:
+                    purging = txn.stat(env.open_db(b"purging", txn=txn, create=False))["entries"]
+                env.close()
+            finally:
+                cluster.kill_broker()  # SIGKILL while stopped
+            assert purging == 1, "the purge was done within its request's turn"
+        cluster.start_broker()
+        cluster.wait_ready()
+        with connect(cluster.endpoint, timeout=60) as conn:
+            api = Api(conn)
+
+            def left() -> int:
+                return conn.call(Op.LIST_RESULTS, filter=[[["session_id", "eq", sid], ["status", "eq",
+                                                           int(ResultStatus.COMPLETED)]]], page=0, page_size=1)[0]["total"]
+            wait_until(lambda: left() == 1, "the purge to resume and end after the restart")
+            commits = conn.call(Op.HEALTH, metrics=True)[0]["metrics"]["lmdb_last_txnid"] - commits_before
+            assert commits >= n // PURGE_CHUNK, f"{n} results purged in {commits} commits"
+            assert api.results.get_result(plain[0]).status == ResultStatus.DELETED
+            assert api.results.get_result(plain[-1]).status == ResultStatus.DELETED
+            with pytest.raises(FailedPreconditionError, match="DELETED"):
+                api.results.download_result_data(plain[n // 2], sid)
+            assert api.results.download_result_data(kept, sid) == b"kept"

@@ -117,18 +117,6 @@ class Handlers:
                        client_submission=False, worker_submission=False)
         self._session_transition(req, txn, (_S.RUNNING, _S.PAUSED), "closed", close)
 
-    def handle_purge_sessions(self: "Broker", req: "Request", txn: Txn) -> None:
-        def purge(txn: Txn, row: dict, now: float) -> None:
-            row.update(status=int(_S.PURGED), purged_at=now, client_submission=False, worker_submission=False)
-            for rid in txn.session_result_ids(row["session_id"]):
-                rrow = txn.get_result(rid)
-                # An imported result's data belongs to the object storage, not to the session: kept like
-                # manual_deletion ones (ArmoniK would delete the object unless the client set manual_deletion).
-                if rrow["manual_deletion"] or rrow["opaque_id"] or rrow["status"] == _R.DELETED:
-                    continue
-                self.state.delete_result_data(txn, rrow)
-        self._session_transition(req, txn, (_S.CLOSED, _S.CANCELLED), "purged", purge)
-
     def handle_delete_sessions(self: "Broker", req: "Request", txn: Txn) -> None:
         def delete(txn: Txn, row: dict, now: float) -> None:
             sid = row["session_id"]

@@ -1,33 +1,94 @@
-"""Pause, resume and stop submission of sessions; cancel tasks (ArmoniK 1.1, 1.2, 3.7).
+"""Pause, resume, stop submission and purge of sessions; cancel tasks (ArmoniK 1.1, 1.2, 3.7).
 
 A task an agent holds is stopped on that agent: the broker pushes ``STOP_TASKS`` (after the turn
 commits), the agent drops the attempts it has not started and kills the worker running the others,
 then reports ``TASKS_STOPPED``. A cancelled task stays CANCELLING until then; a paused one is PAUSED
 at once, since no report of its attempt is accepted any more.
+
+A purge marks the session PURGED at once and deletes its results' data afterwards, ``PURGE_CHUNK``
+results per turn (``Purges``): in one transaction, a session of a million results would hold every
+other client for seconds and need the map room for all of its freed pages at once. The sessions
+being purged, with how far each got, are a table of their own, written in the turns' transactions:
+a restart (or an aborted turn) resumes each purge where its last committed chunk ended.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from ..protocol import ErrorCode, Op, ProtocolError, request
-from ..status import SessionStatus, TaskStatus
-from .store import Txn
+from ..status import ResultStatus, SessionStatus, TaskStatus
+from .store import Store, Txn
 
 if TYPE_CHECKING:
     from .server import Broker, Request
 
 log = logging.getLogger(__name__)
 
+_R = ResultStatus
 _S = SessionStatus
 _T = TaskStatus
+#: results whose data a turn deletes at most, across the sessions being purged (each costs ~10-20 µs)
+PURGE_CHUNK = 500
 #: what a pause takes out of the queues; running tasks (PROCESSING) finish
 _PAUSABLE = (_T.PENDING, _T.SUBMITTED, _T.DISPATCHED)
 
 
+class Purges:
+    """The sessions whose results' data is being deleted: session id -> the last result id done (b"": none)."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.db = store.env.open_db(b"purging")
+        #: whether a turn should look at the table (a hint: the table is the truth; True until a turn found it empty)
+        self.pending = True
+
+    def start(self, txn: Txn, session_id: str) -> None:
+        txn.txn.put(session_id.encode(), b"", db=self.db)
+        self.pending = True
+
+    def advance(self, txn: Txn, delete: Callable[[Txn, dict], None], budget: int = PURGE_CHUNK) -> int:
+        """Delete the data of up to ``budget`` results of the sessions being purged; return how many were looked at.
+
+        An imported result's data belongs to the object storage, not to the session: kept like
+        manual_deletion ones (ArmoniK would delete the object unless the client set manual_deletion).
+        """
+        seen = 0
+        while seen < budget:
+            with txn.txn.cursor(db=self.db) as cur:
+                if not cur.first():
+                    self.pending = False
+                    return seen
+                key, last = cur.key(), cur.value()
+            with txn.txn.cursor(db=self.store.session_results) as cur:
+                found = cur.set_range_dup(key, last) if last else cur.set_key(key)
+                if found and last and cur.value() == last:
+                    found = cur.next_dup()
+                while found and seen < budget:
+                    last = cur.value()
+                    seen += 1
+                    row = txn.get_result(last.decode())
+                    if not (row is None or row["manual_deletion"] or row["opaque_id"] or row["status"] == _R.DELETED):
+                        delete(txn, row)
+                    found = cur.next_dup()
+            if found:
+                txn.txn.put(key, last, db=self.db)
+            else:
+                txn.txn.delete(key, db=self.db)
+                log.info("session %s purged", key.decode())
+        return seen
+
+
 class Lifecycle:
-    """Mixed into ``Broker``: the handlers that stop, pause and resume work."""
+    """Mixed into ``Broker``: the handlers that stop, pause, resume and purge work."""
+
+    def handle_purge_sessions(self: "Broker", req: "Request", txn: Txn) -> None:
+        """CLOSED or CANCELLED -> PURGED at once; the results' data goes a chunk per turn (``Purges``)."""
+        def purge(txn: Txn, row: dict, now: float) -> None:
+            row.update(status=int(_S.PURGED), purged_at=now, client_submission=False, worker_submission=False)
+            self.purges.start(txn, row["session_id"])
+        self._session_transition(req, txn, (_S.CLOSED, _S.CANCELLED), "purged", purge)
 
     def handle_pause_sessions(self: "Broker", req: "Request", txn: Txn) -> None:
         """RUNNING -> PAUSED: tasks not started become PAUSED and leave the queues; running ones finish."""

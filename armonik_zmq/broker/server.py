@@ -42,7 +42,7 @@ from .fairness import PREEMPT_EVERY, FairQueue
 from .gcpolicy import GcPolicy
 from .handlers import Handlers, handler_table
 from .idempotency import Idempotency
-from .lifecycle import Lifecycle
+from .lifecycle import Lifecycle, Purges
 from .listing import Listing
 from .metrics import Metrics, serve_http
 from .objects import ObjectStorage
@@ -142,6 +142,8 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         self.metrics = Metrics()
         self.idempotency = Idempotency(self.store, config.idempotency_ttl, self.metrics)
         self.idempotency.wrap(self.handlers)
+        #: sessions whose results' data is deleted a chunk per turn (broker/lifecycle.py)
+        self.purges = Purges(self.store)
         #: received messages waiting for a turn, served peer by peer within a time budget per turn
         self.fair = FairQueue(config.turn_budget, config.max_batch_messages)
         self._handling_seconds = 0.0
@@ -337,7 +339,8 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         # long lists run between turns, after the commit of the turn that received them
         scanning = self.advance_scans()
         idle = False
-        if not scanning and not self._lost_agents and not self.fair.waiting and not self._dispatch_possible():
+        if (not scanning and not self._lost_agents and not self.fair.waiting and not self.purges.pending
+                and not self._dispatch_possible()):
             idle = not self.poller.poll(timeout_ms)
         turn_started = time.monotonic()
         self.forgive_stall(turn_started)
@@ -352,7 +355,8 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         if mono >= self._next_reader_check:
             self._check_readers(mono)
         lease_due = mono >= self._next_lease_check
-        if not batch and not lease_due and not self._lost_agents and not self._dispatch_possible():
+        if (not batch and not lease_due and not self._lost_agents and not self.purges.pending
+                and not self._dispatch_possible()):
             if idle:
                 self.gc_policy.idle()
             return
@@ -434,6 +438,8 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
                 # dropped now, or by an earlier failure or lease expiry: either way its tasks are queued again
                 self.metrics.counters["agent_send_failures_handled"] += 1
             self._lost_agents = []
+            if self.purges.pending:
+                self.purges.advance(txn, self.state.delete_result_data)
             if lease_due:
                 self._next_lease_check = mono + min(0.25, self.config.lease / 4)
                 self.expire_leases(txn, now, turn_started)
