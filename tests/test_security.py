@@ -129,6 +129,11 @@ def denied(header: dict) -> str:
 # -- authentication ----------------------------------------------------------------------------------
 
 
+def broker_figures(probe: Peer) -> dict:
+    """The broker's authentication counters, read by an agent key (clients may not read the broker's metrics)."""
+    return probe.call(Op.HEALTH, metrics=True)["metrics"]["auth"]
+
+
 def test_strangers_fail_the_handshake_and_reach_nothing(secure, tmp_path):
     stranger_public, stranger_secret = zmq.auth.load_certificate(zmq.auth.create_certificates(tmp_path, "x")[1])
     server, alice_public, alice_secret = peer_keys(secure, "clients", "alice")
@@ -138,9 +143,19 @@ def test_strangers_fail_the_handshake_and_reach_nothing(secure, tmp_path):
         # the broker cannot open the client's HELLO: the client only sees its connection fail
         "wrong server key": ((stranger_public, alice_public, alice_secret), FAILED),
     }
-    with client(secure, "alice") as conn:
-        before, _ = conn.call(Op.AUTH_INFO)
-        for endpoint in (secure.endpoint, secure.agents_endpoint):
+    endpoints = (secure.endpoint, secure.agents_endpoint)
+
+    def counted(before: dict, after: dict) -> bool:
+        """Whether the broker counted the strangers' failures (on its own thread: maybe after they saw theirs)."""
+        return after["zap_denied"] - before["zap_denied"] >= 2 and all(
+            after["handshakes"][e]["failed_auth"] - before["handshakes"][e]["failed_auth"] >= 1
+            and after["handshakes"][e]["failed_protocol"] - before["handshakes"][e]["failed_protocol"] >= 2
+            for e in endpoints)  # failed_protocol: NULL, and the wrong server key
+
+    probe = Peer(secure.agents_endpoint, peer_keys(secure, "agents", "a2"))
+    try:
+        before = broker_figures(probe)
+        for endpoint in endpoints:
             for name, (keys, expected) in cases.items():
                 peer = Peer(endpoint, keys)
                 try:
@@ -152,21 +167,51 @@ def test_strangers_fail_the_handshake_and_reach_nothing(secure, tmp_path):
                     assert peer.received(0.3) == [], name
                 finally:
                     peer.close()
-        after, _ = conn.call(Op.AUTH_INFO)
-    # Only the first AUTH_INFO reached the broker's loop in between: not one frame of the strangers.
-    leaked = after["requests"] - before["requests"] - 1
+        reads, deadline = 1, time.monotonic() + 10
+        while True:
+            after = broker_figures(probe)
+            reads += 1
+            if counted(before, after) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    finally:
+        probe.close()
+    # Only the probe's own HEALTH requests reached the broker's loop in between: not one frame of the strangers.
+    leaked = after["requests"] - before["requests"] - (reads - 1)
     figure("T13", "messages of 3 bad peers x 2 endpoints (120 sent) that reached the broker's loop", leaked,
            "messages", "= 0", leaked == 0)
     assert leaked == 0
-    assert after["zap_denied"] - before["zap_denied"] >= 2
-    failures = 0
-    for endpoint in (secure.endpoint, secure.agents_endpoint):
-        b, a = before["handshakes"][endpoint], after["handshakes"][endpoint]
-        assert a["failed_auth"] - b["failed_auth"] >= 1, (endpoint, b, a)
-        assert a["failed_protocol"] - b["failed_protocol"] >= 2, (endpoint, b, a)  # NULL, and the wrong server key
-        failures += sum(a[k] - b[k] for k in ("failed_auth", "failed_protocol", "failed_other"))
+    assert counted(before, after), (before, after)
+    failures = sum(after["handshakes"][e][k] - before["handshakes"][e][k]
+                   for e in endpoints for k in ("failed_auth", "failed_protocol", "failed_other"))
     figure("T13", "handshake failures the broker counted for them", failures, "handshakes", ">= 6", failures >= 6)
-    assert after["user"] == "client:alice" and after["secure"] is True
+    with client(secure, "alice") as conn:
+        info, _ = conn.call(Op.AUTH_INFO)
+    assert info["user"] == "client:alice" and info["secure"] is True
+
+
+def test_a_client_sees_nothing_of_the_broker_beyond_its_own_sessions(secure):
+    """The broker's metrics count every client's work (requests by op, tasks, handshakes and refusals of every
+    peer) and its health check named its data directory: with CURVE, a client key gets neither."""
+    with client(secure, "alice") as conn:
+        sid = ArmoniKSessions(conn).create_session(OPTIONS)
+    with client(secure, "bob") as conn:
+        health, _ = conn.call(Op.HEALTH)
+        assert "metrics" not in health and secure.data_dir not in repr(health)
+        assert {c["name"] for c in health["checks"]} == {"lmdb", "agents"}
+        with pytest.raises(errors.PermissionDeniedError, match="metrics count every client's work"):
+            conn.call(Op.HEALTH, metrics=True)
+        info, _ = conn.call(Op.AUTH_INFO)
+        assert {k: v for k, v in info.items() if k not in ("v", "op", "rid")} == {
+            "user": "client:bob", "secure": True, "ok": True}
+        assert sid not in repr(health) + repr(info)
+    probe = Peer(secure.agents_endpoint, peer_keys(secure, "agents", "a2"))
+    try:  # an agent key (the operator's side) reads them
+        reply = probe.call(Op.HEALTH, metrics=True)
+        assert reply["metrics"]["requests"]["CREATE_SESSION"] >= 1 and reply["metrics"]["auth"]["denied"] >= 1
+        assert reply["checks"][0]["message"] == secure.data_dir
+    finally:
+        probe.close()
 
 
 def test_the_client_says_why_its_handshake_failed(secure, tmp_path):
@@ -356,8 +401,12 @@ def test_a_cluster_runs_tasks_end_to_end_with_curve(tmp_path):
             cluster.start_broker()
             _, (later,) = api.submit(sid, {"op": "square", "x": 7})
             assert api.value(sid, later) == 49
-            info, _ = conn.call(Op.AUTH_INFO)
-            assert info["handshakes"][cluster.agents_endpoint]["succeeded"] >= 1
+            public, secret = zmq.auth.load_certificate(cluster._agent_secret)
+            probe = Peer(cluster.agents_endpoint, (zmq.auth.load_certificate(server_key(cluster))[0], public, secret))
+            try:
+                assert broker_figures(probe)["handshakes"][cluster.agents_endpoint]["succeeded"] >= 1  # the agent came back
+            finally:
+                probe.close()
 
 
 # -- endpoints and keys --------------------------------------------------------------------------------

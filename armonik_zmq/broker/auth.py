@@ -4,14 +4,16 @@ Authentication (``Guard``): with keys, both ROUTER sockets are CurveZMQ servers.
 (RFC 27) on its own thread accepts a handshake only from a public key of the client or agent
 allow-list, and names the peer with a User-Id, ``client:<name>`` or ``agent:<name>``, taken from
 the list that holds the key. A peer that fails the handshake never gets a frame to the broker's loop.
-The same thread counts handshakes from socket monitors, for ``AUTH_INFO`` and the logs.
+The same thread counts handshakes from socket monitors, for ``HEALTH`` metrics and the logs.
 
 Authorization (``Authorizer``): called for every request before its handler, in the request's
 transaction. The role comes from the User-Id (never from the routing id): the clients endpoint serves
 ``client:`` users, the agents endpoint ``agent:`` users. A client may only use the sessions it
 created (a session row keeps its creator's User-Id as ``owner``), and the tasks and results of those
-sessions; lists only show them. An agent id belongs to the key that registered it while that agent
-is alive. Without keys (NULL security) there is one anonymous local user and none of this runs.
+sessions; lists only show them. The broker's metrics (everyone's activity) and its data path are
+not shown to clients: agents and the operator read them. An agent id belongs to the key that
+registered it while that agent is alive. Without keys (NULL security) there is one anonymous local
+user and none of this runs.
 """
 
 from __future__ import annotations
@@ -271,6 +273,10 @@ class Authorizer:
             if role != "client":
                 raise _denied(f"{user or 'this connection'} is not a client key: the clients endpoint serves "
                               f"clients only (agents connect to {broker.config.agents_endpoint})")
+            if req.op == Op.HEALTH and req.header.get("metrics"):
+                raise _denied("the broker's metrics count every client's work: they are served to agent keys "
+                              f"(HEALTH on {broker.config.agents_endpoint}) and on the operator's --metrics-port, "
+                              "not to clients")
             self._check_sessions(req, txn, user)
         except ProtocolError:
             self.denied += 1
@@ -350,10 +356,23 @@ class Authorizer:
 
 
 class Security:
-    """Mixed into ``Broker``: ``AUTH_INFO``."""
+    """Mixed into ``Broker``: ``AUTH_INFO``, and what a caller may see of the broker as a whole.
+
+    With CURVE, a client sees its own identity and its own sessions only: the broker's counters (requests,
+    handshakes, refusals of every peer) and where its data lives are for agents and the operator.
+    """
 
     def handle_auth_info(self: "Broker", req: "Request", txn: Txn) -> None:
-        """Tell the caller who the broker thinks it is, and the broker's authentication counters."""
+        """Tell the caller who the broker thinks it is."""
+        req.reply(user=req.user, secure=self.guard is not None)
+
+    def sees_broker_internals(self: "Broker", req: "Request") -> bool:
+        """Whether ``req``'s caller may see the broker's own figures: without CURVE (one local user), or an agent."""
+        return self.auth is None or req.sock is self.backend
+
+    def auth_figures(self: "Broker") -> dict:
+        """The authentication counters, for HEALTH metrics: requests that reached the loop, refusals, handshakes."""
         guard, auth = self.guard, self.auth
-        req.reply(user=req.user, secure=guard is not None, requests=self.stats["requests"],
-                  denied=auth.denied if auth is not None else 0, **(guard.snapshot() if guard is not None else {}))
+        if guard is None:
+            return {}
+        return {"auth": {"requests": self.stats["requests"], "denied": auth.denied, **guard.snapshot()}}

@@ -52,9 +52,10 @@ class Handlers:
 
     def handle_health(self: "Broker", req: "Request", txn: Txn) -> None:
         agents = sum(1 for a in self.agents.values() if a.peer is not None)  # not the placeholders of a restart
-        extra = {"metrics": self.metrics.snapshot(**self.gauges())} if req.header.get("metrics") else {}
+        extra = ({"metrics": self.metrics.snapshot(**self.gauges(), **self.auth_figures())}
+                 if req.header.get("metrics") else {})
         req.reply(healthy=True, checks=[
-            {"name": "lmdb", "healthy": True, "message": self.store.path},
+            {"name": "lmdb", "healthy": True, "message": self.store.path if self.sees_broker_internals(req) else "open"},
             {"name": "agents", "healthy": agents > 0, "message": f"{agents} agent(s) registered"},
         ], **extra)
 
