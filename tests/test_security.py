@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -333,6 +334,42 @@ def test_a_client_cannot_touch_another_clients_sessions(secure):
         total, tasks = alice.tasks.list_tasks()
         assert total == 1 and tasks[0].id == task.id
         assert sid in {s.session_id for s in alice.sessions.list_sessions()[1]}
+
+
+def test_a_client_gets_one_share_of_the_turns_however_many_connections_it_opens(tmp_path_factory):
+    """With CURVE the broker takes turns between client keys, not connections: bob's 4 connections together
+    get about as many turns as alice's one, where by connection they would get 4 in 5. Session ids grow
+    with time (UUIDv7, per process), so sorting them gives the order the broker handled the requests in."""
+    n = 150
+    with broker_only(tmp_path_factory, "--no-sync", secure=True) as cluster:
+        create_keys(cluster.keys_dir, ["alice", "bob"], [])
+        alice = Peer(cluster.endpoint, peer_keys(cluster, "clients", "alice"))
+        bobs = [Peer(cluster.endpoint, peer_keys(cluster, "clients", "bob")) for _ in range(4)]
+        peers = [alice, *bobs]
+        try:
+            for peer in peers:
+                assert peer.handshake() == zmq.EVENT_HANDSHAKE_SUCCEEDED
+            cluster.broker.send_signal(signal.SIGSTOP)  # the backlogs wait for the broker, all together
+            try:
+                for peer in peers:
+                    for _ in range(n):
+                        peer.send(Op.CREATE_SESSION, default_task_options=OPTIONS.to_wire())
+            finally:
+                cluster.broker.send_signal(signal.SIGCONT)
+            owner = {}
+            for peer in peers:
+                for _ in range(n):
+                    assert peer.sock.poll(60_000), "a reply did not come"
+                    header = msgpack.unpackb(peer.sock.recv_multipart()[0], raw=False)
+                    owner[header["session_id"]] = peer is alice
+        finally:
+            for peer in peers:
+                peer.close()
+    first = [owner[sid] for sid in sorted(owner)[:2 * n]]
+    share = sum(first) / len(first)
+    figure("T12", "alice's share of the first turns vs bob's 4 connections (CURVE)", round(share * 100), "%",
+           ">= 35 % (by connection: 20 %)", share >= 0.35)
+    assert share >= 0.35, f"alice (1 connection) got {share:.0%} of the first {2 * n} requests handled beside bob (4)"
 
 
 # -- agent identity ------------------------------------------------------------------------------------

@@ -23,11 +23,18 @@ every peer, and a client flooding requests would make every turn long. So the br
 
 A turn always takes at least one message, so a single huge request still gets served (in a turn of
 its own).
+
+A peer is a connection (its routing id), except for clients when CURVE is on (``by_user``): then it
+is the client's authenticated key (the ZAP User-Id), so a client that opens several connections, or a
+flooder with many DEALERs under one key, gets one client's share of the turns, not one per
+connection. Agents stay per connection: several agents may share a key, and each one's reports count.
 """
 
 from __future__ import annotations
 
 from collections import deque
+
+import zmq
 
 #: cost of a message beyond its header's bytes (decoding, a nested transaction, a reply), in header bytes
 MESSAGE_UNITS = 256
@@ -54,9 +61,11 @@ def units(frames: list) -> int:
 class FairQueue:
     """Received messages waiting for a turn, one queue per (socket, peer), served in rotation."""
 
-    def __init__(self, budget: float, max_messages: int):
+    def __init__(self, budget: float, max_messages: int, by_user: bool = False):
         #: seconds of handling a turn aims at
         self.budget = budget
+        #: clients' messages are queued by User-Id (CURVE), not by connection
+        self.by_user = by_user
         self.max_messages = max_messages
         self.queues: dict[tuple[int, bytes], deque] = {}
         self.waiting = 0
@@ -73,9 +82,18 @@ class FairQueue:
     def room(self) -> int:
         return self.max_messages - self.waiting
 
+    def _peer(self, key: int, frames: list) -> tuple:
+        """Whose turn a message takes: its connection, or with ``by_user`` a client's User-Id."""
+        if self.by_user and key == CLIENTS and len(frames) > 1:
+            try:
+                return key, frames[1].get("User-Id")
+            except (zmq.ZMQError, UnicodeDecodeError):
+                pass  # no User-Id (cannot happen behind ZAP): by connection
+        return key, frames[0].bytes
+
     def add(self, key: int, sock, frames: list) -> None:
         """Queue a message received on ``sock`` (``key`` tells the sockets apart)."""
-        peer = (key, frames[0].bytes)
+        peer = self._peer(key, frames)
         q = self.queues.get(peer)
         if q is None:
             q = self.queues[peer] = deque()
@@ -130,7 +148,7 @@ class FairQueue:
             return
         rest = batch[handled:]
         del batch[handled:]
-        peers = [(self._keys[id(sock)], frames[0].bytes) for sock, frames in rest]
+        peers = [self._peer(self._keys[id(sock)], frames) for sock, frames in rest]
         restored = {peer: None for peer in peers}  # in the order the batch had them
         for peer in restored:
             restored[peer] = self.queues.pop(peer, None) or deque()

@@ -145,7 +145,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         #: sessions whose results' data is deleted a chunk per turn (broker/lifecycle.py)
         self.purges = Purges(self.store)
         #: received messages waiting for a turn, served peer by peer within a time budget per turn
-        self.fair = FairQueue(config.turn_budget, config.max_batch_messages)
+        self.fair = FairQueue(config.turn_budget, config.max_batch_messages, by_user=self.guard is not None)
         self._handling_seconds = 0.0
         if config.metrics_port:
             serve_http(self.metrics, config.metrics_port, config.metrics_address, self.gauges)
