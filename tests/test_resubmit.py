@@ -154,17 +154,23 @@ def test_keys_expire_after_their_ttl(tmp_path_factory):
 # -- the client across a broker restart -----------------------------------------------------------------
 
 
+def upload_and_cancel_targets(conn, api: Api) -> tuple[str, str, str, dict]:
+    """Two sessions, a result without data ``up`` in the first, and a task there that waits (its payload is
+    ``up``, its dependency never gets data): (session, other session, ``up``, the task)."""
+    sid, other = api.session(), api.session()
+    up, never, out = (r["result_id"] for r in conn.call(
+        Op.CREATE_RESULTS_METADATA, session_id=sid, results=[{"name": n} for n in ("up", "never", "out")])[0]["results"])
+    (task,) = conn.call(Op.SUBMIT_TASKS, session_id=sid, tasks=[
+        {"payload_id": up, "data_dependencies": [never], "expected_output_ids": [out]}])[0]["tasks"]
+    return sid, other, up, task
+
+
 def test_requests_in_flight_when_the_broker_dies(tmp_path_factory):
     """Every request without a reply (keyed or read-only) is sent again after the restart, and applied once."""
     with broker_only(tmp_path_factory) as cluster:
         with connect(cluster.endpoint, timeout=30) as conn:
             api = Api(conn)
-            sid = api.session()
-            other = api.session()
-            up, never, out = (r["result_id"] for r in conn.call(
-                Op.CREATE_RESULTS_METADATA, session_id=sid, results=[{"name": n} for n in ("up", "never", "out")])[0]["results"])
-            (task,) = conn.call(Op.SUBMIT_TASKS, session_id=sid, tasks=[
-                {"payload_id": up, "data_dependencies": [never], "expected_output_ids": [out]}])[0]["tasks"]
+            sid, other, up, task = upload_and_cancel_targets(conn, api)
             cluster.broker.send_signal(signal.SIGSTOP)  # what is sent now waits in the broker's socket, unread
             try:
                 created = conn.call_async(Op.CREATE_RESULTS_METADATA, session_id=sid, results=[{"name": "late"}])
@@ -194,12 +200,7 @@ def test_uploads_cancels_and_session_changes_sent_again_with_their_key_apply_onc
     with broker_only(tmp_path_factory) as cluster:
         with connect(cluster.endpoint, timeout=30) as conn:
             api = Api(conn)
-            sid = api.session()
-            other = api.session()
-            up, never, out = (r["result_id"] for r in conn.call(
-                Op.CREATE_RESULTS_METADATA, session_id=sid, results=[{"name": n} for n in ("up", "never", "out")])[0]["results"])
-            (task,) = conn.call(Op.SUBMIT_TASKS, session_id=sid, tasks=[
-                {"payload_id": up, "data_dependencies": [never], "expected_output_ids": [out]}])[0]["tasks"]
+            sid, other, up, task = upload_and_cancel_targets(conn, api)
             sent = {
                 Op.UPLOAD_RESULT_DATA: (dict(session_id=sid, result_ids=[up], idempotency_key="r:1"), [b"first"], "results"),
                 Op.CANCEL_TASKS: (dict(task_ids=[task["task_id"]], idempotency_key="r:2"), [], "tasks"),
