@@ -18,9 +18,9 @@ from .status import TaskStatus
 
 #: the broker's tables (broker/store.py), by name
 TABLES = ("sessions", "tasks", "results", "data", "objects", "session_tasks", "session_results", "live_tasks",
-          "idempotency", "segment_files")
+          "idempotency", "segment_files", "purging")
 #: tables a directory written by an older broker may not have yet
-OPTIONAL_TABLES = ("live_tasks", "idempotency", "segment_files")
+OPTIONAL_TABLES = ("live_tasks", "idempotency", "segment_files", "purging")
 
 
 class Inspector:
