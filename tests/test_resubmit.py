@@ -257,25 +257,31 @@ def test_t5_durable_submit_acks_across_broker_kills(tmp_path_factory, scale):
             marks = [len(batches) * (k + 1) // (kills + 1) for k in range(kills)]
             acked = [0]
             acked_cv = threading.Condition()
-            restarts: list[float] = []
+            # each outage: from the kill to the new broker's first reply on this connection. Not to the end of
+            # restart_broker(): that only spawns the process, and a batch sent while it started up (its ack
+            # waited for the start-up, ~0.3 s) counted as fault-free. libzmq reconnects with a backoff, so the
+            # connection may come back a while after the new broker serves.
+            outages: list[tuple[float, float]] = []
 
             def killer():
                 for mark in marks:
                     with acked_cv:
                         acked_cv.wait_for(lambda: acked[0] >= mark, timeout=120)
+                    killed = time.perf_counter()
                     restart_broker(cluster)
-                    restarts.append(time.monotonic())
+                    conn.call(Op.HEALTH, timeout=60)
+                    outages.append((killed, time.perf_counter()))
 
             thread = threading.Thread(target=killer, daemon=True)
             thread.start()
-            latencies: list[tuple[float, int, int]] = []
+            spans: list[tuple[float, float]] = []  # each batch: (sent, its reply reached the client)
             in_flight = []
             replies = {}
             answered: dict[int, float] = {}  # batch -> when its reply reached the client (I/O thread)
 
-            def settle(i, sent_at, restarts_before, fut):
+            def settle(i, sent_at, fut):
                 header, _ = fut.result(120)
-                latencies.append((answered[i] - sent_at, restarts_before, len(restarts)))
+                spans.append((sent_at, answered[i]))
                 ids = [t["task_id"] for t in header["tasks"]]
                 assert [t["expected_output_ids"] for t in header["tasks"]] == [[o] for o in batches[i]]
                 replies[i] = ids
@@ -291,13 +297,13 @@ def test_t5_durable_submit_acks_across_broker_kills(tmp_path_factory, scale):
                 fut = conn.call_async(Op.SUBMIT_TASKS, session_id=sid, tasks=tasks,
                                       idempotency_key=f"t5:{conn.client_id}:{i}")
                 fut.add_done_callback(lambda _, i=i: answered.__setitem__(i, time.perf_counter()))
-                in_flight.append((i, time.perf_counter(), len(restarts), fut))
+                in_flight.append((i, time.perf_counter(), fut))
                 if len(in_flight) >= window:
                     settle(*in_flight.pop(0))
             while in_flight:
                 settle(*in_flight.pop(0))
             thread.join(120)
-            assert len(restarts) == kills, f"only {len(restarts)} of {kills} kills happened"
+            assert len(outages) == kills, f"only {len(outages)} of {kills} kills happened"
             cluster.wait_ready()
 
             rows = session_task_rows(conn, sid)
@@ -306,8 +312,9 @@ def test_t5_durable_submit_acks_across_broker_kills(tmp_path_factory, scale):
             report = history.report()
             stored = {r["task_id"] for r in rows}
             acked_ids = {t for ids in replies.values() for t in ids}
-            # a batch that no kill interrupted: sent and acknowledged within one broker's life
-            clean = sorted(lat for lat, before, after in latencies if before == after)
+            # a batch that no outage touched: for each one, answered before it began or sent after it ended
+            clean = sorted(answered_at - sent_at for sent_at, answered_at in spans
+                           if all(answered_at < killed or sent_at > back for killed, back in outages))
             # at CI scale few batches escape the kills: more fault-free batches (another session) for the p99
             extra_sid = api.session() if len(clean) < 100 else None
             if extra_sid:
