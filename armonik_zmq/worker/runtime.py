@@ -96,6 +96,7 @@ class WorkerRuntime:
         self._wake = threading.Event()
         #: runs started so far, and whether one is running (read by the guard thread)
         self._seq = 0
+        self._run_started = 0.0
         self._busy = False
         #: runs the agent wants kept here behind a long task (its window; from RUNS' configuration)
         self._keep = 1
@@ -147,17 +148,20 @@ class WorkerRuntime:
 
     def _guard(self) -> None:
         """Send held outputs once the task that runs after them has run ``OUTPUT_DELAY``; give back the runs
-        queued behind a task that runs ``GIVE_BACK_AFTER`` (see the class)."""
+        queued behind a task that runs ``GIVE_BACK_AFTER`` (see the class). Its sleeps count from the start
+        of the run it watches, and the first one is skipped when no output is held: each wake-up of this
+        thread costs about as much as a tiny task."""
         while True:
             self._wake.wait()
-            time.sleep(OUTPUT_DELAY)
             self._wake.clear()
-            with self._lock:
-                self._flush()
-            seq = self._seq  # the run in progress now: while it lasts, what waits behind it is given back
-            pause = GIVE_BACK_AFTER
+            seq, started = self._seq, self._run_started  # the run in progress now
+            if self._outputs:
+                _sleep_until(started + OUTPUT_DELAY)
+                with self._lock:
+                    self._flush()
+            pause = GIVE_BACK_AFTER  # while the run lasts, what waits behind it is given back
             while True:
-                time.sleep(pause)
+                _sleep_until(started + pause)
                 if not self._busy or self._seq != seq:
                     break
                 self._give_back()
@@ -235,6 +239,7 @@ class WorkerRuntime:
                     header, frames = self._receive()
                     if header is not None and (header["op"] == Op.RUN or header["op"] == Op.RUNS):
                         self._queue_runs(header, frames)
+        self._run_started = time.monotonic()
         self._seq += 1
         if not self._wake.is_set():
             self._wake.set()  # the guard watches this run (held outputs, runs that would wait behind it)
@@ -286,6 +291,13 @@ class WorkerRuntime:
         while True:
             header, frames = self._next_run()
             self.run_one(header, frames)
+
+
+def _sleep_until(deadline: float) -> None:
+    """Sleep until ``time.monotonic()`` reaches ``deadline`` (at once if it passed)."""
+    delay = deadline - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
 
 
 def _die_with_agent() -> None:
