@@ -6,7 +6,7 @@ then reports ``TASKS_STOPPED``. A cancelled task stays CANCELLING until then; a 
 at once, since no report of its attempt is accepted any more.
 
 A purge marks the session PURGED at once and deletes its results' data afterwards, ``PURGE_CHUNK``
-results per turn (``Purges``): in one transaction, a session of a million results would hold every
+results or ``PURGE_SLICE`` seconds per turn (``Purges``): in one transaction, a session of a million results would hold every
 other client for seconds and need the map room for all of its freed pages at once. The sessions
 being purged, with how far each got, are a table of their own, written in the turns' transactions:
 a restart (or an aborted turn) resumes each purge where its last committed chunk ended.
@@ -15,6 +15,7 @@ a restart (or an aborted turn) resumes each purge where its last committed chunk
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Callable
 
 from ..protocol import ErrorCode, Op, ProtocolError, request
@@ -31,6 +32,8 @@ _S = SessionStatus
 _T = TaskStatus
 #: results whose data a turn deletes at most, across the sessions being purged (each costs ~10-20 µs)
 PURGE_CHUNK = 500
+#: ... and seconds it spends on them at most: a request that arrives meanwhile waits for this turn's commit
+PURGE_SLICE = 0.002
 #: what a pause takes out of the queues; running tasks (PROCESSING) finish
 _PAUSABLE = (_T.PENDING, _T.SUBMITTED, _T.DISPATCHED)
 
@@ -48,13 +51,16 @@ class Purges:
         txn.txn.put(session_id.encode(), b"", db=self.db)
         self.pending = True
 
-    def advance(self, txn: Txn, delete: Callable[[Txn, dict], None], budget: int = PURGE_CHUNK) -> int:
-        """Delete the data of up to ``budget`` results of the sessions being purged; return how many were looked at.
+    def advance(self, txn: Txn, delete: Callable[[Txn, dict], None], budget: int = PURGE_CHUNK,
+                seconds: float = PURGE_SLICE) -> int:
+        """Delete the data of up to ``budget`` results of the sessions being purged, for about ``seconds`` at most;
+        return how many were looked at.
 
         An imported result's data belongs to the object storage, not to the session: kept like
         manual_deletion ones (ArmoniK would delete the object unless the client set manual_deletion).
         """
         seen = 0
+        deadline = time.monotonic() + seconds
         while seen < budget:
             with txn.txn.cursor(db=self.db) as cur:
                 if not cur.first():
@@ -72,6 +78,8 @@ class Purges:
                     if not (row is None or row["manual_deletion"] or row["opaque_id"] or row["status"] == _R.DELETED):
                         delete(txn, row)
                     found = cur.next_dup()
+                    if seen % 32 == 0 and time.monotonic() > deadline:
+                        budget = seen  # this turn's share is spent: the rest waits for the next turn
             if found:
                 txn.txn.put(key, last, db=self.db)
             else:
