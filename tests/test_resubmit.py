@@ -390,7 +390,9 @@ def test_agent_registering_again_keeps_its_running_task(tmp_path):
             assert row["status"] == _T.COMPLETED and row["owner_pod_id"] == "a1", row
             assert [r["task_id"] for r in session_task_rows(conn, sid)] == [task_id]  # no retry
             assert [e[0] for e in read_executions(str(log))] == [task_id]
-            assert conn.call(Op.HEALTH, metrics=True)[0]["metrics"]["attempts_kept"] == 1
+            # kept by every REGISTER the broker read: the agent sends one again (a new socket) each time its
+            # backoff expires without a reply, so a loaded machine may deliver two or more after the SIGCONT
+            assert conn.call(Op.HEALTH, metrics=True)[0]["metrics"]["attempts_kept"] >= 1
     finally:
         cluster.cleanup()
 
