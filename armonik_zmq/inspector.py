@@ -12,8 +12,8 @@ import os
 from typing import Optional
 
 import lmdb
-import msgpack
 
+from .broker.store import decode_row
 from .status import TaskStatus
 
 #: the broker's tables (broker/store.py), by name
@@ -75,14 +75,14 @@ class Inspector:
                             break
                         buf = txn.get(key, db=self.dbs["tasks"])
                         if buf is not None:
-                            row = msgpack.unpackb(buf, raw=False)
+                            row = decode_row(buf)
                             listed.append([row["task_id"], TaskStatus(row["status"]).name])
             out["tasks"] = listed
             if by_status:
                 counts: dict[str, int] = {}
                 with txn.cursor(db=self.dbs["tasks"]) as cur:
                     for _, buf in cur:
-                        name = TaskStatus(msgpack.unpackb(buf, raw=False)["status"]).name
+                        name = TaskStatus(decode_row(buf)["status"]).name
                         counts[name] = counts.get(name, 0) + 1
                 out["by_status"] = counts
         return out

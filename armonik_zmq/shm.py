@@ -699,14 +699,14 @@ class SegmentStore:
             raise DataError(f"at most {GET_BATCH} result ids per get")
         items, fds = [], []
         open_fds = msg.get("open", True) is not False
-        from .broker.store import _unpack
+        from .broker.store import decode_row
         try:
             with self.store.readers_lock, self.store.env.begin(write=False) as txn:
                 for rid in ids:
                     item = {"result_id": rid}
                     items.append(item)
                     row = txn.get(rid.encode(), db=self.store.results)
-                    row = _unpack(row) if row is not None else None
+                    row = decode_row(row) if row is not None else None
                     if row is None or row["session_id"] != sid:
                         item["error"] = f"result {rid} not found in session {sid}"
                         continue
@@ -714,7 +714,7 @@ class SegmentStore:
                         item["error"] = f"result {rid} has no data (status {row['status']})"
                         continue
                     obj = txn.get(rid.encode(), db=self.store.objects)
-                    obj = _unpack(obj) if obj is not None else None
+                    obj = decode_row(obj) if obj is not None else None
                     if obj is None or "segment" not in obj:
                         continue  # kept in LMDB: over the sockets
                     if not open_fds:

@@ -119,8 +119,9 @@ def run_once(endpoint: str, broker_pid: int, n: int) -> dict:
 @click.option("--capacity", default=10_000, show_default=True, help="Credit the fake agent registers.")
 @click.option("--no-sync", is_flag=True, help="Broker without fsync (fast mode).")
 @click.option("--py-spy", "pyspy", default="", help="Record the broker with py-spy (raw collapsed stacks) into this file.")
+@click.option("--native", is_flag=True, help="With --py-spy: sample C frames too (msgpack, LMDB, libc), pausing the broker.")
 @click.option("--json", "json_path", default="", help="Where to write the JSON (default bench/results/broker_alone.json).")
-def main(n: int, runs: int, capacity: int, no_sync: bool, pyspy: str, json_path: str) -> None:
+def main(n: int, runs: int, capacity: int, no_sync: bool, pyspy: str, native: bool, json_path: str) -> None:
     """Measure the broker's own task path (submit, dispatch, complete) with an agent that answers at once."""
     from armonik_zmq.cluster import LocalProcesses
 
@@ -137,7 +138,7 @@ def main(n: int, runs: int, capacity: int, no_sync: bool, pyspy: str, json_path:
         if pyspy:
             recorder = subprocess.Popen([shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy"),
                                          "record", "-p", str(cluster.broker.pid), "-r", "250", "-f", "raw",
-                                         "-o", pyspy, "--nonblocking"], stdout=subprocess.DEVNULL)
+                                         "-o", pyspy, *(["--native"] if native else ["--nonblocking"])], stdout=subprocess.DEVNULL)
         rows = []
         for i in range(runs):
             with console.status(f"run {i + 1}/{runs}: {n} tasks through the broker alone..."):

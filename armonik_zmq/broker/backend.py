@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Optional
 
 from .._core import STATE_QUEUED
 from ..protocol import ErrorCode, Op, ProtocolError, request, split_frames
-from ..status import ResultStatus, SessionStatus, TaskStatus, TASK_FINAL
+from ..status import ResultStatus, SessionStatus, TaskStatus, TASK_FINAL, as_ints
 from . import segments as shm_segments
 from .state import not_found
 from .store import Txn
@@ -18,9 +18,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_R = ResultStatus
-_S = SessionStatus
-_T = TaskStatus
+_R = as_ints(ResultStatus)
+_S = as_ints(SessionStatus)
+_T = as_ints(TaskStatus)
 
 
 #: metrics counter of each kind of fenced-off completion (``_refusal``)
@@ -227,14 +227,14 @@ class Backend:
             raise _refusal("foreign", not_found("task", task_id))
         if row["status"] in TASK_FINAL:
             raise _refusal("duplicate", ProtocolError(
-                ErrorCode.STALE_ATTEMPT, f"task {task_id} already ended ({_T(row['status']).name}); this report is discarded"))
+                ErrorCode.STALE_ATTEMPT, f"task {task_id} already ended ({TaskStatus(row['status']).name}); this report is discarded"))
         if row["status"] == _T.SUBMITTED:
             raise _refusal("stale", ProtocolError(
                 ErrorCode.STALE_ATTEMPT, f"task {task_id} was queued again (its agent was lost or the broker restarted); "
                                          f"this report is discarded"))
         if row["status"] in (_T.PAUSED, _T.CANCELLING):
             raise _refusal("stale", ProtocolError(
-                ErrorCode.STALE_ATTEMPT, f"task {task_id} is {_T(row['status']).name}: its agent was told to stop it; "
+                ErrorCode.STALE_ATTEMPT, f"task {task_id} is {TaskStatus(row['status']).name}: its agent was told to stop it; "
                                          f"this report is discarded"))
         if row["attempt"] != attempt:
             # an older attempt is a late report; a newer one was never handed out by this broker
@@ -282,7 +282,7 @@ class Backend:
                 self.state.pause_task(txn, row, req.now, reason)
             elif session_status != _S.RUNNING:
                 self.state.end_task(txn, row, _T.CANCELLED, req.now,
-                                    f"session is {_S(session_status).name}: {reason}")
+                                    f"session is {SessionStatus(session_status).name}: {reason}")
             elif len(row["retry_of_ids"]) > row["options"]["max_retries"]:
                 self.state.end_task(txn, row, _T.ERROR, req.now, reason)
             else:
@@ -422,7 +422,7 @@ class Backend:
                                     f"task {task_id} may not write result {rid}: it is owned by "
                                     f"'{rrow['owner_task_id']}' (only expected outputs and created results)")
             if rrow["status"] != _R.CREATED:
-                raise ProtocolError(ErrorCode.FAILED_PRECONDITION, f"result {rid} is {_R(rrow['status']).name}: written twice?")
+                raise ProtocolError(ErrorCode.FAILED_PRECONDITION, f"result {rid} is {ResultStatus(rrow['status']).name}: written twice?")
             if "segment" in spec:
                 data = shm_segments.check(self.segments, spec["segment"], rid)
             produced.append((rrow, data))
@@ -491,7 +491,7 @@ class Backend:
                 continue
             if session_status != _S.RUNNING:
                 state.end_task(txn, row, _T.CANCELLED, now,
-                               f"session {row['session_id']} is {_S(session_status).name}")
+                               f"session {row['session_id']} is {SessionStatus(session_status).name}")
                 continue
             try:
                 inline, data = self._inline_inputs(txn, row, inline_limit, inputs_seen)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from ..status import EventTypes
+from ..status import EventTypes, as_ints
 from .filters import Filter
 
-_E = EventTypes
+_E = as_ints(EventTypes)
 
 
 def _joined(data) -> bytes:
@@ -55,7 +55,7 @@ class EventBus:
                   inline_max: int = 0) -> Subscription:
         task_filter = Filter(task_filter, "task_filter", "task")
         result_filter = Filter(result_filter, "result_filter", "result")
-        wanted = frozenset(EventTypes(t) for t in (types or ()) if t) or frozenset(_E) - {_E.UNSPECIFIED}
+        wanted = frozenset(EventTypes(t) for t in (types or ()) if t) or frozenset(EventTypes) - {EventTypes.UNSPECIFIED}
         sub = Subscription(rid, peer, session_id, wanted, task_filter, result_filter, inline_max)
         self.unsubscribe(peer, rid)
         self.by_key[(peer, rid)] = sub

@@ -157,10 +157,22 @@ class Filter:
     def __init__(self, dnf: Optional[list], name: str, entity: str):
         self.entity = entity
         #: the checked terms, clause by clause (empty: no filter)
-        self.clauses: list[list[tuple[str, str, Any]]] = [
-            [_check_term(entity, term, f"{name}[{i}][{j}]") for j, term in enumerate(clause)]
-            for i, clause in enumerate(dnf or ())
-        ]
+        self.clauses: list[list[tuple[str, str, Any]]] = []
+        # A term's check depends only on its field, operator and value type: each combination is checked once
+        # (a wait on 100,000 results sends as many terms). Times are rounded: those are checked every time.
+        passed: set[tuple] = set()
+        for i, clause in enumerate(dnf or ()):
+            checked = []
+            for j, term in enumerate(clause):
+                if (type(term) is list and len(term) == 3 and type(term[0]) is str and type(term[1]) is str
+                        and (term[0], term[1], type(term[2])) in passed):
+                    checked.append((term[0], term[1], term[2]))
+                    continue
+                field, op, value = _check_term(entity, term, f"{name}[{i}][{j}]")
+                checked.append((field, op, value))
+                if field_kind(entity, field) not in _TIMES:
+                    passed.add((field, op, type(value)))
+            self.clauses.append(checked)
         self.match: Optional[Predicate] = self._compile() if self.clauses else None
 
     def _compile(self) -> Predicate:

@@ -20,14 +20,12 @@ import time
 from collections import Counter, deque
 from typing import TYPE_CHECKING, Any, Callable, Generator, Iterator, Optional
 
-import msgpack
-
 from .. import __version__
 from ..config import PartitionConfig
 from ..protocol import PROTOCOL_VERSION, ErrorCode, ProtocolError, reply_error, reply_ok
 from .filters import Filter, SortKey
 from .handlers import result_view, session_view
-from .store import Txn
+from .store import Txn, decode_row
 
 if TYPE_CHECKING:
     from .server import Broker, Request
@@ -46,10 +44,6 @@ _TASK_ID_LISTS = ("parent_task_ids", "data_dependencies", "expected_output_ids",
 
 #: A scan: yields between slices of rows, returns the reply's fields.
 Steps = Generator[None, None, dict]
-
-
-def _unpack(buf: bytes) -> dict:
-    return msgpack.unpackb(buf, raw=False)
 
 
 def _task_view(row: dict, detailed: bool, with_errors: bool) -> dict:
@@ -131,7 +125,7 @@ class Listing:
         if pins is None:
             with raw.cursor(db=db) as cur:
                 for key, buf in cur:
-                    yield key, _unpack(buf)
+                    yield key, decode_row(buf)
             return
         with raw.cursor(db=index) as cur:
             for sid in sorted(pins):
@@ -140,7 +134,7 @@ class Listing:
                 for key in cur.iternext_dup():
                     buf = raw.get(key, db=db)
                     if buf is not None:
-                        yield key, _unpack(buf)
+                        yield key, decode_row(buf)
 
     def _candidates(self: "Broker", txn: Txn, db, index, flt: Filter) -> int:
         """Count the rows a scan would read (the pinned sessions' rows, else the whole table)."""
@@ -238,7 +232,7 @@ class Listing:
                 total, keys = yield from select(self._rows(txn, db, index, flt), flt, sort, page, size)
             raw = txn.txn
             return {"total": total, "page": page, "page_size": size,
-                    name: [view(_unpack(raw.get(key, db=db))) for key in keys]}
+                    name: [view(decode_row(raw.get(key, db=db))) for key in keys]}
 
         self._answer(req, txn, 0 if by_key else self._candidates(txn, db, index, flt), work)
 

@@ -15,16 +15,16 @@ from typing import Iterable, Optional
 from .._core import Core
 from ..ids import new_id  # noqa: F401  (re-exported: handlers and tests use state.new_id)
 from ..protocol import ErrorCode, ProtocolError
-from ..status import ResultStatus, SessionStatus, TaskStatus, TASK_FINAL, check_task_transition
+from ..status import ResultStatus, SessionStatus, TaskStatus, TASK_FINAL, as_ints, check_task_transition
 from . import options as task_options
 from .events import EventBus
 from .store import Txn
 
 log = logging.getLogger(__name__)
 
-_R = ResultStatus
-_S = SessionStatus
-_T = TaskStatus
+_R = as_ints(ResultStatus)
+_S = as_ints(SessionStatus)
+_T = as_ints(TaskStatus)
 #: result statuses a task may depend on (data now, or later)
 _USABLE = (_R.CREATED, _R.COMPLETED)
 #: timestamp recorded when a task enters a status
@@ -68,7 +68,7 @@ class BrokerState:
         sid, status = session["session_id"], session["status"]
         if status not in (_S.RUNNING, _S.PAUSED):
             raise ProtocolError(ErrorCode.FAILED_PRECONDITION,
-                                f"session {sid} is {_S(status).name}: it accepts no more tasks")
+                                f"session {sid} is {SessionStatus(status).name}: it accepts no more tasks")
         if not session[f"{by}_submission"]:
             raise ProtocolError(ErrorCode.FAILED_PRECONDITION,
                                 f"session {sid} has {by} submission stopped: a {by} may not submit tasks to it")
@@ -225,7 +225,7 @@ class BrokerState:
                     rrow = inputs_seen[rid] = self.require_result(txn, rid, sid)
                 if rrow["status"] not in _USABLE:
                     raise ProtocolError(ErrorCode.ABORTED, f"{where}: input result {rid} is "
-                                        f"{_R(rrow['status']).name} and will never have data")
+                                        f"{ResultStatus(rrow['status']).name} and will never have data")
                 if rrow["status"] == _R.CREATED and rid not in missing:
                     missing.append(rid)
             outputs = []
@@ -233,7 +233,7 @@ class BrokerState:
                 rrow = self.require_result(txn, rid, sid)
                 if rrow["status"] != _R.CREATED:
                     raise ProtocolError(ErrorCode.FAILED_PRECONDITION, f"{where}: expected output {rid} is "
-                                        f"{_R(rrow['status']).name}; an output must not have data yet")
+                                        f"{ResultStatus(rrow['status']).name}; an output must not have data yet")
                 outputs.append(rrow)
             plans.append((c, opts, missing, outputs))
         infos = []

@@ -8,6 +8,7 @@ with a nested transaction, so the other requests of the turn still commit.
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import threading
 from typing import Iterator, Optional
@@ -18,7 +19,7 @@ import msgpack
 from ..protocol import DATA_CHUNK_MAX_SIZE, ErrorCode, ProtocolError
 from ..status import TASK_FINAL, ResultStatus, TaskStatus
 
-_SUBMITTED = TaskStatus.SUBMITTED
+_SUBMITTED = int(TaskStatus.SUBMITTED)
 from .filepages import FilePages
 from .objects import ObjectStorage, chunk_key, n_chunks, rechunk
 
@@ -33,8 +34,87 @@ _TASK_ENDED = frozenset(int(s) for s in TASK_FINAL)
 _RESULT_CREATED = int(ResultStatus.CREATED)
 
 
-def _unpack(buf) -> dict:
+def _unpack(buf):
     return msgpack.unpackb(buf, raw=False)
+
+
+# -- the stored form of task and result rows ---------------------------------------------------------
+# A task or result row is stored as a msgpack array of its fields in the order below, not as a map: a map
+# repeats every field name in every value and decoding creates every key again (decoding a map took twice as
+# long, and a task row took 680 bytes instead of 390, which LMDB copies and writes at each commit). The task's
+# options are stored inside as their own packed bytes, decoded once per distinct value: the rows of one
+# submission share one options dict, as they do when created (so no code may change a row's options in place).
+# A row with other fields than these (a row of an older format) is stored as a map; ``decode_row`` reads both.
+
+TASK_FIELDS = ("task_id", "session_id", "owner_pod_id", "pod_hostname", "initial_task_id", "created_by",
+               "parent_task_ids", "payload_id", "data_dependencies", "expected_output_ids", "retry_of_ids", "status",
+               "status_message", "error", "options", "attempt", "created_at", "submitted_at", "received_at",
+               "acquired_at", "fetched_at", "started_at", "processed_at", "ended_at")
+RESULT_FIELDS = ("result_id", "session_id", "name", "owner_task_id", "created_by", "completed_by", "status",
+                 "created_at", "completed_at", "size", "opaque_id", "manual_deletion")
+#: an array row's length tells its kind
+_FIELDS_BY_LENGTH = {len(TASK_FIELDS): TASK_FIELDS, len(RESULT_FIELDS): RESULT_FIELDS}
+assert len(_FIELDS_BY_LENGTH) == 2
+_TASK_VALUES = operator.itemgetter(*TASK_FIELDS)
+_RESULT_VALUES = operator.itemgetter(*RESULT_FIELDS)
+_OPTIONS_AT = TASK_FIELDS.index("options")
+#: distinct options seen (packed -> dict, and id(dict) -> (dict, packed)): a few per session, bounded all the same
+_OPTIONS_BY_BYTES: dict[bytes, dict] = {}
+_BYTES_BY_OPTIONS: dict[int, tuple[dict, bytes]] = {}
+_OPTIONS_KEPT = 1024
+
+
+def _remember_options(opts: dict, packed: bytes) -> None:
+    if len(_BYTES_BY_OPTIONS) >= _OPTIONS_KEPT:
+        _BYTES_BY_OPTIONS.clear()
+        _OPTIONS_BY_BYTES.clear()
+    _BYTES_BY_OPTIONS[id(opts)] = (opts, packed)
+    _OPTIONS_BY_BYTES[packed] = opts
+
+
+def _packed_options(opts: dict) -> bytes:
+    known = _BYTES_BY_OPTIONS.get(id(opts))
+    if known is not None and known[0] is opts:
+        return known[1]
+    packed = _pack(opts)
+    _remember_options(opts, packed)
+    return packed
+
+
+def encode_task(row: dict) -> bytes:
+    if len(row) != len(TASK_FIELDS):
+        return _pack(row)
+    try:
+        values = list(_TASK_VALUES(row))
+    except KeyError:
+        return _pack(row)
+    values[_OPTIONS_AT] = _packed_options(values[_OPTIONS_AT])
+    return _pack(values)
+
+
+def encode_result(row: dict) -> bytes:
+    if len(row) != len(RESULT_FIELDS):
+        return _pack(row)
+    try:
+        return _pack(_RESULT_VALUES(row))
+    except KeyError:
+        return _pack(row)
+
+
+def decode_row(buf) -> dict:
+    """Return the row stored in ``buf`` (a task, result or session row; an array or a map)."""
+    values = msgpack.unpackb(buf, raw=False)
+    if type(values) is dict:
+        return values
+    fields = _FIELDS_BY_LENGTH[len(values)]
+    if fields is TASK_FIELDS:
+        packed = values[_OPTIONS_AT]
+        opts = _OPTIONS_BY_BYTES.get(packed)
+        if opts is None:
+            opts = msgpack.unpackb(packed, raw=False)
+            _remember_options(opts, packed)
+        values[_OPTIONS_AT] = opts
+    return dict(zip(fields, values))
 
 
 #: the table of unfinished task ids (restart reads it instead of every task row)
@@ -103,7 +183,7 @@ class Store:
         with self.env.begin(write=True) as txn:
             with txn.cursor(db=self.tasks) as cur:
                 for key, buf in cur:
-                    row = _unpack(buf)
+                    row = decode_row(buf)
                     if row["status"] not in TASK_FINAL:
                         txn.put(key, _live_value(row), db=self.live_tasks)
 
@@ -212,7 +292,7 @@ class Txn:
 
     def _get(self, db, key: str) -> Optional[dict]:
         buf = self.txn.get(key.encode(), db=db)
-        return None if buf is None else _unpack(buf)
+        return None if buf is None else decode_row(buf)
 
     def get_session(self, session_id: str) -> Optional[dict]:
         return self._get(self.store.sessions, session_id)
@@ -239,7 +319,7 @@ class Txn:
         """
         task_id = row["task_id"]
         key = task_id.encode()
-        self.txn.put(key, _pack(row), db=self.store.tasks)
+        self.txn.put(key, encode_task(row), db=self.store.tasks)
         status = row["status"]
         if status in TASK_FINAL:
             self.txn.delete(key, db=self.store.live_tasks)
@@ -269,7 +349,7 @@ class Txn:
     def put_result(self, row: dict, new: bool = False) -> None:
         result_id = row["result_id"]
         key = result_id.encode()
-        self.txn.put(key, _pack(row), db=self.store.results)
+        self.txn.put(key, encode_result(row), db=self.store.results)
         if new:
             self.txn.put(row["session_id"].encode(), key, db=self.store.session_results)
         cache = self.store.result_rows
@@ -313,6 +393,11 @@ class Txn:
         self.delete_object(result_id)
         cs = self.store.chunk_size
         frames = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
+        if len(frames) == 1 and (size := memoryview(frames[0]).nbytes) <= cs:
+            # one frame that fits one chunk (most results): stored as it is, empty or not
+            self.txn.put(chunk_key(result_id, 0), frames[0], db=self.store.data)
+            self._put_object_row(result_id, {"size": size, "chunks": 1, "chunk_size": cs})
+            return size
         size, count = self._write_chunks(result_id, frames, 0, cs)
         return self._seal(result_id, {"size": size, "chunks": count, "chunk_size": cs})
 
@@ -484,7 +569,7 @@ class Txn:
     def iter_rows(self, db) -> Iterator[dict]:
         with self.txn.cursor(db=db) as cur:
             for _, buf in cur:
-                yield _unpack(buf)
+                yield decode_row(buf)
 
     def iter_tasks(self) -> Iterator[dict]:
         return self.iter_rows(self.store.tasks)
