@@ -25,11 +25,15 @@ from .objects import ObjectStorage, chunk_key, n_chunks, rechunk
 
 _pack = msgpack.Packer(use_bin_type=True).pack
 
-#: rows of live tasks and of results still waiting for data kept decoded (``Store.task_rows``, ``Store.result_rows``): at most this many each.
-#: A decoded task row takes ~2 KB: 16k of them (plus as many result rows, ~50 MiB in all) stay well inside
-#: T15's 300 MiB with 100,000 tasks queued, and cover every task agents hold at once; a queued task past the
-#: cap is read from LMDB when it is dispatched (and cached then, once finished tasks made room).
-ROW_CACHE_MAX = 16_384
+#: rows of live tasks kept decoded (``Store.task_rows``): at most this many. A decoded task row takes ~1.5 KB:
+#: 16k of them (~25 MiB) cover every task agents hold at once; a queued task past the cap is read from LMDB
+#: when it is dispatched (and cached then, once finished tasks made room).
+TASK_CACHE_MAX = 16_384
+#: rows of results still waiting for data kept decoded (``Store.result_rows``): at most this many. A decoded
+#: result row takes ~0.8 KB (64k: ~50 MiB, within T15's 300 MiB with 100,000 tasks queued). A bulk submission
+#: reads each output at submit and again at completion: with 16k, a 50,000-task batch decoded two thirds of
+#: its outputs twice (a tenth of the broker's CPU in bench.broker_alone).
+RESULT_CACHE_MAX = 65_536
 _TASK_ENDED = frozenset(int(s) for s in TASK_FINAL)
 _RESULT_CREATED = int(ResultStatus.CREATED)
 
@@ -304,7 +308,7 @@ class Txn:
         row = self.store.task_rows.get(task_id)
         if row is None:
             row = self._get(self.store.tasks, task_id)
-            if row is None or row["status"] in _TASK_ENDED or len(self.store.task_rows) >= ROW_CACHE_MAX:
+            if row is None or row["status"] in _TASK_ENDED or len(self.store.task_rows) >= TASK_CACHE_MAX:
                 return row
             self.store.task_rows[task_id] = row
         if self.touched is not None:
@@ -330,7 +334,7 @@ class Txn:
         cache = self.store.task_rows
         if row["status"] in _TASK_ENDED:
             cache.pop(task_id, None)
-        elif len(cache) < ROW_CACHE_MAX or task_id in cache:
+        elif len(cache) < TASK_CACHE_MAX or task_id in cache:
             cache[task_id] = row
             if self.touched is not None:
                 self.touched.add(task_id)
@@ -339,7 +343,7 @@ class Txn:
         row = self.store.result_rows.get(result_id)
         if row is None:
             row = self._get(self.store.results, result_id)
-            if row is None or row["status"] != _RESULT_CREATED or len(self.store.result_rows) >= ROW_CACHE_MAX:
+            if row is None or row["status"] != _RESULT_CREATED or len(self.store.result_rows) >= RESULT_CACHE_MAX:
                 return row
             self.store.result_rows[result_id] = row
         if self.touched is not None:
@@ -355,7 +359,7 @@ class Txn:
         cache = self.store.result_rows
         if row["status"] != _RESULT_CREATED:
             cache.pop(result_id, None)
-        elif len(cache) < ROW_CACHE_MAX or result_id in cache:
+        elif len(cache) < RESULT_CACHE_MAX or result_id in cache:
             cache[result_id] = row
             if self.touched is not None:
                 self.touched.add(result_id)
