@@ -26,6 +26,9 @@ from typing import Any, Iterable, Sequence
 
 import msgpack
 
+from ._core import (SCHEMA_ANY, SCHEMA_BOOL, SCHEMA_INT, SCHEMA_LIST, SCHEMA_MAP, SCHEMA_NUM, SCHEMA_OPT, SCHEMA_SCALAR,
+                    SCHEMA_STR, SCHEMA_STR_OR_BYTES, SCHEMA_STRMAP, schema_valid)
+
 PROTOCOL_VERSION = 1
 
 #: Default for GetServiceConfiguration's ``data_chunk_max_size`` (ArmoniK: PreferredMessageSize).
@@ -275,6 +278,10 @@ class _Type:
     def check(self, value: Any, path: str) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def compiled(self) -> tuple:  # pragma: no cover - interface
+        """This type as ``_core.schema_valid`` reads it (the node layouts are listed there)."""
+        raise NotImplementedError
+
 
 def _fail(path: str, what: str, value: Any) -> ProtocolError:
     return ProtocolError(ErrorCode.INVALID_ARGUMENT, f"field '{path}' must be {what}, got {type(value).__name__}")
@@ -283,6 +290,9 @@ def _fail(path: str, what: str, value: Any) -> ProtocolError:
 class Str(_Type):
     def __init__(self, nonempty: bool = False):
         self.nonempty = nonempty
+
+    def compiled(self):
+        return (SCHEMA_STR, self.nonempty)
 
     def check(self, value, path):
         if type(value) is not str:
@@ -297,6 +307,9 @@ class StrOrBytes(_Type):
     def __init__(self, nonempty: bool = False):
         self.nonempty = nonempty
 
+    def compiled(self):
+        return (SCHEMA_STR_OR_BYTES, self.nonempty)
+
     def check(self, value, path):
         if type(value) not in (str, bytes):
             raise _fail(path, "a string or bytes", value)
@@ -308,6 +321,9 @@ class Int(_Type):
     def __init__(self, lo: int | None = None, hi: int | None = None):
         self.lo, self.hi = lo, hi
 
+    def compiled(self):
+        return (SCHEMA_INT, self.lo, self.hi)
+
     def check(self, value, path):
         if type(value) is not int:
             raise _fail(path, "an integer", value)
@@ -316,18 +332,27 @@ class Int(_Type):
 
 
 class Num(_Type):
+    def compiled(self):
+        return (SCHEMA_NUM,)
+
     def check(self, value, path):
         if type(value) not in (int, float):
             raise _fail(path, "a number", value)
 
 
 class Bool(_Type):
+    def compiled(self):
+        return (SCHEMA_BOOL,)
+
     def check(self, value, path):
         if type(value) is not bool:
             raise _fail(path, "a boolean", value)
 
 
 class Any_(_Type):
+    def compiled(self):
+        return (SCHEMA_ANY,)
+
     def check(self, value, path):
         pass
 
@@ -342,6 +367,9 @@ class Scalar(_Type):
     nested (a list 1,000 deep, a msgpack Timestamp) gets past validation to a handler or a repr.
     """
 
+    def compiled(self):
+        return (SCHEMA_SCALAR,)
+
     def check(self, value, path):
         if type(value) not in _SCALARS:
             raise _fail(path, "a string, number, boolean, bytes or nil", value)
@@ -350,6 +378,9 @@ class Scalar(_Type):
 class List(_Type):
     def __init__(self, item: _Type, max_len: int = MAX_BATCH, nonempty: bool = False):
         self.item, self.max_len, self.nonempty = item, max_len, nonempty
+
+    def compiled(self):
+        return (SCHEMA_LIST, self.item.compiled(), self.max_len, self.nonempty)
 
     def check(self, value, path):
         if type(value) is not list:
@@ -371,6 +402,9 @@ class List(_Type):
 class StrMap(_Type):
     """A map of string to string (TaskOptions.options)."""
 
+    def compiled(self):
+        return (SCHEMA_STRMAP,)
+
     def check(self, value, path):
         if type(value) is not dict:
             raise _fail(path, "a map", value)
@@ -385,6 +419,9 @@ class Opt(_Type):
     def __init__(self, inner: _Type):
         self.inner = inner
 
+    def compiled(self):
+        return (SCHEMA_OPT, self.inner.compiled())
+
     def check(self, value, path):
         if value is not None:
             self.inner.check(value, path)
@@ -396,6 +433,12 @@ class Map(_Type):
     def __init__(self, required: dict[str, _Type] | None = None, optional: dict[str, _Type] | None = None):
         self.required = required or {}
         self.optional = optional or {}
+
+    def compiled(self, top: bool = False):
+        """``top``: a request's own map, where the envelope's fields (v, op, rid) may be too."""
+        required = {name: typ.compiled() for name, typ in self.required.items()}
+        return (SCHEMA_MAP, tuple(required.items()), {name: typ.compiled() for name, typ in self.optional.items()},
+                top, required)
 
     def check(self, value, path):
         if type(value) is not dict:
@@ -625,7 +668,8 @@ def validate(header: dict, allowed: frozenset[Op] | set[Op]) -> Op:
         raise ProtocolError(ErrorCode.UNIMPLEMENTED, f"unknown op {raw}") from None
     if op not in allowed:
         raise ProtocolError(ErrorCode.UNIMPLEMENTED, f"op {op.name} is not served on this endpoint")
-    SCHEMAS[op].check(header, "")
+    if not schema_valid(_COMPILED[op], header):
+        SCHEMAS[op].check(header, "")  # names the field at fault (and is the judge, should the two differ)
     return op
 
 
@@ -641,6 +685,8 @@ KEYED_OPS = frozenset({
 })
 for _op in KEYED_OPS:
     SCHEMAS[_op].optional["idempotency_key"] = IDEMPOTENCY_KEY
+#: each op's schema as ``_core.schema_valid`` reads it (validate's fast path): compiled once SCHEMAS is complete
+_COMPILED = {op: schema.compiled(top=True) for op, schema in SCHEMAS.items()}
 
 FRONTEND_OPS = frozenset({
     Op.GET_SERVICE_CONFIG, Op.CREATE_SESSION, Op.GET_SESSIONS, Op.CANCEL_SESSIONS, Op.CLOSE_SESSIONS,

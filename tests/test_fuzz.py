@@ -15,6 +15,7 @@ error, and the agent still runs a task afterwards.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -28,6 +29,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from armonik_zmq import protocol as P
+from armonik_zmq._core import schema_valid as compiled_schema_valid
 from armonik_zmq.broker.metrics import rss_bytes
 from armonik_zmq.protocol import BACKEND_OPS, FRONTEND_OPS, SCHEMAS, WORKER_OPS, Op
 
@@ -226,6 +228,43 @@ def _value_havoc(header: dict, rnd, ops) -> bytes:
             if rnd.random() < 0.5 and keys:
                 header.pop(rnd.choice(keys), None)
     return msgpack.packb(header)
+
+
+def _deep_edit(value, rnd):
+    """Return ``value`` with one edit somewhere inside it: a field deleted, added or given a wrong value, or an item
+    of a list replaced; at any depth (the schema check must judge nested maps and lists as well as the top)."""
+    if isinstance(value, dict) and value and rnd.random() < 0.8:
+        key = rnd.choice(list(value))
+        what = rnd.randrange(4)
+        if what == 0:
+            value[key] = _deep_edit(value[key], rnd)
+        elif what == 1:
+            del value[key]
+        elif what == 2:
+            value[key] = rnd.choice(_wrong_values(rnd))
+        else:
+            value[rnd.choice(["zz", 7, "v", "rid", b"k"])] = rnd.choice(_wrong_values(rnd))
+        return value
+    if isinstance(value, list) and value and rnd.random() < 0.8:
+        i = rnd.randrange(len(value))
+        value[i] = _deep_edit(value[i], rnd) if rnd.random() < 0.6 else rnd.choice(_wrong_values(rnd))
+        return value
+    return rnd.choice(_wrong_values(rnd))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(schema_valid(FRONTEND_OPS | BACKEND_OPS | WORKER_OPS), SEEDS)
+def test_the_compiled_schema_check_agrees_with_the_schema_classes(header, seed):
+    """``protocol.validate`` trusts ``_core.schema_valid``'s yes: it must say yes exactly when the schema classes do."""
+    rnd = random.Random(seed)
+    op = Op(header["op"])
+    for edited in (header, *(_deep_edit(copy.deepcopy(header), rnd) for _ in range(BATCH))):
+        try:
+            SCHEMAS[op].check(edited, "")
+            expected = True
+        except P.ProtocolError:
+            expected = False
+        assert compiled_schema_valid(P._COMPILED[op], edited) == expected, edited
 
 
 def havoc(parts: list[bytes], rnd, ops) -> list[bytes]:
