@@ -312,7 +312,10 @@ class Handlers:
         sid = self.state.require_session(txn, h["session_id"])["session_id"]
         sub = self.state.events.subscribe(req.peer, req.rid, sid, h.get("event_types"), h.get("task_filter"),
                                           h.get("result_filter"), h.get("inline_max", 0))
-        req.on_rollback(lambda: self.state.events.unsubscribe(req.peer, req.rid))
+        # The undo names the subscription, not the request: a closure over ``req`` (which holds it) would make a
+        # reference cycle, keeping the header (a wait on N results: 2N lists) alive until a full collection.
+        peer, rid = req.peer, req.rid
+        req.on_rollback(lambda: self.state.events.unsubscribe(peer, rid))
         req.reply(subscription=req.rid)
         if h.get("snapshot"):
             for clause in h.get("result_filter") or ():
