@@ -129,12 +129,23 @@ def _function(function_bytes: bytes) -> Callable:
     return fn
 
 
-def _load_arguments(argument_bytes: bytes, values: Mapping[str, Any], aliases: Mapping[str, str]) -> tuple[tuple, dict]:
-    class _Unpickler(pickle.Unpickler):
-        def persistent_load(self, pid):
-            return values[aliases.get(pid, pid)]
+class _CallUnpickler(pickle.Unpickler):
+    """Unpickle call arguments, each persistent id (a future's result id, maybe aliased) becoming its value.
 
-    return _Unpickler(io.BytesIO(argument_bytes)).load()
+    One class for every call: creating a class per task cost more than the rest of a tiny task's unpickling.
+    """
+
+    def __init__(self, argument_bytes: bytes, values: Mapping[str, Any], aliases: Mapping[str, str]):
+        super().__init__(io.BytesIO(argument_bytes))
+        self.values = values
+        self.aliases = aliases
+
+    def persistent_load(self, pid):
+        return self.values[self.aliases.get(pid, pid)]
+
+
+def _load_arguments(argument_bytes: bytes, values: Mapping[str, Any], aliases: Mapping[str, str]) -> tuple[tuple, dict]:
+    return _CallUnpickler(argument_bytes, values, aliases).load()
 
 
 def processor(task_handler) -> Output:
