@@ -4,8 +4,7 @@ One thread does everything, in turns:
 
 1. drain waiting messages from both sockets (up to ``max_batch_messages`` held), and take the turn's
    batch from them peer by peer, cut at ``turn_budget`` seconds of estimated work, clients' requests
-   first (broker/fairness.py: agents' reports may wait for the next turn, so that the clients' commit
-   and replies come sooner);
+   first (broker/fairness.py);
 2. open one write transaction; decode, validate and handle each message in a nested transaction
    (a failing request undoes only itself); expire lost agents; dispatch ready tasks to agents;
 3. commit (the group commit: one fsync for the whole turn);
@@ -40,7 +39,7 @@ from .backend import AgentInfo, Backend
 from .data import ResultData
 from .auth import Authorizer, Guard, Security
 from .events import EventBus
-from .fairness import PREEMPT_AFTER, PREEMPT_EVERY, FairQueue
+from .fairness import PREEMPT_EVERY, FairQueue
 from .gcpolicy import GcPolicy
 from .handlers import Handlers, handler_table
 from .idempotency import Idempotency
@@ -424,7 +423,6 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         """Handle the batch, lost agents, leases and dispatch in one write transaction, then commit."""
         with self.store.write() as txn:
             started = time.monotonic()
-            look_at = started + PREEMPT_AFTER
             i = 0
             while i < len(batch):  # preempt() may replace the batch's rest
                 sock, frames = batch[i]
@@ -432,9 +430,8 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
                 out = self._handle(txn, sock, frames, now)
                 if out is not None:
                     replies.append((sock, out, None))
-                if i < len(batch) and (i % PREEMPT_EVERY == 0 or time.monotonic() >= look_at):
+                if i % PREEMPT_EVERY == 0 and i < len(batch):
                     self._preempt(batch, i)
-                    look_at = time.monotonic() + PREEMPT_AFTER
             self._handling_seconds = time.monotonic() - started
             for agent in self._lost_agents:
                 if self.agents.get(agent.agent_id) is agent:
@@ -449,8 +446,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
                 self.expire_leases(txn, now, turn_started)
                 if self.idempotency.due(mono):
                     self.idempotency.collect(txn, now, mono)
-            if not self.fair.deferred:  # else the next turn comes at once (clients answered first)
-                self.dispatch(txn, now)
+            self.dispatch(txn, now)
             commit_started = time.monotonic()
         self.metrics.commit(time.monotonic() - commit_started)
 
