@@ -15,7 +15,8 @@ import hashlib
 import io
 import pickle
 import traceback
-from collections import OrderedDict
+import types
+from collections import ChainMap, OrderedDict
 from typing import Any, Callable, Mapping, Optional
 
 import cloudpickle
@@ -63,7 +64,31 @@ class ErrorRecord:
         return exc
 
 
-class _CallPickler(cloudpickle.Pickler):
+def _reduce_code_keeping_its_file(code: types.CodeType):
+    """cloudpickle's reduction of a code object, with its file name kept.
+
+    cloudpickle >= 3.1.3 writes "<dynamic-code>" instead (for payloads that do not depend on where a
+    function was defined): a remote traceback then has no source lines. With the real name, the worker
+    shows them wherever it can read the file (always on one host), as it did before.
+    """
+    constructor, args = cloudpickle.cloudpickle._code_reduce(code)
+    return constructor, tuple(code.co_filename if arg == "<dynamic-code>" else arg for arg in args)
+
+
+class _Pickler(cloudpickle.Pickler):
+    """cloudpickle, code objects keeping their file names (for the source lines of remote tracebacks)."""
+
+    dispatch_table = ChainMap({types.CodeType: _reduce_code_keeping_its_file}, cloudpickle.Pickler.dispatch_table)
+
+
+def dump_function(fn: Callable) -> bytes:
+    """Return ``fn`` pickled for the function processor (by value when the workers cannot import it)."""
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(fn)
+    return buffer.getvalue()
+
+
+class _CallPickler(_Pickler):
     """Pickle call arguments, writing each future as its result id and noting it in ``dependencies``."""
 
     def __init__(self, buffer: io.BytesIO, future_type: type):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import pickle
 import threading
 import time
 import weakref
@@ -20,7 +19,6 @@ from datetime import timedelta
 from itertools import islice
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, List, Optional, Sequence, Union
 
-import cloudpickle
 
 from . import functions, shm, subtasks
 from .common import TaskOptions
@@ -170,9 +168,9 @@ class Client:
         try:
             data = self._function_bytes.get(fn)
         except TypeError:  # not weakly referenceable (a builtin, a callable instance)
-            return cloudpickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
+            return functions.dump_function(fn)
         if data is None:
-            data = self._function_bytes[fn] = cloudpickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
+            data = self._function_bytes[fn] = functions.dump_function(fn)
         return data
 
     def _submit_calls(self, fn: Callable, calls: Sequence[tuple], options: Optional[dict]) -> List[Future]:

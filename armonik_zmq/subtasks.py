@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import io
-import pickle
 import weakref
 from typing import Any, Callable, Iterable, Iterator, List, Optional
 
-import cloudpickle
 
 from . import functions
 from .protocol import Op
@@ -90,7 +88,7 @@ class WorkerClient:
             raise RuntimeError("this task has ended: its client cannot submit any more")
         cached = self._function_bytes.get(id(fn))
         if cached is None or cached[0] is not fn:
-            cached = self._function_bytes[id(fn)] = (fn, cloudpickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL))
+            cached = self._function_bytes[id(fn)] = (fn, functions.dump_function(fn))
         buffer = io.BytesIO()
         pickler = functions._CallPickler(buffer, SubtaskFuture)  # futures become their (placeholder) result ids
         pickler.dump((args, kwargs))  # now: later changes to the arguments do not leak into the call
