@@ -232,6 +232,8 @@ def test_cancel_tasks_kills_the_running_one_on_its_agent(api, tmp_path):
     dependent, (dep_out,) = api.submit(sid, {"op": "sum"}, deps=[out])
     wait_until(marker.exists, "the task to start")
     pid = int(marker.read_text())
+    # the broker has its start (the agent reports it 2 ms in, or later under load): started_at is set below
+    wait_task(api, sid, spinning.id, _T.PROCESSING)
     (row,) = api.tasks.cancel_tasks([spinning.id])
     assert row.id == spinning.id and row.status in (_T.CANCELLING, _T.CANCELLED)
     # outputs aborted and dependents cancelled at once, as ArmoniK does
