@@ -18,15 +18,15 @@ every peer, and a client flooding requests would make every turn long. So the br
 - puts clients' requests ahead of agents' reports in a batch: a client's request waits for no
   report of its turn (one report of many completions takes a millisecond or more) before its
   handling, only for the rest of the turn and the commit. The reports stay in the same turn:
-  answering the clients in a turn of their own, the reports left to the next one, was measured (T15
-  at 100,000 tasks) to cost ~10% more broker CPU per task for no gain in the submit-ack median;
+  answering the clients in a turn of their own, the reports left to the next one, showed no gain in
+  T15's submit-ack median and ~10% more broker CPU per task (measured at load 6-9 only);
 - lets a client that sent a request while a turn is being handled (a peer with nothing waiting
   before) into that very turn: every ``PREEMPT_EVERY`` messages the loop looks at the client socket,
   and if such a newcomer is there, the rest of the batch goes back to the front of its queues and the
   newcomer's request is handled instead (``preempt``). It then waits for a few messages and a commit,
   not for the flood's turn and its own. (Looking also after every half millisecond of handling, so
-  within a turn of a few large reports, cost 15-25% more broker CPU per task in T15 and lowered its
-  throughput: not done.)
+  within a turn of a few large reports, went with 15-25% more broker CPU per task in T15 at load 6-9,
+  not confirmed on a quiet machine: not done.)
 
 A turn always takes at least one message, so a single huge request still gets served (in a turn of
 its own).
