@@ -160,12 +160,11 @@ class WorkerRuntime:
                 with self._lock:
                     self._flush()
             pause = GIVE_BACK_AFTER  # while the run lasts, what waits behind it is given back
-            while True:
-                _sleep_until(started + pause)
-                if not self._busy or self._seq != seq:
-                    break
+            _sleep_until(started + pause)
+            while self._busy and self._seq == seq:
                 self._give_back()
                 pause = min(2 * pause, GIVE_BACK_MAX)  # runs may still come: look again, less and less often
+                time.sleep(pause)  # from now: a deadline from the run's start would pass and spin
 
     def _give_back(self) -> None:
         """Hand the runs queued here beyond ``_keep`` back to the agent (the task running is a long one)."""
