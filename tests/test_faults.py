@@ -306,6 +306,12 @@ class StormClient:
         return sum(r["status"] == ResultStatus.COMPLETED for r in rows)
 
 
+def _executions(log) -> int:
+    """How many executions the workers logged so far (a line each): the storm's progress, read without the broker."""
+    with open(log, "rb") as f:
+        return f.read().count(b"\n")
+
+
 def run_storm(cluster: LocalProcesses, n: int, kills: int, log, sleep: float = 0.0) -> dict:
     """Submit n keyed tasks (each sleeping ``sleep`` s), SIGKILL the broker ``kills`` times meanwhile; return what happened."""
     open(log, "w").close()  # this run's executions only
@@ -328,10 +334,16 @@ def run_storm(cluster: LocalProcesses, n: int, kills: int, log, sleep: float = 0
         thread = threading.Thread(target=submitter, daemon=True)
         thread.start()
         rng = random.Random(n * 7 + kills)
-        # kill at random moments, the first while submitting; 1-3 s apart, so that most restarts get to
-        # dispatch (restart to first dispatch is measured between a restart and the next kill)
-        for k in range(kills):
-            time.sleep(rng.uniform(0.3, 1.5) if k == 0 else rng.uniform(1.0, 3.0))
+        # Kill at random moments of the work: the k-th kill once the workers have run between k + 0.25 and
+        # k + 0.75 (kills + 1)-ths of the tasks. Marks of progress, not of time: a kill lands while there is
+        # work (a schedule of seconds outlasted the whole run once the broker got faster, and the wall-time
+        # ratio then measured the schedule), and each restart dispatches before the next kill (measured below).
+        marks = [int(n * (k + rng.uniform(0.25, 0.75)) / (kills + 1)) for k in range(kills)]
+        for mark in marks:
+            deadline = time.monotonic() + 120
+            while _executions(log) < mark:
+                assert time.monotonic() < deadline, f"the workers ran {_executions(log)} of {mark} tasks in 120 s"
+                time.sleep(0.02)
             killed = time.time()
             cluster.kill_broker()
             cluster.start_broker()
@@ -377,8 +389,8 @@ def test_t1_broker_kill_storm(tmp_path, scale):
         cluster.start_broker()
         start_agents(cluster, AGENTS)
         cluster.wait_ready()
-        # At CI size no-op tasks were all done before the kills came (the schedule lasts 2.3-7.5 s): no restart
-        # had work to dispatch and none was measured. 10 ms tasks make the work (~5 s on 4 workers) outlast it.
+        # At CI size no-op tasks take about a second: 10 ms tasks (~5 s on 4 workers) leave each restart time to
+        # reach its first dispatch before the next kill.
         sleep = 0.0 if scale == 1.0 else 0.01
         baseline = run_storm(cluster, n, 0, log, sleep)
         storm = run_storm(cluster, n, kills, log, sleep)
@@ -414,9 +426,9 @@ def test_t1_broker_kill_storm(tmp_path, scale):
     # a restart starts a Python process and its agents register again: seconds only on a machine not oversubscribed
     if not overloaded():
         assert slowest_first <= 2.0, storm["firsts"]
-    # The ratio compares the storm with the work it interrupts. At CI size the work takes about a second while
-    # the kill schedule alone (first kill after 0.3-1.5 s, then 1-3 s apart) lasts 2.3-7.5 s, so the ratio
-    # measures the schedule: it is judged at full size only (20,000 tasks outlast ten kills).
+    # The ratio compares the storm with the work it interrupts: judged at full size, where ten restarts (a
+    # Python start each) weigh against 20,000 tasks as RELIABILITY.md means; at CI size three restarts weigh
+    # against 2,000, and the figure is only recorded.
     if scale == 1.0 and not overloaded():
         assert ratio <= 3.0, f"storm {storm['wall']:.1f}s vs fault-free {baseline['wall']:.1f}s"
     elif slowest_first > 2.0 or ratio > 3.0:
