@@ -93,6 +93,12 @@ def test_t8_map_growth_with_a_cross_process_reader(tmp_path, scale):
     try:
         cluster.start()
         monitor = Monitor(cluster.data_dir)
+        # the monitor watches before the first write: a fast submission once outran its start-up (every growth
+        # done before it opened the map: none to survive)
+        deadline = time.monotonic() + 30
+        while not monitor.snapshots:
+            assert time.monotonic() < deadline and monitor.proc.poll() is None, "the monitor did not start watching"
+            time.sleep(0.02)
         failures: list[str] = []
         outputs: dict[str, list[str]] = {}
         metadata = {"blob": "m" * 1024}
