@@ -281,9 +281,9 @@ def test_small_results_ride_inline_with_their_completion_event(cluster, api):
         inline = conn.subscribe(session_id, [int(_E.RESULT_STATUS_UPDATE)], inline_max=64)
         plain = conn.subscribe(session_id, [int(_E.RESULT_STATUS_UPDATE)])
         try:
-            uploaded = api.results.create_results({"small": b"s" * 64, "large": b"L" * 65}, session_id)
+            uploaded = api.results.create_results({"small": b"s" * 64, "large": b"L" * 65, "empty": b""}, session_id)
             task, (out,) = api.submit(session_id, {"op": "sleep", "seconds": 0, "value": [1, 2]})
-            ids = {uploaded["small"].result_id, uploaded["large"].result_id, out}
+            ids = {uploaded["small"].result_id, uploaded["large"].result_id, uploaded["empty"].result_id, out}
             with_data = _completions(inline, ids)
             without = _completions(plain, ids)
         finally:
@@ -291,8 +291,9 @@ def test_small_results_ride_inline_with_their_completion_event(cluster, api):
             plain.close()
     assert with_data[uploaded["small"].result_id]["data"] == b"s" * 64
     assert "data" not in with_data[uploaded["large"].result_id]
+    assert with_data[uploaded["empty"].result_id]["data"] == b""
     assert json.loads(with_data[out]["data"]) == [1, 2]  # a task's output, from its completion
-    assert all("data" not in body for body in without.values())
+    assert all("data" not in body for body in without.values())  # not even an empty result's b""
     assert api.value(session_id, out) == [1, 2]
 
 

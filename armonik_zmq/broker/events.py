@@ -94,7 +94,7 @@ class EventBus:
             if not (sub.task_filter if is_task else sub.result_filter)(row):
                 continue
             item = body
-            if data is not None and row["size"] <= sub.inline_max:
+            if data is not None and sub.inline_max and row["size"] <= sub.inline_max:  # 0: never, even empty
                 if with_data is None:  # joined once, for every subscription that takes it
                     with_data = {**body, "data": _joined(data)}
                 item = with_data
