@@ -18,6 +18,7 @@ from typing import Callable, Optional
 
 import zmq
 
+from .. import hostmem
 from ..common import Output
 from ..protocol import Op, ProtocolError, check_reply, decode_header, request, split_frames
 from .taskhandler import TaskHandler, mapped_inputs
@@ -322,6 +323,7 @@ def main(agent_endpoint: str, processor_spec: str, identity: str = "", state_pat
         sys.exit(3)
     logging.basicConfig(level=os.environ.get("ARMONIK_ZMQ_LOG", "WARNING"),
                         format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s")
+    hostmem.prefer_small_pages_for_arrays()  # before the processor's module imports numpy
     try:
         processor = load_processor(processor_spec)
     except ValueError as exc:
