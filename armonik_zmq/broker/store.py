@@ -8,7 +8,6 @@ with a nested transaction, so the other requests of the turn still commit.
 from __future__ import annotations
 
 import contextlib
-import operator
 import os
 import threading
 from typing import Iterator, Optional
@@ -16,6 +15,7 @@ from typing import Iterator, Optional
 import lmdb
 import msgpack
 
+from .._core import pack_fields
 from ..protocol import DATA_CHUNK_MAX_SIZE, ErrorCode, ProtocolError
 from ..status import TASK_FINAL, ResultStatus, TaskStatus
 
@@ -59,8 +59,6 @@ RESULT_FIELDS = ("result_id", "session_id", "name", "owner_task_id", "created_by
 #: an array row's length tells its kind
 _FIELDS_BY_LENGTH = {len(TASK_FIELDS): TASK_FIELDS, len(RESULT_FIELDS): RESULT_FIELDS}
 assert len(_FIELDS_BY_LENGTH) == 2
-_TASK_VALUES = operator.itemgetter(*TASK_FIELDS)
-_RESULT_VALUES = operator.itemgetter(*RESULT_FIELDS)
 _OPTIONS_AT = TASK_FIELDS.index("options")
 #: distinct options seen (packed -> dict, and id(dict) -> (dict, packed)): a few per session, bounded all the same
 _OPTIONS_BY_BYTES: dict[bytes, dict] = {}
@@ -86,23 +84,14 @@ def _packed_options(opts: dict) -> bytes:
 
 
 def encode_task(row: dict) -> bytes:
-    if len(row) != len(TASK_FIELDS):
-        return _pack(row)
-    try:
-        values = list(_TASK_VALUES(row))
-    except KeyError:
-        return _pack(row)
-    values[_OPTIONS_AT] = _packed_options(values[_OPTIONS_AT])
-    return _pack(values)
+    opts = row.get("options")
+    packed = pack_fields(row, TASK_FIELDS, _OPTIONS_AT, _packed_options(opts), _pack) if type(opts) is dict else None
+    return _pack(row) if packed is None else packed
 
 
 def encode_result(row: dict) -> bytes:
-    if len(row) != len(RESULT_FIELDS):
-        return _pack(row)
-    try:
-        return _pack(_RESULT_VALUES(row))
-    except KeyError:
-        return _pack(row)
+    packed = pack_fields(row, RESULT_FIELDS, -1, None, _pack)
+    return _pack(row) if packed is None else packed
 
 
 def decode_row(buf) -> dict:
