@@ -462,7 +462,8 @@ class Backend:
         could never run.
         """
         inline, data = [], []
-        for rid in dict.fromkeys([row["payload_id"], *row["data_dependencies"]]):
+        deps = row["data_dependencies"]
+        for rid in (dict.fromkeys([row["payload_id"], *deps]) if deps else (row["payload_id"],)):
             known = seen.get(rid)
             if known is None:
                 size = txn.object_size(rid)

@@ -15,7 +15,7 @@ from ..status import ResultStatus, SessionStatus, TaskStatus, TASK_FINAL
 from . import options as task_options
 from . import segments as shm_segments
 from .state import new_id, not_found
-from .store import Txn
+from .store import RESULT_FIELDS, Txn
 
 if TYPE_CHECKING:
     from .server import Broker, Request
@@ -27,12 +27,13 @@ _S = SessionStatus
 _T = TaskStatus
 _SESSION_FIELDS = ("session_id", "status", "client_submission", "worker_submission", "partition_ids", "options",
                    "created_at", "cancelled_at", "closed_at", "purged_at", "deleted_at", "duration", "owner")
-_RESULT_FIELDS = ("result_id", "session_id", "name", "owner_task_id", "created_by", "completed_by", "status",
-                  "created_at", "completed_at", "size", "opaque_id", "manual_deletion")
+_RESULT_KEYS = frozenset(RESULT_FIELDS)
 
 
 def result_view(row: dict) -> dict:
-    return {k: row[k] for k in _RESULT_FIELDS}
+    """A result row as clients see it: the row itself when it has exactly the public fields (replies are packed at
+    once, so it is not copied), else those fields of it."""
+    return row if row.keys() == _RESULT_KEYS else {k: row[k] for k in RESULT_FIELDS}
 
 
 def session_view(row: dict) -> dict:

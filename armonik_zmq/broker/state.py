@@ -25,8 +25,6 @@ log = logging.getLogger(__name__)
 _R = as_ints(ResultStatus)
 _S = as_ints(SessionStatus)
 _T = as_ints(TaskStatus)
-#: result statuses a task may depend on (data now, or later)
-_USABLE = (_R.CREATED, _R.COMPLETED)
 #: timestamp recorded when a task enters a status
 _STAMP = {_T.SUBMITTED: "submitted_at", _T.DISPATCHED: "acquired_at", _T.PROCESSING: "started_at",
           _T.COMPLETED: "ended_at", _T.ERROR: "ended_at", _T.TIMEOUT: "ended_at", _T.CANCELLED: "ended_at",
@@ -188,6 +186,16 @@ class BrokerState:
         txn.put_result(rrow)
         self.events.result_owner(rrow, previous)
 
+    def _task_options(self, own: Optional[dict], request_options: Optional[dict], session: dict, where: str) -> dict:
+        """Merge and check a task's options (task > request > session), on a partition this broker serves."""
+        opts = task_options.validate(task_options.merge(own, request_options, session.get("options")),
+                                     session["partition_ids"], where)
+        if opts["partition_id"] not in self.partition_slot:
+            raise ProtocolError(ErrorCode.INVALID_ARGUMENT,
+                                f"{where}: partition '{opts['partition_id']}' is not served by this broker "
+                                f"(known: {self.partitions})")
+        return opts
+
     def create_tasks(self, txn: Txn, session: dict, creations: list[dict], request_options: Optional[dict], now: float,
                      *, parent: Optional[dict] = None, task_ids: Optional[list[str]] = None) -> list[dict]:
         """Create tasks (from a client, or a worker's subtasks when ``parent`` is given), all or nothing.
@@ -196,43 +204,41 @@ class BrokerState:
         """
         sid = session["session_id"]
         where_prefix = "subtask" if parent else "task"
-        session_defaults = session.get("options")
+        get_result = txn.get_result
         plans = []
         claimed: set[str] = set()
         inputs_seen: dict[str, dict] = {}
         #: the options of every task that names none of its own: merged and checked once, one dict shared by the rows
         shared_opts = None
         for i, c in enumerate(creations):
-            where = f"{where_prefix} {i}"
             if c.get("options"):
-                opts = task_options.validate(task_options.merge(c["options"], request_options, session_defaults),
-                                             session["partition_ids"], where)
+                opts = self._task_options(c["options"], request_options, session, f"{where_prefix} {i}")
             else:
                 if shared_opts is None:
-                    shared_opts = task_options.validate(task_options.merge(None, request_options, session_defaults),
-                                                        session["partition_ids"], where)
+                    shared_opts = self._task_options(None, request_options, session, f"{where_prefix} {i}")
                 opts = shared_opts
-            if opts["partition_id"] not in self.partition_slot:
-                raise ProtocolError(ErrorCode.INVALID_ARGUMENT,
-                                    f"{where}: partition '{opts['partition_id']}' is not served by this broker "
-                                    f"(known: {self.partitions})")
-            inputs = [c["payload_id"], *c.get("data_dependencies", ())]
+            payload_id = c["payload_id"]
+            deps = c.get("data_dependencies")
             missing = []
-            for rid in inputs:
+            for rid in ((payload_id, *deps) if deps else (payload_id,)):
                 # Inputs are only looked at here: a payload shared by the whole batch is read once.
                 rrow = inputs_seen.get(rid)
                 if rrow is None:
                     rrow = inputs_seen[rid] = self.require_result(txn, rid, sid)
-                if rrow["status"] not in _USABLE:
-                    raise ProtocolError(ErrorCode.ABORTED, f"{where}: input result {rid} is "
-                                        f"{ResultStatus(rrow['status']).name} and will never have data")
-                if rrow["status"] == _R.CREATED and rid not in missing:
-                    missing.append(rid)
+                status = rrow["status"]
+                if status == _R.CREATED:
+                    if rid not in missing:
+                        missing.append(rid)
+                elif status != _R.COMPLETED:
+                    raise ProtocolError(ErrorCode.ABORTED, f"{where_prefix} {i}: input result {rid} is "
+                                        f"{ResultStatus(status).name} and will never have data")
             outputs = []
             for rid in c["expected_output_ids"]:
-                rrow = self.require_result(txn, rid, sid)
+                rrow = get_result(rid)
+                if rrow is None or rrow["session_id"] != sid:
+                    raise not_found("result", rid, sid)
                 if rrow["status"] != _R.CREATED:
-                    raise ProtocolError(ErrorCode.FAILED_PRECONDITION, f"{where}: expected output {rid} is "
+                    raise ProtocolError(ErrorCode.FAILED_PRECONDITION, f"{where_prefix} {i}: expected output {rid} is "
                                         f"{ResultStatus(rrow['status']).name}; an output must not have data yet")
                 outputs.append(rrow)
             plans.append((c, opts, missing, outputs))
