@@ -33,6 +33,15 @@ def _refusal(kind: str, exc: ProtocolError) -> ProtocolError:
     return exc
 
 
+def _frame_count(specs: Optional[list]) -> int:
+    """The data frames of a completion's results (its ``results`` specs)."""
+    if not specs:
+        return 0
+    if len(specs) == 1:
+        return specs[0]["frames"]
+    return sum(r["frames"] for r in specs)
+
+
 class AgentInfo:
     __slots__ = ("agent_id", "peer", "slot", "hostname", "capacity", "partitions", "expires")
 
@@ -295,8 +304,7 @@ class Backend:
     def handle_tasks_done(self: "Broker", req: "Request", txn: Txn) -> None:
         agent = self._agent(req)
         h = req.header
-        counts = [sum(r["frames"] for r in c.get("results", ())) for c in h["tasks"]]
-        groups = split_frames(req.frames, counts)
+        groups = split_frames(req.frames, [_frame_count(c.get("results")) for c in h["tasks"]])
         accepted, refused = [], []
         for completion, frames in zip(h["tasks"], groups):
             task_id = completion["task_id"]
@@ -410,9 +418,11 @@ class Backend:
         """Check the data a completion reports; return (result row, data) pairs. Reads only, changes nothing."""
         task_id = row["task_id"]
         sid = row["session_id"]
-        data_groups = split_frames(frames, [r["frames"] for r in c.get("results", ())])
+        specs = c.get("results", ())
+        # one result (most tasks): its frames are the completion's (handle_tasks_done counted them)
+        data_groups = [frames] if len(specs) == 1 else split_frames(frames, [r["frames"] for r in specs])
         produced = []
-        for spec, data in zip(c.get("results", ()), data_groups):
+        for spec, data in zip(specs, data_groups):
             rid = spec["result_id"]
             rrow = created.get(rid) or txn.get_result(rid)
             if rrow is None or rrow["session_id"] != sid:

@@ -266,6 +266,11 @@ def _live_value(row: dict) -> bytes:
 _LIVE_VALUES: dict[tuple, bytes] = {}
 
 
+#: packed object rows of one-chunk data by (size, chunk size), for sizes below this (the small results of most tasks)
+_ONE_CHUNK_ROWS: dict[tuple[int, int], bytes] = {}
+_ONE_CHUNK_ROWS_KEPT = 1024
+
+
 class Txn:
     """Typed access to the tables inside one LMDB transaction."""
 
@@ -312,16 +317,18 @@ class Txn:
         """
         task_id = row["task_id"]
         key = task_id.encode()
-        self.txn.put(key, encode_task(row), db=self.store.tasks)
+        txn, store = self.txn, self.store
+        txn.put(key, encode_task(row), db=store.tasks)
         status = row["status"]
-        if status in TASK_FINAL:
-            self.txn.delete(key, db=self.store.live_tasks)
+        ended = status in _TASK_ENDED
+        if ended:
+            txn.delete(key, db=store.live_tasks)
         elif new or was is None or (was == _SUBMITTED) != (status == _SUBMITTED):
-            self.txn.put(key, _live_value(row), db=self.store.live_tasks)
+            txn.put(key, _live_value(row), db=store.live_tasks)
         if new:
-            self.txn.put(row["session_id"].encode(), key, db=self.store.session_tasks)
-        cache = self.store.task_rows
-        if row["status"] in _TASK_ENDED:
+            txn.put(row["session_id"].encode(), key, db=store.session_tasks)
+        cache = store.task_rows
+        if ended:
             cache.pop(task_id, None)
         elif len(cache) < TASK_CACHE_MAX or task_id in cache:
             cache[task_id] = row
@@ -389,7 +396,12 @@ class Txn:
         if len(frames) == 1 and (size := memoryview(frames[0]).nbytes) <= cs:
             # one frame that fits one chunk (most results): stored as it is, empty or not
             self.txn.put(chunk_key(result_id, 0), frames[0], db=self.store.data)
-            self._put_object_row(result_id, {"size": size, "chunks": 1, "chunk_size": cs})
+            packed = _ONE_CHUNK_ROWS.get((size, cs))
+            if packed is None:
+                packed = _pack({"size": size, "chunks": 1, "chunk_size": cs})
+                if size < _ONE_CHUNK_ROWS_KEPT:
+                    _ONE_CHUNK_ROWS[(size, cs)] = packed
+            self.txn.put(result_id.encode(), packed, db=self.store.objects)
             return size
         size, count = self._write_chunks(result_id, frames, 0, cs)
         return self._seal(result_id, {"size": size, "chunks": count, "chunk_size": cs})
