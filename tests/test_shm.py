@@ -97,6 +97,26 @@ def test_numpy_result_comes_back_as_a_read_only_view_of_the_mapping(client, clus
     assert client.submit(np.sum, client.submit(make_array, 5, 2 * MiB)).result(60) == pattern(5, 2 * MiB).sum()
 
 
+class SlowToFree(bytearray):
+    """Memory whose release takes seconds (as a big array's munmap takes milliseconds)."""
+
+    def __del__(self):
+        time.sleep(5)
+
+
+def slow_to_free_array(n_bytes: int) -> np.ndarray:
+    return np.frombuffer(SlowToFree(n_bytes), dtype=np.uint8)
+
+
+def test_a_big_result_is_reported_before_its_memory_is_freed(client):
+    """The worker sends a big result's output, then frees the memory the task built it in: the client never
+    waits for the free (a 256 MiB array in 4 KiB pages takes ~17 ms to unmap)."""
+    started = time.monotonic()
+    value = client.submit(slow_to_free_array, 8 * MiB).result(60)
+    assert value.nbytes == 8 * MiB and is_mapped(value)
+    assert time.monotonic() - started < 4, "the output waited for the result's memory to be freed (5 s)"
+
+
 def is_mapped(array) -> bool:
     return not array.flags.writeable and isinstance(backing_mmap(array), mmap.mmap)
 
@@ -147,6 +167,8 @@ def test_results_stay_mapped_through_a_broker_restart(tmp_path):
             cl.wait_ready()
             view = results.download_result_view(fut.result_id, c.session_id)
             assert isinstance(backing_mmap(view), mmap.mmap), "mapped again, not downloaded"
+            # the new broker did not see it adopted: its readers hash it (an OS crash could have torn it)
+            assert "unchanged" not in data_socket_item(cl.data_dir, c.session_id, fut.result_id)
             assert np.array_equal(armonik_zmq.functions.load_result(view), pattern(12, 2 * MiB))
             # and a task run after the restart writes and maps as before
             assert is_mapped(c.submit(make_array, 13, 2 * MiB).result(60))
@@ -209,6 +231,33 @@ def test_checksum_mismatch_is_detected_never_returned(cluster, client):
     with armonik_zmq.Client(cluster.endpoint) as other:  # the futures path raises too, never returns the bytes
         views = other._data.get(client.session_id, [fut.result_id])
         assert isinstance(views[fut.result_id], shm.DataError)
+
+
+def data_socket_item(data_dir: str, session_id: str, result_id: str) -> dict:
+    """What the broker's data socket says of one result (its descriptor is closed at once)."""
+    channel = shm.DataChannel(os.path.join(data_dir, "data.sock"))
+    try:
+        reply, fds = channel._request({"op": "get", "session_id": session_id, "result_ids": [result_id]})
+    finally:
+        channel.close()
+    for fd in fds:
+        os.close(fd)
+    return reply["items"][0]
+
+
+def test_readers_hash_only_what_the_broker_cannot_vouch_for(cluster, client):
+    """A segment nobody changed since the broker adopted it is vouched for: readers skip hashing it (its writer
+    hashed those very bytes). Once changed in any way (here made writable: its ctime moves), it is hashed again."""
+    before = set(segment_files(cluster))
+    fut = client.submit(make_array, 22, MiB)
+    fut.result(60)
+    (name,) = set(segment_files(cluster)) - before
+    assert data_socket_item(cluster.data_dir, client.session_id, fut.result_id).get("unchanged") is True
+    os.chmod(os.path.join(cluster.data_dir, "segments", name), 0o600)
+    assert "unchanged" not in data_socket_item(cluster.data_dir, client.session_id, fut.result_id)
+    with connect(cluster.endpoint) as conn:  # hashed now, and still right
+        view = ArmoniKResults(conn).download_result_view(fut.result_id, client.session_id)
+        assert np.array_equal(armonik_zmq.functions.load_result(view), pattern(22, MiB))
 
 
 def test_data_socket_refuses_what_is_not_a_sealed_memfd(cluster):

@@ -285,6 +285,9 @@ class WorkerRuntime:
         fields, frames = handler.output_message() if output.success else ({}, [])
         self._output(frames, token=token, ok=output.success, error=output.error, started_at=started_at,
                      ended_at=time.time(), **fields)
+        if handler.report_before_freeing:
+            with self._lock:
+                self._flush()
 
     def serve(self) -> None:
         self.call(Op.WORKER_READY, pid=os.getpid())

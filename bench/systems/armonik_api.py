@@ -97,8 +97,8 @@ class ArmoniKApi(System):
             for rid, parts in zip(batch, split_frames(frames, header["frames"])):
                 values[rid] = parts[0] if len(parts) == 1 else b"".join(parts)
         for h in handles:
-            if h.fn == "array":  # large: streamed a few chunks per message
-                values[h.result_id] = self.results.download_result_data(h.result_id, self.session_id)
+            if h.fn == "array":  # large: mapped on the broker's host (no copy), else streamed a few chunks per message
+                values[h.result_id] = self.results.download_result_view(h.result_id, self.session_id)
         return [decode_output(h.fn, values[h.result_id]) for h in handles]
 
     def release(self, handles: Sequence[Handle]) -> None:
