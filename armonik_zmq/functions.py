@@ -105,6 +105,10 @@ class _CallPickler(_Pickler):
 
 def dump_call(function_bytes: bytes, args: tuple, kwargs: dict, future_type: type) -> tuple[bytes, list[str]]:
     """Return the payload of ``function(*args, **kwargs)`` and the result ids of the futures among the arguments."""
+    plain = serialization.PLAIN_TYPES
+    if all(type(a) in plain for a in args) and all(type(v) in plain for v in kwargs.values()):
+        # no future, nothing pickled by value: the standard pickler writes the same stream, 10x cheaper
+        return dump_payload(function_bytes, pickle.dumps((args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)), []
     buffer = io.BytesIO()
     pickler = _CallPickler(buffer, future_type)
     pickler.dump((args, kwargs))
@@ -140,9 +144,16 @@ def load_result(data) -> Any:
     return value
 
 
+#: functions pickled in fewer bytes are cached under their bytes (hashing them is cheaper than a digest)
+_SMALL_FUNCTION = 4096
+
+
 def _function(function_bytes: bytes) -> Callable:
     """Return the unpickled function, from the cache when bytes with the same digest were seen before."""
-    key = hashlib.blake2b(function_bytes, digest_size=16).digest()
+    if len(function_bytes) < _SMALL_FUNCTION:
+        key = function_bytes
+    else:
+        key = hashlib.blake2b(function_bytes, digest_size=16).digest()
     fn = _functions.get(key)
     if fn is None:
         fn = pickle.loads(function_bytes)

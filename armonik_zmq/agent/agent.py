@@ -45,10 +45,17 @@ _tokens = itertools.count(1)
 
 #: tasks whose runs average less than this (seconds) are queued deeper at workers (``Agent._depth``)
 TINY_RUN = 0.001
-#: the start of a task on an idle worker is reported once it has run this long (seconds), or sooner with
-#: another report; a task that ends first has its start carried by its completion: one broker turn (one
-#: commit) on a short task's way to its result instead of two in a row
+#: the start of a task is reported once it has run this long (seconds); a task that ends first has its start
+#: carried by its completion: one broker turn (one commit) on a short task's way to its result instead of two
+#: in a row, and one row write per task of a batch of short ones instead of two
 START_REPORT_DELAY = 0.002
+
+
+def _oldest_due(starts: dict) -> float:
+    """When the oldest of the unreported starts ``starts`` is due (they are kept in the order they came)."""
+    for due, _ in starts.values():
+        return due
+    return math.inf
 
 
 def _new_token() -> str:
@@ -110,12 +117,9 @@ class Agent:
         self._deadlines: list[tuple[float, str]] = []
         self._rids = itertools.count(1)
         self._pending: dict[int, Callable[[dict, list], None]] = {}
-        self._started: list = []
-        #: time.monotonic() when the oldest of ``_started`` is due at the broker
-        self._start_due = 0.0
-        #: starts of tasks that were queued at their worker behind another: they may wait for the next
-        #: completion report and ride with it (see ``_flush``)
-        self._started_queued: list = []
+        #: starts not reported yet, by task id: (time.monotonic() when due at the broker, [task_id, attempt,
+        #: started_at]), oldest first; a task that ends drops its own (its completion carries the start)
+        self._started: dict[str, tuple[float, list]] = {}
         self._done: list[tuple[dict, list]] = []
         self._released: list = []
         #: [task_id, attempt] the broker asked to stop (STOP_TASKS) and that run nowhere here any more
@@ -351,6 +355,7 @@ class Agent:
 
     def _forget(self, task: LocalTask) -> None:
         self.tasks.pop(task.task_id, None)
+        self._started.pop(task.task_id, None)
         self.by_token.pop(task.token, None)
         self._stopping.discard(task.task_id)
         self._discarding.discard(task.task_id)
@@ -489,15 +494,15 @@ class Agent:
                 self._mark_started(task)
         return True
 
-    def _mark_started(self, task: LocalTask, queued: bool = False) -> None:
+    def _mark_started(self, task: LocalTask) -> None:
         """Record that ``task`` now runs on its worker; its max_duration counts from here (ArmoniK: Process deadline)."""
         if self._drop_if_stopping(task):
             return
         task.started_at = time.time()
-        if not queued and not self._started:
-            self._start_due = time.monotonic() + START_REPORT_DELAY
-        (self._started_queued if queued else self._started).append([task.task_id, task.attempt, task.started_at])
-        heapq.heappush(self._deadlines, (time.monotonic() + task.msg["options"]["max_duration"], task.token))
+        mono = time.monotonic()
+        self._started.pop(task.task_id, None)  # one run again (its worker died) goes last: the oldest stay first
+        self._started[task.task_id] = (mono + START_REPORT_DELAY, [task.task_id, task.attempt, task.started_at])
+        heapq.heappush(self._deadlines, (mono + task.msg["options"]["max_duration"], task.token))
         if len(self._deadlines) > 2 * len(self.by_token) + 64:
             self._deadlines = [d for d in self._deadlines if d[1] in self.by_token]
             heapq.heapify(self._deadlines)
@@ -682,7 +687,7 @@ class Agent:
             if proc.queue:
                 nxt = self.tasks.get(proc.queue[0])
                 if nxt is not None:
-                    self._mark_started(nxt, queued=True)
+                    self._mark_started(nxt)
         self._forget(task)
 
     def _on_worker_death(self, proc: WorkerProc, code: int) -> None:
@@ -761,26 +766,15 @@ class Agent:
             return
         # One TASKS_DONE in flight at a time: the completions of the tasks that end meanwhile wait for its
         # acknowledgement (the broker's next commit) and go out together. The batch size follows the
-        # broker's pace, and a lone task is still reported at once. The start of a task sent to an idle
-        # worker goes out after START_REPORT_DELAY, or with any other report (its turn would be the same);
-        # the start of one that was queued behind another waits with the completions.
+        # broker's pace, and a lone task is still reported at once.
         hold_done = bool(self._done) and any(kind == "done" for kind, _ in self._unacked.values())
-        send_queued = bool(self._started_queued) and not hold_done
-        send_started = bool(self._started) and (send_queued or bool(self._released) or
-                                                (bool(self._done) and not hold_done) or
-                                                time.monotonic() >= self._start_due)
-        if send_started or send_queued:
-            # A task that already ended needs no STARTED of its own: its completion carries started_at, and
-            # the broker passes it through PROCESSING on the way (one message, one row write).
-            finished = {c["task_id"] for c, _ in self._done} if self._done else ()
-            started = (self._started if send_started else []) + (self._started_queued if send_queued else [])
-            started = [s for s in started if s[0] not in finished]
-            if started:
-                self._call(Op.TASKS_STARTED, tasks=started)
-            if send_started:
-                self._started = []
-            if send_queued:
-                self._started_queued = []
+        # A task that ends before its start is reported needs no STARTED: its completion carries started_at,
+        # and the broker passes it through PROCESSING on the way (one row write, and no turn of its own for a
+        # lone task). So starts go out once the oldest is START_REPORT_DELAY old: short tasks, alone or in
+        # batches, never have theirs reported.
+        if self._started and time.monotonic() >= _oldest_due(self._started):
+            started, self._started = self._started, {}
+            self._call(Op.TASKS_STARTED, tasks=[s for _, s in started.values()])
         if self._released:
             released, self._released = self._released, []
             rid = self._call(Op.TASKS_RELEASE, on_reply=self._on_ack, tasks=released)
@@ -827,8 +821,8 @@ class Agent:
                     self._next_heartbeat = mono + self.heartbeat_interval
                     self._call(Op.AGENT_HEARTBEAT, on_reply=lambda h, f: None)
                 wait_ms = 50
-                if self._started and self.registered:  # wake up when their report is due
-                    wait_ms = min(wait_ms, max(0, math.ceil((self._start_due - time.monotonic()) * 1000)))
+                if self._started and self.registered:  # wake up when a start is due
+                    wait_ms = min(wait_ms, max(0, math.ceil((_oldest_due(self._started) - time.monotonic()) * 1000)))
                 events = dict(self.poller.poll(wait_ms))
                 if self.broker in events:
                     for _ in range(1000):

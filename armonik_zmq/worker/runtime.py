@@ -51,8 +51,10 @@ STATE_SIZE = 32
 
 #: outputs held back at most this long (seconds) while the worker runs the next task of its queue
 OUTPUT_DELAY = 0.001
-#: outputs sent in one message at most (the agent refills the worker's queue as they arrive)
-OUTPUT_BATCH = 8
+#: outputs sent in one message at most; short tasks' outputs otherwise go when the queue runs dry (one W_OUTPUTS
+#: per RUNS: each message costs both processes more than a tiny task), or once held this long (seconds)
+OUTPUT_BATCH = 32
+OUTPUT_HOLD_MAX = 0.003
 #: a task still running after this long (seconds) gives the runs queued behind it back to the agent,
 #: beyond the agent's ``keep`` (its window), so that another worker can take them
 GIVE_BACK_AFTER = 0.005
@@ -63,12 +65,13 @@ GIVE_BACK_MAX = 0.1
 class WorkerRuntime:
     """Runs the tasks the agent queues here, one at a time, in order.
 
-    Outputs are batched: the output of a task that ends while another task is queued here waits (at most
-    ``OUTPUT_DELAY``, or ``OUTPUT_BATCH`` outputs) to travel with the next ones, as one ``W_OUTPUTS``. Each
-    ZeroMQ send wakes both I/O threads, which cost more than a tiny task. A guard thread sends the held
-    outputs when the next task runs longer than ``OUTPUT_DELAY``, so a long task never holds back the
-    report of a short one (its agent would count that one as still running), and gives back the runs
-    queued here once the task has run ``GIVE_BACK_AFTER``, so that they do not wait behind it.
+    Outputs are batched: the output of a task that ends while another task is queued here waits to travel
+    with the next ones, as one ``W_OUTPUTS``, sent when the queue runs dry (unless runs arrived meanwhile),
+    at ``OUTPUT_BATCH`` outputs, or by the guard thread. Each ZeroMQ send wakes both I/O threads, which
+    cost more than a tiny task. The guard sends the held outputs when the next task runs longer than
+    ``OUTPUT_DELAY``, so a long task never holds back the report of a short one (its agent would count that
+    one as still running), or when they were held ``OUTPUT_HOLD_MAX``; it gives back the runs queued here
+    once the task has run ``GIVE_BACK_AFTER``, so that they do not wait behind it.
     """
 
     def __init__(self, agent_endpoint: str, processor: Callable[[TaskHandler], Output], identity: str = "",
@@ -89,8 +92,9 @@ class WorkerRuntime:
         self._agent_pid = agent_pid or os.getppid()
         #: runs queued here by the agent (RUN, RUNS), not started yet
         self._runs: deque = deque()
-        #: outputs not sent yet: (fields, data frames)
+        #: outputs not sent yet: (fields, data frames), and time.monotonic() when the first was held
         self._outputs: list = []
+        self._held_since = 0.0
         #: the socket is used by this thread and the guard thread: one at a time (ZeroMQ sockets are not
         #: thread-safe; a lock is the full barrier a socket needs to change threads)
         self._lock = threading.Lock()
@@ -134,6 +138,8 @@ class WorkerRuntime:
     def _output(self, data=(), **fields) -> None:
         """Hold a task's output (sent by ``_flush``): W_OUTPUT's ``fields``, its ``data`` frames."""
         with self._lock:
+            if not self._outputs:
+                self._held_since = time.monotonic()
             self._outputs.append((fields, data))
             if len(self._outputs) >= OUTPUT_BATCH:
                 self._flush()
@@ -158,6 +164,11 @@ class WorkerRuntime:
             seq, started = self._seq, self._run_started  # the run in progress now
             if self._outputs:
                 _sleep_until(started + OUTPUT_DELAY)
+                if self._seq != seq and time.monotonic() - self._held_since < OUTPUT_HOLD_MAX:
+                    # That run ended within OUTPUT_DELAY: short tasks follow each other, and the main thread
+                    # sends their outputs when its queue runs dry. Watch the run in progress.
+                    self._wake.set()
+                    continue
                 with self._lock:
                     self._flush()
             pause = GIVE_BACK_AFTER  # while the run lasts, what waits behind it is given back
@@ -229,7 +240,9 @@ class WorkerRuntime:
             run = self._runs.popleft()  # the guard thread may have given the last ones back meanwhile
         except IndexError:
             with self._lock:
-                self._flush()
+                self._drain()  # runs the agent sent meanwhile: the held outputs may still wait for more
+                if not self._runs:
+                    self._flush()
                 while True:
                     try:
                         run = self._runs.popleft()

@@ -27,7 +27,8 @@ class TaskHandler:
         self.token: str = header["token"]
         self.session_id: str = header["session_id"]
         self.task_id: str = header["task_id"]
-        self.task_options: TaskOptions = TaskOptions.from_wire(header["options"])
+        self._options: dict = header["options"]
+        self._task_options: Optional[TaskOptions] = None
         self.expected_results: List[str] = list(header["expected_output_ids"])
         self.payload_id: str = header["payload_id"]
         self.configuration: dict = header.get("configuration") or {}
@@ -41,6 +42,13 @@ class TaskHandler:
         self._segments: List[dict] = []
         #: the buffers of those results, kept until this run is dropped: see ``report_before_freeing``
         self._written: List[list] = []
+
+    @property
+    def task_options(self) -> TaskOptions:
+        """The task's options (built when first read: most processors never look, and a tiny task notices)."""
+        if self._task_options is None:
+            self._task_options = TaskOptions.from_wire(self._options)
+        return self._task_options
 
     def _call(self, op: Op, data=(), **fields) -> dict:
         """Ask the agent, on behalf of this task run (its token)."""
