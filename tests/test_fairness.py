@@ -1,13 +1,19 @@
 """The broker's turn batches (broker/fairness.py): clients' requests ahead of agents' reports.
 
-The queue is fed real ZeroMQ frames as the broker's sockets receive them (routing id, header, data).
+The queue is fed real ZeroMQ frames as the broker's sockets receive them (routing id, header, data);
+the turn test runs a real broker (its sockets and LMDB) one turn at a time.
 """
 
 from __future__ import annotations
 
+import time
+
 import zmq
 
 from armonik_zmq.broker.fairness import CLIENTS, FairQueue
+from armonik_zmq.broker.server import Broker
+from armonik_zmq.config import BrokerConfig
+from armonik_zmq.protocol import Op, decode_header, request
 
 AGENTS = 1
 
@@ -31,7 +37,7 @@ def test_clients_requests_come_before_the_agents_reports_they_arrived_with():
         batch, _ = fair.take()
         # the client's request first, then the agents' reports in the order they came
         assert peers_of(batch) == [b"client", b"agent0", b"agent1", b"agent2", b"agent3"]
-        assert fair.waiting == 0
+        assert fair.waiting == 0 and fair.clients_ahead(batch) == 1
     finally:
         frontend.close(0)
         backend.close(0)
@@ -56,3 +62,59 @@ def test_a_newcomer_replaces_the_rest_of_the_turn_which_comes_first_in_the_next(
     finally:
         frontend.close(0)
         backend.close(0)
+
+
+OPTIONS = {"max_duration": 5.0, "priority": 1, "max_retries": 1}
+
+
+def _turn_with(broker: Broker, sent: list) -> None:
+    """Run one broker turn once every message of ``sent`` (DEALER, broker's socket, header) waits on the broker."""
+    for sock, _, header in sent:
+        sock.send(header)
+    deadline = time.monotonic() + 10
+    while not all(theirs.getsockopt(zmq.EVENTS) & zmq.POLLIN for _, theirs, _ in sent):
+        assert time.monotonic() < deadline, "the messages did not reach the broker"
+        time.sleep(0.01)
+    broker.turn(0)
+
+
+def test_a_turn_commits_and_answers_its_clients_before_it_handles_the_agents_reports(tmp_path):
+    """A turn with a client's request and an agent's report is two commits, the client's first; a turn with only
+    one kind is one commit."""
+    config = BrokerConfig(data_dir=str(tmp_path / "lmdb"), endpoint=f"ipc://{tmp_path}/f",
+                          agents_endpoint=f"ipc://{tmp_path}/b", map_size=1 << 24)
+    broker = Broker(config)
+    ctx = zmq.Context.instance()
+    client, agent = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    try:
+        client.connect(config.endpoint)
+        agent.connect(config.agents_endpoint)
+        order: list = []
+        state = broker.state
+
+        def handled_by(kind):  # what the client had received, and the commits done, when a request is handled
+            def wrap(fn):
+                def handle(req, txn):
+                    order.append((kind, broker.stats["commits"], bool(client.poll(2000 if kind == "agent" else 0))))
+                    return fn(req, txn)
+                return handle
+            return wrap
+
+        broker.handlers[Op.CREATE_SESSION] = handled_by("client")(broker.handlers[Op.CREATE_SESSION])
+        broker.handlers[Op.AGENT_REGISTER] = handled_by("agent")(broker.handlers[Op.AGENT_REGISTER])
+        _turn_with(broker, [(agent, broker.backend, request(Op.AGENT_REGISTER, 1, agent_id="a1", capacity=1)),
+                            (client, broker.frontend, request(Op.CREATE_SESSION, 1, default_task_options=OPTIONS))])
+        assert broker.state is state and broker.stats["turns"] == 1 and broker.stats["commits"] == 2
+        # the client's request was handled first, committed and answered before the agent's report was handled
+        assert order == [("client", 0, False), ("agent", 1, True)]
+        assert decode_header(client.recv_multipart()[-1])["ok"] and decode_header(agent.recv_multipart()[-1])["ok"]
+        _turn_with(broker, [(client, broker.frontend, request(Op.CREATE_SESSION, 2, default_task_options=OPTIONS))])
+        assert broker.stats["turns"] == 2 and broker.stats["commits"] == 3
+        _turn_with(broker, [(agent, broker.backend, request(Op.AGENT_HEARTBEAT, 2, agent_id="a1"))])
+        assert broker.stats["turns"] == 3 and broker.stats["commits"] == 4
+        reply = decode_header(client.recv_multipart()[-1])
+        assert reply["rid"] == 2 and reply["ok"]
+    finally:
+        client.close(0)
+        agent.close(0)
+        broker.close()

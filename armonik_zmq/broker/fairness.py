@@ -15,18 +15,22 @@ every peer, and a client flooding requests would make every turn long. So the br
   time, an agent's heartbeat) while another peer has a backlog: its budget is then ``LIGHT_SHARE`` of
   the usual one. The light peer's reply leaves after that turn's commit, so the flooder's share of
   the turn is what it waits for; the flooder loses one short turn, an extra commit;
-- puts clients' requests ahead of agents' reports in a batch: a client's request waits for no
-  report of its turn (one report of many completions takes a millisecond or more) before its
-  handling, only for the rest of the turn and the commit. The reports stay in the same turn:
-  answering the clients in a turn of their own, the reports left to the next one, showed no gain in
-  T15's submit-ack median and ~10% more broker CPU per task (measured at load 6-9 only);
+- puts clients' requests ahead of agents' reports in a batch, and when a batch has both, the broker
+  commits and answers the clients' part before it handles the reports (broker/server.py): a client's
+  request waits for no report of its turn (one report of many completions takes a millisecond or
+  more), nor for the turn's dispatch. The second commit happens only in turns that have both;
 - lets a client that sent a request while a turn is being handled (a peer with nothing waiting
-  before) into that very turn: every ``PREEMPT_EVERY`` messages the loop looks at the client socket,
-  and if such a newcomer is there, the rest of the batch goes back to the front of its queues and the
-  newcomer's request is handled instead (``preempt``). It then waits for a few messages and a commit,
-  not for the flood's turn and its own. (Looking also after every half millisecond of handling, so
-  within a turn of a few large reports, went with 15-25% more broker CPU per task in T15 at load 6-9,
-  not confirmed on a quiet machine: not done.)
+  before) into that very turn: after every ``LOOK_EVERY`` seconds of handling the loop looks at the
+  client socket, and if such a newcomer is there, the rest of the batch goes back to the front of its
+  queues and the newcomer's request is handled instead (``preempt``). It then waits for the message
+  being handled, the turn's upkeep and commit, not for the rest of the turn.
+
+Measured with T15's pattern (sequential submits of 100 tasks while 4 agents complete them, 30,000
+tasks, runs interleaved at load 5-9): the split commit and the look took the broker CPU spent between
+a submit's send and its reply from 8-10 ms to 5-5.6 ms (median), and the submit-ack median from
+21.7-29 ms to 13.8-17.5 ms, with one more commit per submit and no more broker CPU per task. (The
+last session measured the split, as a deferred turn, and a 0.5 ms look at load 6-9 and did not keep
+them; the broker's CPU per task did not rise in these runs.)
 
 A turn always takes at least one message, so a single huge request still gets served (in a turn of
 its own).
@@ -49,8 +53,10 @@ MESSAGE_UNITS = 256
 DATA_BYTES_PER_UNIT = 64
 #: fraction of the budget a turn takes when it serves a light peer beside a backlog
 LIGHT_SHARE = 0.25
-#: messages handled between two looks for newcomers (a look is a getsockopt when nothing came)
-PREEMPT_EVERY = 8
+#: seconds of handling between two looks for newcomers (a look is a getsockopt when nothing came, ~2.5 us)
+LOOK_EVERY = 0.0002
+#: most clients' messages a look takes from the socket
+PREEMPT_TAKES = 8
 #: the socket key of clients: only their newcomers preempt a turn (agents' reports are a steady stream)
 CLIENTS = 0
 
@@ -147,6 +153,16 @@ class FairQueue:
         if clients and len(clients) < len(batch):
             batch = clients + [item for item in batch if keys[id(item[0])] != CLIENTS]
         return batch, total
+
+    def clients_ahead(self, batch: list) -> int:
+        """How many messages at the head of ``batch`` are clients' requests (``take`` puts them first)."""
+        keys = self._keys
+        n = 0
+        for sock, _ in batch:
+            if keys[id(sock)] != CLIENTS:
+                break
+            n += 1
+        return n
 
     def preempt(self, batch: list, handled: int) -> None:
         """Mid-turn, after new messages were added: newcomers' first requests replace ``batch[handled:]``.

@@ -39,7 +39,7 @@ from .backend import AgentInfo, Backend
 from .data import ResultData
 from .auth import Authorizer, Guard, Security
 from .events import EventBus
-from .fairness import PREEMPT_EVERY, FairQueue
+from .fairness import LOOK_EVERY, PREEMPT_TAKES, FairQueue
 from .gcpolicy import GcPolicy
 from .handlers import Handlers, handler_table
 from .idempotency import Idempotency
@@ -132,6 +132,10 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         self.auth = Authorizer(self) if self.guard is not None else None
         self.frontend = self._router(config.endpoint)
         self.backend = self._router(config.agents_endpoint, sndhwm=config.backend_sndhwm)
+        self.poller = zmq.Poller()
+        self.poller.register(self.frontend, zmq.POLLIN)
+        self.poller.register(self.backend, zmq.POLLIN)
+        self._next_lease_check = time.monotonic() + config.lease
         if self.guard is not None:
             self.guard.start()
         self._outbox: list[tuple[zmq.Socket, list, Optional[AgentInfo]]] = []
@@ -287,7 +291,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         if not frontend.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             return
         # past the queue's room if need be: by one batch at most, which the next turns' drains leave in ZeroMQ
-        for _ in range(PREEMPT_EVERY):
+        for _ in range(PREEMPT_TAKES):
             try:
                 fair.add(0, frontend, frontend.recv_multipart(flags=zmq.NOBLOCK, copy=False))
             except zmq.Again:
@@ -362,6 +366,28 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
                 self.gc_policy.idle()
             return
         now = wall_now()
+        self._handling_seconds = 0.0
+        clients = self.fair.clients_ahead(batch)
+        if 0 < clients < len(batch):
+            # The clients' requests are committed and answered before the agents' reports are handled:
+            # a submit's ack waits for no completion report of its turn, nor for the turn's dispatch
+            # (fairness.py). The second commit happens only in turns that have both.
+            self._commit_part(batch[:clients], now, mono, False, turn_started, upkeep=False)
+            batch = batch[clients:]
+        self._commit_part(batch, now, mono, lease_due, turn_started, upkeep=True)
+        self.stats["turns"] += 1
+        self.fair.record(self._handling_seconds, self.fair.turn_units)
+        if self._loaded_at is not None and self.state.core.n_dispatched():
+            log.info("first dispatch %.3fs after the state was loaded", time.monotonic() - self._loaded_at)
+            self._loaded_at = None
+        self.metrics.turn(time.monotonic() - turn_started)
+        # a client already waiting is served before the collector's step (gcpolicy.py)
+        self.gc_policy.busy(wanted=bool(self.frontend.getsockopt(zmq.EVENTS) & zmq.POLLIN))
+
+    def _commit_part(self, batch: list, now: float, mono: float, lease_due: bool, turn_started: float,
+                     upkeep: bool) -> None:
+        """Handle ``batch`` (with ``upkeep``: and lost agents, purges, leases, dispatch) in one transaction,
+        commit it, then send its replies, dispatches and events."""
         replies: list = []
         incoming = sum(sum(map(len, frames)) for _, frames in batch)  # len(Frame): no memoryview per frame
         try:
@@ -371,7 +397,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
                 self._turn_requests = []
                 replies = []
                 try:
-                    self._run_turn(batch, replies, now, mono, lease_due, turn_started)
+                    self._run_turn(batch, replies, now, mono, lease_due, turn_started, upkeep)
                     break
                 except lmdb.MapFullError:
                     self._undo_turn(*snapshot)
@@ -406,23 +432,17 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
             return
         finally:
             self._turn_requests = []
-        self.stats["turns"] += 1
         self.stats["commits"] += 1
         self.stats["requests"] += len(batch)
-        self.fair.record(self._handling_seconds, self.fair.turn_units)
         self._outbox[:0] = replies
         self._flush()
-        if self._loaded_at is not None and self.state.core.n_dispatched():
-            log.info("first dispatch %.3fs after the state was loaded", time.monotonic() - self._loaded_at)
-            self._loaded_at = None
-        self.metrics.turn(time.monotonic() - turn_started)
-        self.gc_policy.busy()
 
     def _run_turn(self, batch: list, replies: list, now: float, mono: float, lease_due: bool,
-                  turn_started: float) -> None:
-        """Handle the batch, lost agents, leases and dispatch in one write transaction, then commit."""
+                  turn_started: float, upkeep: bool = True) -> None:
+        """Handle the batch (with ``upkeep``: lost agents, purges, leases and dispatch) in one write transaction,
+        then commit."""
         with self.store.write() as txn:
-            started = time.monotonic()
+            started = looked = time.monotonic()
             i = 0
             while i < len(batch):  # preempt() may replace the batch's rest
                 sock, frames = batch[i]
@@ -430,25 +450,33 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
                 out = self._handle(txn, sock, frames, now)
                 if out is not None:
                     replies.append((sock, out, None))
-                if i % PREEMPT_EVERY == 0 and i < len(batch):
-                    self._preempt(batch, i)
-            self._handling_seconds = time.monotonic() - started
-            for agent in self._lost_agents:
-                if self.agents.get(agent.agent_id) is agent:
-                    self.metrics.add("send_failure_requeues", self.drop_agent(txn, agent, "could not be reached", now))
-                # dropped now, or by an earlier failure or lease expiry: either way its tasks are queued again
-                self.metrics.counters["agent_send_failures_handled"] += 1
-            self._lost_agents = []
-            if self.purges.pending:
-                self.purges.advance(txn, self.state.delete_result_data)
-            if lease_due:
-                self._next_lease_check = mono + min(0.25, self.config.lease / 4)
-                self.expire_leases(txn, now, turn_started)
-                if self.idempotency.due(mono):
-                    self.idempotency.collect(txn, now, mono)
-            self.dispatch(txn, now)
+                if i < len(batch):
+                    mono_now = time.monotonic()
+                    if mono_now - looked >= LOOK_EVERY:
+                        looked = mono_now
+                        self._preempt(batch, i)
+            self._handling_seconds += time.monotonic() - started
+            if upkeep:
+                self._upkeep(txn, now, mono, lease_due, turn_started)
             commit_started = time.monotonic()
         self.metrics.commit(time.monotonic() - commit_started)
+
+    def _upkeep(self, txn, now: float, mono: float, lease_due: bool, turn_started: float) -> None:
+        """The turn's own work after its messages: lost agents, purges, expired leases, dispatch."""
+        for agent in self._lost_agents:
+            if self.agents.get(agent.agent_id) is agent:
+                self.metrics.add("send_failure_requeues", self.drop_agent(txn, agent, "could not be reached", now))
+            # dropped now, or by an earlier failure or lease expiry: either way its tasks are queued again
+            self.metrics.counters["agent_send_failures_handled"] += 1
+        self._lost_agents = []
+        if self.purges.pending:
+            self.purges.advance(txn, self.state.delete_result_data)
+        if lease_due:
+            self._next_lease_check = mono + min(0.25, self.config.lease / 4)
+            self.expire_leases(txn, now, turn_started)
+            if self.idempotency.due(mono):
+                self.idempotency.collect(txn, now, mono)
+        self.dispatch(txn, now)
 
     def _undo_turn(self, agents: dict, lost: list, outbox_len: int, next_lease_check: float) -> None:
         """Put the in-memory state back as it was before an aborted turn (its transaction is gone).
@@ -489,9 +517,6 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
 
     def run(self) -> None:
         """Serve until ``stop()`` or SIGINT/SIGTERM."""
-        self.poller = zmq.Poller()
-        self.poller.register(self.frontend, zmq.POLLIN)
-        self.poller.register(self.backend, zmq.POLLIN)
         self._next_lease_check = time.monotonic() + self.config.lease
         self._running = True
         self.gc_policy.start()
