@@ -151,6 +151,13 @@ def test_arraylike_download_api_maps_without_copy(cluster, client):
         assert isinstance(data, bytes) and bytes(view) == data
         assert results._download_frames(fut.result_id, client.session_id) == data  # what other hosts get
         assert np.array_equal(armonik_zmq.functions.load_result(view), pattern(9, 2 * MiB))
+        # many at once: the segments mapped in one data-socket request, a small (inline) one downloaded
+        small = client.submit(make_array, 10, 1024)
+        small.result(60)
+        views = results.download_result_views([fut.result_id, small.result_id], client.session_id)
+        assert isinstance(backing_mmap(views[fut.result_id]), mmap.mmap) and bytes(views[fut.result_id]) == data
+        assert views[small.result_id].readonly
+        assert np.array_equal(armonik_zmq.functions.load_result(views[small.result_id]), pattern(10, 1024))
 
 
 def test_results_stay_mapped_through_a_broker_restart(tmp_path):
@@ -574,7 +581,7 @@ def test_t14_memfd_hygiene_under_worker_agent_and_broker_kills(tmp_path, scale):
                     cluster.kill_broker()
                     cluster.start_broker()
                     killed["broker"] += 1
-            values = client.gather(futures, timeout=600)  # every mapping's checksum is verified on read
+            values = client.gather(futures, timeout=600)  # hashed on read unless the broker vouches for the file
             wrong = [i for i, v in enumerate(values) if not np.array_equal(v, pattern(i, size))]
             assert wrong == [], f"{len(wrong)} result(s) with wrong data, e.g. tasks {wrong[:5]}"
             # most went through memfds (a result written while the broker is down goes over the socket),

@@ -96,9 +96,9 @@ class ArmoniKApi(System):
             header, frames = self.conn.call(Op.DOWNLOAD_RESULT_DATA, session_id=self.session_id, result_ids=batch)
             for rid, parts in zip(batch, split_frames(frames, header["frames"])):
                 values[rid] = parts[0] if len(parts) == 1 else b"".join(parts)
-        for h in handles:
-            if h.fn == "array":  # large: mapped on the broker's host (no copy), else streamed a few chunks per message
-                values[h.result_id] = self.results.download_result_view(h.result_id, self.session_id)
+        arrays = [h.result_id for h in handles if h.fn == "array"]
+        if arrays:  # large: mapped on the broker's host (no copy, one request per 200), else streamed in chunks
+            values.update(self.results.download_result_views(arrays, self.session_id))
         return [decode_output(h.fn, values[h.result_id]) for h in handles]
 
     def release(self, handles: Sequence[Handle]) -> None:
