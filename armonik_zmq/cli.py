@@ -171,6 +171,10 @@ def keys(directory, clients, agents, client_names, agent_names) -> None:
 @click.option("--turn-budget", type=click.FloatRange(0.0005, 10.0), default=0.01, show_default=True,
               help="Seconds of request handling one loop turn aims at; clients take turns within it, so a "
                    "flooding client delays the others by about this much.")
+@click.option("--nice", type=click.IntRange(-20, 0), default=0, show_default=True,
+              help="A nice value the broker asks for at start (e.g. -5), when lower than its own: it serves every "
+                   "task, so on a busy host it would get the CPU first. Needs CAP_SYS_NICE (or RLIMIT_NICE); "
+                   "without it the broker keeps its priority. 0: as started.")
 @click.option("--max-message-size", type=click.IntRange(1024, 1 << 31), default=64 << 20, show_default=True,
               help="Largest message frame (bytes) a peer may send; a bigger one disconnects the peer.")
 @click.option("--map-size", type=ByteSize(), default="64GiB", show_default=True,
@@ -200,7 +204,7 @@ def keys(directory, clients, agents, client_names, agent_names) -> None:
 def broker(ctx, data_dir, endpoint, agents_endpoint, partitions, heartbeat_interval, liveness, lease, backend_sndhwm,
            no_router_mandatory, no_sync, config_file, object_storage, metrics_port, metrics_address, max_message_size,
            map_size, max_map_size, agent_grace, idempotency_ttl, keys_dir, server_secret, client_keys,
-           agent_keys, shm_threshold, shm_fsync, shm_grace, turn_budget) -> None:
+           agent_keys, shm_threshold, shm_fsync, shm_grace, turn_budget, nice) -> None:
     """Run the broker (the control plane) in the foreground."""
     from .broker import Broker
 
@@ -218,7 +222,7 @@ def broker(ctx, data_dir, endpoint, agents_endpoint, partitions, heartbeat_inter
                           metrics_address=metrics_address, max_message_size=max_message_size, map_size=map_size,
                           max_map_size=max_map_size, agent_grace=agent_grace, idempotency_ttl=idempotency_ttl,
                           shm_threshold=shm_threshold, shm_fsync=shm_fsync, shm_grace=shm_grace,
-                          turn_budget=turn_budget, **_broker_keys(keys_dir, server_secret, client_keys, agent_keys))
+                          turn_budget=turn_budget, nice=nice, **_broker_keys(keys_dir, server_secret, client_keys, agent_keys))
     try:
         server = Broker(config)
     except RuntimeError as exc:

@@ -139,6 +139,10 @@ class BrokerConfig:
     #: seconds of request handling a loop turn aims at: peers take turns within it, so one peer's flood
     #: or big requests delay the others by about this much (broker/fairness.py)
     turn_budget: float = 0.01
+    #: a nice value the broker asks for at start when lower than its own (more CPU when the host is busy: it
+    #: serves every task). Needs CAP_SYS_NICE or RLIMIT_NICE; without, it stays. 0: as started (the default:
+    #: -5 showed no gain in T15 measured under other load, see broker/server.py ask_for_nice).
+    nice: int = 0
     #: largest message frame a peer may send (bytes): a bigger one disconnects the peer (ZMQ_MAXMSGSIZE).
     #: Data travels in frames of data_chunk_max_size, so only a broken or hostile peer reaches it.
     max_message_size: int = 64 << 20

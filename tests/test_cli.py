@@ -71,3 +71,32 @@ def test_up_serves_the_demo_and_stops_cleanly_on_sigterm(tmp_path):
         _, err = up.communicate(timeout=60)
     assert up.returncode == 0, err
     assert "stopping the cluster" in err
+
+
+def test_broker_nice_option_sets_every_thread_or_says_why_not(tmp_path):
+    """--nice -3: every thread of the broker runs at nice -3, or (without CAP_SYS_NICE) it keeps its own and logs why."""
+    import os
+    import time
+
+    from armonik_zmq.cluster import LocalProcesses
+
+    log_path = str(tmp_path / "broker.log")
+    cluster = LocalProcesses(str(tmp_path / "lmdb"), broker_args=("--nice", "-3"), log_level="INFO", broker_log=log_path)
+    try:
+        cluster.start_broker()
+        deadline = time.monotonic() + 30
+        while "broker serving clients" not in open(log_path).read():
+            assert time.monotonic() < deadline and cluster.broker.poll() is None, open(log_path).read()
+            time.sleep(0.05)
+        tids = os.listdir(f"/proc/{cluster.broker.pid}/task")
+        nices = {int(open(f"/proc/{cluster.broker.pid}/task/{t}/stat").read().rsplit(")", 1)[1].split()[16])
+                 for t in tids}
+        if os.geteuid() == 0:
+            assert len(tids) >= 3 and nices == {-3}, nices  # the main thread and ZeroMQ's threads
+        else:
+            assert nices == {os.getpriority(os.PRIO_PROCESS, 0)} and "needs CAP_SYS_NICE" in open(log_path).read()
+    finally:
+        cluster.cleanup()
+    bad = subprocess.run([sys.executable, "-m", "armonik_zmq", "broker", "--nice", "5"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode != 0 and "--nice" in bad.stderr
