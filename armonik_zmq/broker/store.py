@@ -15,7 +15,7 @@ from typing import Iterator, Optional
 import lmdb
 import msgpack
 
-from .._core import pack_fields
+from .._core import pack_fields, unpack_fields
 from ..protocol import DATA_CHUNK_MAX_SIZE, ErrorCode, ProtocolError
 from ..status import TASK_FINAL, ResultStatus, TaskStatus
 
@@ -96,18 +96,20 @@ def encode_result(row: dict) -> bytes:
 
 def decode_row(buf) -> dict:
     """Return the row stored in ``buf`` (a task, result or session row; an array or a map)."""
-    values = msgpack.unpackb(buf, raw=False)
-    if type(values) is dict:
-        return values
-    fields = _FIELDS_BY_LENGTH[len(values)]
-    if fields is TASK_FIELDS:
-        packed = values[_OPTIONS_AT]
+    row = unpack_fields(buf, _FIELDS_BY_LENGTH)
+    if row is None:
+        values = msgpack.unpackb(buf, raw=False)
+        if type(values) is dict:
+            return values
+        row = dict(zip(_FIELDS_BY_LENGTH[len(values)], values))
+    if len(row) == len(TASK_FIELDS):
+        packed = row["options"]
         opts = _OPTIONS_BY_BYTES.get(packed)
         if opts is None:
             opts = msgpack.unpackb(packed, raw=False)
             _remember_options(opts, packed)
-        values[_OPTIONS_AT] = opts
-    return dict(zip(fields, values))
+        row["options"] = opts
+    return row
 
 
 #: the table of unfinished task ids (restart reads it instead of every task row)
