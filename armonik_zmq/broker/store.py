@@ -274,17 +274,26 @@ _ONE_CHUNK_ROWS_KEPT = 1024
 
 
 class _Puts:
-    """The ``put`` of a cursor on each table the hot path writes, in one transaction.
+    """The ``put`` of a cursor on each table the hot path writes, in one transaction, opened at its first use.
 
     A cursor's put takes two positional arguments; ``txn.put(key, value, db=...)`` parses keywords and
     looks the table up on every call: a third of the cost of a put, and a task takes about ten.
     """
 
-    __slots__ = ("tasks", "live_tasks", "session_tasks", "results", "session_results", "data", "objects")
+    _TABLES = ("tasks", "live_tasks", "session_tasks", "results", "session_results", "data", "objects")
+    __slots__ = _TABLES + ("_txn", "_store")
 
     def __init__(self, txn: lmdb.Transaction, store: Store):
-        for name in self.__slots__:
-            setattr(self, name, txn.cursor(db=getattr(store, name)).put)
+        self._txn = txn
+        self._store = store
+
+    def __getattr__(self, name: str):
+        # only for a table whose cursor this transaction has not opened yet
+        if name not in self._TABLES:
+            raise AttributeError(name)
+        put = self._txn.cursor(db=getattr(self._store, name)).put
+        setattr(self, name, put)
+        return put
 
 
 class Txn:
