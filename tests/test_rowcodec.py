@@ -1,0 +1,115 @@
+"""The stored rows' codec in the Cython core (``_core.pack_fields``, ``_core.unpack_fields``) against msgpack.
+
+The broker writes its task and result rows with ``pack_fields`` and reads them with ``unpack_fields``; rows on
+disk were written by msgpack before, and other readers (inspector, listing) may still decode with msgpack. So
+``pack_fields`` must write exactly msgpack's bytes, and ``unpack_fields`` must read what msgpack wrote, or say
+it cannot (None) so that msgpack decides. Then the broker's rows (``store.encode_task``/``decode_row``) go
+through a real LMDB file, old map rows included.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import lmdb
+import msgpack
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from armonik_zmq._core import new_id, pack_fields, unpack_fields
+from armonik_zmq.broker import store
+
+_pack = msgpack.Packer(use_bin_type=True).pack
+
+scalars = (st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+           | st.floats(allow_nan=False) | st.text(max_size=300) | st.binary(max_size=300))
+values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=20)
+                      | st.dictionaries(st.text(max_size=10), inner, max_size=5), max_leaves=40)
+
+
+def _fields(n: int) -> tuple:
+    return tuple(f"f{i}" for i in range(n))
+
+
+@settings(max_examples=250, deadline=None)
+@given(st.lists(values, min_size=1, max_size=30))
+def test_pack_fields_writes_msgpack_bytes_and_unpack_fields_reads_them(row_values):
+    fields = _fields(len(row_values))
+    row = dict(zip(fields, row_values))
+    packed = pack_fields(row, fields, -1, None, _pack)
+    assert packed == _pack(row_values)
+    assert unpack_fields(packed, {len(fields): fields}) == row
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(values, min_size=1, max_size=10), st.data())
+def test_unpack_fields_agrees_with_msgpack_on_damaged_rows(row_values, data):
+    fields = _fields(len(row_values))
+    buf = bytearray(_pack(row_values))
+    for _ in range(data.draw(st.integers(1, 4))):
+        buf[data.draw(st.integers(0, len(buf) - 1))] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(buf)))
+    buf = bytes(buf[:cut])
+    try:
+        got = unpack_fields(buf, {len(fields): fields})
+    except UnicodeDecodeError:
+        with pytest.raises(UnicodeDecodeError):
+            msgpack.unpackb(buf, raw=False)
+        return
+    if got is None:
+        return  # msgpack decides (reads it, or refuses it)
+    expected = msgpack.unpackb(buf, raw=False)
+    assert list(got) == list(fields)
+    assert _pack(list(got.values())) == _pack(expected)  # NaN-proof equality
+
+
+def test_what_the_row_codec_leaves_to_msgpack():
+    one = {1: ("a",)}
+    assert unpack_fields(_pack({"a": 1}), one) is None  # a map row (older format)
+    assert unpack_fields(_pack([1, 2]), one) is None  # an array of no known length
+    assert unpack_fields(_pack([msgpack.ExtType(1, b"x")]), one) is None
+    assert unpack_fields(_pack([{1: 2}]), one) is None  # a map with an int key
+    assert unpack_fields(_pack([1]) + b"\x00", one) is None  # trailing bytes
+    assert unpack_fields(memoryview(_pack([1])), one) is None  # not bytes
+    assert unpack_fields(msgpack.packb([1.5], use_single_float=True), one) == {"a": 1.5}
+    assert math.isnan(unpack_fields(_pack([math.nan]), one)["a"])
+    assert pack_fields({"a": 1, "b": 2}, ("a",), -1, None, _pack) is None  # other keys: the caller packs a map
+    assert pack_fields({"a": 1}, ("b",), -1, None, _pack) is None
+    with pytest.raises(OverflowError):
+        pack_fields({"a": 2**64}, ("a",), -1, None, _pack)  # as msgpack
+    assert msgpack.unpackb(pack_fields({"a": 1, "b": {"x": 1}}, ("a", "b"), 1, _pack({"x": 1}), _pack)) == [1, _pack({"x": 1})]
+
+
+def _task_row() -> dict:
+    tid, now = new_id(), time.time()
+    opts = {"max_duration": 600.0, "priority": 1, "max_retries": 2, "partition_id": "default", "application_name": "app",
+            "application_version": None, "application_namespace": None, "application_service": None,
+            "engine_type": None, "options": {"k": "v"}}
+    return {"task_id": tid, "session_id": new_id(), "owner_pod_id": "", "pod_hostname": "", "initial_task_id": tid,
+            "created_by": "", "parent_task_ids": [], "payload_id": new_id(), "data_dependencies": [new_id()],
+            "expected_output_ids": [new_id()], "retry_of_ids": [], "status": 1, "status_message": "é", "error": None,
+            "options": opts, "attempt": 3, "created_at": now, "submitted_at": now, "received_at": None,
+            "acquired_at": None, "fetched_at": None, "started_at": None, "processed_at": None, "ended_at": None}
+
+
+def test_rows_of_every_format_read_back_from_lmdb(tmp_path):
+    """Rows as the broker writes them now, as msgpack wrote them before (arrays), and older map rows."""
+    task = _task_row()
+    result = {"result_id": new_id(), "session_id": new_id(), "name": "out", "owner_task_id": "", "created_by": "",
+              "completed_by": "", "status": 1, "created_at": time.time(), "completed_at": None, "size": 2**40,
+              "opaque_id": b"\x00\xff", "manual_deletion": True}
+    before = [task[f] for f in store.TASK_FIELDS]
+    before[store.TASK_FIELDS.index("options")] = _pack(task["options"])
+    stored = {b"task": store.encode_task(task), b"result": store.encode_result(result),
+              b"task msgpack": _pack(before), b"result msgpack": _pack([result[f] for f in store.RESULT_FIELDS]),
+              b"task map": _pack(task), b"result map": _pack(result)}
+    assert stored[b"task"] == stored[b"task msgpack"] and stored[b"result"] == stored[b"result msgpack"]
+    env = lmdb.open(str(tmp_path), map_size=1 << 24)
+    with env.begin(write=True) as txn:
+        for key, buf in stored.items():
+            txn.put(key, buf)
+    with env.begin() as txn:
+        for key in stored:
+            assert store.decode_row(txn.get(key)) == (task if key.startswith(b"task") else result), key
+    env.close()
