@@ -472,8 +472,7 @@ class Backend:
         could never run.
         """
         inline, data = [], []
-        deps = row["data_dependencies"]
-        for rid in (dict.fromkeys([row["payload_id"], *deps]) if deps else (row["payload_id"],)):
+        for rid in dict.fromkeys([row["payload_id"], *row["data_dependencies"]]):
             known = seen.get(rid)
             if known is None:
                 size = txn.object_size(rid)
@@ -491,6 +490,8 @@ class Backend:
         per_agent: dict[int, tuple[list, list, list]] = {}
         inline_limit = self.config.inline_limit
         inputs_seen: dict = {}
+        #: payload id -> _inline_inputs' answer for the tasks with no other input (most): they share it
+        payload_answers: dict = {}
         for a, t in state.core.dispatch():
             agent = self.agent_by_slot[a]
             task_id = state.slot_task[t]
@@ -505,7 +506,14 @@ class Backend:
                                f"session {row['session_id']} is {SessionStatus(session_status).name}")
                 continue
             try:
-                inline, data = self._inline_inputs(txn, row, inline_limit, inputs_seen)
+                if row["data_dependencies"]:
+                    inline, data = self._inline_inputs(txn, row, inline_limit, inputs_seen)
+                else:
+                    answer = payload_answers.get(row["payload_id"])
+                    if answer is None:
+                        answer = payload_answers[row["payload_id"]] = self._inline_inputs(txn, row, inline_limit,
+                                                                                          inputs_seen)
+                    inline, data = answer
             except ProtocolError as exc:
                 state.end_task(txn, row, _T.ERROR, now, exc.message)
                 continue
