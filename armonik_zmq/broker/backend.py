@@ -306,6 +306,7 @@ class Backend:
         h = req.header
         groups = split_frames(req.frames, [_frame_count(c.get("results")) for c in h["tasks"]])
         accepted, refused = [], []
+        succeeded = failed = subtasks = 0
         for completion, frames in zip(h["tasks"], groups):
             task_id = completion["task_id"]
             try:
@@ -322,15 +323,19 @@ class Backend:
                     raise
                 accepted.append(task_id)
                 if completion["ok"]:
-                    self.metrics.counters["tasks_completed"] += 1
-                    self.metrics.counters["tasks_submitted"] += len(completion.get("subtasks", ()))
+                    succeeded += 1
+                    subtasks += len(completion.get("subtasks", ()))
                 else:
-                    self.metrics.counters["tasks_failed"] += 1
+                    failed += 1
             except ProtocolError as exc:
                 refused.append([task_id, int(exc.code), exc.message])
                 self.metrics.counters[_REFUSAL_COUNTER.get(getattr(exc, "refusal", None), "completions_invalid")] += 1
                 if exc.code != ErrorCode.STALE_ATTEMPT:
                     self._fail_bad_completion(txn, agent, completion, exc, req.now)
+        counters = self.metrics.counters
+        counters["tasks_completed"] += succeeded
+        counters["tasks_submitted"] += subtasks
+        counters["tasks_failed"] += failed
         req.reply(accepted=accepted, refused=refused)
 
     def _fail_bad_completion(self: "Broker", txn: Txn, agent: AgentInfo, completion: dict, exc: ProtocolError,
