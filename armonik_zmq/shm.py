@@ -393,6 +393,12 @@ def drop_channel(conn) -> None:
         channel.close()
 
 
+#: <time.h> (Linux): the clock the kernel stamps file times with
+_CLOCK_REALTIME_COARSE = 5
+
+#: segment files the broker vouches for at once (64k: at least 16 GiB of results at the default threshold)
+_MAX_STAMPS = 1 << 16
+
 #: seconds an adopted segment stays pinned while no committed row names it (its completion was rolled back)
 _ADOPTED_PIN = 600.0
 
@@ -439,8 +445,11 @@ class SegmentStore:
         self._released: set[str] = set()
         #: token -> the file's identity when it was adopted with nobody writing it (see ``_unchanged``)
         self._stamps: dict[str, tuple] = {}
-        #: files changed before this process started are never vouched for (an OS crash may have torn them)
-        self._started_ns = time.time_ns()
+        #: at most this many (~0.4 KiB each): files adopted beyond it are hashed by their readers
+        self.max_stamps = _MAX_STAMPS
+        #: files changed before this process started are never vouched for (an OS crash may have torn them);
+        #: read on the clock file times come from (coarse: it may lag the precise one by a tick)
+        self._started_ns = time.clock_gettime_ns(_CLOCK_REALTIME_COARSE)
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._spiller = ThreadPoolExecutor(max_workers=2, thread_name_prefix="armonik-zmq-spill")
@@ -697,7 +706,8 @@ class SegmentStore:
         stamp = _identity(after)
         if _identity(before) == stamp and after.st_ctime_ns >= self._started_ns:
             with self._lock:
-                self._stamps[token] = stamp
+                if len(self._stamps) < self.max_stamps:
+                    self._stamps[token] = stamp
 
     def _unchanged(self, token: str, fd: int) -> bool:
         """Whether the open segment file ``fd`` is, byte for byte, what its writer hashed.

@@ -377,6 +377,29 @@ def test_a_completion_adopts_only_a_complete_private_file_nobody_writes(segment_
         os.close(dir_fd)
 
 
+def test_the_broker_vouches_for_a_bounded_number_of_files(segment_store):
+    """Readers skip hashing the files the broker stamped at adoption; past ``max_stamps`` they hash."""
+    segment_store.max_stamps = 1
+    dir_fd = os.open(segment_store.dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        tokens = [os.urandom(16).hex() for _ in range(2)]
+        for token in tokens:
+            size, digest = shm.write_file(dir_fd, token, [b"v" * 4096])
+            segment_store.adopt(token, size, digest, f"result {token}")
+        vouched = []
+        for token in tokens:
+            fd = segment_store.open_file(token)
+            try:
+                vouched.append(segment_store._unchanged(token, fd))
+            finally:
+                os.close(fd)
+        assert vouched == [True, False]
+        segment_store.forget(tokens[0])  # its row is gone: the room is free again, and it is not vouched for
+        assert len(segment_store._stamps) == 0
+    finally:
+        os.close(dir_fd)
+
+
 def test_memfd_fallback_is_copied_into_the_segment_file_and_adopted(segment_store):
     """Where writers cannot use the segment directory, a sealed memfd is handed over and copied there."""
     ch = shm.DataChannel(segment_store.path)
