@@ -253,3 +253,29 @@ def test_worker_death_fails_its_task_and_is_replaced(api):
     assert len(pids) == 2
     _, (o,) = api.submit(session_id, {"op": "square", "x": 4})
     assert api.value(session_id, o) == 16
+
+
+def test_threads_sharing_a_connection_each_get_their_own_replies(api):
+    """User threads send on the connection's DEALER themselves (under its lock) while its I/O thread receives:
+    many at once, with data frames of their own, each gets its own reply and its own bytes back."""
+    sid = api.session()
+    sub = api.conn.subscribe(sid, [int(EventTypes.RESULT_STATUS_UPDATE)])  # pushes keep the I/O thread reading
+    failures = []
+
+    def work(k: int) -> None:
+        try:
+            for i in range(60):
+                data = f"{k}:{i}:".encode() * (1 + (7 * k + i) % 50)
+                result_id = api.results.create_results({"r": data}, sid)["r"].result_id
+                assert api.results.download_result_data(result_id, sid) == data
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    sub.close()
+    assert not any(t.is_alive() for t in threads)
+    assert not failures, failures[:3]
