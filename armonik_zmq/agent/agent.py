@@ -49,13 +49,14 @@ TINY_RUN = 0.001
 #: carried by its completion: one broker turn (one commit) on a short task's way to its result instead of two
 #: in a row, and one row write per task of a batch of short ones instead of two
 START_REPORT_DELAY = 0.002
+#: the same while tasks are tiny (``TINY_RUN``): they travel to workers in batches and their outputs come back
+#: in batches, a few milliseconds after the agent marked the first of a batch started
+TINY_START_REPORT_DELAY = 0.010
 
 
 def _oldest_due(starts: dict) -> float:
-    """When the oldest of the unreported starts ``starts`` is due (they are kept in the order they came)."""
-    for due, _ in starts.values():
-        return due
-    return math.inf
+    """When the first of the unreported starts ``starts`` is due."""
+    return min((due for due, _ in starts.values()), default=math.inf)
 
 
 def _new_token() -> str:
@@ -118,7 +119,7 @@ class Agent:
         self._rids = itertools.count(1)
         self._pending: dict[int, Callable[[dict, list], None]] = {}
         #: starts not reported yet, by task id: (time.monotonic() when due at the broker, [task_id, attempt,
-        #: started_at]), oldest first; a task that ends drops its own (its completion carries the start)
+        #: started_at]); a task that ends drops its own (its completion carries the start)
         self._started: dict[str, tuple[float, list]] = {}
         self._done: list[tuple[dict, list]] = []
         self._released: list = []
@@ -459,11 +460,16 @@ class Agent:
     def _send_runs(self, proc: WorkerProc, tasks: list[LocalTask]) -> bool:
         """Send tasks to a worker in one RUNS; False if it could not take them (they are back in ``ready``)."""
         runs, counts, data = [], [], []
+        # Each distinct options map travels once (the tasks of a batch mostly share theirs): the worker's
+        # decoding of a tiny task's RUNS entry was mostly its options.
+        options: list[dict] = []
         for task in tasks:
             msg = task.msg
+            if not options or options[-1] != msg["options"]:
+                options.append(msg["options"])
             run = {"token": task.token, "task_id": task.task_id, "session_id": msg["session_id"],
                    "payload_id": msg["payload_id"], "data_dependencies": msg["data_dependencies"],
-                   "expected_output_ids": msg["expected_output_ids"], "options": msg["options"]}
+                   "expected_output_ids": msg["expected_output_ids"], "options": len(options) - 1}
             inputs = [task.data[msg["payload_id"]], *(task.data[d] for d in msg["data_dependencies"])]
             if any(d is _MAPPED for d in inputs):
                 run["mapped"] = [rid for rid in task.inputs() if task.data[rid] is _MAPPED]
@@ -471,7 +477,7 @@ class Agent:
             runs.append(run)
             counts.append(len(inputs))
             data.extend(inputs)
-        header = request(Op.RUNS, 0, runs=runs, frames=counts,
+        header = request(Op.RUNS, 0, runs=runs, frames=counts, options=options,
                          configuration={"data_chunk_max_size": self.data_chunk_max_size, "keep": self.config.window,
                                         **self.shm_config})
         try:
@@ -500,8 +506,9 @@ class Agent:
             return
         task.started_at = time.time()
         mono = time.monotonic()
-        self._started.pop(task.task_id, None)  # one run again (its worker died) goes last: the oldest stay first
-        self._started[task.task_id] = (mono + START_REPORT_DELAY, [task.task_id, task.attempt, task.started_at])
+        delay = TINY_START_REPORT_DELAY if self._run_avg < TINY_RUN else START_REPORT_DELAY
+        self._started.pop(task.task_id, None)  # one run again (its worker died) goes last
+        self._started[task.task_id] = (mono + delay, [task.task_id, task.attempt, task.started_at])
         heapq.heappush(self._deadlines, (mono + task.msg["options"]["max_duration"], task.token))
         if len(self._deadlines) > 2 * len(self.by_token) + 64:
             self._deadlines = [d for d in self._deadlines if d[1] in self.by_token]
@@ -673,7 +680,13 @@ class Agent:
             self._stopped.append([task.task_id, task.attempt])
             self.stats["discarded"] += 1
         elif ok:
-            completion.update(created_results=task.created_results, results=task.results, subtasks=task.subtasks)
+            # empty lists are left out: the broker decodes a short task's completion for less
+            if task.results:
+                completion["results"] = task.results
+            if task.created_results:
+                completion["created_results"] = task.created_results
+            if task.subtasks:
+                completion["subtasks"] = task.subtasks
             frames = task.result_frames
             self.stats["completed"] += 1
         else:
@@ -770,8 +783,8 @@ class Agent:
         hold_done = bool(self._done) and any(kind == "done" for kind, _ in self._unacked.values())
         # A task that ends before its start is reported needs no STARTED: its completion carries started_at,
         # and the broker passes it through PROCESSING on the way (one row write, and no turn of its own for a
-        # lone task). So starts go out once the oldest is START_REPORT_DELAY old: short tasks, alone or in
-        # batches, never have theirs reported.
+        # lone task). So starts go out once the first is due (START_REPORT_DELAY, TINY_START_REPORT_DELAY):
+        # short tasks, alone or in batches, never have theirs reported.
         if self._started and time.monotonic() >= _oldest_due(self._started):
             started, self._started = self._started, {}
             self._call(Op.TASKS_STARTED, tasks=[s for _, s in started.values()])

@@ -206,9 +206,13 @@ class WorkerRuntime:
             return
         configuration = header.get("configuration") or {}
         self._keep = configuration.get("keep", self._keep)
+        options = header.get("options")
         try:
             groups = split_frames(frames, header["frames"])
-        except (ProtocolError, KeyError, TypeError) as exc:
+            if options is not None:  # each run names its options map by index
+                for run in header["runs"]:
+                    run["options"] = options[run["options"]]
+        except (ProtocolError, KeyError, TypeError, IndexError) as exc:
             log.error("malformed RUNS from the agent ignored: %s", exc)
             return
         for run, group in zip(header["runs"], groups):
