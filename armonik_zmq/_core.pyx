@@ -1338,6 +1338,11 @@ cdef struct Writer:
     size_t n
     size_t cap
     char* heap
+    int depth      # arrays being written; deeper ones go to the fallback (msgpack refuses a cycle)
+
+#: nesting this deep is not a row's: the codec leaves it to msgpack (which limits its own recursion)
+cdef enum:
+    _MAX_DEPTH = 32
 
 
 cdef inline int _room(Writer* w, size_t extra) except -1:
@@ -1450,16 +1455,20 @@ cdef int _put_value(Writer* w, object v, object fallback) except -1:
         n = PyBytes_GET_SIZE(v)
         _put_head(w, <size_t>n, 0, 0, 0xC4, 0xC5, 0xC6)
         _put_raw(w, PyBytes_AS_STRING(v), <size_t>n)
-    elif t is list:
+    elif t is list and w.depth < _MAX_DEPTH:
         n = PyList_GET_SIZE(v)
         _put_head(w, <size_t>n, 0x90, 16, 0, 0xDC, 0xDD)
+        w.depth += 1
         for i in range(n):
             _put_value(w, <object>PyList_GET_ITEM(v, i), fallback)
-    elif t is tuple:
+        w.depth -= 1
+    elif t is tuple and w.depth < _MAX_DEPTH:
         n = PyTuple_GET_SIZE(v)
         _put_head(w, <size_t>n, 0x90, 16, 0, 0xDC, 0xDD)
+        w.depth += 1
         for i in range(n):
             _put_value(w, <object>PyTuple_GET_ITEM(v, i), fallback)
+        w.depth -= 1
     else:  # maps, int and float subclasses (IntEnum), bytearray, ...: as msgpack packs them
         packed = fallback(v)
         _put_raw(w, PyBytes_AS_STRING(packed), <size_t>PyBytes_GET_SIZE(packed))
@@ -1484,6 +1493,7 @@ def pack_fields(dict row, tuple fields, Py_ssize_t packed_at, packed, fallback):
     w.n = 0
     w.cap = sizeof(stack)
     w.heap = NULL
+    w.depth = 0
     try:
         _put_head(&w, <size_t>n, 0x90, 16, 0, 0xDC, 0xDD)
         for i in range(n):
@@ -1511,6 +1521,7 @@ cdef struct Reader:
     const unsigned char* p
     Py_ssize_t n
     Py_ssize_t at
+    int depth  # arrays and maps being read; deeper ones are left to msgpack
 
 #: what ``_get_value`` returns for an ext type or malformed bytes (no decoded value is this object)
 cdef object _UNREAD = object()
@@ -1544,8 +1555,9 @@ cdef object _get_sized(Reader* r, int kind, Py_ssize_t size):
             v = PyBytes_FromStringAndSize(<const char*>(r.p + r.at), size)
         r.at += size
         return v
-    if size > r.n - r.at:  # every item takes a byte at least
+    if size > r.n - r.at or r.depth >= _MAX_DEPTH:  # every item takes a byte at least
         return _UNREAD
+    r.depth += 1
     if kind == 2:
         items = [None] * size
         for i in range(size):
@@ -1553,6 +1565,7 @@ cdef object _get_sized(Reader* r, int kind, Py_ssize_t size):
             if v is _UNREAD:
                 return _UNREAD
             items[i] = v
+        r.depth -= 1
         return items
     d = {}
     for i in range(size):
@@ -1563,6 +1576,7 @@ cdef object _get_sized(Reader* r, int kind, Py_ssize_t size):
         if v is _UNREAD:
             return _UNREAD
         d[k] = v
+    r.depth -= 1
     return d
 
 
@@ -1655,6 +1669,7 @@ def unpack_fields(buf, dict fields_by_length):
         return None
     r.p = <const unsigned char*>PyBytes_AS_STRING(buf)
     r.n = PyBytes_GET_SIZE(buf)
+    r.depth = 0
     c = r.p[0]
     r.at = 1
     if c & 0xF0 == 0x90:

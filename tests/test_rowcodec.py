@@ -79,6 +79,16 @@ def test_what_the_row_codec_leaves_to_msgpack():
     with pytest.raises(OverflowError):
         pack_fields({"a": 2**64}, ("a",), -1, None, _pack)  # as msgpack
     assert msgpack.unpackb(pack_fields({"a": 1, "b": {"x": 1}}, ("a", "b"), 1, _pack({"x": 1}), _pack)) == [1, _pack({"x": 1})]
+    deep = inner = []
+    for _ in range(100):  # deeper than the codec goes: msgpack packs and reads it
+        inner.append([])
+        inner = inner[0]
+    assert pack_fields({"a": deep}, ("a",), -1, None, _pack) == _pack([deep])
+    assert unpack_fields(_pack([deep]), one) is None
+    cycle = []
+    cycle.append(cycle)
+    with pytest.raises(ValueError):  # msgpack's recursion limit, not a crash
+        pack_fields({"a": cycle}, ("a",), -1, None, _pack)
 
 
 def _task_row() -> dict:
