@@ -266,6 +266,22 @@ class Client:
                     self._pending.pop(f.result_id, None)
         return sum(f._cancel_here() for f in todo)
 
+    def release(self, futures: Iterable[Future]) -> None:
+        """Delete the data of finished futures' results, freeing their shared-memory segments (or LMDB data).
+
+        The futures keep the values they hold (an array already mapped stays valid: the file goes when its
+        last mapping does); a task not submitted yet that takes one of them as an argument would fail.
+        Futures not done yet are refused (``ValueError``): cancel them instead. Failed ones have no data.
+        """
+        from .client import ArmoniKResults
+
+        futures = list(futures)
+        if any(not f.done() for f in futures):
+            raise ValueError("release() takes finished futures only: cancel the others")
+        ids = [f.result_id for f in futures if not f.cancelled() and f.exception(0) is None]
+        if ids:
+            ArmoniKResults(self._conn).delete_result_data(ids, self.session_id, batch_size=len(ids))
+
     # -- completion -------------------------------------------------------------------------------
 
     def _subscribe(self):

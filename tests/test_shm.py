@@ -217,6 +217,22 @@ def test_purge_and_delete_free_their_segments(cluster):
     wait_until(lambda: not set(segment_files(cluster)) & files, 15, "purged segments are still there")
 
 
+def test_released_futures_free_their_segments_and_keep_their_values(cluster, client):
+    before = set(segment_files(cluster))
+    futures = [client.submit(make_array, i, MiB) for i in (31, 32)]
+    values = client.gather(futures, 60)
+    made = set(segment_files(cluster)) - before
+    assert len(made) == 2
+    client.release(futures)
+    wait_until(lambda: not set(segment_files(cluster)) & made, 15, "released segments are still there")
+    assert np.array_equal(values[0], pattern(31, MiB))  # the mapping outlives its file
+    assert np.array_equal(futures[1].result(), pattern(32, MiB))
+    running = client.submit(time.sleep, 3)
+    with pytest.raises(ValueError, match="finished futures only"):
+        client.release([running])
+    running.result(60)
+
+
 def test_checksum_mismatch_is_detected_never_returned(cluster, client):
     before = set(segment_files(cluster))
     fut = client.submit(make_array, 21, MiB)

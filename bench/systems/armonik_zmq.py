@@ -41,5 +41,8 @@ class ArmoniKZmq(System):
     def result(self, handle: Any) -> Any:
         return handle.result()
 
+    def release(self, handles: Sequence[Any]) -> None:
+        self.client.release(handles)
+
 
 ADAPTER = ArmoniKZmq
