@@ -393,6 +393,9 @@ def drop_channel(conn) -> None:
         channel.close()
 
 
+#: seconds between two looks at released segments (their files go at once, not at the next sweep)
+_UNLINK_INTERVAL = 0.1
+
 #: <time.h> (Linux): the clock the kernel stamps file times with
 _CLOCK_REALTIME_COARSE = 5
 
@@ -487,6 +490,7 @@ class SegmentStore:
         sel = selectors.DefaultSelector()
         sel.register(self.listener, selectors.EVENT_READ)
         next_sweep = time.monotonic() + self.sweep_interval
+        next_unlink = 0.0
         while self._running:
             for key, _ in sel.select(min(0.5, self.sweep_interval)):
                 if key.fileobj is self.listener:
@@ -508,12 +512,16 @@ class SegmentStore:
                 except _Closed:
                     sel.unregister(conn)
                     conn.close()
-            if time.monotonic() >= next_sweep:
-                next_sweep = time.monotonic() + self.sweep_interval
-                try:
+            now = time.monotonic()
+            try:
+                if now >= next_sweep:
+                    next_sweep = now + self.sweep_interval
                     self.sweep()
-                except Exception:
-                    log.exception("segment sweep failed")
+                elif self._released and now >= next_unlink:
+                    next_unlink = now + _UNLINK_INTERVAL
+                    self.unlink_released()
+            except Exception:
+                log.exception("segment sweep failed")
         sel.close()
 
     def _serve_one(self, conn: socket.socket) -> None:
@@ -829,6 +837,43 @@ class SegmentStore:
             # a released token whose row is still there (the delete was rolled back) stays released
             with self._lock:
                 self._released |= {t for t in released if named(t)}
+        self.stats["swept"] += removed
+        return removed
+
+    def unlink_released(self) -> int:
+        """Remove now the files of released tokens that no committed row names any more; return how many.
+
+        The sweep would remove them too, up to ``sweep_interval`` later; freed at once, their pages are
+        reused by the next results instead of fresh ones (on a VM whose balloon takes back free memory
+        after ~2 s, fresh pages cost more: docs/data-path.md, "Fresh memory"). A token whose row is
+        still there (its delete not committed yet, or rolled back) stays released.
+        """
+        with self._lock:
+            released, self._released = self._released, set()
+        kept, removed = set(), 0
+        with self.store.readers_lock, self.store.env.begin(write=False) as txn:
+            for token in released:
+                if txn.get(token.encode(), db=self.store.segment_files) is not None:
+                    kept.add(token)
+                    continue
+                with self._lock:  # as in sweep: adopted, committed, then deleted before a sweep saw it
+                    seg = self._segments.get(token)
+                    if seg is not None:
+                        if not seg.spill.done():
+                            kept.add(token)
+                            continue
+                        del self._segments[token]
+                        if seg.fd >= 0:
+                            os.close(seg.fd)
+                            seg.fd = -1
+                    self._stamps.pop(token, None)
+                try:
+                    os.unlink(self.file_path(token))
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+        with self._lock:
+            self._released |= kept
         self.stats["swept"] += removed
         return removed
 

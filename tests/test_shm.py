@@ -416,6 +416,31 @@ def test_the_broker_vouches_for_a_bounded_number_of_files(segment_store):
         os.close(dir_fd)
 
 
+def test_a_deleted_segment_file_goes_once_its_delete_is_committed_not_at_the_next_sweep(segment_store):
+    """Released files are unlinked within a fraction of a second of the commit (their pages are reused at once),
+    never before it; the sweep, every 5 s here, would take them later."""
+    store = segment_store.store
+    store.segments = segment_store  # as the broker wires it: deleting a row releases its file
+    assert segment_store.sweep_interval >= 5
+    dir_fd = os.open(segment_store.dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        token = os.urandom(16).hex()
+        size, digest = shm.write_file(dir_fd, token, [b"d" * 4096])
+    finally:
+        os.close(dir_fd)
+    segment_store.adopt(token, size, digest, "result r1")
+    with store.write() as txn:
+        txn.put_segment("r1", token, size, digest)
+    path = segment_store.file_path(token)
+    with store.write() as txn:
+        txn.delete_object("r1")
+        time.sleep(0.5)  # the data thread looks meanwhile: the delete is not committed, the file stays
+        assert os.path.exists(path)
+    committed = time.monotonic()
+    wait_until(lambda: not os.path.exists(path), 2, "the released file is still there")
+    assert time.monotonic() - committed < 2
+
+
 def test_memfd_fallback_is_copied_into_the_segment_file_and_adopted(segment_store):
     """Where writers cannot use the segment directory, a sealed memfd is handed over and copied there."""
     ch = shm.DataChannel(segment_store.path)
