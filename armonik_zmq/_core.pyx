@@ -1514,6 +1514,8 @@ def pack_fields(dict row, tuple fields, Py_ssize_t packed_at, packed, fallback):
 # ext; for those (never written by the broker) and for anything malformed it returns None: the caller decodes
 # with msgpack, which reads or refuses it.
 
+from cpython.ref cimport Py_INCREF
+from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport int8_t, int16_t, uint32_t
 
@@ -1522,6 +1524,7 @@ cdef struct Reader:
     Py_ssize_t n
     Py_ssize_t at
     int depth  # arrays and maps being read; deeper ones are left to msgpack
+    bint tuples  # arrays become tuples, not lists
 
 #: what ``_get_value`` returns for an ext type or malformed bytes (no decoded value is this object)
 cdef object _UNREAD = object()
@@ -1544,6 +1547,7 @@ cdef object _get_sized(Reader* r, int kind, Py_ssize_t size):
     """A str (kind 0), bin (1), array (2) or map (3) of ``size`` items or bytes, at ``r.at``."""
     cdef Py_ssize_t i
     cdef list items
+    cdef tuple row_items
     cdef dict d
     cdef object k, v
     if kind <= 1:
@@ -1558,6 +1562,16 @@ cdef object _get_sized(Reader* r, int kind, Py_ssize_t size):
     if size > r.n - r.at or r.depth >= _MAX_DEPTH:  # every item takes a byte at least
         return _UNREAD
     r.depth += 1
+    if kind == 2 and r.tuples:
+        row_items = PyTuple_New(size)
+        for i in range(size):
+            v = _get_value(r)
+            if v is _UNREAD:
+                return _UNREAD
+            Py_INCREF(v)
+            PyTuple_SET_ITEM(row_items, i, v)
+        r.depth -= 1
+        return row_items
     if kind == 2:
         items = [None] * size
         for i in range(size):
@@ -1652,12 +1666,13 @@ cdef object _get_value(Reader* r):
     return _UNREAD  # ext types, 0xC1
 
 
-def unpack_fields(buf, dict fields_by_length):
+def unpack_fields(buf, dict fields_by_length, bint tuples=False):
     """Return the row stored in ``buf`` (bytes) as a msgpack array of field values, or None if it is not one.
 
     ``fields_by_length`` maps an array's length to its field names (tuples). None also for an array of another
     length, for ext types, for malformed or trailing bytes, and for a buffer that is not bytes: the caller
-    decodes those with msgpack.
+    decodes those with msgpack. ``tuples``: arrays inside the row become tuples (untracked by the garbage
+    collector once it has seen them, and the empty one is shared), not lists.
     """
     cdef Reader r
     cdef Py_ssize_t size, i
@@ -1670,6 +1685,7 @@ def unpack_fields(buf, dict fields_by_length):
     r.p = <const unsigned char*>PyBytes_AS_STRING(buf)
     r.n = PyBytes_GET_SIZE(buf)
     r.depth = 0
+    r.tuples = tuples
     c = r.p[0]
     r.at = 1
     if c & 0xF0 == 0x90:

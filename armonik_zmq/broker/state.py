@@ -248,9 +248,9 @@ class BrokerState:
             row = {
                 "task_id": tid, "session_id": sid, "owner_pod_id": "", "pod_hostname": "", "initial_task_id": tid,
                 "created_by": parent["task_id"] if parent else "",
-                "parent_task_ids": (parent["parent_task_ids"] + [parent["task_id"]]) if parent else [],
-                "payload_id": c["payload_id"], "data_dependencies": list(c.get("data_dependencies", ())),
-                "expected_output_ids": list(c["expected_output_ids"]), "retry_of_ids": [],
+                "parent_task_ids": (*parent["parent_task_ids"], parent["task_id"]) if parent else (),
+                "payload_id": c["payload_id"], "data_dependencies": tuple(c.get("data_dependencies", ())),
+                "expected_output_ids": tuple(c["expected_output_ids"]), "retry_of_ids": (),
                 "status": int(_T.PENDING if missing else _T.SUBMITTED), "status_message": "", "error": None,
                 "options": opts, "attempt": 0, "created_at": now, "submitted_at": None if missing else now,
                 "received_at": None, "acquired_at": None, "fetched_at": None, "started_at": None,
@@ -323,7 +323,7 @@ class BrokerState:
         row["error"] = message
         self.set_task_status(txn, row, _T.RETRIED, now, message)
         self._task_ended(row["task_id"])
-        retry_of_ids = row["retry_of_ids"] + [row["task_id"]]
+        retry_of_ids = (*row["retry_of_ids"], row["task_id"])
         retry_id = f"{row['initial_task_id']}###{len(retry_of_ids)}"
         retry = {**row, "task_id": retry_id, "owner_pod_id": "", "pod_hostname": "", "retry_of_ids": retry_of_ids,
                  "status": int(_T.SUBMITTED), "status_message": "", "error": None, "attempt": 0, "created_at": now,

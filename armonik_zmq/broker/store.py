@@ -96,7 +96,7 @@ def encode_result(row: dict) -> bytes:
 
 def decode_row(buf) -> dict:
     """Return the row stored in ``buf`` (a task, result or session row; an array or a map)."""
-    row = unpack_fields(buf, _FIELDS_BY_LENGTH)
+    row = unpack_fields(buf, _FIELDS_BY_LENGTH, True)
     if row is None:
         values = msgpack.unpackb(buf, raw=False)
         if type(values) is dict:
