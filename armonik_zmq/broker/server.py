@@ -265,8 +265,29 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
     def send_backend(self, peer: bytes, frames: list, on_fail: Optional[AgentInfo] = None) -> None:
         self._outbox.append((self.backend, [peer, *frames], on_fail))
 
-    def _flush(self) -> None:
+    def _flush(self, client_replies: list = (), agent_replies: list = ()) -> None:
+        """Send what the committed turn produced: the clients' replies, the subscribers' events, the agents'
+        replies, then the pushes to agents (the outbox: DISPATCH, STOP_TASKS).
+
+        Events go before the agents' replies: a completion's event is what its client waits for, the
+        agent's ack is not (a send costs about 70 us on this VM). Pushes stay after the replies to agents,
+        so an agent has its registration's reply before its first DISPATCH.
+        """
         outbox, self._outbox = self._outbox, []
+        self._send_all(client_replies)
+        for sub in self.state.events.take():
+            header = request(Op.EVENT, sub.rid, events=sub.pending)
+            sub.pending = []
+            try:
+                self.frontend.send_multipart([sub.peer, header], flags=zmq.DONTWAIT)
+            except zmq.ZMQError as exc:
+                self.metrics.send_failed(_errno_name(exc.errno))
+                log.info("subscriber gone (%s): subscription %d dropped", exc.strerror, sub.rid)
+                self.state.events.unsubscribe(sub.peer, sub.rid)
+        self._send_all(agent_replies)
+        self._send_all(outbox)
+
+    def _send_all(self, outbox) -> None:
         for sock, frames, agent in outbox:
             try:
                 sock.send_multipart(frames, flags=zmq.DONTWAIT, copy=False)
@@ -285,15 +306,6 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
                     log.info("reply to a departed peer dropped (%s)", exc.strerror)
                     if sock is self.frontend:
                         self.state.events.drop_peer(frames[0])
-        for sub in self.state.events.take():
-            header = request(Op.EVENT, sub.rid, events=sub.pending)
-            sub.pending = []
-            try:
-                self.frontend.send_multipart([sub.peer, header], flags=zmq.DONTWAIT)
-            except zmq.ZMQError as exc:
-                self.metrics.send_failed(_errno_name(exc.errno))
-                log.info("subscriber gone (%s): subscription %d dropped", exc.strerror, sub.rid)
-                self.state.events.unsubscribe(sub.peer, sub.rid)
 
     # -- one turn ----------------------------------------------------------------------------------
 
@@ -456,8 +468,8 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
             self._turn_requests = []
         self.stats["commits"] += 1
         self.stats["requests"] += len(batch)
-        self._outbox[:0] = replies
-        self._flush()
+        frontend = self.frontend
+        self._flush([r for r in replies if r[0] is frontend], [r for r in replies if r[0] is not frontend])
 
     def _run_turn(self, batch: list, replies: list, now: float, mono: float, lease_due: bool,
                   turn_started: float, upkeep: bool = True) -> None:
