@@ -312,8 +312,9 @@ def _executions(log) -> int:
         return f.read().count(b"\n")
 
 
-def run_storm(cluster: LocalProcesses, n: int, kills: int, log, sleep: float = 0.0) -> dict:
-    """Submit n keyed tasks (each sleeping ``sleep`` s), SIGKILL the broker ``kills`` times meanwhile; return what happened."""
+def run_storm(cluster: LocalProcesses, n: int, kills: int, log, sleep: float = 0.0, batch: int = 100) -> dict:
+    """Submit n keyed tasks (each sleeping ``sleep`` s, ``batch`` per submission), SIGKILL the broker ``kills`` times
+    meanwhile; return what happened."""
     open(log, "w").close()  # this run's executions only
     history = History(exec_log=str(log))
     with connect(cluster.endpoint, timeout=3) as conn:
@@ -321,7 +322,7 @@ def run_storm(cluster: LocalProcesses, n: int, kills: int, log, sleep: float = 0
         session_id = api.sessions.create_session(options(max_retries=5))
         client = StormClient(conn, api, session_id, history, sleep=sleep)
         prefix = f"{'storm' if kills else 'base'}{os.getpid()}-"
-        batches = [[f"{prefix}{i}" for i in range(j, min(n, j + 100))] for j in range(0, n, 100)]
+        batches = [[f"{prefix}{i}" for i in range(j, min(n, j + batch))] for j in range(0, n, batch)]
         started = time.time()
         restarts: list[tuple[float, float]] = []  # (killed at, restarted at)
         done = threading.Event()
@@ -356,6 +357,7 @@ def run_storm(cluster: LocalProcesses, n: int, kills: int, log, sleep: float = 0
             time.sleep(0.5)
         wall = time.time() - started
         conn.timeout = 60
+        early = metrics(conn)["dispatches_before_commit"]  # since the last restart
         rows = session_tasks(conn, session_id)
         key_of = {o: k for k, (o, _) in client.outputs.items()}
         completed_rows = [r for r in rows if r["status"] == _T.COMPLETED]
@@ -376,8 +378,11 @@ def run_storm(cluster: LocalProcesses, n: int, kills: int, log, sleep: float = 0
             elif until - restarted >= 2.0 and any(r["acquired_at"] and r["acquired_at"] >= until for r in rows):
                 firsts.append(until - restarted)  # work was left, yet nothing was dispatched before the next kill
             # else: killed again within 2 s, before a dispatch could be seen: not measured
+    known = {r["task_id"] for r in rows}
+    phantoms = sum(1 for task_id, *_ in read_executions(str(log)) if task_id not in known)
     return {"history": history, "wall": wall, "restarts": restarts, "firsts": firsts, "wrong": wrong,
-            "stray": stray, "statuses": statuses, "unanswered": client.unanswered}
+            "stray": stray, "statuses": statuses, "unanswered": client.unanswered, "early": early,
+            "phantoms": phantoms}
 
 
 def test_t1_broker_kill_storm(tmp_path, scale):
@@ -434,6 +439,43 @@ def test_t1_broker_kill_storm(tmp_path, scale):
     elif slowest_first > 2.0 or ratio > 3.0:
         warnings.warn(f"restart to dispatch {storm['firsts']}, wall ratio {ratio:.2f}: not judged (size {scale}, "
                       f"load average {os.getloadavg()[0]:.1f})")
+
+
+def test_t1_broker_kills_while_tasks_are_dispatched_before_their_commit(tmp_path, scale):
+    """T1 with one task per submission (1,000; CI 300), 4 agents, 10 (CI 5) SIGKILLs of the broker: each submission's
+    turn sends its DISPATCH before its commit (broker/server.py _dispatch_early), so kills land between the two.
+    Nothing acknowledged is lost, no task has two results, extra executions stay within the T1 bound."""
+    n, kills = (1_000, 10) if scale == 1.0 else (300, 5)
+    log = tmp_path / "exec.log"
+    cluster = cluster_with_log(tmp_path, log, workers=1)
+    try:
+        cluster.start_broker()
+        start_agents(cluster, AGENTS)
+        cluster.wait_ready()
+        baseline = run_storm(cluster, 50, 0, log, batch=1)
+        storm = run_storm(cluster, n, kills, log, batch=1)
+    finally:
+        cluster.cleanup()
+    h: History = storm["history"]
+    report = h.report()
+    bound = kills * AGENTS * (cluster.workers * (1 + WINDOW) + PREFETCH)
+    extra = h.extra_executions()
+    figure("T1", "(dispatch before commit) DISPATCHes sent before their commit, fault-free run of 50", baseline["early"],
+           "", ">= 25", baseline["early"] >= 25)
+    figure("T1", "(dispatch before commit) lost / unexpected / duplicated", f"{report['lost']} / "
+           f"{report['unexpected'] + len(storm['stray'])} / {report['duplicated']}", "tasks", "0 / 0 / 0",
+           report["lost"] == report["unexpected"] == report["duplicated"] == 0 and not storm["stray"])
+    figure("T1", "(dispatch before commit) wrong or missing results", len(storm["wrong"]), "results", "= 0",
+           not storm["wrong"])
+    figure("T1", "(dispatch before commit) extra executions", extra, "", f"<= {bound}", extra <= bound)
+    figure("T1", "(dispatch before commit) executions of tasks never committed", storm["phantoms"], "",
+           "(information)", True)
+    # the fault-free tasks were dispatched before their commits (an agent registering in that turn: after)
+    assert baseline["early"] >= 25, baseline["early"]
+    assert report == {**report, "lost": 0, "unexpected": 0, "duplicated": 0}, h.explain()
+    assert not storm["stray"] and not storm["wrong"], (storm["stray"][:5], storm["wrong"][:5])
+    assert storm["statuses"]["COMPLETED"] == n and set(storm["statuses"]) <= {"COMPLETED", "RETRIED"}, storm["statuses"]
+    assert extra <= bound, f"{extra} extra executions (bound {bound})"
 
 
 # -- T2: agent kill -9 -----------------------------------------------------------------------------------

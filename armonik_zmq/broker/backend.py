@@ -112,7 +112,8 @@ class Backend:
 
         An attempt is kept when the task is still that attempt and nobody else's: held by this agent's
         previous connection (or, after a broker restart, by the placeholder that waits for it), or queued
-        again without having been dispatched since (same attempt number) while its session runs. The
+        again without having been dispatched since (same attempt number, or the next one: a DISPATCH
+        sent before a commit that never happened) while its session runs. The
         others (ended, retried, dispatched to another agent, cancelled) are dropped by the agent.
         """
         state = self.state
@@ -123,11 +124,15 @@ class Backend:
             row = txn.get_task(task_id)
             tslot = state.task_slot.get(task_id)
             keep = False
-            if row is not None and tslot is not None and row["attempt"] == attempt:
+            if row is not None and tslot is not None and attempt - row["attempt"] in (0, 1):
                 status = row["status"]
                 if status in (_T.DISPATCHED, _T.PROCESSING):
-                    keep = row["owner_pod_id"] == agent.agent_id and core.owner(tslot) == old_slot >= 0
+                    keep = (row["attempt"] == attempt and row["owner_pod_id"] == agent.agent_id
+                            and core.owner(tslot) == old_slot >= 0)
                 elif status == _T.SUBMITTED:
+                    # Queued: the attempt it was queued with, or the next one, dispatched by a turn whose commit
+                    # never happened (server.py sends a turn's DISPATCH before its commit). Dropping that one
+                    # would send the agent STOP_TASKS and, in the same turn, the same attempt again.
                     keep = (core.state(tslot) == STATE_QUEUED and row["owner_pod_id"] == ""
                             and state.session_status.get(row["session_id"]) == _S.RUNNING)
             if not keep:
@@ -135,6 +140,7 @@ class Backend:
                 continue
             core.adopt(tslot, agent.slot)
             if row["status"] == _T.SUBMITTED:
+                row["attempt"] = attempt
                 row["owner_pod_id"] = agent.agent_id
                 row["pod_hostname"] = agent.hostname
                 state.set_task_status(txn, row, _T.DISPATCHED, now, f"re-announced by agent {agent.agent_id}")
@@ -522,6 +528,10 @@ class Backend:
             except ProtocolError as exc:
                 state.end_task(txn, row, _T.ERROR, now, exc.message)
                 continue
+            deps = row["data_dependencies"]
+            if len(inline) <= len(deps) and len(inline) < len(dict.fromkeys([row["payload_id"], *deps])):
+                # the agent maps or fetches the other inputs, which it can read only once this turn is committed
+                self.dispatch_after_commit.add(agent.peer)
             row["attempt"] += 1
             row["owner_pod_id"] = agent.agent_id
             row["pod_hostname"] = agent.hostname

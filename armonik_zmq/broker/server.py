@@ -6,11 +6,14 @@ One thread does everything, in turns:
    batch from them peer by peer, cut at ``turn_budget`` seconds of estimated work, clients' requests
    first (broker/fairness.py);
 2. open one write transaction; decode, validate and handle each message in a nested transaction
-   (a failing request undoes only itself); expire lost agents; dispatch ready tasks to agents;
+   (a failing request undoes only itself); expire lost agents; dispatch ready tasks to agents, and send
+   those DISPATCHes at once (``_dispatch_early``: a DISPATCH acknowledges nothing);
 3. commit (the group commit: one fsync for the whole turn);
-4. only then send the turn's replies, dispatches and events.
+4. only then send the turn's replies, events and other pushes.
 
-A crash anywhere before 3 loses nothing that was acknowledged: nothing of that turn was acknowledged.
+A crash anywhere before 3 loses nothing that was acknowledged: nothing of that turn was acknowledged
+(an attempt dispatched in it runs for nothing: its report is refused, the task is dispatched again).
+A turn with clients' requests and agents' reports commits and answers the clients' part first.
 
 When the LMDB map fills during a turn (``MapFullError``), the turn's transaction is aborted, the
 in-memory state is put back as it was before the turn (each request's ``on_rollback`` undos, then
@@ -161,6 +164,8 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         if self.guard is not None:
             self.guard.start()
         self._outbox: list[tuple[zmq.Socket, list, Optional[AgentInfo]]] = []
+        #: agents whose DISPATCH of this turn names inputs not inline (read from LMDB): sent after the commit
+        self.dispatch_after_commit: set[bytes] = set()
         self._lost_agents: list[AgentInfo] = []
         self.scan_jobs: deque = deque()
         self._running = False
@@ -510,7 +515,38 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
             self.expire_leases(txn, now, turn_started)
             if self.idempotency.due(mono):
                 self.idempotency.collect(txn, now, mono)
+        pushed = len(self._outbox)
         self.dispatch(txn, now)
+        self._dispatch_early(pushed)
+
+    def _dispatch_early(self, pushed: int) -> None:
+        """Send the DISPATCHes queued after ``pushed`` now, before the turn's commit: the agent starts while the
+        broker commits (and fsyncs), one commit off every task's path.
+
+        A DISPATCH acknowledges nothing, so durability holds: a client's reply and a completion's ack
+        still follow their commit. If the commit never happens (a crash, an aborted or replayed turn),
+        an agent runs an attempt that the broker does not know or has not dispatched: its report is
+        refused, its re-registration drops it (STOP_TASKS), and the task is dispatched again: an extra
+        execution, never a second result (a completion is fenced by task, attempt and owner). An agent
+        gets its DISPATCH after the commit, as before, when it registers in this turn or gets an earlier
+        push of it (a STOP_TASKS): an agent drops a DISPATCH that comes before its registration's reply;
+        and when a task of it has inputs too large to travel inline (``dispatch_after_commit``): the
+        agent maps or fetches them from LMDB, which shows them only once committed (an input made in this
+        turn, by the completion that made the task ready, would be fetched as bytes, not mapped).
+        """
+        waiting, self.dispatch_after_commit = self.dispatch_after_commit, set()
+        if len(self._outbox) == pushed:
+            return
+        waiting.update(req.peer for req in self._turn_requests if req.op == Op.AGENT_REGISTER)
+        waiting.update(frames[0] for _, frames, _ in self._outbox[:pushed])
+        early, late = [], []
+        for item in self._outbox[pushed:]:
+            (late if item[1][0] in waiting else early).append(item)
+        if early:
+            del self._outbox[pushed:]
+            self._outbox.extend(late)
+            self.metrics.counters["dispatches_before_commit"] += len(early)
+            self._send_all(early)
 
     def _undo_turn(self, agents: dict, lost: list, outbox_len: int, next_lease_check: float) -> None:
         """Put the in-memory state back as it was before an aborted turn (its transaction is gone).
