@@ -227,6 +227,20 @@ def test_the_client_says_why_its_handshake_failed(secure, tmp_path):
             conn.call(Op.HEALTH)
 
 
+def test_a_call_made_after_the_refusal_fails_at_once(secure):
+    """The refusal's event can come before the first call: that call must not wait for its timeout."""
+    for _ in range(3):
+        with connect(secure.endpoint, timeout=10) as conn:  # no keys at all
+            deadline = time.monotonic() + 5
+            while conn._handshake_error is None and time.monotonic() < deadline:  # the refusal has been seen
+                time.sleep(0.01)
+            time.sleep(0.3)  # and the pipe is gone: libzmq does not retry a refused mechanism, no event comes
+            started = time.monotonic()
+            with pytest.raises(errors.AuthenticationError, match="requires CURVE"):
+                conn.call(Op.HEALTH)
+            assert time.monotonic() - started < 1
+
+
 def test_a_deleted_key_is_refused_from_its_next_handshake(secure):
     create_keys(secure.keys_dir, ["carol"], [])
     with client(secure, "carol") as conn:

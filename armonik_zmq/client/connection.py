@@ -282,6 +282,11 @@ class Connection:
                 # else no pipe right now (a handshake failing or a reconnect under way): the call stays in
                 # flight, sent again on reconnect, failed with the reason by a refused handshake, or
                 # explained at its timeout
+            if not self._connected and self._handshake_error is not None:
+                # The refusal's event came before this call: nothing would fail it, and the next handshake
+                # is refused too until someone changes a key.
+                self._inflight.pop(rid, None)
+                self._fail_rid(rid, self._refused())
             if dealer.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 self._push.send(_LOOK)  # the send took in the news of messages: the descriptor will not tell
             if len(self._inflight) > 2 * len(self._pending) + 1024:
@@ -533,8 +538,7 @@ class Connection:
                     self._pending.clear()
                 for fut in futures:
                     try:
-                        fut.set_exception(errors.AuthenticationError(
-                            f"cannot talk to the broker at {self.endpoint}: {self._handshake_error}"))
+                        fut.set_exception(self._refused())
                     except InvalidStateError:
                         pass
             elif event == zmq.EVENT_DISCONNECTED and self._connected:
@@ -597,8 +601,11 @@ class Connection:
     def _send_error(self, exc: zmq.ZMQError) -> BaseException:
         """The error for a send that failed: a refused handshake tears the pipe down, so say why."""
         if self._handshake_error is not None and not self._connected:
-            return errors.AuthenticationError(f"cannot talk to the broker at {self.endpoint}: {self._handshake_error}")
+            return self._refused()
         return errors.BrokerUnavailableError(f"cannot send to {self.endpoint}: {exc.strerror}")
+
+    def _refused(self) -> errors.AuthenticationError:
+        return errors.AuthenticationError(f"cannot talk to the broker at {self.endpoint}: {self._handshake_error}")
 
     def _fail_rid(self, rid: int, exc: BaseException) -> None:
         with self._lock:
