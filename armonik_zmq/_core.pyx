@@ -1324,10 +1324,10 @@ cdef bint _schema_valid(tuple node, object value) except -1:
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_GetItem, PyDict_Size
 from cpython.float cimport PyFloat_AS_DOUBLE
-from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.object cimport PyObject
-from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
+from cpython.sequence cimport PySequence_Fast_GET_ITEM, PySequence_Fast_GET_SIZE
+from cpython.tuple cimport PyTuple_GET_ITEM
 
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
@@ -1455,19 +1455,12 @@ cdef int _put_value(Writer* w, object v, object fallback) except -1:
         n = PyBytes_GET_SIZE(v)
         _put_head(w, <size_t>n, 0, 0, 0xC4, 0xC5, 0xC6)
         _put_raw(w, PyBytes_AS_STRING(v), <size_t>n)
-    elif t is list and w.depth < _MAX_DEPTH:
-        n = PyList_GET_SIZE(v)
+    elif (t is list or t is tuple) and w.depth < _MAX_DEPTH:  # both are "fast" sequences: one item accessor
+        n = PySequence_Fast_GET_SIZE(v)
         _put_head(w, <size_t>n, 0x90, 16, 0, 0xDC, 0xDD)
         w.depth += 1
         for i in range(n):
-            _put_value(w, <object>PyList_GET_ITEM(v, i), fallback)
-        w.depth -= 1
-    elif t is tuple and w.depth < _MAX_DEPTH:
-        n = PyTuple_GET_SIZE(v)
-        _put_head(w, <size_t>n, 0x90, 16, 0, 0xDC, 0xDD)
-        w.depth += 1
-        for i in range(n):
-            _put_value(w, <object>PyTuple_GET_ITEM(v, i), fallback)
+            _put_value(w, <object>PySequence_Fast_GET_ITEM(v, i), fallback)
         w.depth -= 1
     else:  # maps, int and float subclasses (IntEnum), bytearray, ...: as msgpack packs them
         packed = fallback(v)

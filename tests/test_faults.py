@@ -385,25 +385,43 @@ def run_storm(cluster: LocalProcesses, n: int, kills: int, log, sleep: float = 0
             "phantoms": phantoms}
 
 
-def test_t1_broker_kill_storm(tmp_path, scale):
-    """20,000 (CI 2,000) no-op tasks, 4 agents, 1 client; SIGKILL the broker 10 (CI 3) times, restart at once."""
-    n, kills = (20_000, 10) if scale == 1.0 else (2_000, 3)
+def storms_on_four_agents(tmp_path, *runs: dict) -> list[dict]:
+    """Start a broker and 4 one-worker agents that share an execution log, then ``run_storm(**run)`` for each run
+    in turn; return their outcomes."""
     log = tmp_path / "exec.log"
     cluster = cluster_with_log(tmp_path, log, workers=1)
     try:
         cluster.start_broker()
         start_agents(cluster, AGENTS)
         cluster.wait_ready()
-        # At CI size no-op tasks take about a second: 10 ms tasks (~5 s on 4 workers) leave each restart time to
-        # reach its first dispatch before the next kill.
-        sleep = 0.0 if scale == 1.0 else 0.01
-        baseline = run_storm(cluster, n, 0, log, sleep)
-        storm = run_storm(cluster, n, kills, log, sleep)
+        return [run_storm(cluster, log=log, **run) for run in runs]
     finally:
         cluster.cleanup()
+
+
+def extra_executions_bound(kills: int) -> int:
+    """T1's bound on extra executions: kills x agents x what an agent of one worker may hold."""
+    return kills * AGENTS * (1 + WINDOW + PREFETCH)
+
+
+def assert_storm_kept_its_promises(storm: dict, n: int) -> None:
+    """Nothing acknowledged lost, nothing unexpected or duplicated, every result right, all n tasks Completed."""
+    report = storm["history"].report()
+    assert report == {**report, "lost": 0, "unexpected": 0, "duplicated": 0}, storm["history"].explain()
+    assert not storm["stray"] and not storm["wrong"], (storm["stray"][:5], storm["wrong"][:5])
+    assert storm["statuses"]["COMPLETED"] == n and set(storm["statuses"]) <= {"COMPLETED", "RETRIED"}, storm["statuses"]
+
+
+def test_t1_broker_kill_storm(tmp_path, scale):
+    """20,000 (CI 2,000) no-op tasks, 4 agents, 1 client; SIGKILL the broker 10 (CI 3) times, restart at once."""
+    n, kills = (20_000, 10) if scale == 1.0 else (2_000, 3)
+    # At CI size no-op tasks take about a second: 10 ms tasks (~5 s on 4 workers) leave each restart time to
+    # reach its first dispatch before the next kill.
+    sleep = 0.0 if scale == 1.0 else 0.01
+    baseline, storm = storms_on_four_agents(tmp_path, dict(n=n, kills=0, sleep=sleep), dict(n=n, kills=kills, sleep=sleep))
     h: History = storm["history"]
     report = h.report()
-    bound = kills * AGENTS * (cluster.workers * (1 + WINDOW) + PREFETCH)
+    bound = extra_executions_bound(kills)
     extra = h.extra_executions()
     restart_gap = max(r - k for k, r in storm["restarts"])
     slowest_first = max(storm["firsts"], default=float("nan"))
@@ -421,9 +439,7 @@ def test_t1_broker_kill_storm(tmp_path, scale):
            slowest_first <= 2.0)
     figure("T1", "wall time / fault-free baseline", ratio, "x",
            f"<= 3 (baseline {baseline['wall']:.1f} s, storm {storm['wall']:.1f} s)", ratio <= 3.0)
-    assert report == {**report, "lost": 0, "unexpected": 0, "duplicated": 0}, h.explain()
-    assert not storm["stray"] and not storm["wrong"], (storm["stray"][:5], storm["wrong"][:5])
-    assert storm["statuses"]["COMPLETED"] == n and set(storm["statuses"]) <= {"COMPLETED", "RETRIED"}, storm["statuses"]
+    assert_storm_kept_its_promises(storm, n)
     assert baseline["history"].report()["lost"] == 0
     assert extra <= bound, f"{extra} extra executions (bound {bound})"
     assert restart_gap <= 0.5
@@ -446,19 +462,10 @@ def test_t1_broker_kills_while_tasks_are_dispatched_before_their_commit(tmp_path
     turn sends its DISPATCH before its commit (broker/server.py _dispatch_early), so kills land between the two.
     Nothing acknowledged is lost, no task has two results, extra executions stay within the T1 bound."""
     n, kills = (1_000, 10) if scale == 1.0 else (300, 5)
-    log = tmp_path / "exec.log"
-    cluster = cluster_with_log(tmp_path, log, workers=1)
-    try:
-        cluster.start_broker()
-        start_agents(cluster, AGENTS)
-        cluster.wait_ready()
-        baseline = run_storm(cluster, 50, 0, log, batch=1)
-        storm = run_storm(cluster, n, kills, log, batch=1)
-    finally:
-        cluster.cleanup()
+    baseline, storm = storms_on_four_agents(tmp_path, dict(n=50, kills=0, batch=1), dict(n=n, kills=kills, batch=1))
     h: History = storm["history"]
     report = h.report()
-    bound = kills * AGENTS * (cluster.workers * (1 + WINDOW) + PREFETCH)
+    bound = extra_executions_bound(kills)
     extra = h.extra_executions()
     figure("T1", "(dispatch before commit) DISPATCHes sent before their commit, fault-free run of 50", baseline["early"],
            "", ">= 25", baseline["early"] >= 25)
@@ -472,9 +479,7 @@ def test_t1_broker_kills_while_tasks_are_dispatched_before_their_commit(tmp_path
            "(information)", True)
     # the fault-free tasks were dispatched before their commits (an agent registering in that turn: after)
     assert baseline["early"] >= 25, baseline["early"]
-    assert report == {**report, "lost": 0, "unexpected": 0, "duplicated": 0}, h.explain()
-    assert not storm["stray"] and not storm["wrong"], (storm["stray"][:5], storm["wrong"][:5])
-    assert storm["statuses"]["COMPLETED"] == n and set(storm["statuses"]) <= {"COMPLETED", "RETRIED"}, storm["statuses"]
+    assert_storm_kept_its_promises(storm, n)
     assert extra <= bound, f"{extra} extra executions (bound {bound})"
 
 
