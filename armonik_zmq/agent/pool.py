@@ -63,8 +63,10 @@ class WorkerPool:
             with open(state_path, "wb") as f:
                 f.write(bytes(STATE_SIZE))
             cmd += ["--state", state_path]
-        # Own process group: a Ctrl-C in the terminal reaches the agent, which stops its workers in order.
-        popen = subprocess.Popen(cmd, env=self.env, start_new_session=True)
+        # Own process group, so a Ctrl-C in the terminal reaches the agent, which stops its workers in order.
+        # Not a session of its own: Linux gives each session its own scheduler autogroup, and a worker in
+        # one would get as much CPU as the broker, the agents and the client together.
+        popen = subprocess.Popen(cmd, env=self.env, process_group=0)
         proc = WorkerProc(index, popen, state_path)
         self.workers[index] = proc
         log.info("worker %d started (pid %d)", index, popen.pid)

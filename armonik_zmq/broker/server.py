@@ -116,9 +116,10 @@ def ask_for_nice(nice: int) -> int:
 
     Linux sets a nice value per thread: the broker asks before its ZeroMQ context starts its I/O threads.
     The value ranks the broker only among the processes of its scheduling group: with autogroups on
-    (/proc/sys/kernel/sched_autogroup_enabled), that is its session, and each worker is a session of
-    its own (the agent starts it with setsid), so a nice value of the broker or of a worker does not
-    weigh one against the other. In T15 measured at load 4-7 (3 interleaved pairs, 30,000 tasks),
+    (/proc/sys/kernel/sched_autogroup_enabled), that is its session. Workers share their agent's session
+    (agent/pool.py), so with a broker, agents and workers started from one shell, nice values do weigh
+    them against each other. In T15 measured at load 4-7 (3 interleaved pairs, 30,000 tasks; workers then
+    each in a session of their own, which made their nice values weigh nothing against the broker's),
     nice -5 gave submit-ack p50 19.1 / 17.3 / 17.8 ms against 14.1 / 12.9 / 21.0 at 0: no gain shown,
     so it is an option (``--nice``), not the default.
     """
