@@ -233,6 +233,16 @@ def test_sigkilled_worker_is_a_retry_and_is_replaced(api, tmp_path):
     assert not alive(pid)
 
 
+def test_workers_run_in_their_agents_session_each_in_a_process_group_of_its_own(cluster):
+    """A process group keeps a terminal's Ctrl-C off the workers (the agent stops them in order); sharing the
+    agent's session keeps them in its scheduler autogroup, where they cannot starve the control plane."""
+    agent = cluster.agent.pid
+    workers = wait_for(lambda: children_of(agent) or None, "the agent's workers to start")
+    for pid in workers:
+        assert os.getsid(pid) == os.getsid(agent)
+        assert os.getpgid(pid) == pid != os.getpgid(agent)
+
+
 def test_nothing_a_failing_task_created_is_kept(api):
     """Each run creates results (with and without data) and a subtask, then raises: none of it ever existed."""
     session_id = api.session()
