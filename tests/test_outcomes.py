@@ -373,7 +373,7 @@ def test_a_worker_whose_agent_died_before_it_armed_its_death_signal_exits(tmp_pa
     compares its parent with the agent pid it was given and exits instead of waiting forever as an orphan."""
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # a pid that is not this worker's parent (as after the agent died and init adopted the worker)
-    worker = subprocess.Popen([sys.executable, "-m", "armonik_zmq.worker", "--agent", f"ipc://{tmp_path}/none",
+    worker = subprocess.Popen([sys.executable, "-m", "armonik_zmq.worker", "--agent", f"{tmp_path}/none",
                                "--processor", "armonik_zmq.processors:processor", "--agent-pid", str(gone.pid)],
                               stderr=subprocess.PIPE, text=True)
     try:
@@ -382,7 +382,7 @@ def test_a_worker_whose_agent_died_before_it_armed_its_death_signal_exits(tmp_pa
         worker.kill()
     assert worker.returncode == 3 and f"agent {gone.pid} is gone" in err, (worker.returncode, err)
     # and with its real parent given, it stays up waiting for the agent
-    alive_worker = subprocess.Popen([sys.executable, "-m", "armonik_zmq.worker", "--agent", f"ipc://{tmp_path}/none",
+    alive_worker = subprocess.Popen([sys.executable, "-m", "armonik_zmq.worker", "--agent", f"{tmp_path}/none",
                                      "--processor", "armonik_zmq.processors:processor", "--agent-pid", str(os.getpid())])
     try:
         with pytest.raises(subprocess.TimeoutExpired):

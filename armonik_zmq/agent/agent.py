@@ -29,10 +29,11 @@ from ..broker.options import merge as merge_options
 from ..config import AgentConfig
 from ..ids import new_id
 from ..security import ClientKeys
-from ..protocol import (DATA_CHUNK_MAX_SIZE, WORKER_OPS, ErrorCode, Op, ProtocolError, decode_header, envelope_of,
-                        reply_error, reply_ok, request, split_frames, validate)
+from ..protocol import (DATA_CHUNK_MAX_SIZE, MAX_HEADER_SIZE, WORKER_OPS, ErrorCode, Op, ProtocolError, decode_header,
+                        envelope_of, reply_error, reply_ok, request, split_frames, validate)
 from .. import shm
 from ..status import ResultStatus, SessionStatus, TaskStatus
+from ..worker.link import Link, LinkClosed, peer_pid
 from .pool import WorkerPool, WorkerProc
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ START_REPORT_DELAY = 0.002
 #: the same while tasks are tiny (``TINY_RUN``): they travel to workers in batches and their outputs come back
 #: in batches, a few milliseconds after the agent marked the first of a batch started
 TINY_START_REPORT_DELAY = 0.010
+#: bytes of replies a connection to the worker socket that is not a worker's may leave unread before it is closed
+LINK_PENDING_MAX = 16 << 20
 
 
 def _oldest_due(starts: dict) -> float:
@@ -102,12 +105,14 @@ class Agent:
                                             "--server-key", "--agent-secret")
         self.ctx = zmq.Context()
         self._sockdir = tempfile.mkdtemp(prefix="armonik-zmq-agent-")  # mkdtemp makes it 0700
-        self.worker_endpoint = f"ipc://{self._sockdir}/workers"
-        self.workers_sock = self.ctx.socket(zmq.ROUTER)
-        self.workers_sock.setsockopt(zmq.LINGER, 0)
-        self.workers_sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.workers_sock.bind(self.worker_endpoint)
-        self.pool = WorkerPool(config.workers, self.worker_endpoint, config.processor, config.worker_env,
+        #: the Unix socket workers connect to (worker/link.py), and the links accepted on it, by fd
+        self.worker_path = os.path.join(self._sockdir, "workers")
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.worker_path)
+        self.listener.listen(64)
+        self.listener.setblocking(False)
+        self.links: dict[int, Link] = {}
+        self.pool = WorkerPool(config.workers, self.worker_path, config.processor, config.worker_env,
                                state_dir=self._sockdir)
         self.broker: Optional[zmq.Socket] = None
         self.tasks: dict[str, LocalTask] = {}
@@ -480,16 +485,12 @@ class Agent:
         header = request(Op.RUNS, 0, runs=runs, frames=counts, options=options,
                          configuration={"data_chunk_max_size": self.data_chunk_max_size, "keep": self.config.window,
                                         **self.shm_config})
-        try:
-            self.workers_sock.send_multipart([proc.identity, header, *data], flags=zmq.DONTWAIT, copy=False)
-        except zmq.ZMQError as exc:
-            # The worker died (EHOSTUNREACH) before the reaper noticed, or cannot take more (EAGAIN): the tasks
-            # wait for another worker. An unreachable worker is killed, so the reaper replaces it for sure.
-            # Never let a worker's death take the agent down with it.
-            log.warning("worker %d (pid %d) unreachable (%s): %d task(s) wait for another worker", proc.index,
-                        proc.pid, exc.strerror, len(tasks))
-            if exc.errno == zmq.EHOSTUNREACH:
-                self.pool.kill(proc)
+        if not self._send_to(proc.link, [header, *data]):
+            # The worker's link broke before the agent read its end: the tasks wait for another worker. The
+            # worker is killed, so that it is replaced for sure. Never let a worker's death take the agent down.
+            log.warning("worker %d (pid %d) unreachable: %d task(s) wait for another worker", proc.index, proc.pid,
+                        len(tasks))
+            self.pool.kill(proc)
             self.ready.extendleft(task.task_id for task in reversed(tasks))
             return False
         for task in tasks:
@@ -514,44 +515,107 @@ class Agent:
             self._deadlines = [d for d in self._deadlines if d[1] in self.by_token]
             heapq.heapify(self._deadlines)
 
-    def _on_worker_message(self, frames: list) -> None:
-        identity = frames[0].bytes
-        raw = frames[1].bytes if len(frames) > 1 else b""
+    # -- worker links -------------------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        """Take the connections waiting on the worker socket: workers (they say WORKER_READY), or any other
+        process of this user that can reach the agent's private directory (answered like a worker)."""
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of file descriptors, say: the connection waits for the next turn
+                log.warning("cannot accept a worker connection: %s", exc)
+                return
+            sock.setblocking(False)
+            # Frames a worker sends are cut at the data chunk size (or are headers): a bigger one is refused.
+            link = Link(sock, max_frame=max(self.data_chunk_max_size, MAX_HEADER_SIZE))
+            link.pid = peer_pid(sock)
+            self.links[sock.fileno()] = link
+            self.poller.register(sock.fileno(), zmq.POLLIN)
+
+    def _on_link_event(self, fd: int, event: int) -> None:
+        link = self.links.get(fd)
+        if link is None:
+            return
+        if event & zmq.POLLOUT:
+            try:
+                if link.flush():
+                    self.poller.modify(fd, zmq.POLLIN)
+            except LinkClosed:
+                pass  # the read below finds the link closed
+        for frames in link.read():
+            self._on_worker_message(link, frames)
+        if link.closed is not None:
+            self._drop_link(link)
+
+    def _send_to(self, link: Link, frames: list) -> bool:
+        """Send a message on a worker link without waiting (what the socket does not take now goes once it
+        can); False if the link is gone."""
+        try:
+            if not link.send(frames):
+                if link.pending > LINK_PENDING_MAX and link not in self.pool.by_link:
+                    raise LinkClosed("a peer that does not read its replies")
+                self.poller.modify(link.fileno(), zmq.POLLIN | zmq.POLLOUT)
+        except LinkClosed as exc:
+            link.closed = link.closed or str(exc)
+            return False
+        return True
+
+    def _drop_link(self, link: Link) -> None:
+        """Close a link; a worker's means the worker is gone: its tasks are taken care of at once."""
+        if link.malformed:
+            log.warning("worker link of pid %d closed: %s", link.pid, link.closed)
+            self._send_to(link, [reply_error(0, 0, ErrorCode.MALFORMED, f"link closed: {link.closed}")])
+        fd = link.fileno()
+        if self.links.pop(fd, None) is not None:
+            self.poller.unregister(fd)
+        link.close()
+        proc = self.pool.by_link.get(link)
+        if proc is None or self.pool.workers.get(proc.index) is not proc:
+            return
+        code = self.pool.lost(proc)
+        if code is not None:  # else the reaper finds it dead later
+            self._on_worker_death(proc, code)
+
+    def _on_worker_message(self, link: Link, frames: list) -> None:
+        raw = frames[0]
         try:
             header = decode_header(raw)
             op = validate(header, WORKER_OPS)
-            reply = self._handle_worker(identity, op, header, [f.buffer for f in frames[2:]])
+            reply = self._handle_worker(link, op, header, frames[1:])
         except ProtocolError as exc:
             op_num, rid = envelope_of(raw)
             reply = [reply_error(op_num, rid, exc.code, exc.message)]
         except Exception as exc:  # a bug: answer, log loudly, keep serving the other workers
-            log.exception("request from worker %r failed inside the agent", identity)
+            log.exception("request from worker pid %d failed inside the agent", link.pid)
             op_num, rid = envelope_of(raw)
             reply = [reply_error(op_num, rid, ErrorCode.INTERNAL, f"internal error in the agent: {exc!r}")]
         if reply is None:
             return  # an accepted W_OUTPUT: the worker does not wait for it, so no message at all
-        try:
-            self.workers_sock.send_multipart([identity, *reply], flags=zmq.DONTWAIT)
-        except zmq.ZMQError as exc:
-            log.warning("reply to worker %r lost: %s", identity, exc.strerror)
+        if not self._send_to(link, reply):
+            log.warning("reply to worker pid %d lost: %s", link.pid, link.closed)
 
-    def _task_of(self, identity: bytes, token: str) -> LocalTask:
+    def _task_of(self, link: Link, token: str) -> LocalTask:
         task = self.by_token.get(token)
-        proc = self.pool.by_identity.get(identity)
+        proc = self.pool.by_link.get(link)
         if task is None or proc is None or not proc.queue or proc.queue[0] != task.task_id:
             raise ProtocolError(ErrorCode.INVALID_ARGUMENT, "unknown or stale task token")
         return task
 
-    def _handle_worker(self, identity: bytes, op: Op, h: dict, frames: list) -> Optional[list]:
+    def _handle_worker(self, link: Link, op: Op, h: dict, frames: list) -> Optional[list]:
         rid = h["rid"]
         if op == Op.WORKER_READY:
-            proc = self.pool.on_ready(identity, h["pid"])
+            # The pid the kernel saw connect, not only the one claimed: a worker's link is its own.
+            proc = self.pool.on_ready(link, h["pid"]) if h["pid"] == link.pid else None
             if proc is None:
-                raise ProtocolError(ErrorCode.PERMISSION_DENIED, f"pid {h['pid']} is not a worker of this agent")
+                raise ProtocolError(ErrorCode.PERMISSION_DENIED, f"pid {h['pid']} is not a worker of this agent "
+                                    "(or not the process on this connection)")
             return [reply_ok(op, rid)]
         if op == Op.W_OUTPUTS:
-            return self._on_outputs(identity, h, frames)
-        task = self._task_of(identity, h["token"])
+            return self._on_outputs(link, h, frames)
+        task = self._task_of(link, h["token"])
         sid = task.msg["session_id"]
         now = time.time()
         if op == Op.W_CREATE_RESULTS_METADATA or op == Op.W_CREATE_RESULTS:
@@ -597,13 +661,13 @@ class Agent:
             return None
         raise ProtocolError(ErrorCode.UNIMPLEMENTED, f"op {op.name} is not served by the agent")
 
-    def _on_outputs(self, identity: bytes, h: dict, frames: list) -> Optional[list]:
+    def _on_outputs(self, link: Link, h: dict, frames: list) -> Optional[list]:
         """The outputs of consecutive runs of one worker, in order; refused ones are answered in one error."""
         outputs, returned = h["outputs"], h.get("returned", ())
         if not outputs and not returned:
             raise ProtocolError(ErrorCode.INVALID_ARGUMENT, "W_OUTPUTS carries no output and gives back no run")
         groups = split_frames(frames, [sum(o.get("frames", ())) for o in outputs])
-        proc = self.pool.by_identity.get(identity)
+        proc = self.pool.by_link.get(link)
         if proc is not None and outputs:
             proc.slow = False
         refused = self._take_back(proc, returned) if returned else []
@@ -611,7 +675,7 @@ class Agent:
         try:
             for o, group in zip(outputs, groups):
                 try:
-                    task = self._task_of(identity, o["token"])
+                    task = self._task_of(link, o["token"])
                     if "result_ids" in o:
                         self._keep_results(task, o, group)
                 except ProtocolError as exc:
@@ -813,7 +877,8 @@ class Agent:
     def run(self) -> None:
         """Serve until ``stop()`` or SIGINT/SIGTERM."""
         self.poller = zmq.Poller()
-        self.poller.register(self.workers_sock, zmq.POLLIN)
+        listener = self.listener.fileno()
+        self.poller.register(listener, zmq.POLLIN)
         self.pool.start()
         self._running = True
         next_reap = 0.0
@@ -836,21 +901,20 @@ class Agent:
                 wait_ms = 50
                 if self._started and self.registered:  # wake up when a start is due
                     wait_ms = min(wait_ms, max(0, math.ceil((_oldest_due(self._started) - time.monotonic()) * 1000)))
-                events = dict(self.poller.poll(wait_ms))
-                if self.broker in events:
-                    for _ in range(1000):
-                        try:
-                            frames = self.broker.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        self._on_broker_message(frames)
-                if self.workers_sock in events:
-                    for _ in range(1000):
-                        try:
-                            frames = self.workers_sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        self._on_worker_message(frames)
+                events = self.poller.poll(wait_ms)
+                for item, event in events:
+                    if item is self.broker:
+                        for _ in range(1000):
+                            try:
+                                frames = self.broker.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                            except zmq.Again:
+                                break
+                            self._on_broker_message(frames)
+                for item, event in events:
+                    if item == listener:
+                        self._accept()
+                    elif type(item) is int:
+                        self._on_link_event(item, event)
                 if mono >= next_reap:
                     next_reap = mono + 0.2
                     for proc, code in self.pool.reap():
@@ -886,7 +950,9 @@ class Agent:
             pass
         if self.broker is not None:
             self.broker.close(linger=0)
-        self.workers_sock.close(linger=0)
+        for link in self.links.values():
+            link.close()
+        self.listener.close()
         self.ctx.term()
         shutil.rmtree(self._sockdir, ignore_errors=True)
         log.info("agent %s stopped: %s", self.agent_id, ", ".join(f"{v} {k}" for k, v in self.stats.items()))

@@ -12,6 +12,7 @@ import time
 from collections import deque
 from typing import Optional
 
+from ..worker.link import Link
 from ..worker.runtime import STATE_SIZE
 
 log = logging.getLogger(__name__)
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 class WorkerProc:
     """One worker process and the tasks the agent has queued at it (the first one is running)."""
 
-    __slots__ = ("index", "popen", "identity", "queue", "ready", "started", "state_path", "slow")
+    __slots__ = ("index", "popen", "link", "queue", "ready", "started", "state_path", "slow")
 
     def __init__(self, index: int, popen: subprocess.Popen, state_path: str = ""):
         self.index = index
@@ -29,8 +30,8 @@ class WorkerProc:
         #: it gave back the runs queued behind a long task: no deep queue for it until its next output
         self.slow = False
         self.popen = popen
-        #: ROUTER routing id, known once the worker said WORKER_READY
-        self.identity: Optional[bytes] = None
+        #: its connection to the agent (worker/link.py), known once the worker said WORKER_READY on it
+        self.link: Optional[Link] = None
         #: task ids sent to this worker, in the order it runs them
         self.queue: deque[str] = deque()
         self.ready = False
@@ -42,20 +43,21 @@ class WorkerProc:
 
 
 class WorkerPool:
-    def __init__(self, n: int, endpoint: str, processor: str, env: Optional[dict] = None, state_dir: str = ""):
+    def __init__(self, n: int, path: str, processor: str, env: Optional[dict] = None, state_dir: str = ""):
         self.n = n
         #: where run-state files go (the agent's private directory); "" for none
         self.state_dir = state_dir
         self._spawns = itertools.count(1)
-        self.endpoint = endpoint
+        #: the agent's Unix socket the workers connect to
+        self.path = path
         self.processor = processor
         self.env = {**os.environ, **(env or {})}
         self.workers: dict[int, WorkerProc] = {}
-        self.by_identity: dict[bytes, WorkerProc] = {}
+        self.by_link: dict[Link, WorkerProc] = {}
 
     def _spawn(self, index: int) -> WorkerProc:
-        cmd = [sys.executable, "-m", "armonik_zmq.worker", "--agent", self.endpoint, "--processor", self.processor,
-               "--identity", f"w{index}", "--agent-pid", str(os.getpid())]
+        cmd = [sys.executable, "-m", "armonik_zmq.worker", "--agent", self.path, "--processor", self.processor,
+               "--agent-pid", str(os.getpid())]
         state_path = ""
         if self.state_dir:
             # A new file for each process: a worker being killed cannot write into its replacement's.
@@ -76,12 +78,12 @@ class WorkerPool:
         for i in range(self.n):
             self._spawn(i)
 
-    def on_ready(self, identity: bytes, pid: int) -> Optional[WorkerProc]:
+    def on_ready(self, link: Link, pid: int) -> Optional[WorkerProc]:
         for proc in self.workers.values():
-            if proc.pid == pid:
-                proc.identity = identity
+            if proc.pid == pid and proc.link is None:
+                proc.link = link
                 proc.ready = True
-                self.by_identity[identity] = proc
+                self.by_link[link] = proc
                 return proc
         log.warning("WORKER_READY from unknown pid %d ignored", pid)
         return None
@@ -89,16 +91,30 @@ class WorkerPool:
     def reap(self) -> list[tuple[WorkerProc, int]]:
         """Find dead workers, replace them; return (dead worker, exit code) pairs."""
         dead = []
-        for index, proc in list(self.workers.items()):
+        for proc in list(self.workers.values()):
             code = proc.popen.poll()
-            if code is None:
-                continue
-            dead.append((proc, code))
-            if proc.identity is not None:
-                self.by_identity.pop(proc.identity, None)
-            log.warning("worker %d (pid %d) exited with code %s; starting a new one", index, proc.pid, code)
-            self._spawn(index)
+            if code is not None:
+                self._replace(proc, code)
+                dead.append((proc, code))
         return dead
+
+    def lost(self, proc: WorkerProc, wait: float = 1.0) -> Optional[int]:
+        """A worker whose link closed: kill it (useless without its link, if it lives), replace it once it
+        exited (waiting up to ``wait`` seconds: a process closes its files just before it ends) and return
+        its exit code; None if it has not exited yet (``reap`` replaces it then)."""
+        self.kill(proc)
+        try:
+            code = proc.popen.wait(wait)
+        except subprocess.TimeoutExpired:
+            return None
+        self._replace(proc, code)
+        return code
+
+    def _replace(self, proc: WorkerProc, code: int) -> None:
+        if proc.link is not None:
+            self.by_link.pop(proc.link, None)
+        log.warning("worker %d (pid %d) exited with code %s; starting a new one", proc.index, proc.pid, code)
+        self._spawn(proc.index)
 
     @staticmethod
     def run_state(proc: WorkerProc) -> Optional[tuple[str, bool]]:
@@ -150,4 +166,4 @@ class WorkerPool:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.popen.wait()
         self.workers.clear()
-        self.by_identity.clear()
+        self.by_link.clear()

@@ -1,4 +1,4 @@
-"""The worker process: connect to the agent, run each task given, report its output."""
+"""The worker process: connect to the agent (worker/link.py), run each task given, report its output."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import itertools
 import logging
 import mmap
 import os
+import select
 import signal
+import socket
 import sys
 import threading
 import time
@@ -16,11 +18,10 @@ import traceback
 from collections import deque
 from typing import Callable, Optional
 
-import zmq
-
 from .. import hostmem
 from ..common import Output
 from ..protocol import Op, ProtocolError, check_reply, decode_header, request, split_frames
+from .link import Link, LinkClosed
 from .taskhandler import TaskHandler, mapped_inputs
 
 log = logging.getLogger(__name__)
@@ -67,36 +68,34 @@ class WorkerRuntime:
 
     Outputs are batched: the output of a task that ends while another task is queued here waits to travel
     with the next ones, as one ``W_OUTPUTS``, sent when the queue runs dry (unless runs arrived meanwhile),
-    at ``OUTPUT_BATCH`` outputs, or by the guard thread. Each ZeroMQ send wakes both I/O threads, which
-    cost more than a tiny task. The guard sends the held outputs when the next task runs longer than
+    at ``OUTPUT_BATCH`` outputs, or by the guard thread. Each message wakes the agent, which costs more than
+    a tiny task. The guard sends the held outputs when the next task runs longer than
     ``OUTPUT_DELAY``, so a long task never holds back the report of a short one (its agent would count that
     one as still running), or when they were held ``OUTPUT_HOLD_MAX``; it gives back the runs queued here
     once the task has run ``GIVE_BACK_AFTER``, so that they do not wait behind it.
     """
 
-    def __init__(self, agent_endpoint: str, processor: Callable[[TaskHandler], Output], identity: str = "",
-                 state_path: str = "", agent_pid: Optional[int] = None):
+    def __init__(self, agent_path: str, processor: Callable[[TaskHandler], Output], state_path: str = "",
+                 agent_pid: Optional[int] = None):
         self.processor = processor
         #: the run-state file shared with the agent (pool.STATE_SIZE bytes), mapped: a write costs no syscall
         self._state: Optional[mmap.mmap] = None
         if state_path:
             with open(state_path, "r+b") as f:
                 self._state = mmap.mmap(f.fileno(), STATE_SIZE)
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        if identity:
-            self.sock.setsockopt(zmq.IDENTITY, f"{identity}-{os.getpid()}".encode())
-        self.sock.connect(agent_endpoint)
         self._rids = itertools.count(1)
         self._agent_pid = agent_pid or os.getppid()
+        self.link = Link(self._connect(agent_path), copy_big=True)
+        self._readable = select.poll()
+        self._readable.register(self.link.fileno(), select.POLLIN)
+        #: messages read from the link, not handled yet
+        self._inbox: deque = deque()
         #: runs queued here by the agent (RUN, RUNS), not started yet
         self._runs: deque = deque()
         #: outputs not sent yet: (fields, data frames), and time.monotonic() when the first was held
         self._outputs: list = []
         self._held_since = 0.0
-        #: the socket is used by this thread and the guard thread: one at a time (ZeroMQ sockets are not
-        #: thread-safe; a lock is the full barrier a socket needs to change threads)
+        #: the link is used by this thread and the guard thread: one at a time
         self._lock = threading.Lock()
         self._wake = threading.Event()
         #: runs started so far, and whether one is running (read by the guard thread)
@@ -107,10 +106,23 @@ class WorkerRuntime:
         self._keep = 1
         threading.Thread(target=self._guard, name="output-guard", daemon=True).start()
 
+    def _connect(self, path: str) -> socket.socket:
+        """Connect to the agent's worker socket; wait for it while the agent lives (it may not listen yet)."""
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(path)
+                return sock
+            except (FileNotFoundError, ConnectionRefusedError):
+                sock.close()
+            if os.getppid() != self._agent_pid:
+                raise SystemExit("the agent is gone: worker exiting")
+            time.sleep(0.1)
+
     def send(self, op: Op, data=(), **fields) -> int:
         rid = next(self._rids)
         with self._lock:
-            self.sock.send_multipart([request(op, rid, **fields), *data], copy=False)
+            self.link.send([request(op, rid, **fields), *data])
         return rid
 
     def call(self, op: Op, data=(), **fields) -> dict:
@@ -122,7 +134,7 @@ class WorkerRuntime:
         rid = next(self._rids)
         with self._lock:
             self._flush()
-            self.sock.send_multipart([request(op, rid, **fields), *data], copy=False)
+            self.link.send([request(op, rid, **fields), *data])
             while True:
                 header, frames = self._receive()
                 if header is None:
@@ -150,8 +162,7 @@ class WorkerRuntime:
             return
         outputs, self._outputs = self._outputs, []
         data = [f for _, frames in outputs for f in frames]
-        self.sock.send_multipart([request(Op.W_OUTPUTS, next(self._rids), outputs=[o for o, _ in outputs]), *data],
-                                 copy=False)
+        self.link.send([request(Op.W_OUTPUTS, next(self._rids), outputs=[o for o, _ in outputs]), *data])
 
     def _guard(self) -> None:
         """Send held outputs once the task that runs after them has run ``OUTPUT_DELAY``; give back the runs
@@ -191,11 +202,11 @@ class WorkerRuntime:
                 returned.append(header["token"])
             if returned:
                 returned.reverse()
-                self.sock.send_multipart([request(Op.W_OUTPUTS, next(self._rids), outputs=[], returned=returned)])
+                self.link.send([request(Op.W_OUTPUTS, next(self._rids), outputs=[], returned=returned)])
 
     def _drain(self) -> None:
         """Queue the runs that arrived, without waiting (the caller holds ``_lock``, no call in progress)."""
-        while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while self._inbox or self._read():
             header, frames = self._receive()
             if header is not None and (header["op"] == Op.RUN or header["op"] == Op.RUNS):
                 self._queue_runs(header, frames)
@@ -219,15 +230,22 @@ class WorkerRuntime:
             run["configuration"] = configuration
             self._runs.append((run, group))
 
+    def _read(self) -> bool:
+        """Take the messages the link holds now into the inbox, without waiting; say if it has any."""
+        self._inbox.extend(self.link.read())
+        return bool(self._inbox)
+
     def _receive(self):
-        if not self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # cheaper than a failed NOBLOCK recv
-            # Nothing yet: wait, but notice when the agent died (we were re-parented), so that a
-            # SIGKILLed agent leaves no orphan workers behind.
-            while not self.sock.poll(1000):
+        """The next message from the agent, waiting for it (the caller holds ``_lock``)."""
+        while not self._inbox and not self._read():
+            if self.link.closed is not None:
+                raise SystemExit(f"the agent is gone ({self.link.closed}): worker exiting")
+            # Nothing yet: wait, but notice when the agent died (we were re-parented) even if its end of the
+            # link lives on in another process, so that a SIGKILLed agent leaves no orphan workers behind.
+            while not self._readable.poll(1000):
                 if os.getppid() != self._agent_pid:
                     raise SystemExit("the agent is gone: worker exiting")
-        # copy=True: bytes at once (a task handler wants bytes anyway; no zmq.Frame objects per message)
-        msg = self.sock.recv_multipart()
+        msg = self._inbox.popleft()
         try:
             header = decode_header(msg[0])
         except ProtocolError as exc:
@@ -333,8 +351,7 @@ def _die_with_agent() -> None:
         pass
 
 
-def main(agent_endpoint: str, processor_spec: str, identity: str = "", state_path: str = "",
-         agent_pid: Optional[int] = None) -> None:
+def main(agent_path: str, processor_spec: str, state_path: str = "", agent_pid: Optional[int] = None) -> None:
     _die_with_agent()
     # An agent that died between starting this process and the prctl above sent no signal: this process is
     # already an orphan, and os.getppid() names its new parent, so compare with the pid the agent gave.
@@ -349,8 +366,10 @@ def main(agent_endpoint: str, processor_spec: str, identity: str = "", state_pat
     except ValueError as exc:
         print(f"armonik-zmq worker: {exc}", file=sys.stderr)
         sys.exit(2)
-    runtime = WorkerRuntime(agent_endpoint, processor, identity, state_path, agent_pid)
+    runtime = WorkerRuntime(agent_path, processor, state_path, agent_pid)
     try:
         runtime.serve()
     except KeyboardInterrupt:
         pass
+    except LinkClosed as exc:
+        raise SystemExit(f"the agent is gone ({exc}): worker exiting") from None

@@ -1,0 +1,242 @@
+"""The agent <-> worker link: length-prefixed messages over a Unix stream socket.
+
+A message is a list of frames (a msgpack header, then data frames), as on the ZeroMQ sockets::
+
+    u32 n | n x u64 frame sizes | frame 0 | frame 1 | ... | frame n-1      (little-endian)
+
+A plain socket costs one wake-up per message on each side, where a ZeroMQ ipc hop costs three (the
+sender's I/O thread, the receiver's I/O thread, then the receiving thread); and a closed socket tells the
+agent at once that its worker is gone. The agent reads what its workers send with limits on the frame count
+and sizes (a worker runs user code: it is trusted less than the agent), and never waits on a worker: its
+sends queue what the socket does not take at once (``pending``) until the worker reads.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections import deque
+from typing import Optional, Sequence
+
+from ..protocol import MAX_HEADER_SIZE
+
+_COUNT = struct.Struct("<I")
+#: bytes asked of the socket per read: more than a batch of tiny tasks' messages
+RECV_SIZE = 256 * 1024
+#: a frame this big that is not in the buffer yet is read straight into its own buffer (no copy afterwards)
+BIG_FRAME = 64 * 1024
+#: buffers per sendmsg (the kernel takes at most UIO_MAXIOV = 1024)
+_IOV_MAX = 512
+#: frames a message may have (a count per created result at most: FRAME_COUNTS' limit)
+MAX_FRAMES = 1 << 20
+
+
+class _OutOfLimits(Exception):
+    pass
+
+
+class LinkClosed(Exception):
+    """The other end is gone (a send found the link closed)."""
+
+
+def _nbytes(buffer) -> int:
+    return len(buffer) if type(buffer) is bytes else memoryview(buffer).nbytes
+
+
+def encode(frames: Sequence) -> list:
+    """The buffers that carry ``frames`` as one message (its prefix, then the frames themselves, not copied)."""
+    n = len(frames)
+    if n == 1:
+        return [struct.pack("<IQ", 1, _nbytes(frames[0])), frames[0]]
+    return [struct.pack(f"<I{n}Q", n, *[_nbytes(f) for f in frames]), *frames]
+
+
+def peer_pid(sock: socket.socket) -> int:
+    """The pid of the process at the other end of a Unix socket (as the kernel saw it connect)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[0]
+
+
+class Link:
+    """One end of an agent <-> worker socket: ``read`` the messages that came, ``send`` messages.
+
+    ``max_frame``: the largest frame accepted from the other end (None: no limit, the worker trusts its agent);
+    the first frame, the header, may also be up to MAX_HEADER_SIZE. ``copy_big``: big frames are returned as
+    ``bytes`` (a processor gets bytes) rather than the ``bytearray`` they were read into.
+    """
+
+    def __init__(self, sock: socket.socket, max_frame: Optional[int] = None, copy_big: bool = False):
+        self.sock = sock
+        self.max_frame = max_frame
+        self.copy_big = copy_big
+        self._buf = bytearray()
+        #: sizes of the message being read (once its size table came), and its frames read so far
+        self._sizes: Optional[tuple] = None
+        self._frames: list = []
+        #: a big frame being read straight into its own buffer, and the bytes it has so far
+        self._big: Optional[bytearray] = None
+        self._filled = 0
+        #: buffers a send could not hand to the socket yet (non-blocking sockets), oldest first
+        self._out: deque = deque()
+        #: bytes waiting in ``_out``
+        self.pending = 0
+        #: why the link cannot be read on (the other end closed it, or broke the format), None while it can
+        self.closed: Optional[str] = None
+        self.malformed = False
+        #: the other end's pid, when known (the agent reads it from the kernel: ``peer_pid``)
+        self.pid = 0
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    # -- reading ------------------------------------------------------------------------------------
+
+    def read(self) -> list[list]:
+        """The messages complete once what the socket holds now is read; never waits.
+
+        When the other end closed the link, or sent something out of the limits (the stream cannot be
+        read on), ``closed`` says why and ``malformed`` whether it was the latter; the messages that came
+        before are returned all the same.
+        """
+        out: list[list] = []
+        sock = self.sock
+        while self.closed is None:
+            try:
+                if self._big is not None:
+                    with memoryview(self._big) as view:
+                        n = sock.recv_into(view[self._filled:], 0, socket.MSG_DONTWAIT)
+                    if n == 0:
+                        self.closed = "the other end closed the link"
+                        break
+                    self._filled += n
+                    if self._filled < len(self._big):
+                        continue
+                    big, self._big = self._big, None
+                    self._frames.append(bytes(big) if self.copy_big else big)
+                    full = True
+                else:
+                    chunk = sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+                    if not chunk:
+                        self.closed = "the other end closed the link"
+                        break
+                    self._buf += chunk
+                    full = len(chunk) == RECV_SIZE
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # ECONNRESET and the like: the other end is gone
+                self.closed = f"the link broke: {exc}"
+                break
+            try:
+                self._parse(out)
+            except _OutOfLimits as exc:
+                self.closed, self.malformed = str(exc), True
+                break
+            if not full and self._big is None:
+                break  # a short read took all there was: poll says when more comes
+        return out
+
+    def _parse(self, out: list) -> None:
+        """Cut the complete messages out of the buffer (and start a big frame's own buffer)."""
+        buf = self._buf
+        pos, end = 0, len(buf)
+        with memoryview(buf) as view:
+            while True:
+                if self._sizes is None:
+                    if end - pos < 4:
+                        break
+                    (n,) = _COUNT.unpack_from(buf, pos)
+                    if not 1 <= n <= MAX_FRAMES:
+                        raise _OutOfLimits(f"a message of {n} frames (1 to {MAX_FRAMES} allowed)")
+                    if end - pos < 4 + 8 * n:
+                        break
+                    sizes = struct.unpack_from(f"<{n}Q", buf, pos + 4)
+                    self._check(sizes)
+                    pos += 4 + 8 * n
+                    self._sizes, self._frames = sizes, []
+                sizes, frames = self._sizes, self._frames
+                while len(frames) < len(sizes):
+                    size = sizes[len(frames)]
+                    if end - pos >= size:
+                        frames.append(bytes(view[pos:pos + size]))
+                        pos += size
+                    elif size >= BIG_FRAME:
+                        self._big = bytearray(size)
+                        self._big[:end - pos] = view[pos:end]
+                        self._filled = end - pos
+                        pos = end
+                        break
+                    else:
+                        break
+                if len(frames) < len(sizes):
+                    break
+                out.append(frames)
+                self._sizes, self._frames = None, []
+        del buf[:pos]
+
+    def _check(self, sizes: tuple) -> None:
+        if self.max_frame is None:
+            return
+        if sizes[0] > MAX_HEADER_SIZE:
+            raise _OutOfLimits(f"a header of {sizes[0]} bytes (at most {MAX_HEADER_SIZE})")
+        for i, size in enumerate(sizes):
+            if size > self.max_frame and i:
+                raise _OutOfLimits(f"a data frame of {size} bytes (at most {self.max_frame})")
+
+    # -- sending ------------------------------------------------------------------------------------
+
+    def send(self, frames: Sequence) -> bool:
+        """Send one message; on a non-blocking socket what it does not take now waits in ``pending``.
+
+        Return whether everything went (nothing pending). Raises LinkClosed if the other end is gone.
+        """
+        buffers = encode(frames)
+        if self._out:
+            self._queue(buffers)
+            return False
+        return self._write(buffers)
+
+    def flush(self) -> bool:
+        """Send more of what is pending (the socket became writable); return whether nothing is left."""
+        if not self._out:
+            return True
+        buffers = list(self._out)
+        self._out.clear()
+        self.pending = 0
+        return self._write(buffers)
+
+    def _write(self, buffers: list) -> bool:
+        sock = self.sock
+        while buffers:
+            batch = buffers[:_IOV_MAX]
+            try:
+                sent = sock.sendmsg(batch)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:  # EPIPE, ECONNRESET: the other end is gone
+                raise LinkClosed(f"the link broke: {exc}") from None
+            total = sum(_nbytes(b) for b in batch)
+            if sent == total:
+                del buffers[:len(batch)]
+                continue
+            # Partly taken: keep the rest, starting inside the buffer the socket stopped at.
+            i = 0
+            while sent:
+                size = _nbytes(buffers[i])
+                if sent < size:
+                    buffers[i] = memoryview(buffers[i]).cast("B")[sent:]
+                    break
+                sent -= size
+                i += 1
+            del buffers[:i]
+            if sock.getblocking():
+                continue  # a blocking socket took part of it (a signal came): go on
+            self._queue(buffers)
+            return False
+        return True
+
+    def _queue(self, buffers: list) -> None:
+        self._out.extend(buffers)
+        self.pending += sum(_nbytes(b) for b in buffers)
