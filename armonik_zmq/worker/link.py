@@ -70,6 +70,8 @@ class Link:
         self.max_frame = max_frame
         self.copy_big = copy_big
         self._buf = bytearray()
+        #: what each read lands in (a new buffer of that size per read would be mapped and unmapped each time)
+        self._scratch = bytearray(RECV_SIZE)
         #: sizes of the message being read (once its size table came), and its frames read so far
         self._sizes: Optional[tuple] = None
         self._frames: list = []
@@ -118,12 +120,13 @@ class Link:
                     self._frames.append(bytes(big) if self.copy_big else big)
                     full = True
                 else:
-                    chunk = sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
-                    if not chunk:
+                    n = sock.recv_into(self._scratch, RECV_SIZE, socket.MSG_DONTWAIT)
+                    if not n:
                         self.closed = "the other end closed the link"
                         break
-                    self._buf += chunk
-                    full = len(chunk) == RECV_SIZE
+                    with memoryview(self._scratch) as view:
+                        self._buf += view[:n]
+                    full = n == RECV_SIZE
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:  # ECONNRESET and the like: the other end is gone
