@@ -454,13 +454,14 @@ class Backend:
         state = self.state
         task_id = row["task_id"]
         # 4. the data, which releases waiting tasks (subtasks included)
+        written = set()
         for rrow, data in produced:
             if isinstance(data, shm_segments.SegmentRef):
                 state.mark_result_completed(txn, rrow, shm_segments.store(txn, rrow["result_id"], data), task_id, now)
             else:
                 state.complete_result(txn, rrow, data, task_id, now)
+            written.add(rrow["result_id"])
         # 5. ArmoniK only logs an expected output that was neither written nor handed to a subtask
-        written = {rrow["result_id"] for rrow, _ in produced}
         for rid in row["expected_output_ids"]:
             if rid in written:
                 continue
@@ -529,7 +530,7 @@ class Backend:
                 state.end_task(txn, row, _T.ERROR, now, exc.message)
                 continue
             deps = row["data_dependencies"]
-            if len(inline) <= len(deps) and len(inline) < len(dict.fromkeys([row["payload_id"], *deps])):
+            if len(inline) <= len(deps) and len(inline) < (len(dict.fromkeys([row["payload_id"], *deps])) if deps else 1):
                 # the agent maps or fetches the other inputs, which it can read only once this turn is committed
                 self.dispatch_after_commit.add(agent.peer)
             row["attempt"] += 1

@@ -299,22 +299,15 @@ class _Puts:
 class Txn:
     """Typed access to the tables inside one LMDB transaction."""
 
-    __slots__ = ("store", "txn", "touched", "_puts")
+    __slots__ = ("store", "txn", "touched", "puts")
 
     def __init__(self, store: Store, txn: lmdb.Transaction, touched: Optional[set] = None):
         self.store = store
         self.txn = txn
         #: ids of cached rows handed out or stored in this (nested) transaction: dropped from the cache if it aborts
         self.touched = touched
-        self._puts: Optional[_Puts] = None
-
-    @property
-    def puts(self) -> _Puts:
-        """This transaction's cursors' puts, opened at its first write."""
-        puts = self._puts
-        if puts is None:
-            puts = self._puts = _Puts(self.txn, self.store)
-        return puts
+        #: this transaction's cursors' puts (each cursor opened at its table's first write)
+        self.puts = _Puts(txn, store)
 
     def nested(self) -> "_Nested":
         """Run one request in a child transaction, so its failure undoes only its own writes."""
@@ -358,7 +351,7 @@ class Txn:
         if ended:
             self.txn.delete(key, db=self.store.live_tasks)
         elif new or was is None or (was == _SUBMITTED) != (status == _SUBMITTED):
-            puts.live_tasks(key, _live_value(row))
+            puts.live_tasks(key, _live_value(row) if status == _SUBMITTED else b"")
         if new:
             puts.session_tasks(row["session_id"].encode(), key)
         cache = self.store.task_rows
