@@ -42,6 +42,8 @@ _INLINE_MAX = 16 * 1024
 _OUTPUTS = [[["owner_task_id", "ne", ""]]]
 #: seconds between attempts to subscribe again after the connection dropped
 _RESUBSCRIBE_DELAY = 0.2
+#: the states of a settled stdlib future
+_DONE = frozenset({"FINISHED", "CANCELLED", "CANCELLED_AND_NOTIFIED"})
 
 
 class Future(concurrent.futures.Future):
@@ -54,6 +56,23 @@ class Future(concurrent.futures.Future):
         self.result_id = result_id
         #: the id of the task computing it
         self.task_id = ""
+
+    def result(self, timeout: Optional[float] = None) -> Any:
+        """The value (``concurrent.futures.Future.result``); while waiting, this thread reads the broker's messages
+        itself when no other thread does, so the value needs no hand-off from another thread."""
+        return super().result(self._read(timeout))
+
+    def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
+        """The error (``concurrent.futures.Future.exception``), waited for like ``result``."""
+        return super().exception(self._read(timeout))
+
+    def _read(self, timeout: Optional[float]) -> Optional[float]:
+        """Read the broker's messages until this future is settled (or ``timeout``); return the time left."""
+        if self._state in _DONE:
+            return timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._client._conn._read_until(self.done, deadline)
+        return timeout if deadline is None else max(0.0, deadline - time.monotonic())
 
     def cancel(self, force: bool = False) -> bool:
         """Cancel the task on the broker and this future; return False if the future is already done.
@@ -72,6 +91,7 @@ class Future(concurrent.futures.Future):
                 return False
             super().cancel()
             self.set_running_or_notify_cancel()  # CANCELLED becomes CANCELLED_AND_NOTIFIED: waiters see it
+        self._client._conn._poke()
         return True
 
     def _settle(self, value: Any = None, exception: Optional[BaseException] = None) -> None:
@@ -81,7 +101,8 @@ class Future(concurrent.futures.Future):
             else:
                 self.set_result(value)
         except InvalidStateError:  # cancelled here while the broker finished it
-            pass
+            return
+        self._client._conn._poke()  # a thread reading in result() waits for this
 
     def __await__(self):
         return asyncio.wrap_future(self).__await__()
@@ -221,15 +242,6 @@ class Client:
                               {rid: data for _, data, rid in early if data is not None})
         return futures
 
-    def _reply(self, op: Op, fut: concurrent.futures.Future) -> dict:
-        """Return the header of the reply to a request sent with ``call_async``."""
-        try:
-            return fut.result(self._conn.timeout)[0]
-        except TimeoutError:
-            if fut.done():
-                return fut.result()[0]
-            raise BrokerUnavailableError(f"no reply to {op.name} within {self._conn.timeout:g}s") from None
-
     # -- waiting --------------------------------------------------------------------------------
 
     @staticmethod
@@ -286,14 +298,15 @@ class Client:
 
     def _subscribe(self):
         return self._conn.subscribe(self.session_id, [int(EventTypes.RESULT_STATUS_UPDATE)], result_filter=_OUTPUTS,
-                                    inline_max=_INLINE_MAX, on_events=self._settle_arrived)
+                                    inline_max=_INLINE_MAX, on_events=self._settle_arrived, waiter_reads=False)
 
     def _settle_arrived(self, events: list) -> list:
-        """On the connection's I/O thread: settle the futures whose value came with their completion event,
-        one thread hop sooner than the listener would; return the other events, for the listener.
+        """On the thread routing the connection's messages (its I/O thread, or a user thread waiting in
+        ``result()``): settle the futures whose value came with their completion event, one thread hop sooner
+        than the listener would; return the other events, for the listener.
 
         A future with done callbacks is left to the listener: a callback may call the broker and wait for the
-        reply, which this thread delivers.
+        reply, and must not hold up the routing of other messages meanwhile.
         """
         rest = []
         for item in events:

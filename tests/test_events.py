@@ -16,7 +16,8 @@ import pytest
 from armonik_zmq.client import (ArmoniKEvents, EventTypes, FilterError, NewResultEvent, NewTaskEvent, Result,
                                 ResultOwnerUpdateEvent, ResultStatus, ResultStatusUpdateEvent, Task, TaskDefinition,
                                 TaskOptions, TaskStatus, TaskStatusUpdateEvent, connect)
-from armonik_zmq.errors import InvalidArgumentError
+from armonik_zmq.errors import InvalidArgumentError, NotFoundError
+from armonik_zmq.protocol import Op
 
 _E = EventTypes
 PROBES = Result.name.startswith("probe-")
@@ -237,7 +238,28 @@ def test_wait_returns_at_once_for_completed_results(cluster, api):
         started = time.monotonic()
         n = _requests_made(conn, lambda: ArmoniKEvents(conn).wait_for_result_availability(ids, session_id))
         assert time.monotonic() - started < 1.0
-    assert n == 2  # subscribe (its snapshot says COMPLETED), unsubscribe
+    assert n == 1  # subscribe (its snapshot says COMPLETED); the unsubscribe leaves with the next request
+
+
+def test_a_wait_unsubscribes_after_the_next_request_or_when_idle(cluster, api):
+    """The UNSUBSCRIBE that ends a wait is not on the way to the next request (the download of what it waited
+    for): it follows that request, or leaves by itself within the I/O thread's tick when none comes."""
+    session_id = api.session()
+    rid = api.results.create_results({"r": b"x"}, session_id)["r"].result_id
+    with connect(cluster.endpoint) as conn:
+        events = ArmoniKEvents(conn)
+        for next_request in (True, False):
+            before = next(conn._rids)
+            events.wait_for_result_availability(rid, session_id)
+            assert next(conn._rids) == before + 2  # one request: its SUBSCRIBE
+            subscription = before + 1
+            if next_request:
+                conn.call(Op.GET_SESSIONS, session_ids=[session_id])  # the deferred UNSUBSCRIBE follows it
+            else:
+                time.sleep(1.5)  # nothing else to send: the I/O thread sends it
+            # The broker ended it already: asking again finds nothing (sent before it, this would succeed).
+            with pytest.raises(NotFoundError, match=f"no subscription {subscription}"):
+                conn.call(Op.UNSUBSCRIBE_EVENTS, subscription=subscription)
 
 
 def test_wait_sleeps_until_the_result_completes(cluster, api):
@@ -259,7 +281,7 @@ def test_wait_sleeps_until_the_result_completes(cluster, api):
         api.results.upload_result_data(rid, session_id, b"now")
         assert finished.wait(10) and time.monotonic() - uploaded < 1.0
         waiter.join()
-    assert counted == [2]  # however long it waited: one subscription, no polling
+    assert counted == [1]  # however long it waited: one subscription, no polling
 
 
 def _completions(sub, ids: set, timeout: float = 30.0) -> dict:

@@ -3,11 +3,22 @@
 A user thread encodes a request, registers a ``Future`` under its ``rid`` and sends the request on the
 DEALER itself, under ``_sock_lock`` (ZeroMQ sockets are not thread-safe: one thread at a time, and a lock is
 the full barrier a socket needs to change threads). Handing it to the I/O thread instead cost a thread
-wake-up (~90 us on a VM) on every call's path. The I/O thread waits on the DEALER's file descriptor outside
-libzmq, receives under the same lock, and routes every reply to its future by ``rid``, and every ``EVENT``
-push to the queue of its subscription. The descriptor only signals new activity: a send may take in
-commands that announce incoming messages, so a user thread that sees messages waiting after its send
-wakes the I/O thread through an inproc PUSH socket (which also carries the stop message).
+wake-up (~90 us on a VM) on every call's path.
+
+Replies are read by a *reader*: whichever thread holds the reader role (``_role``) waits on the DEALER's
+file descriptor outside libzmq, receives under ``_sock_lock`` and routes every reply to its future by ``rid``,
+and every ``EVENT`` push to the queue of its subscription. A user thread that waits for a reply (or for a
+subscription's events, or for a ``futures.Future``) takes the role when it is free and reads until what it
+waits for has arrived: the reply reaches the thread that wants it without a hand-off from another thread
+(two thread wake-ups on the path instead of one). While it reads, the descriptor is out of the I/O thread's
+epoll set, so the I/O thread sleeps; it reads whenever no user thread does (replies of calls whose caller
+found the role taken, events nobody waits on). Messages are routed in arrival order by the role's holder; a
+wait started while routing (a done callback that calls the broker) reads on, in the same thread.
+
+The descriptor only signals new activity: a send may take in commands that announce incoming messages, so a
+user thread that sees messages waiting after its send rings the reader's doorbell (``_look``, an eventfd
+polled with the descriptor); whoever settles from another thread what a reader waits for rings it too.
+The I/O thread has a doorbell of its own (``_ctl``: stop, a resend scheduled) and watches the socket monitor.
 
 Broker restarts are survived Lazy-Pirate style. Each request that changes something
 (``protocol.KEYED_OPS``: creations, uploads, cancels, session changes) carries an ``idempotency_key``
@@ -24,11 +35,14 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import math
 import os
 import queue
+import select
 import threading
 import time
 import uuid
+import weakref
 from collections import deque
 from concurrent.futures import Future, InvalidStateError
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
@@ -46,17 +60,15 @@ __all__ = ["Connection", "Subscription", "connect"]
 
 log = logging.getLogger(__name__)
 
-#: Most messages moved per socket and poll wake-up, so neither direction starves the other.
+#: Most messages received per wake-up before they are routed, so replies do not wait behind a long stream.
 _DRAIN = 256
-#: The one-frame messages to the I/O thread: stop, and look at the DEALER (messages wait there).
-_STOP = b""
-_LOOK = b"."
+#: Seconds between the I/O thread's looks when nothing happens (it sends deferred UNSUBSCRIBEs then).
+_IDLE_TICK = 0.5
 #: ZMTP heartbeats detect a broker that vanished without closing the TCP connection (milliseconds).
 _HEARTBEAT_IVL = 2_000
 _HEARTBEAT_TIMEOUT = 6_000
 #: Put in a subscription's queue to wake a reader blocked on it (an empty batch of events).
 _WAKE: tuple = ()
-_instances = itertools.count(1)
 #: libzmq's reconnection backoff: first retry after this, doubling up to the cap (milliseconds)
 _RECONNECT_IVL = 100
 _RECONNECT_IVL_MAX = 2_000
@@ -132,37 +144,52 @@ class Connection:
         self._keys = itertools.count(1)
         #: under _sock_lock: rid -> _Inflight of each request sent to the broker and not answered yet
         self._inflight: dict[int, _Inflight] = {}
-        #: I/O thread only: (monotonic time, rid) of requests to send again after an UNAVAILABLE reply
+        #: under _lock: (monotonic time, rid) of requests to send again after an UNAVAILABLE reply (the I/O thread
+        #: sends them)
         self._later: list[tuple[float, int]] = []
         #: under _sock_lock: how many times the connection dropped (requests sent before a drop were maybe lost)
         self._epoch = 0
         self.stats = {"resent": 0, "lost": 0, "reconnections": 0}
         self._pending: dict[int, Future] = {}
         self._subs: dict[int, Subscription] = {}
-        self._lock = threading.Lock()  # guards _pending and _subs
-        #: guards the DEALER, _push, _closed, _inflight and _epoch; reentrant: a future's done callback, run
+        self._lock = threading.Lock()  # guards _pending, _subs and _later
+        #: guards the DEALER, _closed, _inflight, _epoch and _unsubs; reentrant: a future's done callback, run
         #: by the thread that settles it (maybe holding it), may send a request
         self._sock_lock = threading.RLock()
         self._dealer: Optional[zmq.Socket] = None
+        self._dealer_fd = -1
         self._closed = False
         self._connected = False  # a ZMTP handshake with the broker succeeded and has not dropped since
+        #: subscriptions closed here whose UNSUBSCRIBE leaves after the next request (or at the I/O thread's tick)
+        self._unsubs: list[int] = []
+        #: the reader role: its holder alone receives and routes (``_reader`` is its thread's ident)
+        self._role = threading.Lock()
+        self._reader: Optional[int] = None
+        #: set by the I/O thread that needs the role (a dropped connection, the end): the holder lets go
+        self._yield = False
+        #: messages received and not routed yet, routed in order by the role's holder
+        self._inbox: deque = deque()
+        #: the reader's doorbell (polled with the DEALER's descriptor) and the I/O thread's
+        self._look = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._ctl = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # Closed with the object, not at close(): a late ring from another thread must never hit a reused number.
+        weakref.finalize(self, _close_fds, self._look, self._ctl)
+        #: the I/O thread's descriptors; the DEALER's and _look are in it while no user thread reads
+        self._io_poll = select.epoll()
+        #: what a reading user thread polls: the DEALER's descriptor and _look
+        self._reader_poll = select.poll()
         self._ctx = zmq.Context()
-        inproc = f"inproc://armonik-zmq-client-{next(_instances)}"
-        self._push = self._ctx.socket(zmq.PUSH)
-        self._push.setsockopt(zmq.LINGER, 0)
-        self._push.setsockopt(zmq.SNDHWM, 0)  # a user thread never blocks waking the I/O thread
         self._started = threading.Event()
         self._start_error: Optional[BaseException] = None
-        self._thread = threading.Thread(target=self._io_main, args=(inproc,), daemon=True,
-                                        name=f"armonik-zmq-io {self.endpoint}")
+        self._io_ident: Optional[int] = None
+        self._thread = threading.Thread(target=self._io_main, daemon=True, name=f"armonik-zmq-io {self.endpoint}")
         self._thread.start()
         self._started.wait()
         if self._start_error is not None:
             self._thread.join()
-            self._push.close(linger=0)
+            self._io_poll.close()
             self._ctx.term()
             raise self._start_error
-        self._push.connect(inproc)
 
     # -- public API -----------------------------------------------------------------------------
 
@@ -176,8 +203,7 @@ class Connection:
         from ``errors``; no reply within ``timeout`` (default: the connection's) raises
         ``BrokerUnavailableError``.
         """
-        rid, fut = self._submit(op, _with_counts(fields, frames, counts), frames)
-        return self._wait(op, rid, fut, timeout)
+        return self._exchange(op, _with_counts(fields, frames, counts), frames, timeout)
 
     def call_async(self, op: Op, frames: Sequence[Any] = (), *, counts: Optional[list[int]] = None,
                    **fields: Any) -> "Future[tuple[dict, list]]":
@@ -190,15 +216,18 @@ class Connection:
     def subscribe(self, session_id: str, event_types: Optional[Iterable[int]] = None,
                   task_filter: Optional[list] = None, result_filter: Optional[list] = None,
                   snapshot: bool = False, inline_max: int = 0,
-                  on_events: Optional[Callable[[list], list]] = None) -> "Subscription":
+                  on_events: Optional[Callable[[list], list]] = None, waiter_reads: bool = True) -> "Subscription":
         """Subscribe to the events of a session; return the confirmed ``Subscription``.
 
         Filters are in the wire's disjunctive normal form. With ``snapshot`` the broker first pushes
         the current status of every result named by a ``result_id eq`` term of ``result_filter``.
         With ``inline_max``, a result that completes with at most that many bytes has them in its
         RESULT_STATUS_UPDATE body (``data``: read them with ``Subscription.get_batch``).
-        ``on_events`` sees each push's ``[event_type, body]`` pairs first, on the I/O thread, and returns those
-        left for the subscription's readers: it must be quick and never wait for the broker.
+        ``on_events`` sees each push's ``[event_type, body]`` pairs first, on the thread that routes it (the I/O
+        thread or a waiting user thread), and returns those left for the subscription's readers: it must be
+        quick and never wait for the broker. With ``waiter_reads`` (the default) a thread waiting for the
+        subscription's events reads the broker's messages itself when no other thread does; a background
+        listener passes False, leaving the reading to the threads that wait for their own replies.
         """
         fields: dict[str, Any] = {"session_id": session_id,
                                   "event_types": [int(t) for t in (event_types or ())]}
@@ -211,13 +240,12 @@ class Connection:
         if inline_max:
             fields["inline_max"] = inline_max
         rid = next(self._rids)
-        sub = Subscription(self, rid, session_id, on_events)
+        sub = Subscription(self, rid, session_id, on_events, waiter_reads)
         # Registered before the request leaves: the snapshot pushes follow the reply immediately.
         with self._lock:
             self._subs[rid] = sub
         try:
-            _, fut = self._submit(Op.SUBSCRIBE_EVENTS, fields, (), rid)
-            self._wait(Op.SUBSCRIBE_EVENTS, rid, fut, None)
+            self._exchange(Op.SUBSCRIBE_EVENTS, fields, (), None, rid)
         except BaseException as exc:
             with self._lock:
                 self._subs.pop(rid, None)
@@ -238,8 +266,9 @@ class Connection:
             if self._closed:
                 return
             self._closed = True
-            self._push.send(_STOP)
-        if threading.current_thread() is not self._thread:
+            _ring(self._ctl)
+        # Not from the I/O thread, nor from the reader (a callback it runs): the I/O thread's end takes the role.
+        if threading.get_ident() not in (self._io_ident, self._reader):
             self._thread.join()
 
     def __enter__(self) -> "Connection":
@@ -287,11 +316,33 @@ class Connection:
                 # is refused too until someone changes a key.
                 self._inflight.pop(rid, None)
                 self._fail_rid(rid, self._refused())
+            if self._unsubs:  # after the request: it is the one someone waits for
+                self._send_unsubscribes()
             if dealer.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                self._push.send(_LOOK)  # the send took in the news of messages: the descriptor will not tell
+                _ring(self._look)  # the send took in the news of messages: the descriptor will not tell
             if len(self._inflight) > 2 * len(self._pending) + 1024:
                 self._sweep_inflight()
         return rid, fut
+
+    def _exchange(self, op: Op, fields: dict, frames: Sequence[Any], timeout: Optional[float],
+                  rid: Optional[int] = None) -> tuple[dict, list]:
+        """Send one request and wait for its reply, reading it on this thread when the reader role is free.
+
+        The role is taken before the send: a reply that comes while this thread is preempted between its send
+        and its wait finds the I/O thread's set without the descriptor, so it wakes no other thread.
+        """
+        if timeout is None:
+            timeout = self.timeout
+        deadline = time.monotonic() + timeout
+        reads = self._reader != threading.get_ident() and self._take_role()
+        try:
+            rid, fut = self._submit(op, fields, frames, rid)
+            if reads:
+                self._read_loop(fut.done, deadline)
+        finally:
+            if reads:
+                self._give_role()
+        return self._wait(op, rid, fut, timeout, deadline)
 
     def _call_many(self, op: Op, requests: Iterable[tuple[dict, Sequence[Any]]],
                    timeout: Optional[float] = None, window: Optional[int] = None) -> list[tuple[dict, list]]:
@@ -316,12 +367,18 @@ class Connection:
                     self._pending.pop(rid, None)
             raise
 
-    def _wait(self, op: Op, rid: int, fut: Future, timeout: Optional[float]) -> tuple[dict, list]:
-        """Return the reply of ``fut``, or raise its error, or ``BrokerUnavailableError`` on timeout."""
+    def _wait(self, op: Op, rid: int, fut: Future, timeout: Optional[float],
+              deadline: Optional[float] = None) -> tuple[dict, list]:
+        """Return the reply of ``fut``, or raise its error, or ``BrokerUnavailableError`` on timeout (``timeout``
+        seconds, or at ``deadline`` if given)."""
         if timeout is None:
             timeout = self.timeout
+        if deadline is None:
+            deadline = time.monotonic() + timeout
+        if not fut.done():
+            self._read_until(fut.done, deadline)
         try:
-            return fut.result(timeout)
+            return fut.result(max(0.0, deadline - time.monotonic()))
         except TimeoutError:
             # BrokerUnavailableError is a TimeoutError too: only a future still pending timed out.
             if fut.done():
@@ -349,26 +406,121 @@ class Connection:
         return f"no reply from the broker at {self.endpoint} to {name} within {timeout:g}s: {why}"
 
     def _unsubscribe(self, rid: int) -> None:
-        """Drop a subscription's queue and tell the broker, without waiting for its answer."""
+        """Drop a subscription's queue; its UNSUBSCRIBE leaves after the next request (or within ``_IDLE_TICK``).
+
+        Sent at once, it would lie on the broker's way to the request a waiter makes next (download the
+        result it waited for): the events of a subscription closed here are dropped on arrival anyway. A
+        closed connection needs none: the broker drops the subscriptions of a departed client.
+        """
         with self._lock:
             self._subs.pop(rid, None)
+        with self._sock_lock:
+            if not self._closed:
+                self._unsubs.append(rid)
+
+    def _send_unsubscribes(self) -> None:
+        """Send the deferred UNSUBSCRIBEs (the caller holds _sock_lock); their answers find no future and are dropped."""
+        rids, self._unsubs = self._unsubs, []
+        for rid in rids:
+            try:
+                self._dealer.send(protocol.request(Op.UNSUBSCRIBE_EVENTS, next(self._rids), subscription=rid),
+                                  zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # no pipe (reconnecting): the broker forgot the subscription with the connection
+
+    # -- reading: the thread that holds the reader role ---------------------------------------
+
+    def _read_until(self, done: Callable[[], bool], deadline: Optional[float]) -> bool:
+        """Read and route the broker's messages on this thread until ``done()``, the deadline, or the I/O
+        thread asks for the role; return False, reading nothing, when another thread holds the role."""
+        if self._reader == threading.get_ident():  # a wait started while routing (a callback that calls the broker)
+            self._read_loop(done, deadline)
+            return True
+        if not self._take_role():
+            return False  # another thread reads: it routes our message to us
         try:
-            # Same socket as every later request, so the broker applies it before them.
-            self._submit(Op.UNSUBSCRIBE_EVENTS, {"subscription": rid}, ())
-        except errors.BrokerUnavailableError:
-            pass  # closed: the broker drops the subscriptions of a departed client anyway
+            self._read_loop(done, deadline)
+        finally:
+            self._give_role()
+        return True
+
+    def _take_role(self) -> bool:
+        """Take the reader role if it is free and the I/O thread does not want it; True if this thread has it."""
+        if not self._role.acquire(blocking=False):
+            return False
+        if self._closed or self._yield:
+            self._role.release()
+            return False
+        me = self._reader = threading.get_ident()
+        if me != self._io_ident:  # the I/O thread stops watching the descriptor meanwhile (no wake-up of it)
+            self._io_poll.unregister(self._dealer_fd)
+            self._io_poll.unregister(self._look)
+        return True
+
+    def _give_role(self) -> None:
+        """Let the reader role go (its holder only)."""
+        try:
+            if self._reader != self._io_ident:  # a message or ring that came meanwhile wakes the I/O thread at once
+                self._io_poll.register(self._dealer_fd, select.EPOLLIN)
+                self._io_poll.register(self._look, select.EPOLLIN)
+        finally:
+            self._reader = None
+            self._role.release()
+
+    def _read_loop(self, done: Callable[[], bool], deadline: Optional[float]) -> None:
+        """Receive and route (the caller holds the role) until ``done()``, the deadline, a close or a yield."""
+        poll = self._reader_poll.poll
+        look = self._look
+        while True:
+            more = self._pump()
+            if done() or self._yield or self._closed:
+                break
+            if more:
+                continue
+            if deadline is None:
+                wait_ms = None
+            else:
+                wait_ms = math.ceil((deadline - time.monotonic()) * 1000)
+                if wait_ms <= 0:
+                    break
+            for fd, _ in poll(wait_ms):
+                if fd == look:
+                    _clear(look)
+        if more:  # the descriptor will not tell of what is left: the next holder looks
+            _ring(look)
+
+    def _pump(self) -> bool:
+        """Receive what waits in the DEALER and route it all, in order (the role's holder only); True if more
+        messages wait."""
+        msgs, more = self._receive_waiting()
+        inbox = self._inbox
+        inbox.extend(msgs)
+        while inbox:  # a wait started while routing continues from here: the order holds
+            self._route(inbox.popleft())
+        return more
+
+    def _poke(self) -> None:
+        """Wake the reader if it is another thread: what it waits for may have been settled elsewhere."""
+        reader = self._reader
+        if reader is not None and reader != threading.get_ident():
+            _ring(self._look)
+
+    def _seize_role(self) -> None:
+        """Take the reader role, asking the user thread that holds it to let go (the I/O thread only)."""
+        if self._role.acquire(blocking=False):
+            return
+        self._yield = True
+        _ring(self._look)
+        self._role.acquire()
+        self._yield = False
 
     # -- the I/O thread -------------------------------------------------------------------------
 
-    def _io_main(self, inproc: str) -> None:
+    def _io_main(self) -> None:
         """Create the thread's sockets, run the loop, and tear everything down when it ends."""
+        self._io_ident = threading.get_ident()
         sockets: list[zmq.Socket] = []
         try:
-            pull = self._ctx.socket(zmq.PULL)
-            sockets.append(pull)
-            pull.setsockopt(zmq.LINGER, 0)
-            pull.setsockopt(zmq.RCVHWM, 0)
-            pull.bind(inproc)
             dealer = self._ctx.socket(zmq.DEALER)
             sockets.append(dealer)
             dealer.setsockopt(zmq.LINGER, 0)
@@ -382,6 +534,7 @@ class Connection:
             if self._curve is not None:
                 self._curve.apply(dealer)
             self._dealer = dealer
+            self._dealer_fd = dealer.getsockopt(zmq.FD)
             events = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
             for failure in _HANDSHAKE_FAILURES:
                 events |= failure
@@ -393,62 +546,80 @@ class Connection:
                 raise ValueError(f"cannot connect to {self.endpoint!r}: {exc.strerror} "
                                  f"(an endpoint looks like tcp://127.0.0.1:5555)") from None
         except BaseException as exc:
-            if len(sockets) == 3:
-                sockets[1].disable_monitor()
+            if len(sockets) == 2:
+                sockets[0].disable_monitor()
             for sock in sockets:
                 sock.close(linger=0)
             self._start_error = exc
             self._started.set()
             return
+        # Watched as plain files: waiting on them never calls into the sockets, which user threads use meanwhile.
+        for fd in (self._dealer_fd, self._look):
+            self._reader_poll.register(fd, select.POLLIN)
+            self._io_poll.register(fd, select.EPOLLIN)
         self._started.set()
         try:
-            self._io_loop(dealer, pull, monitor)
+            self._io_loop(monitor)
         except Exception:  # a bug: fail every caller now rather than let them time out
             log.exception("the armonik_zmq client I/O thread failed")
             with self._sock_lock:
                 self._closed = True
         finally:
             self._fail_all(errors.BrokerUnavailableError(f"the connection to {self.endpoint} is closed"))
+            self._seize_role()  # kept: nobody reads a closed connection
             with self._sock_lock:  # the lock also orders these closes after the user threads' last send
                 dealer.disable_monitor()
-                for sock in (monitor, dealer, pull):
+                for sock in (monitor, dealer):
                     sock.close(linger=0)
-                self._push.close(linger=0)
+            self._io_poll.close()
             self._ctx.term()
 
-    def _io_loop(self, dealer: zmq.Socket, pull: zmq.Socket, monitor: zmq.Socket) -> None:
-        """Route the broker's messages, resend what is due, until told to stop."""
-        poller = zmq.Poller()
-        poller.register(monitor, zmq.POLLIN)
-        poller.register(pull, zmq.POLLIN)
-        # The DEALER's descriptor, polled as a plain file: waiting on it never calls into the socket, which
-        # user threads use meanwhile.
-        poller.register(dealer.getsockopt(zmq.FD), zmq.POLLIN)
-        route = self._route
+    def _io_loop(self, monitor: zmq.Socket) -> None:
+        """Watch the connection, resend what is due, and read whenever no user thread does, until told to stop."""
+        poll = self._io_poll
+        monitor_fd = monitor.getsockopt(zmq.FD)
+        poll.register(monitor_fd, select.EPOLLIN)
+        poll.register(self._ctl, select.EPOLLIN)
+        # A socket's descriptor tells only of what comes once the socket has been looked at with nothing to
+        # read: the first events of a fresh pipe give no signal.
+        self._on_monitor(monitor)
         more = False  # messages left in the DEALER after a full drain: the descriptor will not tell again
         while True:
-            wait_ms = None
+            wait = _IDLE_TICK
             if more:
-                wait_ms = 0
+                wait = 0
             elif self._later:
-                wait_ms = max(0, int((self._later[0][0] - time.monotonic()) * 1000) + 1)
-            ready = dict(poller.poll(wait_ms))
+                with self._lock:
+                    if self._later:
+                        wait = min(wait, max(0.0, self._later[0][0] - time.monotonic()))
+            ready = [fd for fd, _ in poll.poll(wait)]
             # Connection changes first, so a disconnect is seen before later traffic.
-            if monitor in ready:
+            if monitor_fd in ready:
                 self._on_monitor(monitor)
+            if self._ctl in ready:
+                _clear(self._ctl)
+                if self._closed:
+                    return
             if self._later:
                 self._resend_due()
-            if pull in ready:
-                for _ in range(_DRAIN):
-                    try:
-                        if pull.recv(zmq.NOBLOCK) == _STOP:
-                            return
-                    except zmq.Again:
-                        break
-            # Whatever woke us, look: a send may have taken in the news of messages the descriptor then lost.
-            msgs, more = self._receive_waiting()
-            for msg in msgs:
-                route(msg)
+            if not ready and self._unsubs:  # a quiet tick: no request took them
+                with self._sock_lock:
+                    if not self._closed and self._unsubs:
+                        self._send_unsubscribes()
+            if more or self._dealer_fd in ready or self._look in ready:
+                more = self._read_here()
+
+    def _read_here(self) -> bool:
+        """Receive and route what waits, unless a user thread holds the reader role; True if more waits."""
+        if not self._role.acquire(blocking=False):
+            return False  # it reads (it found the descriptor out of our set, or is about to take it out)
+        try:
+            self._reader = self._io_ident
+            _clear(self._look)
+            return self._pump()
+        finally:
+            self._reader = None
+            self._role.release()
 
     def _receive_waiting(self) -> tuple[list, bool]:
         """The messages waiting in the DEALER (at most _DRAIN), and whether more wait."""
@@ -489,7 +660,10 @@ class Connection:
             inflight.delay = min(max(inflight.delay * 2, _UNAVAILABLE_RETRY), _UNAVAILABLE_RETRY_MAX)
             with self._sock_lock:
                 self._inflight[rid] = inflight
-            heapq.heappush(self._later, (time.monotonic() + inflight.delay, rid))
+            with self._lock:
+                heapq.heappush(self._later, (time.monotonic() + inflight.delay, rid))
+            if threading.get_ident() != self._io_ident:
+                _ring(self._ctl)  # the I/O thread sends it: its wait must end in time
             return
         with self._lock:
             fut = self._pending.pop(rid, None)
@@ -541,6 +715,7 @@ class Connection:
                         fut.set_exception(self._refused())
                     except InvalidStateError:
                         pass
+                self._poke()
             elif event == zmq.EVENT_DISCONNECTED and self._connected:
                 self._connected = False
                 log.info("connection to the broker at %s lost; reconnecting", self.endpoint)
@@ -551,6 +726,7 @@ class Connection:
                     sub._queue.put(errors.ConnectionLostError(
                         f"the connection to the broker at {self.endpoint} was lost: events may have been missed; "
                         f"subscribe again"))
+                self._poke()
                 self._on_connection_lost()
 
     def _on_connection_lost(self) -> None:
@@ -560,12 +736,14 @@ class Connection:
         requests go to the DEALER's pipe, which delivers them once libzmq has reconnected.
         """
         self.stats["reconnections"] += 1
-        while True:
-            msgs, more = self._receive_waiting()
-            for msg in msgs:
-                self._route(msg)
-            if not more:
-                break
+        self._seize_role()
+        try:
+            self._reader = self._io_ident
+            while self._pump():
+                pass
+        finally:
+            self._reader = None
+            self._role.release()
         lost = []
         with self._sock_lock:  # user threads send meanwhile: each request is in the old epoch or the new one
             self._epoch += 1
@@ -615,12 +793,16 @@ class Connection:
                 fut.set_exception(exc)
             except InvalidStateError:
                 pass
+            self._poke()
 
     def _resend_due(self) -> None:
         """Send again the requests whose UNAVAILABLE back-off has passed."""
         now = time.monotonic()
-        while self._later and self._later[0][0] <= now:
-            _, rid = heapq.heappop(self._later)
+        while True:
+            with self._lock:
+                if not self._later or self._later[0][0] > now:
+                    return
+                _, rid = heapq.heappop(self._later)
             with self._sock_lock:
                 inflight = self._inflight.get(rid)
                 if inflight is None or rid not in self._pending:
@@ -650,6 +832,25 @@ class Connection:
                 pass
         for sub in subs:
             sub._queue.put(exc)
+        self._poke()
+
+
+def _ring(fd: int) -> None:
+    """Ring a doorbell (an eventfd): its poller wakes, now or at its next poll."""
+    os.eventfd_write(fd, 1)
+
+
+def _clear(fd: int) -> None:
+    """Silence a doorbell that rang."""
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        pass
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 class _Inflight:
@@ -683,13 +884,15 @@ class Subscription:
     """
 
     def __init__(self, conn: Connection, rid: int, session_id: str,
-                 on_events: Optional[Callable[[list], list]] = None):
+                 on_events: Optional[Callable[[list], list]] = None, waiter_reads: bool = True):
         self.id = rid
         self.session_id = session_id
         self._conn = conn
-        #: called by the I/O thread with each push's events; returns those left for the readers
+        #: called by the routing thread with each push's events; returns those left for the readers
         self.on_events = on_events
-        # Filled by the I/O thread: one list of [event_type, body] per EVENT push, or a final exception.
+        #: whether a thread waiting for events reads the broker's messages itself (the connection's reader role)
+        self._waiter_reads = waiter_reads
+        # Filled by the routing thread: one list of [event_type, body] per EVENT push, or a final exception.
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._buffer: deque = deque()
         self._closed = False
@@ -725,6 +928,11 @@ class Subscription:
 
     def _take(self, timeout: Optional[float]) -> tuple:
         """The next push's events (maybe none: a wake-up); raise the connection's final exception."""
+        if self._waiter_reads and self._queue.empty():
+            deadline = None if timeout is None else time.monotonic() + timeout
+            self._conn._read_until(self._arrived, deadline)
+            if deadline is not None:
+                timeout = max(0.0, deadline - time.monotonic())
         item = self._queue.get(timeout=timeout)
         if isinstance(item, BaseException):
             self._queue.put(item)  # keep raising it on later reads
@@ -738,6 +946,9 @@ class Subscription:
             if event is None:
                 return
             yield event
+
+    def _arrived(self) -> bool:
+        return not self._queue.empty()
 
     def _next(self, timeout: Optional[float]) -> Optional[tuple]:
         """Return the next event, or None once closed."""
@@ -754,6 +965,7 @@ class Subscription:
             return
         self._closed = True
         self._queue.put(_WAKE)
+        self._conn._poke()
         self._conn._unsubscribe(self.id)
 
     def __enter__(self) -> "Subscription":

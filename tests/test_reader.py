@@ -1,0 +1,117 @@
+"""The client connection's reader role: a thread that waits for the broker reads its own messages (no hand-off
+from the I/O thread), on real broker, agent and worker processes."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+import armonik_zmq
+from armonik_zmq.client import EventTypes, connect
+from armonik_zmq.errors import BrokerUnavailableError
+from armonik_zmq.protocol import Op
+
+
+def _io_wakeups(conn) -> int:
+    """How many times the connection's I/O thread has slept and woken (its voluntary context switches)."""
+    with open(f"/proc/self/task/{conn._thread.native_id}/status") as status:
+        for line in status:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches line")
+
+
+def _sequential_calls_wake_the_io_thread(conn, calls: int, call) -> int:
+    for _ in range(5):  # connected and warm
+        call()
+    before = _io_wakeups(conn)
+    for _ in range(calls):
+        call()
+    return _io_wakeups(conn) - before
+
+
+def test_a_waiting_thread_reads_its_own_replies(cluster):
+    """200 sequential calls: the caller reads each reply itself, the I/O thread sleeps."""
+    with connect(cluster.endpoint, timeout=30) as conn:
+        woke = _sequential_calls_wake_the_io_thread(conn, 200, lambda: conn.call(Op.GET_SESSIONS, session_ids=[]))
+    # One per call before (it routed every reply). Left: its idle ticks (every 0.5 s), and replies that come while
+    # a caller, preempted between its send and its wait on a busy machine, has not taken the role yet.
+    assert woke < 100, woke
+
+
+def test_futures_results_are_read_by_the_thread_that_waits(default_cluster):
+    """Sequential submit + result on the futures API: the user thread reads both the SUBMIT_INLINE reply and the
+    completion event carrying the value; the I/O thread sleeps throughout."""
+    with armonik_zmq.Client(default_cluster.endpoint) as client:
+        woke = _sequential_calls_wake_the_io_thread(client._conn, 100,
+                                                    lambda: client.submit(abs, -1).result(timeout=30))
+    assert woke < 100, woke  # two per task before: the SUBMIT_INLINE reply and the completion event
+
+
+def test_a_thread_waiting_for_events_routes_them(api):
+    """The events a thread waits for are routed by that thread (``on_events`` runs on it), not the I/O thread."""
+    sid = api.session()
+    routed_by = []
+
+    def seen(events):
+        routed_by.append(threading.get_ident())
+        return events
+
+    sub = api.conn.subscribe(sid, [int(EventTypes.NEW_RESULT)], on_events=seen)
+    try:
+        api.results.create_results_metadata(["a"], sid)
+        sub.get(timeout=30)
+    finally:
+        sub.close()
+    assert routed_by and set(routed_by) == {threading.get_ident()}
+
+
+def test_a_done_callback_that_calls_the_broker_is_answered(api):
+    """A reply routed by a waiting user thread runs its future's done callbacks there; one that calls the broker
+    and waits reads its own reply in that same thread, in order, without a deadlock."""
+    sid = api.session()
+    got = []
+    first = api.conn.call_async(Op.GET_SESSIONS, session_ids=[sid])
+    first.add_done_callback(lambda _: got.append(api.conn.call(Op.GET_SESSIONS, session_ids=[sid], timeout=10)))
+    api.conn.call(Op.GET_SESSIONS, session_ids=[sid], timeout=10)  # reads, and routes the first reply
+    first.result(timeout=10)
+    deadline = time.monotonic() + 10
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert got and got[0][0]["sessions"][0]["session_id"] == sid
+
+
+@pytest.mark.parametrize("ends", ["connection", "subscription"])
+def test_closing_wakes_a_thread_reading_for_its_events(cluster, api, ends):
+    """A thread blocked reading for a subscription's events wakes at once when another thread closes the
+    connection (``BrokerUnavailableError``) or the subscription (its iteration ends)."""
+    sid = api.session()
+    conn = connect(cluster.endpoint, timeout=30)
+    try:
+        sub = conn.subscribe(sid, [int(EventTypes.NEW_RESULT)])
+        outcome = []
+
+        def read() -> None:
+            try:
+                outcome.append(list(sub))
+            except BaseException as exc:
+                outcome.append(exc)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        deadline = time.monotonic() + 10
+        while conn._reader != reader.ident and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert conn._reader == reader.ident  # it holds the role, blocked in poll
+        started = time.monotonic()
+        (conn if ends == "connection" else sub).close()
+        reader.join(5)
+        assert not reader.is_alive() and time.monotonic() - started < 5
+    finally:
+        conn.close()
+    if ends == "connection":
+        assert isinstance(outcome[0], BrokerUnavailableError)
+    else:
+        assert outcome == [[]]
