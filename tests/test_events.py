@@ -16,7 +16,8 @@ import pytest
 from armonik_zmq.client import (ArmoniKEvents, EventTypes, FilterError, NewResultEvent, NewTaskEvent, Result,
                                 ResultOwnerUpdateEvent, ResultStatus, ResultStatusUpdateEvent, Task, TaskDefinition,
                                 TaskOptions, TaskStatus, TaskStatusUpdateEvent, connect)
-from armonik_zmq.errors import InvalidArgumentError, NotFoundError
+from armonik_zmq.client.arrived import ArrivedData
+from armonik_zmq.errors import ArmoniKZmqError, InvalidArgumentError, NotFoundError
 from armonik_zmq.protocol import Op
 
 _E = EventTypes
@@ -282,6 +283,41 @@ def test_wait_sleeps_until_the_result_completes(cluster, api):
         assert finished.wait(10) and time.monotonic() - uploaded < 1.0
         waiter.join()
     assert counted == [1]  # however long it waited: one subscription, no polling
+
+
+def test_a_result_that_completes_during_a_wait_is_downloaded_without_a_request(api):
+    """ArmoniK code waits, then downloads: a small result that completed during the wait came with its event, so
+    its first download here asks nothing of the broker; the next one does, with the same bytes. A result already
+    complete when the wait began (its snapshot has no data), or one whose data was deleted since, is asked for."""
+    sid = api.session()
+    _, (out,) = api.submit(sid, {"op": "sleep", "seconds": 0.3, "value": [1, 2]})
+    before, = api.results.create_results({"before": b"b"}, sid).values()
+    api.events.wait_for_result_availability([out, before.result_id], sid)
+    got: list = []
+    assert _requests_made(api.conn, lambda: got.append(api.results.download_result_data(out, sid))) == 0
+    assert json.loads(got[0]) == [1, 2]
+    assert _requests_made(api.conn, lambda: got.append(api.results.download_result_data(out, sid))) >= 1
+    assert got[1] == got[0]
+    assert _requests_made(api.conn, lambda: got.append(api.results.download_result_data(before.result_id, sid))) >= 1
+    assert got[2] == b"b"
+
+    _, (gone,) = api.submit(sid, {"op": "sleep", "seconds": 0.3, "value": 3})
+    api.events.wait_for_result_availability(gone, sid)
+    api.results.delete_result_data([gone], sid)
+    with pytest.raises(ArmoniKZmqError):  # not the bytes that came with the event
+        api.results.download_result_data(gone, sid)
+
+
+def test_arrived_data_is_bounded():
+    arrived = ArrivedData(max_bytes=10)
+    keep = arrived.keeper("s")
+    keep([[int(_E.RESULT_STATUS_UPDATE), {"result_id": f"r{i}", "status": int(ResultStatus.COMPLETED),
+                                           "data": b"abcd"}] for i in range(4)])
+    keep([[int(_E.RESULT_STATUS_UPDATE), {"result_id": "x", "status": int(ResultStatus.ABORTED), "data": b"a"}]])
+    assert len(arrived) == 2  # the two newest: 8 bytes of at most 10; not the aborted one
+    assert arrived.take("other", "r3") is None  # another session's
+    assert arrived.take("s", "r3") == b"abcd" and arrived.take("s", "r3") is None
+    assert arrived.take("s", "r0") is None
 
 
 def _completions(sub, ids: set, timeout: float = 30.0) -> dict:

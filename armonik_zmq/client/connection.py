@@ -55,6 +55,7 @@ from ..common import event_from_wire
 from ..config import default_endpoint
 from ..protocol import KEYED_OPS, ErrorCode, Op
 from ..security import ClientKeys, KeyInput
+from .arrived import ArrivedData
 
 __all__ = ["Connection", "Subscription", "connect"]
 
@@ -152,6 +153,8 @@ class Connection:
         self.stats = {"resent": 0, "lost": 0, "reconnections": 0}
         self._pending: dict[int, Future] = {}
         self._subs: dict[int, Subscription] = {}
+        #: small results' data that came with their completion event during a wait, for the download that follows
+        self.arrived = ArrivedData()
         self._lock = threading.Lock()  # guards _pending, _subs and _later
         #: guards the DEALER, _closed, _inflight, _epoch and _unsubs; reentrant: a future's done callback, run
         #: by the thread that settles it (maybe holding it), may send a request

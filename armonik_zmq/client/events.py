@@ -11,6 +11,7 @@ from ..common import NewResultEvent, ResultStatusUpdateEvent
 from ..status import EventTypes, ResultStatus
 from ..errors import NotFoundError
 from ..errors import ConnectionLostError
+from .arrived import inline_max_for
 from .connection import Connection, Subscription
 from .filters import to_wire_filter
 
@@ -63,7 +64,9 @@ class ArmoniKEvents:
 
         No polling: each bucket of results is one subscription whose snapshot gives the current
         statuses, then status events arrive as they happen. A dropped connection (broker restart)
-        is survived by subscribing again for the results still missing.
+        is survived by subscribing again for the results still missing. Small results that complete
+        meanwhile come with their data, which the next ``download_result_data`` of each on this
+        connection takes without asking the broker (``Connection.arrived``).
 
         Args:
             result_ids: the result id(s).
@@ -107,7 +110,9 @@ class ArmoniKEvents:
         types = [int(EventTypes.NEW_RESULT), int(EventTypes.RESULT_STATUS_UPDATE)]
         while True:
             result_filter = [[["result_id", "eq", rid]] for rid in missing]
-            sub = self._conn.subscribe(session_id, types, None, result_filter, snapshot=True)
+            sub = self._conn.subscribe(session_id, types, None, result_filter, snapshot=True,
+                                       inline_max=inline_max_for(len(missing)),
+                                       on_events=self._conn.arrived.keeper(session_id))
             try:
                 if stop is not None and not stop.add(sub):
                     return

@@ -116,8 +116,12 @@ class ArmoniKResults:
         """Return the data of a result as a read-only memoryview; on the broker's host, a mapping of it (no copy).
 
         A large result produced on this host is a shared-memory segment: it is mapped, its checksum
-        verified (``DataCorruptError`` if it does not match), never copied. Anything else is downloaded.
+        verified (``DataCorruptError`` if it does not match), never copied. Anything else is downloaded
+        (unless it came with its completion event to a wait: ``download_result_data``).
         """
+        data = self._conn.arrived.take(session_id, result_id)
+        if data is not None:
+            return memoryview(data).toreadonly()
         view = self._mapped(result_id, session_id)
         if view is not None:
             return view
@@ -128,7 +132,10 @@ class ArmoniKResults:
 
         Returns result id -> read-only memoryview; any damaged one raises ``DataCorruptError``.
         """
-        views = self._mapped_many(list(result_ids), session_id)
+        taken = {rid: data for rid in result_ids if (data := self._conn.arrived.take(session_id, rid)) is not None}
+        rest = [rid for rid in result_ids if rid not in taken]
+        views = self._mapped_many(rest, session_id) if rest else {}
+        views.update((rid, memoryview(data).toreadonly()) for rid, data in taken.items())
         for rid in result_ids:
             if rid not in views:
                 views[rid] = memoryview(self._download_frames(rid, session_id)).toreadonly()
@@ -139,7 +146,12 @@ class ArmoniKResults:
 
         On the broker's host a shared-memory result is copied once from its mapping instead (checksum
         verified, ``DataCorruptError`` if it does not match); ``download_result_view`` avoids that copy.
+        A small result that completed during a ``wait_for_result_availability`` on this connection came
+        with its completion event: its first download here takes those bytes, with no round trip.
         """
+        data = self._conn.arrived.take(session_id, result_id)
+        if data is not None:
+            return data
         view = self._mapped(result_id, session_id)
         if view is not None:
             return bytes(view)
@@ -191,6 +203,7 @@ class ArmoniKResults:
         ``batch_size`` is a minimum: bigger batches are sent since the wire is batched.
         """
         ids = list(result_ids)
+        self._conn.arrived.forget(ids)
         size = min(max(batch_size or 0, _MIN_WIRE_BATCH), MAX_BATCH)
         self._conn._call_many(Op.DELETE_RESULTS_DATA, [({"session_id": session_id, "result_ids": ids[i:i + size]}, ())
                                                        for i in range(0, len(ids), size)])

@@ -79,7 +79,13 @@ class ArmoniKApi(System):
         return [Handle(rid, fn.__name__) for rid in out_ids]
 
     def result(self, handle: Handle) -> Any:
-        return self.gather([handle])[0]
+        """One result, the way ArmoniK code gets it: wait for it, then ``download_result_data``."""
+        from ..tasks import decode_output
+
+        if handle.fn == "array":
+            return self.gather([handle])[0]
+        self.events.wait_for_result_availability(handle.result_id, self.session_id)
+        return decode_output(handle.fn, self.results.download_result_data(handle.result_id, self.session_id))
 
     def gather(self, handles: Sequence[Handle]) -> list:
         from armonik_zmq.protocol import Op, split_frames
@@ -89,7 +95,14 @@ class ArmoniKApi(System):
         ids = [h.result_id for h in handles]
         self.events.wait_for_result_availability(ids, self.session_id, bucket_size=max(1, len(ids)))
         values: dict[str, Any] = {}
-        small = [h for h in handles if h.fn != "array"]
+        small = []
+        for h in handles:
+            if h.fn != "array":  # what came with its completion event during the wait needs no download
+                data = self.conn.arrived.take(self.session_id, h.result_id)
+                if data is None:
+                    small.append(h)
+                else:
+                    values[h.result_id] = data
         for start in range(0, len(small), _DOWNLOAD_BATCH):
             batch = [h.result_id for h in small[start:start + _DOWNLOAD_BATCH]]
             # One request for a batch of small results (the wire op behind download_result_data).
