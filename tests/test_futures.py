@@ -7,6 +7,7 @@ import concurrent.futures
 import os
 import queue
 import sys
+import threading
 import time
 
 import cloudpickle
@@ -92,6 +93,28 @@ def test_remote_exception_keeps_type_and_traceback(client):
         client.submit(add, fut, 1).result(30)
     with pytest.raises(RuntimeError, match="TwoArgumentError: x/y"):
         client.submit(fail_unpicklable).result(30)
+
+
+def test_futures_share_their_clients_condition_yet_wait_for_their_own_value(client):
+    """A client's futures share one Condition (and have every field of a stdlib future): a thread waiting on one
+    is woken when another settles, and waits on; it gets its own value, not a TimeoutError."""
+    mid, short = client.submit(time.sleep, 0.8), client.submit(time.sleep, 0.3)
+    assert mid._condition is short._condition
+    assert set(vars(concurrent.futures.Future())) <= set(vars(mid))
+    outcome = []
+
+    def follow() -> None:
+        time.sleep(0.1)  # the main thread reads by then: this one waits on the condition
+        try:
+            outcome.append(mid.result(timeout=10))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    follower = threading.Thread(target=follow)
+    follower.start()
+    assert mid.result(timeout=10) is None  # reads; settles `short` meanwhile, which wakes the follower early
+    follower.join(10)
+    assert outcome == [None] and short.result(timeout=10) is None
 
 
 def test_as_completed_yields_in_completion_order_and_times_out_without_cancelling(client):
