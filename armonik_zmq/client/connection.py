@@ -354,10 +354,17 @@ class Connection:
         ``timeout`` bounds the wait of each reply once the previous one arrived. ``window`` caps the
         requests awaiting their reply (bulk data: bounds what the broker holds at once).
         """
+        requests = iter(requests)
+        first = next(requests, None)
+        if first is None:
+            return []
+        second = next(requests, None)
+        if second is None:  # the usual case: one request, sent with the reader role taken (see _exchange)
+            return [self._exchange(op, first[0], first[1], timeout)]
         sent: deque = deque()
         replies = []
         try:
-            for fields, frames in requests:
+            for fields, frames in itertools.chain((first, second), requests):
                 sent.append(self._submit(op, fields, frames))
                 if window is not None and len(sent) >= window:
                     replies.append(self._wait(op, *sent.popleft(), timeout))
