@@ -86,6 +86,10 @@ class GcPolicy:
         elif gc.get_count()[1] >= IDLE_AFTER:
             self._collect("idle")
 
+    def step_due(self) -> bool:
+        """Whether ``busy`` would run a step now if no client were waiting (the loop asks the socket only then)."""
+        return time.monotonic() >= self._next_step
+
     def busy(self, wanted: bool = False) -> None:
         """Called once per turn: every ``STEP_PERIOD``, collect the recent survivors and freeze them.
 

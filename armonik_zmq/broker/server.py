@@ -38,6 +38,7 @@ from ..config import BrokerConfig
 from ..protocol import (BACKEND_OPS, FRONTEND_OPS, MAX_HEADER_SIZE, ErrorCode, Op, ProtocolError, decode_header,
                         envelope_of, reply_error, reply_ok, request, validate)
 from ..security import check_bind
+from ..zmqio import readable, recv_message, send_message
 from .backend import AgentInfo, Backend
 from .data import ResultData
 from .auth import Authorizer, Guard, Security
@@ -217,9 +218,9 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         Raise MapAtLimit if it is full and cannot grow. Growing invalidates this process's read
         transactions, so the scans in progress start again from a fresh snapshot (none has replied yet).
         """
-        before = self.store.map_size
         if incoming >= 0 and not self.store.needs_room(incoming):
             return False
+        before = self.store.map_size
         for job in getattr(self, "scan_jobs", ()):  # none yet while __init__ loads the state
             if job.txn is not None:
                 job.txn.abort()
@@ -285,7 +286,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
             header = request(Op.EVENT, sub.rid, events=sub.pending)
             sub.pending = []
             try:
-                self.frontend.send_multipart([sub.peer, header], flags=zmq.DONTWAIT)
+                send_message(self.frontend, [sub.peer, header])
             except zmq.ZMQError as exc:
                 self.metrics.send_failed(_errno_name(exc.errno))
                 log.info("subscriber gone (%s): subscription %d dropped", exc.strerror, sub.rid)
@@ -296,7 +297,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
     def _send_all(self, outbox) -> None:
         for sock, frames, agent in outbox:
             try:
-                sock.send_multipart(frames, flags=zmq.DONTWAIT, copy=False)
+                send_message(sock, frames, copy=False)
             except zmq.ZMQError as exc:
                 self.metrics.send_failed(_errno_name(exc.errno))
                 if agent is None and sock is self.backend and exc.errno == zmq.EAGAIN:
@@ -315,27 +316,25 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
 
     # -- one turn ----------------------------------------------------------------------------------
 
-    def _drain(self, sock: zmq.Socket, key: int, limit: int) -> None:
-        """Move up to ``limit`` waiting messages of ``sock`` into the fair queue (while it has room)."""
+    def _drain(self, sock: zmq.Socket, key: int, limit: int, ready: bool = False) -> bool:
+        """Move up to ``limit`` waiting messages of ``sock`` into the fair queue (while it has room); return
+        whether it stopped at that limit, not because ``sock`` had no more. ``ready``: a message is known waiting."""
         fair = self.fair
         for _ in range(min(limit, fair.room())):
-            try:
-                frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            fair.add(key, sock, frames)
+            if not ready and not readable(sock):
+                return False
+            ready = False
+            fair.add(key, sock, recv_message(sock))
+        return True
 
     def _preempt(self, batch: list, handled: int) -> None:
         """Mid-turn: a client that had nothing waiting joins this turn instead of the batch's rest (fairness.py)."""
         frontend, fair = self.frontend, self.fair
-        if not frontend.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            return
         # past the queue's room if need be: by one batch at most, which the next turns' drains leave in ZeroMQ
         for _ in range(PREEMPT_TAKES):
-            try:
-                fair.add(0, frontend, frontend.recv_multipart(flags=zmq.NOBLOCK, copy=False))
-            except zmq.Again:
+            if not readable(frontend):
                 break
+            fair.add(0, frontend, recv_message(frontend))
         if fair.newcomers:
             fair.preempt(batch, handled)
 
@@ -382,18 +381,31 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
 
     def turn(self, timeout_ms: int) -> None:
         # long lists run between turns, after the commit of the turn that received them
-        scanning = self.advance_scans()
-        idle = False
-        if (not scanning and not self._lost_agents and not self.fair.waiting and not self.purges.pending
-                and not self._dispatch_possible()):
-            idle = not self.poller.poll(timeout_ms)
+        scanning = bool(self.scan_jobs) and self.advance_scans()
+        # One poll tells which sockets have messages, waiting for one only when the turn has nothing else
+        # to do. Only those sockets are read: an empty one costs nothing more (an empty non-blocking read
+        # raises, and every read of libzmq first processes the socket's commands: two system calls).
+        may_wait = not (scanning or self._lost_agents or self.fair.waiting or self.purges.pending
+                        or self._dispatch_possible())
+        ready = self.poller.poll(timeout_ms if may_wait else 0)
+        idle = may_wait and not ready
         turn_started = time.monotonic()
         self.forgive_stall(turn_started)
-        # agents first (their reports free tasks and credit), then clients, then agents again
-        room = self.fair.room()
-        self._drain(self.backend, 1, room // 2)
-        self._drain(self.frontend, 0, room)
-        self._drain(self.backend, 1, room)
+        if ready:
+            agents = clients = False
+            for sock, _ in ready:
+                if sock is self.backend:
+                    agents = True
+                else:
+                    clients = True
+            # agents first (their reports free tasks and credit), then clients, then agents again
+            room = self.fair.room()
+            if agents:
+                agents = self._drain(self.backend, 1, room // 2, ready=True)
+            if clients:
+                self._drain(self.frontend, 0, room, ready=True)
+            if agents:
+                self._drain(self.backend, 1, room)
         # peers in rotation, cut at the turn's time budget (broker/fairness.py)
         batch, batch_units = self.fair.take()
         mono = time.monotonic()
@@ -422,7 +434,8 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
             self._loaded_at = None
         self.metrics.turn(time.monotonic() - turn_started)
         # a client already waiting is served before the collector's step (gcpolicy.py)
-        self.gc_policy.busy(wanted=bool(self.frontend.getsockopt(zmq.EVENTS) & zmq.POLLIN))
+        if self.gc_policy.step_due():
+            self.gc_policy.busy(wanted=readable(self.frontend))
 
     def _commit_part(self, batch: list, now: float, mono: float, lease_due: bool, turn_started: float,
                      upkeep: bool) -> None:
@@ -569,7 +582,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
 
     def _send_now(self, sock: zmq.Socket, frames: list) -> None:
         try:
-            sock.send_multipart(frames, flags=zmq.DONTWAIT)
+            send_message(sock, frames)
         except zmq.ZMQError:
             pass
 

@@ -227,17 +227,9 @@ class Store:
             self.env.set_mapsize(target)
         return True
 
-    @contextlib.contextmanager
-    def write(self) -> Iterator["Txn"]:
+    def write(self) -> "_Write":
         """Open the turn's write transaction: commit on success, abort on any exception."""
-        try:
-            with self.env.begin(write=True) as txn:
-                yield Txn(self, txn)
-        except BaseException:
-            self.task_rows.clear()
-            self.result_rows.clear()
-            raise
-        self.file_pages.maybe_release()
+        return _Write(self)
 
     @contextlib.contextmanager
     def read(self) -> Iterator["Txn"]:
@@ -250,6 +242,34 @@ class Store:
 
     def close(self) -> None:
         self.env.close()
+
+
+class _Write:
+    """The context of ``Store.write``: a plain class, as it runs once or twice per turn (a generator costs more)."""
+
+    __slots__ = ("store", "txn")
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def __enter__(self) -> "Txn":
+        self.txn = self.store.env.begin(write=True)
+        return Txn(self.store, self.txn)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        store = self.store
+        if exc_type is None:
+            try:
+                self.txn.commit()
+            except BaseException:
+                store.task_rows.clear()
+                store.result_rows.clear()
+                raise
+            store.file_pages.maybe_release()
+        else:
+            self.txn.abort()
+            store.task_rows.clear()
+            store.result_rows.clear()
 
 
 def _live_value(row: dict) -> bytes:
