@@ -151,6 +151,77 @@ def test_keys_expire_after_their_ttl(tmp_path_factory):
                      "the idempotency key to expire", timeout=10)
 
 
+def test_a_keyed_request_writes_its_key_in_one_table_and_an_earlier_versions_age_index_is_emptied(tmp_path_factory):
+    """A keyed request's commit writes the key table only (an index by age was one more table, with its own pages,
+    in every keyed commit). A data directory written by an earlier version, with that index, is emptied of it
+    by the first collection, and its keys expire all the same."""
+    import lmdb
+    import msgpack
+
+    with broker_only(tmp_path_factory, "--idempotency-ttl", "1") as cluster:
+        with connect(cluster.endpoint, timeout=30) as conn:
+            session = dict(default_task_options=OPTIONS.to_wire(), idempotency_key="one:1")
+            sid = conn.call(Op.CREATE_SESSION, **session)[0]["session_id"]
+        cluster.kill_broker()
+        env = lmdb.open(cluster.data_dir, max_dbs=16)
+        keys, by_age = env.open_db(b"idempotency"), env.open_db(b"idempotency_age")
+        with env.begin(write=True) as txn:
+            assert txn.stat(keys)["entries"] == 1 and txn.stat(by_age)["entries"] == 0
+            # what an earlier version wrote: each key, and its applied_at (microseconds) + key in the index
+            digest, applied_at, reply = msgpack.unpackb(txn.get(b"one:1", db=keys), raw=False)
+            for i in range(3):
+                key = f"old:{i}".encode()
+                txn.put(key, msgpack.packb([digest, applied_at, reply]), db=keys)
+                txn.put(int(applied_at * 1e6).to_bytes(8, "big") + key, b"", db=by_age)
+        env.close()
+        cluster.start_broker()
+        cluster.wait_ready()
+        with connect(cluster.endpoint, timeout=30) as conn:
+            wait_for(lambda: conn.call(Op.CREATE_SESSION, **session)[0]["session_id"] != sid,
+                     "the idempotency key to expire", timeout=10)
+            wait_for(lambda: conn.call(Op.HEALTH, metrics=True)[0]["metrics"]["idempotency_keys_expired"] >= 4,
+                     "the earlier version's keys to expire", timeout=10)
+        cluster.kill_broker()
+        env = lmdb.open(cluster.data_dir, max_dbs=16)
+        keys, by_age = env.open_db(b"idempotency"), env.open_db(b"idempotency_age")
+        with env.begin() as txn:
+            assert txn.stat(by_age)["entries"] == 0
+            assert txn.get(b"old:0", db=keys) is None
+        env.close()
+
+
+def test_the_key_collection_walks_the_table_a_bounded_slice_at_a_time(tmp_path):
+    """Each collection looks at a bounded slice of the key table, on from where the last one stopped: every key
+    older than the ttl goes within a few collections, none younger, and no collection removes more than
+    GC_BATCH (real LMDB file, the broker's own Store and Idempotency)."""
+    from armonik_zmq.broker import idempotency as idem
+    from armonik_zmq.broker.metrics import Metrics
+    from armonik_zmq.broker.store import Store
+    from armonik_zmq.protocol import pack
+
+    store = Store(str(tmp_path / "data"), map_size=64 << 20)
+    try:
+        keys = idem.Idempotency(store, ttl=100.0, metrics=Metrics())
+        now = 10_000.0
+        old = {f"c:{i:05d}".encode() for i in range(0, 9000, 2)}  # every other key: 4,500 to remove
+        with store.write() as txn:
+            for i in range(9000):
+                key = f"c:{i:05d}".encode()
+                txn.txn.put(key, pack([b"d" * 16, now - (150.0 if key in old else 50.0), b"reply"]), db=keys.keys)
+        removed = []
+        for _ in range(6):
+            with store.write() as txn:
+                removed.append(keys.collect(txn, now, mono=0.0))
+        with store.read() as txn:
+            left = {k for k, _ in txn.txn.cursor(db=keys.keys)}
+        assert left == {f"c:{i:05d}".encode() for i in range(9000)} - old
+        assert sum(removed) == len(old)
+        # a slice is max(WALK_MIN, 2 * 9,000 * GC_PERIOD / ttl) keys: half of them old, so GC_BATCH is not reached
+        assert max(removed) <= idem.GC_BATCH and removed[0] == idem.WALK_MIN // 2
+    finally:
+        store.close()
+
+
 # -- the client across a broker restart -----------------------------------------------------------------
 
 
