@@ -118,3 +118,39 @@ def test_a_turn_commits_and_answers_its_clients_before_it_handles_the_agents_rep
         client.close(0)
         agent.close(0)
         broker.close()
+
+
+def test_a_client_that_comes_during_a_parts_last_message_joins_its_commit(tmp_path):
+    """A client whose request arrives while the last message of a turn's part is handled (for longer than
+    LOOK_EVERY) is handled in that part and answered after its commit: one commit, both clients answered by
+    the end of the turn (it used to wait for that commit, then a turn of its own)."""
+    config = BrokerConfig(data_dir=str(tmp_path / "lmdb"), endpoint=f"ipc://{tmp_path}/f",
+                          agents_endpoint=f"ipc://{tmp_path}/b", map_size=1 << 24)
+    broker = Broker(config)
+    ctx = zmq.Context.instance()
+    first, late = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    try:
+        first.connect(config.endpoint)
+        late.connect(config.endpoint)
+        create = broker.handlers[Op.CREATE_SESSION]
+
+        def slow_first(req, txn):  # the late client's request reaches the broker while this one is handled
+            if req.rid == 1:
+                late.send(request(Op.CREATE_SESSION, 2, default_task_options=OPTIONS))
+                deadline = time.monotonic() + 10
+                while not broker.frontend.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    assert time.monotonic() < deadline, "the late request did not reach the broker"
+                    time.sleep(0.001)
+            return create(req, txn)
+
+        broker.handlers[Op.CREATE_SESSION] = slow_first
+        _turn_with(broker, [(first, broker.frontend, request(Op.CREATE_SESSION, 1, default_task_options=OPTIONS))])
+        assert broker.stats["turns"] == 1 and broker.stats["commits"] == 1
+        for sock, rid in ((first, 1), (late, 2)):
+            assert sock.poll(0), "a client was not answered at the end of the turn"
+            reply = decode_header(sock.recv_multipart()[-1])
+            assert reply["rid"] == rid and reply["ok"]
+    finally:
+        first.close(0)
+        late.close(0)
+        broker.close()

@@ -23,7 +23,9 @@ every peer, and a client flooding requests would make every turn long. So the br
   before) into that very turn: after every ``LOOK_EVERY`` seconds of handling the loop looks at the
   client socket, and if such a newcomer is there, the rest of the batch goes back to the front of its
   queues and the newcomer's request is handled instead (``preempt``). It then waits for the message
-  being handled, the turn's upkeep and commit, not for the rest of the turn.
+  being handled, the turn's upkeep and commit, not for the rest of the turn. The loop also looks
+  after the batch's last message (when that took ``LOOK_EVERY``): a client that came during it joins
+  the commit in progress instead of waiting for that commit, its replies and a turn of its own.
 
 Measured with T15's pattern (sequential submits of 100 tasks while 4 agents complete them, 30,000
 tasks, runs interleaved at load 5-9): the split commit and the look took the broker CPU spent between

@@ -503,11 +503,11 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
                 out = self._handle(txn, sock, frames, now)
                 if out is not None:
                     replies.append((sock, out, None))
-                if i < len(batch):
-                    mono_now = time.monotonic()
-                    if mono_now - looked >= LOOK_EVERY:
-                        looked = mono_now
-                        self._preempt(batch, i)
+                # after the last message too: a newcomer then joins this commit (fairness.py)
+                mono_now = time.monotonic()
+                if mono_now - looked >= LOOK_EVERY:
+                    looked = mono_now
+                    self._preempt(batch, i)
             self._handling_seconds += time.monotonic() - started
             if upkeep:
                 self._upkeep(txn, now, mono, lease_due, turn_started)
