@@ -305,6 +305,21 @@ def test_store_keeps_objects_as_chunks(tmp_path):
         store.close()
 
 
+def test_data_stored_over_older_or_staged_data_replaces_every_chunk_of_it(tmp_path):
+    """put_object over an unfinished chunked upload, or over data already there, leaves only its own chunks."""
+    store = Store(str(tmp_path / "lmdb"), map_size=1 << 26, sync=False, chunk_size=7)
+    try:
+        with store.write() as txn:
+            txn.stage_object("staged", [b"s" * 30], 0)  # 5 chunks, unfinished
+            txn.put_object("older", [b"o" * 30])  # 5 chunks, complete
+            for rid in ("staged", "older"):
+                assert txn.put_object(rid, b"new") == 3
+                assert list(txn.iter_object_chunks(rid)) == [b"new"] and txn.object_chunks(rid) == 1
+            assert txn.txn.stat(store.data)["entries"] == 2 and txn.txn.stat(store.objects)["entries"] == 2
+    finally:
+        store.close()
+
+
 @pytest.fixture(scope="module")
 def lone_broker(tmp_path_factory):
     """A broker alone (no agent, no object storage, no fsync): data operations only."""

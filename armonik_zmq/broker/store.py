@@ -438,7 +438,9 @@ class Txn:
 
     def put_object(self, result_id: str, data) -> int:
         """Store a result's data (bytes, or a list of frames) as chunks, replacing any; return its size."""
-        self.delete_object(result_id)
+        key = result_id.encode()
+        if self.txn.get(key, db=self.store.objects) is not None:  # most results have none yet: no row to read
+            self.delete_object(result_id)
         cs = self.store.chunk_size
         frames = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
         if len(frames) == 1 and (size := memoryview(frames[0]).nbytes) <= cs:
@@ -450,7 +452,7 @@ class Txn:
                 packed = _pack({"size": size, "chunks": 1, "chunk_size": cs})
                 if size < _ONE_CHUNK_ROWS_KEPT:
                     _ONE_CHUNK_ROWS[(size, cs)] = packed
-            puts.objects(result_id.encode(), packed)
+            puts.objects(key, packed)
             return size
         size, count = self._write_chunks(result_id, frames, 0, cs)
         return self._seal(result_id, {"size": size, "chunks": count, "chunk_size": cs})
