@@ -129,3 +129,43 @@ def test_rows_of_every_format_read_back_from_lmdb(tmp_path):
                 row = {k: list(v) if type(v) is tuple else v for k, v in row.items()}
             assert row == (task if key.startswith(b"task") else result), key
     env.close()
+
+
+def test_new_tasks_are_stored_as_array_rows_of_every_field(tmp_path):
+    """create_tasks' rows (a parent's subtask included) carry every stored field: stored as arrays, read back equal."""
+    from armonik_zmq.broker.events import EventBus
+    from armonik_zmq.broker.state import BrokerState
+    from armonik_zmq.status import TaskStatus
+
+    st = store.Store(str(tmp_path / "lmdb"), map_size=1 << 24, sync=False)
+    state = BrokerState(["default"], EventBus())
+    now = time.time()
+    session = {"session_id": new_id(), "status": 1, "partition_ids": ["default"],
+               "options": {"max_duration": 60.0, "priority": 1, "max_retries": 2, "options": {"k": "v"}}}
+    try:
+        with st.write() as txn:
+            payload = state.new_result_row(session["session_id"], "payload", now=now)
+            state.insert_result(txn, payload)
+            state.complete_result(txn, payload, b"data", "", now)
+            outs = [state.new_result_row(session["session_id"], f"o{i}", now=now) for i in range(3)]
+            for row in outs:
+                state.insert_result(txn, row)
+            [parent] = state.create_tasks(txn, session, [{"payload_id": payload["result_id"],
+                                                           "expected_output_ids": [outs[0]["result_id"]]}], None, now)
+            parent_row = txn.get_task(parent["task_id"])
+            [child] = state.create_tasks(txn, session, [{"payload_id": payload["result_id"],
+                                                          "data_dependencies": [outs[0]["result_id"]],
+                                                          "expected_output_ids": [outs[1]["result_id"]]}],
+                                         None, now, parent=parent_row, task_ids=["child"])
+            rows = {t: dict(txn.get_task(t)) for t in (parent["task_id"], child["task_id"])}
+        with st.read() as txn:
+            for task_id, row in rows.items():
+                buf = txn.txn.get(task_id.encode(), db=st.tasks)
+                assert type(msgpack.unpackb(buf, raw=False)) is list  # not a map: every field, and no other
+                assert store.decode_row(buf) == row and tuple(row) == store.TASK_FIELDS
+        child_row = rows["child"]
+        assert child_row["created_by"] == parent["task_id"] and child_row["parent_task_ids"] == (parent["task_id"],)
+        assert child_row["status"] == TaskStatus.PENDING and child_row["submitted_at"] is None  # its input has no data
+        assert rows[parent["task_id"]]["submitted_at"] == now and rows[parent["task_id"]]["parent_task_ids"] == ()
+    finally:
+        st.close()

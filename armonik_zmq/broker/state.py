@@ -29,6 +29,16 @@ _T = as_ints(TaskStatus)
 _STAMP = {_T.SUBMITTED: "submitted_at", _T.DISPATCHED: "acquired_at", _T.PROCESSING: "started_at",
           _T.COMPLETED: "ended_at", _T.ERROR: "ended_at", _T.TIMEOUT: "ended_at", _T.CANCELLED: "ended_at",
           _T.RETRIED: "ended_at"}
+#: A new task row before its own fields are set, in the stored field order (store.TASK_FIELDS). Every new row starts
+#: as a copy: past 16 keys a dict display is built key by key (~1.9 us for these 24), a copy of this one plus
+#: the task's own fields takes ~0.5 us.
+_NEW_TASK = {
+    "task_id": "", "session_id": "", "owner_pod_id": "", "pod_hostname": "", "initial_task_id": "", "created_by": "",
+    "parent_task_ids": (), "payload_id": "", "data_dependencies": (), "expected_output_ids": (), "retry_of_ids": (),
+    "status": 0, "status_message": "", "error": None, "options": None, "attempt": 0, "created_at": None,
+    "submitted_at": None, "received_at": None, "acquired_at": None, "fetched_at": None, "started_at": None,
+    "processed_at": None, "ended_at": None,
+}
 
 
 def not_found(kind: str, ident: str, session_id: Optional[str] = None) -> ProtocolError:
@@ -245,17 +255,20 @@ class BrokerState:
         infos = []
         for i, (c, opts, missing, outputs) in enumerate(plans):
             tid = task_ids[i] if task_ids else new_id()
-            row = {
-                "task_id": tid, "session_id": sid, "owner_pod_id": "", "pod_hostname": "", "initial_task_id": tid,
-                "created_by": parent["task_id"] if parent else "",
-                "parent_task_ids": (*parent["parent_task_ids"], parent["task_id"]) if parent else (),
-                "payload_id": c["payload_id"], "data_dependencies": tuple(c.get("data_dependencies", ())),
-                "expected_output_ids": tuple(c["expected_output_ids"]), "retry_of_ids": (),
-                "status": int(_T.PENDING if missing else _T.SUBMITTED), "status_message": "", "error": None,
-                "options": opts, "attempt": 0, "created_at": now, "submitted_at": None if missing else now,
-                "received_at": None, "acquired_at": None, "fetched_at": None, "started_at": None,
-                "processed_at": None, "ended_at": None,
-            }
+            row = _NEW_TASK.copy()
+            row["task_id"] = row["initial_task_id"] = tid
+            row["session_id"] = sid
+            if parent:
+                row["created_by"] = parent["task_id"]
+                row["parent_task_ids"] = (*parent["parent_task_ids"], parent["task_id"])
+            row["payload_id"] = c["payload_id"]
+            row["data_dependencies"] = tuple(c.get("data_dependencies", ()))
+            row["expected_output_ids"] = tuple(c["expected_output_ids"])
+            row["status"] = int(_T.PENDING if missing else _T.SUBMITTED)
+            row["options"] = opts
+            row["created_at"] = now
+            if not missing:
+                row["submitted_at"] = now
             if session["status"] == _S.PAUSED:
                 # ArmoniK 3.1: in a paused session a new task waits PAUSED, behind the pause gate, until resumed.
                 row.update(status=int(_T.PAUSED), submitted_at=None)
