@@ -14,6 +14,7 @@ import itertools
 import logging
 import math
 import os
+import select
 import shutil
 import signal
 import socket
@@ -115,6 +116,7 @@ class Agent:
         self.pool = WorkerPool(config.workers, self.worker_path, config.processor, config.worker_env,
                                state_dir=self._sockdir)
         self.broker: Optional[zmq.Socket] = None
+        self._broker_fd = -1
         self.tasks: dict[str, LocalTask] = {}
         self.by_token: dict[str, LocalTask] = {}
         self.ready: deque[str] = deque()
@@ -161,7 +163,7 @@ class Agent:
 
     def _connect(self) -> None:
         if self.broker is not None:
-            self.poller.unregister(self.broker)
+            self.poller.unregister(self._broker_fd)
             self.broker.close(linger=0)
         self.broker = self.ctx.socket(zmq.DEALER)
         self.broker.setsockopt(zmq.LINGER, 0)
@@ -175,7 +177,10 @@ class Agent:
         self.broker.setsockopt(zmq.SNDHWM, 0)
         self.broker.setsockopt(zmq.RCVHWM, self.config.rcvhwm)
         self.broker.connect(self.config.broker)
-        self.poller.register(self.broker, zmq.POLLIN)
+        # Waited for as a plain fd, with the workers' links: ZeroMQ signals on it that the socket's state may
+        # have changed (edge-like), so the loop checks EVENTS before it sleeps and reads while there is input.
+        self._broker_fd = self.broker.getsockopt(zmq.FD)
+        self.poller.register(self._broker_fd, select.POLLIN)
         self._pending.clear()
         self.registered = False
         # Whatever the old socket had not had acknowledged goes out again on the new one.
@@ -533,16 +538,16 @@ class Agent:
             link = Link(sock, max_frame=max(self.data_chunk_max_size, MAX_HEADER_SIZE))
             link.pid = peer_pid(sock)
             self.links[sock.fileno()] = link
-            self.poller.register(sock.fileno(), zmq.POLLIN)
+            self.poller.register(sock.fileno(), select.POLLIN)
 
     def _on_link_event(self, fd: int, event: int) -> None:
         link = self.links.get(fd)
         if link is None:
             return
-        if event & zmq.POLLOUT:
+        if event & select.POLLOUT:
             try:
                 if link.flush():
-                    self.poller.modify(fd, zmq.POLLIN)
+                    self.poller.modify(fd, select.POLLIN)
             except LinkClosed:
                 pass  # the read below finds the link closed
         for frames in link.read():
@@ -557,7 +562,7 @@ class Agent:
             if not link.send(frames):
                 if link.pending > LINK_PENDING_MAX and link not in self.pool.by_link:
                     raise LinkClosed("a peer that does not read its replies")
-                self.poller.modify(link.fileno(), zmq.POLLIN | zmq.POLLOUT)
+                self.poller.modify(link.fileno(), select.POLLIN | select.POLLOUT)
         except LinkClosed as exc:
             link.closed = link.closed or str(exc)
             return False
@@ -876,9 +881,9 @@ class Agent:
 
     def run(self) -> None:
         """Serve until ``stop()`` or SIGINT/SIGTERM."""
-        self.poller = zmq.Poller()
+        self.poller = select.poll()
         listener = self.listener.fileno()
-        self.poller.register(listener, zmq.POLLIN)
+        self.poller.register(listener, select.POLLIN)
         self.pool.start()
         self._running = True
         next_reap = 0.0
@@ -901,20 +906,20 @@ class Agent:
                 wait_ms = 50
                 if self._started and self.registered:  # wake up when a start is due
                     wait_ms = min(wait_ms, max(0, math.ceil((_oldest_due(self._started) - time.monotonic()) * 1000)))
-                events = self.poller.poll(wait_ms)
-                for item, event in events:
-                    if item is self.broker:
-                        for _ in range(1000):
-                            try:
-                                frames = self.broker.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-                            except zmq.Again:
-                                break
-                            self._on_broker_message(frames)
-                for item, event in events:
-                    if item == listener:
+                broker_input = self.broker is not None and self.broker.getsockopt(zmq.EVENTS) & zmq.POLLIN
+                events = self.poller.poll(0 if broker_input else wait_ms)
+                links = []
+                for fd, event in events:
+                    if fd == self._broker_fd:
+                        broker_input = True
+                    elif fd == listener:
                         self._accept()
-                    elif type(item) is int:
-                        self._on_link_event(item, event)
+                    else:
+                        links.append((fd, event))
+                if broker_input:
+                    self._read_broker()
+                for fd, event in links:
+                    self._on_link_event(fd, event)
                 if mono >= next_reap:
                     next_reap = mono + 0.2
                     for proc, code in self.pool.reap():
@@ -925,6 +930,14 @@ class Agent:
                 self._flush()
         finally:
             self._shutdown()
+
+    def _read_broker(self) -> None:
+        """Handle the broker's messages waiting (up to 1,000 a turn), without a failing read at the end."""
+        for _ in range(1000):
+            broker = self.broker
+            if not broker.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return
+            self._on_broker_message(broker.recv_multipart(copy=False))
 
     def stop(self, *_args) -> None:
         self._running = False
