@@ -16,6 +16,7 @@ import armonik_zmq
 from armonik_zmq.client import ArmoniKResults, ArmoniKTasks, TaskDefinition
 from armonik_zmq.client.filters import Task
 from armonik_zmq.status import ResultStatus, TaskStatus
+from test_outcomes import alive
 
 # Workers cannot import this test module: its functions travel by value, as a notebook's would.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -133,15 +134,6 @@ def _started(path):
     return lambda: path.exists() and path.read_text().strip()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:  # a killed child not reaped yet is a zombie
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def test_cancel_lets_a_running_task_end_and_drops_its_value(client, tmp_path):
     mark = tmp_path / "soft"
     fut = client.submit(sleep_and_mark, str(mark), 1.5)
@@ -152,7 +144,7 @@ def test_cancel_lets_a_running_task_end_and_drops_its_value(client, tmp_path):
     assert tasks.get_task(fut.task_id).status == TaskStatus.CANCELLING  # still running on its worker
     _wait_for(lambda: tasks.get_task(fut.task_id).status == TaskStatus.CANCELLED, 30, "CANCELLED")
     assert mark.read_text().endswith("done\n")  # the run reached its end...
-    assert _alive(pid)  # ...on a worker that lives on
+    assert alive(pid)  # ...on a worker that lives on
     assert results.get_result(fut.result_id).status == ResultStatus.ABORTED  # and its value was dropped
     assert client.submit(add, 1, 2).result(30) == 3
 
@@ -165,7 +157,7 @@ def test_cancel_force_kills_the_worker_and_the_agent_replaces_it(client, tmp_pat
     assert fut.cancel(force=True) and fut.cancelled()
     tasks = ArmoniKTasks(client._conn)
     _wait_for(lambda: tasks.get_task(fut.task_id).status == TaskStatus.CANCELLED, 15, "CANCELLED")
-    _wait_for(lambda: not _alive(pid), 10, "the worker's death")
+    _wait_for(lambda: not alive(pid), 10, "the worker's death")
     assert "done" not in mark.read_text()
     seen: set = set()
 

@@ -24,6 +24,7 @@ from armonik_zmq.client import (EventTypes, ResultStatus, SessionStatus, TaskDef
 from armonik_zmq.errors import FailedPreconditionError, InvalidArgumentError
 from armonik_zmq.protocol import ErrorCode, Op, request
 from conftest import Api, broker_only, make_cluster
+from test_outcomes import alive
 
 _S = SessionStatus
 _T = TaskStatus
@@ -54,15 +55,6 @@ def wait_task(api: Api, session_id: str, task_id: str, *statuses: TaskStatus, ti
                 continue
             task = api.tasks.get_task(task_id)
         return task
-
-
-def alive(pid: int) -> bool:
-    """Whether a process exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def stamps(task) -> list:
