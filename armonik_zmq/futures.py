@@ -82,13 +82,16 @@ class Future(concurrent.futures.Future):
 
     def _await(self, timeout: Optional[float]) -> None:
         """Wait until this future is settled or ``timeout`` passed: reading the broker's messages on this thread
-        when no other thread does, else on the shared condition."""
+        when no other thread does, else on the shared condition until some future is settled, then again."""
         if self._state in _DONE:
             return
         deadline = None if timeout is None else time.monotonic() + timeout
-        self._client._conn._read_until(self.done, deadline)
-        with self._condition:
-            while self._state not in _DONE:
+        read_until = self._client._conn._read_until
+        while True:
+            read_until(self.done, deadline)
+            with self._condition:
+                if self._state in _DONE:
+                    return
                 if deadline is None:
                     self._condition.wait()
                 else:
