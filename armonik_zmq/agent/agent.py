@@ -35,6 +35,7 @@ from ..protocol import (DATA_CHUNK_MAX_SIZE, MAX_HEADER_SIZE, WORKER_OPS, ErrorC
 from .. import shm
 from ..status import ResultStatus, SessionStatus, TaskStatus
 from ..worker.link import Link, LinkClosed, peer_pid
+from ..zmqio import readable, recv_message, send_message
 from .pool import WorkerPool, WorkerProc
 
 log = logging.getLogger(__name__)
@@ -193,7 +194,11 @@ class Agent:
         rid = next(self._rids)
         if on_reply is not None:
             self._pending[rid] = on_reply
-        self.broker.send_multipart([request(op, rid, agent_id=self.agent_id, **fields), *data], copy=False)
+        frames = [request(op, rid, agent_id=self.agent_id, **fields), *data]
+        try:
+            send_message(self.broker, frames, copy=False)
+        except zmq.Again:  # no pipe to the broker yet (never seen with SNDHWM 0): wait for one, as pyzmq's send does
+            self.broker.send_multipart(frames, copy=False)
         return rid
 
     def _register(self) -> None:
@@ -906,7 +911,7 @@ class Agent:
                 wait_ms = 50
                 if self._started and self.registered:  # wake up when a start is due
                     wait_ms = min(wait_ms, max(0, math.ceil((_oldest_due(self._started) - time.monotonic()) * 1000)))
-                broker_input = self.broker is not None and self.broker.getsockopt(zmq.EVENTS) & zmq.POLLIN
+                broker_input = self.broker is not None and readable(self.broker)
                 events = self.poller.poll(0 if broker_input else wait_ms)
                 links = []
                 for fd, event in events:
@@ -935,9 +940,9 @@ class Agent:
         """Handle the broker's messages waiting (up to 1,000 a turn), without a failing read at the end."""
         for _ in range(1000):
             broker = self.broker
-            if not broker.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if not readable(broker):
                 return
-            self._on_broker_message(broker.recv_multipart(copy=False))
+            self._on_broker_message(recv_message(broker))
 
     def stop(self, *_args) -> None:
         self._running = False
