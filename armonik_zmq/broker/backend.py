@@ -316,17 +316,18 @@ class Backend:
         for completion, frames in zip(h["tasks"], groups):
             task_id = completion["task_id"]
             try:
-                mark = req.mark()  # a refused completion takes back what it queued (replies, events)
-                try:
-                    if completion["ok"] and not completion.get("created_results") and not completion.get("subtasks"):
-                        # The common case needs no child transaction: every refusal comes before any write.
-                        self._complete_simple(txn, agent, completion, frames, req.now)
-                    else:
+                if completion["ok"] and not completion.get("created_results") and not completion.get("subtasks"):
+                    # The common case needs no child transaction nor undo mark: every refusal comes before any
+                    # change (write, event, core), and a failure past that point fails the whole request.
+                    self._complete_simple(txn, agent, completion, frames, req.now)
+                else:
+                    mark = req.mark()  # a refused completion takes back what it queued (replies, events)
+                    try:
                         with txn.nested() as child:
                             self._complete(child, agent, completion, frames, req.now)
-                except BaseException:
-                    req.rollback_to(mark)
-                    raise
+                    except BaseException:
+                        req.rollback_to(mark)
+                        raise
                 accepted.append(task_id)
                 if completion["ok"]:
                     succeeded += 1
