@@ -11,17 +11,10 @@ committed, or a first application if it did not.
 The same key with a different body (anything but ``rid`` differs, data frames included) is refused
 with ``IDEMPOTENCY_MISMATCH``: a client bug, never silently answered with another request's reply.
 
-Keys expire: each is kept at least ``ttl`` seconds after its request was applied
-(``BrokerConfig.idempotency_ttl``, 15 minutes by default, far longer than any retry), and removed
-within half a ``ttl`` more by a collection that runs on a timer inside the broker's turns: it walks
-the key table in key order, a bounded number of keys per turn, from where the last one stopped,
-fast enough to go round the whole table every half ``ttl``. So the table holds at most the keyed
-requests of the last 1.5 ``ttl``.
-
-The walk reads each key's ``applied_at`` from its value; there is no index by age. An index meant a
-second table written by every keyed request: in a commit of one small request (a sequential submit),
-each table written costs its own pages to write and sync. A data directory written by an earlier
-version has that index: its first collection empties it (its keys are expired by the walk all the same).
+Keys expire: each is kept ``ttl`` seconds after its request was applied (``BrokerConfig.idempotency_ttl``,
+15 minutes by default, far longer than any retry), then removed by a collection that runs on a
+timer inside the broker's turns, a bounded number of keys per turn. So the table holds at most
+the keyed requests of the last ``ttl`` seconds.
 """
 
 from __future__ import annotations
@@ -46,17 +39,9 @@ log = logging.getLogger(__name__)
 MAX_KEY = 256
 #: Most expired keys removed by one collection (bounds the turn it runs in).
 GC_BATCH = 2000
-#: Fewest keys one collection looks at (more when the table is large: see ``Idempotency.collect``).
-WALK_MIN = 2000
 #: Seconds between collections.
 GC_PERIOD = 1.0
 
-#: a stored key's value is msgpack [digest (16-byte bin), applied_at (float 64), reply]: how it starts,
-#: and where its applied_at is
-_VALUE_HEAD = b"\x93\xc4\x10"
-_FLOAT64 = 0xCB
-_APPLIED_AT = struct.Struct(">d")
-#: a data frame's length, in the digest
 _TS = struct.Struct(">Q")
 #: how every reply_ok reply ends (the fields are packed in insertion order)
 _OK_TAIL = pack("ok") + pack(True)
@@ -76,13 +61,6 @@ def _digest(header: dict, frames: list) -> bytes:
 _TARGETS = ("session_ids", "task_ids", "result_ids", "results", "tasks")
 
 
-def _applied_at(value: bytes) -> float:
-    """When the request of a stored key was applied (read in place; any other packing through msgpack)."""
-    if value[:3] == _VALUE_HEAD and value[19] == _FLOAT64:
-        return _APPLIED_AT.unpack_from(value, 20)[0]
-    return float(msgpack.unpackb(value, raw=False)[1])
-
-
 def _names_nothing(header: dict) -> bool:
     """Whether a request lists what it works on and every such list is empty: it changed nothing, so sending
     it again is harmless, and a key stored for it would turn a no-op into a commit."""
@@ -91,7 +69,7 @@ def _names_nothing(header: dict) -> bool:
 
 
 class Idempotency:
-    """The key table and the wrapper that consults it around keyed handlers."""
+    """The key table (two LMDB databases) and the wrapper that consults it around keyed handlers."""
 
     def __init__(self, store: Store, ttl: float, metrics: Metrics):
         self.store = store
@@ -100,13 +78,9 @@ class Idempotency:
         #: key -> msgpack [digest, applied_at, reply]: the reply's bytes as sent (a replay changes its rid);
         #: keys stored by earlier versions hold the reply's fields (a map) instead
         self.keys = store.env.open_db(b"idempotency")
-        #: the expiry index of earlier versions (8-byte applied_at + key -> b""): emptied, never written
+        #: 8-byte applied_at (microseconds, big-endian) + key -> b"": expiry order
         self.by_age = store.env.open_db(b"idempotency_age")
-        with store.env.begin() as txn:
-            self._old_index = txn.stat(self.by_age)["entries"] > 0
         self._next_gc = 0.0
-        #: the key the next collection's walk starts at (b"": the first)
-        self._walk_from = b""
 
     def wrap(self, handlers: dict) -> None:
         """Put the key check around the handler of every keyed op in ``handlers`` (Op -> handler)."""
@@ -151,6 +125,7 @@ class Idempotency:
                 return
             now = req.now
             txn.txn.put(kb, pack([digest, now, reply]), db=self.keys)
+            txn.txn.put(_TS.pack(int(now * 1e6)) + kb, b"", db=self.by_age)
 
         keyed.__name__ = getattr(handler, "__name__", "keyed")
         return keyed
@@ -160,40 +135,20 @@ class Idempotency:
         return mono >= self._next_gc
 
     def collect(self, txn: Txn, now: float, mono: float) -> int:
-        """Remove keys applied more than ``ttl`` seconds ago, up to ``GC_BATCH``; return how many.
-
-        The walk goes on from where the last collection stopped, round and round the table, and looks at
-        ``2 * GC_PERIOD / ttl`` of the table's keys (``WALK_MIN`` at least): every key is looked at at
-        least once per half ``ttl`` while the table's size holds.
-        """
+        """Remove up to ``GC_BATCH`` keys applied more than ``ttl`` seconds ago; return how many."""
         self._next_gc = mono + GC_PERIOD
-        if self._old_index:
-            txn.txn.drop(self.by_age, delete=False)
-            self._old_index = False
-        entries = txn.txn.stat(self.keys)["entries"]
-        if not entries:
-            return 0
-        budget = max(WALK_MIN, int(entries * 2 * GC_PERIOD / self.ttl) + 1)
-        oldest = now - self.ttl
-        removed = looked = 0
-        cursor = txn.txn.cursor(db=self.keys)
-        positioned = cursor.set_range(self._walk_from) if self._walk_from else cursor.first()
-        wrapped = not self._walk_from
-        while looked < budget and removed < GC_BATCH:
-            if not positioned:  # past the last key: on from the first, once
-                if wrapped:
-                    break
-                wrapped = True
-                positioned = cursor.first()
-                continue
-            looked += 1
-            if _applied_at(cursor.value()) < oldest:
-                cursor.delete()  # moves to the next entry, or off the end (empty key)
-                removed += 1
-                positioned = bool(cursor.key())
-            else:
-                positioned = cursor.next()
-        self._walk_from = cursor.key() if positioned else b""
+        limit = _TS.pack(max(0, int((now - self.ttl) * 1e6)))
+        removed = 0
+        cursor = txn.txn.cursor(db=self.by_age)
+        positioned = cursor.first()
+        while positioned and removed < GC_BATCH:
+            age_key = cursor.key()
+            if age_key[:8] >= limit:
+                break
+            txn.txn.delete(age_key[8:], db=self.keys)
+            cursor.delete()  # moves to the next entry, or off the end (empty key)
+            removed += 1
+            positioned = bool(cursor.key())
         if removed:
             self.metrics.add("idempotency_keys_expired", removed)
             log.debug("%d idempotency key(s) expired", removed)
