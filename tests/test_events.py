@@ -290,7 +290,7 @@ def test_a_result_that_completes_during_a_wait_is_downloaded_without_a_request(a
     its first download here asks nothing of the broker; the next one does, with the same bytes. A result already
     complete when the wait began (its snapshot has no data), or one whose data was deleted since, is asked for."""
     sid = api.session()
-    _, (out,) = api.submit(sid, {"op": "sleep", "seconds": 0.3, "value": [1, 2]})
+    _, (out,) = api.submit(sid, {"op": "sleep", "seconds": 1.0, "value": [1, 2]})  # outlasts the wait's SUBSCRIBE
     before, = api.results.create_results({"before": b"b"}, sid).values()
     api.events.wait_for_result_availability([out, before.result_id], sid)
     got: list = []
