@@ -6,6 +6,7 @@ the turn test runs a real broker (its sockets and LMDB) one turn at a time.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import zmq
@@ -67,6 +68,24 @@ def test_a_newcomer_replaces_the_rest_of_the_turn_which_comes_first_in_the_next(
 OPTIONS = {"max_duration": 5.0, "priority": 1, "max_retries": 1}
 
 
+@contextlib.contextmanager
+def serving(tmp_path, *sides: str):
+    """A broker on a fresh LMDB directory, and one DEALER connected to it per side ("client" or "agent")."""
+    config = BrokerConfig(data_dir=str(tmp_path / "lmdb"), endpoint=f"ipc://{tmp_path}/f",
+                          agents_endpoint=f"ipc://{tmp_path}/b", map_size=1 << 24)
+    broker = Broker(config)
+    ctx = zmq.Context.instance()
+    socks = [ctx.socket(zmq.DEALER) for _ in sides]
+    try:
+        for sock, side in zip(socks, sides):
+            sock.connect(config.endpoint if side == "client" else config.agents_endpoint)
+        yield broker, socks
+    finally:
+        for sock in socks:
+            sock.close(0)
+        broker.close()
+
+
 def _turn_with(broker: Broker, sent: list) -> None:
     """Run one broker turn once every message of ``sent`` (DEALER, broker's socket, header) waits on the broker."""
     for sock, _, header in sent:
@@ -81,14 +100,7 @@ def _turn_with(broker: Broker, sent: list) -> None:
 def test_a_turn_commits_and_answers_its_clients_before_it_handles_the_agents_reports(tmp_path):
     """A turn with a client's request and an agent's report is two commits, the client's first; a turn with only
     one kind is one commit."""
-    config = BrokerConfig(data_dir=str(tmp_path / "lmdb"), endpoint=f"ipc://{tmp_path}/f",
-                          agents_endpoint=f"ipc://{tmp_path}/b", map_size=1 << 24)
-    broker = Broker(config)
-    ctx = zmq.Context.instance()
-    client, agent = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
-    try:
-        client.connect(config.endpoint)
-        agent.connect(config.agents_endpoint)
+    with serving(tmp_path, "client", "agent") as (broker, (client, agent)):
         order: list = []
         state = broker.state
 
@@ -114,24 +126,13 @@ def test_a_turn_commits_and_answers_its_clients_before_it_handles_the_agents_rep
         assert broker.stats["turns"] == 3 and broker.stats["commits"] == 4
         reply = decode_header(client.recv_multipart()[-1])
         assert reply["rid"] == 2 and reply["ok"]
-    finally:
-        client.close(0)
-        agent.close(0)
-        broker.close()
 
 
 def test_a_client_that_comes_during_a_parts_last_message_joins_its_commit(tmp_path):
     """A client whose request arrives while the last message of a turn's part is handled (for longer than
     LOOK_EVERY) is handled in that part and answered after its commit: one commit, both clients answered by
     the end of the turn (it used to wait for that commit, then a turn of its own)."""
-    config = BrokerConfig(data_dir=str(tmp_path / "lmdb"), endpoint=f"ipc://{tmp_path}/f",
-                          agents_endpoint=f"ipc://{tmp_path}/b", map_size=1 << 24)
-    broker = Broker(config)
-    ctx = zmq.Context.instance()
-    first, late = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
-    try:
-        first.connect(config.endpoint)
-        late.connect(config.endpoint)
+    with serving(tmp_path, "client", "client") as (broker, (first, late)):
         create = broker.handlers[Op.CREATE_SESSION]
 
         def slow_first(req, txn):  # the late client's request reaches the broker while this one is handled
@@ -150,7 +151,3 @@ def test_a_client_that_comes_during_a_parts_last_message_joins_its_commit(tmp_pa
             assert sock.poll(0), "a client was not answered at the end of the turn"
             reply = decode_header(sock.recv_multipart()[-1])
             assert reply["rid"] == rid and reply["ok"]
-    finally:
-        first.close(0)
-        late.close(0)
-        broker.close()
