@@ -55,6 +55,7 @@ from ..common import event_from_wire
 from ..config import default_endpoint
 from ..protocol import KEYED_OPS, ErrorCode, Op
 from ..security import ClientKeys, KeyInput
+from ..zmqio import readable, recv_message, send_message
 from .arrived import ArrivedData
 
 __all__ = ["Connection", "Subscription", "connect"]
@@ -306,7 +307,7 @@ class Connection:
             dealer = self._dealer
             try:
                 # copy=False: bulk frames reach libzmq without being copied (small ones are, by pyzmq).
-                dealer.send_multipart(msg, zmq.NOBLOCK, copy=False)
+                send_message(dealer, msg, copy=False)
             except zmq.ZMQError as exc:  # unlimited HWM makes this unexpected; fail only that call
                 if not (exc.errno == zmq.EAGAIN and not self._connected):
                     self._inflight.pop(rid, None)
@@ -321,7 +322,7 @@ class Connection:
                 self._fail_rid(rid, self._refused())
             if self._unsubs:  # after the request: it is the one someone waits for
                 self._send_unsubscribes()
-            if dealer.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if readable(dealer):
                 _ring(self._look)  # the send took in the news of messages: the descriptor will not tell
             if len(self._inflight) > 2 * len(self._pending) + 1024:
                 self._sweep_inflight()
@@ -636,10 +637,10 @@ class Connection:
         msgs = []
         dealer = self._dealer
         with self._sock_lock:
-            while dealer.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            while readable(dealer):
                 if len(msgs) == _DRAIN:
                     return msgs, True
-                msgs.append(dealer.recv_multipart(zmq.NOBLOCK, copy=False))
+                msgs.append(recv_message(dealer))
         return msgs, False
 
     def _route(self, msg: list) -> None:
@@ -779,7 +780,7 @@ class Connection:
     def _send_again(self, rid: int, inflight: "_Inflight") -> None:
         with self._sock_lock:
             try:
-                self._dealer.send_multipart(inflight.msg, zmq.NOBLOCK, copy=False)
+                send_message(self._dealer, inflight.msg, copy=False)
                 return
             except zmq.ZMQError as exc:
                 self._inflight.pop(rid, None)
