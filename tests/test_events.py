@@ -16,7 +16,7 @@ import pytest
 from armonik_zmq.client import (ArmoniKEvents, EventTypes, FilterError, NewResultEvent, NewTaskEvent, Result,
                                 ResultOwnerUpdateEvent, ResultStatus, ResultStatusUpdateEvent, Task, TaskDefinition,
                                 TaskOptions, TaskStatus, TaskStatusUpdateEvent, connect)
-from armonik_zmq.client.arrived import ArrivedData
+from armonik_zmq.client.arrived import INLINE_MAX, ArrivedData
 from armonik_zmq.errors import ArmoniKZmqError, InvalidArgumentError, NotFoundError
 from armonik_zmq.protocol import Op
 
@@ -287,19 +287,24 @@ def test_wait_sleeps_until_the_result_completes(cluster, api):
 
 def test_a_result_that_completes_during_a_wait_is_downloaded_without_a_request(api):
     """ArmoniK code waits, then downloads: a small result that completed during the wait came with its event, so
-    its first download here asks nothing of the broker; the next one does, with the same bytes. A result already
-    complete when the wait began (its snapshot has no data), or one whose data was deleted since, is asked for."""
+    its first download here asks nothing of the broker; the next one does, with the same bytes. A small result
+    already complete when the wait began comes with the wait's snapshot, the same way; a larger one (past
+    ``inline_max``), or one whose data was deleted since, is asked for."""
     sid = api.session()
     _, (out,) = api.submit(sid, {"op": "sleep", "seconds": 1.0, "value": [1, 2]})  # outlasts the wait's SUBSCRIBE
-    before, = api.results.create_results({"before": b"b"}, sid).values()
-    api.events.wait_for_result_availability([out, before.result_id], sid)
+    before = api.results.create_results({"before": b"b", "empty": b"", "large": b"L" * (INLINE_MAX + 1)}, sid)
+    ids = {name: r.result_id for name, r in before.items()}
+    api.events.wait_for_result_availability([out, *ids.values()], sid)
     got: list = []
     assert _requests_made(api.conn, lambda: got.append(api.results.download_result_data(out, sid))) == 0
     assert json.loads(got[0]) == [1, 2]
     assert _requests_made(api.conn, lambda: got.append(api.results.download_result_data(out, sid))) >= 1
     assert got[1] == got[0]
-    assert _requests_made(api.conn, lambda: got.append(api.results.download_result_data(before.result_id, sid))) >= 1
-    assert got[2] == b"b"
+    for name, value in (("before", b"b"), ("empty", b"")):  # in the snapshot
+        assert _requests_made(api.conn, lambda: got.append(api.results.download_result_data(ids[name], sid))) == 0
+        assert got[-1] == value
+    assert _requests_made(api.conn, lambda: got.append(api.results.download_result_data(ids["large"], sid))) >= 1
+    assert got[-1] == b"L" * (INLINE_MAX + 1)
 
     _, (gone,) = api.submit(sid, {"op": "sleep", "seconds": 0.3, "value": 3})
     api.events.wait_for_result_availability(gone, sid)

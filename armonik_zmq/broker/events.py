@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from ..status import EventTypes, as_ints
+from ..status import EventTypes, ResultStatus, as_ints
 from .filters import Filter
 
 _E = as_ints(EventTypes)
+_COMPLETED = int(ResultStatus.COMPLETED)
 
 
 def _joined(data) -> bytes:
@@ -137,12 +138,22 @@ class EventBus:
                 "current_owner_id": row["owner_task_id"],
             }, row, False)
 
-    def snapshot(self, sub: Subscription, row: dict) -> None:
-        """Queue the current status of one result for a new subscription (no race with "wait")."""
+    def snapshot(self, sub: Subscription, row: dict, read_small=None) -> None:
+        """Queue the current status of one result for a new subscription (no race with "wait").
+
+        A COMPLETED result comes with its data when the subscription takes small data inline (``read_small``:
+        the result's bytes up to a size, or None), as its completion event would have: a wait that begins
+        just after the completion (the broker dispatches before its commit, so that is frequent) then needs
+        no download round trip either."""
         if _E.RESULT_STATUS_UPDATE in sub.types or _E.NEW_RESULT in sub.types:
             if not sub.pending:
                 self.dirty.append(sub)
-            sub.pending.append([int(_E.RESULT_STATUS_UPDATE), {"result_id": row["result_id"], "status": row["status"]}])
+            body = {"result_id": row["result_id"], "status": row["status"]}
+            if sub.inline_max and read_small is not None and row["status"] == _COMPLETED:
+                data = read_small(row["result_id"], sub.inline_max)
+                if data is not None:
+                    body["data"] = data
+            sub.pending.append([int(_E.RESULT_STATUS_UPDATE), body])
 
     def take(self) -> list[Subscription]:
         """Return the subscriptions with events to send (the caller clears ``pending``)."""

@@ -325,7 +325,7 @@ class Handlers:
                         row = txn.get_result(value)
                         if row is None or row["session_id"] != sid:
                             row = {"result_id": value, "status": int(ResultStatus.NOTFOUND)}
-                        self.state.events.snapshot(sub, row)
+                        self.state.events.snapshot(sub, row, txn.read_small)
 
     def handle_unsubscribe_events(self: "Broker", req: "Request", txn: Txn) -> None:
         if not self.state.events.unsubscribe(req.peer, req.header["subscription"]):

@@ -567,6 +567,14 @@ class Txn:
         for index in range(start, stop):
             yield storage.read(name, size, index * cs, min(cs, size - index * cs))
 
+    def read_small(self, result_id: str, max_size: int) -> Optional[bytes]:
+        """A result's data when it is stored in LMDB (not a segment file, not imported) in at most ``max_size``
+        bytes; else None. What a completion's event carries to a subscription that takes small data inline."""
+        row = self._object(result_id)
+        if row is None or row["size"] > max_size or "staged" in row or "segment" in row or "opaque_id" in row:
+            return None
+        return self.read_object(result_id)
+
     def read_object(self, result_id: str) -> Optional[bytes]:
         """Return a result's data in one buffer (small data only), or None if it has none."""
         chunks = list(self.iter_object_chunks(result_id))
