@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 
 import cloudpickle
@@ -12,6 +13,7 @@ import pytest
 
 import armonik_zmq
 from armonik_zmq.client import TaskDefinition, TaskStatus, connect
+from armonik_zmq.cluster import LocalProcesses
 from armonik_zmq.protocol import ErrorCode, Op, ProtocolError, WORKER_OPS, validate
 from conftest import Api
 from reliability import read_executions
@@ -94,6 +96,26 @@ def test_a_worker_burns_no_cpu_while_its_task_waits(client):
     result took 6 s instead of 1)."""
     client.gather(client.map(_noop, range(200)))  # the deep queue is on: the guard watches every run
     assert client.submit(_cpu_while_napping, 1.5).result(timeout=60) < 0.2
+
+
+def _guard_switches():
+    """The voluntary context switches of this worker's guard thread so far (its wake-ups)."""
+    guard = next(t for t in threading.enumerate() if t.name == "output-guard")
+    with open(f"/proc/self/task/{guard.native_id}/status") as f:
+        return int(f.read().split("voluntary_ctxt_switches:")[1].split()[0])
+
+
+def test_the_guard_sleeps_through_runs_that_end_before_its_deadlines(tmp_path):
+    """A run that ends before the guard's first deadline (held outputs, runs to give back) does not wake the
+    guard thread: its start sets an alarm, where it used to wake the guard, which then slept until the
+    deadline (one or two wake-ups per run on an idle worker: ~80 for these 100)."""
+    with LocalProcesses(data_dir=str(tmp_path / "lmdb"), workers=1) as cluster, \
+            armonik_zmq.Client(cluster.endpoint) as one_worker:
+        before = one_worker.submit(_guard_switches).result(timeout=60)
+        for i in range(100):  # one at a time: each starts on an idle worker
+            assert one_worker.submit(_noop, i).result(timeout=60) == i
+        woken = one_worker.submit(_guard_switches).result(timeout=60) - before
+    assert woken < 20, f"the guard woke {woken} times for 100 runs of a no-op"
 
 
 def test_a_short_task_reports_its_start_with_its_completion(client):

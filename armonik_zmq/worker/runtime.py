@@ -21,6 +21,7 @@ from typing import Callable, Optional
 from .. import hostmem
 from ..common import Output
 from ..protocol import Op, ProtocolError, check_reply, decode_header, request, split_frames
+from .alarm import Alarm
 from .link import Link, LinkClosed
 from .taskhandler import TaskHandler, mapped_inputs
 
@@ -73,6 +74,9 @@ class WorkerRuntime:
     ``OUTPUT_DELAY``, so a long task never holds back the report of a short one (its agent would count that
     one as still running), or when they were held ``OUTPUT_HOLD_MAX``; it gives back the runs queued here
     once the task has run ``GIVE_BACK_AFTER``, so that they do not wait behind it.
+
+    The guard sleeps on an alarm (worker/alarm.py) that each run's start sets to that run's first deadline:
+    a run that ends before it (almost every one) costs the guard no wake-up.
     """
 
     def __init__(self, agent_path: str, processor: Callable[[TaskHandler], Output], state_path: str = "",
@@ -97,11 +101,14 @@ class WorkerRuntime:
         self._held_since = 0.0
         #: the link is used by this thread and the guard thread: one at a time
         self._lock = threading.Lock()
-        self._wake = threading.Event()
-        #: runs started so far, and whether one is running (read by the guard thread)
+        #: the guard's alarm, and what it watches: runs started so far, when the last one started, whether one
+        #: runs, and the interval of its next give-back (changed under ``_watch``, with the alarm)
+        self._alarm = Alarm()
+        self._watch = threading.Lock()
         self._seq = 0
         self._run_started = 0.0
         self._busy = False
+        self._pause = GIVE_BACK_AFTER
         #: runs the agent wants kept here behind a long task (its window; from RUNS' configuration)
         self._keep = 1
         threading.Thread(target=self._guard, name="output-guard", daemon=True).start()
@@ -165,29 +172,37 @@ class WorkerRuntime:
         self.link.send([request(Op.W_OUTPUTS, next(self._rids), outputs=[o for o, _ in outputs]), *data])
 
     def _guard(self) -> None:
-        """Send held outputs once the task that runs after them has run ``OUTPUT_DELAY``; give back the runs
-        queued behind a task that runs ``GIVE_BACK_AFTER`` (see the class). Its sleeps count from the start
-        of the run it watches, and the first one is skipped when no output is held: each wake-up of this
-        thread costs about as much as a tiny task."""
+        """Send held outputs once the task that runs after them has run ``OUTPUT_DELAY``, or once they were held
+        ``OUTPUT_HOLD_MAX``; give back the runs queued behind a task that runs ``GIVE_BACK_AFTER``, then again
+        at doubling intervals up to ``GIVE_BACK_MAX`` while it lasts (see the class). Each run's start sets
+        the alarm to its first deadline (``_first_deadline``); this thread sets the next ones."""
         while True:
-            self._wake.wait()
-            self._wake.clear()
-            seq, started = self._seq, self._run_started  # the run in progress now
-            if self._outputs:
-                _sleep_until(started + OUTPUT_DELAY)
-                if self._seq != seq and time.monotonic() - self._held_since < OUTPUT_HOLD_MAX:
-                    # That run ended within OUTPUT_DELAY: short tasks follow each other, and the main thread
-                    # sends their outputs when its queue runs dry. Watch the run in progress.
-                    self._wake.set()
-                    continue
+            self._alarm.wait()
+            with self._watch:
+                seq, started, busy = self._seq, self._run_started, self._busy
+            if not busy:
+                continue  # between runs: the next one sets the alarm, or the main thread sends what is held
+            mono = time.monotonic()
+            if self._outputs and (mono >= started + OUTPUT_DELAY or mono >= self._held_since + OUTPUT_HOLD_MAX):
                 with self._lock:
                     self._flush()
-            pause = GIVE_BACK_AFTER  # while the run lasts, what waits behind it is given back
-            _sleep_until(started + pause)
-            while self._busy and self._seq == seq:
+            with self._watch:
+                if self._seq != seq or not self._busy:
+                    continue  # that run ended: the next one set the alarm for itself
+                give_back = mono >= started + GIVE_BACK_AFTER
+                if give_back:  # runs may still come: look again, less and less often
+                    self._pause = min(2 * self._pause, GIVE_BACK_MAX)
+                    self._alarm.set(mono + self._pause)
+                else:
+                    self._alarm.set(started + GIVE_BACK_AFTER)
+            if give_back:
                 self._give_back()
-                pause = min(2 * pause, GIVE_BACK_MAX)  # runs may still come: look again, less and less often
-                time.sleep(pause)  # from now: a deadline from the run's start would pass and spin
+
+    def _first_deadline(self, started: float) -> float:
+        """When the guard first looks at a run that starts at ``started``."""
+        if self._outputs:
+            return min(started + OUTPUT_DELAY, self._held_since + OUTPUT_HOLD_MAX)
+        return started + GIVE_BACK_AFTER
 
     def _give_back(self) -> None:
         """Hand the runs queued here beyond ``_keep`` back to the agent (the task running is a long one)."""
@@ -265,6 +280,8 @@ class WorkerRuntime:
                 self._drain()  # runs the agent sent meanwhile: the held outputs may still wait for more
                 if not self._runs:
                     self._flush()
+                    with self._watch:
+                        self._alarm.clear()  # idle: nothing to watch (the run that ended set it)
                 while True:
                     try:
                         run = self._runs.popleft()
@@ -274,10 +291,12 @@ class WorkerRuntime:
                     header, frames = self._receive()
                     if header is not None and (header["op"] == Op.RUN or header["op"] == Op.RUNS):
                         self._queue_runs(header, frames)
-        self._run_started = time.monotonic()
-        self._seq += 1
-        if not self._wake.is_set():
-            self._wake.set()  # the guard watches this run (held outputs, runs that would wait behind it)
+        with self._watch:  # the guard watches this run (held outputs, runs that would wait behind it)
+            self._seq += 1
+            self._run_started = started = time.monotonic()
+            self._busy = True
+            self._pause = GIVE_BACK_AFTER
+            self._alarm.set(self._first_deadline(started))
         return run
 
     def run_one(self, header: dict, frames: list) -> None:
@@ -329,13 +348,6 @@ class WorkerRuntime:
         while True:
             header, frames = self._next_run()
             self.run_one(header, frames)
-
-
-def _sleep_until(deadline: float) -> None:
-    """Sleep until ``time.monotonic()`` reaches ``deadline`` (at once if it passed)."""
-    delay = deadline - time.monotonic()
-    if delay > 0:
-        time.sleep(delay)
 
 
 def _die_with_agent() -> None:
