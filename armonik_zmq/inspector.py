@@ -16,8 +16,8 @@ import lmdb
 from .broker.store import decode_row
 from .status import TaskStatus
 
-#: the broker's tables (broker/store.py), by name
-TABLES = ("sessions", "tasks", "results", "data", "objects", "session_tasks", "session_results", "live_tasks",
+#: the broker's tables (broker/store.py), by name (``data`` holds each result's object row and its chunks)
+TABLES = ("sessions", "tasks", "results", "data", "session_tasks", "session_results", "live_tasks",
           "idempotency", "segment_files", "purging")
 #: tables a directory written by an older broker may not have yet
 OPTIONAL_TABLES = ("live_tasks", "idempotency", "segment_files", "purging")

@@ -767,7 +767,7 @@ class SegmentStore:
                     if row["status"] != 2:  # ResultStatus.COMPLETED
                         item["error"] = f"result {rid} has no data (status {row['status']})"
                         continue
-                    obj = txn.get(rid.encode(), db=self.store.objects)
+                    obj = txn.get(rid.encode(), db=self.store.data)  # its object row
                     obj = decode_row(obj) if obj is not None else None
                     if obj is None or "segment" not in obj:
                         continue  # kept in LMDB: over the sockets

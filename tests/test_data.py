@@ -300,7 +300,7 @@ def test_store_keeps_objects_as_chunks(tmp_path):
                 assert b"".join(txn.iter_object_chunks(rid, first, 2)) == data[first * 7:(first + 2) * 7]
                 assert txn.delete_object(rid) and txn.object_size(rid) is None
         with store.read() as txn:
-            assert txn.txn.stat(store.data)["entries"] == 0 and txn.txn.stat(store.objects)["entries"] == 0
+            assert txn.txn.stat(store.data)["entries"] == 0
     finally:
         store.close()
 
@@ -315,7 +315,7 @@ def test_data_stored_over_older_or_staged_data_replaces_every_chunk_of_it(tmp_pa
             for rid in ("staged", "older"):
                 assert txn.put_object(rid, b"new") == 3
                 assert list(txn.iter_object_chunks(rid)) == [b"new"] and txn.object_chunks(rid) == 1
-            assert txn.txn.stat(store.data)["entries"] == 2 and txn.txn.stat(store.objects)["entries"] == 2
+            assert txn.txn.stat(store.data)["entries"] == 4  # each one's chunk and object row
     finally:
         store.close()
 

@@ -169,3 +169,43 @@ def test_new_tasks_are_stored_as_array_rows_of_every_field(tmp_path):
         assert rows[parent["task_id"]]["submitted_at"] == now and rows[parent["task_id"]]["parent_task_ids"] == ()
     finally:
         st.close()
+
+
+def test_object_rows_of_an_objects_table_move_into_the_data_table_when_opened(tmp_path):
+    """A directory written with an ``objects`` table (object rows apart from their chunks) opens with every result's
+    data readable; its rows are then in the data table, keyed by the bare result id, and the old table is gone.
+    New data is stored the same way: its row next to its chunks."""
+    from armonik_zmq.broker.objects import chunk_key
+
+    path = str(tmp_path / "lmdb")
+    env = lmdb.open(path, map_size=1 << 24, max_dbs=16)
+    data, objects = env.open_db(b"data"), env.open_db(b"objects")
+    with env.begin(write=True) as txn:
+        txn.put(chunk_key("small", 0), b"abc", db=data)
+        txn.put(b"small", _pack({"size": 3, "chunks": 1, "chunk_size": 4}), db=objects)
+        for i, part in enumerate((b"0123", b"45")):
+            txn.put(chunk_key("big", i), part, db=data)
+        txn.put(b"big", _pack({"size": 6, "chunks": 2, "chunk_size": 4}), db=objects)
+        txn.put(chunk_key("upload", 0), b"xy", db=data)
+        txn.put(b"upload", _pack({"size": 2, "chunks": 1, "chunk_size": 4, "staged": True}), db=objects)
+    env.close()
+    st = store.Store(path, map_size=1 << 24, sync=False, chunk_size=4)
+    try:
+        with st.read() as txn:
+            assert txn.txn.get(b"objects") is None  # no such table any more
+            assert txn.read_object("small") == b"abc" and txn.read_object("big") == b"012345"
+            assert txn.object_size("upload") is None and txn.object_chunks("big") == 2
+            assert msgpack.unpackb(txn.txn.get(b"big", db=st.data)) == {"size": 6, "chunks": 2, "chunk_size": 4}
+        with st.write() as txn:
+            assert txn.commit_object("upload") == 2 and txn.put_object("new", b"n") == 1
+    finally:
+        st.close()
+    st = store.Store(path, map_size=1 << 24, sync=False, chunk_size=4)  # nothing to move any more
+    try:
+        with st.read() as txn:
+            assert txn.read_object("upload") == b"xy" and txn.read_object("new") == b"n"
+            assert [k for k, _ in txn.txn.cursor(db=st.data)] == [
+                b"big", chunk_key("big", 0), chunk_key("big", 1), b"new", chunk_key("new", 0),
+                b"small", chunk_key("small", 0), b"upload", chunk_key("upload", 0)]
+    finally:
+        st.close()

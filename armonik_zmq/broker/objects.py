@@ -1,11 +1,11 @@
 """Result data ("objects"): chunked in LMDB, or referenced in an external object storage directory.
 
 A result's bytes live in the ``data`` table as chunks of at most ``chunk_size`` bytes, keyed
-``result_id NUL chunk-index`` (4 bytes, big-endian), and one row of the ``objects`` table tells how
-big the object is. Chunks let an upload or a download move one message's worth at a time, so a large
-result never sits whole in the broker's memory.
+``result_id NUL chunk-index`` (4 bytes, big-endian), and one object row, keyed by the bare result id in
+the same table (so just before its chunks), tells how big the object is. Chunks let an upload or a
+download move one message's worth at a time, so a large result never sits whole in the broker's memory.
 
-An imported result (ArmoniK's ImportResultsData) keeps no bytes in LMDB: its ``objects`` row names a
+An imported result (ArmoniK's ImportResultsData) keeps no bytes in LMDB: its object row names a
 file of the object storage directory (its opaque id), read chunk by chunk when needed. The broker
 never deletes such a file: it belongs to whoever put it there.
 """

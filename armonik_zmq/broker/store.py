@@ -114,6 +114,8 @@ def decode_row(buf) -> dict:
 
 #: the table of unfinished task ids (restart reads it instead of every task row)
 LIVE_TASKS_DB = b"live_tasks"
+#: where object rows were kept before they moved into the data table (``Store._move_object_rows``)
+_OLD_OBJECTS_DB = b"objects"
 
 
 class MapAtLimit(Exception):
@@ -144,9 +146,11 @@ class Store:
         self.sessions = self.env.open_db(b"sessions")
         self.tasks = self.env.open_db(b"tasks")
         self.results = self.env.open_db(b"results")
-        #: object chunks (objects.chunk_key) and, per result with data, its object row
+        #: object chunks (objects.chunk_key) and, per result with data, its object row keyed by the bare result id:
+        #: the row sorts just before its chunks (their keys add a NUL and an index), so storing data and its row
+        #: dirties one leaf and one B-tree path; a table of their own cost two more pages in every such commit
         self.data = self.env.open_db(b"data")
-        self.objects = self.env.open_db(b"objects")
+        self._move_object_rows()
         #: session id -> task ids / result ids (for cancel, purge, delete)
         self.session_tasks = self.env.open_db(b"session_tasks", dupsort=True)
         self.session_results = self.env.open_db(b"session_results", dupsort=True)
@@ -172,6 +176,18 @@ class Store:
         self.readers_lock = threading.Lock()
         #: data.mdb's pages mapped by reads, dropped from the resident size after commits (filepages.py)
         self.file_pages = FilePages(os.path.join(path, "data.mdb"))
+
+    def _move_object_rows(self) -> None:
+        """Move the rows of the ``objects`` table of a directory written before into the data table (once, in one
+        transaction: a crash leaves the old table whole), then drop that table."""
+        with self.env.begin() as txn:
+            if txn.get(_OLD_OBJECTS_DB) is None:
+                return
+        old = self.env.open_db(_OLD_OBJECTS_DB)
+        with self.env.begin(write=True) as txn:
+            with txn.cursor(db=old) as cur:
+                txn.cursor(db=self.data).putmulti(cur.iternext())
+            txn.drop(old, delete=True)
 
     def _index_live_tasks(self) -> None:
         """Build the live-task table of a directory written before it existed (one full scan, once)."""
@@ -300,7 +316,7 @@ class _Puts:
     looks the table up on every call: a third of the cost of a put, and a task takes about ten.
     """
 
-    _TABLES = ("tasks", "live_tasks", "session_tasks", "results", "session_results", "data", "objects")
+    _TABLES = ("tasks", "live_tasks", "session_tasks", "results", "session_results", "data")
     __slots__ = _TABLES + ("_txn", "_store")
 
     def __init__(self, txn: lmdb.Transaction, store: Store):
@@ -413,10 +429,10 @@ class Txn:
     # ``opaque_id`` for an imported object (its bytes stay in the object storage).
 
     def _object(self, result_id: str) -> Optional[dict]:
-        return self._get(self.store.objects, result_id)
+        return self._get(self.store.data, result_id)
 
     def _put_object_row(self, result_id: str, row: dict) -> None:
-        self.puts.objects(result_id.encode(), _pack(row))
+        self.puts.data(result_id.encode(), _pack(row))
 
     def _write_chunks(self, result_id: str, frames: list, first: int, chunk_size: int) -> tuple[int, int]:
         """Write frames as chunks from index ``first``; return (bytes written, index after the last chunk)."""
@@ -439,7 +455,7 @@ class Txn:
     def put_object(self, result_id: str, data) -> int:
         """Store a result's data (bytes, or a list of frames) as chunks, replacing any; return its size."""
         key = result_id.encode()
-        if self.txn.get(key, db=self.store.objects) is not None:  # most results have none yet: no row to read
+        if self.txn.get(key, db=self.store.data) is not None:  # most results have none yet: no row to read
             self.delete_object(result_id)
         cs = self.store.chunk_size
         frames = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
@@ -452,7 +468,7 @@ class Txn:
                 packed = _pack({"size": size, "chunks": 1, "chunk_size": cs})
                 if size < _ONE_CHUNK_ROWS_KEPT:
                     _ONE_CHUNK_ROWS[(size, cs)] = packed
-            puts.objects(key, packed)
+            puts.data(key, packed)
             return size
         size, count = self._write_chunks(result_id, frames, 0, cs)
         return self._seal(result_id, {"size": size, "chunks": count, "chunk_size": cs})
@@ -594,7 +610,7 @@ class Txn:
         elif "opaque_id" not in row:
             for index in range(row["chunks"]):
                 self.txn.delete(chunk_key(result_id, index), db=self.store.data)
-        self.txn.delete(result_id.encode(), db=self.store.objects)
+        self.txn.delete(result_id.encode(), db=self.store.data)
         return True
 
     # -- per-session indexes ------------------------------------------------------------------
