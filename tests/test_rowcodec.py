@@ -209,3 +209,40 @@ def test_object_rows_of_an_objects_table_move_into_the_data_table_when_opened(tm
                 b"small", chunk_key("small", 0), b"upload", chunk_key("upload", 0)]
     finally:
         st.close()
+
+
+def test_an_idempotency_age_table_moves_into_the_key_table_when_opened_and_its_keys_still_expire(tmp_path):
+    """A directory written with the expiry index in a table of its own (``idempotency_age``: applied_at + key)
+    opens with that index moved into the key table, after every key (0xFF + applied_at + key), and the old table
+    gone; the collection then expires its keys, old and new, and only those older than the ttl."""
+    from armonik_zmq.broker.idempotency import AGE, Idempotency
+    from armonik_zmq.broker.metrics import Metrics
+
+    path = str(tmp_path / "lmdb")
+    env = lmdb.open(path, map_size=1 << 24, max_dbs=16)
+    keys, by_age = env.open_db(b"idempotency"), env.open_db(b"idempotency_age")
+    now = time.time()
+    stored = {"old:1": now - 100, "old:2": now - 50, "\U0010ffff:1": now - 100, "kept:1": now}  # the last: 4-byte UTF-8
+    with env.begin(write=True) as txn:
+        for key, at in stored.items():
+            txn.put(key.encode(), _pack([b"d" * 16, at, b"reply"]), db=keys)
+            txn.put(int(at * 1e6).to_bytes(8, "big") + key.encode(), b"", db=by_age)
+    env.close()
+    st = store.Store(path, map_size=1 << 24, sync=False)
+    try:
+        idem = Idempotency(st, 60.0, Metrics())
+        with st.read() as txn:
+            assert txn.txn.get(b"idempotency_age") is None  # no such table any more
+            entries = [k for k, _ in txn.txn.cursor(db=idem.keys)]
+        assert entries[:4] == sorted(k.encode() for k in stored) and all(k[:1] == AGE for k in entries[4:])
+        assert len(entries) == 8
+        with st.write() as txn:
+            assert idem.collect(txn, now, 0.0) == 2  # old:1 and the 4-byte one; old:2 is 50 s old (ttl 60 s)
+        with st.write() as txn:
+            assert idem.collect(txn, now + 55, 1.0) == 1  # old:2
+        with st.read() as txn:
+            assert [k for k, _ in txn.txn.cursor(db=idem.keys)] == [b"kept:1", AGE + int(now * 1e6).to_bytes(8, "big")
+                                                                    + b"kept:1"]
+        assert Idempotency(st, 60.0, Metrics()).keys  # a second open finds nothing to move
+    finally:
+        st.close()
