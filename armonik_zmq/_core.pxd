@@ -102,6 +102,9 @@ cdef struct ResultRec:
 cdef struct AgentRec:
     #: most tasks it may hold at once (its credit when idle)
     int32_t capacity
+    #: the capacity it asked for last: ``capacity`` comes down to it as held tasks end, when it was
+    #: lowered below what the agent held
+    int32_t want
     int32_t n_held
     #: held tasks, oldest dispatch first
     int32_t head

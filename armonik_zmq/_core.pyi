@@ -69,6 +69,8 @@ class Core:
         """Forget a; return the tasks it held (dispatch order), requeued at the front in that order."""
     def agent_held(self, a: SupportsIndex) -> list[int]:
         """Return the tasks a holds, in dispatch order."""
+    def set_agent_capacity(self, a: SupportsIndex, capacity: SupportsIndex) -> None:
+        """a may hold up to capacity (>= 1) tasks; below what it holds, it comes down as they end."""
     def agent_credit(self, a: SupportsIndex) -> int: ...
 
     # dispatch

@@ -349,7 +349,10 @@ cdef class Core:
         else:
             ar.tail = tr.held_prev
         ar.n_held -= 1
-        self.free_credit += 1
+        if ar.capacity > ar.want:  # lowered below what it held: the task's credit goes with it
+            ar.capacity -= 1
+        else:
+            self.free_credit += 1
         tr.owner = NONE
         tr.held_prev = NONE
         tr.held_next = NONE
@@ -734,6 +737,7 @@ cdef class Core:
         cdef int32_t a
         cdef AgentRec rec
         rec.capacity = <int32_t>cap
+        rec.want = <int32_t>cap
         rec.n_held = 0
         rec.head = NONE
         rec.tail = NONE
@@ -820,6 +824,23 @@ cdef class Core:
             out.append(t)
             t = self.tasks[t].held_next
         return out
+
+    def set_agent_capacity(self, a, capacity):
+        """Let agent a hold up to ``capacity`` tasks from now on (an agent's credit follows its tasks' length).
+
+        Lowered below what it holds, it gets no credit, and its capacity comes down with each task it ends
+        until it reaches ``capacity``: no task is taken back.
+        """
+        cdef int64_t ai = _as_int(a)
+        cdef int64_t cap = _as_int(capacity)
+        self._agent_slot(ai)
+        if cap < 1 or cap > INT32_MAX:
+            raise ValueError(f"capacity {capacity!r} is out of range (1..{INT32_MAX})")
+        cdef AgentRec* ar = &self.agents[ai]
+        cdef int32_t now = <int32_t>max(cap, <int64_t>ar.n_held)
+        self.free_credit += now - ar.capacity
+        ar.capacity = now
+        ar.want = <int32_t>cap
 
     def agent_credit(self, a):
         """Return how many more tasks agent a may receive."""
@@ -1112,6 +1133,8 @@ cdef class Core:
                 _broken("held sets", f"agent {a} counts {ar.n_held} held (tail {ar.tail}), lists {count} (ends {x})")
             if ar.n_held > ar.capacity or ar.capacity < 1:
                 _broken("credits", f"agent {a} holds {ar.n_held} with capacity {ar.capacity}")
+            if ar.want < 1 or (ar.capacity != ar.want and not ar.want < ar.capacity == ar.n_held):
+                _broken("credits", f"agent {a} asked for capacity {ar.want}, has {ar.capacity} and holds {ar.n_held}")
             credit += ar.capacity - ar.n_held
             held_total += ar.n_held
             parts = list(self.agent_parts[a])

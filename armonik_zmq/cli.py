@@ -242,11 +242,13 @@ def broker(ctx, data_dir, endpoint, agents_endpoint, partitions, heartbeat_inter
               "[default: default]")
 @click.option("--window", type=click.IntRange(0, 64), default=1, show_default=True,
               help="Tasks queued at each worker beyond the running one.")
-@click.option("--tiny-window", type=click.IntRange(0, 256), default=16, show_default=True,
+@click.option("--tiny-window", type=click.IntRange(0, 256), default=64, show_default=True,
               help="The window while tasks run under a millisecond (sent and reported in batches); not with "
               "--window 0.")
 @click.option("--prefetch", type=click.IntRange(0, 100_000), default=64, show_default=True,
               help="Tasks held with their inputs fetched, beyond those queued at workers.")
+@click.option("--tiny-prefetch", type=click.IntRange(0, 100_000), default=512, show_default=True,
+              help="The prefetch while tasks run under a millisecond (when larger than --prefetch).")
 @click.option("--agent-id", default="", help="This agent's name, shown as the owner of the tasks it runs. "
               "[default: HOSTNAME-PID-RANDOM]")
 @click.option("--outage-tolerance", type=click.FloatRange(1), default=60.0, show_default=True,
@@ -259,8 +261,8 @@ def broker(ctx, data_dir, endpoint, agents_endpoint, partitions, heartbeat_inter
 @click.option("--agent-secret", type=click.Path(exists=True, dir_okay=False), default=None,
               help="CURVE: this agent's secret key file (agents/NAME.key_secret); its User-Id is agent:NAME.")
 @click.pass_context
-def agent(ctx, broker_endpoint, workers, processor, partitions, window, tiny_window, prefetch, agent_id, outage_tolerance,
-          rcvhwm, server_key, agent_secret) -> None:
+def agent(ctx, broker_endpoint, workers, processor, partitions, window, tiny_window, prefetch, tiny_prefetch, agent_id,
+          outage_tolerance, rcvhwm, server_key, agent_secret) -> None:
     """Run an agent and its worker processes (one per node of a multi-node cluster)."""
     from .agent import Agent
     from .worker.runtime import load_processor
@@ -273,6 +275,7 @@ def agent(ctx, broker_endpoint, workers, processor, partitions, window, tiny_win
     try:
         server = Agent(AgentConfig(broker=broker_endpoint, workers=workers, processor=processor,
                                    partitions=_partitions(partitions), window=window, tiny_window=tiny_window, prefetch=prefetch,
+                                   tiny_prefetch=tiny_prefetch,
                                    agent_id=agent_id, outage_tolerance=outage_tolerance, rcvhwm=rcvhwm,
                                    server_key=server_key or "", agent_secret=agent_secret or ""))
     except RuntimeError as exc:

@@ -185,10 +185,13 @@ class AgentConfig:
     #: tasks queued at each worker beyond the running one, so a worker never waits for the next
     window: int = 1
     #: the window while tasks run under a millisecond: they travel and are reported in batches this deep
-    tiny_window: int = 16
+    tiny_window: int = 64
     #: tasks held (inputs fetched) beyond those queued at workers: one broker round trip then moves
     #: this many tasks instead of a handful, which is what keeps short tasks flowing
     prefetch: int = 64
+    #: the prefetch while tasks run under a millisecond: the broker then moves hundreds of tasks per turn (one
+    #: commit), not a few dozen; the agent asks for it, and for its own back once tasks get longer
+    tiny_prefetch: int = 512
     agent_id: str = ""
     #: seconds between re-registration attempts when the broker does not answer (capped backoff)
     reconnect_max: float = 2.0

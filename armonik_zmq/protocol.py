@@ -616,7 +616,8 @@ SCHEMAS: dict[Op, Map] = {
     Op.AGENT_REGISTER: Map(required={"agent_id": ID, "capacity": Int(1, 1 << 20)}, optional={
         "partitions": List(Str()), "hostname": Str(), "pid": Int(), "holds": List(List(Any_(), max_len=3)),
     }),
-    Op.AGENT_HEARTBEAT: Map(required={"agent_id": ID}),
+    # capacity: the agent's new capacity (it asks for more while its tasks are tiny, back to its own after)
+    Op.AGENT_HEARTBEAT: Map(required={"agent_id": ID}, optional={"capacity": Int(1, 1 << 20)}),
     Op.FETCH_DATA: Map(required={"agent_id": ID, "session_id": ID, "result_ids": IDS}),
     Op.TASKS_STARTED: Map(required={"agent_id": ID, "tasks": List(List(Scalar(), max_len=3))}),
     Op.TASKS_DONE: Map(required={"agent_id": ID, "tasks": List(Map(

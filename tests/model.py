@@ -44,13 +44,14 @@ class Result:
 @dataclass
 class Agent:
     partitions: list[int]
+    #: the capacity asked for last: it may hold more, taken before the capacity was lowered (no credit then)
     capacity: int
     #: tasks held, dispatch order
     held: list[int] = field(default_factory=list)
 
     @property
     def credit(self) -> int:
-        return self.capacity - len(self.held)
+        return max(0, self.capacity - len(self.held))
 
 
 class Model:
@@ -261,6 +262,13 @@ class Model:
     def agent_held(self, a) -> list[int]:
         return list(self._agent(a).held)
 
+    def set_agent_capacity(self, a, capacity) -> None:
+        agent = self._agent(a)
+        capacity = index(capacity)
+        if not 1 <= capacity <= CAPACITY_MAX:
+            raise ValueError(f"bad capacity {capacity}")
+        agent.capacity = capacity
+
     def agent_credit(self, a) -> int:
         return self._agent(a).credit
 
@@ -333,4 +341,4 @@ class Model:
             assert in_queue == (task.state == STATE_QUEUED), t
             assert (task.owner != -1) == (task.state == STATE_DISPATCHED), t
         for a, agent in self.agents.items():
-            assert 0 <= len(agent.held) <= agent.capacity, a
+            assert agent.capacity >= 1, a

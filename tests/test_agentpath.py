@@ -90,6 +90,36 @@ def _cpu_while_napping(seconds):
     return time.process_time() - before
 
 
+def test_an_agent_holds_more_tasks_while_they_are_tiny_and_hands_them_back_when_they_get_long(tmp_path):
+    """While its tasks run under a millisecond the agent asks the broker for ``--tiny-prefetch`` tasks beyond
+    those at its workers (a broker turn then moves hundreds of tasks, not a few dozen). Once they run longer,
+    it asks for its own capacity back and hands back the tasks it holds beyond it that no worker has."""
+    cluster = armonik_zmq.LocalCluster(n_workers=1)
+    cluster.processes.agent_args = ["--prefetch", "8", "--tiny-prefetch", "100", "--tiny-window", "16"]
+    own, tiny = 1 * (1 + 1) + 8, 1 * (1 + 16) + 100  # workers x (1 + window or tiny window) + prefetch
+
+    with cluster as client:
+        def capacity() -> int:
+            return client._conn.call(Op.HEALTH, metrics=True)[0]["metrics"]["agents_capacity"]
+
+        def held() -> int:
+            counts = client._conn.call(Op.COUNT_TASKS_BY_STATUS, filter=[[["session_id", "eq", client.session_id]]])
+            return sum(n for status, n in counts[0]["counts"] if status in (TaskStatus.DISPATCHED, TaskStatus.PROCESSING))
+
+        assert capacity() == own
+        client.gather(client.map(_noop, range(300)))
+        wait_for(lambda: capacity() == tiny, "the agent to ask for its tiny-task capacity", timeout=30)
+        # One worker: the agent takes many more of these than its own capacity while they still look tiny. The
+        # first one to end shows they are not: the agent then keeps its own capacity's worth, a few seconds of
+        # work, and hands the others back, well before its worker could have run them (60 x 0.3 s).
+        naps = client.map(_nap, [0.3] * 60)
+        wait_for(lambda: held() > 2 * own, f"the agent to hold more than {2 * own} tasks", timeout=30)
+        assert held() <= tiny
+        wait_for(lambda: capacity() == own, "the agent to ask for its own capacity back", timeout=10)
+        wait_for(lambda: held() <= own, f"the agent to hand back what it holds beyond {own} tasks", timeout=5)
+        client.cancel(naps)
+
+
 def test_a_worker_burns_no_cpu_while_its_task_waits(client):
     """While a long task runs, the worker's guard thread (held outputs, runs given back) looks less and less
     often: it must not spin (it once did, once its deadlines from the run's start had passed: a 256 MiB

@@ -295,6 +295,15 @@ def op_add_agent(pair: Pair, ch) -> None:
     pair.add_agent(partitions, capacity)
 
 
+def op_set_agent_capacity(pair: Pair, ch) -> None:
+    a = pick(pair, ch, "agent")
+    ca = pair.to_core("agent", a)
+    if ca is not None:
+        capacity = ch.choice((0, -1, 2**70)) if ch.int(0, 9) == 0 else ch.int(1, 4)
+        if out := pair.call("set_agent_capacity", (ca, capacity), (a, capacity)):
+            assert out[0] is out[1] is None
+
+
 def op_remove_agent(pair: Pair, ch) -> None:
     pair.remove_agent(pick(pair, ch, "agent"))
 
@@ -315,7 +324,8 @@ def op_n_ready(pair: Pair, ch) -> None:
 OPS = [
     (op_new_result, 8), (op_free_result, 2), (op_result_ready, 4), (op_result_aborted, 1),
     (op_add_task, 14), (op_cancel_task, 2), (op_free_task, 6), (op_requeue, 2), (op_task_getter, 1),
-    (op_add_agent, 1), (op_remove_agent, 1), (op_agent_getter, 1), (op_dispatch, 5), (op_n_ready, 1),
+    (op_add_agent, 1), (op_set_agent_capacity, 1), (op_remove_agent, 1), (op_agent_getter, 1), (op_dispatch, 5),
+    (op_n_ready, 1),
 ]
 
 
@@ -372,6 +382,10 @@ class CoreVsModel(RuleBasedStateMachine):
     @rule(data=st.data())
     def add_agent(self, data):
         self._run(op_add_agent, data)
+
+    @rule(data=st.data())
+    def set_agent_capacity(self, data):
+        self._run(op_set_agent_capacity, data)
 
     @rule(data=st.data())
     def remove_agent(self, data):
@@ -724,6 +738,30 @@ def test_agent_partitions_are_checked_and_deduplicated():
         c.add_agent([0, -1], 1)
     a = c.add_agent([5, 5, 0], 2)
     assert a == 0 and c.agent_credit(a) == 2
+    c.validate()
+
+
+def test_a_lowered_capacity_takes_no_task_back_and_comes_down_as_tasks_end():
+    c = Core()
+    a, b = c.add_agent([0], 4), c.add_agent([0], 1)
+    ts = [c.add_task(0, 1, []) for _ in range(8)]
+    assert len(c.dispatch()) == 5 and c.agent_credit(a) == 0
+    c.set_agent_capacity(a, 2)  # it holds 4: they stay, it gets no credit until it holds fewer than 2
+    assert (len(c.agent_held(a)), c.agent_credit(a)) == (4, 0)
+    c.free_task(c.agent_held(b)[0])
+    held = c.agent_held(a)
+    c.free_task(held[0])
+    c.free_task(held[1])
+    c.validate()
+    assert c.agent_credit(a) == 0 and c.dispatch() == [(b, ts[5])]  # credit freed by a's tasks is not b's either
+    c.free_task(held[2])
+    assert c.agent_credit(a) == 1
+    c.set_agent_capacity(a, 6)
+    assert c.agent_credit(a) == 5 and [x for x, _ in c.dispatch()] == [a, a]
+    c.validate()
+    with pytest.raises(ValueError, match="capacity"):
+        c.set_agent_capacity(a, 0)
+    c.remove_agent(a)
     c.validate()
 
 

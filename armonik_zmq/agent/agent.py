@@ -55,6 +55,9 @@ START_REPORT_DELAY = 0.002
 #: the same while tasks are tiny (``TINY_RUN``): they travel to workers in batches and their outputs come back
 #: in batches, a few milliseconds after the agent marked the first of a batch started
 TINY_START_REPORT_DELAY = 0.010
+#: seconds tasks must run longer than TINY_RUN before the agent asks for its own capacity back (and hands back
+#: what it holds beyond it): one task slowed down by a loaded machine does not bounce hundreds of tasks
+CAPACITY_HOLD = 0.5
 #: bytes of replies a connection to the worker socket that is not a worker's may leave unread before it is closed
 LINK_PENDING_MAX = 16 << 20
 
@@ -101,7 +104,11 @@ class Agent:
         self.config = config
         self.agent_id = config.agent_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.hostname = socket.gethostname()
+        #: the capacity it registers with; more while tasks are tiny (``_capacity``)
         self.capacity = config.workers * (1 + config.window) + config.prefetch
+        #: the capacity last asked for (registration or heartbeat), and since when ``_capacity`` says otherwise
+        self._asked = self.capacity
+        self._differs_since: Optional[float] = None
         #: CURVE keys to reach the broker (None: NULL security)
         self.keys = ClientKeys.from_options(config.server_key or None, config.agent_secret or None,
                                             "--server-key", "--agent-secret")
@@ -211,7 +218,8 @@ class Agent:
         self._backoff = min(self._backoff * 2, self.config.reconnect_max)
         self._connect()
         holds = self._holds()
-        self._call(Op.AGENT_REGISTER, on_reply=self._on_registered, capacity=self.capacity,
+        self._asked = self._capacity()
+        self._call(Op.AGENT_REGISTER, on_reply=self._on_registered, capacity=self._asked,
                    partitions=list(self.config.partitions), hostname=self.hostname, pid=os.getpid(),
                    holds=holds)
 
@@ -442,6 +450,43 @@ class Agent:
         if window and self._run_avg < TINY_RUN:
             return 1 + max(window, self.config.tiny_window)
         return 1 + window
+
+    def _capacity(self) -> int:
+        """The capacity to ask the broker for: with tasks shorter than ``TINY_RUN``, ``tiny_prefetch`` tasks held
+        beyond those queued at workers. A broker turn (one commit) then takes hundreds of completions and
+        hands out as many tasks, where with ``prefetch`` the agent's credit ran out between two turns."""
+        if self._run_avg < TINY_RUN and self.config.tiny_prefetch > self.config.prefetch:
+            return self.config.workers * self._depth() + self.config.tiny_prefetch
+        return self.capacity
+
+    def _capacity_changed(self, mono: float) -> bool:
+        """Whether to ask for another capacity now: more at once, less once tasks ran long for CAPACITY_HOLD."""
+        wanted = self._capacity()
+        if wanted == self._asked:
+            self._differs_since = None
+            return False
+        if self._differs_since is None:
+            self._differs_since = mono
+        return wanted > self._asked or mono - self._differs_since >= CAPACITY_HOLD
+
+    def _heartbeat(self, mono: float) -> None:
+        """Tell the broker we are alive, with the capacity to ask for when it changed.
+
+        Asking for less, the agent also hands back (TASKS_RELEASE) the tasks it holds beyond it that no worker
+        has: they were taken while tasks were tiny, and other agents may run them sooner.
+        """
+        self._next_heartbeat = mono + self.heartbeat_interval
+        fields = {}
+        if self._capacity_changed(mono):
+            self._asked = fields["capacity"] = self._capacity()
+            self._differs_since = None
+        self._call(Op.AGENT_HEARTBEAT, on_reply=lambda h, f: None, **fields)
+        extra = len(self.tasks) - self._asked
+        while extra > 0 and self.ready and "capacity" in fields:
+            task = self.tasks.get(self.ready.pop())
+            if task is not None:
+                self._release(task, "handed back: its agent holds fewer tasks now that they run longer")
+                extra -= 1
 
     def _assign(self) -> None:
         """Queue ready tasks at workers, least loaded first, several per RUNS message; payloads already there."""
@@ -905,9 +950,8 @@ class Agent:
                     log.warning("no word from the broker for %.1fs: reconnecting", mono - self._last_heard)
                     self._next_register = 0.0
                     self._register()
-                elif mono >= self._next_heartbeat:
-                    self._next_heartbeat = mono + self.heartbeat_interval
-                    self._call(Op.AGENT_HEARTBEAT, on_reply=lambda h, f: None)
+                elif mono >= self._next_heartbeat or self._capacity_changed(mono):
+                    self._heartbeat(mono)
                 wait_ms = 50
                 if self._started and self.registered:  # wake up when a start is due
                     wait_ms = min(wait_ms, max(0, math.ceil((_oldest_due(self._started) - time.monotonic()) * 1000)))

@@ -201,7 +201,12 @@ class Backend:
         return len(held)
 
     def handle_agent_heartbeat(self: "Broker", req: "Request", txn: Txn) -> None:
-        self._agent(req)
+        agent = self._agent(req)
+        capacity = req.header.get("capacity")
+        if capacity is not None and capacity != agent.capacity:
+            # Lowered below what it holds: it keeps them, and gets no credit until it holds fewer (core).
+            self.state.core.set_agent_capacity(agent.slot, capacity)
+            agent.capacity = capacity
         req.reply()
 
     def forgive_stall(self: "Broker", turn_started: float) -> None:

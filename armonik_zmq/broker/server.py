@@ -588,7 +588,8 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
 
     def gauges(self) -> dict:
         """Current levels, next to the counters (HEALTH metrics, Prometheus gauges)."""
-        return {"agents": len(self.agents), "tasks_ready": self.state.core.n_ready(),
+        return {"agents": len(self.agents), "agents_capacity": sum(a.capacity for a in self.agents.values()),
+                "tasks_ready": self.state.core.n_ready(),
                 "messages_waiting": self.fair.waiting, "turn_seconds_per_unit": self.fair.seconds_per_unit,
                 **self.gc_policy.gauges(),
                 "lmdb_last_txnid": self.store.env.info()["last_txnid"]}

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 _R = as_ints(ResultStatus)
 _S = as_ints(SessionStatus)
 _T = as_ints(TaskStatus)
+#: an agent's capacity while the state is rebuilt after an aborted turn: room for whatever it holds
+_ROOM = 1 << 30
 #: timestamp recorded when a task enters a status
 _STAMP = {_T.SUBMITTED: "submitted_at", _T.DISPATCHED: "acquired_at", _T.PROCESSING: "started_at",
           _T.COMPLETED: "ended_at", _T.ERROR: "ended_at", _T.TIMEOUT: "ended_at", _T.CANCELLED: "ended_at",
@@ -432,7 +434,8 @@ class BrokerState:
                   "awaiting_agent": 0}
         holders = {}
         for agent in (agents or {}).values():
-            agent.slot = self.core.add_agent([self.partition_slot[p] for p in agent.partitions], agent.capacity)
+            # Room for all it holds (it may hold more than its capacity once lowered), its capacity set after.
+            agent.slot = self.core.add_agent([self.partition_slot[p] for p in agent.partitions], _ROOM)
             holders[agent.agent_id] = agent
         to_fail = []
         to_cancel = []
@@ -491,6 +494,8 @@ class BrokerState:
             self._add_to_core(row["task_id"], row["options"], missing)
             if status == _T.PENDING and not missing:
                 self.set_task_status(txn, row, _T.SUBMITTED, now)
+        for agent in holders.values():
+            self.core.set_agent_capacity(agent.slot, agent.capacity)
         # Behind their session's pause gate again, in the order they were created (the order they resume in).
         paused.sort(key=lambda item: item[0]["created_at"])
         for row, missing in paused:
