@@ -441,6 +441,41 @@ def test_a_report_for_a_cancelling_task_is_refused_and_changes_nothing(lone_api,
     assert api.results.get_result(dep_out).status == ResultStatus.ABORTED
 
 
+def _acks_held(api) -> int:
+    return api.conn.call(Op.HEALTH, metrics=True)[0]["metrics"]["completion_acks_held"]
+
+
+def test_the_ack_of_a_completion_that_leaves_its_agent_idle_waits_for_its_next_message(lone_api, agent):
+    """The reply to a TASKS_DONE that leaves its agent with no task is held (broker/acks.py): it goes just before
+    the next message to that agent (most often its next DISPATCH: one wake-up of the agent for both), or alone
+    after ACK_HOLD. An agent that still holds a task is answered at once (its next report waits for it)."""
+    api = lone_api
+    sid = api.session()
+    held = _acks_held(api)
+    first, (out,) = api.submit(sid, {"op": "square", "x": 2})
+    attempt = agent.push(Op.DISPATCH, first.id)["attempt"]
+    assert agent.done(first.id, attempt, out, b"4")["accepted"] == [first.id]  # no other message came: alone
+    assert _acks_held(api) == held + 1
+
+    tasks = [api.submit(sid, {"op": "square", "x": x}) for x in (3, 4)]
+    attempts = [agent.push(Op.DISPATCH, task.id)["attempt"] for task, _ in tasks]
+    (second, (out2,)), (third, (out3,)) = tasks
+    assert agent.done(second.id, attempts[0], out2, b"9")["accepted"] == [second.id]
+    assert _acks_held(api) == held + 1  # the third one still runs there: answered at once
+    rid = next(agent._rids)  # sent without waiting: the next task's DISPATCH follows its reply
+    agent.sock.send_multipart([request(Op.TASKS_DONE, rid, agent_id=agent.agent_id, tasks=[
+        {"task_id": third.id, "attempt": attempts[1], "ok": True, "results": [{"result_id": out3, "frames": 1}]}]),
+        b"16"])
+    fourth, _ = api.submit(sid, {"op": "square", "x": 5})
+    order = []
+    while not any(h["op"] == Op.DISPATCH for h in order):
+        order.append(agent._receive(10))
+    assert [(h["op"], h["rid"]) for h in order][:1] == [(Op.TASKS_DONE, rid)] and order[0]["accepted"] == [third.id]
+    assert [t["task_id"] for t in order[-1]["tasks"]] == [fourth.id]
+    assert _acks_held(api) == held + 2
+    assert [api.value(sid, o) for o in (out, out2, out3)] == [4, 9, 16]
+
+
 def test_cancel_tasks_not_on_an_agent_at_once(lone_api):
     api = lone_api
     sid = api.sessions.create_session(api.options, partition_ids=["solo"])

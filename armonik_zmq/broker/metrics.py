@@ -37,6 +37,8 @@ COUNTERS: dict[str, str] = {
     "send_failure_requeues": "Tasks put back in the queue because a send to their agent failed.",
     "dispatches_before_commit": "DISPATCH messages sent before their turn's commit (the agent starts while the broker "
                                 "fsyncs; an agent registering or pushed to in that turn gets its DISPATCH after it).",
+    "completion_acks_held": "TASKS_DONE replies to an agent left with no task, held for its next message "
+                            "(most often its next DISPATCH) or ACK_HOLD (broker/acks.py): one wake-up of it less.",
     "agent_send_failures": "Sends to an agent that failed (EAGAIN: its pipe is full; EHOSTUNREACH: it is gone).",
     "agent_send_failures_handled": "Failed sends to an agent after which its tasks went back to the queue "
                                    "(equals agent_send_failures: no message to an agent is dropped silently).",

@@ -9,7 +9,8 @@ One thread does everything, in turns:
    (a failing request undoes only itself); expire lost agents; dispatch ready tasks to agents, and send
    those DISPATCHes at once (``_dispatch_early``: a DISPATCH acknowledges nothing);
 3. commit (the group commit: one fsync for the whole turn);
-4. only then send the turn's replies, events and other pushes.
+4. only then send the turn's replies, events and other pushes (the acknowledgement of a completion that left
+   its agent with no task waits for the next message to that agent, at most ``ACK_HOLD``: broker/acks.py).
 
 A crash anywhere before 3 loses nothing that was acknowledged: nothing of that turn was acknowledged
 (an attempt dispatched in it runs for nothing: its report is refused, the task is dispatched again).
@@ -25,6 +26,7 @@ turn when a quarter of it is no longer free, so this is rare.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import time
@@ -39,6 +41,7 @@ from ..protocol import (BACKEND_OPS, FRONTEND_OPS, MAX_HEADER_SIZE, ErrorCode, O
                         envelope_of, reply_error, reply_ok, request, validate)
 from ..security import check_bind
 from ..zmqio import readable, recv_message, send_message
+from .acks import HeldAcks
 from .backend import AgentInfo, Backend
 from .data import ResultData
 from .auth import Authorizer, Guard, Security
@@ -186,6 +189,9 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
             log.info("metrics served on http://%s:%d/metrics", config.metrics_address, config.metrics_port)
         #: the requests of the running turn (their undos run if the turn is aborted and replayed)
         self._turn_requests: list[Request] = []
+        #: the running part's TASKS_DONE requests, and acknowledgements held for their agent's next message
+        self._turn_acks: list[Request] = []
+        self.held_acks = HeldAcks()
         self._next_reader_check = time.monotonic() + config.reader_check_interval
         #: when the state was loaded, until the first dispatch after it is logged (the restart figure)
         self._loaded_at: Optional[float] = time.monotonic()
@@ -295,24 +301,32 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         self._send_all(outbox)
 
     def _send_all(self, outbox) -> None:
+        held_acks, backend = self.held_acks, self.backend
         for sock, frames, agent in outbox:
-            try:
-                send_message(sock, frames, copy=False)
-            except zmq.ZMQError as exc:
-                self.metrics.send_failed(_errno_name(exc.errno))
-                if agent is None and sock is self.backend and exc.errno == zmq.EAGAIN:
-                    # A reply to an agent whose pipe is full (e.g. a FETCH_DATA it waits for): treat it like a
-                    # lost DISPATCH. Not EHOSTUNREACH: that is an old connection of an agent that reconnected
-                    # under the same routing id (or one gone for good, which its lease settles).
-                    agent = next((a for a in self.agents.values() if a.peer == frames[0]), None)
-                if agent is not None:
-                    self.metrics.counters["agent_send_failures"] += 1
-                    log.warning("cannot reach agent %s (%s): its tasks go back to the queue", agent.agent_id, exc.strerror)
-                    self._lost_agents.append(agent)
-                else:
-                    log.info("reply to a departed peer dropped (%s)", exc.strerror)
-                    if sock is self.frontend:
-                        self.state.events.drop_peer(frames[0])
+            if held_acks and sock is backend:
+                for ack in held_acks.take(frames[0]):  # committed before: they go first, in one wake-up of the agent
+                    self._send_one(backend, ack, None)
+            self._send_one(sock, frames, agent)
+
+    def _send_one(self, sock: zmq.Socket, frames: list, agent: Optional[AgentInfo]) -> None:
+        """Send one message; a failed send to an agent puts it in ``_lost_agents`` (its tasks are queued again)."""
+        try:
+            send_message(sock, frames, copy=False)
+        except zmq.ZMQError as exc:
+            self.metrics.send_failed(_errno_name(exc.errno))
+            if agent is None and sock is self.backend and exc.errno == zmq.EAGAIN:
+                # A reply to an agent whose pipe is full (e.g. a FETCH_DATA it waits for): treat it like a
+                # lost DISPATCH. Not EHOSTUNREACH: that is an old connection of an agent that reconnected
+                # under the same routing id (or one gone for good, which its lease settles).
+                agent = next((a for a in self.agents.values() if a.peer == frames[0]), None)
+            if agent is not None:
+                self.metrics.counters["agent_send_failures"] += 1
+                log.warning("cannot reach agent %s (%s): its tasks go back to the queue", agent.agent_id, exc.strerror)
+                self._lost_agents.append(agent)
+            else:
+                log.info("reply to a departed peer dropped (%s)", exc.strerror)
+                if sock is self.frontend:
+                    self.state.events.drop_peer(frames[0])
 
     # -- one turn ----------------------------------------------------------------------------------
 
@@ -365,6 +379,8 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
                 self.handlers[op](req, child)
             if op is Op.SUBMIT_TASKS:
                 self.metrics.counters["tasks_submitted"] += len(header["tasks"])
+            elif op is Op.TASKS_DONE:
+                self._turn_acks.append(req)
         except lmdb.MapFullError:
             raise  # the whole turn is replayed once the map has grown
         except ProtocolError as exc:
@@ -380,6 +396,12 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         return req.out
 
     def turn(self, timeout_ms: int) -> None:
+        if self.held_acks:  # their agents got no message within ACK_HOLD: they go alone
+            wait = self.held_acks.due - time.monotonic()
+            if wait <= 0:
+                self._send_all([(self.backend, ack, None) for ack in self.held_acks.take_all()])
+            else:
+                timeout_ms = min(timeout_ms, math.ceil(wait * 1000))
         # long lists run between turns, after the commit of the turn that received them
         scanning = bool(self.scan_jobs) and self.advance_scans()
         # One poll tells which sockets have messages, waiting for one only when the turn has nothing else
@@ -448,6 +470,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
             while True:
                 snapshot = (dict(self.agents), list(self._lost_agents), len(self._outbox), self._next_lease_check)
                 self._turn_requests = []
+                self._turn_acks = []
                 replies = []
                 try:
                     self._run_turn(batch, replies, now, mono, lease_due, turn_started, upkeep)
@@ -488,7 +511,27 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         self.stats["commits"] += 1
         self.stats["requests"] += len(batch)
         frontend = self.frontend
-        self._flush([r for r in replies if r[0] is frontend], [r for r in replies if r[0] is not frontend])
+        agent_replies = [r for r in replies if r[0] is not frontend]
+        if self._turn_acks:
+            agent_replies = self._hold_acks(agent_replies)
+        self._flush([r for r in replies if r[0] is frontend], agent_replies)
+
+    def _hold_acks(self, agent_replies: list) -> list:
+        """Hold the committed part's TASKS_DONE replies to agents left with no task (broker/acks.py); return the
+        agent replies to send now."""
+        requests, self._turn_acks = self._turn_acks, []
+        held = set()
+        mono = time.monotonic()
+        core = self.state.core
+        for req in requests:
+            agent = self.agents.get(req.header["agent_id"])
+            if req.out is not None and agent is not None and agent.peer == req.peer and not core.agent_held(agent.slot):
+                self.held_acks.hold(req.out, mono)
+                held.add(id(req.out))
+        if not held:
+            return agent_replies
+        self.metrics.counters["completion_acks_held"] += len(held)
+        return [r for r in agent_replies if id(r[1]) not in held]
 
     def _run_turn(self, batch: list, replies: list, now: float, mono: float, lease_due: bool,
                   turn_started: float, upkeep: bool = True) -> None:
@@ -611,6 +654,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
             while self._running:
                 self.turn(100)
         finally:
+            self._send_all([(self.backend, ack, None) for ack in self.held_acks.take_all()])
             self.gc_policy.stop()
             self.close()
 
