@@ -17,10 +17,10 @@ from .broker.store import decode_row
 from .status import TaskStatus
 
 #: the broker's tables (broker/store.py), by name (``data`` holds each result's object row and its chunks)
-TABLES = ("sessions", "tasks", "results", "data", "session_tasks", "session_results", "live_tasks",
+TABLES = ("sessions", "tasks", "results", "data", "session_index", "live_tasks",
           "idempotency", "segment_files", "purging")
 #: tables a directory written by an older broker may not have yet
-OPTIONAL_TABLES = ("live_tasks", "idempotency", "segment_files", "purging")
+OPTIONAL_TABLES = ("live_tasks", "idempotency", "segment_files", "purging", "session_index")
 
 
 class Inspector:

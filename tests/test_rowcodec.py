@@ -246,3 +246,42 @@ def test_an_idempotency_age_table_moves_into_the_key_table_when_opened_and_its_k
         assert Idempotency(st, 60.0, Metrics()).keys  # a second open finds nothing to move
     finally:
         st.close()
+
+
+def test_session_task_and_result_tables_move_into_the_session_index_when_opened(tmp_path):
+    """A directory written with a session's task ids and result ids in two tables (``session_tasks``,
+    ``session_results``, keyed by the session id) opens with both in the session index, side by side, and the
+    old tables gone; a session's ids read back, new ones join them, and deleting the session removes them all."""
+    path = str(tmp_path / "lmdb")
+    env = lmdb.open(path, map_size=1 << 24, max_dbs=16)
+    tasks_db = env.open_db(b"session_tasks", dupsort=True)
+    results_db = env.open_db(b"session_results", dupsort=True)
+    ids = {sid: ([new_id() for _ in range(3)], [new_id() for _ in range(5)]) for sid in (new_id(), new_id())}
+    with env.begin(write=True) as txn:
+        for sid, (task_ids, result_ids) in ids.items():
+            for tid in task_ids:
+                txn.put(sid.encode(), tid.encode(), db=tasks_db)
+            for rid in result_ids:
+                txn.put(sid.encode(), rid.encode(), db=results_db)
+    env.close()
+    st = store.Store(path, map_size=1 << 24, sync=False)
+    try:
+        with st.read() as txn:
+            assert txn.txn.get(b"session_tasks") is None and txn.txn.get(b"session_results") is None
+            for sid, (task_ids, result_ids) in ids.items():
+                assert txn.session_task_ids(sid) == task_ids and txn.session_result_ids(sid) == result_ids
+            keys = list(txn.txn.cursor(db=st.session_index).iternext_nodup())
+        assert keys == sorted(k for sid in ids for k in (store.session_tasks_key(sid), store.session_results_key(sid)))
+        first, second = ids
+        result = {"result_id": new_id(), "session_id": first, "name": "r", "owner_task_id": "", "created_by": "",
+                  "completed_by": "", "status": 1, "created_at": 0.0, "completed_at": None, "size": 0,
+                  "opaque_id": None, "manual_deletion": False}
+        with st.write() as txn:
+            txn.put_result(result, new=True)
+            assert txn.session_result_ids(first) == ids[first][1] + [result["result_id"]]
+            assert txn.delete_session_rows(second) == (3, 5)
+        with st.read() as txn:
+            assert txn.session_task_ids(second) == [] and txn.session_result_ids(second) == []
+            assert txn.session_task_ids(first) == ids[first][0]
+    finally:
+        st.close()

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable
 
 from ..protocol import ErrorCode, Op, ProtocolError, request
 from ..status import ResultStatus, SessionStatus, TaskStatus
-from .store import Store, Txn
+from .store import Store, Txn, session_results_key
 
 if TYPE_CHECKING:
     from .server import Broker, Request
@@ -67,8 +67,9 @@ class Purges:
                     self.pending = False
                     return seen
                 key, last = cur.key(), cur.value()
-            with txn.txn.cursor(db=self.store.session_results) as cur:
-                found = cur.set_range_dup(key, last) if last else cur.set_key(key)
+            with txn.txn.cursor(db=self.store.session_index) as cur:
+                index_key = session_results_key(key.decode())
+                found = cur.set_range_dup(index_key, last) if last else cur.set_key(index_key)
                 if found and last and cur.value() == last:
                     found = cur.next_dup()
                 while found and seen < budget:

@@ -25,7 +25,7 @@ from ..config import PartitionConfig
 from ..protocol import PROTOCOL_VERSION, ErrorCode, ProtocolError, reply_error, reply_ok
 from .filters import Filter, SortKey
 from .handlers import result_view, session_view
-from .store import Txn, decode_row
+from .store import Txn, decode_row, session_results_key, session_tasks_key
 
 if TYPE_CHECKING:
     from .server import Broker, Request
@@ -44,6 +44,9 @@ _TASK_ID_LISTS = ("parent_task_ids", "data_dependencies", "expected_output_ids",
 
 #: A scan: yields between slices of rows, returns the reply's fields.
 Steps = Generator[None, None, dict]
+#: the session index's key of a session's ids of one table (store.session_tasks_key or session_results_key), or
+#: None for a table the index does not cover
+IndexKey = Optional[Callable[[str], bytes]]
 
 
 def _task_view(row: dict, detailed: bool, with_errors: bool) -> dict:
@@ -118,8 +121,9 @@ class Listing:
 
     # -- scans ---------------------------------------------------------------------------------------
 
-    def _rows(self: "Broker", txn: Txn, db, index, flt: Filter) -> Iterator[tuple[bytes, dict]]:
-        """Stream (key, row) of a table: only the pinned sessions' rows when the filter pins sessions."""
+    def _rows(self: "Broker", txn: Txn, db, index: IndexKey, flt: Filter) -> Iterator[tuple[bytes, dict]]:
+        """Stream (key, row) of a table: only the pinned sessions' rows when the filter pins sessions (``index``:
+        the session index's key of a session's ids of this table, None for a table without one)."""
         raw = txn.txn
         pins = flt.pinned("session_id") if index is not None else None
         if pins is None:
@@ -127,25 +131,25 @@ class Listing:
                 for key, buf in cur:
                     yield key, decode_row(buf)
             return
-        with raw.cursor(db=index) as cur:
+        with raw.cursor(db=self.store.session_index) as cur:
             for sid in sorted(pins):
-                if not cur.set_key(sid.encode()):
+                if not cur.set_key(index(sid)):
                     continue
                 for key in cur.iternext_dup():
                     buf = raw.get(key, db=db)
                     if buf is not None:
                         yield key, decode_row(buf)
 
-    def _candidates(self: "Broker", txn: Txn, db, index, flt: Filter) -> int:
+    def _candidates(self: "Broker", txn: Txn, db, index: IndexKey, flt: Filter) -> int:
         """Count the rows a scan would read (the pinned sessions' rows, else the whole table)."""
         raw = txn.txn
         pins = flt.pinned("session_id") if index is not None else None
         if pins is None:
             return raw.stat(db)["entries"]
-        with raw.cursor(db=index) as cur:
-            return sum(cur.count() for sid in pins if cur.set_key(sid.encode()))
+        with raw.cursor(db=self.store.session_index) as cur:
+            return sum(cur.count() for sid in pins if cur.set_key(index(sid)))
 
-    def _page_by_key(self: "Broker", txn: Txn, db, index, flt: Filter, descending: bool, start: int,
+    def _page_by_key(self: "Broker", txn: Txn, db, index: IndexKey, flt: Filter, descending: bool, start: int,
                      size: int) -> tuple[int, list[bytes]]:
         """Page through keys alone: the filter is nothing or only session pins, the sort is the table's key."""
         raw = txn.txn
@@ -158,9 +162,9 @@ class Listing:
         try:
             total = 0
             for sid in sorted(flt.pinned("session_id") or ()):
-                cur = raw.cursor(db=index)
+                cur = raw.cursor(db=self.store.session_index)
                 cursors.append(cur)
-                if not cur.set_key(sid.encode()):
+                if not cur.set_key(index(sid)):
                     continue
                 total += cur.count()
                 if descending:
@@ -214,8 +218,8 @@ class Listing:
 
     # -- lists -----------------------------------------------------------------------------------------
 
-    def _list(self: "Broker", req: "Request", txn: Txn, entity: str, db, index, key_field: str, default_sort: str,
-              view: Callable[[dict], dict], name: str) -> None:
+    def _list(self: "Broker", req: "Request", txn: Txn, entity: str, db, index: IndexKey, key_field: str,
+              default_sort: str, view: Callable[[dict], dict], name: str) -> None:
         """Answer the filter, sort and paging of a List* request with ``{total, page, page_size, <name>}``."""
         h = req.header
         flt = Filter(h.get("filter"), "filter", entity)
@@ -241,18 +245,18 @@ class Listing:
 
     def handle_list_tasks(self: "Broker", req: "Request", txn: Txn) -> None:
         detailed, with_errors = req.header.get("detailed", True), req.header.get("with_errors", False)
-        self._list(req, txn, "task", self.store.tasks, self.store.session_tasks, "task_id", "task_id",
+        self._list(req, txn, "task", self.store.tasks, session_tasks_key, "task_id", "task_id",
                    lambda row: _task_view(row, detailed, with_errors), "tasks")
 
     def handle_list_results(self: "Broker", req: "Request", txn: Txn) -> None:
-        self._list(req, txn, "result", self.store.results, self.store.session_results, "result_id", "status",
+        self._list(req, txn, "result", self.store.results, session_results_key, "result_id", "status",
                    result_view, "results")
 
     def handle_count_tasks_by_status(self: "Broker", req: "Request", txn: Txn) -> None:
         flt = Filter(req.header.get("filter"), "filter", "task")
         if self.auth is not None:
             flt = self.auth.restrict(req, flt, "task")
-        db, index = self.store.tasks, self.store.session_tasks
+        db, index = self.store.tasks, session_tasks_key
 
         def work(txn: Txn) -> Steps:
             counts: Counter = Counter()

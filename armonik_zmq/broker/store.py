@@ -116,6 +116,21 @@ def decode_row(buf) -> dict:
 LIVE_TASKS_DB = b"live_tasks"
 #: where object rows were kept before they moved into the data table (``Store._move_object_rows``)
 _OLD_OBJECTS_DB = b"objects"
+SESSION_INDEX_DB = b"session_index"
+
+
+def session_tasks_key(session_id: str) -> bytes:
+    """The session index's key of a session's task ids."""
+    return session_id.encode()
+
+
+def session_results_key(session_id: str) -> bytes:
+    """The session index's key of a session's result ids: just after its task ids' (ids have no NUL)."""
+    return session_id.encode() + b"\x00r"
+
+
+#: the tables the session index replaces (``Store._move_session_indexes``), with the key each one's entries take
+_OLD_SESSION_INDEXES = {b"session_tasks": session_tasks_key, b"session_results": session_results_key}
 
 
 class MapAtLimit(Exception):
@@ -151,9 +166,11 @@ class Store:
         #: dirties one leaf and one B-tree path; a table of their own cost two more pages in every such commit
         self.data = self.env.open_db(b"data")
         self._move_object_rows()
-        #: session id -> task ids / result ids (for cancel, purge, delete)
-        self.session_tasks = self.env.open_db(b"session_tasks", dupsort=True)
-        self.session_results = self.env.open_db(b"session_results", dupsort=True)
+        #: a session's task ids (key: ``session_tasks_key``) and result ids (``session_results_key``), for cancel,
+        #: purge, delete and lists: one table, its two keys side by side, so a submission that adds a task and
+        #: its results writes one leaf of it, not one in each of two tables
+        self.session_index = self.env.open_db(SESSION_INDEX_DB, dupsort=True)
+        self._move_session_indexes()
         #: Decoded rows of live tasks and of results without data yet, by id: the hot path reads each one
         #: several times (submit, dispatch, completion) and decoding dominated. Write-through (LMDB stays
         #: the truth); a row a failed nested transaction touched is dropped (its dict may hold undone
@@ -188,6 +205,22 @@ class Store:
             with txn.cursor(db=old) as cur:
                 txn.cursor(db=self.data).putmulti(cur.iternext())
             txn.drop(old, delete=True)
+
+    def _move_session_indexes(self) -> None:
+        """Move the entries of the ``session_tasks`` and ``session_results`` tables of a directory written before into
+        the session index (once, in one transaction: a crash leaves the old tables whole), then drop those tables."""
+        with self.env.begin() as txn:
+            old = [name for name in _OLD_SESSION_INDEXES if txn.get(name) is not None]
+        if not old:
+            return
+        with self.env.begin(write=True) as txn:
+            put = txn.cursor(db=self.session_index).putmulti
+            for name in old:
+                db = self.env.open_db(name, txn=txn, dupsort=True)
+                index_key = _OLD_SESSION_INDEXES[name]
+                with txn.cursor(db=db) as cur:
+                    put(((index_key(sid.decode()), id_) for sid, id_ in cur.iternext()), dupdata=True)
+                txn.drop(db, delete=True)
 
     def _index_live_tasks(self) -> None:
         """Build the live-task table of a directory written before it existed (one full scan, once)."""
@@ -316,7 +349,7 @@ class _Puts:
     looks the table up on every call: a third of the cost of a put, and a task takes about ten.
     """
 
-    _TABLES = ("tasks", "live_tasks", "session_tasks", "results", "session_results", "data")
+    _TABLES = ("tasks", "live_tasks", "session_index", "results", "data")
     __slots__ = _TABLES + ("_txn", "_store")
 
     def __init__(self, txn: lmdb.Transaction, store: Store):
@@ -389,7 +422,7 @@ class Txn:
         elif new or was is None or (was == _SUBMITTED) != (status == _SUBMITTED):
             puts.live_tasks(key, _live_value(row) if status == _SUBMITTED else b"")
         if new:
-            puts.session_tasks(row["session_id"].encode(), key)
+            puts.session_index(session_tasks_key(row["session_id"]), key)
         cache = self.store.task_rows
         if ended:
             cache.pop(task_id, None)
@@ -415,7 +448,7 @@ class Txn:
         puts = self.puts
         puts.results(key, encode_result(row))
         if new:
-            puts.session_results(row["session_id"].encode(), key)
+            puts.session_index(session_results_key(row["session_id"]), key)
         cache = self.store.result_rows
         if row["status"] != _RESULT_CREATED:
             cache.pop(result_id, None)
@@ -615,21 +648,20 @@ class Txn:
 
     # -- per-session indexes ------------------------------------------------------------------
 
-    def _ids(self, db, session_id: str) -> list[str]:
-        with self.txn.cursor(db=db) as cur:
-            if not cur.set_key(session_id.encode()):
+    def _ids(self, index_key: bytes) -> list[str]:
+        with self.txn.cursor(db=self.store.session_index) as cur:
+            if not cur.set_key(index_key):
                 return []
             return [v.decode() for v in cur.iternext_dup()]
 
     def session_task_ids(self, session_id: str) -> list[str]:
-        return self._ids(self.store.session_tasks, session_id)
+        return self._ids(session_tasks_key(session_id))
 
     def session_result_ids(self, session_id: str) -> list[str]:
-        return self._ids(self.store.session_results, session_id)
+        return self._ids(session_results_key(session_id))
 
     def delete_session_rows(self, session_id: str) -> tuple[int, int]:
         """Remove every task, result, data and index entry of a session; return (tasks, results) removed."""
-        key = session_id.encode()
         task_ids = self.session_task_ids(session_id)
         result_ids = self.session_result_ids(session_id)
         for tid in task_ids:
@@ -640,8 +672,8 @@ class Txn:
             self.txn.delete(rid.encode(), db=self.store.results)
             self.store.result_rows.pop(rid, None)
             self.delete_object(rid)
-        self.txn.delete(key, db=self.store.session_tasks)
-        self.txn.delete(key, db=self.store.session_results)
+        self.txn.delete(session_tasks_key(session_id), db=self.store.session_index)
+        self.txn.delete(session_results_key(session_id), db=self.store.session_index)
         return len(task_ids), len(result_ids)
 
     # -- scans (restart) ------------------------------------------------------------------------
