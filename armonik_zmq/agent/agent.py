@@ -9,6 +9,7 @@ go out once per loop turn, batched.
 
 from __future__ import annotations
 
+import gc
 import heapq
 import itertools
 import logging
@@ -935,6 +936,7 @@ class Agent:
         listener = self.listener.fileno()
         self.poller.register(listener, select.POLLIN)
         self.pool.start()
+        gc.freeze()
         self._running = True
         next_reap = 0.0
         log.info("agent %s starting %d worker(s) running %s, broker %s", self.agent_id, self.config.workers,

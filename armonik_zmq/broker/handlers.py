@@ -173,8 +173,7 @@ class Handlers:
         for spec, data in zip(h["results"], groups):
             row = self.state.new_result_row(sid, spec["name"], manual_deletion=spec.get("manual_deletion", False),
                                             now=req.now)
-            self.state.insert_result(txn, row)
-            self.state.complete_result(txn, row, data, "", req.now)
+            self.state.insert_completed_result(txn, row, data, req.now)
             rows.append(result_view(row))
         req.reply(results=rows)
 
@@ -295,8 +294,7 @@ class Handlers:
         for spec, data in zip(h["tasks"], groups):
             name = spec.get("name") or "task"
             payload = self.state.new_result_row(sid, f"{name}-payload", now=req.now)
-            self.state.insert_result(txn, payload)
-            self.state.complete_result(txn, payload, data, "", req.now)
+            self.state.insert_completed_result(txn, payload, data, req.now)
             output = self.state.new_result_row(sid, name, now=req.now)
             self.state.insert_result(txn, output)
             creations.append({"payload_id": payload["result_id"], "expected_output_ids": [output["result_id"]],
