@@ -446,7 +446,7 @@ def _acks_held(api) -> int:
 
 
 def test_the_ack_of_a_completion_that_leaves_its_agent_idle_waits_for_its_next_message(lone_api, agent):
-    """The reply to a TASKS_DONE that leaves its agent with no task is held (broker/acks.py): it goes just before
+    """The reply to a TASKS_DONE that leaves its agent with no task is held (broker/acks.py): it goes right after
     the next message to that agent (most often its next DISPATCH: one wake-up of the agent for both), or alone
     after ACK_HOLD. An agent that still holds a task is answered at once (its next report waits for it)."""
     api = lone_api
@@ -462,16 +462,17 @@ def test_the_ack_of_a_completion_that_leaves_its_agent_idle_waits_for_its_next_m
     (second, (out2,)), (third, (out3,)) = tasks
     assert agent.done(second.id, attempts[0], out2, b"9")["accepted"] == [second.id]
     assert _acks_held(api) == held + 1  # the third one still runs there: answered at once
-    rid = next(agent._rids)  # sent without waiting: the next task's DISPATCH follows its reply
+    rid = next(agent._rids)  # sent without waiting: its reply comes with the next task's DISPATCH
     agent.sock.send_multipart([request(Op.TASKS_DONE, rid, agent_id=agent.agent_id, tasks=[
         {"task_id": third.id, "attempt": attempts[1], "ok": True, "results": [{"result_id": out3, "frames": 1}]}]),
         b"16"])
     fourth, _ = api.submit(sid, {"op": "square", "x": 5})
-    order = []
-    while not any(h["op"] == Op.DISPATCH for h in order):
-        order.append(agent._receive(10))
-    assert [(h["op"], h["rid"]) for h in order][:1] == [(Op.TASKS_DONE, rid)] and order[0]["accepted"] == [third.id]
-    assert [t["task_id"] for t in order[-1]["tasks"]] == [fourth.id]
+    got = {}
+    while len(got) < 2:  # the DISPATCH, then the reply (or the reply first, had ACK_HOLD passed meanwhile)
+        header = agent._receive(10)
+        got[header["op"]] = header
+    assert got[Op.TASKS_DONE]["rid"] == rid and got[Op.TASKS_DONE]["accepted"] == [third.id]
+    assert [t["task_id"] for t in got[Op.DISPATCH]["tasks"]] == [fourth.id]
     assert _acks_held(api) == held + 2
     assert [api.value(sid, o) for o in (out, out2, out3)] == [4, 9, 16]
 

@@ -4,9 +4,9 @@ The reply to an agent's TASKS_DONE tells it that its completions are durable: it
 its next TASKS_DONE (one is in flight at a time). An agent left with no task by that completion has no
 other use for it until the broker gives it work again. Sent alone, the reply wakes the agent (and the ZeroMQ
 I/O threads on both sides) for nothing: one of the three wake-ups of the agent per sequential task. Held,
-it goes just before the next message to that agent (most often the DISPATCH of the next task, which wakes
-it anyway), or when held ``ACK_HOLD``. Held or not, it leaves after the commit that made the completions
-durable.
+it goes right after the next message to that agent (most often the DISPATCH of the next task, which wakes
+it anyway: the agent is still busy with it when the reply comes), or when held ``ACK_HOLD``. Held or not,
+it leaves after the commit that made the completions durable.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class HeldAcks:
         self._by_peer.setdefault(message[0], []).append(message)
 
     def take(self, peer: bytes) -> list[list]:
-        """The replies held for ``peer`` (to send before a message to it), oldest first."""
+        """The replies held for ``peer`` (to send with a message to it), oldest first."""
         messages = self._by_peer.pop(peer, ())
         if not self._by_peer:
             self.due = math.inf

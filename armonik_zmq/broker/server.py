@@ -303,10 +303,12 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
     def _send_all(self, outbox) -> None:
         held_acks, backend = self.held_acks, self.backend
         for sock, frames, agent in outbox:
-            if held_acks and sock is backend:
-                for ack in held_acks.take(frames[0]):  # committed before: they go first, in one wake-up of the agent
-                    self._send_one(backend, ack, None)
             self._send_one(sock, frames, agent)
+            if held_acks and sock is backend:
+                # committed before; right after the message (a DISPATCH first: it starts a task), so the agent,
+                # busy with that message when they come, reads them without a wake-up of their own
+                for ack in held_acks.take(frames[0]):
+                    self._send_one(backend, ack, None)
 
     def _send_one(self, sock: zmq.Socket, frames: list, agent: Optional[AgentInfo]) -> None:
         """Send one message; a failed send to an agent puts it in ``_lost_agents`` (its tasks are queued again)."""
