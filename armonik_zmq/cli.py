@@ -11,8 +11,8 @@ from typing import Optional
 
 import click
 
-from .config import (DEFAULT_AGENTS_ENDPOINT, DEFAULT_PARTITION, DEFAULT_PROCESSOR, AgentConfig, BrokerConfig,
-                     default_endpoint, load_partitions)
+from .config import (DEFAULT_AGENT_NICE, DEFAULT_AGENTS_ENDPOINT, DEFAULT_PARTITION, DEFAULT_PROCESSOR, AgentConfig,
+                     BrokerConfig, default_endpoint, load_partitions)
 
 LOG_LEVELS = click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False)
 OBJECT_STORAGE_HELP = ("A directory of existing objects that clients may import as result data "
@@ -260,9 +260,12 @@ def broker(ctx, data_dir, endpoint, agents_endpoint, partitions, heartbeat_inter
               help="CURVE: the broker's public key file (server.key of the broker's key directory).")
 @click.option("--agent-secret", type=click.Path(exists=True, dir_okay=False), default=None,
               help="CURVE: this agent's secret key file (agents/NAME.key_secret); its User-Id is agent:NAME.")
+@click.option("--nice", type=click.IntRange(0, 19), default=DEFAULT_AGENT_NICE, show_default=True,
+              help="Nice value of the agent and its workers: on a busy host the broker and the clients run first; "
+              "idle CPUs still run the tasks. 0 keeps the nice value the agent was started with.")
 @click.pass_context
 def agent(ctx, broker_endpoint, workers, processor, partitions, window, tiny_window, prefetch, tiny_prefetch, agent_id,
-          outage_tolerance, rcvhwm, server_key, agent_secret) -> None:
+          outage_tolerance, rcvhwm, server_key, agent_secret, nice) -> None:
     """Run an agent and its worker processes (one per node of a multi-node cluster)."""
     from .agent import Agent
     from .worker.runtime import load_processor
@@ -277,7 +280,7 @@ def agent(ctx, broker_endpoint, workers, processor, partitions, window, tiny_win
                                    partitions=_partitions(partitions), window=window, tiny_window=tiny_window, prefetch=prefetch,
                                    tiny_prefetch=tiny_prefetch,
                                    agent_id=agent_id, outage_tolerance=outage_tolerance, rcvhwm=rcvhwm,
-                                   server_key=server_key or "", agent_secret=agent_secret or ""))
+                                   server_key=server_key or "", agent_secret=agent_secret or "", nice=nice))
     except RuntimeError as exc:
         raise click.ClickException(str(exc))
     server.install_signal_handlers()

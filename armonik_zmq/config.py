@@ -175,6 +175,10 @@ class BrokerConfig:
             object.__setattr__(self, "lease", self.heartbeat_interval * self.liveness)
 
 
+#: the agents' and workers' nice value by default (AgentConfig.nice)
+DEFAULT_AGENT_NICE = 10
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     #: the broker's backend endpoint
@@ -205,3 +209,6 @@ class AgentConfig:
     #: CURVE: the broker's public key file (server.key) and this agent's secret key file ("" = NULL security)
     server_key: str = ""
     agent_secret: str = ""
+    #: nice value of the agent and its workers (agent/pool.py run_below): on a busy host the broker and the
+    #: clients run first, idle CPUs still run the tasks. 0: as started
+    nice: int = DEFAULT_AGENT_NICE

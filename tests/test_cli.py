@@ -100,3 +100,51 @@ def test_broker_nice_option_sets_every_thread_or_says_why_not(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "armonik_zmq", "broker", "--nice", "5"], capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode != 0 and "--nice" in bad.stderr
+
+
+def _nices(pid: int) -> set:
+    """The nice values of every thread of a process."""
+    import os
+
+    return {int(open(f"/proc/{pid}/task/{t}/stat").read().rsplit(")", 1)[1].split()[16])
+            for t in os.listdir(f"/proc/{pid}/task")}
+
+
+def test_agents_and_their_workers_run_at_the_agent_nice_value(tmp_path):
+    """Every thread of an agent and of its workers runs at the agent's nice value (DEFAULT_AGENT_NICE, or --nice),
+    so the broker and the clients run first on a busy host; the broker keeps its own. An agent that leads a session
+    of its own (its own scheduler autogroup) sets that group's nice value too."""
+    import os
+    import time
+
+    from armonik_zmq.cluster import LocalProcesses
+    from armonik_zmq.config import DEFAULT_AGENT_NICE
+
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    cluster = LocalProcesses(str(tmp_path / "lmdb"), workers=2)
+    alone = None
+    try:
+        cluster.start()
+        alone = subprocess.Popen([sys.executable, "-m", "armonik_zmq.cli", "agent", "--broker", cluster.agents_endpoint,
+                                  "--workers", "1", "--nice", "7"], env=cluster.env, start_new_session=True)
+        for agent, workers, nice in ((cluster.agent, 2, DEFAULT_AGENT_NICE), (alone, 1, 7)):
+            deadline = time.monotonic() + 30
+            while True:
+                children = [int(c) for t in os.listdir(f"/proc/{agent.pid}/task")
+                            for c in open(f"/proc/{agent.pid}/task/{t}/children").read().split()]
+                if len(children) == workers and all(b"armonik_zmq.worker" in open(f"/proc/{c}/cmdline", "rb").read()
+                                                    for c in children):
+                    break  # the workers' own program runs (their threads start from its main thread)
+                assert time.monotonic() < deadline and agent.poll() is None, "the agent's workers did not start"
+                time.sleep(0.05)
+            assert len(os.listdir(f"/proc/{agent.pid}/task")) >= 3  # the main thread and ZeroMQ's threads
+            for pid in (agent.pid, *children):
+                assert _nices(pid) == {max(own, nice)}, (pid, _nices(pid))
+        assert _nices(cluster.broker.pid) == {own}
+        if os.path.exists(f"/proc/{alone.pid}/autogroup"):
+            assert open(f"/proc/{alone.pid}/autogroup").read().split()[-1] == str(max(own, 7))
+    finally:
+        if alone is not None:
+            alone.terminate()
+            alone.wait(30)
+        cluster.cleanup()

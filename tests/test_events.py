@@ -6,6 +6,7 @@ it delivers a probe: a result named ``probe-*`` that the test creates until the 
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
 import time
@@ -283,6 +284,40 @@ def test_wait_sleeps_until_the_result_completes(cluster, api):
         assert finished.wait(10) and time.monotonic() - uploaded < 1.0
         waiter.join()
     assert counted == [1]  # however long it waited: one subscription, no polling
+
+
+def test_a_long_wait_leaves_no_container_per_result_for_the_garbage_collector(cluster, api):
+    """Once its snapshot is read, a wait on N results holds nothing the collector tracks per result: every full
+    collection of the waiting process scans what is tracked, pausing all its threads (T15: a thread submitting
+    while another waits). Before, the wait kept its filter (2 lists per result) and a set of the ids."""
+    n = 5000
+    session_id = api.session()
+    ids = [r.result_id for r in api.results.create_results_metadata([f"w{i}" for i in range(n)], session_id,
+                                                                    batch_size=n).values()]
+    with connect(cluster.endpoint) as conn:
+        ended: list = []
+
+        def wait() -> None:
+            try:
+                ArmoniKEvents(conn).wait_for_result_availability(ids, session_id, bucket_size=n)
+            except BaseException as exc:  # the connection's close ends it
+                ended.append(exc)
+
+        gc.collect()
+        before = len(gc.get_objects())
+        waiter = threading.Thread(target=wait, daemon=True)
+        waiter.start()
+        deadline = time.monotonic() + 20
+        while True:  # the snapshot's events are transient: tracked until the waiter has read them
+            time.sleep(0.2)
+            gc.collect()
+            grown = len(gc.get_objects()) - before
+            if grown < n // 10 or time.monotonic() > deadline:
+                break
+        assert waiter.is_alive() and not ended  # still waiting: nothing completed
+        assert grown < n // 10, grown
+    waiter.join(10)
+    assert ended
 
 
 def test_a_result_that_completes_during_a_wait_is_downloaded_without_a_request(api):

@@ -37,7 +37,7 @@ from .. import shm
 from ..status import ResultStatus, SessionStatus, TaskStatus
 from ..worker.link import Link, LinkClosed, peer_pid
 from ..zmqio import readable, recv_message, send_message
-from .pool import WorkerPool, WorkerProc
+from .pool import WorkerPool, WorkerProc, run_below
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,8 @@ class LocalTask:
 class Agent:
     def __init__(self, config: AgentConfig):
         self.config = config
+        #: the nice value in effect, set before any thread or worker starts (they inherit it)
+        self.nice = run_below(config.nice)
         self.agent_id = config.agent_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.hostname = socket.gethostname()
         #: the capacity it registers with; more while tasks are tiny (``_capacity``)

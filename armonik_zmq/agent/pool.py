@@ -18,6 +18,40 @@ from ..worker.runtime import STATE_SIZE
 log = logging.getLogger(__name__)
 
 
+def run_below(nice: int) -> int:
+    """Give this process (every thread of it) and the workers it starts nice value ``nice``, if its own is lower;
+    return the nice value in effect.
+
+    Agents and workers are throughput work; the broker and the clients are latency work: on a busy host the
+    scheduler then runs the broker and the clients first, while an idle CPU still goes to the workers (a nice
+    value only ranks processes that want the same CPU). Raising one's nice value needs no privilege.
+
+    With autogroups on (/proc/sys/kernel/sched_autogroup_enabled), a nice value ranks a process only among the
+    processes of its session. An agent started in a session of its own (a service, ``setsid``) is then ranked
+    against the broker by its session's nice value (/proc/self/autogroup), set here too; its workers share its
+    session (``WorkerPool._spawn``).
+    """
+    current = os.getpriority(os.PRIO_PROCESS, 0)
+    if nice <= current:
+        return current
+    try:
+        threads = [int(t) for t in os.listdir("/proc/self/task")]  # Linux: a nice value is per thread
+    except OSError:
+        threads = [0]
+    for tid in threads:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+        except OSError:
+            pass  # a thread that just ended
+    if os.getsid(0) == os.getpid():
+        try:
+            with open("/proc/self/autogroup", "w") as f:
+                f.write(str(nice))
+        except OSError:
+            pass  # no autogroups here
+    return os.getpriority(os.PRIO_PROCESS, 0)
+
+
 class WorkerProc:
     """One worker process and the tasks the agent has queued at it (the first one is running)."""
 
