@@ -75,8 +75,9 @@ class WorkerRuntime:
     one as still running), or when they were held ``OUTPUT_HOLD_MAX``; it gives back the runs queued here
     once the task has run ``GIVE_BACK_AFTER``, so that they do not wait behind it.
 
-    The guard sleeps on an alarm (worker/alarm.py) that each run's start sets to that run's first deadline:
-    a run that ends before it (almost every one) costs the guard no wake-up.
+    The guard sleeps on an alarm (worker/alarm.py) that a run's start sets to that run's first deadline
+    unless an earlier one is set already (runs in a row: the guard then wakes for the run of that moment):
+    a run that ends before its deadline (almost every one) costs the guard no wake-up.
     """
 
     def __init__(self, agent_path: str, processor: Callable[[TaskHandler], Output], state_path: str = "",
@@ -101,9 +102,11 @@ class WorkerRuntime:
         self._held_since = 0.0
         #: the link is used by this thread and the guard thread: one at a time
         self._lock = threading.Lock()
-        #: the guard's alarm, and what it watches: runs started so far, when the last one started, whether one
-        #: runs, and the interval of its next give-back (changed under ``_watch``, with the alarm)
+        #: the guard's alarm and when it is set to go off (0: not set), and what the guard watches: runs started
+        #: so far, when the last one started, whether one runs, and the interval of its next give-back (all
+        #: changed under ``_watch``)
         self._alarm = Alarm()
+        self._armed = 0.0
         self._watch = threading.Lock()
         self._seq = 0
         self._run_started = 0.0
@@ -174,11 +177,12 @@ class WorkerRuntime:
     def _guard(self) -> None:
         """Send held outputs once the task that runs after them has run ``OUTPUT_DELAY``, or once they were held
         ``OUTPUT_HOLD_MAX``; give back the runs queued behind a task that runs ``GIVE_BACK_AFTER``, then again
-        at doubling intervals up to ``GIVE_BACK_MAX`` while it lasts (see the class). Each run's start sets
-        the alarm to its first deadline (``_first_deadline``); this thread sets the next ones."""
+        at doubling intervals up to ``GIVE_BACK_MAX`` while it lasts (see the class). It looks at the run of
+        the moment each time the alarm goes off, and sets it again for that run's next deadline."""
         while True:
             self._alarm.wait()
             with self._watch:
+                self._armed = 0.0
                 seq, started, busy = self._seq, self._run_started, self._busy
             if not busy:
                 continue  # between runs: the next one sets the alarm, or the main thread sends what is held
@@ -186,15 +190,20 @@ class WorkerRuntime:
             if self._outputs and (mono >= started + OUTPUT_DELAY or mono >= self._held_since + OUTPUT_HOLD_MAX):
                 with self._lock:
                     self._flush()
+            give_back = False
             with self._watch:
-                if self._seq != seq or not self._busy:
-                    continue  # that run ended: the next one set the alarm for itself
-                give_back = mono >= started + GIVE_BACK_AFTER
-                if give_back:  # runs may still come: look again, less and less often
+                if self._seq != seq:  # another run started meanwhile (it left the alarm to us if it was set)
+                    if self._busy:
+                        self._arm(self._first_deadline(self._run_started))
+                    continue
+                if not self._busy:
+                    continue
+                if mono >= started + GIVE_BACK_AFTER:
+                    give_back = True  # runs may still come: look again, less and less often
                     self._pause = min(2 * self._pause, GIVE_BACK_MAX)
-                    self._alarm.set(mono + self._pause)
+                    self._arm(mono + self._pause)
                 else:
-                    self._alarm.set(started + GIVE_BACK_AFTER)
+                    self._arm(self._first_deadline(started))
             if give_back:
                 self._give_back()
 
@@ -203,6 +212,12 @@ class WorkerRuntime:
         if self._outputs:
             return min(started + OUTPUT_DELAY, self._held_since + OUTPUT_HOLD_MAX)
         return started + GIVE_BACK_AFTER
+
+    def _arm(self, deadline: float) -> None:
+        """Have the alarm go off by ``deadline`` (the caller holds ``_watch``): set it unless it is set sooner."""
+        if not self._armed or deadline < self._armed:
+            self._alarm.set(deadline)
+            self._armed = deadline
 
     def _give_back(self) -> None:
         """Hand the runs queued here beyond ``_keep`` back to the agent (the task running is a long one)."""
@@ -281,7 +296,9 @@ class WorkerRuntime:
                 if not self._runs:
                     self._flush()
                     with self._watch:
-                        self._alarm.clear()  # idle: nothing to watch (the run that ended set it)
+                        if self._armed:  # idle: nothing to watch
+                            self._alarm.clear()
+                            self._armed = 0.0
                 while True:
                     try:
                         run = self._runs.popleft()
@@ -296,7 +313,7 @@ class WorkerRuntime:
             self._run_started = started = time.monotonic()
             self._busy = True
             self._pause = GIVE_BACK_AFTER
-            self._alarm.set(self._first_deadline(started))
+            self._arm(self._first_deadline(started))
         return run
 
     def run_one(self, header: dict, frames: list) -> None:
