@@ -291,15 +291,18 @@ class Handlers:
         self.state.check_submission(session, "client")
         sid = session["session_id"]
         creations = []
+        outputs = {}
         for spec, data in zip(h["tasks"], groups):
             name = spec.get("name") or "task"
             payload = self.state.new_result_row(sid, f"{name}-payload", now=req.now)
             self.state.insert_completed_result(txn, payload, data, req.now)
             output = self.state.new_result_row(sid, name, now=req.now)
-            self.state.insert_result(txn, output)
+            self.state.announce_result(output)  # stored by create_tasks, with its owner
+            outputs[output["result_id"]] = output
             creations.append({"payload_id": payload["result_id"], "expected_output_ids": [output["result_id"]],
                               "data_dependencies": spec.get("data_dependencies", []), "options": spec.get("options")})
-        req.reply(tasks=self.state.create_tasks(txn, session, creations, h.get("task_options"), req.now))
+        req.reply(tasks=self.state.create_tasks(txn, session, creations, h.get("task_options"), req.now,
+                                                new_outputs=outputs))
 
     def handle_get_tasks(self: "Broker", req: "Request", txn: Txn) -> None:
         req.reply(tasks=[self.state.require_task(txn, t) for t in req.header["task_ids"]])

@@ -102,6 +102,11 @@ class BrokerState:
         txn.put_result(row, new=True)
         self.events.new_result(row)
 
+    def announce_result(self, row: dict) -> None:
+        """``insert_result`` without the write, for an output that ``create_tasks`` (``new_outputs``) stores with
+        its owner task in the same request: the same events, one row write instead of two."""
+        self.events.new_result(row)
+
     def insert_completed_result(self, txn: Txn, row: dict, data, now: float) -> None:
         """``insert_result`` then ``complete_result`` for a new result that comes with its data (nothing waits on
         it yet): the same events, one row write instead of two."""
@@ -201,11 +206,12 @@ class BrokerState:
         self.events.new_task(row)
         self._add_to_core(row["task_id"], row["options"], missing)
 
-    def _give_result(self, txn: Txn, rrow: dict, task_id: str) -> None:
-        """Make ``task_id`` the task responsible for producing a result (RESULT_OWNER_UPDATE)."""
+    def _give_result(self, txn: Txn, rrow: dict, task_id: str, new: bool = False) -> None:
+        """Make ``task_id`` the task responsible for producing a result (RESULT_OWNER_UPDATE); ``new``: the row
+        is stored for the first time (``announce_result``)."""
         previous = rrow["owner_task_id"]
         rrow["owner_task_id"] = task_id
-        txn.put_result(rrow)
+        txn.put_result(rrow, new=new)
         self.events.result_owner(rrow, previous)
 
     def _task_options(self, own: Optional[dict], request_options: Optional[dict], session: dict, where: str) -> dict:
@@ -219,10 +225,13 @@ class BrokerState:
         return opts
 
     def create_tasks(self, txn: Txn, session: dict, creations: list[dict], request_options: Optional[dict], now: float,
-                     *, parent: Optional[dict] = None, task_ids: Optional[list[str]] = None) -> list[dict]:
+                     *, parent: Optional[dict] = None, task_ids: Optional[list[str]] = None,
+                     new_outputs: Optional[dict[str, dict]] = None) -> list[dict]:
         """Create tasks (from a client, or a worker's subtasks when ``parent`` is given), all or nothing.
 
-        Every check runs before anything is written, so a refused batch leaves no trace.
+        Every check runs before anything is written, so a refused batch leaves no trace. ``new_outputs``: output
+        rows made by the same request and announced (``announce_result``) but not stored yet; they are
+        stored here, with their owner task.
         """
         sid = session["session_id"]
         where_prefix = "subtask" if parent else "task"
@@ -256,7 +265,9 @@ class BrokerState:
                                         f"{ResultStatus(status).name} and will never have data")
             outputs = []
             for rid in c["expected_output_ids"]:
-                rrow = get_result(rid)
+                rrow = new_outputs.get(rid) if new_outputs else None
+                if rrow is None:
+                    rrow = get_result(rid)
                 if rrow is None or rrow["session_id"] != sid:
                     raise not_found("result", rid, sid)
                 if rrow["status"] != _R.CREATED:
@@ -292,9 +303,12 @@ class BrokerState:
                 previous = rrow["owner_task_id"]
                 if (not previous and rrow["result_id"] not in claimed) or (parent and previous == parent["task_id"]):
                     claimed.add(rrow["result_id"])
-                    self._give_result(txn, rrow, tid)
+                    self._give_result(txn, rrow, tid, new=bool(new_outputs) and rrow["result_id"] in new_outputs)
             infos.append({"task_id": tid, "payload_id": row["payload_id"],
                           "data_dependencies": row["data_dependencies"], "expected_output_ids": row["expected_output_ids"]})
+        for rid, rrow in (new_outputs or {}).items():
+            if rid not in claimed:  # no task took it (never with SUBMIT_INLINE: one output per task): stored as made
+                txn.put_result(rrow, new=True)
         return infos
 
     def end_task(self, txn: Txn, row: dict, status: TaskStatus, now: float, message: str) -> None:
