@@ -462,10 +462,15 @@ def test_the_ack_of_a_completion_that_leaves_its_agent_idle_waits_for_its_next_m
     (second, (out2,)), (third, (out3,)) = tasks
     assert agent.done(second.id, attempts[0], out2, b"9")["accepted"] == [second.id]
     assert _acks_held(api) == held + 1  # the third one still runs there: answered at once
-    rid = next(agent._rids)  # sent without waiting: its reply comes with the next task's DISPATCH
+    rid = next(agent._rids)  # sent without waiting: it leaves the agent idle, so its reply is held
     agent.sock.send_multipart([request(Op.TASKS_DONE, rid, agent_id=agent.agent_id, tasks=[
         {"task_id": third.id, "attempt": attempts[1], "ok": True, "results": [{"result_id": out3, "frames": 1}]}]),
         b"16"])
+    # held before the next submit: handled in one turn, the fourth's DISPATCH would leave the agent busy (no hold)
+    deadline = time.monotonic() + 10
+    while _acks_held(api) < held + 2 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert _acks_held(api) == held + 2
     fourth, _ = api.submit(sid, {"op": "square", "x": 5})
     got = {}
     while len(got) < 2:  # the DISPATCH, then the reply (or the reply first, had ACK_HOLD passed meanwhile)
@@ -473,7 +478,6 @@ def test_the_ack_of_a_completion_that_leaves_its_agent_idle_waits_for_its_next_m
         got[header["op"]] = header
     assert got[Op.TASKS_DONE]["rid"] == rid and got[Op.TASKS_DONE]["accepted"] == [third.id]
     assert [t["task_id"] for t in got[Op.DISPATCH]["tasks"]] == [fourth.id]
-    assert _acks_held(api) == held + 2
     assert [api.value(sid, o) for o in (out, out2, out3)] == [4, 9, 16]
 
 
