@@ -120,6 +120,30 @@ def test_an_agent_holds_more_tasks_while_they_are_tiny_and_hands_them_back_when_
         client.cancel(naps)
 
 
+def test_an_agent_whose_workers_all_run_long_tasks_hands_back_the_tiny_ones_it_holds(tmp_path):
+    """Tasks are tiny, but the only worker runs a long one: the tiny tasks the agent took beyond its own capacity
+    go back to the broker (another agent may run them), not wait for the long task to end."""
+    cluster = armonik_zmq.LocalCluster(n_workers=1)
+    cluster.processes.agent_args = ["--prefetch", "8", "--tiny-prefetch", "100", "--tiny-window", "16"]
+    own, tiny = 1 * (1 + 1) + 8, 1 * (1 + 16) + 100
+
+    with cluster as client:
+        def held() -> int:
+            counts = client._conn.call(Op.COUNT_TASKS_BY_STATUS, filter=[[["session_id", "eq", client.session_id]]])
+            return sum(n for status, n in counts[0]["counts"] if status in (TaskStatus.DISPATCHED, TaskStatus.PROCESSING))
+
+        client.gather(client.map(_noop, range(300)))
+        wait_for(lambda: client._conn.call(Op.HEALTH, metrics=True)[0]["metrics"]["agents_capacity"] == tiny,
+                 "the agent to ask for its tiny-task capacity", timeout=30)
+        long = client.submit(_nap, 8.0)
+        wait_for(lambda: held() == 1, "the long task to be dispatched", timeout=30)
+        short = client.map(_noop, range(100))
+        started = time.monotonic()
+        wait_for(lambda: held() <= own, f"the agent to hand back what it holds beyond {own} tasks", timeout=6)
+        assert not long.done() and time.monotonic() - started < 6
+        assert client.gather(short, timeout=60) == list(range(100))
+
+
 def test_a_worker_burns_no_cpu_while_its_task_waits(client):
     """While a long task runs, the worker's guard thread (held outputs, runs given back) looks less and less
     often: it must not spin (it once did, once its deadlines from the run's start had passed: a 256 MiB

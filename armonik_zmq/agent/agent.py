@@ -457,8 +457,11 @@ class Agent:
     def _capacity(self) -> int:
         """The capacity to ask the broker for: with tasks shorter than ``TINY_RUN``, ``tiny_prefetch`` tasks held
         beyond those queued at workers. A broker turn (one commit) then takes hundreds of completions and
-        hands out as many tasks, where with ``prefetch`` the agent's credit ran out between two turns."""
-        if self._run_avg < TINY_RUN and self.config.tiny_prefetch > self.config.prefetch:
+        hands out as many tasks, where with ``prefetch`` the agent's credit ran out between two turns. Not while
+        every worker runs a long task (``slow``: it gave back what waited behind it): what the agent holds
+        would wait for them, when another agent may be free."""
+        if (self._run_avg < TINY_RUN and self.config.tiny_prefetch > self.config.prefetch
+                and not all(p.slow for p in self.pool.workers.values())):
             return self.config.workers * self._depth() + self.config.tiny_prefetch
         return self.capacity
 
