@@ -487,8 +487,10 @@ class Agent:
             self._asked = fields["capacity"] = self._capacity()
             self._differs_since = None
         self._call(Op.AGENT_HEARTBEAT, on_reply=lambda h, f: None, **fields)
+        if "capacity" not in fields:
+            return
         extra = len(self.tasks) - self._asked
-        while extra > 0 and self.ready and "capacity" in fields:
+        while extra > 0 and self.ready:
             task = self.tasks.get(self.ready.pop())
             if task is not None:
                 self._release(task, "handed back: its agent holds fewer tasks now that they run longer")

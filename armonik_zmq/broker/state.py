@@ -48,6 +48,14 @@ def not_found(kind: str, ident: str, session_id: Optional[str] = None) -> Protoc
     return ProtocolError(ErrorCode.NOT_FOUND, f"{kind} {ident} not found{where}")
 
 
+def _set_completed(row: dict, size: int, completed_by: str, now: float) -> None:
+    """The fields of a result row that become COMPLETED (its data of ``size`` bytes stored or referenced)."""
+    row["status"] = int(_R.COMPLETED)
+    row["size"] = size
+    row["completed_at"] = now
+    row["completed_by"] = completed_by
+
+
 class BrokerState:
     def __init__(self, partitions: Iterable[str], events: EventBus):
         self.core = Core()
@@ -111,9 +119,7 @@ class BrokerState:
         """``insert_result`` then ``complete_result`` for a new result that comes with its data (nothing waits on
         it yet): the same events, one row write instead of two."""
         self.events.new_result(row)
-        row["status"] = int(_R.COMPLETED)
-        row["size"] = txn.put_object(row["result_id"], data)
-        row["completed_at"] = now
+        _set_completed(row, txn.put_object(row["result_id"], data), "", now)
         txn.put_result(row, new=True)
         self.events.result_status(row, data)
 
@@ -140,10 +146,7 @@ class BrokerState:
 
         ``data``: the bytes (or frames) stored inline, which its event may carry to subscribers that asked.
         """
-        row["status"] = int(_R.COMPLETED)
-        row["size"] = size
-        row["completed_at"] = now
-        row["completed_by"] = completed_by
+        _set_completed(row, size, completed_by, now)
         txn.put_result(row)
         self.events.result_status(row, data)
         slot = self.result_slot.pop(row["result_id"], None)
