@@ -1525,6 +1525,122 @@ def pack_fields(dict row, tuple fields, Py_ssize_t packed_at, packed, fallback):
         PyMem_Free(w.heap)
 
 
+# A DISPATCH message is one map holding a list of task maps, one per dispatched task: built as dicts and packed by
+# msgpack, each task cost a 12-key dict (kept alive, and scanned by the GC, until the message was sent) and the
+# packing of its options map again. ``DispatchMessage`` writes each task's map as it is added, with the keys
+# written once here and the options already packed (the row's stored form keeps them packed): the same bytes as
+# ``protocol.request(Op.DISPATCH, rid, tasks=[...], frames=[...])`` with those dicts.
+
+cdef bytes _fixstr(str s):
+    cdef bytes b = s.encode()
+    assert len(b) < 32
+    return bytes([0xA0 | len(b)]) + b
+
+
+#: a task's map in a DISPATCH: these keys, in this order (``Backend.dispatch`` documents each)
+DISPATCH_TASK_KEYS = ("task_id", "attempt", "session_id", "session_status", "status", "payload_id",
+                      "data_dependencies", "expected_output_ids", "options", "retry_of_ids", "initial_task_id",
+                      "inline")
+cdef tuple _DISPATCH_KEY_NAMES = DISPATCH_TASK_KEYS
+cdef list _DISPATCH_KEYS = [_fixstr(k) for k in DISPATCH_TASK_KEYS]
+cdef bytes _KEY_TASKS = _fixstr("tasks")
+cdef bytes _KEY_FRAMES = _fixstr("frames")
+cdef bytes _KEY_V = _fixstr("v")
+cdef bytes _KEY_OP = _fixstr("op")
+cdef bytes _KEY_RID = _fixstr("rid")
+cdef Py_ssize_t _AT_SESSION_STATUS = DISPATCH_TASK_KEYS.index("session_status")
+cdef Py_ssize_t _AT_OPTIONS = DISPATCH_TASK_KEYS.index("options")
+cdef Py_ssize_t _AT_INLINE = DISPATCH_TASK_KEYS.index("inline")
+
+
+from cpython.list cimport PyList_GET_ITEM
+
+
+cdef inline int _put_bytes_raw(Writer* w, bytes b) except -1:
+    return _put_raw(w, PyBytes_AS_STRING(b), <size_t>PyBytes_GET_SIZE(b))
+
+
+cdef class DispatchMessage:
+    """The header of one DISPATCH to one agent, written task by task (``add``), finished by ``header``.
+
+    ``fallback(value) -> bytes`` packs what the writer does not (as in ``pack_fields``).
+    """
+
+    cdef Writer w
+    cdef readonly Py_ssize_t n_tasks
+    cdef object fallback
+
+    def __cinit__(self, fallback):
+        self.w.heap = <char*>PyMem_Malloc(4096)
+        if self.w.heap == NULL:
+            raise MemoryError()
+        self.w.p = self.w.heap
+        self.w.n = 0
+        self.w.cap = 4096
+        self.w.depth = 0
+        self.n_tasks = 0
+        self.fallback = fallback
+
+    def __dealloc__(self):
+        PyMem_Free(self.w.heap)
+
+    def add(self, dict row, object session_status, bytes options, list inline):
+        """Add a task: ``row``'s fields, its session's status, its options already packed, its inline inputs' ids."""
+        cdef Writer* w = &self.w
+        cdef Py_ssize_t i, at
+        cdef PyObject* v
+        cdef size_t start = w.n
+        _room(w, 1)
+        w.p[w.n] = <char>(0x80 | len(_DISPATCH_KEY_NAMES))
+        w.n += 1
+        try:
+            for i in range(len(_DISPATCH_KEY_NAMES)):
+                _put_bytes_raw(w, <bytes>PyList_GET_ITEM(_DISPATCH_KEYS, i))
+                if i == _AT_SESSION_STATUS:
+                    _put_value(w, session_status, self.fallback)
+                elif i == _AT_OPTIONS:
+                    _put_bytes_raw(w, options)
+                elif i == _AT_INLINE:
+                    _put_value(w, inline, self.fallback)
+                else:
+                    v = PyDict_GetItem(row, <object>PyTuple_GET_ITEM(_DISPATCH_KEY_NAMES, i))
+                    if v == NULL:
+                        raise KeyError(_DISPATCH_KEY_NAMES[i])
+                    _put_value(w, <object>v, self.fallback)
+        except BaseException:
+            w.n = start  # a task that failed to pack leaves nothing behind
+            raise
+        self.n_tasks += 1
+
+    def header(self, int op, rid, version, list frames):
+        """The whole header: ``{"tasks": [...], "frames": frames, "v": version, "op": op, "rid": rid}``."""
+        cdef Writer out
+        cdef char stack[256]
+        out.p = stack
+        out.n = 0
+        out.cap = sizeof(stack)
+        out.heap = NULL
+        out.depth = 0
+        try:
+            _room(&out, 1)
+            out.p[out.n] = <char>0x85
+            out.n += 1
+            _put_bytes_raw(&out, _KEY_TASKS)
+            _put_head(&out, <size_t>self.n_tasks, 0x90, 16, 0, 0xDC, 0xDD)
+            _put_raw(&out, self.w.p, self.w.n)
+            _put_bytes_raw(&out, _KEY_FRAMES)
+            _put_value(&out, frames, self.fallback)
+            _put_bytes_raw(&out, _KEY_V)
+            _put_value(&out, version, self.fallback)
+            _put_bytes_raw(&out, _KEY_OP)
+            _put_value(&out, op, self.fallback)
+            _put_bytes_raw(&out, _KEY_RID)
+            _put_value(&out, rid, self.fallback)
+            return PyBytes_FromStringAndSize(out.p, <Py_ssize_t>out.n)
+        finally:
+            PyMem_Free(out.heap)
+
+
 # Reading a row back: msgpack's unpackb built a list of the values, then ``dict(zip(fields, values))`` the row
 # (2 us a task row). ``unpack_fields`` builds the row straight from the bytes. It reads every msgpack type but
 # ext; for those (never written by the broker) and for anything malformed it returns None: the caller decodes

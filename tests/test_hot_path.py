@@ -6,7 +6,12 @@ import json
 import os
 import uuid
 
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from armonik_zmq._core import DISPATCH_TASK_KEYS, DispatchMessage
 from armonik_zmq.broker.state import new_id
+from armonik_zmq.protocol import PROTOCOL_VERSION, Op, pack, request
 from armonik_zmq.client import EventTypes, ResultStatus, TaskDefinition, TaskStatus
 from test_events import stream  # noqa: F401  (the fixture)
 
@@ -67,3 +72,51 @@ def test_a_forked_child_draws_other_ids():
         child_ids = json.loads(f.read())
     os.waitpid(pid, 0)
     assert not set(child_ids) & {new_id() for _ in range(10)}
+
+
+_ids = st.text(min_size=0, max_size=80)
+_id_tuples = st.lists(_ids, max_size=4).map(tuple)
+_options = st.dictionaries(st.text(max_size=12), st.none() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=40)
+                           | st.floats(allow_nan=False) | st.booleans(), max_size=6)
+_dispatched = st.fixed_dictionaries({
+    "task_id": _ids, "attempt": st.integers(0, 2**40), "session_id": _ids, "status": st.integers(0, 12),
+    "payload_id": _ids, "data_dependencies": _id_tuples, "expected_output_ids": _id_tuples, "options": _options,
+    "retry_of_ids": _id_tuples, "initial_task_id": _ids, "owner_pod_id": _ids, "ended_at": st.none() | st.floats(),
+})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_dispatched, st.integers(0, 9), st.lists(_ids, max_size=3)), max_size=40),
+       st.integers(0, 2**64 - 1))
+def test_a_dispatch_message_is_written_as_the_bytes_msgpack_makes_of_its_task_dicts(tasks, rid):
+    """``DispatchMessage`` (compiled) writes what ``request`` packed from one dict per task, byte for byte."""
+    message = DispatchMessage(pack)
+    dicts = []
+    for row, session_status, inline in tasks:
+        message.add(row, session_status, pack(row["options"]), inline)
+        dicts.append({
+            "task_id": row["task_id"], "attempt": row["attempt"], "session_id": row["session_id"],
+            "session_status": session_status, "status": row["status"], "payload_id": row["payload_id"],
+            "data_dependencies": row["data_dependencies"], "expected_output_ids": row["expected_output_ids"],
+            "options": row["options"], "retry_of_ids": row["retry_of_ids"], "initial_task_id": row["initial_task_id"],
+            "inline": inline,
+        })
+    counts = [len(inline) for _, _, inline in tasks]
+    assert all(list(d) == list(DISPATCH_TASK_KEYS) for d in dicts)
+    assert message.n_tasks == len(tasks)
+    assert message.header(Op.DISPATCH, rid, PROTOCOL_VERSION, counts) == request(Op.DISPATCH, rid, tasks=dicts,
+                                                                                  frames=counts)
+
+
+def test_a_task_that_cannot_be_written_leaves_a_dispatch_message_as_it_was():
+    message = DispatchMessage(pack)
+    row = {"task_id": "t", "attempt": 1, "session_id": "s", "status": 2, "payload_id": "p", "data_dependencies": (),
+           "expected_output_ids": ("o",), "retry_of_ids": (), "initial_task_id": "t"}
+    message.add(row, 1, pack({}), [])
+    before = message.header(Op.DISPATCH, 0, PROTOCOL_VERSION, [0])
+    with pytest.raises(KeyError):
+        message.add({k: v for k, v in row.items() if k != "payload_id"}, 1, pack({}), [])
+    with pytest.raises(TypeError):
+        message.add({**row, "task_id": object()}, 1, pack({}), [])
+    assert message.n_tasks == 1
+    assert message.header(Op.DISPATCH, 0, PROTOCOL_VERSION, [0]) == before

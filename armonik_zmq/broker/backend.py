@@ -6,12 +6,12 @@ import logging
 import time
 from typing import TYPE_CHECKING, Optional
 
-from .._core import STATE_QUEUED
-from ..protocol import ErrorCode, Op, ProtocolError, request, split_frames
+from .._core import STATE_QUEUED, DispatchMessage
+from ..protocol import PROTOCOL_VERSION, ErrorCode, Op, ProtocolError, pack, request, split_frames
 from ..status import ResultStatus, SessionStatus, TaskStatus, TASK_FINAL, as_ints
 from . import segments as shm_segments
 from .state import not_found
-from .store import Txn
+from .store import Txn, packed_options
 
 if TYPE_CHECKING:
     from .server import Broker, Request
@@ -505,7 +505,8 @@ class Backend:
     def dispatch(self: "Broker", txn: Txn, now: float) -> None:
         """Hand ready tasks to agents with credit; one DISPATCH message per agent per turn."""
         state = self.state
-        per_agent: dict[int, tuple[list, list, list]] = {}
+        #: agent slot -> its DISPATCH's tasks (written as they come: DISPATCH_TASK_KEYS), inline counts and frames
+        per_agent: dict[int, tuple[DispatchMessage, list, list]] = {}
         inline_limit = self.config.inline_limit
         inputs_seen: dict = {}
         #: payload id -> _inline_inputs' answer for the tasks with no other input (most): they share it
@@ -544,17 +545,13 @@ class Backend:
             row["pod_hostname"] = agent.hostname
             row["received_at"] = now
             state.set_task_status(txn, row, _T.DISPATCHED, now)
-            tasks, counts, frames = per_agent.setdefault(a, ([], [], []))
-            frames.extend(data)
-            counts.append(len(inline))
-            tasks.append({
-                "task_id": task_id, "attempt": row["attempt"], "session_id": row["session_id"],
-                "session_status": session_status, "status": row["status"], "payload_id": row["payload_id"],
-                "data_dependencies": row["data_dependencies"], "expected_output_ids": row["expected_output_ids"],
-                "options": row["options"], "retry_of_ids": row["retry_of_ids"],
-                "initial_task_id": row["initial_task_id"], "inline": inline,
-            })
+            message = per_agent.get(a)
+            if message is None:
+                message = per_agent[a] = (DispatchMessage(pack), [], [])
+            message[0].add(row, session_status, packed_options(row["options"]), inline)
+            message[1].append(len(inline))
+            message[2].extend(data)
         for a, (tasks, counts, frames) in per_agent.items():
             agent = self.agent_by_slot[a]
-            header = request(Op.DISPATCH, 0, tasks=tasks, frames=counts)
+            header = tasks.header(Op.DISPATCH, 0, PROTOCOL_VERSION, counts)
             self.send_backend(agent.peer, [header, *frames], on_fail=agent)

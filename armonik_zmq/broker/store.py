@@ -74,7 +74,8 @@ def _remember_options(opts: dict, packed: bytes) -> None:
     _OPTIONS_BY_BYTES[packed] = opts
 
 
-def _packed_options(opts: dict) -> bytes:
+def packed_options(opts: dict) -> bytes:
+    """A task's options packed (msgpack), once per distinct options dict."""
     known = _BYTES_BY_OPTIONS.get(id(opts))
     if known is not None and known[0] is opts:
         return known[1]
@@ -85,7 +86,7 @@ def _packed_options(opts: dict) -> bytes:
 
 def encode_task(row: dict) -> bytes:
     opts = row.get("options")
-    packed = pack_fields(row, TASK_FIELDS, _OPTIONS_AT, _packed_options(opts), _pack) if type(opts) is dict else None
+    packed = pack_fields(row, TASK_FIELDS, _OPTIONS_AT, packed_options(opts), _pack) if type(opts) is dict else None
     return _pack(row) if packed is None else packed
 
 
