@@ -595,6 +595,8 @@ SCHEMAS: dict[Op, Map] = {
         "event_types": Opt(List(Int(0, 5), max_len=8)),
         "task_filter": FILTER,
         "result_filter": FILTER,
+        # only these results' events (and those the result filter lets through): a wait on many results
+        "result_ids": IDS,
         "snapshot": Bool(),
         # results completed with at most this many bytes carry them in their RESULT_STATUS_UPDATE ("data")
         "inline_max": Int(0, INLINE_EVENT_MAX),

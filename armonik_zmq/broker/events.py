@@ -1,12 +1,47 @@
-"""Event subscriptions: which client wants which of a session's events, buffered until the turn commits."""
+"""Event subscriptions: which client wants which of a session's events, buffered until the turn commits.
+
+A subscription with ``snapshot`` first gets the current status of each result it names. Those statuses are
+read between the broker's turns, ``EVENTS_PER_PUSH`` at a time, each slice from the last commit, and sent
+at once as one push: a subscription naming 100,000 results no longer holds the broker for one long message
+(other clients and agents are served between slices). A named result's events begin with its snapshot
+status: until its slice, its events are not sent, as the status read later includes what they said (the
+slice reads a commit that holds their changes). So each result's statuses arrive in order, none twice
+for one change, and none missed: the same promise as a snapshot taken inside the subscribing turn.
+"""
 
 from __future__ import annotations
 
+from collections import deque
+from typing import Optional, Sequence
+
 from ..status import EventTypes, ResultStatus, as_ints
-from .filters import Filter
+from .filters import Filter, equalities
 
 _E = as_ints(EventTypes)
 _COMPLETED = int(ResultStatus.COMPLETED)
+_NOTFOUND = int(ResultStatus.NOTFOUND)
+#: Most events in one EVENT push, and statuses read in one snapshot slice: the subscriber decodes a push in one
+#: call (holding its GIL), and a slice of statuses costs the broker a few ms between two turns.
+EVENTS_PER_PUSH = 1000
+
+
+class Snapshot:
+    """The results whose current status a new subscription still waits for, in the order it named them."""
+
+    __slots__ = ("ids", "at", "unread")
+
+    def __init__(self, ids: Sequence[str], unread: Optional[set]):
+        self.ids = ids
+        #: the next id to read
+        self.at = 0
+        #: the named results not read yet, whose events wait for it; None when the subscription's ``result_ids``
+        #: holds only the results read so far (then nothing else passes)
+        self.unread = unread
+
+    def holds(self, result_id: str) -> bool:
+        """Tell whether ``result_id`` is named but not read yet (its events are not sent: its status, read
+        later, will say what they said). Not used with ``result_ids``, which holds only the results read."""
+        return self.unread is not None and result_id in self.unread
 
 
 def _joined(data) -> bytes:
@@ -19,20 +54,26 @@ def _joined(data) -> bytes:
 
 
 class Subscription:
-    __slots__ = ("rid", "peer", "session_id", "types", "task_filter", "result_filter", "inline_max", "pending")
+    __slots__ = ("rid", "peer", "session_id", "types", "task_filter", "result_filter", "result_ids", "inline_max",
+                 "pending", "snapshot")
 
-    def __init__(self, rid: int, peer: bytes, session_id: str, types: frozenset, task_filter, result_filter,
-                 inline_max: int = 0):
+    def __init__(self, rid: int, peer: bytes, session_id: str, types: frozenset, task_filter: Filter,
+                 result_filter: Filter, inline_max: int = 0):
         self.rid = rid
         self.peer = peer
         self.session_id = session_id
         self.types = types
         self.task_filter = task_filter
         self.result_filter = result_filter
+        #: the only results whose events it gets (None: any the result filter lets through); while its snapshot is
+        #: in progress, those read so far
+        self.result_ids: Optional[set] = None
         #: a result completed with at most this many bytes has them in its RESULT_STATUS_UPDATE (0: never)
         self.inline_max = inline_max
         #: events of this turn, sent after the commit
         self.pending: list = []
+        #: the statuses still to send, while its snapshot is in progress
+        self.snapshot: Optional[Snapshot] = None
 
 
 class EventBus:
@@ -44,6 +85,8 @@ class EventBus:
         #: session id -> the event types any of its subscriptions wants: an event no one wants is never built
         self.wanted: dict[str, frozenset] = {}
         self.dirty: list[Subscription] = []
+        #: subscriptions whose snapshot is in progress, oldest first (one slice of the first per gap between turns)
+        self.snapshots: deque[Subscription] = deque()
 
     def _update_wanted(self, session_id: str) -> None:
         subs = self.by_session.get(session_id)
@@ -53,11 +96,30 @@ class EventBus:
             self.wanted.pop(session_id, None)
 
     def subscribe(self, peer: bytes, rid: int, session_id: str, types, task_filter, result_filter,
-                  inline_max: int = 0) -> Subscription:
+                  inline_max: int = 0, result_ids: Optional[Sequence[str]] = None,
+                  snapshot: bool = False) -> Subscription:
+        """Register a subscription (replacing one of the same peer and rid); with ``snapshot`` its named results'
+        statuses go out in slices after this turn's commit (``snapshot_slice``)."""
         task_filter = Filter(task_filter, "task_filter", "task")
+        if result_ids is None:
+            # Nothing but ``result_id eq`` clauses (how a wait on many results was sent) means the same as
+            # result_ids, which costs one set lookup per event and lets the snapshot begin with no set at all.
+            equal = equalities(result_filter, "result_filter", "result")
+            if equal is not None and equal[0] == "result_id":
+                result_ids, result_filter = equal[1], None
         result_filter = Filter(result_filter, "result_filter", "result")
         wanted = frozenset(EventTypes(t) for t in (types or ()) if t) or frozenset(EventTypes) - {EventTypes.UNSPECIFIED}
         sub = Subscription(rid, peer, session_id, wanted, task_filter, result_filter, inline_max)
+        named = (result_ids if result_ids is not None else
+                 [v for clause in result_filter.clauses or () for f, op, v in clause
+                  if f == "result_id" and op == "eq"])
+        if snapshot and named and (_E.RESULT_STATUS_UPDATE in wanted or _E.NEW_RESULT in wanted):
+            # result_ids grows slice by slice: no set of every id inside this turn
+            sub.snapshot = Snapshot(named, None if result_ids is not None else set(named))
+            sub.result_ids = None if result_ids is None else set()
+            self.snapshots.append(sub)
+        elif result_ids is not None:
+            sub.result_ids = set(result_ids)
         self.unsubscribe(peer, rid)
         self.by_key[(peer, rid)] = sub
         self.by_session.setdefault(session_id, []).append(sub)
@@ -68,6 +130,7 @@ class EventBus:
         sub = self.by_key.pop((peer, rid), None)
         if sub is None:
             return False
+        sub.snapshot = None  # a slice skips it
         subs = self.by_session.get(sub.session_id, [])
         if sub in subs:
             subs.remove(sub)
@@ -92,8 +155,13 @@ class EventBus:
         for sub in self.by_session.get(session_id, ()):
             if etype not in sub.types:
                 continue
-            if not (sub.task_filter if is_task else sub.result_filter)(row):
-                continue
+            if is_task:
+                if not sub.task_filter(row):
+                    continue
+            elif ((sub.result_ids is not None and row["result_id"] not in sub.result_ids)
+                  or (sub.snapshot is not None and sub.snapshot.holds(row["result_id"]))
+                  or not sub.result_filter(row)):
+                continue  # not named, named but before its snapshot status, or filtered out
             item = body
             if data is not None and sub.inline_max and row["size"] <= sub.inline_max:  # 0: never, even empty
                 if with_data is None:  # joined once, for every subscription that takes it
@@ -138,22 +206,42 @@ class EventBus:
                 "current_owner_id": row["owner_task_id"],
             }, row, False)
 
-    def snapshot(self, sub: Subscription, row: dict, read_small=None) -> None:
-        """Queue the current status of one result for a new subscription (no race with "wait").
+    def snapshot_slice(self, txn) -> Optional[tuple[Subscription, list]]:
+        """Read the next statuses of the oldest snapshot in progress (at most ``EVENTS_PER_PUSH``) from ``txn``,
+        a read transaction of the last commit; return its subscription and the events to push now, or None.
 
-        A COMPLETED result comes with its data when the subscription takes small data inline (``read_small``:
-        the result's bytes up to a size, or None), as its completion event would have: a wait that begins
+        From now on, those results' events are the subscription's. A COMPLETED result comes with its data when
+        the subscription takes small data inline, as its completion event would have: a wait that begins
         just after the completion (the broker dispatches before its commit, so that is frequent) then needs
-        no download round trip either."""
-        if _E.RESULT_STATUS_UPDATE in sub.types or _E.NEW_RESULT in sub.types:
-            if not sub.pending:
-                self.dirty.append(sub)
-            body = {"result_id": row["result_id"], "status": row["status"]}
-            if sub.inline_max and read_small is not None and row["status"] == _COMPLETED:
-                data = read_small(row["result_id"], sub.inline_max)
-                if data is not None:
-                    body["data"] = data
-            sub.pending.append([int(_E.RESULT_STATUS_UPDATE), body])
+        no download round trip either. A result that is not in the subscription's session is NOTFOUND."""
+        while self.snapshots:
+            sub = self.snapshots[0]
+            snap = sub.snapshot
+            if snap is None:  # unsubscribed meanwhile
+                self.snapshots.popleft()
+                continue
+            end = min(len(snap.ids), snap.at + EVENTS_PER_PUSH)
+            ids = snap.ids[snap.at:end]
+            snap.at = end
+            if snap.unread is None:
+                sub.result_ids.update(ids)
+            else:
+                snap.unread.difference_update(ids)
+            if end == len(snap.ids):
+                sub.snapshot = None
+                self.snapshots.popleft()
+            sid, inline_max, status_of = sub.session_id, sub.inline_max, txn.result_status
+            events = []
+            for result_id in ids:
+                status = status_of(result_id, sid)
+                body = {"result_id": result_id, "status": _NOTFOUND if status is None else status}
+                if inline_max and status == _COMPLETED:
+                    data = txn.read_small(result_id, inline_max)
+                    if data is not None:
+                        body["data"] = data
+                events.append([_E.RESULT_STATUS_UPDATE, body])
+            return sub, events
+        return None
 
     def take(self) -> list[Subscription]:
         """Return the subscriptions with events to send (the caller clears ``pending``)."""

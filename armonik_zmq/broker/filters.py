@@ -145,6 +145,34 @@ def _any(preds: list[Predicate]) -> Predicate:
     return lambda row: any(p(row) for p in preds)
 
 
+def equalities(dnf: Optional[list], name: str, entity: str) -> Optional[tuple[str, list]]:
+    """Return (field, values) if every clause of ``dnf`` is one ``field eq <str>`` term on one field stored as is,
+    else None (the general path checks and compiles it). One pass, no object per clause: a wait on 100,000
+    results was 100,000 such clauses, whose general check cost ~76 ms."""
+    if not dnf:
+        return None
+    first = dnf[0]
+    if not (type(first) is list and len(first) == 1 and type(first[0]) is list and len(first[0]) == 3):
+        return None
+    field, op, value = first[0]
+    if op != "eq" or type(value) is not str or type(field) is not str or not _stored_as_is(entity, field):
+        return None
+    _check_term(entity, first[0], f"{name}[0][0]")  # the field, its operator and value type: once
+    values = []
+    append = values.append
+    for clause in dnf:
+        if type(clause) is not list or len(clause) != 1:
+            return None
+        term = clause[0]
+        if type(term) is not list or len(term) != 3 or term[0] != field or term[1] != "eq":
+            return None
+        value = term[2]
+        if type(value) is not str:
+            return None
+        append(value)
+    return field, values
+
+
 class Filter:
     """A checked filter of one entity, compiled once; call it on a row.
 
@@ -152,12 +180,22 @@ class Filter:
     lookup, so a filter naming 100,000 results costs one hash per row, not 100,000 comparisons.
     """
 
-    __slots__ = ("entity", "clauses", "match")
+    __slots__ = ("entity", "clauses", "match", "equal")
 
     def __init__(self, dnf: Optional[list], name: str, entity: str):
         self.entity = entity
-        #: the checked terms, clause by clause (empty: no filter)
-        self.clauses: list[list[tuple[str, str, Any]]] = []
+        #: the checked terms, clause by clause (empty: no filter; None: the filter is ``equal``)
+        self.clauses: Optional[list[list[tuple[str, str, Any]]]] = []
+        #: (field, values) when the filter is nothing but one-term ``field eq value`` clauses on one field stored
+        #: as is, with string values: what a wait on many results sends. Then ``clauses`` is None and ``match``
+        #: is one set lookup; the values keep the request's order (the snapshot of a subscription follows it).
+        self.equal: Optional[tuple[str, list]] = equalities(dnf, name, entity)
+        if self.equal is not None:
+            self.clauses = None
+            field, values = self.equal
+            frozen = frozenset(values)
+            self.match = lambda row: row.get(field) in frozen
+            return
         # A term's check depends only on its field, operator and value type: each combination is checked once
         # (a wait on 100,000 results sends as many terms). Times are rounded: those are checked every time.
         passed: set[tuple] = set()
@@ -200,6 +238,8 @@ class Filter:
 
     def pinned(self, field: str) -> Optional[set]:
         """Return the values ``field`` must equal for a row to match (every clause has ``field eq x``), else None."""
+        if self.equal is not None:
+            return set(self.equal[1]) if self.equal[0] == field else None
         if not self.clauses:
             return None
         values = set()
@@ -212,6 +252,8 @@ class Filter:
 
     def only_pins(self, field: str) -> bool:
         """Tell whether the filter is nothing but ``field eq x`` clauses (no other condition to check)."""
+        if self.equal is not None:
+            return self.equal[0] == field
         return bool(self.clauses) and all(len(c) == 1 and c[0][0] == field and c[0][1] == "eq" for c in self.clauses)
 
 

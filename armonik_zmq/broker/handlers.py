@@ -312,21 +312,15 @@ class Handlers:
     def handle_subscribe_events(self: "Broker", req: "Request", txn: Txn) -> None:
         h = req.header
         sid = self.state.require_session(txn, h["session_id"])["session_id"]
-        sub = self.state.events.subscribe(req.peer, req.rid, sid, h.get("event_types"), h.get("task_filter"),
-                                          h.get("result_filter"), h.get("inline_max", 0))
+        events = self.state.events
+        # with "snapshot", the named results' statuses follow this turn's commit, in slices (broker/events.py)
+        events.subscribe(req.peer, req.rid, sid, h.get("event_types"), h.get("task_filter"), h.get("result_filter"),
+                         h.get("inline_max", 0), h.get("result_ids"), bool(h.get("snapshot")))
         # The undo names the subscription, not the request: a closure over ``req`` (which holds it) would make a
-        # reference cycle, keeping the header (a wait on N results: 2N lists) alive until a full collection.
+        # reference cycle, keeping the header (a wait on N results: N ids) alive until a full collection.
         peer, rid = req.peer, req.rid
-        req.on_rollback(lambda: self.state.events.unsubscribe(peer, rid))
+        req.on_rollback(lambda: events.unsubscribe(peer, rid))
         req.reply(subscription=req.rid)
-        if h.get("snapshot"):
-            for clause in h.get("result_filter") or ():
-                for field, op, value in clause:
-                    if field == "result_id" and op == "eq" and isinstance(value, str):
-                        row = txn.get_result(value)
-                        if row is None or row["session_id"] != sid:
-                            row = {"result_id": value, "status": int(ResultStatus.NOTFOUND)}
-                        self.state.events.snapshot(sub, row, txn.read_small)
 
     def handle_unsubscribe_events(self: "Broker", req: "Request", txn: Txn) -> None:
         if not self.state.events.unsubscribe(req.peer, req.header["subscription"]):

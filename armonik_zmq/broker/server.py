@@ -45,7 +45,7 @@ from .acks import HeldAcks
 from .backend import AgentInfo, Backend
 from .data import ResultData
 from .auth import Authorizer, Guard, Security
-from .events import EventBus
+from .events import EVENTS_PER_PUSH, EventBus
 from .fairness import LOOK_EVERY, PREEMPT_TAKES, FairQueue
 from .gcpolicy import GcPolicy
 from .handlers import Handlers, handler_table
@@ -289,16 +289,29 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         outbox, self._outbox = self._outbox, []
         self._send_all(client_replies)
         for sub in self.state.events.take():
-            header = request(Op.EVENT, sub.rid, events=sub.pending)
-            sub.pending = []
-            try:
-                send_message(self.frontend, [sub.peer, header])
-            except zmq.ZMQError as exc:
-                self.metrics.send_failed(_errno_name(exc.errno))
-                log.info("subscriber gone (%s): subscription %d dropped", exc.strerror, sub.rid)
-                self.state.events.unsubscribe(sub.peer, sub.rid)
+            events, sub.pending = sub.pending, []
+            self._push_events(sub, events)
         self._send_all(agent_replies)
         self._send_all(outbox)
+
+    def _push_events(self, sub, events: list) -> None:
+        """Send a subscription its events, ``EVENTS_PER_PUSH`` at most per push (the client decodes each in one go)."""
+        try:
+            for at in range(0, len(events), EVENTS_PER_PUSH):
+                send_message(self.frontend, [sub.peer, request(Op.EVENT, sub.rid, events=events[at:at + EVENTS_PER_PUSH])])
+        except zmq.ZMQError as exc:
+            self.metrics.send_failed(_errno_name(exc.errno))
+            log.info("subscriber gone (%s): subscription %d dropped", exc.strerror, sub.rid)
+            self.state.events.unsubscribe(sub.peer, sub.rid)
+
+    def _snapshot_slice(self) -> bool:
+        """Send one slice of the oldest subscription snapshot in progress (broker/events.py); return whether
+        some remain. Between turns, from the last commit: every event of that commit has left already."""
+        with self.store.read() as txn:
+            out = self.state.events.snapshot_slice(txn)
+        if out is not None:
+            self._push_events(*out)
+        return bool(self.state.events.snapshots)
 
     def _send_all(self, outbox) -> None:
         held_acks, backend = self.held_acks, self.backend
@@ -406,6 +419,8 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
                 timeout_ms = min(timeout_ms, math.ceil(wait * 1000))
         # long lists run between turns, after the commit of the turn that received them
         scanning = bool(self.scan_jobs) and self.advance_scans()
+        # and big subscriptions' snapshots, a slice at a time
+        scanning = (bool(self.state.events.snapshots) and self._snapshot_slice()) or scanning
         # One poll tells which sockets have messages, waiting for one only when the turn has nothing else
         # to do. Only those sockets are read: an empty one costs nothing more (an empty non-blocking read
         # raises, and every read of libzmq first processes the socket's commands: two system calls).

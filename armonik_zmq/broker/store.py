@@ -443,6 +443,16 @@ class Txn:
             self.touched.add(result_id)
         return row
 
+    def result_status(self, result_id: str, session_id: str) -> Optional[int]:
+        """A result's status if it is in ``session_id``, else None (a subscription's snapshot reads only this)."""
+        row = self.store.result_rows.get(result_id)  # not touched: nothing is handed out to change
+        if row is None:
+            buf = self.txn.get(result_id.encode(), db=self.store.results)
+            if buf is None:
+                return None
+            row = decode_row(buf)
+        return row["status"] if row["session_id"] == session_id else None
+
     def put_result(self, row: dict, new: bool = False) -> None:
         result_id = row["result_id"]
         key = result_id.encode()

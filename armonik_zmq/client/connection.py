@@ -220,11 +220,14 @@ class Connection:
     def subscribe(self, session_id: str, event_types: Optional[Iterable[int]] = None,
                   task_filter: Optional[list] = None, result_filter: Optional[list] = None,
                   snapshot: bool = False, inline_max: int = 0,
-                  on_events: Optional[Callable[[list], list]] = None, waiter_reads: bool = True) -> "Subscription":
+                  on_events: Optional[Callable[[list], list]] = None, waiter_reads: bool = True,
+                  result_ids: Optional[Sequence[str]] = None) -> "Subscription":
         """Subscribe to the events of a session; return the confirmed ``Subscription``.
 
-        Filters are in the wire's disjunctive normal form. With ``snapshot`` the broker first pushes
-        the current status of every result named by a ``result_id eq`` term of ``result_filter``.
+        Filters are in the wire's disjunctive normal form; ``result_ids`` keeps only those results' events
+        (a wait on many results: one string each on the wire, where a filter takes three and two lists).
+        With ``snapshot`` the broker also pushes the current status of every result named by ``result_ids``
+        or by a ``result_id eq`` term of ``result_filter`` (in pushes of at most 1,000 events).
         With ``inline_max``, a result that completes with at most that many bytes has them in its
         RESULT_STATUS_UPDATE body (``data``: read them with ``Subscription.get_batch``).
         ``on_events`` sees each push's ``[event_type, body]`` pairs first, on the thread that routes it (the I/O
@@ -239,6 +242,8 @@ class Connection:
             fields["task_filter"] = task_filter
         if result_filter is not None:
             fields["result_filter"] = result_filter
+        if result_ids is not None:
+            fields["result_ids"] = result_ids
         if snapshot:
             fields["snapshot"] = True
         if inline_max:
