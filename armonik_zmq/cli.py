@@ -249,6 +249,8 @@ def broker(ctx, data_dir, endpoint, agents_endpoint, partitions, heartbeat_inter
               help="Tasks held with their inputs fetched, beyond those queued at workers.")
 @click.option("--tiny-prefetch", type=click.IntRange(0, 100_000), default=512, show_default=True,
               help="The prefetch while tasks run under a millisecond (when larger than --prefetch).")
+@click.option("--report-max", type=click.IntRange(1, 100_000), default=64, show_default=True,
+              help="Most completions in one report to the broker: a client's request waits at most for one report.")
 @click.option("--agent-id", default="", help="This agent's name, shown as the owner of the tasks it runs. "
               "[default: HOSTNAME-PID-RANDOM]")
 @click.option("--outage-tolerance", type=click.FloatRange(1), default=60.0, show_default=True,
@@ -264,8 +266,8 @@ def broker(ctx, data_dir, endpoint, agents_endpoint, partitions, heartbeat_inter
               help="Nice value of the agent and its workers: on a busy host the broker and the clients run first; "
               "idle CPUs still run the tasks. 0 keeps the nice value the agent was started with.")
 @click.pass_context
-def agent(ctx, broker_endpoint, workers, processor, partitions, window, tiny_window, prefetch, tiny_prefetch, agent_id,
-          outage_tolerance, rcvhwm, server_key, agent_secret, nice) -> None:
+def agent(ctx, broker_endpoint, workers, processor, partitions, window, tiny_window, prefetch, tiny_prefetch, report_max,
+          agent_id, outage_tolerance, rcvhwm, server_key, agent_secret, nice) -> None:
     """Run an agent and its worker processes (one per node of a multi-node cluster)."""
     from .agent import Agent
     from .worker.runtime import load_processor
@@ -278,7 +280,7 @@ def agent(ctx, broker_endpoint, workers, processor, partitions, window, tiny_win
     try:
         server = Agent(AgentConfig(broker=broker_endpoint, workers=workers, processor=processor,
                                    partitions=_partitions(partitions), window=window, tiny_window=tiny_window, prefetch=prefetch,
-                                   tiny_prefetch=tiny_prefetch,
+                                   tiny_prefetch=tiny_prefetch, report_max=report_max,
                                    agent_id=agent_id, outage_tolerance=outage_tolerance, rcvhwm=rcvhwm,
                                    server_key=server_key or "", agent_secret=agent_secret or "", nice=nice))
     except RuntimeError as exc:

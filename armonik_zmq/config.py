@@ -196,6 +196,9 @@ class AgentConfig:
     #: the prefetch while tasks run under a millisecond: the broker then moves hundreds of tasks per turn (one
     #: commit), not a few dozen; the agent asks for it, and for its own back once tasks get longer
     tiny_prefetch: int = 512
+    #: most completions in one TASKS_DONE: the broker handles a report in one piece, a client's request that
+    #: comes meanwhile waits for it (about 20 us per completion), so reports of many tiny tasks go in pieces
+    report_max: int = 64
     agent_id: str = ""
     #: seconds between re-registration attempts when the broker does not answer (capped backoff)
     reconnect_max: float = 2.0
@@ -212,3 +215,7 @@ class AgentConfig:
     #: nice value of the agent and its workers (agent/pool.py run_below): on a busy host the broker and the
     #: clients run first, idle CPUs still run the tasks. 0: as started
     nice: int = DEFAULT_AGENT_NICE
+
+    def __post_init__(self):
+        if self.report_max < 1:
+            raise ValueError(f"report_max must be >= 1 (got {self.report_max})")

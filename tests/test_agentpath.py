@@ -16,6 +16,7 @@ from armonik_zmq.client import TaskDefinition, TaskStatus, connect
 from armonik_zmq.cluster import LocalProcesses
 from armonik_zmq.protocol import ErrorCode, Op, ProtocolError, WORKER_OPS, validate
 from conftest import Api
+from scripted import ScriptedBroker
 from reliability import read_executions
 from test_faults import cluster_with_log, options, session_tasks, submit_sha
 from test_outcomes import wait_for
@@ -142,6 +143,40 @@ def test_an_agent_whose_workers_all_run_long_tasks_hands_back_the_tiny_ones_it_h
         wait_for(lambda: held() <= own, f"the agent to hand back what it holds beyond {own} tasks", timeout=6)
         assert not long.done() and time.monotonic() - started < 6
         assert client.gather(short, timeout=60) == list(range(100))
+
+
+def test_an_agent_reports_many_completions_in_pieces_and_the_full_ones_without_waiting_for_acks(tmp_path):
+    """A broker handles a TASKS_DONE in one piece, and a client's request that comes meanwhile waits for it: an
+    agent sends at most ``--report-max`` completions per report. A full report goes while others wait for their
+    ack (the broker then finds the next one waiting); what does not fill one waits for the acks in flight, and
+    every completion is reported exactly once."""
+    cluster = cluster_with_log(tmp_path, tmp_path / "exec.log", workers=1, agent_id="a1",
+                               agent_args=("--report-max", "50", "--tiny-window", "64"))
+    broker = ScriptedBroker(cluster.agents_endpoint)
+    attempts = [(f"t{i}", 1) for i in range(230)]
+    try:
+        cluster.start_agent()
+        peer = broker.register(*broker.next_request(Op.AGENT_REGISTER), lease=60.0)
+        broker.dispatch(peer, attempts)
+        unacked: list[dict] = []
+        for _, header in broker.requests(3.0):  # none is answered: what the agent sends on its own
+            if header["op"] == Op.TASKS_DONE:
+                unacked.append(header)
+        sizes = [len(h["tasks"]) for h in unacked]
+        assert len(unacked) >= 2 and max(sizes) <= 50, sizes
+        assert sum(sizes) < len(attempts), f"the last {len(attempts) - sum(sizes)} did not wait for the acks: {sizes}"
+        reported = [c["task_id"] for h in unacked for c in h["tasks"]]
+        for header in unacked:
+            broker.ack_done(peer, header)
+        while len(reported) < len(attempts):
+            _, header = broker.next_request(Op.TASKS_DONE, seconds=10)
+            assert len(header["tasks"]) <= 50
+            reported += [c["task_id"] for c in header["tasks"]]
+            broker.ack_done(peer, header)
+        assert sorted(reported) == sorted(task_id for task_id, _ in attempts)
+    finally:
+        cluster.cleanup()
+        broker.close()
 
 
 def test_a_worker_burns_no_cpu_while_its_task_waits(client):

@@ -20,14 +20,14 @@ import warnings
 from datetime import timedelta
 
 import pytest
-import zmq
 
 from armonik_zmq import errors
 from armonik_zmq.client import ResultStatus, TaskDefinition, TaskOptions, TaskStatus, connect
 from armonik_zmq.cluster import LocalProcesses
-from armonik_zmq.protocol import DATA_CHUNK_MAX_SIZE, ErrorCode, Op, decode_header, reply_ok, request
+from armonik_zmq.protocol import ErrorCode, Op
 from armonik_zmq.status import SessionStatus
 from conftest import PROCESSOR, WORKER_ENV, Api, broker_only, make_cluster
+from scripted import ScriptedBroker
 from reliability import History, figure, read_executions
 from test_outcomes import alive, children_of, task_row, wait_for
 
@@ -436,68 +436,28 @@ def test_agent_runs_nothing_dispatched_to_the_registration_its_register_replaces
     or the attempt runs twice (T4 saw a poison task run 5 times under load)."""
     log = tmp_path / "exec.log"
     cluster = cluster_with_log(tmp_path, log, workers=1, agent_id="a1")
-    ctx = zmq.Context()
-    broker = ctx.socket(zmq.ROUTER)
-    broker.setsockopt(zmq.LINGER, 0)
-    broker.setsockopt(zmq.ROUTER_HANDOVER, 1)  # as the broker's (broker/server.py)
-    broker.bind(cluster.agents_endpoint)
-    options = TaskOptions(max_duration=timedelta(seconds=60), priority=1, max_retries=1).to_wire()
-
-    def requests(seconds: float):
-        """The agent's requests (sender, header) for ``seconds``; none is answered here."""
-        deadline = time.monotonic() + seconds
-        while broker.poll(max(0, int((deadline - time.monotonic()) * 1000))):
-            peer, raw, *_ = broker.recv_multipart()
-            yield peer, decode_header(raw)
-
-    def next_request(op: Op, seconds: float = 30) -> tuple[bytes, dict]:
-        for peer, header in requests(seconds):
-            if header["op"] == op:
-                return peer, header
-        raise AssertionError(f"no {op.name} from the agent in time")
-
-    def register(peer: bytes, header: dict, lease: float) -> bytes:
-        """Answer a REGISTER (and the ones the agent sends again meanwhile) until the agent heartbeats: registered."""
-        while True:
-            broker.send_multipart([peer, reply_ok(Op.AGENT_REGISTER, header["rid"], heartbeat_interval=0.2,
-                                                  lease=lease, data_chunk_max_size=DATA_CHUNK_MAX_SIZE, kept=0)])
-            for peer, header in requests(30):
-                if header["op"] in (Op.AGENT_HEARTBEAT, Op.AGENT_REGISTER):
-                    break
-            else:
-                raise AssertionError("the agent neither registered nor asked again in time")
-            if header["op"] == Op.AGENT_HEARTBEAT:
-                return peer
-
-    def dispatch(peer: bytes, task_id: str, attempt: int) -> None:
-        task = {"task_id": task_id, "attempt": attempt, "session_id": "s", "session_status": int(SessionStatus.RUNNING),
-                "status": int(_T.DISPATCHED), "payload_id": f"{task_id}-in", "data_dependencies": [],
-                "expected_output_ids": [f"{task_id}-out"], "options": options, "retry_of_ids": [],
-                "initial_task_id": task_id, "inline": [f"{task_id}-in"]}
-        broker.send_multipart([peer, request(Op.DISPATCH, 0, tasks=[task], frames=[1]), f"sha256:{task_id}:".encode()])
-
+    broker = ScriptedBroker(cluster.agents_endpoint)
     try:
         cluster.start_agent()
-        peer = register(*next_request(Op.AGENT_REGISTER), lease=1.0)
+        peer = broker.register(*broker.next_request(Op.AGENT_REGISTER), lease=1.0)
         # silent past its 1 s lease: the agent registers again, on a new connection
-        peer, again = next_request(Op.AGENT_REGISTER)
+        peer, again = broker.next_request(Op.AGENT_REGISTER)
         assert again["holds"] == []
-        dispatch(peer, "ghost", 1)  # sent to the first registration, before the broker read the new REGISTER
-        for sender, header in requests(1.0):  # an idle worker starts a task it is given within milliseconds
+        broker.dispatch(peer, [("ghost", 1)])  # sent to the first registration, before the broker read the new REGISTER
+        for sender, header in broker.requests(1.0):  # an idle worker starts a task it is given within milliseconds
             if header["op"] == Op.AGENT_REGISTER:  # sent again, unanswered (the agent's backoff)
                 peer, again = sender, header
         assert read_executions(str(log)) == [], "the agent ran a task dispatched to the registration it replaces"
-        peer = register(peer, again, lease=60.0)
-        dispatch(peer, "ghost", 2)  # the broker queued it again and hands it to the new registration
-        peer, done = next_request(Op.TASKS_DONE)
-        broker.send_multipart([peer, reply_ok(Op.TASKS_DONE, done["rid"], accepted=["ghost"], refused=[])])
+        peer = broker.register(peer, again, lease=60.0)
+        broker.dispatch(peer, [("ghost", 2)])  # the broker queued it again and hands it to the new registration
+        peer, done = broker.next_request(Op.TASKS_DONE)
+        broker.ack_done(peer, done)
         assert [(c["task_id"], c["attempt"], c["ok"]) for c in done["tasks"]] == [("ghost", 2, True)]
         assert [row[0] for row in read_executions(str(log))] == ["ghost"]  # once: for attempt 2 only
         assert cluster.agent.poll() is None
     finally:
         cluster.cleanup()
-        broker.close(linger=0)
-        ctx.term()
+        broker.close()
 
 
 def test_attempts_of_an_agent_that_does_not_come_back_are_retried_after_the_grace(tmp_path):
