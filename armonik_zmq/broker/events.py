@@ -222,14 +222,6 @@ class EventBus:
                 continue
             end = min(len(snap.ids), snap.at + EVENTS_PER_PUSH)
             ids = snap.ids[snap.at:end]
-            snap.at = end
-            if snap.unread is None:
-                sub.result_ids.update(ids)
-            else:
-                snap.unread.difference_update(ids)
-            if end == len(snap.ids):
-                sub.snapshot = None
-                self.snapshots.popleft()
             sid, inline_max, status_of = sub.session_id, sub.inline_max, txn.result_status
             events = []
             for result_id in ids:
@@ -240,6 +232,14 @@ class EventBus:
                     if data is not None:
                         body["data"] = data
                 events.append([_E.RESULT_STATUS_UPDATE, body])
+            snap.at = end
+            if snap.unread is None:
+                sub.result_ids.update(ids)
+            else:
+                snap.unread.difference_update(ids)
+            if end == len(snap.ids):
+                sub.snapshot = None
+                self.snapshots.popleft()
             return sub, events
         return None
 

@@ -307,11 +307,18 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
     def _snapshot_slice(self) -> bool:
         """Send one slice of the oldest subscription snapshot in progress (broker/events.py); return whether
         some remain. Between turns, from the last commit: every event of that commit has left already."""
-        with self.store.read() as txn:
-            out = self.state.events.snapshot_slice(txn)
+        events = self.state.events
+        try:
+            with self.store.read() as txn:
+                out = events.snapshot_slice(txn)
+        except Exception:  # a bug: drop that subscription, log loudly, keep serving
+            sub = events.snapshots.popleft()
+            log.exception("snapshot of subscription %d failed inside the broker: subscription dropped", sub.rid)
+            events.unsubscribe(sub.peer, sub.rid)
+            out = None
         if out is not None:
             self._push_events(*out)
-        return bool(self.state.events.snapshots)
+        return bool(events.snapshots)
 
     def _send_all(self, outbox) -> None:
         held_acks, backend = self.held_acks, self.backend
