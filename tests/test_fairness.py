@@ -11,7 +11,7 @@ import time
 
 import zmq
 
-from armonik_zmq.broker.fairness import CLIENTS, FairQueue
+from armonik_zmq.broker.fairness import CLIENTS, LOOK_EVERY, FairQueue
 from armonik_zmq.broker.server import Broker
 from armonik_zmq.config import BrokerConfig
 from armonik_zmq.protocol import Op, decode_header, request
@@ -142,6 +142,7 @@ def test_a_client_that_comes_during_a_parts_last_message_joins_its_commit(tmp_pa
                 while not broker.frontend.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                     assert time.monotonic() < deadline, "the late request did not reach the broker"
                     time.sleep(0.001)
+                time.sleep(2 * LOOK_EVERY)  # handled for longer than LOOK_EVERY, even when the request came at once
             return create(req, txn)
 
         broker.handlers[Op.CREATE_SESSION] = slow_first
@@ -149,6 +150,6 @@ def test_a_client_that_comes_during_a_parts_last_message_joins_its_commit(tmp_pa
         assert broker.stats["turns"] == 1 and broker.stats["commits"] == 1
         for sock, rid in ((first, 1), (late, 2)):
             # sent in the turn (no other turn runs); ZeroMQ's I/O thread delivers it a moment later
-            assert sock.poll(2000), "a client was not answered at the end of the turn"
+            assert sock.poll(2000), f"client {rid} was not answered at the end of the turn ({broker.stats})"
             reply = decode_header(sock.recv_multipart()[-1])
             assert reply["rid"] == rid and reply["ok"]
