@@ -597,6 +597,8 @@ SCHEMAS: dict[Op, Map] = {
         "result_filter": FILTER,
         # only these results' events (and those the result filter lets through): a wait on many results
         "result_ids": IDS,
+        # the same ids in the one data frame, each ended by a NUL byte (a big wait: decoded a slice at a time)
+        "result_ids_frame": Bool(),
         "snapshot": Bool(),
         # results completed with at most this many bytes carry them in their RESULT_STATUS_UPDATE ("data")
         "inline_max": Int(0, INLINE_EVENT_MAX),

@@ -70,16 +70,26 @@ def _session_with_results(client: Client, n: int) -> tuple[str, list[str]]:
     return session_id, [row["result_id"] for row in rows]
 
 
-def test_a_request_sent_after_a_big_subscribe_is_answered_before_its_snapshot_ends(tmp_path):
+def _id_frame(ids: list) -> bytes:
+    return "".join(rid + "\0" for rid in ids).encode()
+
+
+@pytest.mark.parametrize("sent_as", ["header", "frame"])
+def test_a_request_sent_after_a_big_subscribe_is_answered_before_its_snapshot_ends(tmp_path, sent_as):
     """The snapshot of a subscription naming many results is read a slice per turn, each slice one push: a
     request that arrives meanwhile waits for one slice, not for the whole snapshot. Every result's status
-    arrives once, in pushes of at most EVENTS_PER_PUSH events."""
+    arrives once, in pushes of at most EVENTS_PER_PUSH events. The ids come as a header list, or as one data
+    frame (``result_ids_frame``: what the client sends, decoded a slice at a time)."""
     n = 3 * EVENTS_PER_PUSH + 10
     with serving(tmp_path, "client") as (broker, (sock,)):
         client = Client(broker, sock)
         session_id, ids = _session_with_results(client, n)
-        sub = client.send(Op.SUBSCRIBE_EVENTS, session_id=session_id, event_types=[_STATUS], result_ids=ids,
-                          snapshot=True)
+        if sent_as == "header":
+            sub = client.send(Op.SUBSCRIBE_EVENTS, session_id=session_id, event_types=[_STATUS], result_ids=ids,
+                              snapshot=True)
+        else:
+            sub = client.send(Op.SUBSCRIBE_EVENTS, _id_frame(ids), session_id=session_id, event_types=[_STATUS],
+                              result_ids_frame=True, snapshot=True)
         assert client.reply(sub)["subscription"] == sub
         probe = client.send(Op.GET_SESSIONS, session_ids=[session_id])  # the turn of a slice
         client.reply(probe)
@@ -160,3 +170,31 @@ def test_one_turn_s_events_go_out_in_pushes_of_bounded_size(tmp_path):
         pushes = client.pushes(sub)
         assert [len(p) for p in pushes] == [EVENTS_PER_PUSH, EVENTS_PER_PUSH, 5]
         assert [body["result_id"] for p in pushes for _, body in p] == [row["result_id"] for row in made]
+
+
+def test_a_bad_result_ids_frame_is_refused(tmp_path):
+    """The ids frame is checked when the subscription arrives: each id ended by a NUL, at most one frame and only
+    with ``result_ids_frame``. A refused subscription does not exist. An id that is empty, not UTF-8 or longer than
+    any key names no result: its status is NOTFOUND."""
+    with serving(tmp_path, "client") as (broker, (sock,)):
+        client = Client(broker, sock)
+        session_id, ids = _session_with_results(client, 2)
+        bad = [((b"a\0b",), {"result_ids_frame": True}, "end each id with a NUL"),
+               ((_id_frame(ids), b"x\0"), {"result_ids_frame": True}, "one data frame"),
+               ((_id_frame(ids),), {"result_ids_frame": True, "result_ids": ids}, "without result_ids"),
+               ((_id_frame(ids),), {}, "without result_ids_frame")]
+        for frames, fields, message in bad:
+            rid = client.send(Op.SUBSCRIBE_EVENTS, *frames, session_id=session_id, snapshot=True, **fields)
+            client.sock.poll(2000)
+            reply = decode_header(client.sock.recv_multipart()[0])
+            assert reply["rid"] == rid and message in reply["error"]["message"], (message, reply)
+        assert not broker.state.events.by_key and not broker.state.events.snapshots
+        sub = client.send(Op.SUBSCRIBE_EVENTS, b"\0\xff\0" + _id_frame(["x" * 600] + ids[:1]), session_id=session_id,
+                          event_types=[_STATUS], result_ids_frame=True, snapshot=True)
+        client.reply(sub)
+        broker.turn(0)
+        client.read()
+        assert client.pushes(sub) == [[[_STATUS, {"result_id": "", "status": int(ResultStatus.NOTFOUND)}],
+                                       [_STATUS, {"result_id": "\ufffd", "status": int(ResultStatus.NOTFOUND)}],
+                                       [_STATUS, {"result_id": "x" * 600, "status": int(ResultStatus.NOTFOUND)}],
+                                       [_STATUS, {"result_id": ids[0], "status": int(ResultStatus.CREATED)}]]]

@@ -12,8 +12,9 @@ for one change, and none missed: the same promise as a snapshot taken inside the
 from __future__ import annotations
 
 from collections import deque
-from typing import Optional, Sequence
+from typing import Optional
 
+from ..protocol import MAX_BATCH, ErrorCode, ProtocolError
 from ..status import EventTypes, ResultStatus, as_ints
 from .filters import Filter, equalities
 
@@ -25,18 +26,75 @@ _NOTFOUND = int(ResultStatus.NOTFOUND)
 EVENTS_PER_PUSH = 1000
 
 
+class IdFrame:
+    """Result ids sent as one data frame (UTF-8, each one ended by a NUL byte), decoded a slice at a time.
+
+    Each slice decodes its own ids: an empty id, or one that is not UTF-8 (decoded with U+FFFD in place of the
+    bad bytes), names no result, and its snapshot status is NOTFOUND (checking the whole frame up front cost
+    3-6 ms inside the turn on a busy machine).
+
+    A wait on 100,000 results sends 3.6 MB of ids: as a msgpack list they took ~7 ms to decode inside the
+    subscribing turn (quiet machine); here the turn copies and counts them (~1 ms).
+    """
+
+    __slots__ = ("buf", "count", "pos")
+
+    def __init__(self, buf):
+        buf = bytes(buf)
+        if buf and not buf.endswith(b"\0"):
+            raise ProtocolError(ErrorCode.INVALID_ARGUMENT, "the result ids frame must end each id with a NUL byte")
+        self.buf = buf
+        self.count = buf.count(b"\0")
+        if self.count > MAX_BATCH:
+            raise ProtocolError(ErrorCode.INVALID_ARGUMENT,
+                                f"the result ids frame has {self.count} ids, at most {MAX_BATCH} allowed")
+        #: where the next id starts
+        self.pos = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def done(self) -> bool:
+        return self.pos >= len(self.buf)
+
+    def take(self, n: int) -> list[str]:
+        """The next ``n`` ids (fewer at the end)."""
+        buf, start, end = self.buf, self.pos, self.pos
+        find = buf.find
+        for _ in range(n):
+            at = find(b"\0", end)
+            if at < 0:
+                break
+            end = at + 1
+        self.pos = end
+        return buf[start:end - 1].decode(errors="replace").split("\0") if end > start else []
+
+    def all(self) -> list[str]:
+        return self.buf[:-1].decode(errors="replace").split("\0") if self.buf else []
+
+
 class Snapshot:
     """The results whose current status a new subscription still waits for, in the order it named them."""
 
     __slots__ = ("ids", "at", "unread")
 
-    def __init__(self, ids: Sequence[str], unread: Optional[set]):
+    def __init__(self, ids, unread: Optional[set]):
+        #: a list, or an IdFrame
         self.ids = ids
-        #: the next id to read
+        #: how many were read
         self.at = 0
         #: the named results not read yet, whose events wait for it; None when the subscription's ``result_ids``
         #: holds only the results read so far (then nothing else passes)
         self.unread = unread
+
+    def take(self, n: int) -> list[str]:
+        """The next ``n`` named results (fewer at the end)."""
+        ids = self.ids.take(n) if type(self.ids) is IdFrame else self.ids[self.at:self.at + n]
+        self.at += len(ids)
+        return ids
+
+    def done(self) -> bool:
+        return self.ids.done() if type(self.ids) is IdFrame else self.at >= len(self.ids)
 
     def holds(self, result_id: str) -> bool:
         """Tell whether ``result_id`` is named but not read yet (its events are not sent: its status, read
@@ -96,10 +154,10 @@ class EventBus:
             self.wanted.pop(session_id, None)
 
     def subscribe(self, peer: bytes, rid: int, session_id: str, types, task_filter, result_filter,
-                  inline_max: int = 0, result_ids: Optional[Sequence[str]] = None,
-                  snapshot: bool = False) -> Subscription:
+                  inline_max: int = 0, result_ids=None, snapshot: bool = False) -> Subscription:
         """Register a subscription (replacing one of the same peer and rid); with ``snapshot`` its named results'
-        statuses go out in slices after this turn's commit (``snapshot_slice``)."""
+        statuses go out in slices after this turn's commit (``snapshot_slice``). ``result_ids``: a list of ids,
+        or an IdFrame."""
         task_filter = Filter(task_filter, "task_filter", "task")
         if result_ids is None:
             # Nothing but ``result_id eq`` clauses (how a wait on many results was sent) means the same as
@@ -119,7 +177,7 @@ class EventBus:
             sub.result_ids = None if result_ids is None else set()
             self.snapshots.append(sub)
         elif result_ids is not None:
-            sub.result_ids = set(result_ids)
+            sub.result_ids = set(result_ids.all() if type(result_ids) is IdFrame else result_ids)
         self.unsubscribe(peer, rid)
         self.by_key[(peer, rid)] = sub
         self.by_session.setdefault(session_id, []).append(sub)
@@ -220,8 +278,7 @@ class EventBus:
             if snap is None:  # unsubscribed meanwhile
                 self.snapshots.popleft()
                 continue
-            end = min(len(snap.ids), snap.at + EVENTS_PER_PUSH)
-            ids = snap.ids[snap.at:end]
+            ids = snap.take(EVENTS_PER_PUSH)
             sid, inline_max, status_of = sub.session_id, sub.inline_max, txn.result_status
             events = []
             for result_id in ids:
@@ -232,12 +289,11 @@ class EventBus:
                     if data is not None:
                         body["data"] = data
                 events.append([_E.RESULT_STATUS_UPDATE, body])
-            snap.at = end
             if snap.unread is None:
                 sub.result_ids.update(ids)
             else:
                 snap.unread.difference_update(ids)
-            if end == len(snap.ids):
+            if snap.done():
                 sub.snapshot = None
                 self.snapshots.popleft()
             return sub, events

@@ -14,6 +14,7 @@ from ..protocol import ErrorCode, Op, ProtocolError, split_frames
 from ..status import ResultStatus, SessionStatus, TaskStatus, TASK_FINAL
 from . import options as task_options
 from . import segments as shm_segments
+from .events import IdFrame
 from .state import new_id, not_found
 from .store import RESULT_FIELDS, Txn
 
@@ -313,9 +314,17 @@ class Handlers:
         h = req.header
         sid = self.state.require_session(txn, h["session_id"])["session_id"]
         events = self.state.events
+        result_ids = h.get("result_ids")
+        if h.get("result_ids_frame"):
+            if result_ids is not None or len(req.frames) != 1:
+                raise ProtocolError(ErrorCode.INVALID_ARGUMENT, "result_ids_frame: the ids come in one data frame, "
+                                    "without result_ids in the header")
+            result_ids = IdFrame(req.frames[0])
+        elif req.frames:
+            raise ProtocolError(ErrorCode.MALFORMED, f"{len(req.frames)} data frame(s) without result_ids_frame")
         # with "snapshot", the named results' statuses follow this turn's commit, in slices (broker/events.py)
         events.subscribe(req.peer, req.rid, sid, h.get("event_types"), h.get("task_filter"), h.get("result_filter"),
-                         h.get("inline_max", 0), h.get("result_ids"), bool(h.get("snapshot")))
+                         h.get("inline_max", 0), result_ids, bool(h.get("snapshot")))
         # The undo names the subscription, not the request: a closure over ``req`` (which holds it) would make a
         # reference cycle, keeping the header (a wait on N results: N ids) alive until a full collection.
         peer, rid = req.peer, req.rid

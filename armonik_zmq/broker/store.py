@@ -36,6 +36,8 @@ TASK_CACHE_MAX = 16_384
 RESULT_CACHE_MAX = 65_536
 _TASK_ENDED = frozenset(int(s) for s in TASK_FINAL)
 _RESULT_CREATED = int(ResultStatus.CREATED)
+#: LMDB's longest key (bytes)
+_MAX_KEY = 511
 
 
 def _unpack(buf):
@@ -447,7 +449,10 @@ class Txn:
         """A result's status if it is in ``session_id``, else None (a subscription's snapshot reads only this)."""
         row = self.store.result_rows.get(result_id)  # not touched: nothing is handed out to change
         if row is None:
-            buf = self.txn.get(result_id.encode(), db=self.store.results)
+            key = result_id.encode()
+            if not 0 < len(key) <= _MAX_KEY:  # no such key can exist (LMDB refuses to look it up)
+                return None
+            buf = self.txn.get(key, db=self.store.results)
             if buf is None:
                 return None
             row = decode_row(buf)

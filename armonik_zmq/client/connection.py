@@ -225,7 +225,8 @@ class Connection:
         """Subscribe to the events of a session; return the confirmed ``Subscription``.
 
         Filters are in the wire's disjunctive normal form; ``result_ids`` keeps only those results' events
-        (a wait on many results: one string each on the wire, where a filter takes three and two lists).
+        (a wait on many results: they travel in one data frame, where a filter takes three strings and two
+        lists per result).
         With ``snapshot`` the broker also pushes the current status of every result named by ``result_ids``
         or by a ``result_id eq`` term of ``result_filter`` (in pushes of at most 1,000 events).
         With ``inline_max``, a result that completes with at most that many bytes has them in its
@@ -242,8 +243,14 @@ class Connection:
             fields["task_filter"] = task_filter
         if result_filter is not None:
             fields["result_filter"] = result_filter
+        frames: tuple = ()
         if result_ids is not None:
-            fields["result_ids"] = result_ids
+            # one data frame, each id ended by a NUL: the broker decodes it a slice at a time (docs/protocol.md)
+            ids = "\0".join(result_ids)
+            if ids.count("\0") != max(0, len(result_ids) - 1):
+                raise ValueError("a result id cannot hold a NUL character")
+            fields["result_ids_frame"] = True
+            frames = (ids.encode() + b"\0",) if result_ids else (b"",)
         if snapshot:
             fields["snapshot"] = True
         if inline_max:
@@ -254,7 +261,7 @@ class Connection:
         with self._lock:
             self._subs[rid] = sub
         try:
-            self._exchange(Op.SUBSCRIBE_EVENTS, fields, (), None, rid)
+            self._exchange(Op.SUBSCRIBE_EVENTS, fields, frames, None, rid)
         except BaseException as exc:
             with self._lock:
                 self._subs.pop(rid, None)
