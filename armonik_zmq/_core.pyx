@@ -1497,6 +1497,10 @@ def pack_fields(dict row, tuple fields, Py_ssize_t packed_at, packed, fallback):
     The value at index ``packed_at`` (if >= 0) is replaced by ``packed``, stored as msgpack bin (bytes already
     packed by the caller). Values this function does not pack itself are packed by ``fallback(value) -> bytes``.
     """
+    return _pack_fields(row, fields, packed_at, packed, fallback)
+
+
+cdef object _pack_fields(dict row, tuple fields, Py_ssize_t packed_at, object packed, object fallback):
     cdef Py_ssize_t n = len(fields), i
     cdef PyObject* v
     cdef char stack[1024]
@@ -1523,6 +1527,162 @@ def pack_fields(dict row, tuple fields, Py_ssize_t packed_at, packed, fallback):
         return PyBytes_FromStringAndSize(w.p, <Py_ssize_t>w.n)
     finally:
         PyMem_Free(w.heap)
+
+
+# The rows of tasks and results are read and written several times per task (a task row at submit, dispatch and
+# completion; its output's at creation, when given an owner and when completed), each time through the decoded-row
+# caches of the Store and the live-task table. ``RowTables`` holds one transaction's part of that, compiled: the
+# methods of store.Txn that were Python (get_task, put_task, get_result, put_result), with the same reads, writes
+# and caching. ``RowRules`` holds what store.py defines (fields, codec callables, cache sizes), once per Store.
+
+cdef class RowRules:
+    """What ``RowTables`` follows, from store.py: the stored fields, the codec's callables, the caches' sizes."""
+
+    cdef tuple task_fields, result_fields
+    cdef Py_ssize_t options_at, task_cache_max, result_cache_max
+    cdef object packed_options, fallback, decode, live_value, tasks_key, results_key
+    cdef frozenset task_ended
+    cdef object submitted, result_created
+
+    def __init__(self, tuple task_fields, tuple result_fields, Py_ssize_t options_at, packed_options, fallback,
+                 decode, live_value, tasks_key, results_key, frozenset task_ended, submitted, result_created,
+                 Py_ssize_t task_cache_max, Py_ssize_t result_cache_max):
+        self.task_fields = task_fields
+        self.result_fields = result_fields
+        self.options_at = options_at
+        self.packed_options = packed_options
+        self.fallback = fallback
+        self.decode = decode
+        self.live_value = live_value
+        self.tasks_key = tasks_key
+        self.results_key = results_key
+        self.task_ended = task_ended
+        self.submitted = submitted
+        self.result_created = result_created
+        self.task_cache_max = task_cache_max
+        self.result_cache_max = result_cache_max
+
+    def encode_task(self, dict row):
+        """A task row's stored bytes: an array of TASK_FIELDS (options packed inside), or a map if it has others."""
+        return _encode_task(self, row)
+
+    def encode_result(self, dict row):
+        """A result row's stored bytes: an array of RESULT_FIELDS, or a map if it has other fields."""
+        return _encode_result(self, row)
+
+
+cdef object _encode_task(RowRules rules, dict row):
+    cdef PyObject* opts = PyDict_GetItem(row, "options")
+    cdef object packed = None
+    if opts != NULL and type(<object>opts) is dict:
+        packed = _pack_fields(row, rules.task_fields, rules.options_at, rules.packed_options(<object>opts),
+                              rules.fallback)
+    return rules.fallback(row) if packed is None else packed
+
+
+cdef object _encode_result(RowRules rules, dict row):
+    cdef object packed = _pack_fields(row, rules.result_fields, -1, None, rules.fallback)
+    return rules.fallback(row) if packed is None else packed
+
+
+cdef class RowTables:
+    """One transaction's task and result rows (store.Txn delegates to it); ``touched``: as ``Txn.touched``."""
+
+    cdef RowRules rules
+    cdef object txn, puts, tasks_db, results_db, live_db
+    cdef dict task_rows, result_rows
+    cdef object touched
+
+    def __init__(self, RowRules rules, txn, puts, tasks_db, results_db, live_db, dict task_rows, dict result_rows,
+                 touched):
+        self.rules = rules
+        self.txn = txn
+        self.puts = puts
+        self.tasks_db = tasks_db
+        self.results_db = results_db
+        self.live_db = live_db
+        self.task_rows = task_rows
+        self.result_rows = result_rows
+        self.touched = touched
+
+    cdef object _read(self, object db, str key):
+        cdef object buf = self.txn.get(key.encode(), db=db)
+        return None if buf is None else self.rules.decode(buf)
+
+    def get_task(self, str task_id):
+        cdef PyObject* cached = PyDict_GetItem(self.task_rows, task_id)
+        cdef object row
+        if cached == NULL:
+            row = self._read(self.tasks_db, task_id)
+            if (row is None or row["status"] in self.rules.task_ended
+                    or PyDict_Size(self.task_rows) >= self.rules.task_cache_max):
+                return row
+            self.task_rows[task_id] = row
+        else:
+            row = <object>cached
+        if self.touched is not None:
+            self.touched.add(task_id)
+        return row
+
+    def put_task(self, dict row, bint new=False, was=None):
+        """Store a task row (``was``: its status before, when known) and keep the live-task table in step.
+
+        The table changes in the same transaction as the status: a task leaves it when it ends, and its
+        value changes only when the task enters or leaves SUBMITTED.
+        """
+        cdef RowRules rules = self.rules
+        cdef object task_id = row["task_id"]
+        cdef bytes key = (<str>task_id).encode()
+        cdef object puts = self.puts
+        cdef object status, submitted = rules.submitted
+        cdef bint ended, is_submitted, was_submitted
+        puts.tasks(key, _encode_task(rules, row))
+        status = row["status"]
+        ended = status in rules.task_ended
+        is_submitted = status == submitted
+        was_submitted = was is not None and was == submitted
+        if ended:
+            self.txn.delete(key, db=self.live_db)
+        elif new or was is None or was_submitted != is_submitted:
+            puts.live_tasks(key, rules.live_value(row) if is_submitted else b"")
+        if new:
+            puts.session_index(rules.tasks_key(row["session_id"]), key)
+        if ended:
+            self.task_rows.pop(task_id, None)
+        elif PyDict_Size(self.task_rows) < rules.task_cache_max or task_id in self.task_rows:
+            self.task_rows[task_id] = row
+            if self.touched is not None:
+                self.touched.add(task_id)
+
+    def get_result(self, str result_id):
+        cdef PyObject* cached = PyDict_GetItem(self.result_rows, result_id)
+        cdef object row
+        if cached == NULL:
+            row = self._read(self.results_db, result_id)
+            if (row is None or row["status"] != self.rules.result_created
+                    or PyDict_Size(self.result_rows) >= self.rules.result_cache_max):
+                return row
+            self.result_rows[result_id] = row
+        else:
+            row = <object>cached
+        if self.touched is not None:
+            self.touched.add(result_id)
+        return row
+
+    def put_result(self, dict row, bint new=False):
+        cdef RowRules rules = self.rules
+        cdef object result_id = row["result_id"]
+        cdef bytes key = (<str>result_id).encode()
+        cdef object puts = self.puts
+        puts.results(key, _encode_result(rules, row))
+        if new:
+            puts.session_index(rules.results_key(row["session_id"]), key)
+        if row["status"] != rules.result_created:
+            self.result_rows.pop(result_id, None)
+        elif PyDict_Size(self.result_rows) < rules.result_cache_max or result_id in self.result_rows:
+            self.result_rows[result_id] = row
+            if self.touched is not None:
+                self.touched.add(result_id)
 
 
 # A DISPATCH message is one map holding a list of task maps, one per dispatched task: built as dicts and packed by

@@ -285,3 +285,127 @@ def test_session_task_and_result_tables_move_into_the_session_index_when_opened(
             assert txn.session_task_ids(first) == ids[first][0]
     finally:
         st.close()
+
+
+class _PythonRows:
+    """store.Txn's row methods as they were in Python, before ``_core.RowTables``: the behaviour it must keep."""
+
+    def __init__(self, st, txn, touched, task_max, result_max):
+        self.st, self.txn, self.touched, self.task_max, self.result_max = st, txn, touched, task_max, result_max
+
+    def _get(self, db, key):
+        buf = self.txn.get(key.encode(), db=db)
+        return None if buf is None else store.decode_row(buf)
+
+    def get_task(self, task_id):
+        row = self.st.task_rows.get(task_id)
+        if row is None:
+            row = self._get(self.st.tasks, task_id)
+            if row is None or row["status"] in store._TASK_ENDED or len(self.st.task_rows) >= self.task_max:
+                return row
+            self.st.task_rows[task_id] = row
+        if self.touched is not None:
+            self.touched.add(task_id)
+        return row
+
+    def put_task(self, row, new=False, was=None):
+        task_id = row["task_id"]
+        key = task_id.encode()
+        self.txn.put(key, store.encode_task(row), db=self.st.tasks)
+        status = row["status"]
+        ended = status in store._TASK_ENDED
+        if ended:
+            self.txn.delete(key, db=self.st.live_tasks)
+        elif new or was is None or (was == store._SUBMITTED) != (status == store._SUBMITTED):
+            self.txn.put(key, store._live_value(row) if status == store._SUBMITTED else b"", db=self.st.live_tasks)
+        if new:
+            self.txn.put(store.session_tasks_key(row["session_id"]), key, db=self.st.session_index)
+        cache = self.st.task_rows
+        if ended:
+            cache.pop(task_id, None)
+        elif len(cache) < self.task_max or task_id in cache:
+            cache[task_id] = row
+            if self.touched is not None:
+                self.touched.add(task_id)
+
+    def get_result(self, result_id):
+        row = self.st.result_rows.get(result_id)
+        if row is None:
+            row = self._get(self.st.results, result_id)
+            if row is None or row["status"] != store._RESULT_CREATED or len(self.st.result_rows) >= self.result_max:
+                return row
+            self.st.result_rows[result_id] = row
+        if self.touched is not None:
+            self.touched.add(result_id)
+        return row
+
+    def put_result(self, row, new=False):
+        result_id = row["result_id"]
+        key = result_id.encode()
+        self.txn.put(key, store.encode_result(row), db=self.st.results)
+        if new:
+            self.txn.put(store.session_results_key(row["session_id"]), key, db=self.st.session_index)
+        cache = self.st.result_rows
+        if row["status"] != store._RESULT_CREATED:
+            cache.pop(result_id, None)
+        elif len(cache) < self.result_max or result_id in cache:
+            cache[result_id] = row
+            if self.touched is not None:
+                self.touched.add(result_id)
+
+
+#: task statuses where the live-task and cache rules differ: SUBMITTED, two unfinished, two final
+_task_statuses = st.sampled_from([2, 2, 3, 9, 12, 4, 5])
+_row_ops = st.lists(st.tuples(st.sampled_from(["put_task", "get_task", "put_result", "get_result"]),
+                              st.integers(0, 4), _task_statuses, st.booleans(), st.none() | _task_statuses,
+                              st.integers(0, 4)), max_size=40)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_row_ops, st.booleans(), st.integers(0, 3))
+def test_compiled_row_tables_store_and_cache_rows_as_the_python_methods_they_replaced(tmp_path_factory, ops,
+                                                                                       with_touched, cache_max):
+    """``_core.RowTables`` (store.Txn's get/put of task and result rows) against the Python it replaced: the same
+    rows returned, the same LMDB tables (tasks, results, live tasks, session index), caches and touched ids."""
+    from armonik_zmq._core import RowRules, RowTables
+    from armonik_zmq.broker.state import _NEW_TASK
+
+    base = tmp_path_factory.mktemp("rows")
+    stores = [store.Store(str(base / name), map_size=1 << 24, sync=False) for name in ("compiled", "python")]
+    rules = RowRules(store.TASK_FIELDS, store.RESULT_FIELDS, store._OPTIONS_AT, store.packed_options, store._pack,
+                     store.decode_row, store._live_value, store.session_tasks_key, store.session_results_key,
+                     store._TASK_ENDED, store._SUBMITTED, store._RESULT_CREATED, cache_max, cache_max)
+    options = [{"partition_id": "p", "priority": 1, "max_retries": 1}, {"partition_id": "q", "priority": 3}]
+    try:
+        touched = [set() if with_touched else None, set() if with_touched else None]
+        with stores[0].write() as compiled_txn, stores[1].write() as python_txn:
+            sides = [RowTables(rules, compiled_txn.txn, compiled_txn.puts, stores[0].tasks, stores[0].results,
+                               stores[0].live_tasks, stores[0].task_rows, stores[0].result_rows, touched[0]),
+                     _PythonRows(stores[1], python_txn.txn, touched[1], cache_max, cache_max)]
+            for op, ident, status, new, was, variant in ops:
+                answers = []
+                for side in sides:
+                    if op == "put_task":
+                        # variant 4: a row with a field of its own (stored as a map)
+                        row = {**_NEW_TASK, "task_id": f"t{ident}", "session_id": f"s{ident % 2}", "status": status,
+                               "options": options[variant % 2], **({"extra": 1} if variant == 4 else {})}
+                        answers.append(side.put_task(row, new=new, was=was))
+                    elif op == "put_result":
+                        row = {"result_id": f"r{ident}", "session_id": f"s{ident % 2}", "name": "n",
+                               "owner_task_id": "", "created_by": "", "completed_by": "", "status": variant % 3,
+                               "created_at": 1.5, "completed_at": None, "size": 0, "opaque_id": b"",
+                               "manual_deletion": new, **({"extra": 1} if variant == 4 else {})}
+                        answers.append(side.put_result(row, new=new))
+                    else:
+                        answers.append(getattr(side, op)(f"{op[4]}{ident}"))
+                assert answers[0] == answers[1]
+            assert touched[0] == touched[1]
+            for a, b in ((stores[0].task_rows, stores[1].task_rows), (stores[0].result_rows, stores[1].result_rows)):
+                assert a == b and list(a) == list(b)
+            tables = [[list(txn.txn.cursor(db=db).iternext()) for db in (s.tasks, s.results, s.live_tasks,
+                                                                          s.session_index)]
+                      for s, txn in zip(stores, (compiled_txn, python_txn))]
+            assert tables[0] == tables[1]
+    finally:
+        for s in stores:
+            s.close()

@@ -15,7 +15,7 @@ from typing import Iterator, Optional
 import lmdb
 import msgpack
 
-from .._core import pack_fields, unpack_fields
+from .._core import RowRules, RowTables, unpack_fields
 from ..protocol import DATA_CHUNK_MAX_SIZE, ErrorCode, ProtocolError
 from ..status import TASK_FINAL, ResultStatus, TaskStatus
 
@@ -87,14 +87,11 @@ def packed_options(opts: dict) -> bytes:
 
 
 def encode_task(row: dict) -> bytes:
-    opts = row.get("options")
-    packed = pack_fields(row, TASK_FIELDS, _OPTIONS_AT, packed_options(opts), _pack) if type(opts) is dict else None
-    return _pack(row) if packed is None else packed
+    return _RULES.encode_task(row)
 
 
 def encode_result(row: dict) -> bytes:
-    packed = pack_fields(row, RESULT_FIELDS, -1, None, _pack)
-    return _pack(row) if packed is None else packed
+    return _RULES.encode_result(row)
 
 
 def decode_row(buf) -> dict:
@@ -339,6 +336,11 @@ def _live_value(row: dict) -> bytes:
 #: packed live-task values by (partition, priority): a few partitions x 99 priorities at most
 _LIVE_VALUES: dict[tuple, bytes] = {}
 
+#: how task and result rows are stored and cached (``_core.RowTables``, the rows of ``Txn``)
+_RULES = RowRules(TASK_FIELDS, RESULT_FIELDS, _OPTIONS_AT, packed_options, _pack, decode_row, _live_value,
+                  session_tasks_key, session_results_key, _TASK_ENDED, _SUBMITTED, _RESULT_CREATED, TASK_CACHE_MAX,
+                  RESULT_CACHE_MAX)
+
 
 #: packed object rows of one-chunk data by (size, chunk size), for sizes below this (the small results of most tasks)
 _ONE_CHUNK_ROWS: dict[tuple[int, int], bytes] = {}
@@ -371,7 +373,7 @@ class _Puts:
 class Txn:
     """Typed access to the tables inside one LMDB transaction."""
 
-    __slots__ = ("store", "txn", "touched", "puts")
+    __slots__ = ("store", "txn", "touched", "puts", "get_task", "put_task", "get_result", "put_result")
 
     def __init__(self, store: Store, txn: lmdb.Transaction, touched: Optional[set] = None):
         self.store = store
@@ -380,6 +382,17 @@ class Txn:
         self.touched = touched
         #: this transaction's cursors' puts (each cursor opened at its table's first write)
         self.puts = _Puts(txn, store)
+        # Task and result rows (compiled: _core.RowTables). get_task(task_id) and get_result(result_id) return the
+        # row (decoded, cached while unfinished) or None. put_task(row, new=False, was=None) stores a task row
+        # (``was``: its status before, when known) and keeps the live-task table in step: a task leaves it when
+        # it ends, and its value changes only when the task enters or leaves SUBMITTED; ``new`` adds it to the
+        # session index. put_result(row, new=False) stores a result row (``new``: indexed in its session).
+        rows = RowTables(_RULES, txn, self.puts, store.tasks, store.results, store.live_tasks, store.task_rows,
+                         store.result_rows, touched)
+        self.get_task = rows.get_task
+        self.put_task = rows.put_task
+        self.get_result = rows.get_result
+        self.put_result = rows.put_result
 
     def nested(self) -> "_Nested":
         """Run one request in a child transaction, so its failure undoes only its own writes."""
@@ -397,54 +410,6 @@ class Txn:
     def put_session(self, row: dict) -> None:
         self.txn.put(row["session_id"].encode(), _pack(row), db=self.store.sessions)
 
-    def get_task(self, task_id: str) -> Optional[dict]:
-        row = self.store.task_rows.get(task_id)
-        if row is None:
-            row = self._get(self.store.tasks, task_id)
-            if row is None or row["status"] in _TASK_ENDED or len(self.store.task_rows) >= TASK_CACHE_MAX:
-                return row
-            self.store.task_rows[task_id] = row
-        if self.touched is not None:
-            self.touched.add(task_id)
-        return row
-
-    def put_task(self, row: dict, new: bool = False, was: Optional[int] = None) -> None:
-        """Store a task row (``was``: its status before, when known) and keep the live-task table in step.
-
-        The table changes in the same transaction as the status: a task leaves it when it ends, and
-        its value changes only when the task enters or leaves SUBMITTED.
-        """
-        task_id = row["task_id"]
-        key = task_id.encode()
-        puts = self.puts
-        puts.tasks(key, encode_task(row))
-        status = row["status"]
-        ended = status in _TASK_ENDED
-        if ended:
-            self.txn.delete(key, db=self.store.live_tasks)
-        elif new or was is None or (was == _SUBMITTED) != (status == _SUBMITTED):
-            puts.live_tasks(key, _live_value(row) if status == _SUBMITTED else b"")
-        if new:
-            puts.session_index(session_tasks_key(row["session_id"]), key)
-        cache = self.store.task_rows
-        if ended:
-            cache.pop(task_id, None)
-        elif len(cache) < TASK_CACHE_MAX or task_id in cache:
-            cache[task_id] = row
-            if self.touched is not None:
-                self.touched.add(task_id)
-
-    def get_result(self, result_id: str) -> Optional[dict]:
-        row = self.store.result_rows.get(result_id)
-        if row is None:
-            row = self._get(self.store.results, result_id)
-            if row is None or row["status"] != _RESULT_CREATED or len(self.store.result_rows) >= RESULT_CACHE_MAX:
-                return row
-            self.store.result_rows[result_id] = row
-        if self.touched is not None:
-            self.touched.add(result_id)
-        return row
-
     def result_status(self, result_id: str, session_id: str) -> Optional[int]:
         """A result's status if it is in ``session_id``, else None (a subscription's snapshot reads only this)."""
         row = self.store.result_rows.get(result_id)  # not touched: nothing is handed out to change
@@ -457,21 +422,6 @@ class Txn:
                 return None
             row = decode_row(buf)
         return row["status"] if row["session_id"] == session_id else None
-
-    def put_result(self, row: dict, new: bool = False) -> None:
-        result_id = row["result_id"]
-        key = result_id.encode()
-        puts = self.puts
-        puts.results(key, encode_result(row))
-        if new:
-            puts.session_index(session_results_key(row["session_id"]), key)
-        cache = self.store.result_rows
-        if row["status"] != _RESULT_CREATED:
-            cache.pop(result_id, None)
-        elif len(cache) < RESULT_CACHE_MAX or result_id in cache:
-            cache[result_id] = row
-            if self.touched is not None:
-                self.touched.add(result_id)
 
     # -- object data (see objects.py) -------------------------------------------------------------
     # An object row is {size, chunks, chunk_size} plus ``staged`` while an upload is unfinished, or
