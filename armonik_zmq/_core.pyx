@@ -1685,6 +1685,79 @@ cdef class RowTables:
                 self.touched.add(result_id)
 
 
+# Every task goes through set_task_status three or four times, and its output through mark_result_completed once:
+# ``Transitions`` holds them compiled, bound by BrokerState as its own methods (state.py documents each). The rules
+# stay where they are defined: status.TASK_TRANSITIONS (an illegal move is raised by status.check_task_transition),
+# state._STAMP, and the events of events.EventBus.
+
+cdef class Transitions:
+    """BrokerState's task and result transitions: set_task_status, task_ended, set_completed,
+    mark_result_completed and complete_result (state.py describes them)."""
+
+    cdef Core core
+    cdef dict task_slot, slot_task, result_slot, transitions, stamps
+    cdef object check_transition, task_status_event, result_status_event
+    cdef object submitted, result_completed
+
+    def __init__(self, Core core, dict task_slot, dict slot_task, dict result_slot, dict transitions, dict stamps,
+                 check_transition, task_status_event, result_status_event, submitted, result_completed):
+        self.core = core
+        self.task_slot = task_slot
+        self.slot_task = slot_task
+        self.result_slot = result_slot
+        self.transitions = transitions
+        self.stamps = stamps
+        self.check_transition = check_transition
+        self.task_status_event = task_status_event
+        self.result_status_event = result_status_event
+        self.submitted = submitted
+        self.result_completed = result_completed
+
+    def set_task_status(self, txn, dict row, status, now, message=None, bint store=True):
+        cdef object was = row["status"]
+        cdef PyObject* allowed = PyDict_GetItem(self.transitions, was)
+        cdef PyObject* stamp
+        if allowed == NULL or status not in <object>allowed:
+            self.check_transition(was, status)  # raises IllegalTransition
+        row["status"] = int(status)
+        stamp = PyDict_GetItem(self.stamps, status)
+        if stamp != NULL:
+            row[<object>stamp] = now
+        if message is not None:
+            row["status_message"] = message
+        # A move into or out of SUBMITTED is always stored: the live-task table's entry changes with it.
+        if store or (was == self.submitted) != (status == self.submitted):
+            txn.put_task(row, was=was)
+        self.task_status_event(row)
+
+    def task_ended(self, task_id):
+        cdef object slot = self.task_slot.pop(task_id, None)
+        if slot is not None:
+            del self.slot_task[slot]
+            self.core.free_task(slot)
+
+    def set_completed(self, dict row, size, completed_by, now):
+        row["status"] = self.result_completed
+        row["size"] = size
+        row["completed_at"] = now
+        row["completed_by"] = completed_by
+
+    def mark_result_completed(self, txn, dict row, size, completed_by, now, data=None):
+        cdef object slot, t
+        self.set_completed(row, size, completed_by, now)
+        txn.put_result(row)
+        self.result_status_event(row, data)
+        slot = self.result_slot.pop(row["result_id"], None)
+        if slot is None:
+            return
+        for t in self.core.on_result_ready(slot):
+            self.set_task_status(txn, txn.get_task(self.slot_task[t]), self.submitted, now)
+        self.core.free_result(slot)
+
+    def complete_result(self, txn, dict row, data, completed_by, now):
+        self.mark_result_completed(txn, row, txn.put_object(row["result_id"], data), completed_by, now, data)
+
+
 # A DISPATCH message is one map holding a list of task maps, one per dispatched task: built as dicts and packed by
 # msgpack, each task cost a 12-key dict (kept alive, and scanned by the GC, until the message was sent) and the
 # packing of its options map again. ``DispatchMessage`` writes each task's map as it is added, with the keys

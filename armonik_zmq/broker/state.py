@@ -12,10 +12,11 @@ import logging
 import time
 from typing import Iterable, Optional
 
-from .._core import Core
+from .._core import Core, Transitions
 from ..ids import new_id  # noqa: F401  (re-exported: handlers and tests use state.new_id)
 from ..protocol import ErrorCode, ProtocolError
-from ..status import ResultStatus, SessionStatus, TaskStatus, TASK_FINAL, as_ints, check_task_transition
+from ..status import (TASK_TRANSITIONS, ResultStatus, SessionStatus, TaskStatus, TASK_FINAL, as_ints,
+                      check_task_transition)
 from . import options as task_options
 from .events import EventBus
 from .store import Txn
@@ -48,14 +49,6 @@ def not_found(kind: str, ident: str, session_id: Optional[str] = None) -> Protoc
     return ProtocolError(ErrorCode.NOT_FOUND, f"{kind} {ident} not found{where}")
 
 
-def _set_completed(row: dict, size: int, completed_by: str, now: float) -> None:
-    """The fields of a result row that become COMPLETED (its data of ``size`` bytes stored or referenced)."""
-    row["status"] = int(_R.COMPLETED)
-    row["size"] = size
-    row["completed_at"] = now
-    row["completed_by"] = completed_by
-
-
 class BrokerState:
     def __init__(self, partitions: Iterable[str], events: EventBus):
         self.core = Core()
@@ -71,6 +64,26 @@ class BrokerState:
         self.orphans: dict[str, list[str]] = {}
         #: session id -> User-Id of its creator ("" without security), for authorization (broker/auth.py)
         self.session_owner: dict[str, str] = {}
+        # The transitions every task goes through, compiled (_core.Transitions):
+        # - set_task_status(txn, row, status, now, message=None, store=True): move a task to ``status`` (checked
+        #   against status.TASK_TRANSITIONS), stamp it (_STAMP), store it, tell subscribers. ``store=False``: the
+        #   caller moves the row on again in the same transaction and stores it then (one write for both
+        #   transitions; subscribers still see each status); a move into or out of SUBMITTED is stored anyway.
+        # - _task_ended(task_id): free the task's core slot (it no longer waits, queues or holds credit).
+        # - _set_completed(row, size, completed_by, now): the fields of a result row that become COMPLETED.
+        # - mark_result_completed(txn, row, size, completed_by, now, data=None): mark a result whose data is stored
+        #   (or referenced) COMPLETED and queue the tasks waiting only for it; ``data``: the bytes (or frames)
+        #   stored inline, which its event may carry to subscribers that asked.
+        # - complete_result(txn, row, data, completed_by, now): store a result's data (bytes or frames), then
+        #   ``mark_result_completed``.
+        moves = Transitions(self.core, self.task_slot, self.slot_task, self.result_slot, TASK_TRANSITIONS, _STAMP,
+                            check_task_transition, events.task_status, events.result_status, int(_T.SUBMITTED),
+                            int(_R.COMPLETED))
+        self.set_task_status = moves.set_task_status
+        self._task_ended = moves.task_ended
+        self._set_completed = moves.set_completed
+        self.mark_result_completed = moves.mark_result_completed
+        self.complete_result = moves.complete_result
 
     # -- sessions ------------------------------------------------------------------------------
 
@@ -119,7 +132,7 @@ class BrokerState:
         """``insert_result`` then ``complete_result`` for a new result that comes with its data (nothing waits on
         it yet): the same events, one row write instead of two."""
         self.events.new_result(row)
-        _set_completed(row, txn.put_object(row["result_id"], data), "", now)
+        self._set_completed(row, txn.put_object(row["result_id"], data), "", now)
         txn.put_result(row, new=True)
         self.events.result_status(row, data)
 
@@ -129,10 +142,6 @@ class BrokerState:
             raise not_found("result", result_id, session_id)
         return row
 
-    def complete_result(self, txn: Txn, row: dict, data, completed_by: str, now: float) -> None:
-        """Store a result's data (bytes or frames), mark it COMPLETED and queue the tasks waiting only for it."""
-        self.mark_result_completed(txn, row, txn.put_object(row["result_id"], data), completed_by, now, data)
-
     def delete_result_data(self, txn: Txn, row: dict) -> None:
         """Delete a result's data and keep its metadata: DELETED (an imported object's file stays)."""
         txn.delete_object(row["result_id"])
@@ -140,56 +149,13 @@ class BrokerState:
         txn.put_result(row)
         self.events.result_status(row)
 
-    def mark_result_completed(self, txn: Txn, row: dict, size: int, completed_by: str, now: float,
-                              data=None) -> None:
-        """Mark a result whose data is stored (or referenced) COMPLETED and queue the tasks waiting only for it.
-
-        ``data``: the bytes (or frames) stored inline, which its event may carry to subscribers that asked.
-        """
-        _set_completed(row, size, completed_by, now)
-        txn.put_result(row)
-        self.events.result_status(row, data)
-        slot = self.result_slot.pop(row["result_id"], None)
-        if slot is None:
-            return
-        for t in self.core.on_result_ready(slot):
-            trow = txn.get_task(self.slot_task[t])
-            self.set_task_status(txn, trow, _T.SUBMITTED, now)
-        self.core.free_result(slot)
-
     # -- tasks ---------------------------------------------------------------------------------
-
-    def set_task_status(self, txn: Txn, row: dict, status: TaskStatus, now: float, message: Optional[str] = None,
-                        store: bool = True) -> None:
-        """Move a task to ``status`` (checked against status.TASK_TRANSITIONS), stamp it, store it, tell subscribers.
-
-        ``store=False``: the caller moves the row on again in the same transaction and stores it then
-        (one write for both transitions; subscribers still see each status).
-        """
-        was = row["status"]
-        check_task_transition(was, status)
-        row["status"] = int(status)
-        stamp = _STAMP.get(status)
-        if stamp:
-            row[stamp] = now
-        if message is not None:
-            row["status_message"] = message
-        # A move into or out of SUBMITTED is always stored: the live-task table's entry changes with it.
-        if store or (was == _T.SUBMITTED) != (status == _T.SUBMITTED):
-            txn.put_task(row, was=was)
-        self.events.task_status(row)
 
     def require_task(self, txn: Txn, task_id: str) -> dict:
         row = txn.get_task(task_id)
         if row is None:
             raise not_found("task", task_id)
         return row
-
-    def _task_ended(self, task_id: str) -> None:
-        slot = self.task_slot.pop(task_id, None)
-        if slot is not None:
-            del self.slot_task[slot]
-            self.core.free_task(slot)
 
     def _add_to_core(self, task_id: str, opts: dict, missing: Iterable[str]) -> None:
         """Give a task its core slot, waiting for the results in ``missing`` (no data yet); queued at once if none."""
