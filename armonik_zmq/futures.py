@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import logging
 import threading
 import time
@@ -197,20 +198,21 @@ class Client:
                priority: Optional[int] = None, partition: Optional[str] = None, **kwargs) -> Future:
         """Run ``fn(*args, **kwargs)`` on a worker; futures among the arguments are replaced by their values."""
         options = _task_options(retries, timeout, priority, partition)
-        return self._submit_calls(fn, [(args, kwargs)], options)[0]
+        return self._submit_calls(fn, [[(args, kwargs)]], options)[0]
 
     def map(self, fn: Callable, *iterables: Iterable, chunksize: int = 1000, retries: Optional[int] = None,
             timeout: Optional[float] = None, priority: Optional[int] = None,
             partition: Optional[str] = None) -> List[Future]:
-        """Submit ``fn`` over the zipped iterables, ``chunksize`` calls per broker message; return their futures."""
+        """Submit ``fn`` over the zipped iterables, ``chunksize`` calls per broker message; return their futures.
+
+        The next message is pickled while the broker handles the previous one: it leaves as soon as that one's
+        reply has come.
+        """
         if chunksize < 1:
             raise ValueError(f"chunksize must be at least 1, got {chunksize}")
         options = _task_options(retries, timeout, priority, partition)
         calls = ((args, {}) for args in zip(*iterables))
-        futures: List[Future] = []
-        while batch := list(islice(calls, chunksize)):
-            futures.extend(self._submit_calls(fn, batch, options))
-        return futures
+        return self._submit_calls(fn, iter(lambda: list(islice(calls, chunksize)), []), options)
 
     def _dump_function(self, fn: Callable) -> bytes:
         """Return ``fn`` pickled with cloudpickle, once per function object."""
@@ -222,49 +224,68 @@ class Client:
             data = self._function_bytes[fn] = functions.dump_function(fn)
         return data
 
-    def _submit_calls(self, fn: Callable, calls: Sequence[tuple], options: Optional[dict]) -> List[Future]:
-        """Submit one task per call, all in one SUBMIT_INLINE request (payloads, outputs and tasks together)."""
+    def _submit_calls(self, fn: Callable, batches: Iterable[Sequence[tuple]], options: Optional[dict]) -> List[Future]:
+        """Submit one task per call, one SUBMIT_INLINE request per batch of calls (payloads, outputs and tasks
+        together); return their futures, in order."""
         self._check_open()
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
         function_bytes = self._dump_function(fn)
         name = getattr(fn, "__name__", "call")
-        counts, frames, dependencies = [], [], []
-        for args, kwargs in calls:
-            payload, deps = functions.dump_call(function_bytes, args, kwargs, Future)
-            parts = chunks(payload, self._chunk_size)
-            counts.append(len(parts))
-            frames.extend(parts)
-            dependencies.append(deps)
         sid = self.session_id
-        tasks = [{"name": name, "data_dependencies": deps} for deps in dependencies]
-        if options:
-            for task in tasks:
-                task["options"] = options
+
+        def request(calls: Sequence[tuple]) -> tuple[dict, list]:
+            counts, frames, tasks = [], [], []
+            for args, kwargs in calls:
+                payload, deps = functions.dump_call(function_bytes, args, kwargs, Future)
+                parts = chunks(payload, self._chunk_size)
+                counts.append(len(parts))
+                frames.extend(parts)
+                task = {"name": name, "data_dependencies": deps}
+                if options:
+                    task["options"] = options
+                tasks.append(task)
+            return {"session_id": sid, "tasks": tasks, "frames": counts}, frames
+
+        batches = iter(batches)
+        first = next(batches, None)
+        if first is None:
+            return []
+        second = next(batches, None)
         # One request creates the payloads, the outputs and the tasks (one commit on the way to the start).
         # The output ids come with its reply, so a completion may overtake their registration: statuses
         # of unknown results are kept meanwhile (``_early``) and looked at once the futures are registered.
         with self._lock:
             self._inline_in_flight += 1
+        futures: List[Future] = []
         try:
-            header, _ = self._conn.call(Op.SUBMIT_INLINE, frames=frames, counts=counts, session_id=sid, tasks=tasks)
-        except BaseException:
+            if second is None:
+                fields, frames = request(first)
+                replies = [self._conn._exchange(Op.SUBMIT_INLINE, fields, frames, None)]
+            else:
+                # One request in flight at a time (two would share the broker's turn and its commit, which then
+                # answers neither before both are handled); the next one is pickled while the broker handles it.
+                replies = self._conn._replies(Op.SUBMIT_INLINE, map(request, itertools.chain((first, second), batches)),
+                                              window=1)
+            for header, _ in replies:
+                futures.extend(self._register(header["tasks"]))
+        finally:
             with self._lock:
                 self._inline_in_flight -= 1
                 if not self._inline_in_flight:
                     self._early.clear()
-            raise
+        return futures
+
+    def _register(self, tasks: list) -> List[Future]:
+        """Make and register the futures of tasks a SUBMIT_INLINE created; settle those whose status came first."""
         futures = []
         with self._lock:
-            for task in header["tasks"]:
+            for task in tasks:
                 fut = Future(self, task["expected_output_ids"][0])
                 fut.task_id = task["task_id"]
                 self._pending[fut.result_id] = fut
                 futures.append(fut)
-            early = [self._early[f.result_id] + (f.result_id,) for f in futures if f.result_id in self._early]
-            self._inline_in_flight -= 1
-            if not self._inline_in_flight:
-                self._early.clear()
+            early = [self._early.pop(f.result_id) + (f.result_id,) for f in futures if f.result_id in self._early]
         if early:
             self._on_statuses({rid: status for status, _, rid in early},
                               {rid: data for _, data, rid in early if data is not None})

@@ -14,6 +14,7 @@ import cloudpickle
 import pytest
 
 import armonik_zmq
+from armonik_zmq.protocol import Op
 from armonik_zmq.client import ArmoniKTasks, connect
 from armonik_zmq.cluster import LocalProcesses
 from armonik_zmq.errors import TaskCancelledError, TaskTimeoutError, WorkerLostError
@@ -80,6 +81,42 @@ def test_map_batches_and_gather(client):
     futures = client.map(add, range(50), range(50), chunksize=20)
     assert client.gather(futures) == [2 * i for i in range(50)]
     assert len({f.task_id for f in futures}) == 50
+
+
+class Probe:
+    """An argument that notes, when it is pickled, whether the requests sent before it were answered."""
+
+    submitted: list = []
+    seen: list = []
+
+    def __init__(self, i):
+        self.i = i
+
+    def __reduce__(self):
+        Probe.seen.append((self.i, [f.done() for f in Probe.submitted]))
+        return int, (self.i,)
+
+
+def test_map_pickles_its_next_batch_while_the_broker_handles_the_previous_one(client):
+    """One SUBMIT_INLINE in flight at a time, and the next one ready to leave when its reply comes."""
+    conn = client._conn
+    submit = conn._submit
+
+    def noting(op, fields, frames, rid=None):
+        rid, fut = submit(op, fields, frames, rid)
+        if op == Op.SUBMIT_INLINE:
+            Probe.submitted.append(fut)
+        return rid, fut
+
+    Probe.submitted, Probe.seen = [], []
+    conn._submit = noting
+    try:
+        futures = client.map(add, [Probe(i) for i in range(3)], range(3), chunksize=1)
+    finally:
+        del conn._submit
+    # call i is pickled while request i - 1 awaits its reply, and once every earlier one is answered
+    assert Probe.seen == [(0, []), (1, [False]), (2, [True, False])]
+    assert client.gather(futures, timeout=60) == [0, 2, 4]
 
 
 def test_remote_exception_keeps_type_and_traceback(client):

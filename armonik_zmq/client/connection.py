@@ -374,21 +374,27 @@ class Connection:
         second = next(requests, None)
         if second is None:  # the usual case: one request, sent with the reader role taken (see _exchange)
             return [self._exchange(op, first[0], first[1], timeout)]
+        return list(self._replies(op, itertools.chain((first, second), requests), timeout, window))
+
+    def _replies(self, op: Op, requests: Iterable[tuple[dict, Sequence[Any]]], timeout: Optional[float] = None,
+                 window: Optional[int] = None) -> Iterator[tuple[dict, list]]:
+        """``_call_many``'s pipeline, yielding each reply as it comes, in order. A request is drawn from ``requests``
+        before the wait for a reply that makes room for it in the window: a generator builds the next request
+        while the broker handles those in flight (with ``window`` 1: one request at a time, and no pause between
+        a reply and the next request)."""
         sent: deque = deque()
-        replies = []
         try:
-            for fields, frames in itertools.chain((first, second), requests):
-                sent.append(self._submit(op, fields, frames))
+            for fields, frames in requests:
                 if window is not None and len(sent) >= window:
-                    replies.append(self._wait(op, *sent.popleft(), timeout))
+                    yield self._wait(op, *sent.popleft(), timeout)
+                sent.append(self._submit(op, fields, frames))
             while sent:
-                replies.append(self._wait(op, *sent.popleft(), timeout))
-            return replies
-        except BaseException:
-            with self._lock:  # nobody will read the other replies
-                for rid, _ in sent:
-                    self._pending.pop(rid, None)
-            raise
+                yield self._wait(op, *sent.popleft(), timeout)
+        finally:
+            if sent:  # an error, or the caller stopped iterating: nobody will read the other replies
+                with self._lock:
+                    for rid, _ in sent:
+                        self._pending.pop(rid, None)
 
     def _wait(self, op: Op, rid: int, fut: Future, timeout: Optional[float],
               deadline: Optional[float] = None) -> tuple[dict, list]:
