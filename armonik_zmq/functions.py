@@ -198,8 +198,11 @@ def processor(task_handler) -> Output:
                              "serve other tasks with armonik_zmq.processors.with_functions(your_processor)")
         function_bytes, argument_bytes, *aliases = pickle.loads(memoryview(task_handler.payload)[len(PAYLOAD_MAGIC):])
         fn = _function(function_bytes)
-        args, kwargs = _load_arguments(argument_bytes, {rid: serialization.unpack(data)
-                                                        for rid, data in deps.items()}, aliases[0] if aliases else {})
+        if deps or aliases:
+            args, kwargs = _load_arguments(argument_bytes, {rid: serialization.unpack(data) for rid, data in deps.items()},
+                                           aliases[0] if aliases else {})
+        else:  # no future among the arguments, so no persistent id: the plain unpickler (no object per call)
+            args, kwargs = pickle.loads(argument_bytes)
         with subtasks.running(task_handler) as client:
             value = fn(*args, **kwargs)
             # A subtask's future returned: the subtask takes over this output (it writes it, not us).

@@ -312,7 +312,10 @@ class Agent:
             if reason is not None:
                 self._release(task, reason)
                 continue
-            missing = [rid for rid in task.inputs() if rid not in task.data]
+            if msg["data_dependencies"]:
+                missing = [rid for rid in task.inputs() if rid not in task.data]
+            else:  # (most tasks: the payload alone, inline)
+                missing = [] if msg["payload_id"] in task.data else [msg["payload_id"]]
             if missing:
                 self._prefetch(task, missing)
             else:
@@ -541,8 +544,9 @@ class Agent:
             run = {"token": task.token, "task_id": task.task_id, "session_id": msg["session_id"],
                    "payload_id": msg["payload_id"], "data_dependencies": msg["data_dependencies"],
                    "expected_output_ids": msg["expected_output_ids"], "options": len(options) - 1}
-            inputs = [task.data[msg["payload_id"]], *(task.data[d] for d in msg["data_dependencies"])]
-            if any(d is _MAPPED for d in inputs):
+            deps = msg["data_dependencies"]
+            inputs = [task.data[msg["payload_id"]], *[task.data[d] for d in deps]] if deps else [task.data[msg["payload_id"]]]
+            if _MAPPED in inputs:  # (by identity first: an input is bytes or a buffer)
                 run["mapped"] = [rid for rid in task.inputs() if task.data[rid] is _MAPPED]
                 inputs = [d for d in inputs if d is not _MAPPED]
             runs.append(run)
@@ -786,9 +790,14 @@ class Agent:
     @staticmethod
     def _keep_results(task: LocalTask, h: dict, frames: list) -> None:
         """Buffer result data until the task's completion report."""
-        if len(h.get("frames", ())) != len(h["result_ids"]):
+        counts, ids = h.get("frames", ()), h["result_ids"]
+        if len(counts) != len(ids):
             raise ProtocolError(ErrorCode.INVALID_ARGUMENT, "'frames' must have one count per result id")
-        for result_id, group in zip(h["result_ids"], split_frames(frames, h["frames"])):
+        if len(ids) == 1 and counts[0] == len(frames):  # (a function's one result: every frame is its own)
+            task.results.append({"result_id": ids[0], "frames": counts[0]})
+            task.result_frames.extend(frames)
+            return
+        for result_id, group in zip(ids, split_frames(frames, counts)):
             task.results.append({"result_id": result_id, "frames": len(group)})
             task.result_frames.extend(group)
 
@@ -799,10 +808,12 @@ class Agent:
         ``raised``: the processor raised or its worker died (the broker retries the task); ``timeout``: it ran
         past its max_duration (TIMEOUT); neither: it returned Output(error) (ERROR).
         """
-        completion = {"task_id": task.task_id, "attempt": task.attempt, "ok": ok,
-                      "timestamps": {k: v for k, v in (("fetched_at", task.fetched_at), ("started_at", task.started_at),
-                                                        ("processed_at", processed_at or time.time()))
-                                    if v is not None}}
+        timestamps = {"processed_at": processed_at or time.time()}
+        if task.fetched_at is not None:
+            timestamps["fetched_at"] = task.fetched_at
+        if task.started_at is not None:
+            timestamps["started_at"] = task.started_at
+        completion = {"task_id": task.task_id, "attempt": task.attempt, "ok": ok, "timestamps": timestamps}
         frames: list = []
         # Cancelled without force, or stopped while queued behind a task at its worker, which ran it before
         # the agent heard the previous one had ended (batched outputs): the run ended, nothing to report.

@@ -68,12 +68,14 @@ class TaskHandler:
         Small data travels with the task's output; nothing is committed before the output anyway.
         """
         big = {}
+        threshold = self.configuration.get("shm_threshold", 0)
         for rid, data in results_data.items():
             if isinstance(data, (list, tuple)):  # several buffers (e.g. pickle-5 out-of-band): written once
                 if self._to_segment(rid, data):
                     continue
                 data = b"".join(data)
-            elif self._to_segment(rid, [data]):
+            elif (threshold and (type(data) is not bytes or len(data) >= threshold)  # (what _to_segment looks at first)
+                  and self._to_segment(rid, [data])):
                 continue
             if len(data) < SEND_NOW_THRESHOLD:
                 self._kept[rid] = data
@@ -114,7 +116,7 @@ class TaskHandler:
         Freeing a big array built in 4 KiB pages (see hostmem.py) takes ~65 us per MiB (a 256 MiB one:
         17 ms), more than sending the output at once instead of batching it with the next ones.
         """
-        return sum(seg["segment"]["size"] for seg in self._segments) >= REPORT_BEFORE_FREEING
+        return bool(self._segments) and sum(seg["segment"]["size"] for seg in self._segments) >= REPORT_BEFORE_FREEING
 
     def _framed(self, results_data: Dict[str, bytes]) -> tuple[list, list, list]:
         ids, counts, frames = [], [], []
