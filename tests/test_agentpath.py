@@ -4,6 +4,8 @@ per message), the deeper queue for tiny tasks, and what a worker death or a long
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import threading
 import time
@@ -19,7 +21,7 @@ from conftest import Api
 from scripted import ScriptedBroker
 from reliability import read_executions
 from test_faults import cluster_with_log, options, session_tasks, submit_sha
-from test_outcomes import wait_for
+from test_outcomes import children_of, wait_for
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this module
 
@@ -234,6 +236,32 @@ def test_a_short_task_reports_its_start_with_its_completion(client):
     wait_for(lambda: status() == TaskStatus.PROCESSING, "the long task to be PROCESSING", timeout=4.0)
     assert not long.done()
     assert long.result(timeout=60) == 5.0
+
+
+def test_a_task_is_reported_started_once_its_worker_runs_it(tmp_path):
+    """The agent reports a start (the task becomes PROCESSING) when its worker's run state shows the task
+    running: a task whose worker has not taken it up (here: a stopped worker) stays DISPATCHED however long it
+    waits there. Before, a task at the head of its worker's queue for START_REPORT_DELAY was reported, which
+    under load also reported tasks that had ended and whose outputs were on their way."""
+    with LocalProcesses(data_dir=str(tmp_path / "lmdb"), workers=1) as cluster, \
+            armonik_zmq.Client(cluster.endpoint) as client:
+        assert client.submit(_noop, 0).result(timeout=60) == 0  # the worker is up and idle
+        (worker,) = children_of(cluster.agent.pid)
+
+        def status() -> int:
+            return client._conn.call(Op.GET_TASKS, task_ids=[nap.task_id])[0]["tasks"][0]["status"]
+
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            nap = client.submit(_nap, 2.0)
+            wait_for(lambda: status() != TaskStatus.SUBMITTED, "the task to reach the agent")
+            time.sleep(0.5)  # 250 times START_REPORT_DELAY
+            assert status() == TaskStatus.DISPATCHED
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        wait_for(lambda: status() == TaskStatus.PROCESSING, "the task to be PROCESSING while it runs", timeout=10.0)
+        assert not nap.done()
+        assert nap.result(timeout=60) == 2.0
 
 
 def test_w_outputs_schema():

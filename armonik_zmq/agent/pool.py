@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import itertools
+import mmap
 import time
 from collections import deque
 from typing import Optional
@@ -55,12 +56,19 @@ def run_below(nice: int) -> int:
 class WorkerProc:
     """One worker process and the tasks the agent has queued at it (the first one is running)."""
 
-    __slots__ = ("index", "popen", "link", "queue", "ready", "started", "state_path", "slow")
+    __slots__ = ("index", "popen", "link", "queue", "ready", "started", "state_path", "state", "slow")
 
     def __init__(self, index: int, popen: subprocess.Popen, state_path: str = ""):
         self.index = index
-        #: this worker's run-state file (STATE_SIZE), "" without one
+        #: this worker's run-state file (STATE_SIZE), "" without one, and its mapping (read by ``running``)
         self.state_path = state_path
+        self.state: Optional[mmap.mmap] = None
+        if state_path:
+            try:
+                with open(state_path, "rb") as f:
+                    self.state = mmap.mmap(f.fileno(), STATE_SIZE, access=mmap.ACCESS_READ)
+            except (OSError, ValueError):
+                pass  # unknown: ``running`` says so
         #: it gave back the runs queued behind a long task: no deep queue for it until its next output
         self.slow = False
         self.popen = popen
@@ -170,7 +178,20 @@ class WorkerPool:
         return token.decode("ascii", "replace"), data[0] == 1
 
     @staticmethod
+    def running(proc: WorkerProc, token: str) -> Optional[bool]:
+        """Whether the worker runs the task of run token ``token`` right now, from its run-state file (no system
+        call: a mapping); None if it cannot be told."""
+        state = proc.state
+        if state is None or state.closed:
+            return None
+        if state[0] != 1:
+            return False
+        return state[1:STATE_SIZE].rstrip(b"\0") == token.encode()[:STATE_SIZE - 1]
+
+    @staticmethod
     def forget_state(proc: WorkerProc) -> None:
+        if proc.state is not None:
+            proc.state.close()
         if proc.state_path:
             try:
                 os.unlink(proc.state_path)
