@@ -1692,24 +1692,27 @@ cdef class RowTables:
 
 cdef class Transitions:
     """BrokerState's task and result transitions: set_task_status, task_ended, set_completed,
-    mark_result_completed and complete_result (state.py describes them)."""
+    mark_result_completed, complete_result, add_to_core, insert_task and give_result (state.py describes them)."""
 
     cdef Core core
-    cdef dict task_slot, slot_task, result_slot, transitions, stamps
-    cdef object check_transition, task_status_event, result_status_event
+    cdef dict task_slot, slot_task, result_slot, partition_slot, transitions, stamps
+    cdef object check_transition, task_status_event, result_status_event, new_task_event, result_owner_event
     cdef object submitted, result_completed
 
-    def __init__(self, Core core, dict task_slot, dict slot_task, dict result_slot, dict transitions, dict stamps,
-                 check_transition, task_status_event, result_status_event, submitted, result_completed):
+    def __init__(self, Core core, dict task_slot, dict slot_task, dict result_slot, dict partition_slot,
+                 dict transitions, dict stamps, check_transition, events, submitted, result_completed):
         self.core = core
+        self.partition_slot = partition_slot
+        self.new_task_event = events.new_task
+        self.result_owner_event = events.result_owner
         self.task_slot = task_slot
         self.slot_task = slot_task
         self.result_slot = result_slot
         self.transitions = transitions
         self.stamps = stamps
         self.check_transition = check_transition
-        self.task_status_event = task_status_event
-        self.result_status_event = result_status_event
+        self.task_status_event = events.task_status
+        self.result_status_event = events.result_status
         self.submitted = submitted
         self.result_completed = result_completed
 
@@ -1756,6 +1759,29 @@ cdef class Transitions:
 
     def complete_result(self, txn, dict row, data, completed_by, now):
         self.mark_result_completed(txn, row, txn.put_object(row["result_id"], data), completed_by, now, data)
+
+    def add_to_core(self, task_id, opts, missing):
+        cdef list slots = []
+        cdef object rid, slot, tslot
+        for rid in missing:
+            slot = self.result_slot.get(rid)
+            if slot is None:
+                slot = self.result_slot[rid] = self.core.new_result()
+            slots.append(slot)
+        tslot = self.core.add_task(self.partition_slot.get(opts["partition_id"], 0), opts["priority"], slots)
+        self.task_slot[task_id] = tslot
+        self.slot_task[tslot] = task_id
+
+    def insert_task(self, txn, dict row, missing):
+        txn.put_task(row, new=True)
+        self.new_task_event(row)
+        self.add_to_core(row["task_id"], row["options"], missing)
+
+    def give_result(self, txn, dict rrow, task_id, bint new=False):
+        cdef object previous = rrow["owner_task_id"]
+        rrow["owner_task_id"] = task_id
+        txn.put_result(rrow, new=new)
+        self.result_owner_event(rrow, previous)
 
 
 # A DISPATCH message is one map holding a list of task maps, one per dispatched task: built as dicts and packed by

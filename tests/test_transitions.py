@@ -31,6 +31,14 @@ class _RecordingBus(EventBus):
         self.log.append(("result", dict(row), data))
         super().result_status(row, data)
 
+    def new_task(self, row):
+        self.log.append(("new task", dict(row)))
+        super().new_task(row)
+
+    def result_owner(self, row, previous):
+        self.log.append(("owner", dict(row), previous))
+        super().result_owner(row, previous)
+
 
 def _use_python_transitions(state: BrokerState) -> None:
     """Give ``state`` the transitions as they were written in Python before ``_core.Transitions``."""
@@ -74,7 +82,32 @@ def _use_python_transitions(state: BrokerState) -> None:
     def complete_result(txn, row, data, completed_by, now):
         mark_result_completed(txn, row, txn.put_object(row["result_id"], data), completed_by, now, data)
 
+    def add_to_core(task_id, opts, missing):
+        slots = []
+        for rid in missing:
+            slot = state.result_slot.get(rid)
+            if slot is None:
+                slot = state.result_slot[rid] = state.core.new_result()
+            slots.append(slot)
+        tslot = state.core.add_task(state.partition_slot.get(opts["partition_id"], 0), opts["priority"], slots)
+        state.task_slot[task_id] = tslot
+        state.slot_task[tslot] = task_id
+
+    def insert_task(txn, row, missing):
+        txn.put_task(row, new=True)
+        state.events.new_task(row)
+        add_to_core(row["task_id"], row["options"], missing)
+
+    def give_result(txn, rrow, task_id, new=False):
+        previous = rrow["owner_task_id"]
+        rrow["owner_task_id"] = task_id
+        txn.put_result(rrow, new=new)
+        state.events.result_owner(rrow, previous)
+
     state.set_task_status = set_task_status
+    state._add_to_core = add_to_core
+    state._insert_task = insert_task
+    state._give_result = give_result
     state._task_ended = task_ended
     state._set_completed = set_completed
     state.mark_result_completed = mark_result_completed
@@ -158,5 +191,6 @@ def test_compiled_transitions_move_tasks_and_results_as_the_python_they_replaced
 def test_the_state_binds_the_compiled_transitions():
     """BrokerState's transition methods are the compiled ones (the test above compares them with Python)."""
     state = BrokerState(["default"], EventBus())
-    for name in ("set_task_status", "_task_ended", "_set_completed", "mark_result_completed", "complete_result"):
+    for name in ("set_task_status", "_task_ended", "_set_completed", "mark_result_completed", "complete_result",
+                 "_add_to_core", "_insert_task", "_give_result"):
         assert type(getattr(state, name).__self__) is state_module.Transitions, name

@@ -76,14 +76,22 @@ class BrokerState:
         #   stored inline, which its event may carry to subscribers that asked.
         # - complete_result(txn, row, data, completed_by, now): store a result's data (bytes or frames), then
         #   ``mark_result_completed``.
-        moves = Transitions(self.core, self.task_slot, self.slot_task, self.result_slot, TASK_TRANSITIONS, _STAMP,
-                            check_task_transition, events.task_status, events.result_status, int(_T.SUBMITTED),
+        # - _add_to_core(task_id, opts, missing): give a task its core slot, waiting for the results in ``missing``
+        #   (no data yet); queued at once if none.
+        # - _insert_task(txn, row, missing): store a new task row, announce it (NEW_TASK), ``_add_to_core``.
+        # - _give_result(txn, rrow, task_id, new=False): make ``task_id`` the task responsible for producing a
+        #   result (RESULT_OWNER_UPDATE); ``new``: the row is stored for the first time (``announce_result``).
+        moves = Transitions(self.core, self.task_slot, self.slot_task, self.result_slot, self.partition_slot,
+                            TASK_TRANSITIONS, _STAMP, check_task_transition, events, int(_T.SUBMITTED),
                             int(_R.COMPLETED))
         self.set_task_status = moves.set_task_status
         self._task_ended = moves.task_ended
         self._set_completed = moves.set_completed
         self.mark_result_completed = moves.mark_result_completed
         self.complete_result = moves.complete_result
+        self._add_to_core = moves.add_to_core
+        self._insert_task = moves.insert_task
+        self._give_result = moves.give_result
 
     # -- sessions ------------------------------------------------------------------------------
 
@@ -156,32 +164,6 @@ class BrokerState:
         if row is None:
             raise not_found("task", task_id)
         return row
-
-    def _add_to_core(self, task_id: str, opts: dict, missing: Iterable[str]) -> None:
-        """Give a task its core slot, waiting for the results in ``missing`` (no data yet); queued at once if none."""
-        slots = []
-        for rid in missing:
-            slot = self.result_slot.get(rid)
-            if slot is None:
-                slot = self.result_slot[rid] = self.core.new_result()
-            slots.append(slot)
-        tslot = self.core.add_task(self.partition_slot.get(opts["partition_id"], 0), opts["priority"], slots)
-        self.task_slot[task_id] = tslot
-        self.slot_task[tslot] = task_id
-
-    def _insert_task(self, txn: Txn, row: dict, missing: list[str]) -> None:
-        """Store a new task row, announce it (NEW_TASK) and register it in the core."""
-        txn.put_task(row, new=True)
-        self.events.new_task(row)
-        self._add_to_core(row["task_id"], row["options"], missing)
-
-    def _give_result(self, txn: Txn, rrow: dict, task_id: str, new: bool = False) -> None:
-        """Make ``task_id`` the task responsible for producing a result (RESULT_OWNER_UPDATE); ``new``: the row
-        is stored for the first time (``announce_result``)."""
-        previous = rrow["owner_task_id"]
-        rrow["owner_task_id"] = task_id
-        txn.put_result(rrow, new=new)
-        self.events.result_owner(rrow, previous)
 
     def _task_options(self, own: Optional[dict], request_options: Optional[dict], session: dict, where: str) -> dict:
         """Merge and check a task's options (task > request > session), on a partition this broker serves."""
