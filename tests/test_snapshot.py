@@ -15,6 +15,7 @@ import zmq
 from armonik_zmq.broker.events import EVENTS_PER_PUSH
 from armonik_zmq.protocol import Op, decode_header, request
 from armonik_zmq.status import EventTypes, ResultStatus
+from armonik_zmq.broker.server import SLICES_PUT_OFF
 from test_fairness import OPTIONS, serving
 
 _STATUS = int(EventTypes.RESULT_STATUS_UPDATE)
@@ -91,7 +92,8 @@ def test_a_request_sent_after_a_big_subscribe_is_answered_before_its_snapshot_en
             sub = client.send(Op.SUBSCRIBE_EVENTS, _id_frame(ids), session_id=session_id, event_types=[_STATUS],
                               result_ids_frame=True, snapshot=True)
         assert client.reply(sub)["subscription"] == sub
-        probe = client.send(Op.GET_SESSIONS, session_ids=[session_id])  # the turn of a slice
+        broker.turn(0)  # the first slice
+        probe = client.send(Op.GET_SESSIONS, session_ids=[session_id])
         client.reply(probe)
         for _ in range(10):  # the rest of the slices, one per turn
             broker.turn(0)
@@ -121,7 +123,8 @@ def test_events_between_slices_follow_their_results_snapshot_status(tmp_path, na
         sub = client.send(Op.SUBSCRIBE_EVENTS, session_id=session_id, event_types=[_STATUS, _NEW], snapshot=True,
                           **named)
         client.reply(sub)
-        # this turn reads the first slice, then completes one result of each slice
+        broker.turn(0)  # the first slice
+        # then one result of each slice completes
         done = client.send(Op.UPLOAD_RESULT_DATA, b"a", b"b", session_id=session_id, result_ids=[first, last],
                            frames=[1, 1])
         client.reply(done)
@@ -198,3 +201,21 @@ def test_a_bad_result_ids_frame_is_refused(tmp_path):
                                        [_STATUS, {"result_id": "\ufffd", "status": int(ResultStatus.NOTFOUND)}],
                                        [_STATUS, {"result_id": "x" * 600, "status": int(ResultStatus.NOTFOUND)}],
                                        [_STATUS, {"result_id": ids[0], "status": int(ResultStatus.CREATED)}]]]
+
+
+def test_a_waiting_request_goes_before_the_next_slice_but_cannot_hold_the_snapshot(tmp_path):
+    """A turn that starts with a client's request waiting serves it before the next slice, which waits for the
+    turn after; a slice is put off at most SLICES_PUT_OFF turns in a row, so a stream of requests cannot hold
+    the snapshot back for ever."""
+    n = 3 * EVENTS_PER_PUSH
+    with serving(tmp_path, "client") as (broker, (sock,)):
+        client = Client(broker, sock)
+        session_id, ids = _session_with_results(client, n)
+        sub = client.send(Op.SUBSCRIBE_EVENTS, session_id=session_id, event_types=[_STATUS], result_ids=ids,
+                          snapshot=True)
+        client.reply(sub)
+        probes = [client.send(Op.GET_SESSIONS, session_ids=[session_id]) for _ in range(SLICES_PUT_OFF + 1)]
+        client.read()
+        order = [(kind, r) for kind, r, _ in client.received if r in (sub, *probes)]
+        assert order[1:] == ([("reply", p) for p in probes[:SLICES_PUT_OFF]]
+                             + [("events", sub), ("reply", probes[-1])]), order

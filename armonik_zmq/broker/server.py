@@ -65,6 +65,10 @@ _REJECT_REASON = {ErrorCode.MALFORMED: "malformed", ErrorCode.UNSUPPORTED_VERSIO
                   ErrorCode.UNIMPLEMENTED: "unknown_op", ErrorCode.INVALID_ARGUMENT: "invalid"}
 
 
+#: turns in a row a snapshot slice may wait for clients' requests (broker/events.py)
+SLICES_PUT_OFF = 4
+
+
 def _errno_name(errno: int) -> str:
     return {zmq.EHOSTUNREACH: "EHOSTUNREACH", zmq.EAGAIN: "EAGAIN"}.get(errno, str(errno))
 
@@ -173,6 +177,8 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         self.dispatch_after_commit: set[bytes] = set()
         self._lost_agents: list[AgentInfo] = []
         self.scan_jobs: deque = deque()
+        #: turns in a row that put a snapshot slice off for a waiting client's request
+        self._slices_put_off = 0
         self._running = False
         self.stats = {"turns": 0, "requests": 0, "errors": 0, "commits": 0, "map_growths": 0, "turns_replayed": 0,
                       "stale_readers_cleared": 0}
@@ -306,8 +312,15 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
 
     def _snapshot_slice(self) -> bool:
         """Send one slice of the oldest subscription snapshot in progress (broker/events.py); return whether
-        some remain. Between turns, from the last commit: every event of that commit has left already."""
+        some remain. Between turns, from the last commit: every event of that commit has left already.
+
+        A client's request already waiting goes first (the slice waits for the next turn), but a slice is put
+        off at most ``SLICES_PUT_OFF`` turns in a row: a stream of requests cannot hold a snapshot forever."""
         events = self.state.events
+        if self._slices_put_off < SLICES_PUT_OFF and readable(self.frontend):
+            self._slices_put_off += 1
+            return True
+        self._slices_put_off = 0
         try:
             with self.store.read() as txn:
                 out = events.snapshot_slice(txn)
