@@ -59,3 +59,15 @@ def test_a_system_not_installed_is_skipped_with_a_clear_line(tmp_path):
     record = json.loads(out.read_text())["systems"]["ipyparallel"]
     assert record["status"] == "skipped" and "not installed" in record["reason"]
     assert "ipyparallel: skipped" in proc.stdout and "pip install -e .[bench]" in proc.stdout.replace("\n", "")
+
+
+def test_agent_alone_reports_the_agents_and_workers_cpu_per_task(tmp_path):
+    """``python -m bench.agent_alone`` feeds a real agent from a scripted broker and writes its figures."""
+    out = tmp_path / "agent.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.agent_alone", "--tasks", "600", "--runs", "1", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    (run,) = report["figures"]["runs"]
+    assert run["tasks"] == 600 and run["tasks_per_s"] > 0 and run["reports_per_1000"] > 0
+    assert run["agent_cpu_us_per_task"] >= 0 and run["workers_cpu_us_per_task"] >= 0  # 10 ms clock ticks
