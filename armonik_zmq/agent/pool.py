@@ -159,12 +159,12 @@ class WorkerPool:
         self._spawn(proc.index)
 
     @staticmethod
-    def run_state(proc: WorkerProc) -> Optional[tuple[str, bool]]:
-        """(token of the task the worker started last, whether it was still running it), or None if unknown.
-
-        Read when the worker is dead or being killed, from its run-state file; the caller removes it
-        (``forget_state``) once done.
-        """
+    def _state_bytes(proc: WorkerProc) -> Optional[bytes]:
+        """The worker's run-state file (a running flag, then the run token, NUL-padded): from its mapping (no
+        system call), else read from the file; None if neither can be read."""
+        state = proc.state
+        if state is not None and not state.closed:
+            return state[:STATE_SIZE]
         if not proc.state_path:
             return None
         try:
@@ -172,21 +172,27 @@ class WorkerPool:
                 data = f.read(STATE_SIZE)
         except OSError:
             return None
-        token = data[1:].rstrip(b"\0")
-        if len(data) < STATE_SIZE or not token:
+        return data if len(data) == STATE_SIZE else None
+
+    @staticmethod
+    def run_state(proc: WorkerProc) -> Optional[tuple[str, bool]]:
+        """(token of the task the worker started last, whether it was still running it), or None if unknown.
+
+        Read when the worker is dead or being killed; the caller removes its file (``forget_state``) once done.
+        """
+        data = WorkerPool._state_bytes(proc)
+        token = data[1:].rstrip(b"\0") if data is not None else b""
+        if not token:
             return None
         return token.decode("ascii", "replace"), data[0] == 1
 
     @staticmethod
     def running(proc: WorkerProc, token: str) -> Optional[bool]:
-        """Whether the worker runs the task of run token ``token`` right now, from its run-state file (no system
-        call: a mapping); None if it cannot be told."""
-        state = proc.state
-        if state is None or state.closed:
+        """Whether the worker runs the task of run token ``token`` right now; None if it cannot be told."""
+        data = WorkerPool._state_bytes(proc)
+        if data is None:
             return None
-        if state[0] != 1:
-            return False
-        return state[1:STATE_SIZE].rstrip(b"\0") == token.encode()[:STATE_SIZE - 1]
+        return data[0] == 1 and data[1:].rstrip(b"\0") == token.encode()[:STATE_SIZE - 1]
 
     @staticmethod
     def forget_state(proc: WorkerProc) -> None:

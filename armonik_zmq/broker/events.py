@@ -73,28 +73,51 @@ class IdFrame:
         return self.buf[:-1].decode(errors="replace").split("\0") if self.buf else []
 
 
+class IdList:
+    """Result ids given as a list (a header's ``result_ids``, or a filter's ``result_id eq`` terms), read as an
+    IdFrame is."""
+
+    __slots__ = ("ids", "pos")
+
+    def __init__(self, ids: list):
+        self.ids = ids
+        #: how many were taken
+        self.pos = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def done(self) -> bool:
+        return self.pos >= len(self.ids)
+
+    def take(self, n: int) -> list[str]:
+        """The next ``n`` ids (fewer at the end)."""
+        ids = self.ids[self.pos:self.pos + n]
+        self.pos += len(ids)
+        return ids
+
+    def all(self) -> list[str]:
+        return self.ids
+
+
 class Snapshot:
     """The results whose current status a new subscription still waits for, in the order it named them."""
 
-    __slots__ = ("ids", "at", "unread")
+    __slots__ = ("ids", "unread")
 
     def __init__(self, ids, unread: Optional[set]):
-        #: a list, or an IdFrame
+        #: an IdList or an IdFrame, read slice by slice
         self.ids = ids
-        #: how many were read
-        self.at = 0
         #: the named results not read yet, whose events wait for it; None when the subscription's ``result_ids``
         #: holds only the results read so far (then nothing else passes)
         self.unread = unread
 
     def take(self, n: int) -> list[str]:
         """The next ``n`` named results (fewer at the end)."""
-        ids = self.ids.take(n) if type(self.ids) is IdFrame else self.ids[self.at:self.at + n]
-        self.at += len(ids)
-        return ids
+        return self.ids.take(n)
 
     def done(self) -> bool:
-        return self.ids.done() if type(self.ids) is IdFrame else self.at >= len(self.ids)
+        return self.ids.done()
 
     def holds(self, result_id: str) -> bool:
         """Tell whether ``result_id`` is named but not read yet (its events are not sent: its status, read
@@ -156,28 +179,28 @@ class EventBus:
     def subscribe(self, peer: bytes, rid: int, session_id: str, types, task_filter, result_filter,
                   inline_max: int = 0, result_ids=None, snapshot: bool = False) -> Subscription:
         """Register a subscription (replacing one of the same peer and rid); with ``snapshot`` its named results'
-        statuses go out in slices after this turn's commit (``snapshot_slice``). ``result_ids``: a list of ids,
-        or an IdFrame."""
+        statuses go out in slices after this turn's commit (``snapshot_slice``). ``result_ids``: an IdList or an
+        IdFrame."""
         task_filter = Filter(task_filter, "task_filter", "task")
         if result_ids is None:
             # Nothing but ``result_id eq`` clauses (how a wait on many results was sent) means the same as
             # result_ids, which costs one set lookup per event and lets the snapshot begin with no set at all.
             equal = equalities(result_filter, "result_filter", "result")
             if equal is not None and equal[0] == "result_id":
-                result_ids, result_filter = equal[1], None
+                result_ids, result_filter = IdList(equal[1]), None
         result_filter = Filter(result_filter, "result_filter", "result")
         wanted = frozenset(EventTypes(t) for t in (types or ()) if t) or frozenset(EventTypes) - {EventTypes.UNSPECIFIED}
         sub = Subscription(rid, peer, session_id, wanted, task_filter, result_filter, inline_max)
         named = (result_ids if result_ids is not None else
-                 [v for clause in result_filter.clauses or () for f, op, v in clause
-                  if f == "result_id" and op == "eq"])
+                 IdList([v for clause in result_filter.clauses or () for f, op, v in clause
+                         if f == "result_id" and op == "eq"]))
         if snapshot and named and (_E.RESULT_STATUS_UPDATE in wanted or _E.NEW_RESULT in wanted):
             # result_ids grows slice by slice: no set of every id inside this turn
-            sub.snapshot = Snapshot(named, None if result_ids is not None else set(named))
+            sub.snapshot = Snapshot(named, None if result_ids is not None else set(named.all()))
             sub.result_ids = None if result_ids is None else set()
             self.snapshots.append(sub)
         elif result_ids is not None:
-            sub.result_ids = set(result_ids.all() if type(result_ids) is IdFrame else result_ids)
+            sub.result_ids = set(result_ids.all())
         self.unsubscribe(peer, rid)
         self.by_key[(peer, rid)] = sub
         self.by_session.setdefault(session_id, []).append(sub)

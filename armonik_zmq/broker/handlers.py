@@ -14,7 +14,7 @@ from ..protocol import ErrorCode, Op, ProtocolError, split_frames
 from ..status import ResultStatus, SessionStatus, TaskStatus, TASK_FINAL
 from . import options as task_options
 from . import segments as shm_segments
-from .events import IdFrame
+from .events import IdFrame, IdList
 from .state import new_id, not_found
 from .store import RESULT_FIELDS, Txn
 
@@ -322,6 +322,8 @@ class Handlers:
             result_ids = IdFrame(req.frames[0])
         elif req.frames:
             raise ProtocolError(ErrorCode.MALFORMED, f"{len(req.frames)} data frame(s) without result_ids_frame")
+        elif result_ids is not None:
+            result_ids = IdList(result_ids)
         # with "snapshot", the named results' statuses follow this turn's commit, in slices (broker/events.py)
         events.subscribe(req.peer, req.rid, sid, h.get("event_types"), h.get("task_filter"), h.get("result_filter"),
                          h.get("inline_max", 0), result_ids, bool(h.get("snapshot")))

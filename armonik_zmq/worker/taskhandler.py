@@ -68,15 +68,11 @@ class TaskHandler:
         Small data travels with the task's output; nothing is committed before the output anyway.
         """
         big = {}
-        threshold = self.configuration.get("shm_threshold", 0)
         for rid, data in results_data.items():
-            if isinstance(data, (list, tuple)):  # several buffers (e.g. pickle-5 out-of-band): written once
-                if self._to_segment(rid, data):
-                    continue
-                data = b"".join(data)
-            elif (threshold and (type(data) is not bytes or len(data) >= threshold)  # (what _to_segment looks at first)
-                  and self._to_segment(rid, [data])):
+            if self._to_segment(rid, data):
                 continue
+            if isinstance(data, (list, tuple)):  # several buffers (e.g. pickle-5 out-of-band): joined once
+                data = b"".join(data)
             if len(data) < SEND_NOW_THRESHOLD:
                 self._kept[rid] = data
             else:
@@ -85,10 +81,14 @@ class TaskHandler:
             ids, counts, frames = self._framed(big)
             self._call(Op.W_SEND_RESULTS, frames, result_ids=ids, frames=counts)
 
-    def _to_segment(self, result_id: str, buffers: list) -> bool:
-        """Hand a large result to the broker's data socket as a sealed memfd, if the broker is on this host."""
+    def _to_segment(self, result_id: str, data) -> bool:
+        """Hand a large result (a buffer, or a list of them) to the broker's data socket as a sealed memfd, if the
+        broker is on this host."""
         threshold = self.configuration.get("shm_threshold", 0)
-        if not threshold or shm.nbytes(buffers) < threshold:
+        if not threshold or (type(data) is bytes and len(data) < threshold):
+            return False  # (most results: small bytes, told without a list)
+        buffers = data if isinstance(data, (list, tuple)) else [data]
+        if shm.nbytes(buffers) < threshold:
             return False
         segment = None
         for attempt in range(2):  # a second time on a fresh connection: the broker may have restarted
