@@ -18,9 +18,9 @@ from .status import TaskStatus
 
 #: the broker's tables (broker/store.py), by name (``data`` holds each result's object row and its chunks)
 TABLES = ("sessions", "tasks", "results", "data", "session_index", "live_tasks",
-          "idempotency", "segment_files", "purging")
+          "idempotency", "segment_files", "purging", "deleting")
 #: tables a directory written by an older broker may not have yet
-OPTIONAL_TABLES = ("live_tasks", "idempotency", "segment_files", "purging", "session_index")
+OPTIONAL_TABLES = ("live_tasks", "idempotency", "segment_files", "purging", "session_index", "deleting")
 
 
 class Inspector:

@@ -413,6 +413,27 @@ def agent(lone):
     scripted.close()
 
 
+def test_a_deleted_sessions_running_task_is_stopped_on_its_agent_and_its_report_refused(lone_api, agent):
+    """The delete's chunk that takes a running task's row away tells its agent to stop it; a report that comes
+    anyway names a task that is gone."""
+    from armonik_zmq.errors import NotFoundError
+
+    api = lone_api
+    sid = api.session()
+    task, (out,) = api.submit(sid, {"op": "square", "x": 2})
+    dependent, _ = api.submit(sid, {"op": "sum"}, deps=[out])
+    attempt = agent.push(Op.DISPATCH, task.id)["attempt"]
+    agent.call(Op.TASKS_STARTED, tasks=[[task.id, attempt, time.time()]])
+    assert wait_task(api, sid, task.id, _T.PROCESSING)
+    assert api.sessions.delete_session(sid).status == _S.DELETED
+    assert agent.push(Op.STOP_TASKS, task.id) == [task.id, attempt]
+    reply = agent.done(task.id, attempt, out, b"4")
+    assert reply["accepted"] == [] and reply["refused"][0][:2] == [task.id, ErrorCode.NOT_FOUND]
+    for gone in (task.id, dependent.id):
+        with pytest.raises(NotFoundError):
+            api.tasks.get_task(gone)
+
+
 def test_a_report_for_a_cancelling_task_is_refused_and_changes_nothing(lone_api, agent):
     api = lone_api
     sid = api.session()
@@ -630,6 +651,116 @@ def test_paused_and_cancelling_tasks_survive_a_broker_restart(tmp_path):
                 agent.close()
     finally:
         cluster.cleanup()
+
+
+def _big_session(api: Api, n: int) -> tuple[str, int]:
+    """A session of ``n`` unfinished tasks (no agent runs them): half queued, half waiting on the first half's
+    outputs; return its id and its row count (tasks and results)."""
+    sid = api.session()
+    payload = api.results.create_results({"p": b"sha256:x"}, sid)["p"].result_id
+    outs = api.results.create_results_metadata([f"o{i}" for i in range(n)], sid, batch_size=10_000)
+    ids = [outs[f"o{i}"].result_id for i in range(n)]
+    half = n // 2
+    api.tasks.submit_tasks(sid, [TaskDefinition(payload_id=payload, expected_output_ids=[ids[i]],
+                                                data_dependencies=[ids[i - half]] if i >= half else [])
+                                 for i in range(n)], chunk_size=5_000)
+    return sid, 2 * n + 1
+
+
+def _session_rows(data_dir: str, sid: str) -> dict:
+    """What LMDB holds of a session (read with the broker stopped or gone): its row, its index entries, whether it
+    is listed as being deleted, and the tasks and results tables' sizes."""
+    import lmdb
+
+    env = lmdb.open(data_dir, max_dbs=16, readonly=True, lock=False)
+    try:
+        with env.begin() as txn:
+            def db(name):
+                return env.open_db(name, txn=txn, create=False)
+            index = txn.cursor(db=db(b"session_index"))
+            indexed = sum(index.count() for key in (sid.encode(), sid.encode() + b"\x00r") if index.set_key(key))
+            return {"session": txn.get(sid.encode(), db=db(b"sessions")) is not None, "indexed": indexed,
+                    "deleting": txn.get(sid.encode(), db=db(b"deleting")) is not None,
+                    "tasks": txn.stat(db(b"tasks"))["entries"], "results": txn.stat(db(b"results"))["entries"]}
+    finally:
+        env.close()
+
+
+def test_a_big_session_is_deleted_a_chunk_per_turn_while_other_clients_are_served(tmp_path_factory):
+    """20,000 unfinished tasks and their results: the session is DELETED at once, its rows go over many commits
+    while another client's requests are answered, and the delete is answered once they are all gone."""
+    from armonik_zmq.broker.lifecycle import DELETE_CHUNK
+    from armonik_zmq.errors import NotFoundError
+
+    with broker_only(tmp_path_factory) as cluster:
+        with connect(cluster.endpoint, timeout=60) as conn, connect(cluster.endpoint, timeout=60) as other:
+            api, other_api = Api(conn), Api(other)
+            kept = other_api.session()
+            kept_task, _ = other_api.submit(kept, {"op": "sleep", "seconds": 0})
+            sid, rows = _big_session(api, 20_000)
+            commits_before = conn.call(Op.HEALTH, metrics=True)[0]["metrics"]["lmdb_last_txnid"]
+            answered: list = []
+            deleting = conn.call_async(Op.DELETE_SESSIONS, session_ids=[sid])
+            sent = time.monotonic()
+            while not deleting.done():
+                # the other client reads the session being deleted, and its own
+                try:
+                    status = other_api.sessions.get_session(sid).status
+                except NotFoundError:
+                    break  # gone: the delete's reply is on its way
+                assert other_api.tasks.get_task(kept_task.id).session_id == kept
+                answered.append((time.monotonic(), status))
+            done = time.monotonic()
+            header, _ = deleting.result()
+            commits = conn.call(Op.HEALTH, metrics=True)[0]["metrics"]["lmdb_last_txnid"] - commits_before
+            assert header["sessions"][0]["status"] == _S.DELETED
+            statuses = [status for at, status in answered if sent < at < done]
+            during = statuses[statuses.index(_S.DELETED):] if _S.DELETED in statuses else []
+            # (a read sent with the delete may come first: the two clients' messages race to the broker)
+            assert set(during) == {_S.DELETED}, "the session is DELETED from the turn of the request on"
+            assert len(during) >= 5, f"the other client got {len(during)} replies while the session was deleted"
+            assert commits >= rows // DELETE_CHUNK, f"{rows} rows deleted in {commits} commits"
+            # answered once gone: no row of it is left to read
+            with pytest.raises(NotFoundError):
+                other_api.sessions.get_session(sid)
+            assert conn.call(Op.LIST_TASKS, filter=[[["session_id", "eq", sid]]], page=0, page_size=1)[0]["total"] == 0
+            assert conn.call(Op.LIST_RESULTS, filter=[[["session_id", "eq", sid]]], page=0, page_size=1)[0]["total"] == 0
+            assert other_api.tasks.get_task(kept_task.id).session_id == kept
+
+
+def test_a_broker_killed_mid_delete_finishes_it_after_a_restart_and_answers_the_delete(tmp_path_factory):
+    """SIGKILL while a big session's rows are being deleted: once back, the broker deletes the rest, and the
+    client's delete (sent again on reconnection, under its idempotency key) is answered then; nothing of the
+    session is left, another session is whole."""
+    import threading
+
+    with broker_only(tmp_path_factory) as cluster:
+        with connect(cluster.endpoint, timeout=60) as conn, connect(cluster.endpoint, timeout=60) as other:
+            api, other_api = Api(conn), Api(other)
+            kept = other_api.session()
+            other_api.submit(kept, {"op": "sleep", "seconds": 0})
+            sid, _ = _big_session(api, 20_000)
+            replies: list = []
+            deleter = threading.Thread(target=lambda: replies.append(api.sessions.delete_session(sid)))
+            deleter.start()
+            wait_until(lambda: other_api.sessions.get_session(sid).status == _S.DELETED, "the delete to start")
+            cluster.broker.send_signal(signal.SIGSTOP)
+            try:
+                mid = _session_rows(cluster.data_dir, sid)
+            finally:
+                cluster.kill_broker()  # SIGKILL while stopped
+            assert mid["deleting"] and mid["indexed"] > 0, f"the delete ended before the broker was stopped: {mid}"
+            assert not replies, "the delete was answered before its session was gone"
+            cluster.start_broker()
+            deleter.join(60)
+            assert replies and replies[0].status == _S.DELETED
+            with pytest.raises(Exception, match="not found|NOT_FOUND"):
+                other_api.sessions.get_session(sid)
+            assert other_api.sessions.get_session(kept).status == _S.RUNNING
+        cluster.kill_broker()
+        left = _session_rows(cluster.data_dir, sid)
+        # the kept session's task, and its payload and output
+        assert left == {"session": False, "indexed": 0, "deleting": False, "tasks": 1, "results": 2}, left
 
 
 def test_a_big_session_is_purged_a_chunk_per_turn_and_the_purge_resumes_after_a_restart(tmp_path_factory):

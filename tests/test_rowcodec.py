@@ -279,7 +279,12 @@ def test_session_task_and_result_tables_move_into_the_session_index_when_opened(
         with st.write() as txn:
             txn.put_result(result, new=True)
             assert txn.session_result_ids(first) == ids[first][1] + [result["result_id"]]
-            assert txn.delete_session_rows(second) == (3, 5)
+            second_tasks, second_results = ids[second]
+            assert txn.first_session_ids(store.session_tasks_key(second), 2) == second_tasks[:2]
+            for tid in second_tasks:
+                txn.delete_task_row(tid, second)
+            for rid in second_results:
+                txn.delete_result_row(rid, second)
         with st.read() as txn:
             assert txn.session_task_ids(second) == [] and txn.session_result_ids(second) == []
             assert txn.session_task_ids(first) == ids[first][0]

@@ -11,7 +11,7 @@ import logging
 from typing import TYPE_CHECKING, Callable, Optional
 
 from ..protocol import ErrorCode, Op, ProtocolError, split_frames
-from ..status import ResultStatus, SessionStatus, TaskStatus, TASK_FINAL
+from ..status import ResultStatus, SessionStatus, TaskStatus
 from . import options as task_options
 from . import segments as shm_segments
 from .events import IdFrame, IdList
@@ -119,29 +119,6 @@ class Handlers:
             row.update(status=int(_S.CLOSED), closed_at=now, duration=now - row["created_at"],
                        client_submission=False, worker_submission=False)
         self._session_transition(req, txn, (_S.RUNNING, _S.PAUSED), "closed", close)
-
-    def handle_delete_sessions(self: "Broker", req: "Request", txn: Txn) -> None:
-        def delete(txn: Txn, row: dict, now: float) -> None:
-            sid = row["session_id"]
-            stops = []
-            for tid in txn.session_task_ids(sid):
-                trow = txn.get_task(tid)
-                if trow["status"] in (_T.DISPATCHED, _T.PROCESSING, _T.CANCELLING):
-                    stops.append((trow["owner_pod_id"], tid, trow["attempt"]))
-                if trow["status"] not in TASK_FINAL:
-                    self.state.end_task(txn, trow, _T.CANCELLED, now, f"session {sid} was deleted")
-            # The rows go, so the tasks end here; their agents still stop running them.
-            self.stop_on_agents(req, txn, stops)
-            self.state.drop_pause_gate(sid)
-            txn.delete_session_rows(sid)
-            row.update(status=int(_S.DELETED), deleted_at=now, client_submission=False, worker_submission=False)
-            self.state.events.drop_session(sid)
-        self._session_transition(req, txn, tuple(_S), "deleted", delete)
-        # DeleteSession removes the metadata too: only the reply keeps the last view of the row.
-        for sid in req.header["session_ids"]:
-            txn.txn.delete(sid.encode(), db=self.store.sessions)
-            self.state.session_status.pop(sid, None)
-            self.state.session_owner.pop(sid, None)
 
     # -- results -------------------------------------------------------------------------------
 

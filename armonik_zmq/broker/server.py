@@ -50,7 +50,7 @@ from .fairness import LOOK_EVERY, PREEMPT_TAKES, FairQueue
 from .gcpolicy import GcPolicy
 from .handlers import Handlers, handler_table
 from .idempotency import Idempotency
-from .lifecycle import Lifecycle, Purges
+from .lifecycle import Deletions, Lifecycle, Purges
 from .listing import Listing
 from .metrics import Metrics, serve_http
 from .objects import ObjectStorage
@@ -155,6 +155,9 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
                                          grace=config.shm_grace)
                          if config.shm_threshold > 0 else None)
         self.store.segments = self.segments
+        #: sessions whose results' data is deleted a chunk per turn, and sessions deleted so (broker/lifecycle.py)
+        self.purges = Purges(self.store)
+        self.deletions = Deletions(self.store)
         self.agents: dict[str, AgentInfo] = {}
         self.agent_by_slot: dict[int, AgentInfo] = {}
         self.state = self._load_state()
@@ -185,8 +188,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         self.metrics = Metrics()
         self.idempotency = Idempotency(self.store, config.idempotency_ttl, self.metrics)
         self.idempotency.wrap(self.handlers)
-        #: sessions whose results' data is deleted a chunk per turn (broker/lifecycle.py)
-        self.purges = Purges(self.store)
+        self.handlers[Op.DELETE_SESSIONS] = self.hold_delete_replies(self.handlers[Op.DELETE_SESSIONS])
         #: received messages waiting for a turn, served peer by peer within a time budget per turn
         self.fair = FairQueue(config.turn_budget, config.max_batch_messages, by_user=self.guard is not None)
         self._handling_seconds = 0.0
@@ -217,6 +219,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
                 self._grow_map("while rebuilding the state")
         if agents is not None:
             self.agent_by_slot = {a.slot: a for a in agents.values()}
+        self.deletions.reloaded()
         # "state rebuilt ... in Xs" is the restart-time figure (tests/test_lmdb_faults.py reads it)
         log.info("state rebuilt from %s in %.3fs: %s", self.config.data_dir, time.monotonic() - started,
                  ", ".join(f"{v} {k}" for k, v in counts.items()))
@@ -445,7 +448,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         # to do. Only those sockets are read: an empty one costs nothing more (an empty non-blocking read
         # raises, and every read of libzmq first processes the socket's commands: two system calls).
         may_wait = not (scanning or self._lost_agents or self.fair.waiting or self.purges.pending
-                        or self._dispatch_possible())
+                        or self.deletions.pending                        or self._dispatch_possible())
         ready = self.poller.poll(timeout_ms if may_wait else 0)
         idle = may_wait and not ready
         turn_started = time.monotonic()
@@ -472,7 +475,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
             self._check_readers(mono)
         lease_due = mono >= self._next_lease_check
         if (not batch and not lease_due and not self._lost_agents and not self.purges.pending
-                and not self._dispatch_possible()):
+                and not self.deletions.pending                and not self._dispatch_possible()):
             if idle:
                 self.gc_policy.idle()
             return
@@ -551,7 +554,12 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         agent_replies = [r for r in replies if r[0] is not frontend]
         if self._turn_acks:
             agent_replies = self._hold_acks(agent_replies)
-        self._flush([r for r in replies if r[0] is frontend], agent_replies)
+        client_replies = [r for r in replies if r[0] is frontend]
+        if self.deletions.marked:  # deletes answered once their sessions are gone (broker/lifecycle.py)
+            client_replies = self.deletions.hold(client_replies)
+        if self.deletions.finished:
+            client_replies += self.deletions.release()
+        self._flush(client_replies, agent_replies)
 
     def _hold_acks(self, agent_replies: list) -> list:
         """Hold the committed part's TASKS_DONE replies to agents left with no task (broker/acks.py); return the
@@ -604,6 +612,8 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         self._lost_agents = []
         if self.purges.pending:
             self.purges.advance(txn, self.state.delete_result_data)
+        if self.deletions.pending:
+            self.advance_deletions(txn, now)
         if lease_due:
             self._next_lease_check = mono + min(0.25, self.config.lease / 4)
             self.expire_leases(txn, now, turn_started)

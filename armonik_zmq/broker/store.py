@@ -8,6 +8,7 @@ with a nested transaction, so the other requests of the turn still commit.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import threading
 from typing import Iterator, Optional
@@ -626,21 +627,28 @@ class Txn:
     def session_result_ids(self, session_id: str) -> list[str]:
         return self._ids(session_results_key(session_id))
 
-    def delete_session_rows(self, session_id: str) -> tuple[int, int]:
-        """Remove every task, result, data and index entry of a session; return (tasks, results) removed."""
-        task_ids = self.session_task_ids(session_id)
-        result_ids = self.session_result_ids(session_id)
-        for tid in task_ids:
-            self.txn.delete(tid.encode(), db=self.store.tasks)
-            self.txn.delete(tid.encode(), db=self.store.live_tasks)
-            self.store.task_rows.pop(tid, None)
-        for rid in result_ids:
-            self.txn.delete(rid.encode(), db=self.store.results)
-            self.store.result_rows.pop(rid, None)
-            self.delete_object(rid)
-        self.txn.delete(session_tasks_key(session_id), db=self.store.session_index)
-        self.txn.delete(session_results_key(session_id), db=self.store.session_index)
-        return len(task_ids), len(result_ids)
+    def first_session_ids(self, index_key: bytes, n: int) -> list[str]:
+        """The first ``n`` ids of a session's index (``session_tasks_key`` / ``session_results_key``), in id order."""
+        with self.txn.cursor(db=self.store.session_index) as cur:
+            if not cur.set_key(index_key):
+                return []
+            return [v.decode() for v in itertools.islice(cur.iternext_dup(), n)]
+
+    def delete_task_row(self, task_id: str, session_id: str) -> None:
+        """Remove a task's row, live-task entry and session index entry (a session being deleted)."""
+        key = task_id.encode()
+        self.txn.delete(key, db=self.store.tasks)
+        self.txn.delete(key, db=self.store.live_tasks)
+        self.txn.delete(session_tasks_key(session_id), key, db=self.store.session_index)
+        self.store.task_rows.pop(task_id, None)
+
+    def delete_result_row(self, result_id: str, session_id: str) -> None:
+        """Remove a result's row, its data and its session index entry (a session being deleted)."""
+        key = result_id.encode()
+        self.txn.delete(key, db=self.store.results)
+        self.txn.delete(session_results_key(session_id), key, db=self.store.session_index)
+        self.store.result_rows.pop(result_id, None)
+        self.delete_object(result_id)
 
     # -- scans (restart) ------------------------------------------------------------------------
 
