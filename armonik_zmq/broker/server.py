@@ -172,6 +172,8 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         self.poller = zmq.Poller()
         self.poller.register(self.frontend, zmq.POLLIN)
         self.poller.register(self.backend, zmq.POLLIN)
+        # Set here only: ``run`` serves right after, and a broker driven turn by turn (tests) never calls it. A
+        # lease from now: no agent can have been silent for a whole lease sooner.
         self._next_lease_check = time.monotonic() + config.lease
         if self.guard is not None:
             self.guard.start()
@@ -692,7 +694,6 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
 
     def run(self) -> None:
         """Serve until ``stop()`` or SIGINT/SIGTERM."""
-        self._next_lease_check = time.monotonic() + self.config.lease
         self._running = True
         self.gc_policy.start()
         log.info("broker serving clients on %s and agents on %s (data in %s, sync=%s)", self.config.endpoint,
