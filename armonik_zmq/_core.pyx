@@ -1610,6 +1610,9 @@ cdef class RowTables:
         return None if buf is None else self.rules.decode(buf)
 
     def get_task(self, str task_id):
+        return self._get_task(task_id)
+
+    cdef object _get_task(self, str task_id):
         cdef PyObject* cached = PyDict_GetItem(self.task_rows, task_id)
         cdef object row
         if cached == NULL:
@@ -1630,6 +1633,9 @@ cdef class RowTables:
         The table changes in the same transaction as the status: a task leaves it when it ends, and its
         value changes only when the task enters or leaves SUBMITTED.
         """
+        self._put_task(row, new, was)
+
+    cdef int _put_task(self, dict row, bint new, object was) except -1:
         cdef RowRules rules = self.rules
         cdef object task_id = row["task_id"]
         cdef bytes key = (<str>task_id).encode()
@@ -1653,8 +1659,12 @@ cdef class RowTables:
             self.task_rows[task_id] = row
             if self.touched is not None:
                 self.touched.add(task_id)
+        return 0
 
     def get_result(self, str result_id):
+        return self._get_result(result_id)
+
+    cdef object _get_result(self, str result_id):
         cdef PyObject* cached = PyDict_GetItem(self.result_rows, result_id)
         cdef object row
         if cached == NULL:
@@ -1670,6 +1680,9 @@ cdef class RowTables:
         return row
 
     def put_result(self, dict row, bint new=False):
+        self._put_result(row, new)
+
+    cdef int _put_result(self, dict row, bint new) except -1:
         cdef RowRules rules = self.rules
         cdef object result_id = row["result_id"]
         cdef bytes key = (<str>result_id).encode()
@@ -1683,12 +1696,23 @@ cdef class RowTables:
             self.result_rows[result_id] = row
             if self.touched is not None:
                 self.touched.add(result_id)
+        return 0
 
 
 # Every task goes through set_task_status three or four times, and its output through mark_result_completed once:
 # ``Transitions`` holds them compiled, bound by BrokerState as its own methods (state.py documents each). The rules
 # stay where they are defined: status.TASK_TRANSITIONS (an illegal move is raised by status.check_task_transition),
 # state._STAMP, and the events of events.EventBus.
+
+from armonik_zmq.status import ResultStatus as _ResultStatus, TaskStatus as _TaskStatus
+
+cdef object _TASK_DISPATCHED = int(_TaskStatus.DISPATCHED)
+cdef object _TASK_PROCESSING = int(_TaskStatus.PROCESSING)
+cdef object _TASK_COMPLETED = int(_TaskStatus.COMPLETED)
+cdef object _RESULT_CREATED = int(_ResultStatus.CREATED)
+#: the run's timestamps a completion reports, recorded on its task row
+cdef tuple _RUN_STAMPS = ("fetched_at", "started_at", "processed_at")
+
 
 cdef class Transitions:
     """BrokerState's task and result transitions: set_task_status, task_ended, set_completed,
@@ -1697,10 +1721,12 @@ cdef class Transitions:
     cdef Core core
     cdef dict task_slot, slot_task, result_slot, partition_slot, transitions, stamps
     cdef object check_transition, task_status_event, result_status_event, new_task_event, result_owner_event
-    cdef object submitted, result_completed
+    cdef object submitted, result_completed, protocol_error
 
     def __init__(self, Core core, dict task_slot, dict slot_task, dict result_slot, dict partition_slot,
                  dict transitions, dict stamps, check_transition, events, submitted, result_completed):
+        from armonik_zmq.protocol import ProtocolError
+        self.protocol_error = ProtocolError
         self.core = core
         self.partition_slot = partition_slot
         self.new_task_event = events.new_task
@@ -1730,7 +1756,7 @@ cdef class Transitions:
             row["status_message"] = message
         # A move into or out of SUBMITTED is always stored: the live-task table's entry changes with it.
         if store or (was == self.submitted) != (status == self.submitted):
-            txn.put_task(row, was=was)
+            (<RowTables>txn.rows)._put_task(row, False, was)
         self.task_status_event(row)
 
     def task_ended(self, task_id):
@@ -1747,18 +1773,77 @@ cdef class Transitions:
 
     def mark_result_completed(self, txn, dict row, size, completed_by, now, data=None):
         cdef object slot, t
+        cdef RowTables rows = txn.rows
         self.set_completed(row, size, completed_by, now)
-        txn.put_result(row)
+        rows._put_result(row, False)
         self.result_status_event(row, data)
         slot = self.result_slot.pop(row["result_id"], None)
         if slot is None:
             return
         for t in self.core.on_result_ready(slot):
-            self.set_task_status(txn, txn.get_task(self.slot_task[t]), self.submitted, now)
+            self.set_task_status(txn, rows._get_task(self.slot_task[t]), self.submitted, now)
         self.core.free_result(slot)
 
     def complete_result(self, txn, dict row, data, completed_by, now):
         self.mark_result_completed(txn, row, txn.put_object(row["result_id"], data), completed_by, now, data)
+
+    def complete_simple(self, txn, str agent_id, dict c, list frames, now):
+        """Apply the common completion when every check of ``Backend._complete_simple`` passes, and return True.
+
+        The common one: a success that creates no result nor subtask and writes, from ``frames``, at most one
+        result, not a shared-memory segment, which is all its task's expected outputs. Anything else (a refusal
+        included) changes nothing and returns False: ``Backend._complete_simple`` then applies it, or says why it
+        is refused. A completion that fails once it began to apply fails the whole request (RuntimeError).
+        """
+        cdef RowTables rows = txn.rows
+        cdef object task_id = c["task_id"]
+        cdef dict row = rows._get_task(task_id)
+        cdef object status, owner, rid = None, spec, specs, stamps, name
+        cdef dict rrow = None
+        cdef PyObject* v
+        if row is None:
+            return False
+        status = row["status"]
+        if status != _TASK_DISPATCHED and status != _TASK_PROCESSING:
+            return False
+        if row["attempt"] != c["attempt"]:
+            return False
+        owner = row["owner_pod_id"]
+        if owner != "" and owner != agent_id:
+            return False
+        specs = c.get("results")
+        if specs:
+            if len(specs) != 1:
+                return False
+            spec = specs[0]
+            if "segment" in spec:
+                return False
+            rid = spec["result_id"]
+            rrow = rows._get_result(rid)
+            if (rrow is None or rrow["session_id"] != row["session_id"] or rrow["owner_task_id"] != task_id
+                    or rrow["status"] != _RESULT_CREATED):
+                return False
+        for name in row["expected_output_ids"]:
+            if name != rid:
+                return False  # an expected output left unwritten: the Python path logs it
+        try:
+            stamps = c.get("timestamps")
+            if stamps:
+                if status == _TASK_DISPATCHED and "started_at" in stamps:
+                    # TASKS_STARTED folded into the completion: through PROCESSING (its event), stored once below
+                    self.set_task_status(txn, row, _TASK_PROCESSING, stamps["started_at"], None, False)
+                for name in _RUN_STAMPS:
+                    v = PyDict_GetItem(stamps, name)
+                    if v != NULL:
+                        row[name] = <object>v
+            if rrow is not None:
+                self.complete_result(txn, rrow, frames, task_id, now)
+            row["error"] = None
+            self.set_task_status(txn, row, _TASK_COMPLETED, now)
+            self.task_ended(task_id)
+        except self.protocol_error as exc:
+            raise RuntimeError(f"task {task_id}: completion refused after it began to apply: {exc}") from exc
+        return True
 
     def add_to_core(self, task_id, opts, missing):
         cdef list slots = []
@@ -1773,22 +1858,24 @@ cdef class Transitions:
         self.slot_task[tslot] = task_id
 
     def insert_task(self, txn, dict row, missing):
-        txn.put_task(row, new=True)
+        (<RowTables>txn.rows)._put_task(row, True, None)
         self.new_task_event(row)
         self.add_to_core(row["task_id"], row["options"], missing)
 
     def give_result(self, txn, dict rrow, task_id, bint new=False):
         cdef object previous = rrow["owner_task_id"]
         rrow["owner_task_id"] = task_id
-        txn.put_result(rrow, new=new)
+        (<RowTables>txn.rows)._put_result(rrow, new)
         self.result_owner_event(rrow, previous)
 
 
 # A DISPATCH message is one map holding a list of task maps, one per dispatched task: built as dicts and packed by
 # msgpack, each task cost a 12-key dict (kept alive, and scanned by the GC, until the message was sent) and the
 # packing of its options map again. ``DispatchMessage`` writes each task's map as it is added, with the keys
-# written once here and the options already packed (the row's stored form keeps them packed): the same bytes as
-# ``protocol.request(Op.DISPATCH, rid, tasks=[...], frames=[...])`` with those dicts.
+# written once here. A task's options are the index of its options map in the message's ``options`` list, where
+# each distinct map is written once, already packed (the row's stored form keeps them packed): the tasks of one
+# submission share one map, which the agent decodes once instead of once per task. The same bytes as
+# ``protocol.request(Op.DISPATCH, rid, tasks=[...], options=[...], frames=[...])`` with those dicts.
 
 cdef bytes _fixstr(str s):
     cdef bytes b = s.encode()
@@ -1803,6 +1890,7 @@ DISPATCH_TASK_KEYS = ("task_id", "attempt", "session_id", "session_status", "sta
 cdef tuple _DISPATCH_KEY_NAMES = DISPATCH_TASK_KEYS
 cdef list _DISPATCH_KEYS = [_fixstr(k) for k in DISPATCH_TASK_KEYS]
 cdef bytes _KEY_TASKS = _fixstr("tasks")
+cdef bytes _KEY_OPTIONS = _fixstr("options")
 cdef bytes _KEY_FRAMES = _fixstr("frames")
 cdef bytes _KEY_V = _fixstr("v")
 cdef bytes _KEY_OP = _fixstr("op")
@@ -1828,8 +1916,13 @@ cdef class DispatchMessage:
     cdef Writer w
     cdef readonly Py_ssize_t n_tasks
     cdef object fallback
+    #: the distinct options maps (packed) in the order first seen, and each one's index in that list
+    cdef list options
+    cdef dict option_index
 
     def __cinit__(self, fallback):
+        self.options = []
+        self.option_index = {}
         self.w.heap = <char*>PyMem_Malloc(4096)
         if self.w.heap == NULL:
             raise MemoryError()
@@ -1849,6 +1942,8 @@ cdef class DispatchMessage:
         cdef Py_ssize_t i, at
         cdef PyObject* v
         cdef size_t start = w.n
+        cdef PyObject* known = PyDict_GetItem(self.option_index, options)
+        cdef object index = <object>known if known != NULL else len(self.options)
         _room(w, 1)
         w.p[w.n] = <char>(0x80 | len(_DISPATCH_KEY_NAMES))
         w.n += 1
@@ -1858,7 +1953,7 @@ cdef class DispatchMessage:
                 if i == _AT_SESSION_STATUS:
                     _put_value(w, session_status, self.fallback)
                 elif i == _AT_OPTIONS:
-                    _put_bytes_raw(w, options)
+                    _put_value(w, index, self.fallback)
                 elif i == _AT_INLINE:
                     _put_value(w, inline, self.fallback)
                 else:
@@ -1869,11 +1964,15 @@ cdef class DispatchMessage:
         except BaseException:
             w.n = start  # a task that failed to pack leaves nothing behind
             raise
+        if known == NULL:
+            self.option_index[options] = index
+            self.options.append(options)
         self.n_tasks += 1
 
     def header(self, int op, rid, version, list frames):
-        """The whole header: ``{"tasks": [...], "frames": frames, "v": version, "op": op, "rid": rid}``."""
+        """The whole header: ``{"tasks": [...], "options": [...], "frames": frames, "v": version, "op": op, "rid": rid}``."""
         cdef Writer out
+        cdef bytes packed
         cdef char stack[256]
         out.p = stack
         out.n = 0
@@ -1882,11 +1981,15 @@ cdef class DispatchMessage:
         out.depth = 0
         try:
             _room(&out, 1)
-            out.p[out.n] = <char>0x85
+            out.p[out.n] = <char>0x86
             out.n += 1
             _put_bytes_raw(&out, _KEY_TASKS)
             _put_head(&out, <size_t>self.n_tasks, 0x90, 16, 0, 0xDC, 0xDD)
             _put_raw(&out, self.w.p, self.w.n)
+            _put_bytes_raw(&out, _KEY_OPTIONS)
+            _put_head(&out, <size_t>len(self.options), 0x90, 16, 0, 0xDC, 0xDD)
+            for packed in self.options:
+                _put_bytes_raw(&out, packed)
             _put_bytes_raw(&out, _KEY_FRAMES)
             _put_value(&out, frames, self.fallback)
             _put_bytes_raw(&out, _KEY_V)

@@ -96,9 +96,10 @@ class ScriptedBroker:
             tid, pid, oid = f"t{self.seq:010d}", f"p{self.seq:010d}", f"o{self.seq:010d}"
             tasks.append({"task_id": tid, "attempt": 1, "session_id": "bench", "session_status": int(SessionStatus.RUNNING),
                           "status": int(TaskStatus.DISPATCHED), "payload_id": pid, "data_dependencies": [],
-                          "expected_output_ids": [oid], "options": self.options, "retry_of_ids": [],
+                          "expected_output_ids": [oid], "options": 0, "retry_of_ids": [],
                           "initial_task_id": tid, "inline": [pid]})
-        self.sock.send_multipart([self.peer, request(Op.DISPATCH, 0, tasks=tasks, frames=[1] * k), *[self.payload] * k],
+        self.sock.send_multipart([self.peer, request(Op.DISPATCH, 0, tasks=tasks, options=[self.options], frames=[1] * k),
+                                  *[self.payload] * k],
                                  copy=False)
         self.held += k
 

@@ -64,9 +64,9 @@ class ScriptedBroker:
         tasks = [{"task_id": task_id, "attempt": attempt, "session_id": "s",
                   "session_status": int(SessionStatus.RUNNING), "status": int(TaskStatus.DISPATCHED),
                   "payload_id": f"{task_id}-in", "data_dependencies": [], "expected_output_ids": [f"{task_id}-out"],
-                  "options": OPTIONS, "retry_of_ids": [], "initial_task_id": task_id, "inline": [f"{task_id}-in"]}
+                  "options": 0, "retry_of_ids": [], "initial_task_id": task_id, "inline": [f"{task_id}-in"]}
                  for task_id, attempt in attempts]
-        self.sock.send_multipart([peer, request(Op.DISPATCH, 0, tasks=tasks, frames=[1] * len(tasks)),
+        self.sock.send_multipart([peer, request(Op.DISPATCH, 0, tasks=tasks, options=[OPTIONS], frames=[1] * len(tasks)),
                                   *(f"sha256:{task_id}:".encode() for task_id, _ in attempts)])
 
     def ack_done(self, peer: bytes, header: dict) -> None:

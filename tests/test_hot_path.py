@@ -6,6 +6,7 @@ import json
 import os
 import uuid
 
+import msgpack
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -89,23 +90,29 @@ _dispatched = st.fixed_dictionaries({
 @given(st.lists(st.tuples(_dispatched, st.integers(0, 9), st.lists(_ids, max_size=3)), max_size=40),
        st.integers(0, 2**64 - 1))
 def test_a_dispatch_message_is_written_as_the_bytes_msgpack_makes_of_its_task_dicts(tasks, rid):
-    """``DispatchMessage`` (compiled) writes what ``request`` packed from one dict per task, byte for byte."""
+    """``DispatchMessage`` (compiled) writes what ``request`` packed from one dict per task, byte for byte: each task
+    names its options by their index in the message's list of distinct options maps, in the order first seen."""
     message = DispatchMessage(pack)
     dicts = []
+    options = []
     for row, session_status, inline in tasks:
-        message.add(row, session_status, pack(row["options"]), inline)
+        packed = pack(row["options"])
+        message.add(row, session_status, packed, inline)
+        if packed not in options:
+            options.append(packed)
         dicts.append({
             "task_id": row["task_id"], "attempt": row["attempt"], "session_id": row["session_id"],
             "session_status": session_status, "status": row["status"], "payload_id": row["payload_id"],
             "data_dependencies": row["data_dependencies"], "expected_output_ids": row["expected_output_ids"],
-            "options": row["options"], "retry_of_ids": row["retry_of_ids"], "initial_task_id": row["initial_task_id"],
-            "inline": inline,
+            "options": options.index(packed), "retry_of_ids": row["retry_of_ids"],
+            "initial_task_id": row["initial_task_id"], "inline": inline,
         })
     counts = [len(inline) for _, _, inline in tasks]
     assert all(list(d) == list(DISPATCH_TASK_KEYS) for d in dicts)
     assert message.n_tasks == len(tasks)
+    maps = [msgpack.unpackb(packed, raw=False) for packed in options]
     assert message.header(Op.DISPATCH, rid, PROTOCOL_VERSION, counts) == request(Op.DISPATCH, rid, tasks=dicts,
-                                                                                  frames=counts)
+                                                                                  options=maps, frames=counts)
 
 
 def test_a_task_that_cannot_be_written_leaves_a_dispatch_message_as_it_was():
@@ -114,9 +121,9 @@ def test_a_task_that_cannot_be_written_leaves_a_dispatch_message_as_it_was():
            "expected_output_ids": ("o",), "retry_of_ids": (), "initial_task_id": "t"}
     message.add(row, 1, pack({}), [])
     before = message.header(Op.DISPATCH, 0, PROTOCOL_VERSION, [0])
-    with pytest.raises(KeyError):
-        message.add({k: v for k, v in row.items() if k != "payload_id"}, 1, pack({}), [])
+    with pytest.raises(KeyError):  # nor its options, when no other task uses them
+        message.add({k: v for k, v in row.items() if k != "payload_id"}, 1, pack({"other": 1}), [])
     with pytest.raises(TypeError):
-        message.add({**row, "task_id": object()}, 1, pack({}), [])
+        message.add({**row, "task_id": object()}, 1, pack({"other": 2}), [])
     assert message.n_tasks == 1
     assert message.header(Op.DISPATCH, 0, PROTOCOL_VERSION, [0]) == before

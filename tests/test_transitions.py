@@ -8,9 +8,11 @@ import time
 from hypothesis import given, settings, strategies as st
 
 from armonik_zmq.broker import state as state_module
+from armonik_zmq.broker.backend import AgentInfo, Backend
 from armonik_zmq.broker import store
 from armonik_zmq.broker.events import EventBus
 from armonik_zmq.broker.state import _STAMP, BrokerState
+from armonik_zmq.protocol import ProtocolError
 from armonik_zmq.status import IllegalTransition, ResultStatus, TaskStatus, check_task_transition
 
 _T = TaskStatus
@@ -188,9 +190,105 @@ def test_compiled_transitions_move_tasks_and_results_as_the_python_they_replaced
             st_.close()
 
 
+class _Agents(Backend):
+    """The agents' side of a broker (its completion paths) over a state, without the server around it."""
+
+    def __init__(self, state: BrokerState):
+        self.state = state
+        self.segments = None
+
+
+#: how a task stands when its completion comes: (status reached, its agent); mostly held by agent a, which reports
+_STANDINGS = [("dispatched", "a"), ("processing", "a")] * 3 + [("queued", ""), ("dispatched", "b"), ("completed", "a")]
+#: what a completion's results name: (mostly) its expected outputs, none, the task's first or second output,
+#: another task's, an unknown result, both its outputs, or its first output as a shared-memory segment
+_WRITES = ["expected"] * 6 + ["none", "own", "second", "other", "unknown", "both", "segment"]
+_completions = st.lists(st.tuples(st.integers(0, 6), st.sampled_from([1, 1, 1, 0, 2]), st.sampled_from(_WRITES),
+                                  st.sets(st.sampled_from(["fetched_at", "started_at", "processed_at"]))),
+                        min_size=1, max_size=10)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_STANDINGS), st.sampled_from([1, 1, 0, 2])), min_size=1, max_size=6),
+       _completions)
+def test_a_compiled_completion_applies_or_leaves_to_python_what_the_python_path_would(tmp_path_factory, tasks,
+                                                                                        completions):
+    """``Transitions.complete_simple`` against ``Backend._complete_simple`` alone: task i stands as drawn, with 0-2
+    expected outputs; the completions name a task (one past the last: unknown), an attempt (the current one is 1), what they write
+    and their timestamps. Outcomes (refusals' codes, messages and kinds), tables, events and core slots agree."""
+    base = tmp_path_factory.mktemp("completions")
+    now = time.time()
+    sides = []
+    for name in ("compiled", "python"):
+        st_ = store.Store(str(base / name), map_size=1 << 24, sync=False)
+        state = BrokerState(["default"], _RecordingBus())
+        if name == "python":
+            state.complete_simple = lambda *args: False
+        sides.append((st_, state, _Agents(state)))
+    session = {"session_id": "s", "status": 1, "partition_ids": ["default"],
+               "options": {"max_duration": 60.0, "priority": 1, "max_retries": 1}}
+
+    def play(st_, state, agents):
+        outcomes = []
+        slots = {name: state.core.add_agent([0], 1 << 20) for name in ("a", "b")}
+        with st_.write() as txn:
+            payload = state.new_result_row("s", "payload", result_id="payload", now=now)
+            state.insert_completed_result(txn, payload, b"data", now)
+            for i, ((standing, agent), n_outputs) in enumerate(tasks):
+                outputs = [f"o{i}.{k}" for k in range(max(n_outputs, 1))]
+                for rid in outputs:
+                    state.insert_result(txn, state.new_result_row("s", rid, result_id=rid, now=now))
+                state.create_tasks(txn, session, [{"payload_id": "payload", "expected_output_ids": outputs[:n_outputs]}],
+                                   None, now, task_ids=[f"t{i}"])
+                row = txn.get_task(f"t{i}")
+                if standing != "queued":
+                    state.core.adopt(state.task_slot[f"t{i}"], slots[agent])
+                    row.update(attempt=1, owner_pod_id=agent)
+                    state.set_task_status(txn, row, _T.DISPATCHED, now + 1)
+                if standing in ("processing", "completed"):
+                    state.set_task_status(txn, row, _T.PROCESSING, now + 2)
+                if standing == "completed":
+                    state.set_task_status(txn, row, _T.COMPLETED, now + 3)
+                    state._task_ended(f"t{i}")
+            for j, (i, attempt, writes, stamps) in enumerate(completions):
+                i %= len(tasks) + 1  # the last one: an unknown task
+                own = [f"o{i}.0", f"o{i}.1"]
+                specs = {"expected": own[:tasks[i][1]] if i < len(tasks) else own[:1], "none": [], "own": own[:1],
+                         "second": own[1:], "other": [f"o{(i + 1) % len(tasks)}.0"], "unknown": ["nowhere"],
+                         "both": own, "segment": own[:1]}[writes]
+                completion = {"task_id": f"t{i}" if i < len(tasks) else "unknown", "attempt": attempt, "ok": True,
+                              "timestamps": {name: now + 10 + j for name in sorted(stamps)}}
+                if specs:
+                    completion["results"] = [{"result_id": rid, "frames": 1} for rid in specs]
+                if writes == "segment":
+                    completion["results"][0]["segment"] = {"token": "t", "size": 1, "checksum": "c"}
+                frames = [f"data {j} {k}".encode() for k in range(len(specs))]
+                try:
+                    if not state.complete_simple(txn, "a", completion, frames, now + 20 + j):
+                        agents._complete_simple(txn, agents.agents["a"], completion, frames, now + 20 + j)
+                    outcomes.append("ok")
+                except ProtocolError as exc:
+                    outcomes.append((exc.code, exc.message, getattr(exc, "refusal", None)))
+            tables = [list(txn.txn.cursor(db=db).iternext()) for db in (st_.tasks, st_.results, st_.live_tasks,
+                                                                         st_.data)]
+        return (outcomes, tables, state.events.log, dict(state.task_slot), dict(state.slot_task),
+                dict(state.result_slot), [state.core.state(t) for t in sorted(state.slot_task)],
+                state.core.n_ready(), state.core.n_waiting(), state.core.n_dispatched())
+
+    try:
+        for _, state, agents in sides:
+            agents.agents = {"a": AgentInfo("a", b"peer", 0, "host", 1, ["default"], 0.0)}
+        compiled, python = (play(*side) for side in sides)
+        assert compiled == python
+        sides[0][1].core.validate()
+    finally:
+        for st_, _, _ in sides:
+            st_.close()
+
+
 def test_the_state_binds_the_compiled_transitions():
     """BrokerState's transition methods are the compiled ones (the test above compares them with Python)."""
     state = BrokerState(["default"], EventBus())
     for name in ("set_task_status", "_task_ended", "_set_completed", "mark_result_completed", "complete_result",
-                 "_add_to_core", "_insert_task", "_give_result"):
+                 "_add_to_core", "_insert_task", "_give_result", "complete_simple"):
         assert type(getattr(state, name).__self__) is state_module.Transitions, name

@@ -297,7 +297,9 @@ class Agent:
             log.info("%d task(s) dispatched to the previous registration: dropped", len(header["tasks"]))
             return
         groups = split_frames(frames, header["frames"])
+        options = header["options"]  # each distinct options map once; a task names its own by index
         for msg, data in zip(header["tasks"], groups):
+            msg["options"] = options[msg["options"]]
             held = self.tasks.get(msg["task_id"])
             if held is not None:
                 # A restarted broker gave us back a task we are still running: keep running it, under

@@ -318,13 +318,16 @@ class Backend:
         groups = split_frames(req.frames, [_frame_count(c.get("results")) for c in h["tasks"]])
         accepted, refused = [], []
         succeeded = failed = subtasks = 0
+        complete_simple = self.state.complete_simple
         for completion, frames in zip(h["tasks"], groups):
             task_id = completion["task_id"]
             try:
                 if completion["ok"] and not completion.get("created_results") and not completion.get("subtasks"):
                     # The common case needs no child transaction nor undo mark: every refusal comes before any
-                    # change (write, event, core), and a failure past that point fails the whole request.
-                    self._complete_simple(txn, agent, completion, frames, req.now)
+                    # change (write, event, core), and a failure past that point fails the whole request. Compiled
+                    # when it is the most common one of all; else (a refusal included) in Python.
+                    if not complete_simple(txn, agent.agent_id, completion, frames, req.now):
+                        self._complete_simple(txn, agent, completion, frames, req.now)
                 else:
                     mark = req.mark()  # a refused completion takes back what it queued (replies, events)
                     try:

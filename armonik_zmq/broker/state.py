@@ -81,6 +81,8 @@ class BrokerState:
         # - _insert_task(txn, row, missing): store a new task row, announce it (NEW_TASK), ``_add_to_core``.
         # - _give_result(txn, rrow, task_id, new=False): make ``task_id`` the task responsible for producing a
         #   result (RESULT_OWNER_UPDATE); ``new``: the row is stored for the first time (``announce_result``).
+        # - complete_simple(txn, agent_id, completion, frames, now): apply the common completion when all its checks
+        #   pass and return True, else change nothing and return False (Backend._complete_simple, which it spares).
         moves = Transitions(self.core, self.task_slot, self.slot_task, self.result_slot, self.partition_slot,
                             TASK_TRANSITIONS, _STAMP, check_task_transition, events, int(_T.SUBMITTED),
                             int(_R.COMPLETED))
@@ -92,6 +94,7 @@ class BrokerState:
         self._add_to_core = moves.add_to_core
         self._insert_task = moves.insert_task
         self._give_result = moves.give_result
+        self.complete_simple = moves.complete_simple
 
     # -- sessions ------------------------------------------------------------------------------
 

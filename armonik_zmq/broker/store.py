@@ -374,7 +374,7 @@ class _Puts:
 class Txn:
     """Typed access to the tables inside one LMDB transaction."""
 
-    __slots__ = ("store", "txn", "touched", "puts", "get_task", "put_task", "get_result", "put_result")
+    __slots__ = ("store", "txn", "touched", "puts", "rows", "get_task", "put_task", "get_result", "put_result")
 
     def __init__(self, store: Store, txn: lmdb.Transaction, touched: Optional[set] = None):
         self.store = store
@@ -388,8 +388,8 @@ class Txn:
         # (``was``: its status before, when known) and keeps the live-task table in step: a task leaves it when
         # it ends, and its value changes only when the task enters or leaves SUBMITTED; ``new`` adds it to the
         # session index. put_result(row, new=False) stores a result row (``new``: indexed in its session).
-        rows = RowTables(_RULES, txn, self.puts, store.tasks, store.results, store.live_tasks, store.task_rows,
-                         store.result_rows, touched)
+        self.rows = rows = RowTables(_RULES, txn, self.puts, store.tasks, store.results, store.live_tasks,
+                                     store.task_rows, store.result_rows, touched)
         self.get_task = rows.get_task
         self.put_task = rows.put_task
         self.get_result = rows.get_result
