@@ -91,8 +91,12 @@ def test_t3a_stopped_agent_loses_its_task_and_its_late_result_is_refused(tmp_pat
         with connect(cluster.endpoint, timeout=30) as conn:
             api = Api(conn)
             session_id = api.sessions.create_session(options())
-            # the task runs longer than the stop: the stopped agent's worker finishes it meanwhile
-            p = api.results.create_results({"p": json.dumps({"op": "pid", "sleep": 2}).encode()}, session_id)["p"]
+            # the task runs until the agent is stopped (the test opens its gate then): the stopped agent's worker
+            # finishes it meanwhile, and its agent cannot report it. (It slept 2 s instead: on a loaded machine the
+            # SIGSTOP came after the report once, and the task ended COMPLETED on the first agent.)
+            gate = tmp_path / "gate"
+            p = api.results.create_results({"p": json.dumps({"op": "gate", "gate": str(gate),
+                                                             "then": {"op": "pid"}}).encode()}, session_id)["p"]
             out = api.results.create_results_metadata(["out"], session_id)["out"].result_id
             (task,) = api.tasks.submit_tasks(session_id, [TaskDefinition(payload_id=p.result_id,
                                                                          expected_output_ids=[out])])
@@ -102,6 +106,7 @@ def test_t3a_stopped_agent_loses_its_task_and_its_late_result_is_refused(tmp_pat
             cluster.agent.send_signal(signal.SIGSTOP)
             stopped_at = time.time()
             stopped = True
+            gate.touch()
 
             wait_for(lambda: ended(conn, task.id), "the stopped agent's task to be taken back", timeout=stop_for)
             requeue = ended(conn, task.id) - stopped_at
