@@ -133,11 +133,10 @@ def test_remote_exception_keeps_type_and_traceback(client):
 
 
 def test_futures_share_their_clients_condition_yet_wait_for_their_own_value(client):
-    """A client's futures share one Condition (and have every field of a stdlib future): a thread waiting on one
-    is woken when another settles, and waits on; it gets its own value, not a TimeoutError."""
+    """A client's futures share one Condition: a thread waiting on one is woken when another settles, and waits
+    on; it gets its own value, not a TimeoutError."""
     mid, short = client.submit(time.sleep, 0.8), client.submit(time.sleep, 0.3)
     assert mid._condition is short._condition
-    assert set(vars(concurrent.futures.Future())) <= set(vars(mid))
     outcome = []
 
     def follow() -> None:
@@ -152,6 +151,46 @@ def test_futures_share_their_clients_condition_yet_wait_for_their_own_value(clie
     assert mid.result(timeout=10) is None  # reads; settles `short` meanwhile, which wakes the follower early
     follower.join(10)
     assert outcome == [None] and short.result(timeout=10) is None
+
+
+def test_a_future_owns_its_state_and_inherits_no_method_of_the_stdlib_future(client):
+    """Every method of concurrent.futures.Future is this class's own, over its own state: none reads the stdlib's
+    private fields. The stdlib's wait() and as_completed() read three fields of any future (its condition, state
+    and waiters): a stdlib future still has them, and they work on ours (the other tests here)."""
+    methods = [name for name, value in vars(concurrent.futures.Future).items()
+               if callable(value) and not name.startswith("__") and not name.startswith("_Future__")]
+    inherited = [name for name in methods if name != "_invoke_callbacks"
+                 and getattr(armonik_zmq.Future, name) is getattr(concurrent.futures.Future, name)]
+    assert not inherited
+    assert {"_condition", "_state", "_waiters"} <= set(vars(concurrent.futures.Future()))
+    assert {"_result", "_exception", "_done_callbacks"}.isdisjoint(vars(client.submit(add, 1, 2)))
+    fut = client.submit(add, 1, 2)
+    assert concurrent.futures.wait([fut], timeout=30).done == {fut} and fut.result() == 3
+    assert "finished" in repr(fut) and not fut.running()
+    with pytest.raises(RuntimeError):
+        fut.set_running_or_notify_cancel()
+    with pytest.raises(concurrent.futures.InvalidStateError):
+        fut.set_result(4)
+
+
+def test_done_callbacks_never_run_on_the_thread_that_routes_the_connection(client):
+    """A callback runs on the listener, or at once on the thread that adds it to a settled future: never on the
+    connection's I/O thread, which routes the messages (a callback may call the broker and wait). Added while the
+    futures settle, some to futures settled already."""
+    n = 2000
+    names, lock, left, done = set(), threading.Lock(), [n], threading.Event()
+
+    def note(_fut) -> None:
+        with lock:
+            names.add(threading.current_thread().name)
+            left[0] -= 1
+            if not left[0]:
+                done.set()
+    futures = client.map(add, range(n), range(n), chunksize=500)
+    for fut in futures:
+        fut.add_done_callback(note)
+    assert done.wait(30) and [f.result(0) for f in futures] == [2 * i for i in range(n)]
+    assert names and names <= {threading.current_thread().name, "armonik-zmq-futures"}, names
 
 
 def test_as_completed_yields_in_completion_order_and_times_out_without_cancelling(client):

@@ -374,11 +374,12 @@ class Connection:
         second = next(requests, None)
         if second is None:  # the usual case: one request, sent with the reader role taken (see _exchange)
             return [self._exchange(op, first[0], first[1], timeout)]
-        return list(self._replies(op, itertools.chain((first, second), requests), timeout, window))
+        return list(self.replies(op, itertools.chain((first, second), requests), timeout, window))
 
-    def _replies(self, op: Op, requests: Iterable[tuple[dict, Sequence[Any]]], timeout: Optional[float] = None,
+    def replies(self, op: Op, requests: Iterable[tuple[dict, Sequence[Any]]], timeout: Optional[float] = None,
                  window: Optional[int] = None) -> Iterator[tuple[dict, list]]:
-        """``_call_many``'s pipeline, yielding each reply as it comes, in order. A request is drawn from ``requests``
+        """Send ``requests`` (each its header fields, with the ``frames`` counts, and its data frames) pipelined, and
+        yield each reply as it comes, in order (``_call_many`` is its list). A request is drawn from ``requests``
         before the wait for a reply that makes room for it in the window: a generator builds the next request
         while the broker handles those in flight (with ``window`` 1: one request at a time, and no pause between
         a reply and the next request)."""
@@ -405,7 +406,7 @@ class Connection:
         if deadline is None:
             deadline = time.monotonic() + timeout
         if not fut.done():
-            self._read_until(fut.done, deadline)
+            self.read_until(fut.done, deadline)
         try:
             return fut.result(max(0.0, deadline - time.monotonic()))
         except TimeoutError:
@@ -459,7 +460,7 @@ class Connection:
 
     # -- reading: the thread that holds the reader role ---------------------------------------
 
-    def _read_until(self, done: Callable[[], bool], deadline: Optional[float]) -> bool:
+    def read_until(self, done: Callable[[], bool], deadline: Optional[float]) -> bool:
         """Read and route the broker's messages on this thread until ``done()``, the deadline, or the I/O
         thread asks for the role; return False, reading nothing, when another thread holds the role."""
         if self._reader == threading.get_ident():  # a wait started while routing (a callback that calls the broker)
@@ -528,8 +529,9 @@ class Connection:
             self._route(inbox.popleft())
         return more
 
-    def _poke(self) -> None:
-        """Wake the reader if it is another thread: what it waits for may have been settled elsewhere."""
+    def poke(self) -> None:
+        """Wake the reader if it is another thread: what it waits for (in ``read_until``) may have been settled
+        elsewhere."""
         reader = self._reader
         if reader is not None and reader != threading.get_ident():
             _ring(self._look)
@@ -744,7 +746,7 @@ class Connection:
                         fut.set_exception(self._refused())
                     except InvalidStateError:
                         pass
-                self._poke()
+                self.poke()
             elif event == zmq.EVENT_DISCONNECTED and self._connected:
                 self._connected = False
                 log.info("connection to the broker at %s lost; reconnecting", self.endpoint)
@@ -755,7 +757,7 @@ class Connection:
                     sub._queue.put(errors.ConnectionLostError(
                         f"the connection to the broker at {self.endpoint} was lost: events may have been missed; "
                         f"subscribe again"))
-                self._poke()
+                self.poke()
                 self._on_connection_lost()
 
     def _on_connection_lost(self) -> None:
@@ -822,7 +824,7 @@ class Connection:
                 fut.set_exception(exc)
             except InvalidStateError:
                 pass
-            self._poke()
+            self.poke()
 
     def _resend_due(self) -> None:
         """Send again the requests whose UNAVAILABLE back-off has passed."""
@@ -861,7 +863,7 @@ class Connection:
                 pass
         for sub in subs:
             sub._queue.put(exc)
-        self._poke()
+        self.poke()
 
 
 def _ring(fd: int) -> None:
@@ -959,7 +961,7 @@ class Subscription:
         """The next push's events (maybe none: a wake-up); raise the connection's final exception."""
         if self._waiter_reads and self._queue.empty():
             deadline = None if timeout is None else time.monotonic() + timeout
-            self._conn._read_until(self._arrived, deadline)
+            self._conn.read_until(self._arrived, deadline)
             if deadline is not None:
                 timeout = max(0.0, deadline - time.monotonic())
         item = self._queue.get(timeout=timeout)
@@ -994,7 +996,7 @@ class Subscription:
             return
         self._closed = True
         self._queue.put(_WAKE)
-        self._conn._poke()
+        self._conn.poke()
         self._conn._unsubscribe(self.id)
 
     def __enter__(self) -> "Subscription":
