@@ -171,6 +171,9 @@ def keys(directory, clients, agents, client_names, agent_names) -> None:
 @click.option("--turn-budget", type=click.FloatRange(0.0005, 10.0), default=0.01, show_default=True,
               help="Seconds of request handling one loop turn aims at; clients take turns within it, so a "
                    "flooding client delays the others by about this much.")
+@click.option("--report-wait", type=click.FloatRange(0.0, 60.0), default=0.002, show_default=True,
+              help="Seconds a turn that gave an idle agent its only task may wait, before its commit, for that "
+                   "task's report: a short task's submit and completion then take one commit (0: never wait).")
 @click.option("--nice", type=click.IntRange(-20, 0), default=0, show_default=True,
               help="A nice value the broker asks for at start (e.g. -5), when lower than its own: it serves every "
                    "task, so on a busy host it would get the CPU first. Needs CAP_SYS_NICE (or RLIMIT_NICE); "
@@ -204,7 +207,7 @@ def keys(directory, clients, agents, client_names, agent_names) -> None:
 def broker(ctx, data_dir, endpoint, agents_endpoint, partitions, heartbeat_interval, liveness, lease, backend_sndhwm,
            no_router_mandatory, no_sync, config_file, object_storage, metrics_port, metrics_address, max_message_size,
            map_size, max_map_size, agent_grace, idempotency_ttl, keys_dir, server_secret, client_keys,
-           agent_keys, shm_threshold, shm_fsync, shm_grace, turn_budget, nice) -> None:
+           agent_keys, shm_threshold, shm_fsync, shm_grace, turn_budget, report_wait, nice) -> None:
     """Run the broker (the control plane) in the foreground."""
     from .broker import Broker
 
@@ -222,7 +225,7 @@ def broker(ctx, data_dir, endpoint, agents_endpoint, partitions, heartbeat_inter
                           metrics_address=metrics_address, max_message_size=max_message_size, map_size=map_size,
                           max_map_size=max_map_size, agent_grace=agent_grace, idempotency_ttl=idempotency_ttl,
                           shm_threshold=shm_threshold, shm_fsync=shm_fsync, shm_grace=shm_grace,
-                          turn_budget=turn_budget, nice=nice, **_broker_keys(keys_dir, server_secret, client_keys, agent_keys))
+                          turn_budget=turn_budget, report_wait=report_wait, nice=nice, **_broker_keys(keys_dir, server_secret, client_keys, agent_keys))
     try:
         server = Broker(config)
     except RuntimeError as exc:

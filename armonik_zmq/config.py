@@ -139,6 +139,9 @@ class BrokerConfig:
     #: seconds of request handling a loop turn aims at: peers take turns within it, so one peer's flood
     #: or big requests delay the others by about this much (broker/fairness.py)
     turn_budget: float = 0.01
+    #: seconds a turn that gave an idle agent its only task may wait, before its commit, for that task's report
+    #: (one commit for the submit and the completion of a short task; 0: never wait; broker/reportwait.py)
+    report_wait: float = 0.002
     #: a nice value the broker asks for at start when lower than its own (more CPU when the host is busy: it
     #: serves every task). Needs CAP_SYS_NICE or RLIMIT_NICE; without, it stays. 0: as started (the default:
     #: -5 showed no gain in T15 measured under other load, see broker/server.py ask_for_nice).

@@ -442,6 +442,12 @@ class Client:
             body = item[1]
             data = body.get("data")
             fut = self._pending.get(body["result_id"]) if data is not None else None
+            if fut is None and data is not None and self._inline_in_flight:
+                with self._lock:  # its SUBMIT_INLINE's reply came just before (same commit): kept for it, no hop
+                    fut = self._pending.get(body["result_id"])
+                    if fut is None and self._inline_in_flight:
+                        self._early[body["result_id"]] = (body["status"], data)
+                        continue
             if fut is None:  # no data, or not registered yet (the listener keeps it for its SUBMIT_INLINE)
                 rest.append(item)
                 continue

@@ -39,6 +39,10 @@ COUNTERS: dict[str, str] = {
                                 "fsyncs; an agent registering or pushed to in that turn gets its DISPATCH after it).",
     "completion_acks_held": "TASKS_DONE replies to an agent left with no task, held for its next message "
                             "(most often its next DISPATCH) or ACK_HOLD (broker/acks.py): one wake-up of it less.",
+    "reports_joined": "Agents' messages handled in the turn that dispatched their lone task, before its commit "
+                      "(the turn waited for the report: one commit for the submit and the completion, "
+                      "broker/reportwait.py).",
+    "report_waits_missed": "In-turn waits for a lone task's report that ended without it (the next waits skip).",
     "agent_send_failures": "Sends to an agent that failed (EAGAIN: its pipe is full; EHOSTUNREACH: it is gone).",
     "agent_send_failures_handled": "Failed sends to an agent after which its tasks went back to the queue "
                                    "(equals agent_send_failures: no message to an agent is dropped silently).",

@@ -7,7 +7,9 @@ One thread does everything, in turns:
    first (broker/fairness.py);
 2. open one write transaction; decode, validate and handle each message in a nested transaction
    (a failing request undoes only itself); expire lost agents; dispatch ready tasks to agents, and send
-   those DISPATCHes at once (``_dispatch_early``: a DISPATCH acknowledges nothing);
+   those DISPATCHes at once (``_dispatch_early``: a DISPATCH acknowledges nothing); when one gave an idle
+   agent its only task, wait a little for its report and handle it in this transaction too (``_join_reports``,
+   broker/reportwait.py: a short lone task's submit and completion in one commit);
 3. commit (the group commit: one fsync for the whole turn);
 4. only then send the turn's replies, events and other pushes (the acknowledgement of a completion that left
    its agent with no task waits for the next message to that agent, at most ``ACK_HOLD``: broker/acks.py).
@@ -42,6 +44,7 @@ from ..protocol import (BACKEND_OPS, FRONTEND_OPS, MAX_HEADER_SIZE, ErrorCode, O
 from ..security import check_bind
 from ..zmqio import readable, recv_message, send_message
 from .acks import HeldAcks
+from .reportwait import ReportWait
 from .backend import AgentInfo, Backend
 from .data import ResultData
 from .auth import Authorizer, Guard, Security
@@ -202,6 +205,9 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         #: the running part's TASKS_DONE requests, and acknowledgements held for their agent's next message
         self._turn_acks: list[Request] = []
         self.held_acks = HeldAcks()
+        #: the in-turn wait for a lone task's report (broker/reportwait.py), and the agents it waits for
+        self.report_wait = ReportWait(config.report_wait)
+        self._awaited: set[bytes] = set()
         self._next_reader_check = time.monotonic() + config.reader_check_interval
         #: when the state was loaded, until the first dispatch after it is logged (the restart figure)
         self._loaded_at: Optional[float] = time.monotonic()
@@ -506,6 +512,9 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         """Handle ``batch`` (with ``upkeep``: and lost agents, purges, leases, dispatch) in one transaction,
         commit it, then send its replies, dispatches and events."""
         replies: list = []
+        #: agents' messages received while the turn waited for a lone task's report, with their wall-clock time of
+        #: arrival (handled again, at that time, if the turn is replayed)
+        joined: list = []
         incoming = sum(sum(map(len, frames)) for _, frames in batch)  # len(Frame): no memoryview per frame
         try:
             self._grow_map("ahead of a turn", incoming)
@@ -515,7 +524,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
                 self._turn_acks = []
                 replies = []
                 try:
-                    self._run_turn(batch, replies, now, mono, lease_due, turn_started, upkeep)
+                    self._run_turn(batch, replies, now, mono, lease_due, turn_started, upkeep, joined)
                     break
                 except lmdb.MapFullError:
                     self._undo_turn(*snapshot)
@@ -524,7 +533,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         except MapAtLimit as exc:
             # the turn was undone before the growth that failed
             log.error("%s: %d request(s) refused; raise --max-map-size or delete data", exc, len(batch))
-            for sock, frames in batch:
+            for sock, frames in [*batch, *((self.backend, frames) for frames, _ in joined)]:
                 if len(frames) >= 2:
                     op_num, rid = envelope_of(frames[1].bytes)
                     self._send_now(sock, [frames[0].bytes, reply_error(
@@ -581,9 +590,9 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         return [r for r in agent_replies if id(r[1]) not in held]
 
     def _run_turn(self, batch: list, replies: list, now: float, mono: float, lease_due: bool,
-                  turn_started: float, upkeep: bool = True) -> None:
-        """Handle the batch (with ``upkeep``: lost agents, purges, leases and dispatch) in one write transaction,
-        then commit."""
+                  turn_started: float, upkeep: bool = True, joined: Optional[list] = None) -> None:
+        """Handle the batch (with ``upkeep``: lost agents, purges, leases and dispatch, then a lone task's report
+        if it comes soon: ``joined``) in one write transaction, then commit."""
         with self.store.write() as txn:
             started = looked = time.monotonic()
             i = 0
@@ -601,6 +610,8 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
             self._handling_seconds += time.monotonic() - started
             if upkeep:
                 self._upkeep(txn, now, mono, lease_due, turn_started)
+                if joined is not None:
+                    self._join_reports(txn, joined, replies, now)
             commit_started = time.monotonic()
         self.metrics.commit(time.monotonic() - commit_started)
 
@@ -622,6 +633,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
             if self.idempotency.due(mono):
                 self.idempotency.collect(txn, now, mono)
         pushed = len(self._outbox)
+        self._awaited = set()
         self.dispatch(txn, now)
         self._dispatch_early(pushed)
 
@@ -653,6 +665,56 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
             self._outbox.extend(late)
             self.metrics.counters["dispatches_before_commit"] += len(early)
             self._send_all(early)
+            core = self.state.core
+            # an agent that holds only the task just sent: the turn may wait for its report (broker/reportwait.py)
+            self._awaited.update(frames[0] for _, frames, agent in early
+                                 if agent is not None and len(core.agent_held(agent.slot)) == 1)
+
+    def _join_reports(self, txn, joined: list, replies: list, now: float) -> None:
+        """Before the commit: wait up to the report window for the agents given their only task early in this turn
+        (``_awaited``), handling in this transaction what they send, and dispatching what their completions made
+        ready (broker/reportwait.py). A client's request ends the wait: the turn commits, the request is next.
+
+        A replayed turn (MapFullError) handles ``joined``, what the first attempt received, again; its DISPATCHes
+        left already, so it does not wait."""
+        awaited, self._awaited = self._awaited, set()
+        backend, handled = self.backend, len(joined)
+        for frames, came in joined:
+            out = self._handle(txn, backend, frames, came)
+            if out is not None:
+                replies.append((backend, out, None))
+        if handled or not awaited or self.fair.waiting or self._lost_agents or not self.report_wait.wanted():
+            return
+        deadline = time.monotonic() + self.report_wait.window
+        frontend, poller = self.frontend, self.poller
+        while awaited:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            ready = poller.poll(math.ceil(left * 1000))
+            if any(sock is frontend for sock, _ in ready):
+                break
+            while awaited and readable(backend):
+                frames = recv_message(backend)
+                now = wall_now()  # the turn's clock is behind by the wait: a report's stamps follow its task's
+                joined.append((frames, now))
+                reports = len(self._turn_acks)
+                out = self._handle(txn, backend, frames, now)
+                if out is not None:
+                    replies.append((backend, out, None))
+                if len(self._turn_acks) > reports:  # a TASKS_DONE (another message, a heartbeat, does not end it)
+                    awaited.discard(frames[0].bytes)
+        if joined:  # what the completions made ready leaves before this commit too (a chain's next link)
+            pushed = len(self._outbox)
+            self.dispatch(txn, now)
+            self._dispatch_early(pushed)
+            self._awaited = set()
+        if awaited:
+            self.report_wait.miss()
+            self.metrics.counters["report_waits_missed"] += 1
+        else:
+            self.report_wait.hit()
+        self.metrics.counters["reports_joined"] += len(joined)
 
     def _undo_turn(self, agents: dict, lost: list, outbox_len: int, next_lease_check: float) -> None:
         """Put the in-memory state back as it was before an aborted turn (its transaction is gone).
