@@ -728,6 +728,30 @@ def test_a_big_session_is_deleted_a_chunk_per_turn_while_other_clients_are_serve
             assert other_api.tasks.get_task(kept_task.id).session_id == kept
 
 
+def test_a_deleted_session_leaves_no_core_slot_of_a_result_its_tasks_waited_for(tmp_path):
+    """A task waiting for a result no task produces (a client would upload it) holds that result in the broker's
+    core; the delete frees it with the result's row (it stayed until a restart). In-process broker, turn by turn."""
+    from test_fairness import OPTIONS, serving
+    from test_snapshot import Client
+
+    with serving(tmp_path, "client") as (broker, (sock,)):
+        client = Client(broker, sock)
+        sid = client.reply(client.send(Op.CREATE_SESSION, default_task_options=OPTIONS))["session_id"]
+        payload = client.reply(client.send(Op.CREATE_RESULTS, b"x", session_id=sid, results=[{"name": "p"}],
+                                           frames=[1]))["results"][0]["result_id"]
+        wanted, out = (r["result_id"] for r in client.reply(client.send(
+            Op.CREATE_RESULTS_METADATA, session_id=sid, results=[{"name": "wanted"}, {"name": "out"}]))["results"])
+        client.reply(client.send(Op.SUBMIT_TASKS, session_id=sid, tasks=[
+            {"payload_id": payload, "expected_output_ids": [out], "data_dependencies": [wanted]}]))["tasks"]
+        assert wanted in broker.state.result_slot  # the task waits for it
+        deleting = client.send(Op.DELETE_SESSIONS, session_ids=[sid])
+        while broker.deletions.pending:
+            broker.turn(0)
+        assert client.reply(deleting)["sessions"][0]["status"] == _S.DELETED
+        assert wanted not in broker.state.result_slot and broker.state.core.n_tasks() == 0
+        broker.state.core.validate()
+
+
 def test_a_broker_killed_mid_delete_finishes_it_after_a_restart_and_answers_the_delete(tmp_path_factory):
     """SIGKILL while a big session's rows are being deleted: once back, the broker deletes the rest, and the
     client's delete (sent again on reconnection, under its idempotency key) is answered then; nothing of the

@@ -227,6 +227,11 @@ class Lifecycle:
                 continue
             result_ids = txn.first_session_ids(session_results_key(sid), min(_DELETE_READ, budget - done))
             for rid in result_ids:
+                # A result nobody produces (a client would upload it) keeps the core slot its waiting tasks had:
+                # they all ended (tasks go first, and only tasks of its session may wait on it), so it is free now.
+                slot = state.result_slot.pop(rid, None)
+                if slot is not None:
+                    state.core.free_result(slot)
                 txn.delete_result_row(rid, sid)
             done += len(result_ids)
             if not result_ids:
