@@ -188,33 +188,33 @@ class Task:
                  processing_to_end_duration: timedelta = timedelta(0),
                  received_to_end_duration: timedelta = timedelta(0), output: Optional[Output] = None,
                  pod_hostname: Optional[str] = None, payload_id: Optional[str] = None):
-        self.id = id
-        self.session_id = session_id
-        self.owner_pod_id = owner_pod_id
-        self.initial_task_id = initial_task_id
-        self.created_by = created_by
-        self.parent_task_ids = parent_task_ids
-        self.data_dependencies = data_dependencies
-        self.expected_output_ids = expected_output_ids
-        self.retry_of_ids = retry_of_ids
-        self.status = status
-        self.status_message = status_message
-        self.options = options
-        self.created_at = created_at
-        self.submitted_at = submitted_at
-        self.received_at = received_at
-        self.acquired_at = acquired_at
-        self.fetched_at = fetched_at
-        self.started_at = started_at
-        self.processed_at = processed_at
-        self.ended_at = ended_at
-        self.pod_ttl = pod_ttl
-        self.creation_to_end_duration = creation_to_end_duration
-        self.processing_to_end_duration = processing_to_end_duration
-        self.received_to_end_duration = received_to_end_duration
-        self.output = output
-        self.pod_hostname = pod_hostname
-        self.payload_id = payload_id
+        self._id = id
+        self._session_id = session_id
+        self._owner_pod_id = owner_pod_id
+        self._initial_task_id = initial_task_id
+        self._created_by = created_by
+        self._parent_task_ids = parent_task_ids
+        self._data_dependencies = data_dependencies
+        self._expected_output_ids = expected_output_ids
+        self._retry_of_ids = retry_of_ids
+        self._status = status
+        self._status_message = status_message
+        self._options = options
+        self._created_at = created_at
+        self._submitted_at = submitted_at
+        self._received_at = received_at
+        self._acquired_at = acquired_at
+        self._fetched_at = fetched_at
+        self._started_at = started_at
+        self._processed_at = processed_at
+        self._ended_at = ended_at
+        self._pod_ttl = pod_ttl
+        self._creation_to_end_duration = creation_to_end_duration
+        self._processing_to_end_duration = processing_to_end_duration
+        self._received_to_end_duration = received_to_end_duration
+        self._output = output
+        self._pod_hostname = pod_hostname
+        self._payload_id = payload_id
         self.count_parent_task_ids = None if parent_task_ids is None else len(parent_task_ids)
         self.count_data_dependencies = None if data_dependencies is None else len(data_dependencies)
         self.count_expected_output_ids = None if expected_output_ids is None else len(expected_output_ids)
@@ -285,16 +285,16 @@ class Result:
                  created_at: Optional[datetime] = None, completed_at: Optional[datetime] = None,
                  result_id: Optional[str] = None, size: Optional[int] = None, opaque_id: Optional[bytes] = None,
                  manual_deletion: bool = False):
-        self.session_id = session_id
-        self.name = name
-        self.created_by = created_by
-        self.owner_task_id = owner_task_id
-        self.status = status
-        self.created_at = created_at
-        self.completed_at = completed_at
-        self.result_id = result_id
-        self.size = size
-        self.opaque_id = opaque_id
+        self._session_id = session_id
+        self._name = name
+        self._created_by = created_by
+        self._owner_task_id = owner_task_id
+        self._status = status
+        self._created_at = created_at
+        self._completed_at = completed_at
+        self._result_id = result_id
+        self._size = size
+        self._opaque_id = opaque_id
         self.manual_deletion = manual_deletion
 
     @classmethod
@@ -339,18 +339,18 @@ class Session:
                  created_at: Optional[datetime] = None, cancelled_at: Optional[datetime] = None,
                  closed_at: Optional[datetime] = None, purged_at: Optional[datetime] = None,
                  deleted_at: Optional[datetime] = None, duration: Optional[timedelta] = None):
-        self.session_id = session_id
-        self.status = status
-        self.client_submission = client_submission
-        self.worker_submission = worker_submission
-        self.partition_ids = partition_ids if partition_ids is not None else []
-        self.options = options
-        self.created_at = created_at
-        self.cancelled_at = cancelled_at
-        self.closed_at = closed_at
-        self.purged_at = purged_at
-        self.deleted_at = deleted_at
-        self.duration = duration
+        self._session_id = session_id
+        self._status = status
+        self._client_submission = client_submission
+        self._worker_submission = worker_submission
+        self._partition_ids = partition_ids if partition_ids is not None else []
+        self._options = options
+        self._created_at = created_at
+        self._cancelled_at = cancelled_at
+        self._closed_at = closed_at
+        self._purged_at = purged_at
+        self._deleted_at = deleted_at
+        self._duration = duration
 
     @classmethod
     def from_wire(cls, d: dict) -> "Session":
