@@ -496,10 +496,10 @@ class Backend:
         for rid in dict.fromkeys([row["payload_id"], *row["data_dependencies"]]):
             known = seen.get(rid)
             if known is None:
-                size = txn.object_size(rid)
-                if size is None:
+                known = txn.small_object(rid, limit)
+                if known is None:
                     raise ProtocolError(ErrorCode.FAILED_PRECONDITION, f"input result {rid} has no data any more")
-                known = seen[rid] = (size, txn.read_object(rid) if size <= limit else None)
+                seen[rid] = known
             if known[0] <= limit:
                 inline.append(rid)
                 data.append(known[1])
