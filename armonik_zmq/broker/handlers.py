@@ -269,18 +269,20 @@ class Handlers:
         self.state.check_submission(session, "client")
         sid = session["session_id"]
         creations = []
+        payloads = {}
         outputs = {}
         for spec, data in zip(h["tasks"], groups):
             name = spec.get("name") or "task"
             payload = self.state.new_result_row(sid, f"{name}-payload", now=req.now)
             self.state.insert_completed_result(txn, payload, data, req.now)
+            payloads[payload["result_id"]] = payload
             output = self.state.new_result_row(sid, name, now=req.now)
             self.state.announce_result(output)  # stored by create_tasks, with its owner
             outputs[output["result_id"]] = output
             creations.append({"payload_id": payload["result_id"], "expected_output_ids": [output["result_id"]],
                               "data_dependencies": spec.get("data_dependencies", []), "options": spec.get("options")})
         req.reply(tasks=self.state.create_tasks(txn, session, creations, h.get("task_options"), req.now,
-                                                new_outputs=outputs))
+                                                new_outputs=outputs, new_inputs=payloads))
 
     def handle_get_tasks(self: "Broker", req: "Request", txn: Txn) -> None:
         req.reply(tasks=[self.state.require_task(txn, t) for t in req.header["task_ids"]])

@@ -180,19 +180,21 @@ class BrokerState:
 
     def create_tasks(self, txn: Txn, session: dict, creations: list[dict], request_options: Optional[dict], now: float,
                      *, parent: Optional[dict] = None, task_ids: Optional[list[str]] = None,
-                     new_outputs: Optional[dict[str, dict]] = None) -> list[dict]:
+                     new_outputs: Optional[dict[str, dict]] = None,
+                     new_inputs: Optional[dict[str, dict]] = None) -> list[dict]:
         """Create tasks (from a client, or a worker's subtasks when ``parent`` is given), all or nothing.
 
         Every check runs before anything is written, so a refused batch leaves no trace. ``new_outputs``: output
         rows made by the same request and announced (``announce_result``) but not stored yet; they are
-        stored here, with their owner task.
+        stored here, with their owner task. ``new_inputs``: rows the same request stored (payloads with their
+        data, in ``session``), looked at as they are instead of read back (a read and a decode per task).
         """
         sid = session["session_id"]
         where_prefix = "subtask" if parent else "task"
         get_result = txn.get_result
         plans = []
         claimed: set[str] = set()
-        inputs_seen: dict[str, dict] = {}
+        inputs_seen: dict[str, dict] = dict(new_inputs) if new_inputs else {}
         #: the options of every task that names none of its own: merged and checked once, one dict shared by the rows
         shared_opts = None
         for i, c in enumerate(creations):
