@@ -263,6 +263,10 @@ class Task:
         return f"Task(id={self.id!r}, status={status}, expected_output_ids={self.expected_output_ids!r})"
 
 
+#: ResultStatus members by value
+_RESULT_STATUSES = {int(s): s for s in ResultStatus}
+
+
 class Result:
     """A result's metadata (ResultRaw fields)."""
 
@@ -299,13 +303,16 @@ class Result:
 
     @classmethod
     def from_wire(cls, d: dict) -> "Result":
-        return cls(
-            session_id=d.get("session_id"), name=d.get("name"), created_by=d.get("created_by") or "",
-            owner_task_id=d.get("owner_task_id") or "", status=ResultStatus(d.get("status", 0)),
-            created_at=ts(d.get("created_at")), completed_at=ts(d.get("completed_at")),
-            result_id=d.get("result_id"), size=d.get("size", 0), opaque_id=d.get("opaque_id") or b"",
-            manual_deletion=bool(d.get("manual_deletion", False)),
-        )
+        # positional, and the status from a dict (ResultStatus(n) is an enum call): CREATE_RESULTS and
+        # CREATE_RESULTS_METADATA make one per result on the client's thread while the broker waits for its next request
+        get = d.get
+        status = _RESULT_STATUSES.get(get("status", 0))
+        if status is None:
+            status = ResultStatus(get("status"))  # not a status: raises, as it always did
+        return cls(get("session_id"), get("name"), get("created_by") or "", get("owner_task_id") or "",
+                   status, ts(get("created_at")),
+                   ts(get("completed_at")), get("result_id"), get("size", 0), get("opaque_id") or b"",
+                   bool(get("manual_deletion", False)))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Result) and all(getattr(self, s) == getattr(other, s) for s in self.__slots__)
