@@ -728,6 +728,22 @@ def test_a_big_session_is_deleted_a_chunk_per_turn_while_other_clients_are_serve
             assert other_api.tasks.get_task(kept_task.id).session_id == kept
 
 
+def test_a_delete_nobody_waits_behind_takes_whole_chunks(tmp_path_factory):
+    """With no other message waiting, a turn deletes DELETE_CHUNK rows whatever the time it takes (the 2 ms slice
+    holds only while another request or report waits): a durable commit per DELETE_CHUNK rows, not per 2 ms."""
+    from armonik_zmq.broker.lifecycle import DELETE_CHUNK
+
+    with broker_only(tmp_path_factory) as cluster:
+        with connect(cluster.endpoint, timeout=60) as conn:
+            api = Api(conn)
+            sid, rows = _big_session(api, 20_000)
+            before = conn.call(Op.HEALTH, metrics=True)[0]["metrics"]["lmdb_last_txnid"]
+            assert api.sessions.delete_session(sid).status == _S.DELETED
+            commits = conn.call(Op.HEALTH, metrics=True)[0]["metrics"]["lmdb_last_txnid"] - before
+    # the delete's own turn, the chunks, and the last chunk's turn if it ends short
+    assert commits <= 2 + -(-rows // DELETE_CHUNK), f"{rows} rows deleted in {commits} commits"
+
+
 def test_a_deleted_session_leaves_no_core_slot_of_a_result_its_tasks_waited_for(tmp_path):
     """A task waiting for a result no task produces (a client would upload it) holds that result in the broker's
     core; the delete frees it with the result's row (it stayed until a restart). In-process broker, turn by turn."""
