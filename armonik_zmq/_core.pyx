@@ -1183,10 +1183,14 @@ def reset_id_pool():
     _id_left = 0
 
 
-@cython.boundscheck(False)
-@cython.wraparound(False)
 def new_id():
     """Return a new version 7 UUID string; ids made by one process sort in the order they were made."""
+    return _new_id()
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef str _new_id():
     global _id_left, _id_last_ms, _id_seq
     cdef char out[36]
     cdef timespec ts
@@ -1543,6 +1547,12 @@ cdef class RowRules:
     cdef object packed_options, fallback, decode, live_value, tasks_key, results_key
     cdef frozenset task_ended
     cdef object submitted, result_created
+    #: the last options dict packed, and its bytes: the rows of one submission share one dict (and no code changes a
+    #: row's options in place: store.py), so most rows find theirs here without a Python call; the same for the
+    #: live-task value of a queued task, which its options decide
+    cdef object last_options, last_packed, last_live_options, last_live
+    #: store.py's decoded options by their packed bytes, and the fields of a stored array by its length
+    cdef dict options_by_bytes, fields_by_length
 
     def __init__(self, tuple task_fields, tuple result_fields, Py_ssize_t options_at, packed_options, fallback,
                  decode, live_value, tasks_key, results_key, frozenset task_ended, submitted, result_created,
@@ -1562,6 +1572,43 @@ cdef class RowRules:
         self.task_cache_max = task_cache_max
         self.result_cache_max = result_cache_max
 
+    def use_decoding(self, dict options_by_bytes, dict fields_by_length):
+        """Decode rows in C (``decode`` only for what it cannot: maps, ext types, options seen for the first time)
+        with store.py's options cache and stored fields."""
+        self.options_by_bytes = options_by_bytes
+        self.fields_by_length = fields_by_length
+
+    cdef object _decode(self, object buf):
+        cdef object row
+        cdef PyObject* opts
+        if self.fields_by_length is None:
+            return self.decode(buf)
+        row = _unpack_fields(buf, self.fields_by_length, True)
+        if row is None or PyDict_Size(row) != len(self.task_fields):
+            return self.decode(buf) if row is None else row
+        opts = PyDict_GetItem(self.options_by_bytes, row["options"])
+        if opts == NULL:
+            return self.decode(buf)
+        row["options"] = <object>opts
+        return row
+
+    cdef object _live(self, dict row):
+        cdef object opts = row["options"]
+        if opts is not self.last_live_options:
+            self.last_live = self.live_value(row)
+            self.last_live_options = opts
+        return self.last_live
+
+    def options_packed(self, opts):
+        """A task's options packed (``packed_options``), the last dict's bytes kept here."""
+        return self._options_packed(opts)
+
+    cdef object _options_packed(self, object opts):
+        if opts is not self.last_options:
+            self.last_packed = self.packed_options(opts)
+            self.last_options = opts
+        return self.last_packed
+
     def encode_task(self, dict row):
         """A task row's stored bytes: an array of TASK_FIELDS (options packed inside), or a map if it has others."""
         return _encode_task(self, row)
@@ -1575,7 +1622,7 @@ cdef object _encode_task(RowRules rules, dict row):
     cdef PyObject* opts = PyDict_GetItem(row, "options")
     cdef object packed = None
     if opts != NULL and type(<object>opts) is dict:
-        packed = _pack_fields(row, rules.task_fields, rules.options_at, rules.packed_options(<object>opts),
+        packed = _pack_fields(row, rules.task_fields, rules.options_at, rules._options_packed(<object>opts),
                               rules.fallback)
     return rules.fallback(row) if packed is None else packed
 
@@ -1585,17 +1632,28 @@ cdef object _encode_result(RowRules rules, dict row):
     return rules.fallback(row) if packed is None else packed
 
 
+#: what follows a result id in the key of its data's first chunk (objects.chunk_key)
+cdef bytes _FIRST_CHUNK = b"\x00" + (0).to_bytes(4, "big")
+#: a one-chunk object row, {"size": ..., "chunks": 1, "chunk_size": ...} packed: before the size, and between it and the
+#: chunk size
+cdef bytes _OBJECT_ROW_HEAD = b"\x83" + _fixstr("size")
+cdef bytes _OBJECT_ROW_MIDDLE = _fixstr("chunks") + b"\x01" + _fixstr("chunk_size")
+
+
 cdef class RowTables:
     """One transaction's task and result rows (store.Txn delegates to it); ``touched``: as ``Txn.touched``."""
 
     cdef RowRules rules
-    cdef object txn, puts, tasks_db, results_db, live_db
+    cdef object txn, puts, tasks_db, results_db, live_db, data_db
     cdef dict task_rows, result_rows
     cdef object touched
+    cdef Py_ssize_t chunk_size
 
     def __init__(self, RowRules rules, txn, puts, tasks_db, results_db, live_db, dict task_rows, dict result_rows,
-                 touched):
+                 touched, data_db=None, Py_ssize_t chunk_size=-1):
         self.rules = rules
+        self.data_db = data_db
+        self.chunk_size = chunk_size
         self.txn = txn
         self.puts = puts
         self.tasks_db = tasks_db
@@ -1605,9 +1663,52 @@ cdef class RowTables:
         self.result_rows = result_rows
         self.touched = touched
 
+    def put_small_object(self, str result_id, data):
+        """``store.Txn.put_object`` for data that fits one chunk (bytes, a buffer, or a list of one) when the result
+        has none yet (most results): store it, return its size. Else do nothing and return -1 (``put_object`` will)."""
+        return self._put_small_object(result_id, data)
+
+    cdef Py_ssize_t _put_small_object(self, str result_id, object data) except -2:
+        cdef object frame = data
+        cdef Py_ssize_t size
+        cdef bytes key
+        cdef Writer w
+        cdef char stack[64]
+        if type(data) is list:
+            if len(<list>data) != 1:
+                return -1
+            frame = (<list>data)[0]
+        if type(frame) is bytes:
+            size = PyBytes_GET_SIZE(frame)
+        elif type(frame) is memoryview:
+            size = (<memoryview>frame).nbytes
+        else:
+            return -1
+        if size > self.chunk_size or self.data_db is None:
+            return -1
+        key = result_id.encode()
+        if self.txn.get(key, db=self.data_db) is not None:
+            return -1  # data to replace: put_object deletes it first
+        self.puts.data(key + _FIRST_CHUNK, frame)
+        # its object row: {"size": size, "chunks": 1, "chunk_size": chunk_size}, as msgpack packs it
+        w.p = stack
+        w.n = 0
+        w.cap = sizeof(stack)
+        w.heap = NULL
+        w.depth = 0
+        try:
+            _put_raw(&w, _OBJECT_ROW_HEAD, len(_OBJECT_ROW_HEAD))
+            _put_value(&w, size, None)
+            _put_raw(&w, _OBJECT_ROW_MIDDLE, len(_OBJECT_ROW_MIDDLE))
+            _put_value(&w, self.chunk_size, None)
+            self.puts.data(key, PyBytes_FromStringAndSize(w.p, <Py_ssize_t>w.n))
+        finally:
+            PyMem_Free(w.heap)
+        return size
+
     cdef object _read(self, object db, str key):
         cdef object buf = self.txn.get(key.encode(), db=db)
-        return None if buf is None else self.rules.decode(buf)
+        return None if buf is None else self.rules._decode(buf)
 
     def get_task(self, str task_id):
         return self._get_task(task_id)
@@ -1650,7 +1751,7 @@ cdef class RowTables:
         if ended:
             self.txn.delete(key, db=self.live_db)
         elif new or was is None or was_submitted != is_submitted:
-            puts.live_tasks(key, rules.live_value(row) if is_submitted else b"")
+            puts.live_tasks(key, rules._live(row) if is_submitted else b"")
         if new:
             puts.session_index(rules.tasks_key(row["session_id"]), key)
         if ended:
@@ -1704,11 +1805,18 @@ cdef class RowTables:
 # stay where they are defined: status.TASK_TRANSITIONS (an illegal move is raised by status.check_task_transition),
 # state._STAMP, and the events of events.EventBus.
 
-from armonik_zmq.status import ResultStatus as _ResultStatus, TaskStatus as _TaskStatus
+from armonik_zmq.status import EventTypes as _EventTypes, ResultStatus as _ResultStatus, TaskStatus as _TaskStatus
+
+cdef object _E_NEW_TASK = _EventTypes.NEW_TASK
+cdef object _E_NEW_RESULT = _EventTypes.NEW_RESULT
+cdef object _E_TASK_STATUS = _EventTypes.TASK_STATUS_UPDATE
+cdef object _E_RESULT_STATUS = _EventTypes.RESULT_STATUS_UPDATE
+cdef object _E_RESULT_OWNER = _EventTypes.RESULT_OWNER_UPDATE
 
 cdef object _TASK_DISPATCHED = int(_TaskStatus.DISPATCHED)
 cdef object _TASK_PROCESSING = int(_TaskStatus.PROCESSING)
 cdef object _TASK_COMPLETED = int(_TaskStatus.COMPLETED)
+cdef object _TASK_PENDING = int(_TaskStatus.PENDING)
 cdef object _RESULT_CREATED = int(_ResultStatus.CREATED)
 #: the run's timestamps a completion reports, recorded on its task row
 cdef tuple _RUN_STAMPS = ("fetched_at", "started_at", "processed_at")
@@ -1722,11 +1830,21 @@ cdef class Transitions:
     cdef dict task_slot, slot_task, result_slot, partition_slot, transitions, stamps
     cdef object check_transition, task_status_event, result_status_event, new_task_event, result_owner_event
     cdef object submitted, result_completed, protocol_error
+    cdef dict new_task, new_result
+    cdef object new_result_event
+    #: events.EventBus.wanted: session id -> the event types some subscription of it wants (an event no one wants is
+    #: not even handed to the bus)
+    cdef dict wanted
 
     def __init__(self, Core core, dict task_slot, dict slot_task, dict result_slot, dict partition_slot,
-                 dict transitions, dict stamps, check_transition, events, submitted, result_completed):
+                 dict transitions, dict stamps, check_transition, events, submitted, result_completed,
+                 dict new_task, dict new_result):
         from armonik_zmq.protocol import ProtocolError
         self.protocol_error = ProtocolError
+        self.new_task = new_task
+        self.new_result = new_result
+        self.new_result_event = events.new_result
+        self.wanted = events.wanted
         self.core = core
         self.partition_slot = partition_slot
         self.new_task_event = events.new_task
@@ -1741,6 +1859,10 @@ cdef class Transitions:
         self.result_status_event = events.result_status
         self.submitted = submitted
         self.result_completed = result_completed
+
+    cdef inline bint _wants(self, dict row, object etype) except -1:
+        cdef PyObject* types = PyDict_GetItem(self.wanted, row["session_id"])
+        return types != NULL and etype in <object>types
 
     def set_task_status(self, txn, dict row, status, now, message=None, bint store=True):
         cdef object was = row["status"]
@@ -1757,7 +1879,8 @@ cdef class Transitions:
         # A move into or out of SUBMITTED is always stored: the live-task table's entry changes with it.
         if store or (was == self.submitted) != (status == self.submitted):
             (<RowTables>txn.rows)._put_task(row, False, was)
-        self.task_status_event(row)
+        if self._wants(row, _E_TASK_STATUS):
+            self.task_status_event(row)
 
     def task_ended(self, task_id):
         cdef object slot = self.task_slot.pop(task_id, None)
@@ -1776,7 +1899,8 @@ cdef class Transitions:
         cdef RowTables rows = txn.rows
         self.set_completed(row, size, completed_by, now)
         rows._put_result(row, False)
-        self.result_status_event(row, data)
+        if self._wants(row, _E_RESULT_STATUS):
+            self.result_status_event(row, data)
         slot = self.result_slot.pop(row["result_id"], None)
         if slot is None:
             return
@@ -1785,7 +1909,10 @@ cdef class Transitions:
         self.core.free_result(slot)
 
     def complete_result(self, txn, dict row, data, completed_by, now):
-        self.mark_result_completed(txn, row, txn.put_object(row["result_id"], data), completed_by, now, data)
+        cdef object size = (<RowTables>txn.rows)._put_small_object(row["result_id"], data)
+        if size < 0:
+            size = txn.put_object(row["result_id"], data)
+        self.mark_result_completed(txn, row, size, completed_by, now, data)
 
     def complete_simple(self, txn, str agent_id, dict c, list frames, now):
         """Apply the common completion when every check of ``Backend._complete_simple`` passes, and return True.
@@ -1845,6 +1972,114 @@ cdef class Transitions:
             raise RuntimeError(f"task {task_id}: completion refused after it began to apply: {exc}") from exc
         return True
 
+    def create_results(self, txn, str sid, list specs, now):
+        """New results without data (CREATE_RESULTS_METADATA): a row per spec ({name, manual_deletion?}), stored and
+        announced (NEW_RESULT); return the rows."""
+        cdef RowTables rows = txn.rows
+        cdef list out = []
+        cdef dict spec, row
+        cdef PyObject* manual
+        for spec in specs:
+            row = self.new_result.copy()
+            row["result_id"] = _new_id()
+            row["session_id"] = sid
+            row["name"] = spec["name"]
+            row["created_at"] = now
+            manual = PyDict_GetItem(spec, "manual_deletion")
+            if manual != NULL:
+                row["manual_deletion"] = <object>manual
+            rows._put_result(row, True)
+            if self._wants(row, _E_NEW_RESULT):
+                self.new_result_event(row)
+            out.append(row)
+        return out
+
+    def create_tasks_simple(self, txn, str sid, list creations, dict opts, now, list task_ids, dict new_outputs,
+                            dict new_inputs):
+        """``BrokerState.create_tasks`` for a client's tasks in a RUNNING session, none with options of its own (they
+        all take ``opts``), when every check passes: create them and return their infos. Else change nothing and
+        return None: ``create_tasks`` then creates them, or says why not. ``new_outputs``, ``new_inputs``: as there.
+
+        The same reads (each input once per call), rows, writes, events and core slots as ``create_tasks``.
+        """
+        cdef RowTables rows = txn.rows
+        cdef dict inputs_seen = dict(new_inputs) if new_inputs else {}, c, rrow, row
+        cdef list plans = [], missing, outputs, infos = []
+        cdef object inputs
+        cdef set claimed = set()
+        cdef object rid, status, deps, payload_id, tid, previous, plan
+        cdef Py_ssize_t i, k
+        cdef PyObject* p
+        for c in creations:
+            p = PyDict_GetItem(c, "options")
+            if p != NULL and <object>p:
+                return None
+            payload_id = c["payload_id"]
+            deps = c.get("data_dependencies")
+            missing = []
+            inputs = dict.fromkeys((payload_id, *deps)) if deps else (payload_id,)  # each input once, in order
+            for rid in inputs:
+                # inputs are only looked at here: a payload shared by the whole batch is read once
+                p = PyDict_GetItem(inputs_seen, rid)
+                if p == NULL:
+                    rrow = rows._get_result(rid)
+                    if rrow is None or rrow["session_id"] != sid:
+                        return None
+                    inputs_seen[rid] = rrow
+                else:
+                    rrow = <dict>p
+                status = rrow["status"]
+                if status == _RESULT_CREATED:
+                    missing.append(rid)
+                elif status != self.result_completed:
+                    return None
+            outputs = []
+            for rid in c["expected_output_ids"]:
+                rrow = None
+                if new_outputs:
+                    p = PyDict_GetItem(new_outputs, rid)
+                    if p != NULL:
+                        rrow = <dict>p
+                if rrow is None:
+                    rrow = rows._get_result(rid)
+                if rrow is None or rrow["session_id"] != sid or rrow["status"] != _RESULT_CREATED:
+                    return None
+                outputs.append(rrow)
+            plans.append((c, missing, outputs))
+        for i in range(len(plans)):
+            c, missing, outputs = plans[i]
+            tid = task_ids[i] if task_ids else _new_id()
+            row = self.new_task.copy()
+            row["task_id"] = tid
+            row["initial_task_id"] = tid
+            row["session_id"] = sid
+            row["payload_id"] = c["payload_id"]
+            deps = c.get("data_dependencies")
+            row["data_dependencies"] = tuple(deps) if deps is not None else ()
+            row["expected_output_ids"] = tuple(c["expected_output_ids"])
+            if missing:
+                row["status"] = _TASK_PENDING
+            else:
+                row["status"] = self.submitted
+                row["submitted_at"] = now
+            row["options"] = opts
+            row["created_at"] = now
+            self.insert_task(txn, row, missing)
+            for rrow in outputs:
+                # ArmoniK 3.8: a result without owner goes to its new producer
+                rid = rrow["result_id"]
+                if not rrow["owner_task_id"] and rid not in claimed:
+                    claimed.add(rid)
+                    self.give_result(txn, rrow, tid, bool(new_outputs) and rid in new_outputs)
+            infos.append({"task_id": tid, "payload_id": row["payload_id"],
+                          "data_dependencies": row["data_dependencies"],
+                          "expected_output_ids": row["expected_output_ids"]})
+        if new_outputs:
+            for rid, rrow in new_outputs.items():
+                if rid not in claimed:  # no task took it: stored as made
+                    rows._put_result(rrow, True)
+        return infos
+
     def add_to_core(self, task_id, opts, missing):
         cdef list slots = []
         cdef object rid, slot, tslot
@@ -1859,14 +2094,16 @@ cdef class Transitions:
 
     def insert_task(self, txn, dict row, missing):
         (<RowTables>txn.rows)._put_task(row, True, None)
-        self.new_task_event(row)
+        if self._wants(row, _E_NEW_TASK):
+            self.new_task_event(row)
         self.add_to_core(row["task_id"], row["options"], missing)
 
     def give_result(self, txn, dict rrow, task_id, bint new=False):
         cdef object previous = rrow["owner_task_id"]
         rrow["owner_task_id"] = task_id
         (<RowTables>txn.rows)._put_result(rrow, new)
-        self.result_owner_event(rrow, previous)
+        if self._wants(rrow, _E_RESULT_OWNER):
+            self.result_owner_event(rrow, previous)
 
 
 # A DISPATCH message is one map holding a list of task maps, one per dispatched task: built as dicts and packed by
@@ -2168,6 +2405,10 @@ def unpack_fields(buf, dict fields_by_length, bint tuples=False):
     decodes those with msgpack. ``tuples``: arrays inside the row become tuples (untracked by the garbage
     collector once it has seen them, and the empty one is shared), not lists.
     """
+    return _unpack_fields(buf, fields_by_length, tuples)
+
+
+cdef object _unpack_fields(object buf, dict fields_by_length, bint tuples):
     cdef Reader r
     cdef Py_ssize_t size, i
     cdef unsigned char c

@@ -370,8 +370,8 @@ _row_ops = st.lists(st.tuples(st.sampled_from(["put_task", "get_task", "put_resu
 @given(_row_ops, st.booleans(), st.integers(0, 3))
 def test_compiled_row_tables_store_and_cache_rows_as_the_python_methods_they_replaced(tmp_path_factory, ops,
                                                                                        with_touched, cache_max):
-    """``_core.RowTables`` (store.Txn's get/put of task and result rows) against the Python it replaced: the same
-    rows returned, the same LMDB tables (tasks, results, live tasks, session index), caches and touched ids."""
+    """``_core.RowTables`` (store.Txn's get/put of task and result rows, read rows decoded in C) against the Python it
+    replaced: the same rows returned, the same LMDB tables (tasks, results, live tasks, session index), caches and touched ids."""
     from armonik_zmq._core import RowRules, RowTables
     from armonik_zmq.broker.state import _NEW_TASK
 
@@ -380,6 +380,7 @@ def test_compiled_row_tables_store_and_cache_rows_as_the_python_methods_they_rep
     rules = RowRules(store.TASK_FIELDS, store.RESULT_FIELDS, store._OPTIONS_AT, store.packed_options, store._pack,
                      store.decode_row, store._live_value, store.session_tasks_key, store.session_results_key,
                      store._TASK_ENDED, store._SUBMITTED, store._RESULT_CREATED, cache_max, cache_max)
+    rules.use_decoding(store._OPTIONS_BY_BYTES, store._FIELDS_BY_LENGTH)  # as the store's: rows decoded in C
     options = [{"partition_id": "p", "priority": 1, "max_retries": 1}, {"partition_id": "q", "priority": 3}]
     try:
         touched = [set() if with_touched else None, set() if with_touched else None]
@@ -410,6 +411,41 @@ def test_compiled_row_tables_store_and_cache_rows_as_the_python_methods_they_rep
             tables = [[list(txn.txn.cursor(db=db).iternext()) for db in (s.tasks, s.results, s.live_tasks,
                                                                           s.session_index)]
                       for s, txn in zip(stores, (compiled_txn, python_txn))]
+            assert tables[0] == tables[1]
+    finally:
+        for s in stores:
+            s.close()
+
+
+_frame_sizes = st.sampled_from([0, 1, 100, 255, 256, 65535, 65536, 65537, 99_999, 100_000, 100_001])
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.sampled_from(["bytes", "memoryview", "list", "frames", "bytearray"]),
+                          st.lists(_frame_sizes, min_size=1, max_size=3)), min_size=1, max_size=8))
+def test_a_compiled_small_object_is_stored_as_put_object_stores_it(tmp_path_factory, puts):
+    """``RowTables.put_small_object`` (the compiled one-chunk path of a completion's data), then ``put_object`` when
+    it declines, against ``put_object`` alone: the same sizes and data tables, for data of every shape and size
+    around the chunk size (100,000 bytes here), written once or again."""
+    base = tmp_path_factory.mktemp("objects")
+    stores = [store.Store(str(base / name), map_size=1 << 26, sync=False, chunk_size=100_000)
+              for name in ("compiled", "python")]
+    try:
+        with stores[0].write() as compiled, stores[1].write() as python:
+            written = set()
+            for ident, shape, sizes in puts:
+                frames = [bytes([ident + i]) * n for i, n in enumerate(sizes)]
+                data = {"bytes": frames[0], "memoryview": memoryview(frames[0]), "list": frames[:1],
+                        "frames": frames, "bytearray": bytearray(frames[0])}[shape]
+                size = compiled.rows.put_small_object(f"r{ident}", data)
+                # declined: not one frame of bytes or a buffer, larger than a chunk, or data to replace
+                assert (size == -1) == (shape == "bytearray" or (shape == "frames" and len(sizes) > 1)
+                                        or sizes[0] > 100_000 or ident in written)
+                if size == -1:
+                    size = compiled.put_object(f"r{ident}", data)
+                assert size == python.put_object(f"r{ident}", data)
+                written.add(ident)
+            tables = [list(txn.txn.cursor(db=s.data).iternext()) for s, txn in zip(stores, (compiled, python))]
             assert tables[0] == tables[1]
     finally:
         for s in stores:

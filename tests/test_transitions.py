@@ -13,33 +13,27 @@ from armonik_zmq.broker import store
 from armonik_zmq.broker.events import EventBus
 from armonik_zmq.broker.state import _STAMP, BrokerState
 from armonik_zmq.protocol import ProtocolError
-from armonik_zmq.status import IllegalTransition, ResultStatus, TaskStatus, check_task_transition
+from armonik_zmq.status import EventTypes, IllegalTransition, ResultStatus, TaskStatus, check_task_transition
 
 _T = TaskStatus
 
 
 class _RecordingBus(EventBus):
-    """Every task and result event, with a copy of its row at that moment."""
+    """A session "s" subscribed to some event types (``types``; empty: all), and every event it gets, with a copy of
+    its row at that moment."""
 
-    def __init__(self):
+    def __init__(self, types=()):
         super().__init__()
         self.log = []
+        self.subscribe(b"peer", 1, "s", list(types), None, None)
 
-    def task_status(self, row):
-        self.log.append(("task", dict(row)))
-        super().task_status(row)
+    def _emit(self, session_id, etype, body, row, is_task, data=None):
+        self.log.append((int(etype), dict(body), dict(row), data))
+        super()._emit(session_id, etype, body, row, is_task, data)
 
-    def result_status(self, row, data=None):
-        self.log.append(("result", dict(row), data))
-        super().result_status(row, data)
 
-    def new_task(self, row):
-        self.log.append(("new task", dict(row)))
-        super().new_task(row)
-
-    def result_owner(self, row, previous):
-        self.log.append(("owner", dict(row), previous))
-        super().result_owner(row, previous)
+#: the event types a session's subscription may want (none drawn: all of them)
+_event_types = st.sets(st.sampled_from([t for t in EventTypes if t]), max_size=3)
 
 
 def _use_python_transitions(state: BrokerState) -> None:
@@ -122,8 +116,9 @@ _moves = st.lists(st.tuples(st.sampled_from(["run", "dispatch", "complete", "fai
 
 
 @settings(max_examples=60, deadline=None)
-@given(_graphs, _moves)
-def test_compiled_transitions_move_tasks_and_results_as_the_python_they_replaced(tmp_path_factory, graph, moves):
+@given(_graphs, _moves, _event_types)
+def test_compiled_transitions_move_tasks_and_results_as_the_python_they_replaced(tmp_path_factory, graph, moves,
+                                                                                   types):
     """Task i lists as inputs the outputs of the earlier tasks named in ``graph[i]``; the moves run, dispatch,
     complete, fail or cancel tasks (or try a transition that may be illegal) on both sides."""
     base = tmp_path_factory.mktemp("moves")
@@ -131,7 +126,7 @@ def test_compiled_transitions_move_tasks_and_results_as_the_python_they_replaced
     sides = []
     for name in ("compiled", "python"):
         st_ = store.Store(str(base / name), map_size=1 << 24, sync=False)
-        state = BrokerState(["default"], _RecordingBus())
+        state = BrokerState(["default"], _RecordingBus(types))
         if name == "python":
             _use_python_transitions(state)
         state.core.add_agent([0], 1 << 20)
@@ -210,9 +205,9 @@ _completions = st.lists(st.tuples(st.integers(0, 6), st.sampled_from([1, 1, 1, 0
 
 @settings(max_examples=80, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(_STANDINGS), st.sampled_from([1, 1, 0, 2])), min_size=1, max_size=6),
-       _completions)
+       _completions, _event_types)
 def test_a_compiled_completion_applies_or_leaves_to_python_what_the_python_path_would(tmp_path_factory, tasks,
-                                                                                        completions):
+                                                                                        completions, types):
     """``Transitions.complete_simple`` against ``Backend._complete_simple`` alone: task i stands as drawn, with 0-2
     expected outputs; the completions name a task (one past the last: unknown), an attempt (the current one is 1), what they write
     and their timestamps. Outcomes (refusals' codes, messages and kinds), tables, events and core slots agree."""
@@ -221,7 +216,7 @@ def test_a_compiled_completion_applies_or_leaves_to_python_what_the_python_path_
     sides = []
     for name in ("compiled", "python"):
         st_ = store.Store(str(base / name), map_size=1 << 24, sync=False)
-        state = BrokerState(["default"], _RecordingBus())
+        state = BrokerState(["default"], _RecordingBus(types))
         if name == "python":
             state.complete_simple = lambda *args: False
         sides.append((st_, state, _Agents(state)))
@@ -286,9 +281,136 @@ def test_a_compiled_completion_applies_or_leaves_to_python_what_the_python_path_
             st_.close()
 
 
+#: an input of a new task: the payload (with data), a result without data yet, an aborted one, one of another
+#: session, an unknown one
+_INPUTS = ["payload", "waiting", "aborted", "foreign", "unknown"]
+_VALID_INPUTS = ["payload", "waiting"]
+#: an output of a new task: its own new result, the next task's (two tasks list it), one with data, an unknown one,
+#: or one announced by the request (SUBMIT_INLINE) and not stored yet
+_OUTPUTS = ["own"] * 12 + ["inline"] * 3 + ["next", "done", "unknown"]
+_creations = st.lists(st.tuples(st.sampled_from(_VALID_INPUTS * 8 + _INPUTS),
+                                st.lists(st.sampled_from(_VALID_INPUTS * 8 + _INPUTS), max_size=3),
+                                st.lists(st.sampled_from(_OUTPUTS), min_size=1, max_size=2),
+                                st.sampled_from([None] * 12 + [{}, {"priority": 3}, {"priority": 0}])),
+                      min_size=0, max_size=8)
+
+
+@settings(max_examples=100, deadline=None)
+@given(_creations, st.sampled_from([1, 1, 1, 3]), st.sampled_from([None, None, {"priority": 2}, {"max_retries": -1}]),
+       _event_types, st.booleans())
+def test_compiled_task_creation_creates_or_leaves_to_python_what_create_tasks_would(tmp_path_factory, creations,
+                                                                                     session_status, request_options,
+                                                                                     types, payload_given):
+    """``Transitions.create_tasks_simple`` then the rest of ``create_tasks`` when it declines, against that rest
+    alone: tasks with inputs of every status (or none), outputs shared, written, unknown or announced by the request,
+    options of their own (valid or not) or not, in a running or paused session, request options valid or not, the
+    payload's row given (``new_inputs``, as SUBMIT_INLINE gives its payloads) or read. The infos or the refusal,
+    tables, events and core slots agree."""
+    base = tmp_path_factory.mktemp("creations")
+    now = time.time()
+    sides = []
+    for name in ("compiled", "python"):
+        st_ = store.Store(str(base / name), map_size=1 << 24, sync=False)
+        state = BrokerState(["default"], _RecordingBus(types))
+        if name == "python":
+            state._create_tasks_simple = lambda *args: None
+        sides.append((st_, state))
+    session = {"session_id": "s", "status": session_status, "partition_ids": ["default"],
+               "options": {"max_duration": 60.0, "priority": 1, "max_retries": 1}}
+
+    def play(st_, state):
+        with st_.write() as txn:
+            for rid, sid, status in (("payload", "s", "done"), ("waiting", "s", ""), ("aborted", "s", "abort"),
+                                     ("foreign", "t", "done"), ("done", "s", "done")):
+                row = state.new_result_row(sid, rid, result_id=rid, now=now)
+                if status == "done":
+                    state.insert_completed_result(txn, row, b"data", now)
+                else:
+                    state.insert_result(txn, row)
+                    if status == "abort":
+                        state.abort_result(txn, row)
+            specs, inline = [], {}
+            for i, (payload, deps, outputs, options) in enumerate(creations):
+                out_ids = []
+                for kind in outputs:
+                    rid = {"own": f"o{i}", "next": f"o{i + 1}", "inline": f"inline{i}"}.get(kind, kind)
+                    if kind == "inline":
+                        inline[rid] = state.new_result_row("s", rid, result_id=rid, now=now)
+                        state.announce_result(inline[rid])
+                    elif kind in ("own", "next") and txn.get_result(rid) is None:
+                        state.insert_result(txn, state.new_result_row("s", rid, result_id=rid, now=now))
+                    out_ids.append(rid)
+                spec = {"payload_id": payload, "expected_output_ids": out_ids}
+                if deps:
+                    spec["data_dependencies"] = deps
+                if options is not None:
+                    spec["options"] = options
+                specs.append(spec)
+            if inline:  # one the request announced and no task lists: stored as made
+                inline["unlisted"] = state.new_result_row("s", "unlisted", result_id="unlisted", now=now)
+                state.announce_result(inline["unlisted"])
+            try:
+                outcome = state.create_tasks(txn, session, specs, request_options, now + 1,
+                                             task_ids=[f"t{i}" for i in range(len(specs))], new_outputs=inline or None,
+                                             new_inputs={"payload": txn.get_result("payload")} if payload_given else None)
+            except ProtocolError as exc:
+                outcome = (exc.code, exc.message)
+            tables = [list(txn.txn.cursor(db=db).iternext()) for db in (st_.tasks, st_.results, st_.live_tasks,
+                                                                         st_.session_index)]
+        return (outcome, tables, state.events.log, dict(state.task_slot), dict(state.slot_task),
+                dict(state.result_slot), [(state.core.state(t), state.core.missing(t)) for t in sorted(state.slot_task)],
+                state.core.n_ready(), state.core.n_waiting())
+
+    try:
+        compiled, python = (play(*side) for side in sides)
+        assert compiled == python
+        sides[0][1].core.validate()
+    finally:
+        for st_, _ in sides:
+            st_.close()
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.text(max_size=5), st.sampled_from([None, True, False])), max_size=6), _event_types)
+def test_compiled_result_creation_makes_the_rows_new_result_row_and_insert_result_make(tmp_path_factory, specs, types):
+    """``Transitions.create_results`` (CREATE_RESULTS_METADATA) against ``new_result_row`` then ``insert_result`` per
+    spec: the same rows, tables and events, ids aside (each side makes its own: compared by rank)."""
+    base = tmp_path_factory.mktemp("results")
+    now = time.time()
+    sides = []
+    for name in ("compiled", "python"):
+        st_ = store.Store(str(base / name), map_size=1 << 24, sync=False)
+        state = BrokerState(["default"], _RecordingBus(types))
+        sides.append((st_, state))
+    wire = [{"name": n, **({} if manual is None else {"manual_deletion": manual})} for n, manual in specs]
+    try:
+        seen = []
+        for (st_, state), compiled in zip(sides, (True, False)):
+            with st_.write() as txn:
+                if compiled:
+                    rows = state.create_results(txn, "s", wire, now)
+                else:
+                    rows = []
+                    for spec in wire:
+                        row = state.new_result_row("s", spec["name"], manual_deletion=spec.get("manual_deletion", False),
+                                                   now=now)
+                        state.insert_result(txn, row)
+                        rows.append(row)
+                tables = [list(txn.txn.cursor(db=db).iternext()) for db in (st_.results, st_.session_index)]
+            seen_side = repr((rows, [list(r) for r in rows], tables, state.events.log))
+            for rank, row in enumerate(rows):
+                seen_side = seen_side.replace(row["result_id"], f"<result {rank}>")
+            seen.append(seen_side)
+        assert seen[0] == seen[1]
+    finally:
+        for st_, _ in sides:
+            st_.close()
+
+
 def test_the_state_binds_the_compiled_transitions():
     """BrokerState's transition methods are the compiled ones (the test above compares them with Python)."""
     state = BrokerState(["default"], EventBus())
     for name in ("set_task_status", "_task_ended", "_set_completed", "mark_result_completed", "complete_result",
-                 "_add_to_core", "_insert_task", "_give_result", "complete_simple"):
+                 "_add_to_core", "_insert_task", "_give_result", "complete_simple", "_create_tasks_simple",
+                 "create_results"):
         assert type(getattr(state, name).__self__) is state_module.Transitions, name

@@ -163,7 +163,8 @@ class EventBus:
     def __init__(self) -> None:
         self.by_session: dict[str, list[Subscription]] = {}
         self.by_key: dict[tuple[bytes, int], Subscription] = {}
-        #: session id -> the event types any of its subscriptions wants: an event no one wants is never built
+        #: session id -> the event types any of its subscriptions wants: an event no one wants is never built (the
+        #: compiled transitions, _core.Transitions, read it too: it is changed in place, never replaced)
         self.wanted: dict[str, frozenset] = {}
         self.dirty: list[Subscription] = []
         #: subscriptions whose snapshot is in progress, oldest first (one slice of the first per gap between turns)

@@ -132,13 +132,8 @@ class Handlers:
     def handle_create_results_metadata(self: "Broker", req: "Request", txn: Txn) -> None:
         h = req.header
         sid = self._open_session(txn, h["session_id"], "create results")["session_id"]
-        rows = []
-        for spec in h["results"]:
-            row = self.state.new_result_row(sid, spec["name"], manual_deletion=spec.get("manual_deletion", False),
-                                            now=req.now)
-            self.state.insert_result(txn, row)
-            rows.append(result_view(row))
-        req.reply(results=rows)
+        # the rows have the public fields only: each is its own view (result_view)
+        req.reply(results=self.state.create_results(txn, sid, h["results"], req.now))
 
     def handle_create_results(self: "Broker", req: "Request", txn: Txn) -> None:
         h = req.header

@@ -44,6 +44,14 @@ _NEW_TASK = {
 }
 
 
+#: A new result row before its own fields are set (``new_result_row``), in the stored field order (store.RESULT_FIELDS).
+_NEW_RESULT = {
+    "result_id": "", "session_id": "", "name": "", "owner_task_id": "", "created_by": "", "completed_by": "",
+    "status": int(_R.CREATED), "created_at": None, "completed_at": None, "size": 0, "opaque_id": b"",
+    "manual_deletion": False,
+}
+
+
 def not_found(kind: str, ident: str, session_id: Optional[str] = None) -> ProtocolError:
     where = f" in session {session_id}" if session_id else ""
     return ProtocolError(ErrorCode.NOT_FOUND, f"{kind} {ident} not found{where}")
@@ -83,9 +91,14 @@ class BrokerState:
         #   result (RESULT_OWNER_UPDATE); ``new``: the row is stored for the first time (``announce_result``).
         # - complete_simple(txn, agent_id, completion, frames, now): apply the common completion when all its checks
         #   pass and return True, else change nothing and return False (Backend._complete_simple, which it spares).
+        # - _create_tasks_simple(txn, sid, creations, opts, now, task_ids, new_outputs, new_inputs): create_tasks for
+        #   a client's tasks in a running session, all with the options ``opts``, when all checks pass: return their
+        #   infos; else change nothing and return None (the rest of create_tasks, which it spares).
+        # - create_results(txn, sid, specs, now): a new result without data per spec ({name, manual_deletion?}),
+        #   stored and announced (NEW_RESULT); return the rows (``new_result_row`` + ``insert_result`` each).
         moves = Transitions(self.core, self.task_slot, self.slot_task, self.result_slot, self.partition_slot,
                             TASK_TRANSITIONS, _STAMP, check_task_transition, events, int(_T.SUBMITTED),
-                            int(_R.COMPLETED))
+                            int(_R.COMPLETED), _NEW_TASK, _NEW_RESULT)
         self.set_task_status = moves.set_task_status
         self._task_ended = moves.task_ended
         self._set_completed = moves.set_completed
@@ -95,6 +108,8 @@ class BrokerState:
         self._insert_task = moves.insert_task
         self._give_result = moves.give_result
         self.complete_simple = moves.complete_simple
+        self._create_tasks_simple = moves.create_tasks_simple
+        self.create_results = moves.create_results
 
     # -- sessions ------------------------------------------------------------------------------
 
@@ -124,11 +139,14 @@ class BrokerState:
 
     def new_result_row(self, session_id: str, name: str, *, manual_deletion: bool = False, created_by: str = "",
                        result_id: Optional[str] = None, now: float) -> dict:
-        return {
-            "result_id": result_id or new_id(), "session_id": session_id, "name": name, "owner_task_id": "",
-            "created_by": created_by, "completed_by": "", "status": int(_R.CREATED), "created_at": now,
-            "completed_at": None, "size": 0, "opaque_id": b"", "manual_deletion": manual_deletion,
-        }
+        row = _NEW_RESULT.copy()
+        row["result_id"] = result_id or new_id()
+        row["session_id"] = session_id
+        row["name"] = name
+        row["created_by"] = created_by
+        row["created_at"] = now
+        row["manual_deletion"] = manual_deletion
+        return row
 
     def insert_result(self, txn: Txn, row: dict) -> None:
         txn.put_result(row, new=True)
@@ -190,6 +208,17 @@ class BrokerState:
         data, in ``session``), looked at as they are instead of read back (a read and a decode per task).
         """
         sid = session["session_id"]
+        if parent is None and creations and session["status"] == _S.RUNNING:
+            # A client's tasks in a running session, most often none with options of its own: compiled, when every
+            # check passes (else nothing changed, and the code below creates them or says why not).
+            try:
+                opts = self._task_options(None, request_options, session, "task 0")
+            except ProtocolError:
+                opts = None  # the tasks may all name options of their own: below
+            if opts is not None:
+                infos = self._create_tasks_simple(txn, sid, creations, opts, now, task_ids, new_outputs, new_inputs)
+                if infos is not None:
+                    return infos
         where_prefix = "subtask" if parent else "task"
         get_result = txn.get_result
         plans = []

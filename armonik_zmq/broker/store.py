@@ -77,8 +77,9 @@ def _remember_options(opts: dict, packed: bytes) -> None:
     _OPTIONS_BY_BYTES[packed] = opts
 
 
-def packed_options(opts: dict) -> bytes:
-    """A task's options packed (msgpack), once per distinct options dict."""
+def _packed_options(opts: dict) -> bytes:
+    """A task's options packed (msgpack), once per distinct options dict (``packed_options``: the last one is kept
+    in C too)."""
     known = _BYTES_BY_OPTIONS.get(id(opts))
     if known is not None and known[0] is opts:
         return known[1]
@@ -338,9 +339,13 @@ def _live_value(row: dict) -> bytes:
 _LIVE_VALUES: dict[tuple, bytes] = {}
 
 #: how task and result rows are stored and cached (``_core.RowTables``, the rows of ``Txn``)
-_RULES = RowRules(TASK_FIELDS, RESULT_FIELDS, _OPTIONS_AT, packed_options, _pack, decode_row, _live_value,
+_RULES = RowRules(TASK_FIELDS, RESULT_FIELDS, _OPTIONS_AT, _packed_options, _pack, decode_row, _live_value,
                   session_tasks_key, session_results_key, _TASK_ENDED, _SUBMITTED, _RESULT_CREATED, TASK_CACHE_MAX,
                   RESULT_CACHE_MAX)
+#: a task's options packed (msgpack), once per distinct options dict
+packed_options = _RULES.options_packed
+# rows read by RowTables are decoded in C, as decode_row decodes them (which it calls for the rest)
+_RULES.use_decoding(_OPTIONS_BY_BYTES, _FIELDS_BY_LENGTH)
 
 
 #: packed object rows of one-chunk data by (size, chunk size), for sizes below this (the small results of most tasks)
@@ -389,7 +394,7 @@ class Txn:
         # it ends, and its value changes only when the task enters or leaves SUBMITTED; ``new`` adds it to the
         # session index. put_result(row, new=False) stores a result row (``new``: indexed in its session).
         self.rows = rows = RowTables(_RULES, txn, self.puts, store.tasks, store.results, store.live_tasks,
-                                     store.task_rows, store.result_rows, touched)
+                                     store.task_rows, store.result_rows, touched, store.data, store.chunk_size)
         self.get_task = rows.get_task
         self.put_task = rows.put_task
         self.get_result = rows.get_result
