@@ -1829,7 +1829,7 @@ cdef class Transitions:
     cdef Core core
     cdef dict task_slot, slot_task, result_slot, partition_slot, transitions, stamps
     cdef object check_transition, task_status_event, result_status_event, new_task_event, result_owner_event
-    cdef object submitted, result_completed, protocol_error
+    cdef object submitted, result_completed, protocol_error, malformed
     cdef dict new_task, new_result
     cdef object new_result_event
     #: events.EventBus.wanted: session id -> the event types some subscription of it wants (an event no one wants is
@@ -1839,8 +1839,9 @@ cdef class Transitions:
     def __init__(self, Core core, dict task_slot, dict slot_task, dict result_slot, dict partition_slot,
                  dict transitions, dict stamps, check_transition, events, submitted, result_completed,
                  dict new_task, dict new_result):
-        from armonik_zmq.protocol import ProtocolError
+        from armonik_zmq.protocol import ErrorCode, ProtocolError
         self.protocol_error = ProtocolError
+        self.malformed = ErrorCode.MALFORMED
         self.new_task = new_task
         self.new_result = new_result
         self.new_result_event = events.new_result
@@ -1913,6 +1914,39 @@ cdef class Transitions:
         if size < 0:
             size = txn.put_object(row["result_id"], data)
         self.mark_result_completed(txn, row, size, completed_by, now, data)
+
+    def complete_batch(self, txn, str agent_id, list completions, list frames, now, list accepted, slow):
+        """Apply a TASKS_DONE's completions in order, each with its data frames (counted from its ``results``): the
+        common ones that pass every check here (``complete_simple``: their ids appended to ``accepted``), any
+        other through ``slow(completion, frames)``. Return how many were applied here. Raise MALFORMED, before
+        anything, when the frames are not as many as the completions announce (``protocol.split_frames``)."""
+        cdef list counts = []
+        cdef Py_ssize_t pos = 0, n, applied = 0, i
+        cdef dict c
+        cdef object specs, spec, group
+        for c in completions:
+            specs = c.get("results")
+            n = 0
+            if specs:
+                for spec in specs:
+                    n += <Py_ssize_t>spec["frames"]
+            counts.append(n)
+            pos += n
+        if pos != len(frames):
+            raise self.protocol_error(self.malformed, f"header announces {pos} data frames but {len(frames)} came")
+        pos = 0
+        for i in range(len(completions)):
+            c = completions[i]
+            n = counts[i]
+            group = frames[pos:pos + n]
+            pos += n
+            if (c["ok"] and not c.get("created_results") and not c.get("subtasks")
+                    and self.complete_simple(txn, agent_id, c, group, now)):
+                accepted.append(c["task_id"])
+                applied += 1
+            else:
+                slow(c, group)
+        return applied
 
     def complete_simple(self, txn, str agent_id, dict c, list frames, now):
         """Apply the common completion when every check of ``Backend._complete_simple`` passes, and return True.

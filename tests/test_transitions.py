@@ -12,7 +12,7 @@ from armonik_zmq.broker.backend import AgentInfo, Backend
 from armonik_zmq.broker import store
 from armonik_zmq.broker.events import EventBus
 from armonik_zmq.broker.state import _STAMP, BrokerState
-from armonik_zmq.protocol import ProtocolError
+from armonik_zmq.protocol import ProtocolError, split_frames
 from armonik_zmq.status import EventTypes, IllegalTransition, ResultStatus, TaskStatus, check_task_transition
 
 _T = TaskStatus
@@ -193,11 +193,30 @@ class _Agents(Backend):
         self.segments = None
 
 
+def _declines(*args):
+    """A ``complete_simple`` that leaves every completion to Python."""
+    return False
+
+
+def _python_batch(state, txn, agent_id, completions, frames, now, accepted, slow):
+    """``Transitions.complete_batch`` as Backend.handle_tasks_done did it in Python."""
+    groups = split_frames(frames, [sum(r["frames"] for r in c.get("results") or ()) for c in completions])
+    applied = 0
+    for c, group in zip(completions, groups):
+        if (c["ok"] and not c.get("created_results") and not c.get("subtasks")
+                and state.complete_simple(txn, agent_id, c, group, now)):
+            accepted.append(c["task_id"])
+            applied += 1
+        else:
+            slow(c, group)
+    return applied
+
+
 #: how a task stands when its completion comes: (status reached, its agent); mostly held by agent a, which reports
 _STANDINGS = [("dispatched", "a"), ("processing", "a")] * 3 + [("queued", ""), ("dispatched", "b"), ("completed", "a")]
 #: what a completion's results name: (mostly) its expected outputs, none, the task's first or second output,
 #: another task's, an unknown result, both its outputs, or its first output as a shared-memory segment
-_WRITES = ["expected"] * 6 + ["none", "own", "second", "other", "unknown", "both", "segment"]
+_WRITES = ["expected"] * 6 + ["none", "own", "second", "other", "unknown", "both", "segment", "failed", "creates"]
 _completions = st.lists(st.tuples(st.integers(0, 6), st.sampled_from([1, 1, 1, 0, 2]), st.sampled_from(_WRITES),
                                   st.sets(st.sampled_from(["fetched_at", "started_at", "processed_at"]))),
                         min_size=1, max_size=10)
@@ -205,12 +224,16 @@ _completions = st.lists(st.tuples(st.integers(0, 6), st.sampled_from([1, 1, 1, 0
 
 @settings(max_examples=80, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(_STANDINGS), st.sampled_from([1, 1, 0, 2])), min_size=1, max_size=6),
-       _completions, _event_types)
+       _completions, _event_types, st.booleans())
 def test_a_compiled_completion_applies_or_leaves_to_python_what_the_python_path_would(tmp_path_factory, tasks,
-                                                                                        completions, types):
-    """``Transitions.complete_simple`` against ``Backend._complete_simple`` alone: task i stands as drawn, with 0-2
-    expected outputs; the completions name a task (one past the last: unknown), an attempt (the current one is 1), what they write
-    and their timestamps. Outcomes (refusals' codes, messages and kinds), tables, events and core slots agree."""
+                                                                                        completions, types,
+                                                                                        extra_frame):
+    """``Transitions.complete_batch`` and ``complete_simple`` against the Python loop of TASKS_DONE with
+    ``Backend._complete_simple`` alone: task i stands as drawn, with 0-2 expected outputs; the completions name a
+    task (one past the last: unknown), an attempt (the current one is 1), what they write (in one frame or two),
+    their timestamps, or fail, or create a result; ``extra_frame``: the message has one frame too many. Outcomes
+    (refusals' codes, messages and kinds, what goes to Python with which frames, in order), tables, events and
+    core slots agree."""
     base = tmp_path_factory.mktemp("completions")
     now = time.time()
     sides = []
@@ -218,7 +241,7 @@ def test_a_compiled_completion_applies_or_leaves_to_python_what_the_python_path_
         st_ = store.Store(str(base / name), map_size=1 << 24, sync=False)
         state = BrokerState(["default"], _RecordingBus(types))
         if name == "python":
-            state.complete_simple = lambda *args: False
+            state.complete_simple = _declines
         sides.append((st_, state, _Agents(state)))
     session = {"session_id": "s", "status": 1, "partition_ids": ["default"],
                "options": {"max_duration": 60.0, "priority": 1, "max_retries": 1}}
@@ -245,25 +268,48 @@ def test_a_compiled_completion_applies_or_leaves_to_python_what_the_python_path_
                 if standing == "completed":
                     state.set_task_status(txn, row, _T.COMPLETED, now + 3)
                     state._task_ended(f"t{i}")
+            batch, frames = [], []
             for j, (i, attempt, writes, stamps) in enumerate(completions):
                 i %= len(tasks) + 1  # the last one: an unknown task
                 own = [f"o{i}.0", f"o{i}.1"]
                 specs = {"expected": own[:tasks[i][1]] if i < len(tasks) else own[:1], "none": [], "own": own[:1],
                          "second": own[1:], "other": [f"o{(i + 1) % len(tasks)}.0"], "unknown": ["nowhere"],
-                         "both": own, "segment": own[:1]}[writes]
-                completion = {"task_id": f"t{i}" if i < len(tasks) else "unknown", "attempt": attempt, "ok": True,
-                              "timestamps": {name: now + 10 + j for name in sorted(stamps)}}
-                if specs:
-                    completion["results"] = [{"result_id": rid, "frames": 1} for rid in specs]
+                         "both": own, "segment": own[:1], "failed": [], "creates": own[:1]}[writes]
+                completion = {"task_id": f"t{i}" if i < len(tasks) else "unknown", "attempt": attempt,
+                              "ok": writes != "failed", "timestamps": {name: now + 10 + j for name in sorted(stamps)}}
+                if specs:  # a result's data in one frame, or in two every third completion
+                    completion["results"] = [{"result_id": rid, "frames": 1 + (j % 3 == 0 and k == 0)}
+                                             for k, rid in enumerate(specs)]
                 if writes == "segment":
                     completion["results"][0]["segment"] = {"token": "t", "size": 1, "checksum": "c"}
-                frames = [f"data {j} {k}".encode() for k in range(len(specs))]
+                if writes == "creates":
+                    completion["created_results"] = [{"result_id": "new", "name": "new"}]
+                batch.append(completion)
+                frames += [f"data {j} {k}".encode() for r in completion.get("results", ()) for k in range(r["frames"])]
+            if extra_frame:
+                frames.append(b"one too many")
+            accepted = []
+
+            def slow(completion, data):
+                # what Backend.handle_tasks_done does with the others, only recorded for those it nests
+                if not completion["ok"] or completion.get("created_results"):
+                    outcomes.append(("nested", completion["task_id"], data))
+                    return
                 try:
-                    if not state.complete_simple(txn, "a", completion, frames, now + 20 + j):
-                        agents._complete_simple(txn, agents.agents["a"], completion, frames, now + 20 + j)
-                    outcomes.append("ok")
+                    agents._complete_simple(txn, agents.agents["a"], completion, data, now + 20)
+                    accepted.append(completion["task_id"])
                 except ProtocolError as exc:
                     outcomes.append((exc.code, exc.message, getattr(exc, "refusal", None)))
+
+            try:
+                if state.complete_simple is _declines:
+                    applied = _python_batch(state, txn, "a", batch, frames, now + 20, accepted, slow)
+                else:
+                    applied = state.complete_batch(txn, "a", batch, frames, now + 20, accepted, slow)
+                # applied in C or in Python: the same completions, in the same order
+                outcomes.append(("accepted", accepted, applied <= len(accepted)))
+            except ProtocolError as exc:
+                outcomes.append((exc.code, exc.message))
             tables = [list(txn.txn.cursor(db=db).iternext()) for db in (st_.tasks, st_.results, st_.live_tasks,
                                                                          st_.data)]
         return (outcomes, tables, state.events.log, dict(state.task_slot), dict(state.slot_task),

@@ -33,15 +33,6 @@ def _refusal(kind: str, exc: ProtocolError) -> ProtocolError:
     return exc
 
 
-def _frame_count(specs: Optional[list]) -> int:
-    """The data frames of a completion's results (its ``results`` specs)."""
-    if not specs:
-        return 0
-    if len(specs) == 1:
-        return specs[0]["frames"]
-    return sum(r["frames"] for r in specs)
-
-
 class AgentInfo:
     __slots__ = ("agent_id", "peer", "slot", "hostname", "capacity", "partitions", "expires")
 
@@ -314,20 +305,17 @@ class Backend:
 
     def handle_tasks_done(self: "Broker", req: "Request", txn: Txn) -> None:
         agent = self._agent(req)
-        h = req.header
-        groups = split_frames(req.frames, [_frame_count(c.get("results")) for c in h["tasks"]])
         accepted, refused = [], []
-        succeeded = failed = subtasks = 0
-        complete_simple = self.state.complete_simple
-        for completion, frames in zip(h["tasks"], groups):
+        #: succeeded, failed, subtasks created: of the completions applied in Python
+        tally = [0, 0, 0]
+
+        def apply(completion: dict, frames: list) -> None:
             task_id = completion["task_id"]
             try:
                 if completion["ok"] and not completion.get("created_results") and not completion.get("subtasks"):
                     # The common case needs no child transaction nor undo mark: every refusal comes before any
-                    # change (write, event, core), and a failure past that point fails the whole request. Compiled
-                    # when it is the most common one of all; else (a refusal included) in Python.
-                    if not complete_simple(txn, agent.agent_id, completion, frames, req.now):
-                        self._complete_simple(txn, agent, completion, frames, req.now)
+                    # change (write, event, core), and a failure past that point fails the whole request.
+                    self._complete_simple(txn, agent, completion, frames, req.now)
                 else:
                     mark = req.mark()  # a refused completion takes back what it queued (replies, events)
                     try:
@@ -338,19 +326,23 @@ class Backend:
                         raise
                 accepted.append(task_id)
                 if completion["ok"]:
-                    succeeded += 1
-                    subtasks += len(completion.get("subtasks", ()))
+                    tally[0] += 1
+                    tally[2] += len(completion.get("subtasks", ()))
                 else:
-                    failed += 1
+                    tally[1] += 1
             except ProtocolError as exc:
                 refused.append([task_id, int(exc.code), exc.message])
                 self.metrics.counters[_REFUSAL_COUNTER.get(getattr(exc, "refusal", None), "completions_invalid")] += 1
                 if exc.code != ErrorCode.STALE_ATTEMPT:
                     self._fail_bad_completion(txn, agent, completion, exc, req.now)
+
+        # The most common completions (state.complete_simple) are applied in C, the others by ``apply``, in order.
+        succeeded = self.state.complete_batch(txn, agent.agent_id, req.header["tasks"], req.frames, req.now, accepted,
+                                              apply)
         counters = self.metrics.counters
-        counters["tasks_completed"] += succeeded
-        counters["tasks_submitted"] += subtasks
-        counters["tasks_failed"] += failed
+        counters["tasks_completed"] += succeeded + tally[0]
+        counters["tasks_submitted"] += tally[2]
+        counters["tasks_failed"] += tally[1]
         req.reply(accepted=accepted, refused=refused)
 
     def _fail_bad_completion(self: "Broker", txn: Txn, agent: AgentInfo, completion: dict, exc: ProtocolError,

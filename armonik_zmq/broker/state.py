@@ -91,6 +91,9 @@ class BrokerState:
         #   result (RESULT_OWNER_UPDATE); ``new``: the row is stored for the first time (``announce_result``).
         # - complete_simple(txn, agent_id, completion, frames, now): apply the common completion when all its checks
         #   pass and return True, else change nothing and return False (Backend._complete_simple, which it spares).
+        # - complete_batch(txn, agent_id, completions, frames, now, accepted, slow): a TASKS_DONE's completions in
+        #   order, each with its frames: complete_simple's (ids appended to ``accepted``), else ``slow(completion,
+        #   frames)``; return how many it applied; MALFORMED if the frames do not add up (split_frames).
         # - _create_tasks_simple(txn, sid, creations, opts, now, task_ids, new_outputs, new_inputs): create_tasks for
         #   a client's tasks in a running session, all with the options ``opts``, when all checks pass: return their
         #   infos; else change nothing and return None (the rest of create_tasks, which it spares).
@@ -108,6 +111,7 @@ class BrokerState:
         self._insert_task = moves.insert_task
         self._give_result = moves.give_result
         self.complete_simple = moves.complete_simple
+        self.complete_batch = moves.complete_batch
         self._create_tasks_simple = moves.create_tasks_simple
         self.create_results = moves.create_results
 
