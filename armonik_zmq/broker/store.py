@@ -39,6 +39,11 @@ _TASK_ENDED = frozenset(int(s) for s in TASK_FINAL)
 _RESULT_CREATED = int(ResultStatus.CREATED)
 #: LMDB's longest key (bytes)
 _MAX_KEY = 511
+#: what a turn is counted to add to the data file between two reads of the map's figures (``Store.needs_room``):
+#: this many bytes (its rows, index entries and copied pages) plus this many times the bytes it received. A
+#: turn beyond it before the next read meets a full map at worst, which the broker's replay handles.
+TURN_GROWTH_BOUND = 16 << 20
+TURN_GROWTH_FACTOR = 8
 
 
 def _unpack(buf):
@@ -187,6 +192,8 @@ class Store:
             self._index_live_tasks()
         #: page size, to turn page numbers into bytes
         self.page_size = self.env.stat()["psize"]
+        #: bytes the turns may still write before ``needs_room`` reads the map's figures again
+        self._room_unchecked = 0
         #: shared-memory segment token -> result id: the segment files some result's data is (shm.py)
         self.segment_files = self.env.open_db(b"segment_files")
         #: the broker's shm.SegmentStore once it serves a data socket (set by the broker)
@@ -248,10 +255,21 @@ class Store:
 
         It should when less than a quarter of it is free, or less than twice ``incoming``: a turn
         then rarely meets a full map (``MapFullError`` is still handled, by the broker's replay).
+
+        The map's figures (``env.info()``, 4-9 us) are read again only once the turns since the last read
+        may have used up the room above that quarter: each is counted as ``TURN_GROWTH_BOUND`` bytes plus
+        ``TURN_GROWTH_FACTOR`` times what it received. With the default 64 GiB map that is one read in
+        thousands of turns; with a small or nearly full map, every turn.
         """
+        spent = TURN_GROWTH_BOUND + TURN_GROWTH_FACTOR * incoming
+        if spent <= self._room_unchecked:
+            self._room_unchecked -= spent
+            return False
         info = self.env.info()
         free = info["map_size"] - (info["last_pgno"] + 1) * self.page_size
-        return free < info["map_size"] // 4 or free < 2 * incoming
+        needed = max(info["map_size"] // 4, 2 * incoming)
+        self._room_unchecked = max(0, free - needed - spent)  # this turn's share counted too
+        return free < needed
 
     def room_for(self, incoming: int) -> bool:
         """Grow the map if ``needs_room(incoming)``, by doublings; return whether it grew."""
@@ -276,6 +294,7 @@ class Store:
             return False
         with self.readers_lock:  # the data socket's thread (shm.py) must hold no read transaction now
             self.env.set_mapsize(target)
+        self._room_unchecked = 0
         return True
 
     def write(self) -> "_Write":
