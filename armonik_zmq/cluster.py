@@ -138,9 +138,15 @@ class LocalProcesses:
                 time.sleep(0.05)
 
     def start(self, timeout: float = 30.0) -> "LocalProcesses":
-        self.start_broker()
-        self.start_agent()
-        self.wait_ready(timeout)
+        """Start the broker and the agent and wait until both are ready; if they are not, stop what started (an
+        agent left behind would try to reach the broker forever) and raise."""
+        try:
+            self.start_broker()
+            self.start_agent()
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     @staticmethod

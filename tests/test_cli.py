@@ -177,3 +177,17 @@ def test_agents_and_their_workers_run_at_the_agent_nice_value(tmp_path):
             alone.terminate()
             alone.wait(30)
         cluster.cleanup()
+
+
+def test_a_cluster_that_cannot_start_stops_the_processes_it_started(tmp_path):
+    """A broker that exits while starting fails start() with the reason, and the agent started beside it is stopped
+    with it, not left trying to reach a broker that is not there."""
+    from armonik_zmq.cluster import LocalProcesses
+
+    cluster = LocalProcesses(str(tmp_path / "lmdb"), broker_args=("--no-such-option",))
+    try:
+        with pytest.raises(RuntimeError, match="the broker exited with code 2 while starting"):
+            cluster.start()
+        assert cluster.agent is not None and cluster.agent.poll() is not None
+    finally:
+        cluster.cleanup()
