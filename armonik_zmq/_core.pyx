@@ -1807,6 +1807,9 @@ cdef class RowTables:
 
 from armonik_zmq.status import EventTypes as _EventTypes, ResultStatus as _ResultStatus, TaskStatus as _TaskStatus
 
+from armonik_zmq.status import SessionStatus as _SessionStatus
+
+cdef object _SESSION_RUNNING = int(_SessionStatus.RUNNING)
 cdef object _E_NEW_TASK = _EventTypes.NEW_TASK
 cdef object _E_NEW_RESULT = _EventTypes.NEW_RESULT
 cdef object _E_TASK_STATUS = _EventTypes.TASK_STATUS_UPDATE
@@ -1914,6 +1917,49 @@ cdef class Transitions:
         if size < 0:
             size = txn.put_object(row["result_id"], data)
         self.mark_result_completed(txn, row, size, completed_by, now, data)
+
+    def dispatch_batch(self, txn, list pairs, now, dict agent_by_slot, dict session_status, dict payload_answers,
+                       dict per_agent, slow):
+        """Hand the core's (agent slot, task slot) ``pairs`` to their agents, in order: a task of a RUNNING session
+        with its payload as only input, whose inline answer (``payload_answers``: payload id -> (inline ids, their
+        data)) inlines it and whose agent's message (``per_agent``: agent slot -> (DispatchMessage, inline counts,
+        frames)) this dispatch has already begun, is written here: attempt, owner, DISPATCHED, its map in the
+        message. Any other goes through ``slow(agent slot, agent, row)`` (Backend.dispatch's Python), which begins
+        those answers and messages."""
+        cdef RowTables rows = txn.rows
+        cdef RowRules rules = rows.rules
+        cdef tuple pair, answer, message
+        cdef object a, agent, status
+        cdef dict row
+        cdef list inline
+        cdef PyObject* p
+        for pair in pairs:
+            a = pair[0]
+            agent = agent_by_slot[a]
+            row = rows._get_task(self.slot_task[pair[1]])
+            p = PyDict_GetItem(session_status, row["session_id"])
+            if p == NULL or <object>p != _SESSION_RUNNING or row["data_dependencies"]:
+                slow(a, agent, row)
+                continue
+            p = PyDict_GetItem(payload_answers, row["payload_id"])
+            if p == NULL:
+                slow(a, agent, row)
+                continue
+            answer = <tuple>p
+            inline = answer[0]
+            p = PyDict_GetItem(per_agent, a)
+            if p == NULL or not inline:  # no message yet; or the agent fetches its payload (after the commit)
+                slow(a, agent, row)
+                continue
+            message = <tuple>p
+            row["attempt"] += 1
+            row["owner_pod_id"] = agent.agent_id
+            row["pod_hostname"] = agent.hostname
+            row["received_at"] = now
+            self.set_task_status(txn, row, _TASK_DISPATCHED, now)
+            message[0].add(row, _SESSION_RUNNING, rules._options_packed(row["options"]), inline)
+            (<list>message[1]).append(len(inline))
+            (<list>message[2]).extend(<list>answer[1])
 
     def complete_batch(self, txn, str agent_id, list completions, list frames, now, list accepted, slow):
         """Apply a TASKS_DONE's completions in order, each with its data frames (counted from its ``results``): the

@@ -453,10 +453,92 @@ def test_compiled_result_creation_makes_the_rows_new_result_row_and_insert_resul
             st_.close()
 
 
+class _Dispatcher(_Agents):
+    """``_Agents`` that dispatch: agents a and b (core slots, peers), a small inline limit, DISPATCHes recorded."""
+
+    def __init__(self, state: BrokerState):
+        super().__init__(state)
+        self.config = type("Config", (), {"inline_limit": 4})()
+        self.dispatch_after_commit = set()
+        self.sent = []
+        self.agents, self.agent_by_slot = {}, {}
+        for name, capacity in (("a", 5), ("b", 3)):
+            slot = state.core.add_agent([0], capacity)
+            self.agents[name] = self.agent_by_slot[slot] = AgentInfo(name, f"peer {name}".encode(), slot, f"host {name}",
+                                                                     capacity, ["default"], 0.0)
+
+    def send_backend(self, peer, frames, on_fail=None):
+        self.sent.append((peer, [bytes(f) for f in frames], on_fail.agent_id))
+
+
+def _python_dispatch_batch(txn, pairs, now, agent_by_slot, session_status, payload_answers, per_agent, slow):
+    """``Transitions.dispatch_batch`` leaving every task to Backend.dispatch's Python."""
+    for a, t in pairs:
+        slow(a, agent_by_slot[a], txn.get_task(_python_dispatch_batch.state.slot_task[t]))
+
+
+#: a task's session (running, paused, cancelled, deleted) and payload (inline, too large to be, without data)
+_to_dispatch = st.lists(st.tuples(st.sampled_from(["s"] * 6 + ["paused", "cancelled", "deleted"]),
+                                  st.sampled_from(["small"] * 6 + ["large", "gone"]), st.booleans()),
+                        min_size=1, max_size=12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(_to_dispatch, _event_types)
+def test_compiled_dispatch_hands_out_tasks_as_the_python_dispatch(tmp_path_factory, tasks, types):
+    """``Transitions.dispatch_batch`` then Backend.dispatch's Python for the rest, against that Python alone: tasks of
+    running, paused, cancelled or deleted sessions, their payload small enough to travel inline, too large, or
+    without data, some with a data dependency, two agents of 5 and 3 slots. The DISPATCH bytes sent to each agent,
+    the agents told to wait for the commit, tables, events and core slots agree."""
+    base = tmp_path_factory.mktemp("dispatch")
+    now = time.time()
+    sides = []
+    for name in ("compiled", "python"):
+        st_ = store.Store(str(base / name), map_size=1 << 24, sync=False)
+        state = BrokerState(["default"], _RecordingBus(types))
+        if name == "python":
+            state.dispatch_batch = _python_dispatch_batch
+            _python_dispatch_batch.state = state
+        sides.append((st_, state))
+
+    def play(st_, state):
+        host = _Dispatcher(state)
+        with st_.write() as txn:
+            for sid in ("s", "paused", "cancelled", "deleted"):
+                for rid, size in (("small", 2), ("large", 10), ("gone", 1), ("dep", 3)):
+                    row = state.new_result_row(sid, rid, result_id=f"{sid}.{rid}", now=now)
+                    state.insert_completed_result(txn, row, (rid[0] * size).encode(), now)
+                txn.delete_object(f"{sid}.gone")
+            for i, (sid, payload, with_dep) in enumerate(tasks):
+                session = {"session_id": sid, "status": 1, "partition_ids": ["default"],
+                           "options": {"max_duration": 60.0, "priority": 1, "max_retries": 1}}
+                state.session_status[sid] = 1
+                out = state.new_result_row(sid, f"o{i}", result_id=f"o{i}", now=now)
+                state.insert_result(txn, out)
+                state.create_tasks(txn, session, [{"payload_id": f"{sid}.{payload}", "expected_output_ids": [f"o{i}"],
+                                                   **({"data_dependencies": [f"{sid}.dep"]} if with_dep else {})}],
+                                   None, now, task_ids=[f"t{i}"])
+            state.session_status.update(paused=3, cancelled=2)
+            state.session_status.pop("deleted", None)
+            host.dispatch(txn, now + 1)
+            tables = [list(txn.txn.cursor(db=db).iternext()) for db in (st_.tasks, st_.results, st_.live_tasks)]
+        return (host.sent, host.dispatch_after_commit, tables, state.events.log, dict(state.task_slot),
+                [state.core.state(t) for t in sorted(state.slot_task)], state.core.n_ready(),
+                state.core.n_dispatched())
+
+    try:
+        compiled, python = (play(*side) for side in sides)
+        assert compiled == python
+        sides[0][1].core.validate()
+    finally:
+        for st_, _ in sides:
+            st_.close()
+
+
 def test_the_state_binds_the_compiled_transitions():
     """BrokerState's transition methods are the compiled ones (the test above compares them with Python)."""
     state = BrokerState(["default"], EventBus())
     for name in ("set_task_status", "_task_ended", "_set_completed", "mark_result_completed", "complete_result",
                  "_add_to_core", "_insert_task", "_give_result", "complete_simple", "_create_tasks_simple",
-                 "create_results"):
+                 "create_results", "complete_batch", "dispatch_batch"):
         assert type(getattr(state, name).__self__) is state_module.Transitions, name

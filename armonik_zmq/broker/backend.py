@@ -506,19 +506,17 @@ class Backend:
         inputs_seen: dict = {}
         #: payload id -> _inline_inputs' answer for the tasks with no other input (most): they share it
         payload_answers: dict = {}
-        for a, t in state.core.dispatch():
-            agent = self.agent_by_slot[a]
-            task_id = state.slot_task[t]
-            row = txn.get_task(task_id)
+
+        def slow(a: int, agent: AgentInfo, row: dict) -> None:
             session_status = state.session_status.get(row["session_id"], _S.DELETED)
             if session_status == _S.PAUSED:
                 # ArmoniK 3.3: a paused session's task is not run, nor cancelled: it waits PAUSED.
                 state.pause_task(txn, row, now)
-                continue
+                return
             if session_status != _S.RUNNING:
                 state.end_task(txn, row, _T.CANCELLED, now,
                                f"session {row['session_id']} is {SessionStatus(session_status).name}")
-                continue
+                return
             try:
                 if row["data_dependencies"]:
                     inline, data = self._inline_inputs(txn, row, inline_limit, inputs_seen)
@@ -530,7 +528,7 @@ class Backend:
                     inline, data = answer
             except ProtocolError as exc:
                 state.end_task(txn, row, _T.ERROR, now, exc.message)
-                continue
+                return
             deps = row["data_dependencies"]
             if len(inline) <= len(deps) and len(inline) < (len(dict.fromkeys([row["payload_id"], *deps])) if deps else 1):
                 # the agent maps or fetches the other inputs, which it can read only once this turn is committed
@@ -546,6 +544,11 @@ class Backend:
             message[0].add(row, session_status, packed_options(row["options"]), inline)
             message[1].append(len(inline))
             message[2].extend(data)
+
+        # The most common tasks (a running session's, their payload inlined as the ones before: dispatch_batch) are
+        # written in C, the others by ``slow``, in order.
+        state.dispatch_batch(txn, state.core.dispatch(), now, self.agent_by_slot, state.session_status, payload_answers,
+                             per_agent, slow)
         for a, (tasks, counts, frames) in per_agent.items():
             agent = self.agent_by_slot[a]
             header = tasks.header(Op.DISPATCH, 0, PROTOCOL_VERSION, counts)

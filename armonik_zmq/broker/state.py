@@ -94,6 +94,9 @@ class BrokerState:
         # - complete_batch(txn, agent_id, completions, frames, now, accepted, slow): a TASKS_DONE's completions in
         #   order, each with its frames: complete_simple's (ids appended to ``accepted``), else ``slow(completion,
         #   frames)``; return how many it applied; MALFORMED if the frames do not add up (split_frames).
+        # - dispatch_batch(txn, pairs, now, agent_by_slot, session_status, payload_answers, per_agent, slow): hand the
+        #   core's (agent, task) pairs to their agents in order, the common ones in C, any other through ``slow``
+        #   (Backend.dispatch).
         # - _create_tasks_simple(txn, sid, creations, opts, now, task_ids, new_outputs, new_inputs): create_tasks for
         #   a client's tasks in a running session, all with the options ``opts``, when all checks pass: return their
         #   infos; else change nothing and return None (the rest of create_tasks, which it spares).
@@ -112,6 +115,7 @@ class BrokerState:
         self._give_result = moves.give_result
         self.complete_simple = moves.complete_simple
         self.complete_batch = moves.complete_batch
+        self.dispatch_batch = moves.dispatch_batch
         self._create_tasks_simple = moves.create_tasks_simple
         self.create_results = moves.create_results
 
