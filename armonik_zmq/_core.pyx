@@ -1367,6 +1367,15 @@ cdef struct Writer:
     char* heap
     int depth      # arrays being written; deeper ones go to the fallback (msgpack refuses a cycle)
 
+
+cdef inline void _writer_on(Writer* w, char* buf, size_t cap) noexcept:
+    """Start ``w`` empty on ``buf`` (a stack array): it moves to a PyMem block only if it outgrows it."""
+    w.p = buf
+    w.n = 0
+    w.cap = cap
+    w.heap = NULL
+    w.depth = 0
+
 #: nesting this deep is not a row's: the codec leaves it to msgpack (which limits its own recursion)
 cdef enum:
     _MAX_DEPTH = 32
@@ -1513,11 +1522,7 @@ cdef object _pack_fields(dict row, tuple fields, Py_ssize_t packed_at, object pa
         return None
     if packed_at >= 0 and type(packed) is not bytes:
         raise TypeError("packed must be bytes")
-    w.p = stack
-    w.n = 0
-    w.cap = sizeof(stack)
-    w.heap = NULL
-    w.depth = 0
+    _writer_on(&w, stack, sizeof(stack))
     try:
         _put_head(&w, <size_t>n, 0x90, 16, 0, 0xDC, 0xDD)
         for i in range(n):
@@ -1691,11 +1696,7 @@ cdef class RowTables:
             return -1  # data to replace: put_object deletes it first
         self.puts.data(key + _FIRST_CHUNK, frame)
         # its object row: {"size": size, "chunks": 1, "chunk_size": chunk_size}, as msgpack packs it
-        w.p = stack
-        w.n = 0
-        w.cap = sizeof(stack)
-        w.heap = NULL
-        w.depth = 0
+        _writer_on(&w, stack, sizeof(stack))
         try:
             _put_raw(&w, _OBJECT_ROW_HEAD, len(_OBJECT_ROW_HEAD))
             _put_value(&w, size, None)
@@ -2291,11 +2292,7 @@ cdef class DispatchMessage:
         cdef Writer out
         cdef bytes packed
         cdef char stack[256]
-        out.p = stack
-        out.n = 0
-        out.cap = sizeof(stack)
-        out.heap = NULL
-        out.depth = 0
+        _writer_on(&out, stack, sizeof(stack))
         try:
             _room(&out, 1)
             out.p[out.n] = <char>0x86

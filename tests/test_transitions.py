@@ -110,6 +110,18 @@ def _use_python_transitions(state: BrokerState) -> None:
     state.complete_result = complete_result
 
 
+def _two_sides(base, types, python=None) -> list:
+    """Two brokers' stores and states on real LMDB: "compiled" as built, "python" with ``python(state)`` applied
+    (what swaps the compiled path for the Python reference)."""
+    sides = []
+    for name in ("compiled", "python"):
+        state = BrokerState(["default"], _RecordingBus(types))
+        if name == "python" and python is not None:
+            python(state)
+        sides.append((store.Store(str(base / name), map_size=1 << 24, sync=False), state))
+    return sides
+
+
 _graphs = st.lists(st.lists(st.integers(0, 11), max_size=3), min_size=1, max_size=12)
 _moves = st.lists(st.tuples(st.sampled_from(["run", "dispatch", "complete", "fail", "cancel", "illegal"]),
                             st.integers(0, 11), st.sampled_from(list(_T))), max_size=30)
@@ -123,14 +135,9 @@ def test_compiled_transitions_move_tasks_and_results_as_the_python_they_replaced
     complete, fail or cancel tasks (or try a transition that may be illegal) on both sides."""
     base = tmp_path_factory.mktemp("moves")
     now = time.time()
-    sides = []
-    for name in ("compiled", "python"):
-        st_ = store.Store(str(base / name), map_size=1 << 24, sync=False)
-        state = BrokerState(["default"], _RecordingBus(types))
-        if name == "python":
-            _use_python_transitions(state)
+    sides = _two_sides(base, types, _use_python_transitions)
+    for _, state in sides:
         state.core.add_agent([0], 1 << 20)
-        sides.append((st_, state))
     session = {"session_id": "s", "status": 1, "partition_ids": ["default"],
                "options": {"max_duration": 60.0, "priority": 1, "max_retries": 1}}
 
@@ -236,13 +243,8 @@ def test_a_compiled_completion_applies_or_leaves_to_python_what_the_python_path_
     core slots agree."""
     base = tmp_path_factory.mktemp("completions")
     now = time.time()
-    sides = []
-    for name in ("compiled", "python"):
-        st_ = store.Store(str(base / name), map_size=1 << 24, sync=False)
-        state = BrokerState(["default"], _RecordingBus(types))
-        if name == "python":
-            state.complete_simple = _declines
-        sides.append((st_, state, _Agents(state)))
+    sides = [(st_, state, _Agents(state)) for st_, state in
+             _two_sides(base, types, lambda state: setattr(state, "complete_simple", _declines))]
     session = {"session_id": "s", "status": 1, "partition_ids": ["default"],
                "options": {"max_duration": 60.0, "priority": 1, "max_retries": 1}}
 
@@ -354,13 +356,7 @@ def test_compiled_task_creation_creates_or_leaves_to_python_what_create_tasks_wo
     tables, events and core slots agree."""
     base = tmp_path_factory.mktemp("creations")
     now = time.time()
-    sides = []
-    for name in ("compiled", "python"):
-        st_ = store.Store(str(base / name), map_size=1 << 24, sync=False)
-        state = BrokerState(["default"], _RecordingBus(types))
-        if name == "python":
-            state._create_tasks_simple = lambda *args: None
-        sides.append((st_, state))
+    sides = _two_sides(base, types, lambda state: setattr(state, "_create_tasks_simple", lambda *args: None))
     session = {"session_id": "s", "status": session_status, "partition_ids": ["default"],
                "options": {"max_duration": 60.0, "priority": 1, "max_retries": 1}}
 
@@ -423,11 +419,7 @@ def test_compiled_result_creation_makes_the_rows_new_result_row_and_insert_resul
     spec: the same rows, tables and events, ids aside (each side makes its own: compared by rank)."""
     base = tmp_path_factory.mktemp("results")
     now = time.time()
-    sides = []
-    for name in ("compiled", "python"):
-        st_ = store.Store(str(base / name), map_size=1 << 24, sync=False)
-        state = BrokerState(["default"], _RecordingBus(types))
-        sides.append((st_, state))
+    sides = _two_sides(base, types)
     wire = [{"name": n, **({} if manual is None else {"manual_deletion": manual})} for n, manual in specs]
     try:
         seen = []
@@ -492,14 +484,11 @@ def test_compiled_dispatch_hands_out_tasks_as_the_python_dispatch(tmp_path_facto
     the agents told to wait for the commit, tables, events and core slots agree."""
     base = tmp_path_factory.mktemp("dispatch")
     now = time.time()
-    sides = []
-    for name in ("compiled", "python"):
-        st_ = store.Store(str(base / name), map_size=1 << 24, sync=False)
-        state = BrokerState(["default"], _RecordingBus(types))
-        if name == "python":
-            state.dispatch_batch = _python_dispatch_batch
-            _python_dispatch_batch.state = state
-        sides.append((st_, state))
+    def python(state):
+        state.dispatch_batch = _python_dispatch_batch
+        _python_dispatch_batch.state = state
+
+    sides = _two_sides(base, types, python)
 
     def play(st_, state):
         host = _Dispatcher(state)

@@ -456,7 +456,8 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         # to do. Only those sockets are read: an empty one costs nothing more (an empty non-blocking read
         # raises, and every read of libzmq first processes the socket's commands: two system calls).
         may_wait = not (scanning or self._lost_agents or self.fair.waiting or self.purges.pending
-                        or self.deletions.pending                        or self._dispatch_possible())
+                        or self.deletions.pending
+                        or self._dispatch_possible())
         ready = self.poller.poll(timeout_ms if may_wait else 0)
         idle = may_wait and not ready
         turn_started = time.monotonic()
@@ -483,7 +484,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
             self._check_readers(mono)
         lease_due = mono >= self._next_lease_check
         if (not batch and not lease_due and not self._lost_agents and not self.purges.pending
-                and not self.deletions.pending                and not self._dispatch_possible()):
+                and not self.deletions.pending and not self._dispatch_possible()):
             if idle:
                 self.gc_policy.idle()
             return
