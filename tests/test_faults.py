@@ -124,10 +124,13 @@ def test_t3a_stopped_agent_loses_its_task_and_its_late_result_is_refused(tmp_pat
             # broker's word to drop that attempt (its registration again) is read before the worker's output, the
             # agent kills the worker: the late result is fenced off at the agent instead
             err = []
-            wait_for(lambda: err.append(capfd.readouterr().err) or any(
-                         line in "".join(err) for line in ("broker refused the report of task",
-                                                           f"task {task.id}: killing worker process")),
-                     "the resumed agent's report to be refused", timeout=15)
+            try:
+                wait_for(lambda: err.append(capfd.readouterr().err) or any(
+                             line in "".join(err) for line in ("broker refused the report of task",
+                                                               f"task {task.id}: killing worker process")),
+                         "the resumed agent's report to be refused", timeout=15)
+            except AssertionError as exc:  # what the processes said since the SIGCONT tells which way it went
+                raise AssertionError(f"{exc}; their log since:\n" + "".join(err)[-6000:]) from None
             second.send_signal(signal.SIGTERM)
             second.wait(10)
             # the resumed agent carries on: the next task runs there
