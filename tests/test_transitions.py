@@ -122,6 +122,15 @@ def _two_sides(base, types, python=None) -> list:
     return sides
 
 
+def _observed(txn, st_, state: BrokerState, outcomes: list) -> tuple:
+    """What a side ends with, to compare: the moves' outcomes, the tables, the event log, the slot dicts and the
+    core's states and counts."""
+    tables = [list(txn.txn.cursor(db=db).iternext()) for db in (st_.tasks, st_.results, st_.live_tasks, st_.data)]
+    return (outcomes, tables, state.events.log, dict(state.task_slot), dict(state.slot_task),
+            dict(state.result_slot), [state.core.state(t) for t in sorted(state.slot_task)],
+            state.core.n_ready(), state.core.n_waiting(), state.core.n_dispatched())
+
+
 _graphs = st.lists(st.lists(st.integers(0, 11), max_size=3), min_size=1, max_size=12)
 _moves = st.lists(st.tuples(st.sampled_from(["run", "dispatch", "complete", "fail", "cancel", "illegal"]),
                             st.integers(0, 11), st.sampled_from(list(_T))), max_size=30)
@@ -177,11 +186,7 @@ def test_compiled_transitions_move_tasks_and_results_as_the_python_they_replaced
                     outcomes.append("ok")
                 except IllegalTransition as exc:
                     outcomes.append(str(exc))
-            tables = [list(txn.txn.cursor(db=db).iternext()) for db in (st_.tasks, st_.results, st_.live_tasks,
-                                                                         st_.data)]
-        return (outcomes, tables, state.events.log, dict(state.task_slot), dict(state.slot_task),
-                dict(state.result_slot), [state.core.state(t) for t in sorted(state.slot_task)],
-                state.core.n_ready(), state.core.n_waiting(), state.core.n_dispatched())
+            return _observed(txn, st_, state, outcomes)
 
     try:
         compiled, python = (play(*side) for side in sides)
@@ -312,11 +317,7 @@ def test_a_compiled_completion_applies_or_leaves_to_python_what_the_python_path_
                 outcomes.append(("accepted", accepted, applied <= len(accepted)))
             except ProtocolError as exc:
                 outcomes.append((exc.code, exc.message))
-            tables = [list(txn.txn.cursor(db=db).iternext()) for db in (st_.tasks, st_.results, st_.live_tasks,
-                                                                         st_.data)]
-        return (outcomes, tables, state.events.log, dict(state.task_slot), dict(state.slot_task),
-                dict(state.result_slot), [state.core.state(t) for t in sorted(state.slot_task)],
-                state.core.n_ready(), state.core.n_waiting(), state.core.n_dispatched())
+            return _observed(txn, st_, state, outcomes)
 
     try:
         for _, state, agents in sides:
