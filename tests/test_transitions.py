@@ -131,6 +131,18 @@ def _observed(txn, st_, state: BrokerState, outcomes: list) -> tuple:
             state.core.n_ready(), state.core.n_waiting(), state.core.n_dispatched())
 
 
+def _play_both(sides: list, play) -> None:
+    """``play`` each side (its store and state first): both end the same, and the compiled side's core is
+    consistent. The stores are closed whatever happens."""
+    try:
+        compiled, python = (play(*side) for side in sides)
+        assert compiled == python
+        sides[0][1].core.validate()
+    finally:
+        for side in sides:
+            side[0].close()
+
+
 _graphs = st.lists(st.lists(st.integers(0, 11), max_size=3), min_size=1, max_size=12)
 _moves = st.lists(st.tuples(st.sampled_from(["run", "dispatch", "complete", "fail", "cancel", "illegal"]),
                             st.integers(0, 11), st.sampled_from(list(_T))), max_size=30)
@@ -188,13 +200,7 @@ def test_compiled_transitions_move_tasks_and_results_as_the_python_they_replaced
                     outcomes.append(str(exc))
             return _observed(txn, st_, state, outcomes)
 
-    try:
-        compiled, python = (play(*side) for side in sides)
-        assert compiled == python
-        sides[0][1].core.validate()
-    finally:
-        for st_, _ in sides:
-            st_.close()
+    _play_both(sides, play)
 
 
 class _Agents(Backend):
@@ -319,15 +325,9 @@ def test_a_compiled_completion_applies_or_leaves_to_python_what_the_python_path_
                 outcomes.append((exc.code, exc.message))
             return _observed(txn, st_, state, outcomes)
 
-    try:
-        for _, state, agents in sides:
-            agents.agents = {"a": AgentInfo("a", b"peer", 0, "host", 1, ["default"], 0.0)}
-        compiled, python = (play(*side) for side in sides)
-        assert compiled == python
-        sides[0][1].core.validate()
-    finally:
-        for st_, _, _ in sides:
-            st_.close()
+    for _, state, agents in sides:
+        agents.agents = {"a": AgentInfo("a", b"peer", 0, "host", 1, ["default"], 0.0)}
+    _play_both(sides, play)
 
 
 #: an input of a new task: the payload (with data), a result without data yet, an aborted one, one of another
@@ -404,13 +404,7 @@ def test_compiled_task_creation_creates_or_leaves_to_python_what_create_tasks_wo
                 dict(state.result_slot), [(state.core.state(t), state.core.missing(t)) for t in sorted(state.slot_task)],
                 state.core.n_ready(), state.core.n_waiting())
 
-    try:
-        compiled, python = (play(*side) for side in sides)
-        assert compiled == python
-        sides[0][1].core.validate()
-    finally:
-        for st_, _ in sides:
-            st_.close()
+    _play_both(sides, play)
 
 
 @settings(max_examples=50, deadline=None)
@@ -516,13 +510,7 @@ def test_compiled_dispatch_hands_out_tasks_as_the_python_dispatch(tmp_path_facto
                 [state.core.state(t) for t in sorted(state.slot_task)], state.core.n_ready(),
                 state.core.n_dispatched())
 
-    try:
-        compiled, python = (play(*side) for side in sides)
-        assert compiled == python
-        sides[0][1].core.validate()
-    finally:
-        for st_, _ in sides:
-            st_.close()
+    _play_both(sides, play)
 
 
 def test_the_state_binds_the_compiled_transitions():
