@@ -147,6 +147,13 @@ def keys(directory, clients, agents, client_names, agent_names) -> None:
 @click.option("--endpoint", default=default_endpoint, show_default="$ARMONIK_ZMQ_ENDPOINT or tcp://127.0.0.1:5555",
               help="Where clients connect.")
 @click.option("--agents-endpoint", default=DEFAULT_AGENTS_ENDPOINT, show_default=True, help="Where agents connect.")
+@click.option("--client-link", default="", metavar="unix:///PATH",
+              help="Also serve clients of this host on a Unix socket (its directory is made 0700: the access "
+                   "control): no ZeroMQ I/O threads on their messages' way. Clients connect to the same endpoint.")
+@click.option("--agent-link", default="", metavar="unix:///PATH",
+              help="Also serve agents of this host on a Unix socket (as --client-link); agents use it as --broker.")
+@click.option("--link-buffer", type=click.IntRange(1024), default=64 << 20, hidden=True,
+              help="Bytes that may wait for one link peer before a send to it fails as a full ZeroMQ pipe does.")
 @click.option("--partition", "partitions", multiple=True, help="A partition to serve (repeat or comma-separate); "
               "the first is the default. [default: default]")
 @click.option("--heartbeat-interval", type=click.FloatRange(min=0.01), default=1.0, show_default=True,
@@ -204,12 +211,13 @@ def keys(directory, clients, agents, client_names, agent_names) -> None:
               help="Seconds a shared-memory segment no result names is kept before it is swept (the report of "
                    "its task may still come after a restart); deleted and purged results go at once.")
 @click.pass_context
-def broker(ctx, data_dir, endpoint, agents_endpoint, partitions, heartbeat_interval, liveness, lease, backend_sndhwm,
-           no_router_mandatory, no_sync, config_file, object_storage, metrics_port, metrics_address, max_message_size,
+def broker(ctx, data_dir, endpoint, agents_endpoint, client_link, agent_link, link_buffer, partitions, heartbeat_interval,
+           liveness, lease, backend_sndhwm, no_router_mandatory, no_sync, config_file, object_storage, metrics_port, metrics_address, max_message_size,
            map_size, max_map_size, agent_grace, idempotency_ttl, keys_dir, server_secret, client_keys,
            agent_keys, shm_threshold, shm_fsync, shm_grace, turn_budget, report_wait, nice) -> None:
     """Run the broker (the control plane) in the foreground."""
     from .broker import Broker
+    from .unixlink import is_link
 
     _setup_logging(ctx.obj["log_level"], "broker")
     if map_size < 64 << 10:
@@ -217,7 +225,11 @@ def broker(ctx, data_dir, endpoint, agents_endpoint, partitions, heartbeat_inter
     if max_map_size and max_map_size < map_size:
         raise click.BadParameter(f"must be at least --map-size ({map_size} bytes)", param_hint="--max-map-size")
     ids, details = _configured_partitions(config_file, partitions)
+    for option, value in (("--client-link", client_link), ("--agent-link", agent_link)):
+        if value and not is_link(value):
+            raise click.BadParameter(f"expected unix:///PATH, got {value!r}", param_hint=option)
     config = BrokerConfig(data_dir=data_dir, endpoint=endpoint, agents_endpoint=agents_endpoint,
+                          client_link=client_link, agent_link=agent_link, link_buffer=link_buffer,
                           partitions=ids, partition_details=details, heartbeat_interval=heartbeat_interval,
                           liveness=liveness, lease=lease, backend_sndhwm=backend_sndhwm,
                           router_mandatory=not no_router_mandatory, sync=not no_sync,
@@ -236,7 +248,8 @@ def broker(ctx, data_dir, endpoint, agents_endpoint, partitions, heartbeat_inter
 
 @main.command()
 @click.option("--broker", "broker_endpoint", default=DEFAULT_AGENTS_ENDPOINT, show_default=True,
-              help="The broker's agents endpoint.")
+              help="The broker's agents endpoint, or on the broker's host its agent link (unix:///PATH: "
+                   "broker --agent-link).")
 @click.option("--workers", type=click.IntRange(1, 4096), default=os.cpu_count() or 1,
               show_default="number of CPUs", help="Worker processes to start.")
 @click.option("--processor", default=DEFAULT_PROCESSOR, show_default=True,
@@ -308,26 +321,35 @@ def agent(ctx, broker_endpoint, workers, processor, partitions, window, tiny_win
 @click.option("--keys", "keys_dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="Turn CURVE on with this key directory (see `armonik-zmq keys`): the broker uses it as with "
               "`broker --keys`, the agent the first key of DIR/agents. Needed to serve a non-loopback address.")
+@click.option("--links/--no-links", default=False, show_default=True,
+              help="Wire the agent through a Unix-socket link (broker --agent-link) and serve clients of this host on "
+                   "one too (broker --client-link), instead of ZeroMQ: no ZeroMQ I/O threads on those hops. Not "
+                   "with --keys (a link has no authenticated identity).")
 @click.pass_context
-def up(ctx, data_dir, endpoint, agents_endpoint, workers, processor, object_storage, config_file, keys_dir) -> None:
+def up(ctx, data_dir, endpoint, agents_endpoint, workers, processor, object_storage, config_file, keys_dir,
+       links) -> None:
     """Run a local cluster in the foreground: broker + one agent + N workers. Ctrl-C stops it."""
     from .cluster import LocalProcesses
 
     partitions, _ = _configured_partitions(config_file, ())
+    if links and keys_dir:
+        raise click.BadParameter("links carry no authenticated identity: use --no-links with --keys",
+                                 param_hint="--links")
     try:
         cluster = LocalProcesses(data_dir=data_dir, endpoint=endpoint, agents_endpoint=agents_endpoint,
                                  workers=workers, processor=processor, log_level=ctx.obj["log_level"],
                                  broker_args=(("--object-storage", object_storage) if object_storage else ())
                                  + (("--config", config_file) if config_file else ()),
-                                 agent_args=("--partition", ",".join(partitions)), keys_dir=keys_dir)
+                                 agent_args=("--partition", ",".join(partitions)), keys_dir=keys_dir, links=links)
     except RuntimeError as exc:
         raise click.ClickException(str(exc))
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
     try:
         cluster.start()
-        click.echo(f"armonik_zmq is up: clients connect to {endpoint} ({workers} workers, data in {data_dir}). "
-                   f"Ctrl-C to stop.", err=True)
+        on_host = f" (on this host also {cluster.client_link})" if links else ""
+        click.echo(f"armonik_zmq is up: clients connect to {endpoint}{on_host} ({workers} workers, data in "
+                   f"{data_dir}). Ctrl-C to stop.", err=True)
         while not stopping:
             for name, proc in (("broker", cluster.broker), ("agent", cluster.agent)):
                 if proc.poll() is not None:

@@ -25,18 +25,27 @@ class LocalProcesses:
     """A broker and an agent running as real processes on an LMDB directory.
 
     Endpoints default to ``ipc://`` sockets in a private temporary directory, so nothing else on the
-    host can connect and two clusters never collide.
+    host can connect and two clusters never collide. With ``links`` the broker also serves Unix-socket links
+    (unixlink.py) in that directory, and the agents and ``endpoint`` (what clients are given) use them instead
+    of ZeroMQ; ``zmq_endpoint`` is the broker's ZeroMQ endpoint for clients either way.
     """
 
     def __init__(self, data_dir: Optional[str] = None, endpoint: Optional[str] = None,
                  agents_endpoint: Optional[str] = None, workers: int = 2, processor: str = DEFAULT_PROCESSOR,
                  log_level: str = "WARNING", lease: Optional[float] = None, env: Optional[dict] = None,
                  broker_args: tuple[str, ...] = (), agent_id: str = "", agent_args: tuple[str, ...] = (),
-                 broker_log: Optional[str] = None, secure: bool = False, keys_dir: Optional[str] = None):
+                 broker_log: Optional[str] = None, secure: bool = False, keys_dir: Optional[str] = None,
+                 links: bool = False):
         self._tmp = tempfile.mkdtemp(prefix="armonik-zmq-")
         self.data_dir = data_dir or os.path.join(self._tmp, "data")
-        self.endpoint = endpoint or f"ipc://{self._tmp}/frontend"
+        self.zmq_endpoint = endpoint or f"ipc://{self._tmp}/frontend"
         self.agents_endpoint = agents_endpoint or f"ipc://{self._tmp}/backend"
+        #: the broker's Unix-socket links for this host's peers (served with ``links``)
+        self.links = links
+        self.client_link = f"unix://{self._tmp}/links/clients.sock"
+        self.agent_link = f"unix://{self._tmp}/links/agents.sock"
+        #: where clients connect
+        self.endpoint = self.client_link if links else self.zmq_endpoint
         self.workers = workers
         self.processor = processor
         self.log_level = log_level
@@ -81,12 +90,14 @@ class LocalProcesses:
         return {"server_key": os.path.join(self.keys_dir, "server.key"), "secret": self._client_secret}
 
     def start_broker(self) -> subprocess.Popen:
-        args = ["--log-level", self.log_level, "broker", "--data-dir", self.data_dir, "--endpoint", self.endpoint,
+        args = ["--log-level", self.log_level, "broker", "--data-dir", self.data_dir, "--endpoint", self.zmq_endpoint,
                 "--agents-endpoint", self.agents_endpoint]
         if self.lease is not None:
             args += ["--lease", str(self.lease)]
         if self.keys_dir is not None:
             args += ["--keys", self.keys_dir]
+        if self.links:
+            args += ["--client-link", self.client_link, "--agent-link", self.agent_link]
         args += self.broker_args
         if self.broker_log is None:
             self.broker = subprocess.Popen(_cli(*args), env=self.env)
@@ -95,9 +106,11 @@ class LocalProcesses:
                 self.broker = subprocess.Popen(_cli(*args), env=self.env, stderr=log_file)
         return self.broker
 
-    def _spawn_agent(self, agent_id: str, workers: int) -> subprocess.Popen:
-        args = ["--log-level", self.log_level, "agent", "--broker", self.agents_endpoint, "--workers", str(workers),
-                "--processor", self.processor]
+    def _spawn_agent(self, agent_id: str, workers: int, link: Optional[bool] = None) -> subprocess.Popen:
+        """An agent on the broker's link (``link``; None: when the cluster has links), else on ZeroMQ."""
+        on_link = self.links if link is None else link
+        args = ["--log-level", self.log_level, "agent", "--broker", self.agent_link if on_link else self.agents_endpoint,
+                "--workers", str(workers), "--processor", self.processor]
         if agent_id:
             args += ["--agent-id", agent_id]
         if self.keys_dir is not None:
@@ -110,9 +123,10 @@ class LocalProcesses:
         self.agent = self._spawn_agent(self.agent_id, self.workers)
         return self.agent
 
-    def start_extra_agent(self, agent_id: str = "", workers: Optional[int] = None) -> subprocess.Popen:
+    def start_extra_agent(self, agent_id: str = "", workers: Optional[int] = None,
+                          link: Optional[bool] = None) -> subprocess.Popen:
         """Start one more agent on this broker (it takes its share of the work); stopped with the cluster."""
-        proc = self._spawn_agent(agent_id, self.workers if workers is None else workers)
+        proc = self._spawn_agent(agent_id, self.workers if workers is None else workers, link)
         self.extra_agents.append(proc)
         return proc
 

@@ -106,6 +106,12 @@ class BrokerConfig:
     endpoint: str = DEFAULT_ENDPOINT
     #: where agents connect (ROUTER "backend")
     agents_endpoint: str = DEFAULT_AGENTS_ENDPOINT
+    #: Unix-socket links (unixlink.py) where clients and agents of this host may connect too, beside the
+    #: ZeroMQ endpoints ("unix:///path/to.sock"; "" = none)
+    client_link: str = ""
+    agent_link: str = ""
+    #: bytes that may wait for one link peer before a send to it fails as a full ZeroMQ pipe does (EAGAIN)
+    link_buffer: int = 64 << 20
     #: partitions that exist; sessions may only use these. The first is the default one.
     partitions: tuple[str, ...] = (DEFAULT_PARTITION,)
     #: the informative fields of some of ``partitions`` (from ``--config``); the others have zeros

@@ -9,6 +9,7 @@ go out once per loop turn, batched.
 
 from __future__ import annotations
 
+import functools
 import gc
 import heapq
 import itertools
@@ -36,6 +37,7 @@ from ..protocol import (DATA_CHUNK_MAX_SIZE, MAX_HEADER_SIZE, WORKER_OPS, ErrorC
 from .. import shm
 from ..status import ResultStatus, SessionStatus, TaskStatus
 from ..worker.link import Link, LinkClosed, peer_pid
+from ..unixlink import LinkDealer, is_link
 from ..zmqio import readable, recv_message, send_message
 from .pool import WorkerPool, WorkerProc, run_below
 
@@ -133,7 +135,8 @@ class Agent:
         self.links: dict[int, Link] = {}
         self.pool = WorkerPool(config.workers, self.worker_path, config.processor, config.worker_env,
                                state_dir=self._sockdir)
-        self.broker: Optional[zmq.Socket] = None
+        #: the connection to the broker: a DEALER, or on this host a Unix-socket link (unixlink.py)
+        self.broker: Optional[zmq.Socket | LinkDealer] = None
         self._broker_fd = -1
         self.tasks: dict[str, LocalTask] = {}
         self.by_token: dict[str, LocalTask] = {}
@@ -183,6 +186,15 @@ class Agent:
         if self.broker is not None:
             self.poller.unregister(self._broker_fd)
             self.broker.close(linger=0)
+        if is_link(self.config.broker):
+            # reconnects by itself (to the restarted broker: the next heartbeat's UNKNOWN_AGENT then
+            # registers again, as over ZeroMQ); its fd stays the same
+            self.broker = link = LinkDealer(self.config.broker, self.agent_id.encode())
+            self._broker_send, self._broker_readable, self._broker_recv = link.send, link.readable, link.recv
+            self._broker_fd = link.fileno()
+            self.poller.register(self._broker_fd, select.POLLIN)
+            self._connected()
+            return
         self.broker = self.ctx.socket(zmq.DEALER)
         self.broker.setsockopt(zmq.LINGER, 0)
         if self.keys is None:
@@ -199,6 +211,13 @@ class Agent:
         # have changed (edge-like), so the loop checks EVENTS before it sleeps and reads while there is input.
         self._broker_fd = self.broker.getsockopt(zmq.FD)
         self.poller.register(self._broker_fd, select.POLLIN)
+        self._broker_send = self._send_zmq
+        self._broker_readable = functools.partial(readable, self.broker)
+        self._broker_recv = functools.partial(recv_message, self.broker)
+        self._connected()
+
+    def _connected(self) -> None:
+        """A new connection to the broker: what the old one had in flight is asked or sent again."""
         self._pending.clear()
         self.registered = False
         # Whatever the old socket had not had acknowledged goes out again on the new one.
@@ -211,12 +230,14 @@ class Agent:
         rid = next(self._rids)
         if on_reply is not None:
             self._pending[rid] = on_reply
-        frames = [request(op, rid, agent_id=self.agent_id, **fields), *data]
+        self._broker_send([request(op, rid, agent_id=self.agent_id, **fields), *data])
+        return rid
+
+    def _send_zmq(self, frames: list) -> None:
         try:
             send_message(self.broker, frames, copy=False)
         except zmq.Again:  # no pipe to the broker yet (never seen with SNDHWM 0): wait for one, as pyzmq's send does
             self.broker.send_multipart(frames, copy=False)
-        return rid
 
     def _register(self) -> None:
         mono = time.monotonic()
@@ -1018,7 +1039,7 @@ class Agent:
                 wait_ms = 50
                 if self._started and self.registered:  # wake up when a start is due
                     wait_ms = min(wait_ms, max(0, math.ceil((_oldest_due(self._started) - time.monotonic()) * 1000)))
-                broker_input = self.broker is not None and readable(self.broker)
+                broker_input = self.broker is not None and self._broker_readable()
                 events = self.poller.poll(0 if broker_input else wait_ms)
                 links = []
                 for fd, event in events:
@@ -1046,10 +1067,9 @@ class Agent:
     def _read_broker(self) -> None:
         """Handle the broker's messages waiting (up to 1,000 a turn), without a failing read at the end."""
         for _ in range(1000):
-            broker = self.broker
-            if not readable(broker):
+            if not self._broker_readable():
                 return
-            self._on_broker_message(recv_message(broker))
+            self._on_broker_message(self._broker_recv())
 
     def stop(self, *_args) -> None:
         self._running = False
@@ -1068,8 +1088,8 @@ class Agent:
                 self._flush()
                 deadline = time.monotonic() + 1.0
                 while self._pending and time.monotonic() < deadline:
-                    if self.broker.poll(100):
-                        self._on_broker_message(self.broker.recv_multipart(copy=False))
+                    if self.broker.poll(100) and self._broker_readable():
+                        self._on_broker_message(self._broker_recv())
                         self._flush()  # reports held back while one was in flight
         except zmq.ZMQError:
             pass

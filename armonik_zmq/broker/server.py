@@ -42,6 +42,7 @@ from ..config import BrokerConfig
 from ..protocol import (BACKEND_OPS, FRONTEND_OPS, MAX_HEADER_SIZE, ErrorCode, Op, ProtocolError, decode_header,
                         envelope_of, reply_error, reply_ok, request, validate)
 from ..security import check_bind
+from ..unixlink import LinkRouter
 from ..zmqio import readable, recv_message, send_message
 from .acks import HeldAcks
 from .reportwait import ReportWait
@@ -147,6 +148,10 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
     """The control plane: serve clients on ``endpoint`` and agents on ``agents_endpoint``."""
 
     def __init__(self, config: BrokerConfig):
+        if config.server_secret and (config.client_link or config.agent_link):
+            raise RuntimeError(f"cannot serve links ({config.client_link or config.agent_link}) with CURVE keys: a "
+                               f"link's peer has no authenticated identity. Serve links without --keys, or every "
+                               f"peer on ZeroMQ.")
         self.config = config
         #: the nice value in effect (config.nice, when the broker may have it)
         self.nice = ask_for_nice(config.nice)
@@ -175,6 +180,18 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         self.poller = zmq.Poller()
         self.poller.register(self.frontend, zmq.POLLIN)
         self.poller.register(self.backend, zmq.POLLIN)
+        #: Unix-socket links for the peers of this host (unixlink.py), by the ROUTER whose role they share: their
+        #: messages are received and answered as that ROUTER's (the same ``sock`` in the fair queue and requests)
+        self.links: dict[zmq.Socket, LinkRouter] = {}
+        self._agent_fds: set = {self.backend}
+        for sock, endpoint in ((self.frontend, config.client_link), (self.backend, config.agent_link)):
+            if endpoint:
+                link = self.links[sock] = LinkRouter(endpoint, config.max_message_size, config.link_buffer)
+                self.poller.register(link.fileno(), zmq.POLLIN)
+                if sock is self.backend:
+                    self._agent_fds.add(link.fileno())
+        if not self.links:  # the ZeroMQ calls themselves: nothing in between on the paths of every message
+            self._readable, self._recv, self._send = readable, recv_message, send_message
         # Set here only: ``run`` serves right after, and a broker driven turn by turn (tests) never calls it. A
         # lease from now: no agent can have been silent for a whole lease sooner.
         self._next_lease_check = time.monotonic() + config.lease
@@ -292,6 +309,28 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
 
     # -- sending ---------------------------------------------------------------------------------
 
+    def _readable(self, sock: zmq.Socket) -> bool:
+        """Whether a message waits on ``sock`` or on its link."""
+        if readable(sock):
+            return True
+        link = self.links.get(sock)
+        return link is not None and link.readable()
+
+    def _recv(self, sock: zmq.Socket) -> list:
+        """A waiting message of ``sock``'s link, else of ``sock`` (call after ``_readable``)."""
+        link = self.links.get(sock)
+        if link is not None and link.inbox:
+            return link.recv()
+        return recv_message(sock)
+
+    def _send(self, sock: zmq.Socket, frames: list, copy: bool = True) -> None:
+        """Send to the peer ``frames[0]`` on the link it came by, else on ``sock`` (raises as send_message)."""
+        link = self.links.get(sock)
+        if link is not None and frames[0] in link.peers:
+            link.send(frames)
+        else:
+            send_message(sock, frames, copy)
+
     def send_backend(self, peer: bytes, frames: list, on_fail: Optional[AgentInfo] = None) -> None:
         self._outbox.append((self.backend, [peer, *frames], on_fail))
 
@@ -315,7 +354,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         """Send a subscription its events, ``EVENTS_PER_PUSH`` at most per push (the client decodes each in one go)."""
         try:
             for at in range(0, len(events), EVENTS_PER_PUSH):
-                send_message(self.frontend, [sub.peer, request(Op.EVENT, sub.rid, events=events[at:at + EVENTS_PER_PUSH])])
+                self._send(self.frontend, [sub.peer, request(Op.EVENT, sub.rid, events=events[at:at + EVENTS_PER_PUSH])])
         except zmq.ZMQError as exc:
             self.metrics.send_failed(_errno_name(exc.errno))
             log.info("subscriber gone (%s): subscription %d dropped", exc.strerror, sub.rid)
@@ -328,7 +367,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         A client's request already waiting goes first (the slice waits for the next turn), but a slice is put
         off at most ``SLICES_PUT_OFF`` turns in a row: a stream of requests cannot hold a snapshot forever."""
         events = self.state.events
-        if self._slices_put_off < SLICES_PUT_OFF and readable(self.frontend):
+        if self._slices_put_off < SLICES_PUT_OFF and self._readable(self.frontend):
             self._slices_put_off += 1
             return True
         self._slices_put_off = 0
@@ -357,7 +396,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
     def _send_one(self, sock: zmq.Socket, frames: list, agent: Optional[AgentInfo]) -> None:
         """Send one message; a failed send to an agent puts it in ``_lost_agents`` (its tasks are queued again)."""
         try:
-            send_message(sock, frames, copy=False)
+            self._send(sock, frames, False)
         except zmq.ZMQError as exc:
             self.metrics.send_failed(_errno_name(exc.errno))
             if agent is None and sock is self.backend and exc.errno == zmq.EAGAIN:
@@ -379,12 +418,12 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
     def _drain(self, sock: zmq.Socket, key: int, limit: int, ready: bool = False) -> bool:
         """Move up to ``limit`` waiting messages of ``sock`` into the fair queue (while it has room); return
         whether it stopped at that limit, not because ``sock`` had no more. ``ready``: a message is known waiting."""
-        fair = self.fair
+        fair, has_message, take = self.fair, self._readable, self._recv
         for _ in range(min(limit, fair.room())):
-            if not ready and not readable(sock):
+            if not ready and not has_message(sock):
                 return False
             ready = False
-            fair.add(key, sock, recv_message(sock))
+            fair.add(key, sock, take(sock))
         return True
 
     def _preempt(self, batch: list, handled: int) -> None:
@@ -392,9 +431,9 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         frontend, fair = self.frontend, self.fair
         # past the queue's room if need be: by one batch at most, which the next turns' drains leave in ZeroMQ
         for _ in range(PREEMPT_TAKES):
-            if not readable(frontend):
+            if not self._readable(frontend):
                 break
-            fair.add(0, frontend, recv_message(frontend))
+            fair.add(0, frontend, self._recv(frontend))
         if fair.newcomers:
             fair.preempt(batch, handled)
 
@@ -458,23 +497,29 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         may_wait = not (scanning or self._lost_agents or self.fair.waiting or self.purges.pending
                         or self.deletions.pending
                         or self._dispatch_possible())
-        ready = self.poller.poll(timeout_ms if may_wait else 0)
+        # messages a link read already (while looking for one) are in no fd's readiness any more
+        taken_in = self.links and [sock for sock, link in self.links.items() if link.inbox]
+        ready = self.poller.poll(timeout_ms if may_wait and not taken_in else 0)
         idle = may_wait and not ready
         turn_started = time.monotonic()
         self.forgive_stall(turn_started)
+        if taken_in:
+            ready += [(sock, zmq.POLLIN) for sock in taken_in]
         if ready:
             agents = clients = False
+            agent_fds = self._agent_fds
             for sock, _ in ready:
-                if sock is self.backend:
+                if sock in agent_fds:
                     agents = True
                 else:
                     clients = True
-            # agents first (their reports free tasks and credit), then clients, then agents again
-            room = self.fair.room()
+            # agents first (their reports free tasks and credit), then clients, then agents again; a link's fd
+            # says only that a connection has input (maybe not a whole message): no message is known waiting
+            room, known = self.fair.room(), not self.links
             if agents:
-                agents = self._drain(self.backend, 1, room // 2, ready=True)
+                agents = self._drain(self.backend, 1, room // 2, ready=known)
             if clients:
-                self._drain(self.frontend, 0, room, ready=True)
+                self._drain(self.frontend, 0, room, ready=known)
             if agents:
                 self._drain(self.backend, 1, room)
         # peers in rotation, cut at the turn's time budget (broker/fairness.py)
@@ -506,7 +551,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         self.metrics.turn(time.monotonic() - turn_started)
         # a client already waiting is served before the collector's step (gcpolicy.py)
         if self.gc_policy.step_due():
-            self.gc_policy.busy(wanted=readable(self.frontend))
+            self.gc_policy.busy(wanted=self._readable(self.frontend))
 
     def _commit_part(self, batch: list, now: float, mono: float, lease_due: bool, turn_started: float,
                      upkeep: bool) -> None:
@@ -692,11 +737,14 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            ready = poller.poll(math.ceil(left * 1000))
-            if any(sock is frontend for sock, _ in ready):
+            client_link = self.links.get(frontend)
+            if client_link is not None and client_link.inbox:
                 break
-            while awaited and readable(backend):
-                frames = recv_message(backend)
+            ready = poller.poll(math.ceil(left * 1000))
+            if any(sock not in self._agent_fds for sock, _ in ready):
+                break
+            while awaited and self._readable(backend):
+                frames = self._recv(backend)
                 now = wall_now()  # the turn's clock is behind by the wait: a report's stamps follow its task's
                 joined.append((frames, now))
                 reports = len(self._turn_acks)
@@ -737,7 +785,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
 
     def _send_now(self, sock: zmq.Socket, frames: list) -> None:
         try:
-            send_message(sock, frames)
+            self._send(sock, frames)
         except zmq.ZMQError:
             pass
 
@@ -759,8 +807,10 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         """Serve until ``stop()`` or SIGINT/SIGTERM."""
         self._running = True
         self.gc_policy.start()
-        log.info("broker serving clients on %s and agents on %s (data in %s, sync=%s)", self.config.endpoint,
-                 self.config.agents_endpoint, self.config.data_dir, self.config.sync)
+        log.info("broker serving clients on %s and agents on %s (data in %s, sync=%s)",
+                 " and ".join(filter(None, (self.config.endpoint, self.config.client_link))),
+                 " and ".join(filter(None, (self.config.agents_endpoint, self.config.agent_link))),
+                 self.config.data_dir, self.config.sync)
         try:
             while self._running:
                 self.turn(100)
@@ -779,6 +829,8 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
     def close(self) -> None:
         for sock in (self.frontend, self.backend):
             sock.close(linger=0)
+        for link in self.links.values():
+            link.close()
         if self.guard is not None:
             self.guard.stop()
         self.ctx.term()

@@ -32,6 +32,7 @@ or may not have been applied. A request answered ``UNAVAILABLE`` (the broker cou
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import logging
@@ -55,6 +56,7 @@ from ..common import event_from_wire
 from ..config import default_endpoint
 from ..protocol import KEYED_OPS, ErrorCode, Op
 from ..security import ClientKeys, KeyInput
+from ..unixlink import LinkDealer, is_link
 from ..zmqio import readable, recv_message, send_message
 from .arrived import ArrivedData
 
@@ -160,8 +162,13 @@ class Connection:
         #: guards the DEALER, _closed, _inflight, _epoch and _unsubs; reentrant: a future's done callback, run
         #: by the thread that settles it (maybe holding it), may send a request
         self._sock_lock = threading.RLock()
-        self._dealer: Optional[zmq.Socket] = None
+        #: the DEALER, or with a ``unix://`` endpoint a link (unixlink.py: a broker on this host, no ZeroMQ I/O
+        #: threads in between), and what sends, tells of and takes its messages
+        self._dealer: Optional[zmq.Socket | LinkDealer] = None
         self._dealer_fd = -1
+        self._send_msg: Callable[[list], None] = None
+        self._has_msg: Callable[[], bool] = None
+        self._take_msg: Callable[[], list] = None
         self._closed = False
         self._connected = False  # a ZMTP handshake with the broker succeeded and has not dropped since
         #: subscriptions closed here whose UNSUBSCRIBE leaves after the next request (or at the I/O thread's tick)
@@ -316,10 +323,9 @@ class Connection:
                 self._pending[rid] = fut
             # Kept until the reply: sent again if the connection drops (pyzmq sends a frame by reference).
             self._inflight[rid] = _Inflight(msg if retryable else None, self._epoch, op)
-            dealer = self._dealer
             try:
                 # copy=False: bulk frames reach libzmq without being copied (small ones are, by pyzmq).
-                send_message(dealer, msg, copy=False)
+                self._send_msg(msg)
             except zmq.ZMQError as exc:  # unlimited HWM makes this unexpected; fail only that call
                 if not (exc.errno == zmq.EAGAIN and not self._connected):
                     self._inflight.pop(rid, None)
@@ -334,7 +340,7 @@ class Connection:
                 self._fail_rid(rid, self._refused())
             if self._unsubs:  # after the request: it is the one someone waits for
                 self._send_unsubscribes()
-            if readable(dealer):
+            if self._has_msg():
                 _ring(self._look)  # the send took in the news of messages: the descriptor will not tell
             if len(self._inflight) > 2 * len(self._pending) + 1024:
                 self._sweep_inflight()
@@ -453,8 +459,7 @@ class Connection:
         rids, self._unsubs = self._unsubs, []
         for rid in rids:
             try:
-                self._dealer.send(protocol.request(Op.UNSUBSCRIBE_EVENTS, next(self._rids), subscription=rid),
-                                  zmq.NOBLOCK)
+                self._send_msg([protocol.request(Op.UNSUBSCRIBE_EVENTS, next(self._rids), subscription=rid)])
             except zmq.ZMQError:
                 pass  # no pipe (reconnecting): the broker forgot the subscription with the connection
 
@@ -550,6 +555,9 @@ class Connection:
     def _io_main(self) -> None:
         """Create the thread's sockets, run the loop, and tear everything down when it ends."""
         self._io_ident = threading.get_ident()
+        if is_link(self.endpoint):
+            self._io_main_link()
+            return
         sockets: list[zmq.Socket] = []
         try:
             dealer = self._ctx.socket(zmq.DEALER)
@@ -566,6 +574,9 @@ class Connection:
                 self._curve.apply(dealer)
             self._dealer = dealer
             self._dealer_fd = dealer.getsockopt(zmq.FD)
+            self._send_msg = functools.partial(send_message, dealer, copy=False)
+            self._has_msg = functools.partial(readable, dealer)
+            self._take_msg = functools.partial(recv_message, dealer)
             events = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
             for failure in _HANDSHAKE_FAILURES:
                 events |= failure
@@ -584,6 +595,27 @@ class Connection:
             self._start_error = exc
             self._started.set()
             return
+        def close_sockets() -> None:
+            dealer.disable_monitor()
+            for sock in (monitor, dealer):
+                sock.close(linger=0)
+
+        self._serve(monitor, close_sockets)
+
+    def _io_main_link(self) -> None:
+        """``_io_main`` on a Unix-socket link: its connection events come as the monitor's would, with a ring
+        of ``_ctl`` (the thread that saw the link drop may be a reader)."""
+        try:
+            link = LinkDealer(self.endpoint, f"client-{self.client_id}".encode(), on_event=lambda: _ring(self._ctl))
+        except ValueError as exc:
+            self._start_error = exc
+            self._started.set()
+            return
+        self._dealer, self._dealer_fd = link, link.fileno()
+        self._send_msg, self._has_msg, self._take_msg = link.send, link.readable, link.recv
+        self._serve(None, link.close)
+
+    def _serve(self, monitor: Optional[zmq.Socket], close_sockets: Callable[[], None]) -> None:
         # Watched as plain files: waiting on them never calls into the sockets, which user threads use meanwhile.
         for fd in (self._dealer_fd, self._look):
             self._reader_poll.register(fd, select.POLLIN)
@@ -599,17 +631,18 @@ class Connection:
             self._fail_all(errors.BrokerUnavailableError(f"the connection to {self.endpoint} is closed"))
             self._seize_role()  # kept: nobody reads a closed connection
             with self._sock_lock:  # the lock also orders these closes after the user threads' last send
-                dealer.disable_monitor()
-                for sock in (monitor, dealer):
-                    sock.close(linger=0)
+                close_sockets()
             self._io_poll.close()
             self._ctx.term()
 
-    def _io_loop(self, monitor: zmq.Socket) -> None:
+    def _io_loop(self, monitor: Optional[zmq.Socket]) -> None:
         """Watch the connection, resend what is due, and read whenever no user thread does, until told to stop."""
         poll = self._io_poll
-        monitor_fd = monitor.getsockopt(zmq.FD)
-        poll.register(monitor_fd, select.EPOLLIN)
+        link = self._dealer if monitor is None else None
+        monitor_fd = -1
+        if monitor is not None:
+            monitor_fd = monitor.getsockopt(zmq.FD)
+            poll.register(monitor_fd, select.EPOLLIN)
         poll.register(self._ctl, select.EPOLLIN)
         # A socket's descriptor tells only of what comes once the socket has been looked at with nothing to
         # read: the first events of a fresh pipe give no signal.
@@ -623,7 +656,15 @@ class Connection:
                 with self._lock:
                     if self._later:
                         wait = min(wait, max(0.0, self._later[0][0] - time.monotonic()))
+            if link is not None and not link.connected:
+                wait = min(wait, link.retry_in())
             ready = [fd for fd, _ in poll.poll(wait)]
+            if link is not None:
+                if not link.connected:
+                    with self._sock_lock:
+                        link.tick()
+                if link.events:
+                    self._on_monitor(None)
             # Connection changes first, so a disconnect is seen before later traffic.
             if monitor_fd in ready:
                 self._on_monitor(monitor)
@@ -655,12 +696,12 @@ class Connection:
     def _receive_waiting(self) -> tuple[list, bool]:
         """The messages waiting in the DEALER (at most _DRAIN), and whether more wait."""
         msgs = []
-        dealer = self._dealer
+        has_msg, take_msg = self._has_msg, self._take_msg
         with self._sock_lock:
-            while readable(dealer):
+            while has_msg():
                 if len(msgs) == _DRAIN:
                     return msgs, True
-                msgs.append(recv_message(dealer))
+                msgs.append(take_msg())
         return msgs, False
 
     def _route(self, msg: list) -> None:
@@ -722,13 +763,22 @@ class Connection:
             except InvalidStateError:
                 pass
 
-    def _on_monitor(self, monitor: zmq.Socket) -> None:
-        """Track the connection; on a drop, end every subscription (the broker forgot them)."""
+    def _monitor_events(self, monitor: Optional[zmq.Socket]) -> Iterator[int]:
+        """The connection's events: the monitor's, or the link's (None)."""
+        if monitor is None:
+            with self._sock_lock:
+                events, self._dealer.events = self._dealer.events, []
+            yield from events
+            return
         while True:
             try:
-                event = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
+                yield recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
             except zmq.Again:
                 return
+
+    def _on_monitor(self, monitor: Optional[zmq.Socket]) -> None:
+        """Track the connection; on a drop, end every subscription (the broker forgot them)."""
+        for event in self._monitor_events(monitor):
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._connected = True
                 self._handshake_error = None
@@ -800,7 +850,7 @@ class Connection:
     def _send_again(self, rid: int, inflight: "_Inflight") -> None:
         with self._sock_lock:
             try:
-                send_message(self._dealer, inflight.msg, copy=False)
+                self._send_msg(inflight.msg)
                 return
             except zmq.ZMQError as exc:
                 self._inflight.pop(rid, None)
