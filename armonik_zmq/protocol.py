@@ -211,6 +211,24 @@ def reply_error(op: int, rid: int, code: ErrorCode, message: str) -> bytes:
     return pack({"v": PROTOCOL_VERSION, "op": op, "rid": rid, "error": {"code": int(code), "message": message}})
 
 
+def with_field(header: bytes, key: str, packed_items: list[bytes]) -> bytes | None:
+    """``header`` (a packed map) with one more entry, ``key``: the array of the already packed ``packed_items``.
+
+    No decoding: the map's entry count goes up by one and the entry is appended (msgpack maps are their
+    count, then their entries). None when ``header`` is not a map with room for one more entry.
+    """
+    if type(header) is not bytes or not header:
+        return None
+    first = header[0]
+    if 0x80 <= first < 0x8F:  # fixmap of up to 14 entries
+        head, body = bytes((first + 1,)), header[1:]
+    elif first == 0xDE and len(header) >= 3 and header[1:3] != b"\xff\xff":  # map 16
+        head, body = b"\xde" + (int.from_bytes(header[1:3], "big") + 1).to_bytes(2, "big"), header[3:]
+    else:
+        return None
+    return b"".join((head, body, _packer.pack(key), _packer.pack_array_header(len(packed_items)), *packed_items))
+
+
 def decode_header(frame: bytes) -> dict:
     """Decode and check the envelope ``{v, op, rid}``; the op's own fields are checked by ``validate``."""
     header = unpack(frame)
@@ -619,6 +637,8 @@ SCHEMAS: dict[Op, Map] = {
     # keeps those it still gives to this agent and pushes STOP_TASKS for the others.
     Op.AGENT_REGISTER: Map(required={"agent_id": ID, "capacity": Int(1, 1 << 20)}, optional={
         "partitions": List(Str()), "hostname": Str(), "pid": Int(), "holds": List(List(Any_(), max_len=3)),
+        # acks_inline: a TASKS_DONE reply held for the agent's next push may travel inside it (``with_field``)
+        "acks_inline": Bool(),
     }),
     # capacity: the agent's new capacity (it asks for more while its tasks are tiny, back to its own after)
     Op.AGENT_HEARTBEAT: Map(required={"agent_id": ID}, optional={"capacity": Int(1, 1 << 20)}),

@@ -338,7 +338,8 @@ def test_task_options_merge_task_over_request_over_session_key_by_key(api):
 class ScriptedAgent:
     """The agent side of the backend protocol, one step at a time (no workers): the test reports."""
 
-    def __init__(self, endpoint: str, agent_id: str = "scripted", partition: str = "default", capacity: int = 16):
+    def __init__(self, endpoint: str, agent_id: str = "scripted", partition: str = "default", capacity: int = 16,
+                 **register_fields):
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -347,7 +348,7 @@ class ScriptedAgent:
         self._rids = itertools.count(1)
         self._pushes: list[dict] = []
         # the same id each time: registering again makes the broker forget the previous test's agent
-        self.call(Op.AGENT_REGISTER, capacity=capacity, partitions=[partition])
+        self.call(Op.AGENT_REGISTER, capacity=capacity, partitions=[partition], **register_fields)
 
     def close(self) -> None:
         self.sock.close()
@@ -395,8 +396,9 @@ class ScriptedAgent:
 @pytest.fixture(scope="module")
 def lone(tmp_path_factory):
     """A broker without an agent of its own (tests bring a ScriptedAgent)."""
-    # "solo": no agent ever serves it, its tasks stay queued; "late", "order": an agent comes when a test says so
-    with broker_only(tmp_path_factory, "--no-sync", "--partition", "default,solo,late,order") as cluster:
+    # "solo": no agent ever serves it, its tasks stay queued; "late", "order", "inline": an agent comes when a test
+    # says so
+    with broker_only(tmp_path_factory, "--no-sync", "--partition", "default,solo,late,order,inline") as cluster:
         yield cluster
 
 
@@ -500,6 +502,49 @@ def test_the_ack_of_a_completion_that_leaves_its_agent_idle_waits_for_its_next_m
     assert got[Op.TASKS_DONE]["rid"] == rid and got[Op.TASKS_DONE]["accepted"] == [third.id]
     assert [t["task_id"] for t in got[Op.DISPATCH]["tasks"]] == [fourth.id]
     assert [api.value(sid, o) for o in (out, out2, out3)] == [4, 9, 16]
+
+
+def test_an_agent_that_takes_acks_inline_gets_a_held_ack_inside_its_next_dispatch(lone, lone_api):
+    """An agent registered with acks_inline gets the reply held for it (above) inside its next push: the DISPATCH has
+    it in ``acks``, and no message of its own follows. Premise: the next submit reaches the broker within ACK_HOLD
+    of the hold; when it does not (a loaded machine), the reply comes alone first and the round is played again."""
+    api = lone_api
+    sid = api.sessions.create_session(api.options, partition_ids=["inline"])
+    carried = api.conn.call(Op.HEALTH, metrics=True)[0]["metrics"]["completion_acks_carried"]
+    agent = ScriptedAgent(lone.agents_endpoint, agent_id="inline", partition="inline", acks_inline=True)
+    try:
+        task, (out,) = api.submit(sid, {"op": "square", "x": 2})
+        attempt = agent.push(Op.DISPATCH, task.id)["attempt"]
+        for _ in range(20):
+            held = _acks_held(api)
+            rid = next(agent._rids)  # sent without waiting: its reply is held (the agent is left with no task)
+            agent.sock.send_multipart([request(Op.TASKS_DONE, rid, agent_id=agent.agent_id, tasks=[
+                {"task_id": task.id, "attempt": attempt, "ok": True, "results": [{"result_id": out, "frames": 1}]}]),
+                b"4"])
+            deadline = time.monotonic() + 10
+            while _acks_held(api) < held + 1 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert _acks_held(api) == held + 1
+            done = task
+            task, (out,) = api.submit(sid, {"op": "square", "x": 3})
+            first = agent._receive(10)
+            if first["op"] == Op.TASKS_DONE:  # ACK_HOLD passed before the submit came: the reply went alone
+                assert first["rid"] == rid
+                dispatch = agent._receive(10)
+                assert dispatch["op"] == Op.DISPATCH and "acks" not in dispatch
+                attempt = dispatch["tasks"][0]["attempt"]
+                continue
+            assert first["op"] == Op.DISPATCH and [t["task_id"] for t in first["tasks"]] == [task.id]
+            (ack,) = first["acks"]
+            assert (ack["op"], ack["rid"], ack["accepted"], ack["refused"]) == (Op.TASKS_DONE, rid, [done.id], [])
+            agent.call(Op.AGENT_HEARTBEAT)  # whatever the broker sent before its reply is in _pushes now
+            assert [h for h in agent._pushes if h["op"] == Op.TASKS_DONE] == []
+            break
+        else:
+            pytest.fail("20 rounds in a row took longer than ACK_HOLD between the hold and the next submit")
+        assert api.conn.call(Op.HEALTH, metrics=True)[0]["metrics"]["completion_acks_carried"] == carried + 1
+    finally:
+        agent.close()
 
 
 def test_cancel_tasks_not_on_an_agent_at_once(lone_api):

@@ -6,8 +6,8 @@ import msgpack
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from armonik_zmq.protocol import (FRONTEND_OPS, ErrorCode, Op, ProtocolError, chunks, decode_header, request,
-                                  split_frames, validate)
+from armonik_zmq.protocol import (FRONTEND_OPS, ErrorCode, Op, ProtocolError, chunks, decode_header, reply_ok,
+                                  request, split_frames, validate, with_field)
 
 
 def test_roundtrip():
@@ -43,6 +43,20 @@ def test_chunks():
     data = bytes(range(10))
     assert b"".join(bytes(c) for c in chunks(data, 3)) == data and len(chunks(data, 3)) == 4
     assert chunks(b"", 3) == [b""]
+
+
+@pytest.mark.parametrize("n", [0, 3, 14, 15, 16, 300])
+def test_a_field_added_to_a_packed_map_decodes_as_if_packed_with_it(n):
+    """with_field appends an entry (a list of packed maps) to a packed map without decoding it: the held acks of
+    an agent ride inside its next DISPATCH (broker/server.py _send_all)."""
+    fields = {f"k{i}": i for i in range(n)}
+    acks = [reply_ok(Op.TASKS_DONE, rid, accepted=["t"], refused=[]) for rid in (7, 8)]
+    carrying = with_field(msgpack.packb(fields), "acks", acks)
+    if n == 15:  # a fixmap of 15 entries has no room for a 16th in its one byte: not extended
+        assert carrying is None
+        return
+    assert msgpack.unpackb(carrying) == {**fields, "acks": [msgpack.unpackb(a) for a in acks]}
+    assert with_field(msgpack.packb([1, 2]), "acks", acks) is None and with_field(b"", "acks", acks) is None
 
 
 @settings(max_examples=2000, deadline=None)

@@ -252,7 +252,7 @@ class Agent:
         self._asked = self._capacity()
         self._call(Op.AGENT_REGISTER, on_reply=self._on_registered, capacity=self._asked,
                    partitions=list(self.config.partitions), hostname=self.hostname, pid=os.getpid(),
-                   holds=holds)
+                   holds=holds, acks_inline=True)
 
     def _holds(self) -> list:
         """The attempts to re-announce: every task held (running or not), and every finished one not yet reported.
@@ -287,10 +287,20 @@ class Agent:
             return
         if header["op"] == Op.DISPATCH:
             self._on_dispatch(header, frames[1:])
-            return
-        if header["op"] == Op.STOP_TASKS:
+        elif header["op"] == Op.STOP_TASKS:
             self._on_stop(header["tasks"], header.get("force", True))
-            return
+        else:
+            self._on_reply(header, frames[1:])
+        # Replies to our TASKS_DONE the broker held for this push (we registered with acks_inline): after it,
+        # as they came when they travelled on their own.
+        for ack in header.get("acks", ()):
+            if type(ack) is dict and type(ack.get("rid")) is int and type(ack.get("op")) is int:
+                self._on_reply(ack, [])
+            else:
+                log.error("malformed acknowledgement inside a broker message ignored: %r", ack)
+
+    def _on_reply(self, header: dict, frames: list) -> None:
+        """A reply to one of our requests: to its callback (``frames``: its data frames)."""
         callback = self._pending.pop(header["rid"], None)
         err = header.get("error")
         if err is not None:
@@ -307,7 +317,7 @@ class Agent:
                 callback(header, [])
             return
         if callback is not None:
-            callback(header, [f.buffer for f in frames[1:]])
+            callback(header, [f.buffer for f in frames])
 
     # -- tasks from the broker ----------------------------------------------------------------------
 

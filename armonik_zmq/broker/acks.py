@@ -5,8 +5,9 @@ its next TASKS_DONE (one is in flight at a time). An agent left with no task by 
 other use for it until the broker gives it work again. Sent alone, the reply wakes the agent (and the ZeroMQ
 I/O threads on both sides) for nothing: one of the three wake-ups of the agent per sequential task. Held,
 it goes right after the next message to that agent (most often the DISPATCH of the next task, which wakes
-it anyway: the agent is still busy with it when the reply comes), or when held ``ACK_HOLD``. Held or not,
-it leaves after the commit that made the completions durable.
+it anyway: the agent is still busy with it when the reply comes), or inside it when that message is a push
+and the agent registered with ``acks_inline`` (one message less: server.py ``_send_all``), or when held
+``ACK_HOLD``. Held or not, it leaves after the commit that made the completions durable.
 """
 
 from __future__ import annotations

@@ -34,10 +34,10 @@ def _refusal(kind: str, exc: ProtocolError) -> ProtocolError:
 
 
 class AgentInfo:
-    __slots__ = ("agent_id", "peer", "slot", "hostname", "capacity", "partitions", "expires")
+    __slots__ = ("agent_id", "peer", "slot", "hostname", "capacity", "partitions", "expires", "acks_inline")
 
     def __init__(self, agent_id: str, peer: Optional[bytes], slot: int, hostname: str, capacity: int, partitions: list[str],
-                 expires: float):
+                 expires: float, acks_inline: bool = False):
         self.agent_id = agent_id
         #: None for the placeholder of an agent that held tasks before a broker restart (hold_for_absent_agents)
         self.peer = peer
@@ -47,6 +47,8 @@ class AgentInfo:
         self.partitions = partitions
         #: time.monotonic() after which the agent has lost its lease
         self.expires = expires
+        #: it takes the TASKS_DONE replies held for it inside its next push (``acks``: server.py ``_send_all``)
+        self.acks_inline = acks_inline
 
 
 class Backend:
@@ -79,7 +81,7 @@ class Backend:
         slot = self.state.core.add_agent([self.state.partition_slot[p] for p in partitions],
                                          max(h["capacity"], len(holds)))
         agent = AgentInfo(h["agent_id"], req.peer, slot, h.get("hostname", ""), max(h["capacity"], len(holds)),
-                          partitions, time.monotonic() + self.config.lease)
+                          partitions, time.monotonic() + self.config.lease, h.get("acks_inline", False))
         kept, dropped = self._adopt_holds(txn, agent, old, holds, req.now)
         if old is not None:
             # What the previous connection (or the placeholder) still holds was not re-announced: lost with it.

@@ -40,7 +40,7 @@ import zmq
 
 from ..config import BrokerConfig
 from ..protocol import (BACKEND_OPS, FRONTEND_OPS, MAX_HEADER_SIZE, ErrorCode, Op, ProtocolError, decode_header,
-                        envelope_of, reply_error, reply_ok, request, validate)
+                        envelope_of, reply_error, reply_ok, request, validate, with_field)
 from ..security import check_bind
 from ..unixlink import LinkRouter
 from ..zmqio import readable, recv_message, send_message
@@ -386,12 +386,19 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
     def _send_all(self, outbox) -> None:
         held_acks, backend = self.held_acks, self.backend
         for sock, frames, agent in outbox:
+            # Acks held for this agent (committed before) go with the message: inside it (its ``acks`` field) when
+            # it is a push to an agent that takes them so, else right after it (a DISPATCH first: it starts a
+            # task), so the agent, busy with that message when they come, reads them without a wake-up of their own.
+            acks = held_acks.take(frames[0]) if held_acks and sock is backend else ()
+            if acks and agent is not None and agent.acks_inline and all(len(ack) == 2 for ack in acks):
+                carrying = with_field(frames[1], "acks", [ack[1] for ack in acks])
+                if carrying is not None and len(carrying) <= MAX_HEADER_SIZE:
+                    frames = [frames[0], carrying, *frames[2:]]
+                    self.metrics.counters["completion_acks_carried"] += len(acks)
+                    acks = ()
             self._send_one(sock, frames, agent)
-            if held_acks and sock is backend:
-                # committed before; right after the message (a DISPATCH first: it starts a task), so the agent,
-                # busy with that message when they come, reads them without a wake-up of their own
-                for ack in held_acks.take(frames[0]):
-                    self._send_one(backend, ack, None)
+            for ack in acks:
+                self._send_one(backend, ack, None)
 
     def _send_one(self, sock: zmq.Socket, frames: list, agent: Optional[AgentInfo]) -> None:
         """Send one message; a failed send to an agent puts it in ``_lost_agents`` (its tasks are queued again)."""
