@@ -265,9 +265,12 @@ class WorkerRuntime:
         self._inbox.extend(self.link.read())
         return bool(self._inbox)
 
-    def _receive(self):
-        """The next message from the agent, waiting for it (the caller holds ``_lock``)."""
-        while not self._inbox and not self._read():
+    def _receive(self, drained: bool = False):
+        """The next message from the agent, waiting for it (the caller holds ``_lock``). ``drained``: the link was
+        just read to its end, so the wait comes first (a read now would find nothing: a system call and an
+        exception for nothing, on every idle worker's way to its next task)."""
+        while not self._inbox and (drained or not self._read()):
+            drained = False
             if self.link.closed is not None:
                 raise SystemExit(f"the agent is gone ({self.link.closed}): worker exiting")
             # Nothing yet: wait, but notice when the agent died (we were re-parented) even if its end of the
@@ -299,13 +302,15 @@ class WorkerRuntime:
                         if self._armed:  # idle: nothing to watch
                             self._alarm.clear()
                             self._armed = 0.0
+                drained = True  # by _drain, just now
                 while True:
                     try:
                         run = self._runs.popleft()
                         break
                     except IndexError:
                         pass
-                    header, frames = self._receive()
+                    header, frames = self._receive(drained)
+                    drained = False
                     if header is not None and (header["op"] == Op.RUN or header["op"] == Op.RUNS):
                         self._queue_runs(header, frames)
         with self._watch:  # the guard watches this run (held outputs, runs that would wait behind it)
