@@ -427,7 +427,8 @@ class Client:
 
     def _subscribe(self):
         return self._conn.subscribe(self.session_id, [int(EventTypes.RESULT_STATUS_UPDATE)], result_filter=_OUTPUTS,
-                                    inline_max=_INLINE_MAX, on_events=self._settle_arrived, waiter_reads=False)
+                                    inline_max=_INLINE_MAX, on_events=self._settle_arrived, waiter_reads=False,
+                                    with_replies=True)
 
     def _settle_arrived(self, events: list) -> list:
         """On the thread routing the connection's messages (its I/O thread, or a user thread waiting in

@@ -620,6 +620,8 @@ SCHEMAS: dict[Op, Map] = {
         "snapshot": Bool(),
         # results completed with at most this many bytes carry them in their RESULT_STATUS_UPDATE ("data")
         "inline_max": Int(0, INLINE_EVENT_MAX),
+        # its EVENT pushes may travel inside a reply to this client sent after the same commit ("pushes")
+        "with_replies": Bool(),
     }),
     Op.UNSUBSCRIBE_EVENTS: Map(required={"subscription": Int(0)}),
     # metrics: also return the broker's counters (broker/metrics.py), e.g. for tests and tools

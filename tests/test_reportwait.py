@@ -115,3 +115,19 @@ def test_a_value_that_comes_with_its_submits_reply_needs_no_listener(tmp_path):
     if before is None or after is None:
         pytest.skip("/proc/self/task/<tid>/status is not readable here: the listener's wake-ups cannot be counted")
     assert after - before < 10, after - before
+
+
+def test_a_lone_tasks_completion_event_comes_inside_its_submits_reply(tmp_path):
+    """The futures client subscribes ``with_replies``: a lone task's completion event, committed with its submit
+    (the report joined the turn), comes inside the SUBMIT_INLINE's reply, one message instead of two, and settles
+    the future as before. Premise: a task reports within the 30 s window on any machine (every report joins)."""
+    with LocalProcesses(data_dir=str(tmp_path / "lmdb"), workers=1, broker_args=("--report-wait", "30")) as cluster:
+        with armonik_zmq.Client(cluster.endpoint) as client, connect(cluster.endpoint, timeout=60) as conn:
+            assert client.submit(abs, -1).result(timeout=60) == 1
+            before = _metrics(Api(conn))
+            values = [client.submit(abs, -x).result(timeout=60) for x in range(20)]
+            after = _metrics(Api(conn))
+    assert values == list(range(20))
+    assert after["reports_joined"] - before["reports_joined"] == 20
+    assert after["events_carried"] - before["events_carried"] == 20
+

@@ -136,10 +136,10 @@ def _joined(data) -> bytes:
 
 class Subscription:
     __slots__ = ("rid", "peer", "session_id", "types", "task_filter", "result_filter", "result_ids", "inline_max",
-                 "pending", "snapshot")
+                 "pending", "snapshot", "with_replies")
 
     def __init__(self, rid: int, peer: bytes, session_id: str, types: frozenset, task_filter: Filter,
-                 result_filter: Filter, inline_max: int = 0):
+                 result_filter: Filter, inline_max: int = 0, with_replies: bool = False):
         self.rid = rid
         self.peer = peer
         self.session_id = session_id
@@ -155,6 +155,8 @@ class Subscription:
         self.pending: list = []
         #: the statuses still to send, while its snapshot is in progress
         self.snapshot: Optional[Snapshot] = None
+        #: its events may travel inside a reply to the same client sent after the same commit (server.py _carry_events)
+        self.with_replies = with_replies
 
 
 class EventBus:
@@ -178,7 +180,8 @@ class EventBus:
             self.wanted.pop(session_id, None)
 
     def subscribe(self, peer: bytes, rid: int, session_id: str, types, task_filter, result_filter,
-                  inline_max: int = 0, result_ids=None, snapshot: bool = False) -> Subscription:
+                  inline_max: int = 0, result_ids=None, snapshot: bool = False,
+                  with_replies: bool = False) -> Subscription:
         """Register a subscription (replacing one of the same peer and rid); with ``snapshot`` its named results'
         statuses go out in slices after this turn's commit (``snapshot_slice``). ``result_ids``: an IdList or an
         IdFrame."""
@@ -191,7 +194,7 @@ class EventBus:
                 result_ids, result_filter = IdList(equal[1]), None
         result_filter = Filter(result_filter, "result_filter", "result")
         wanted = frozenset(EventTypes(t) for t in (types or ()) if t) or frozenset(EventTypes) - {EventTypes.UNSPECIFIED}
-        sub = Subscription(rid, peer, session_id, wanted, task_filter, result_filter, inline_max)
+        sub = Subscription(rid, peer, session_id, wanted, task_filter, result_filter, inline_max, with_replies)
         named = (result_ids if result_ids is not None else
                  IdList([v for clause in result_filter.clauses or () for f, op, v in clause
                          if f == "result_id" and op == "eq"]))

@@ -300,7 +300,7 @@ class Handlers:
             result_ids = IdList(result_ids)
         # with "snapshot", the named results' statuses follow this turn's commit, in slices (broker/events.py)
         events.subscribe(req.peer, req.rid, sid, h.get("event_types"), h.get("task_filter"), h.get("result_filter"),
-                         h.get("inline_max", 0), result_ids, bool(h.get("snapshot")))
+                         h.get("inline_max", 0), result_ids, bool(h.get("snapshot")), bool(h.get("with_replies")))
         # The undo names the subscription, not the request: a closure over ``req`` (which holds it) would make a
         # reference cycle, keeping the header (a wait on N results: N ids) alive until a full collection.
         peer, rid = req.peer, req.rid

@@ -39,6 +39,8 @@ COUNTERS: dict[str, str] = {
                                 "fsyncs; an agent registering or pushed to in that turn gets its DISPATCH after it).",
     "completion_acks_held": "TASKS_DONE replies to an agent left with no task, held for its next message "
                             "(most often its next DISPATCH) or ACK_HOLD (broker/acks.py): one wake-up of it less.",
+    "events_carried": "EVENT pushes sent inside a reply to the same client after the same commit (its ``pushes`` field: "
+                      "SUBSCRIBE_EVENTS with_replies) instead of as messages of their own.",
     "completion_acks_carried": "Held TASKS_DONE replies sent inside the agent's next push (its DISPATCH, in the "
                                "``acks`` field) instead of as messages of their own: one message less each way.",
     "reports_joined": "Agents' messages handled in the turn that dispatched their lone task, before its commit "

@@ -228,7 +228,7 @@ class Connection:
                   task_filter: Optional[list] = None, result_filter: Optional[list] = None,
                   snapshot: bool = False, inline_max: int = 0,
                   on_events: Optional[Callable[[list], list]] = None, waiter_reads: bool = True,
-                  result_ids: Optional[Sequence[str]] = None) -> "Subscription":
+                  result_ids: Optional[Sequence[str]] = None, with_replies: bool = False) -> "Subscription":
         """Subscribe to the events of a session; return the confirmed ``Subscription``.
 
         Filters are in the wire's disjunctive normal form; ``result_ids`` keeps only those results' events
@@ -243,6 +243,8 @@ class Connection:
         quick and never wait for the broker. With ``waiter_reads`` (the default) a thread waiting for the
         subscription's events reads the broker's messages itself when no other thread does; a background
         listener passes False, leaving the reading to the threads that wait for their own replies.
+        With ``with_replies`` the broker may put a push inside a reply to this connection that leaves after the
+        same commit (one message instead of two; routed right after that reply, as before).
         """
         fields: dict[str, Any] = {"session_id": session_id,
                                   "event_types": [int(t) for t in (event_types or ())]}
@@ -262,6 +264,8 @@ class Connection:
             fields["snapshot"] = True
         if inline_max:
             fields["inline_max"] = inline_max
+        if with_replies:
+            fields["with_replies"] = True
         rid = next(self._rids)
         sub = Subscription(self, rid, session_id, on_events, waiter_reads)
         # Registered before the request leaves: the snapshot pushes follow the reply immediately.
@@ -705,13 +709,24 @@ class Connection:
         return msgs, False
 
     def _route(self, msg: list) -> None:
-        """Deliver one message from the broker: a reply to its future, an EVENT to its subscription."""
+        """Deliver one message from the broker: a reply to its future, an EVENT to its subscription; then the EVENTs
+        that came inside it (``pushes``: a subscription ``with_replies``), as if they had come next."""
         try:
             header = protocol.decode_header(msg[0].buffer)
         except protocol.ProtocolError as exc:
             log.warning("malformed message from the broker at %s: %s", self.endpoint, exc)
             self._fail_request(msg[0].bytes, f"malformed reply from the broker: {exc.message}", exc.code)
             return
+        pushes = header.pop("pushes", ())
+        self._deliver(header, msg)
+        for push in pushes:
+            if type(push) is dict and push.get("op") == Op.EVENT and type(push.get("rid")) is int:
+                self._deliver(push, ())
+            else:
+                log.warning("malformed push inside a message from the broker at %s ignored", self.endpoint)
+
+    def _deliver(self, header: dict, msg) -> None:
+        """Deliver one decoded message (``msg``: its frames, the header's first)."""
         rid = header["rid"]
         if header["op"] == Op.EVENT:
             with self._lock:
