@@ -2516,3 +2516,160 @@ cdef object _unpack_fields(object buf, dict fields_by_length, bint tuples):
             return None
         row[<object>PyTuple_GET_ITEM(fields, i)] = v
     return row if r.at == r.n else None
+
+
+# -- the write-ahead log's capture (broker/wal.py) ---------------------------------------------------------------
+# With the write-ahead log on, a turn's write transaction is a LoggedTxn: every put or delete that changes LMDB is
+# also encoded into the turn's WalOps, which the log writes as one record when the transaction commits. One op:
+# kind (1 byte: WAL_PUT or WAL_DELETE), table (1 byte: its index in the store's table list), key length (2 bytes,
+# little-endian), value length (4 bytes, little-endian), the key, the value (a delete's: the duplicate it removes
+# from a dupsort table, or empty for the key's every value).
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.mem cimport PyMem_Realloc
+
+cdef enum:
+    _WAL_PUT = 80  # "P"
+    _WAL_DELETE = 68  # "D"
+    _WAL_OP_HEAD = 8
+
+WAL_PUT = _WAL_PUT
+WAL_DELETE = _WAL_DELETE
+#: the bytes of an op before its key
+WAL_OP_HEAD = _WAL_OP_HEAD
+
+
+cdef class WalOps:
+    """The encoded puts and deletes of one write transaction and of its nested ones: a nested one that aborts cuts
+    its own off (``mark`` before it, ``cut`` to the mark)."""
+
+    cdef char* buf
+    cdef Py_ssize_t n, cap
+    #: how many ops were added
+    cdef readonly Py_ssize_t count
+
+    def __dealloc__(self):
+        PyMem_Free(self.buf)
+
+    cdef int add(self, char kind, int table, object key, object value) except -1:
+        cdef Py_buffer kb, vb
+        cdef Py_ssize_t need, cap
+        cdef char* p
+        PyObject_GetBuffer(key, &kb, PyBUF_SIMPLE)
+        try:
+            PyObject_GetBuffer(value, &vb, PyBUF_SIMPLE)
+            try:
+                if kb.len > 0xFFFF or vb.len > 0xFFFFFFFF:
+                    raise ValueError(f"a key of {kb.len} bytes or a value of {vb.len} bytes cannot be logged")
+                need = self.n + _WAL_OP_HEAD + kb.len + vb.len
+                if need > self.cap:
+                    cap = max(need, 2 * self.cap, 4096)
+                    p = <char*>PyMem_Realloc(self.buf, cap)
+                    if p == NULL:
+                        raise MemoryError()
+                    self.buf, self.cap = p, cap
+                p = self.buf + self.n
+                p[0] = kind
+                p[1] = <char>table
+                p[2] = <char>(kb.len & 0xFF)
+                p[3] = <char>(kb.len >> 8)
+                p[4] = <char>(vb.len & 0xFF)
+                p[5] = <char>((vb.len >> 8) & 0xFF)
+                p[6] = <char>((vb.len >> 16) & 0xFF)
+                p[7] = <char>((vb.len >> 24) & 0xFF)
+                memcpy(p + _WAL_OP_HEAD, kb.buf, kb.len)
+                memcpy(p + _WAL_OP_HEAD + kb.len, vb.buf, vb.len)
+                self.n = need
+                self.count += 1
+            finally:
+                PyBuffer_Release(&vb)
+        finally:
+            PyBuffer_Release(&kb)
+        return 0
+
+    def __len__(self):
+        return self.n
+
+    def mark(self):
+        """Where the ops of a nested transaction starting now begin (for ``cut``)."""
+        return self.n, self.count
+
+    def cut(self, mark):
+        """Drop every op added since ``mark`` (its nested transaction aborted)."""
+        self.n, self.count = mark
+
+    def encoded(self):
+        """The ops, encoded (a copy)."""
+        return PyBytes_FromStringAndSize(self.buf, self.n)
+
+
+cdef class _LoggedPut:
+    """A cursor's ``put(key, value)`` whose changes are logged (store._Puts' hot-path puts)."""
+
+    cdef object put
+    cdef WalOps ops
+    cdef int table
+
+    def __call__(self, key, value):
+        if self.put(key, value):
+            self.ops.add(_WAL_PUT, self.table, key, value)
+            return True
+        return False
+
+
+cdef class LoggedTxn:
+    """An LMDB write transaction (``raw``) whose puts and deletes are also added to ``ops``.
+
+    Reads go straight to ``raw``. Its cursors are for reading: a write through one would not be logged (writes go
+    through ``put``, ``delete`` and ``putter``). ``tables`` maps each table handle to its index in the log's ops; a
+    write to a table not in it raises (every table the broker writes is listed: store.TABLES).
+    """
+
+    cdef readonly object raw
+    cdef readonly WalOps ops
+    cdef dict tables
+
+    def __init__(self, raw, WalOps ops, dict tables):
+        self.raw = raw
+        self.ops = ops
+        self.tables = tables
+
+    cdef int _index(self, object db) except -1:
+        cdef object index = self.tables.get(db)
+        if index is None:
+            raise ValueError(f"a write to LMDB table {db!r}, which the write-ahead log does not know")
+        return <int>index
+
+    def get(self, key, default=None, db=None):
+        return self.raw.get(key, default, db)
+
+    def cursor(self, db=None):
+        return self.raw.cursor(db)
+
+    def stat(self, db):
+        return self.raw.stat(db)
+
+    def id(self):
+        return self.raw.id()
+
+    def put(self, key, value, dupdata=True, overwrite=True, append=False, db=None):
+        cdef int table = self._index(db)
+        if self.raw.put(key, value, dupdata, overwrite, append, db):
+            self.ops.add(_WAL_PUT, table, key, value)
+            return True
+        return False
+
+    def delete(self, key, value=b"", db=None):
+        cdef int table = self._index(db)
+        if self.raw.delete(key, value, db):
+            self.ops.add(_WAL_DELETE, table, key, value)
+            return True
+        return False
+
+    def putter(self, db):
+        """A cursor's ``put(key, value)`` on table ``db``, logged."""
+        cdef _LoggedPut put = _LoggedPut.__new__(_LoggedPut)
+        put.table = self._index(db)
+        put.put = self.raw.cursor(db).put
+        put.ops = self.ops
+        return put

@@ -166,7 +166,14 @@ def keys(directory, clients, agents, client_names, agent_names) -> None:
               help="Messages queued per agent before a send fails (EAGAIN) and its tasks are requeued.")
 @click.option("--no-router-mandatory", is_flag=True, hidden=True,
               help="Test only: let ROUTER sockets drop unroutable messages silently (shows what T7 guards).")
-@click.option("--no-sync", is_flag=True, help="Do not fsync commits: survives process crashes, not power loss.")
+@click.option("--durability", type=click.Choice(["wal", "lmdb"]), default="lmdb", show_default=True,
+              help="How a commit is made durable before anything acknowledges it: wal = LMDB commits unflushed and "
+                   "the commit's changes are appended to a write-ahead log, flushed once (one small flush; "
+                   "checkpoints flush LMDB every second); lmdb = LMDB flushes the commit's pages, then its meta page.")
+@click.option("--checkpoint-interval", type=click.FloatRange(min=0.01), default=1.0, hidden=True,
+              help="With --durability wal: seconds between two checkpoints (LMDB flushed, the log before recycled).")
+@click.option("--no-sync", is_flag=True, help="Flush nothing (no log, no fsync): survives process crashes, not "
+              "power loss. Overrides --durability.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
               help="A TOML file of [[partitions]] (id, priority, pod_max, ...); --partition adds more.")
 @click.option("--object-storage", type=click.Path(exists=True, file_okay=False), default=None,
@@ -212,7 +219,7 @@ def keys(directory, clients, agents, client_names, agent_names) -> None:
                    "its task may still come after a restart); deleted and purged results go at once.")
 @click.pass_context
 def broker(ctx, data_dir, endpoint, agents_endpoint, client_link, agent_link, link_buffer, partitions, heartbeat_interval,
-           liveness, lease, backend_sndhwm, no_router_mandatory, no_sync, config_file, object_storage, metrics_port, metrics_address, max_message_size,
+           liveness, lease, backend_sndhwm, no_router_mandatory, durability, checkpoint_interval, no_sync, config_file, object_storage, metrics_port, metrics_address, max_message_size,
            map_size, max_map_size, agent_grace, idempotency_ttl, keys_dir, server_secret, client_keys,
            agent_keys, shm_threshold, shm_fsync, shm_grace, turn_budget, report_wait, nice) -> None:
     """Run the broker (the control plane) in the foreground."""
@@ -232,7 +239,8 @@ def broker(ctx, data_dir, endpoint, agents_endpoint, client_link, agent_link, li
                           client_link=client_link, agent_link=agent_link, link_buffer=link_buffer,
                           partitions=ids, partition_details=details, heartbeat_interval=heartbeat_interval,
                           liveness=liveness, lease=lease, backend_sndhwm=backend_sndhwm,
-                          router_mandatory=not no_router_mandatory, sync=not no_sync,
+                          router_mandatory=not no_router_mandatory, sync=not no_sync, durability=durability,
+                          checkpoint_interval=checkpoint_interval,
                           object_storage=object_storage or "", metrics_port=metrics_port,
                           metrics_address=metrics_address, max_message_size=max_message_size, map_size=map_size,
                           max_map_size=max_map_size, agent_grace=agent_grace, idempotency_ttl=idempotency_ttl,

@@ -123,8 +123,14 @@ class BrokerConfig:
     max_map_size: int = 0
     #: seconds between two sweeps of the reader slots left by dead processes (LMDB reader_check)
     reader_check_interval: float = 5.0
-    #: fsync every commit (durable). False survives process crashes but not power loss.
+    #: make commits durable (``durability``); False: nothing is flushed, which survives process crashes but not
+    #: power loss (durability "none")
     sync: bool = True
+    #: how a commit is made durable when ``sync`` (store.DURABILITY_MODES, docs/durability.md): "wal" (a
+    #: write-ahead log record, one small flush) or "lmdb" (LMDB's own two flushes of the commit's pages)
+    durability: str = "lmdb"
+    #: with the write-ahead log: seconds between two checkpoints (broker/wal.py says why 1 s)
+    checkpoint_interval: float = 1.0
     data_chunk_max_size: int = DATA_CHUNK_MAX_SIZE
     #: directory that ImportResultsData takes existing objects from ("" = no object storage)
     object_storage: str = ""

@@ -90,7 +90,7 @@ class Idempotency:
         #: key -> msgpack [digest, applied_at, reply]: the reply's bytes as sent (a replay changes its rid);
         #: keys stored by earlier versions hold the reply's fields (a map) instead. And the expiry index:
         #: AGE + 8-byte applied_at (microseconds, big-endian) + key -> b"", after every key.
-        self.keys = store.env.open_db(b"idempotency")
+        self.keys = store.table(b"idempotency")
         self._move_old_index()
         self._next_gc = 0.0
 

@@ -58,7 +58,7 @@ class Purges:
 
     def __init__(self, store: Store):
         self.store = store
-        self.db = store.env.open_db(b"purging")
+        self.db = store.table(b"purging")
         #: whether a turn should look at the table (a hint: the table is the truth; True until a turn found it empty)
         self.pending = True
 
@@ -108,7 +108,7 @@ class Deletions:
     """The sessions being deleted (session id -> b""), and the replies that wait for their last rows to go."""
 
     def __init__(self, store: Store):
-        self.db = store.env.open_db(b"deleting")
+        self.db = store.table(b"deleting")
         #: whether a turn should look at the table (a hint: the table is the truth; True until a turn found it empty)
         self.pending = True
         #: replies to DELETE_SESSIONS that wait, each with the sessions not gone yet: [frames, {session id}]

@@ -155,7 +155,9 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         self.config = config
         #: the nice value in effect (config.nice, when the broker may have it)
         self.nice = ask_for_nice(config.nice)
-        self.store = Store(config.data_dir, map_size=config.map_size, max_map_size=config.max_map_size, sync=config.sync,
+        self.store = Store(config.data_dir, map_size=config.map_size, max_map_size=config.max_map_size,
+                           durability=config.durability if config.sync else "none",
+                           checkpoint_interval=config.checkpoint_interval,
                            chunk_size=config.data_chunk_max_size,
                            object_storage=ObjectStorage(config.object_storage) if config.object_storage else None)
         #: large results handed over as sealed memfds on a Unix socket (None: shared memory off)
@@ -564,6 +566,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         mono = time.monotonic()
         if mono >= self._next_reader_check:
             self._check_readers(mono)
+        self.store.checkpoint_if_due(mono)  # between turns: no write transaction is open
         lease_due = mono >= self._next_lease_check
         if (not batch and not lease_due and not self._lost_agents and not self.purges.pending
                 and not self.deletions.pending and not self._dispatch_possible()):
@@ -844,10 +847,10 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         """Serve until ``stop()`` or SIGINT/SIGTERM."""
         self._running = True
         self.gc_policy.start()
-        log.info("broker serving clients on %s and agents on %s (data in %s, sync=%s)",
+        log.info("broker serving clients on %s and agents on %s (data in %s, durability %s)",
                  " and ".join(filter(None, (self.config.endpoint, self.config.client_link))),
                  " and ".join(filter(None, (self.config.agents_endpoint, self.config.agent_link))),
-                 self.config.data_dir, self.config.sync)
+                 self.config.data_dir, self.store.durability)
         try:
             while self._running:
                 self.turn(100)

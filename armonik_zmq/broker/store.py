@@ -9,20 +9,25 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import threading
+import time
 from typing import Iterator, Optional
 
 import lmdb
 import msgpack
 
-from .._core import RowRules, RowTables, unpack_fields
+from .._core import LoggedTxn, RowRules, RowTables, WalOps, unpack_fields
 from ..protocol import DATA_CHUNK_MAX_SIZE, ErrorCode, ProtocolError
 from ..status import TASK_FINAL, ResultStatus, TaskStatus
 
 _SUBMITTED = int(TaskStatus.SUBMITTED)
 from .filepages import FilePages
 from .objects import ObjectStorage, chunk_key, n_chunks, rechunk
+from .wal import CHECKPOINT_FILE, CHECKPOINT_SECONDS, WriteAhead
+
+log = logging.getLogger("armonik_zmq.broker")
 
 _pack = msgpack.Packer(use_bin_type=True).pack
 
@@ -140,6 +145,20 @@ def session_results_key(session_id: str) -> bytes:
 _OLD_SESSION_INDEXES = {b"session_tasks": session_tasks_key, b"session_results": session_results_key}
 
 
+#: every table the broker writes, with its dupsort flag. A write-ahead log record names a table by its index here:
+#: append new tables, never reorder or remove one (the records of a log written before must still replay).
+TABLES = ((b"sessions", False), (b"tasks", False), (b"results", False), (b"data", False), (SESSION_INDEX_DB, True),
+          (LIVE_TASKS_DB, False), (b"segment_files", False), (b"idempotency", False), (b"purging", False),
+          (b"deleting", False))
+_DUPSORT = dict(TABLES)
+
+#: how commits are made durable (docs/durability.md): "wal": LMDB commits with sync=False and each commit's
+#: changes are appended to a write-ahead log, flushed before anything is acknowledged (one small flush); "lmdb":
+#: LMDB flushes its pages then its meta page at each commit (two flushes); "none": nothing is flushed (survives a
+#: process crash, not a power loss)
+DURABILITY_MODES = ("wal", "lmdb", "none")
+
+
 class MapAtLimit(Exception):
     """The LMDB map is full and already at ``max_map_size``: nothing more can be written."""
 
@@ -153,9 +172,18 @@ class Store:
     """
 
     def __init__(self, path: str, *, map_size: int = 64 << 30, max_map_size: int = 0, sync: bool = True,
+                 durability: str = "", checkpoint_interval: float = CHECKPOINT_SECONDS,
                  chunk_size: int = DATA_CHUNK_MAX_SIZE, object_storage: Optional[ObjectStorage] = None):
         os.makedirs(path, mode=0o700, exist_ok=True)
         self.path = path
+        #: one of DURABILITY_MODES (default: "lmdb", or "none" without ``sync``)
+        self.durability = durability or ("lmdb" if sync else "none")
+        if self.durability not in DURABILITY_MODES:
+            raise ValueError(f"durability {self.durability!r} is not one of {', '.join(DURABILITY_MODES)}")
+        wal_dir = os.path.join(path, "wal")
+        data_path = os.path.join(path, "data.mdb")
+        # a checkpoint's meta pages go back into data.mdb before LMDB reads them (wal.py)
+        replay_after = WriteAhead.restore(wal_dir, data_path) if os.path.isdir(wal_dir) else None
         #: the map never grows beyond this (0: no more than 64 times the starting size, at least 1 TiB)
         self.max_map_size = max_map_size or max(map_size * 64, 1 << 40)
         #: largest chunk of object data kept in one LMDB value (new objects; each records its own)
@@ -163,20 +191,23 @@ class Store:
         #: where imported results' files are, if the broker has an object storage
         self.object_storage = object_storage
         # max_spare_txns=0: never carry reader slots across a fork (RELIABILITY.md section 2)
-        self.env = lmdb.open(path, map_size=map_size, max_dbs=16, sync=sync, metasync=sync,
+        lmdb_sync = self.durability == "lmdb"
+        self.env = lmdb.open(path, map_size=map_size, max_dbs=16, sync=lmdb_sync, metasync=lmdb_sync,
                              max_spare_txns=0, readahead=False)
-        self.sessions = self.env.open_db(b"sessions")
-        self.tasks = self.env.open_db(b"tasks")
-        self.results = self.env.open_db(b"results")
+        #: table handles by name (``table``)
+        self._tables: dict[bytes, object] = {}
+        self.sessions = self.table(b"sessions")
+        self.tasks = self.table(b"tasks")
+        self.results = self.table(b"results")
         #: object chunks (objects.chunk_key) and, per result with data, its object row keyed by the bare result id:
         #: the row sorts just before its chunks (their keys add a NUL and an index), so storing data and its row
         #: dirties one leaf and one B-tree path; a table of their own cost two more pages in every such commit
-        self.data = self.env.open_db(b"data")
+        self.data = self.table(b"data")
         self._move_object_rows()
         #: a session's task ids (key: ``session_tasks_key``) and result ids (``session_results_key``), for cancel,
         #: purge, delete and lists: one table, its two keys side by side, so a submission that adds a task and
         #: its results writes one leaf of it, not one in each of two tables
-        self.session_index = self.env.open_db(SESSION_INDEX_DB, dupsort=True)
+        self.session_index = self.table(SESSION_INDEX_DB)
         self._move_session_indexes()
         #: Decoded rows of live tasks and of results without data yet, by id: the hot path reads each one
         #: several times (submit, dispatch, completion) and decoding dominated. Write-through (LMDB stays
@@ -187,7 +218,7 @@ class Store:
         with self.env.begin() as txn:
             indexed = txn.get(LIVE_TASKS_DB) is not None
         #: task id -> ``_live_value`` for every task not in a final status (maintained by ``Txn.put_task``)
-        self.live_tasks = self.env.open_db(LIVE_TASKS_DB)
+        self.live_tasks = self.table(LIVE_TASKS_DB)
         if not indexed:
             self._index_live_tasks()
         #: page size, to turn page numbers into bytes
@@ -195,13 +226,61 @@ class Store:
         #: bytes the turns may still write before ``needs_room`` reads the map's figures again
         self._room_unchecked = 0
         #: shared-memory segment token -> result id: the segment files some result's data is (shm.py)
-        self.segment_files = self.env.open_db(b"segment_files")
+        self.segment_files = self.table(b"segment_files")
         #: the broker's shm.SegmentStore once it serves a data socket (set by the broker)
         self.segments = None
         #: held by threads other than the loop's around their read transactions, and by ``grow``
         self.readers_lock = threading.Lock()
         #: data.mdb's pages mapped by reads, dropped from the resident size after commits (filepages.py)
-        self.file_pages = FilePages(os.path.join(path, "data.mdb"))
+        self.file_pages = FilePages(data_path)
+        #: the write-ahead log (durability "wal"), else None
+        self.wal: Optional[WriteAhead] = None
+        #: table handle -> its index in TABLES (what a log record names)
+        self.table_index: dict = {}
+        if replay_after is not None or self.durability == "wal":
+            self._open_log(WriteAhead(wal_dir, data_path, self.page_size, checkpoint_interval), replay_after)
+
+    def table(self, name: bytes):
+        """The handle of the table ``name`` (opened once; a table the broker writes must be in TABLES)."""
+        handle = self._tables.get(name)
+        if handle is None:
+            handle = self._tables[name] = self.env.open_db(name, dupsort=_DUPSORT.get(name, False))
+        return handle
+
+    def _open_log(self, wal: WriteAhead, replay_after: Optional[int]) -> None:
+        """Replay the log after its checkpoint (``replay_after``; None: none), then log on ("wal") or make LMDB
+        durable and drop the checkpoint (another mode: the log is not written, so it must not be replayed again)."""
+        tables = [self.table(name) for name, _ in TABLES]
+        self.table_index = {handle: index for index, handle in enumerate(tables)}
+        if replay_after is not None:
+            started = time.monotonic()
+            count = wal.replay(self.env, tables, replay_after)
+            log.info("write-ahead log: %d record(s) after record %d replayed in %.3fs", count, replay_after,
+                     time.monotonic() - started)
+        if self.durability == "wal":
+            wal.open(self.env)
+            self.wal = wal
+            return
+        self.env.sync(True)
+        os.unlink(os.path.join(wal.directory, CHECKPOINT_FILE))
+        wal.log._sync_directory()
+
+    def checkpoint_if_due(self, mono: float) -> None:
+        """Between turns: finish a checkpoint whose flush is done, start one that is due (wal.py)."""
+        wal = self.wal
+        if wal is not None:
+            wal.poll()
+            if wal.due(mono):
+                wal.checkpoint(self.env)
+
+    def _logged(self, ops: WalOps) -> None:
+        """Append a committed transaction's ops to the log, flushed: the commit is durable when this returns."""
+        try:
+            self.wal.append(ops.encoded())
+        except OSError as exc:
+            # LMDB holds the commit the log could not: a checkpoint makes it durable there, or this raises
+            log.error("the write-ahead log could not be written (%s): a checkpoint makes the commit durable", exc)
+            self.wal.checkpoint(self.env, wait=True)
 
     def _move_object_rows(self) -> None:
         """Move the rows of the ``objects`` table of a directory written before into the data table (once, in one
@@ -292,9 +371,14 @@ class Store:
         target = min(max(target, 2 * size), self.max_map_size)
         if target <= size:
             return False
+        if self.wal is not None:  # the checkpoint's snapshot is closed too: a new checkpoint follows at once
+            self.wal.finish(self.env)
+            self.wal.unpin()
         with self.readers_lock:  # the data socket's thread (shm.py) must hold no read transaction now
             self.env.set_mapsize(target)
         self._room_unchecked = 0
+        if self.wal is not None:
+            self.wal.checkpoint(self.env, wait=True)
         return True
 
     def write(self) -> "_Write":
@@ -311,20 +395,27 @@ class Store:
         return self.env.reader_check()
 
     def close(self) -> None:
+        if self.wal is not None:
+            self.wal.close(self.env)
         self.env.close()
 
 
 class _Write:
     """The context of ``Store.write``: a plain class, as it runs once or twice per turn (a generator costs more)."""
 
-    __slots__ = ("store", "txn")
+    __slots__ = ("store", "txn", "ops")
 
     def __init__(self, store: Store):
         self.store = store
 
     def __enter__(self) -> "Txn":
-        self.txn = self.store.env.begin(write=True)
-        return Txn(self.store, self.txn)
+        store = self.store
+        self.txn = store.env.begin(write=True)
+        if store.wal is None:
+            self.ops = None
+            return Txn(store, self.txn)
+        self.ops = ops = WalOps()
+        return Txn(store, LoggedTxn(self.txn, ops, store.table_index))
 
     def __exit__(self, exc_type, exc, tb) -> None:
         store = self.store
@@ -335,6 +426,9 @@ class _Write:
                 store.task_rows.clear()
                 store.result_rows.clear()
                 raise
+            # after LMDB's commit: a record in the log is always a transaction that committed
+            if self.ops is not None and self.ops.count:
+                store._logged(self.ops)
             store.file_pages.maybe_release()
         else:
             self.txn.abort()
@@ -390,7 +484,8 @@ class _Puts:
         # only for a table whose cursor this transaction has not opened yet
         if name not in self._TABLES:
             raise AttributeError(name)
-        put = self._txn.cursor(db=getattr(self._store, name)).put
+        txn, db = self._txn, getattr(self._store, name)
+        put = txn.putter(db) if type(txn) is LoggedTxn else txn.cursor(db=db).put
         setattr(self, name, put)
         return put
 
@@ -724,15 +819,21 @@ class Txn:
 class _Nested:
     """The context of ``Txn.nested``: a plain class, as it runs once per request (a generator costs more)."""
 
-    __slots__ = ("parent", "child", "touched")
+    __slots__ = ("parent", "child", "touched", "mark")
 
     def __init__(self, parent: Txn):
         self.parent = parent
 
     def __enter__(self) -> Txn:
-        self.child = self.parent.store.env.begin(write=True, parent=self.parent.txn)
+        store, txn = self.parent.store, self.parent.txn
         self.touched = set()
-        return Txn(self.parent.store, self.child, self.touched)
+        if type(txn) is LoggedTxn:  # its ops go into the turn's; cut off if it aborts
+            self.child = store.env.begin(write=True, parent=txn.raw)
+            self.mark = txn.ops.mark()
+            return Txn(store, LoggedTxn(self.child, txn.ops, store.table_index), self.touched)
+        self.child = store.env.begin(write=True, parent=txn)
+        self.mark = None
+        return Txn(store, self.child, self.touched)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
@@ -741,6 +842,8 @@ class _Nested:
                 self.parent.touched |= self.touched
         else:
             self.child.abort()
+            if self.mark is not None:
+                self.parent.txn.ops.cut(self.mark)
             # Rows this request handed out may carry changes LMDB just undid: read them again next time.
             store = self.parent.store
             for key in self.touched:

@@ -1,0 +1,460 @@
+"""The broker's write-ahead log: a commit is durable once its record is flushed (one ``fdatasync`` of a few pages).
+
+With the log on, LMDB commits with ``sync=False``; each write transaction's puts and deletes (captured by
+``_core.LoggedTxn``) are appended to the log as one record, then the log is flushed, and only then does anything
+leave that acknowledges the transaction (docs/durability.md). A checkpoint (``Checkpoints`` in store.py) makes
+LMDB durable up to a record, and the log before it is recycled.
+
+A record is ``crc32 (4 bytes) | seq (8) | length (4) | ops`` (little-endian); the checksum covers seq, length and
+ops. Records follow one another in segment files ``<index>.wal`` (16 digits), which are preallocated with real
+blocks (written zeros, or a recycled segment) so that a flush commits no file size or extent: only the record's
+pages. Sequence numbers never repeat, so the bytes of a recycled segment's earlier records are recognised as
+stale; a record cut short by a crash fails its checksum and ends the log there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+import time
+import zlib
+from typing import Iterator
+
+from .._core import WAL_PUT
+
+log = logging.getLogger("armonik_zmq.broker")
+
+#: a segment's size: a record that does not fit in the rest of one starts the next (a larger record gets a
+#: segment of its own size). 16 MiB: thousands of turns of small tasks; a new segment costs one directory flush.
+SEGMENT_BYTES = 16 << 20
+#: recycled segments kept for reuse (more are deleted)
+SPARE_SEGMENTS = 2
+_HEAD = struct.Struct("<IQI")  # crc32, seq, length of the ops
+_OP = struct.Struct("<BBHI")  # kind, table, key length, value length (_core.WalOps)
+_ZEROS = bytes(1 << 20)
+
+
+def _crc(seq_and_length: bytes, ops) -> int:
+    return zlib.crc32(ops, zlib.crc32(seq_and_length))
+
+
+def frame(seq: int, ops) -> bytes:
+    """The head of the record ``seq`` carrying ``ops`` (the record is this followed by ops)."""
+    body = _HEAD.pack(0, seq, len(ops))[4:]
+    return struct.pack("<I", _crc(body, ops)) + body
+
+
+def decode_ops(ops: bytes) -> Iterator[tuple[int, int, bytes, bytes]]:
+    """Yield (kind, table index, key, value) for each op of a record (``_core.WalOps``' encoding)."""
+    at, end = 0, len(ops)
+    view = memoryview(ops)
+    while at < end:
+        kind, table, klen, vlen = _OP.unpack_from(ops, at)
+        at += _OP.size
+        key = bytes(view[at:at + klen])
+        at += klen
+        yield kind, table, key, bytes(view[at:at + vlen])
+        at += vlen
+
+
+def read_records(data, after: int) -> tuple[list[tuple[int, bytes]], int, str]:
+    """Read the records of one segment's bytes that follow record ``after``, in order.
+
+    Return (the records as (seq, ops), the offset where reading stopped, why it stopped). Records numbered
+    ``after`` or below are skipped (the checkpoint covers them, or they are a recycled segment's stale ones); the
+    first record that is neither that nor the next expected number, or fails its checksum, ends the segment.
+    """
+    records = []
+    expected = after + 1
+    at, size = 0, len(data)
+    while True:
+        if at + _HEAD.size > size:
+            return records, at, "the end of the segment"
+        crc, seq, length = _HEAD.unpack_from(data, at)
+        if seq > expected or (seq == 0 and crc == 0 and length == 0):
+            return records, at, _describe(data, at, seq, expected)
+        end = at + _HEAD.size + length
+        if end > size or _crc(data[at + 4:at + _HEAD.size], data[at + _HEAD.size:end]) != crc:
+            return records, at, _describe(data, at, seq, expected)
+        if seq == expected:
+            records.append((seq, bytes(data[at + _HEAD.size:end])))
+            expected += 1
+        at = end
+
+
+def _describe(data, at: int, seq: int, expected: int) -> str:
+    if not any(data[at:at + 4096]):
+        return "zeros"
+    if seq == expected:
+        return f"record {seq} incomplete or damaged (a torn write): dropped"
+    return "bytes of no record that follows (stale or damaged): ignored"
+
+
+class Log:
+    """The log's segment files in ``directory``: replay what follows a checkpoint, append, recycle."""
+
+    def __init__(self, directory: str, segment_bytes: int = SEGMENT_BYTES):
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        self.directory = directory
+        self.segment_bytes = segment_bytes
+        #: the active segment's file and where the next record goes in it (no segment before ``start``)
+        self.fd = -1
+        self.offset = 0
+        self.index = 0
+        #: the next record's number
+        self.next_seq = 1
+        #: (index, path, last record's number) of the segments written since the last ``recycle``, oldest first
+        self.segments: list[tuple[int, str, int]] = []
+        #: bytes appended since the start (checkpoints are due by it)
+        self.appended = 0
+
+    def _paths(self) -> list[tuple[int, str]]:
+        found = []
+        for name in os.listdir(self.directory):
+            stem, dot, ext = name.partition(".")
+            if ext == "wal" and stem.isdigit():
+                found.append((int(stem), os.path.join(self.directory, name)))
+        return sorted(found)
+
+    def _spares(self) -> list[str]:
+        return sorted(os.path.join(self.directory, n) for n in os.listdir(self.directory)
+                      if n.startswith("spare-") and n.endswith(".wal"))
+
+    def replay(self, after: int) -> Iterator[tuple[int, bytes]]:
+        """Yield (seq, ops) of every complete record numbered after ``after``, in order, and log where the log
+        ends. Then ``next_seq`` follows the last one."""
+        expected = after
+        paths = self._paths()
+        for i, (index, path) in enumerate(paths):
+            with open(path, "rb") as f:
+                data = f.read()
+            records, stop, why = read_records(data, expected)
+            yield from records
+            if records:
+                expected = records[-1][0]
+            last = i == len(paths) - 1
+            if why != "zeros" and why != "the end of the segment" and (last or records):
+                log.warning("write-ahead log %s: %d record(s) replayed; at byte %d, %s", path, len(records), stop, why)
+            self.index = index
+        self.next_seq = expected + 1
+
+    def start(self, upto: int) -> None:
+        """Begin appending after record ``upto`` (a checkpoint covers every record so far): every segment
+        becomes a spare, and the next record opens a new one."""
+        self.next_seq = max(self.next_seq, upto + 1)
+        self.index = max([self.index] + [int(os.path.basename(p)[6:-4]) for p in self._spares()]
+                         + [index for index, _ in self._paths()])
+        self.segments = [(index, path, upto) for index, path in self._paths()]
+        self.recycle(upto, keep_active=False)
+
+    def append(self, ops) -> int:
+        """Write one record carrying ``ops`` and flush it; return its number. Durable once this returns."""
+        seq = self.next_seq
+        head = frame(seq, ops)
+        size = len(head) + len(ops)
+        if self.fd < 0 or self.offset + size > self.segment_bytes:
+            self._next_segment(size)
+        written = os.pwritev(self.fd, [head, ops], self.offset)
+        if written != size:
+            raise OSError(f"the write-ahead log wrote {written} of a record's {size} bytes")
+        os.fdatasync(self.fd)
+        self.offset += size
+        self.next_seq = seq + 1
+        self.appended += size
+        index, path, _ = self.segments[-1]
+        self.segments[-1] = (index, path, seq)
+        return seq
+
+    def _next_segment(self, size: int) -> None:
+        """Make the next segment the active one: a spare renamed, or a new file of zeros (a larger one for a record
+        larger than a segment), then the directory flushed so that its name survives."""
+        self.index += 1
+        path = os.path.join(self.directory, f"{self.index:016d}.wal")
+        want = max(self.segment_bytes, size)
+        spares = self._spares()
+        if spares and os.path.getsize(spares[0]) >= want:
+            os.rename(spares[0], path)
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        else:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            done = 0
+            while done < want:
+                done += os.write(fd, _ZEROS[:min(len(_ZEROS), want - done)])
+            os.fsync(fd)
+        self._sync_directory()
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.fd, self.offset = fd, 0
+        self.segments.append((self.index, path, self.next_seq - 1))
+
+    def recycle(self, upto: int, keep_active: bool = True) -> None:
+        """Turn the segments whose records are all covered by a checkpoint at record ``upto`` into spares (all but
+        ``SPARE_SEGMENTS`` deleted). The active one stays (``keep_active``)."""
+        keep, changed = [], False
+        spares = self._spares()
+        for index, path, last in self.segments:
+            if last > upto or (keep_active and path == self.segments[-1][1] and self.fd >= 0):
+                keep.append((index, path, last))
+                continue
+            if len(spares) < SPARE_SEGMENTS:
+                spare = os.path.join(self.directory, f"spare-{index:016d}.wal")
+                os.rename(path, spare)
+                spares.append(spare)
+            else:
+                os.unlink(path)
+            changed = True
+        if not keep_active and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.segments = keep
+        if changed:
+            self._sync_directory()
+
+    def _sync_directory(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+# -- checkpoints: LMDB durable up to a record ---------------------------------------------------------------------
+# LMDB commits with sync=False write their pages and meta page without flushing them, and ext4 keeps no order
+# between those writes: after a power loss data.mdb may hold a meta page naming pages that never reached the
+# disk. So a checkpoint saves the two meta pages as they are right after the commit it covers (txn C), flushes
+# data.mdb (every page of C is then on disk), and keeps a read transaction open at C until the next checkpoint:
+# LMDB never reuses a page reachable from an open reader's snapshot, so C's pages stay as they were whatever is
+# written after. At start the saved meta pages are written back (data.mdb is then C, whole) and the log's records
+# after C's are applied again (blind puts and deletes, in order). docs/durability.md has the reasoning.
+
+CHECKPOINT_FILE = "checkpoint"
+_CHECKPOINT = struct.Struct("<8sIQQI")  # magic, crc32 of what follows it, record number, LMDB txn id, meta bytes
+_CHECKPOINT_MAGIC = b"AZWALCK1"
+#: where an LMDB meta page keeps its transaction id, and its magic number (lmdb's MDB_meta after the page header)
+_META_TXNID_AT = 144
+_META_MAGIC_AT = 16
+_META_MAGIC = 0xBEEFC0DE
+
+
+class WalError(Exception):
+    """The write-ahead log or its checkpoint cannot be used (the broker does not start on it)."""
+
+
+def meta_txnid(page: bytes) -> int:
+    """The transaction id an LMDB meta page names (0 if the page is not a meta page)."""
+    if len(page) < _META_TXNID_AT + 8 or struct.unpack_from("<I", page, _META_MAGIC_AT)[0] != _META_MAGIC:
+        return 0
+    return struct.unpack_from("<Q", page, _META_TXNID_AT)[0]
+
+
+def read_metas(data_path: str, page_size: int) -> bytes:
+    """The two meta pages at the start of ``data_path`` (data.mdb)."""
+    fd = os.open(data_path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.pread(fd, 2 * page_size, 0)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(directory: str, seq: int, txnid: int, metas: bytes) -> None:
+    """Record durably that LMDB's transaction ``txnid`` (meta pages ``metas``) holds every record up to ``seq``."""
+    rest = _CHECKPOINT.pack(_CHECKPOINT_MAGIC, 0, seq, txnid, len(metas))[12:] + metas
+    path = os.path.join(directory, CHECKPOINT_FILE)
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, _CHECKPOINT_MAGIC + struct.pack("<I", zlib.crc32(rest)) + rest)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_checkpoint(directory: str) -> tuple[int, int, bytes] | None:
+    """(record number, LMDB txn id, meta pages) of the last checkpoint, or None if there is none."""
+    try:
+        with open(os.path.join(directory, CHECKPOINT_FILE), "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    if len(data) < _CHECKPOINT.size or data[:8] != _CHECKPOINT_MAGIC:
+        raise WalError(f"{directory}/{CHECKPOINT_FILE} is not a checkpoint of the write-ahead log")
+    magic, crc, seq, txnid, n = _CHECKPOINT.unpack_from(data)
+    if zlib.crc32(data[12:]) != crc or len(data) != _CHECKPOINT.size + n:
+        raise WalError(f"{directory}/{CHECKPOINT_FILE} is damaged (its checksum does not match)")
+    return seq, txnid, data[_CHECKPOINT.size:]
+
+
+def restore_metas(data_path: str, metas: bytes, txnid: int) -> None:
+    """Write a checkpoint's meta pages back at the start of data.mdb (before LMDB opens it) and flush them."""
+    try:
+        fd = os.open(data_path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise WalError(f"{data_path} is missing, but the write-ahead log beside it has a checkpoint") from None
+    try:
+        current = os.pread(fd, len(metas), 0)
+        newest = max(meta_txnid(current[:len(metas) // 2]), meta_txnid(current[len(metas) // 2:]))
+        # after a power loss a meta page may be back at what it was before the checkpoint (C - 1) and the other one
+        # torn: anything older than that is another file (a copy restored from before)
+        if newest < txnid - 1:
+            raise WalError(f"{data_path} is older (transaction {newest}) than the write-ahead log's checkpoint "
+                           f"(transaction {txnid}): it is not the file the log belongs to")
+        if current != metas:
+            os.pwrite(fd, metas, 0)
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+#: a checkpoint is due once this many bytes were logged since the last one, or this many seconds later when anything
+#: was. Until then LMDB reuses no page freed since the last one (the pinned snapshot) and the log keeps every record:
+#: 1 s bounds that to one second of the broker's writes (tens of MiB at full speed), 32 MiB bounds the log's segments
+#: and the replay at start (well under a second); the flush itself runs on a thread of its own.
+CHECKPOINT_BYTES = 32 << 20
+CHECKPOINT_SECONDS = 1.0
+
+
+class _Running:
+    """A checkpoint in progress: its flush and its record made durable by a thread of their own."""
+
+    __slots__ = ("pin", "seq", "txnid", "metas", "error", "thread")
+
+    def __init__(self, pin, seq: int, txnid: int, metas: bytes):
+        self.pin, self.seq, self.txnid, self.metas = pin, seq, txnid, metas
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+
+    def run(self, env, directory: str) -> None:
+        try:
+            env.sync(True)  # data.mdb's pages up to this checkpoint's transaction on disk (py-lmdb frees the GIL)
+            write_checkpoint(directory, self.seq, self.txnid, self.metas)
+        except BaseException as exc:  # reported by the loop's thread (``WriteAhead.poll``)
+            self.error = exc
+
+
+class WriteAhead:
+    """The log beside one LMDB environment opened with ``sync=False``: replay at open, a record per commit, and
+    checkpoints (started between turns, flushed on a thread of their own)."""
+
+    def __init__(self, directory: str, data_path: str, page_size: int, interval: float = CHECKPOINT_SECONDS):
+        self.directory = directory
+        #: seconds between checkpoints (when anything was logged)
+        self.interval = interval
+        self.data_path = data_path
+        self.page_size = page_size
+        self.log = Log(directory)
+        #: a read transaction at the last checkpoint's LMDB transaction: no page of it is reused while it is open
+        self._pin = None
+        self._running: _Running | None = None
+        self._last = time.monotonic()
+        self._logged_at_last = 0
+        #: checkpoints made since the start
+        self.checkpoints = 0
+
+    @staticmethod
+    def restore(directory: str, data_path: str) -> int | None:
+        """Before LMDB opens data.mdb: put back the last checkpoint's meta pages; return the number of the last
+        record it covers (None: no checkpoint, nothing to replay)."""
+        checkpoint = read_checkpoint(directory)
+        if checkpoint is None:
+            return None
+        seq, txnid, metas = checkpoint
+        restore_metas(data_path, metas, txnid)
+        return seq
+
+    def replay(self, env, tables: list, after: int) -> int:
+        """Apply every record after ``after`` to LMDB in one transaction, in order; return how many."""
+        count = 0
+        with env.begin(write=True) as txn:
+            for _seq, ops in self.log.replay(after):
+                for kind, table, key, value in decode_ops(ops):
+                    if kind == WAL_PUT:
+                        txn.put(key, value, db=tables[table])
+                    else:
+                        txn.delete(key, value, db=tables[table])
+                count += 1
+        return count
+
+    def open(self, env) -> None:
+        """Start logging: a checkpoint at LMDB's last transaction, then a fresh log after it."""
+        self.checkpoint(env, wait=True)
+        self.log.start(self.log.next_seq - 1)
+
+    def append(self, ops) -> int:
+        return self.log.append(ops)
+
+    def due(self, mono: float) -> bool:
+        logged = self.log.appended - self._logged_at_last
+        return self._running is None and logged > 0 and (
+            logged >= CHECKPOINT_BYTES or mono - self._last >= self.interval)
+
+    def checkpoint(self, env, wait: bool = False) -> None:
+        """Start a checkpoint at LMDB's last commit (no write transaction may be open); ``wait``: and finish it."""
+        self.finish(env)
+        pin = env.begin()
+        metas = read_metas(self.data_path, self.page_size)
+        txnid = pin.id()
+        half = len(metas) // 2
+        if max(meta_txnid(metas[:half]), meta_txnid(metas[half:])) != txnid:
+            pin.abort()
+            raise WalError(f"data.mdb's meta pages do not name LMDB's last transaction {txnid}")
+        self._last = time.monotonic()
+        self._logged_at_last = self.log.appended
+        running = self._running = _Running(pin, self.log.next_seq - 1, txnid, metas)
+        if wait:
+            running.run(env, self.directory)
+            self.poll()
+        else:
+            running.thread = threading.Thread(target=running.run, args=(env, self.directory),
+                                              name="wal-checkpoint", daemon=True)
+            running.thread.start()
+
+    def poll(self) -> None:
+        """Finish a checkpoint whose flush is done: move the pin to it and recycle the log it covers."""
+        running = self._running
+        if running is None or (running.thread is not None and running.thread.is_alive()):
+            return
+        self._running = None
+        if running.error is not None:
+            running.pin.abort()
+            if running.thread is None:
+                raise WalError(f"a checkpoint of the write-ahead log failed: {running.error!r}") from running.error
+            # the log still holds every record since the last checkpoint that succeeded: the next one tries again
+            log.error("a checkpoint of the write-ahead log failed (the log keeps its records): %r", running.error)
+            return
+        if self._pin is not None:
+            self._pin.abort()
+        self._pin = running.pin
+        self.log.recycle(running.seq)
+        self.checkpoints += 1
+
+    def finish(self, env) -> None:
+        """Wait for a checkpoint in progress and finish it."""
+        running = self._running
+        if running is not None and running.thread is not None:
+            running.thread.join()
+        self.poll()
+
+    def unpin(self) -> None:
+        """Close the pinned snapshot (before the map is resized; a checkpoint must follow before the next write)."""
+        if self._pin is not None:
+            self._pin.abort()
+            self._pin = None
+
+    def close(self, env) -> None:
+        """A last checkpoint (the next start replays nothing), then close the log."""
+        self.checkpoint(env, wait=True)
+        self.unpin()
+        self.log.close()
