@@ -329,7 +329,7 @@ def agent(ctx, broker_endpoint, workers, processor, partitions, window, tiny_win
 @click.option("--keys", "keys_dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="Turn CURVE on with this key directory (see `armonik-zmq keys`): the broker uses it as with "
               "`broker --keys`, the agent the first key of DIR/agents. Needed to serve a non-loopback address.")
-@click.option("--links/--no-links", default=False, show_default=True,
+@click.option("--links/--no-links", default=None, show_default="--links unless --keys",
               help="Wire the agent through a Unix-socket link (broker --agent-link) and serve clients of this host on "
                    "one too (broker --client-link), instead of ZeroMQ: no ZeroMQ I/O threads on those hops. Not "
                    "with --keys (a link has no authenticated identity).")
@@ -355,7 +355,7 @@ def up(ctx, data_dir, endpoint, agents_endpoint, workers, processor, object_stor
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
     try:
         cluster.start()
-        on_host = f" (on this host also {cluster.client_link})" if links else ""
+        on_host = f" (on this host also {cluster.client_link})" if cluster.links else ""
         click.echo(f"armonik_zmq is up: clients connect to {endpoint}{on_host} ({workers} workers, data in "
                    f"{data_dir}). Ctrl-C to stop.", err=True)
         while not stopping:

@@ -25,9 +25,10 @@ class LocalProcesses:
     """A broker and an agent running as real processes on an LMDB directory.
 
     Endpoints default to ``ipc://`` sockets in a private temporary directory, so nothing else on the
-    host can connect and two clusters never collide. With ``links`` the broker also serves Unix-socket links
-    (unixlink.py) in that directory, and the agents and ``endpoint`` (what clients are given) use them instead
-    of ZeroMQ; ``zmq_endpoint`` is the broker's ZeroMQ endpoint for clients either way.
+    host can connect and two clusters never collide. With ``links`` (the default without CURVE keys) the broker
+    also serves Unix-socket links (unixlink.py) in that directory, and the agents and ``endpoint`` (what clients
+    are given, unless ``endpoint`` is given) use them instead of ZeroMQ: no ZeroMQ I/O-thread hops between
+    these processes of one host. ``zmq_endpoint`` is the broker's ZeroMQ endpoint for clients either way.
     """
 
     def __init__(self, data_dir: Optional[str] = None, endpoint: Optional[str] = None,
@@ -35,17 +36,18 @@ class LocalProcesses:
                  log_level: str = "WARNING", lease: Optional[float] = None, env: Optional[dict] = None,
                  broker_args: tuple[str, ...] = (), agent_id: str = "", agent_args: tuple[str, ...] = (),
                  broker_log: Optional[str] = None, secure: bool = False, keys_dir: Optional[str] = None,
-                 links: bool = False):
+                 links: Optional[bool] = None):
         self._tmp = tempfile.mkdtemp(prefix="armonik-zmq-")
         self.data_dir = data_dir or os.path.join(self._tmp, "data")
         self.zmq_endpoint = endpoint or f"ipc://{self._tmp}/frontend"
         self.agents_endpoint = agents_endpoint or f"ipc://{self._tmp}/backend"
-        #: the broker's Unix-socket links for this host's peers (served with ``links``)
-        self.links = links
+        #: the broker's Unix-socket links for this host's peers (served with ``links``); a link has no
+        #: authenticated identity, so not with CURVE keys
+        self.links = links = (keys_dir is None and not secure) if links is None else links
         self.client_link = f"unix://{self._tmp}/links/clients.sock"
         self.agent_link = f"unix://{self._tmp}/links/agents.sock"
         #: where clients connect
-        self.endpoint = self.client_link if links else self.zmq_endpoint
+        self.endpoint = endpoint or (self.client_link if links else self.zmq_endpoint)
         self.workers = workers
         self.processor = processor
         self.log_level = log_level

@@ -682,11 +682,12 @@ class LocalCluster:
     """A broker, an agent and ``n_workers`` worker processes for a script or a notebook.
 
     ``with LocalCluster(n_workers=4) as client:`` yields a connected ``Client``; leaving the block
-    closes it and stops the processes. ``links``: the agent and the client reach the broker through Unix-socket
-    links (unixlink.py), without ZeroMQ I/O threads on the way.
+    closes it and stops the processes. The agent and the client reach the broker through Unix-socket links
+    (unixlink.py), without ZeroMQ I/O threads on the way, unless ``links`` is False or ``secure`` (CURVE).
     """
 
-    def __init__(self, n_workers: int = 4, *, secure: bool = False, links: bool = False, **client_options: Any):
+    def __init__(self, n_workers: int = 4, *, secure: bool = False, links: Optional[bool] = None,
+                 **client_options: Any):
         from .cluster import LocalProcesses
 
         # secure: CURVE between every process, with keys made for this cluster only

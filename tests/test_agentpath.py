@@ -152,9 +152,9 @@ def test_an_agent_reports_many_completions_in_pieces_and_the_full_ones_without_w
     agent sends at most ``--report-max`` completions per report. A full report goes while others wait for their
     ack (the broker then finds the next one waiting); what does not fill one waits for the acks in flight, and
     every completion is reported exactly once."""
-    cluster = cluster_with_log(tmp_path, tmp_path / "exec.log", workers=1, agent_id="a1",
+    cluster = cluster_with_log(tmp_path, tmp_path / "exec.log", workers=1, agent_id="a1", links=False,
                                agent_args=("--report-max", "50", "--tiny-window", "64"))
-    broker = ScriptedBroker(cluster.agents_endpoint)
+    broker = ScriptedBroker(cluster.agents_endpoint)  # a ROUTER: the agent on ZeroMQ (links=False)
     attempts = [(f"t{i}", 1) for i in range(230)]
     try:
         cluster.start_agent()

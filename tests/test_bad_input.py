@@ -16,7 +16,7 @@ def raw(cluster):
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVTIMEO, 10_000)
-    sock.connect(cluster.endpoint)
+    sock.connect(cluster.zmq_endpoint)
     yield sock
     sock.close()
     ctx.term()

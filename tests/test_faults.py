@@ -18,6 +18,7 @@ import time
 import warnings
 from datetime import timedelta
 
+import pytest
 
 from armonik_zmq.client import ResultStatus, TaskDefinition, TaskOptions, TaskStatus, connect
 from armonik_zmq.client.filters import Direction, to_wire_filter, to_wire_sort
@@ -623,18 +624,22 @@ def test_t7a_send_to_a_killed_agent_requeues_its_task_at_once(tmp_path):
     assert failures >= 1 and requeue <= 1.0, (failures, requeue)
 
 
-def stopped_agent_run(tmp_path, mandatory: bool, n_batches: int) -> dict:
+def stopped_agent_run(tmp_path, mandatory: bool, n_batches: int, links: bool = False) -> dict:
     """SIGSTOP an agent (RCVHWM 100, room for 100,000 tasks) while the broker keeps pushing tasks to it.
+
+    On ZeroMQ the broker's pipe to it holds 10 messages (--backend-sndhwm); with ``links`` the agent is on a
+    Unix-socket link whose buffer at the broker holds 64 KiB (--link-buffer): either way, once full, a send
+    fails with EAGAIN.
 
     The broker's lease is long (600 s): only a failed send can take the stopped agent's tasks back, so
     silent drops (ROUTER_MANDATORY off) leave tasks that never complete. Durable commits are off: the
     loop lag measured is the broker's own work and sends, not the disk's fsync.
     """
-    broker_args = ["--lease", "600", "--backend-sndhwm", "10", "--no-sync"]
+    broker_args = ["--lease", "600", "--backend-sndhwm", "10", "--link-buffer", str(64 << 10), "--no-sync"]
     if not mandatory:
         broker_args.append("--no-router-mandatory")
     cluster = make_cluster(tmp_path, workers=1, agent_id="stopped", broker_args=tuple(broker_args),
-                           agent_args=("--rcvhwm", "100", "--prefetch", "100000"))
+                           agent_args=("--rcvhwm", "100", "--prefetch", "100000"), links=links)
     history = History()
     stopped = False
     try:
@@ -689,19 +694,21 @@ def stopped_agent_run(tmp_path, mandatory: bool, n_batches: int) -> dict:
     return {"history": history, "before": before, "pushed": pushed, "after": after, "n": n, "completed": count}
 
 
-def test_t7b_full_pipe_to_a_stopped_agent_requeues_never_drops(tmp_path):
-    run = stopped_agent_run(tmp_path, mandatory=True, n_batches=60)
+@pytest.mark.parametrize("links", [False, True], ids=["zeromq", "link"])
+def test_t7b_full_pipe_to_a_stopped_agent_requeues_never_drops(tmp_path, links):
+    run = stopped_agent_run(tmp_path, mandatory=True, n_batches=60, links=links)
     before, pushed, after = run["before"], run["pushed"], run["after"]
     eagain = after["send_failures"]["EAGAIN"] - before["send_failures"]["EAGAIN"]
     failed = after["agent_send_failures"] - before["agent_send_failures"]
     handled = after["agent_send_failures_handled"] - before["agent_send_failures_handled"]
     p99 = turn_p99(before, pushed)
     report = run["history"].report()
-    figure("T7", "(b) EAGAIN on sends to agents", eagain, "", ">= 1 (the pipe filled)", eagain >= 1)
-    figure("T7", "(b) failed sends to registered agents / requeues that followed", f"{failed} / {handled}", "",
+    b = "(b, link)" if links else "(b)"
+    figure("T7", f"{b} EAGAIN on sends to agents", eagain, "", ">= 1 (the pipe filled)", eagain >= 1)
+    figure("T7", f"{b} failed sends to registered agents / requeues that followed", f"{failed} / {handled}", "",
            "equal", failed == handled)
-    figure("T7", "(b) broker loop turn p99 while pushing", p99 * 1000, "ms", "<= 10 ms", p99 <= 0.010)
-    figure("T7", "(b) lost", report["lost"], "tasks", "= 0", report["lost"] == 0)
+    figure("T7", f"{b} broker loop turn p99 while pushing", p99 * 1000, "ms", "<= 10 ms", p99 <= 0.010)
+    figure("T7", f"{b} lost", report["lost"], "tasks", "= 0", report["lost"] == 0)
     assert eagain >= 1, "the stopped agent's pipe never filled: push more"
     assert failed == handled and failed >= 1
     assert report == {**report, "lost": 0, "unexpected": 0, "duplicated": 0}, run["history"].explain()

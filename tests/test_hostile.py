@@ -59,12 +59,12 @@ def test_t12a_oversize_message_disconnects_its_peer(tmp_path_factory):
     with broker_only(tmp_path_factory) as cluster:  # default --max-message-size: 64 MiB
         pid = cluster.broker.pid
         ctx = zmq.Context()
-        probe = dealer(ctx, cluster.endpoint)
+        probe = dealer(ctx, cluster.zmq_endpoint)
         before = ask(probe, Op.HEALTH, metrics=True)["metrics"]
         hwm_before = vm_kib(pid, "VmHWM")
         rss_before = vm_kib(pid, "VmRSS")
         results = {}
-        for name, endpoint in (("client endpoint", cluster.endpoint), ("agents endpoint", cluster.agents_endpoint)):
+        for name, endpoint in (("client endpoint", cluster.zmq_endpoint), ("agents endpoint", cluster.agents_endpoint)):
             sock = dealer(ctx, endpoint)
             monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
             assert ask(sock, Op.HEALTH)["ok"]  # connected, and served while small
@@ -202,8 +202,8 @@ def test_t12b_a_flooding_client_does_not_starve_a_polite_one(tmp_path_factory, s
 
             spawn = multiprocessing.get_context("spawn")
             queue = spawn.Queue()
-            flooder = spawn.Process(target=flood, args=(queue, cluster.endpoint, flood_session, payload, flood_outputs,
-                                                        seconds, window))
+            flooder = spawn.Process(target=flood, args=(queue, cluster.zmq_endpoint, flood_session, payload,
+                                                        flood_outputs, seconds, window))
             rss_max = [rss_start]
             sampling = threading.Event()
 

@@ -34,7 +34,7 @@ def raw(lone):
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVTIMEO, 10_000)
-    sock.connect(lone.endpoint)
+    sock.connect(lone.zmq_endpoint)
     yield sock
     sock.close()
     ctx.term()

@@ -435,8 +435,8 @@ def test_agent_runs_nothing_dispatched_to_the_registration_its_register_replaces
     again (the REGISTER did not announce it) and hands it out anew: the agent must not have run it meanwhile,
     or the attempt runs twice (T4 saw a poison task run 5 times under load)."""
     log = tmp_path / "exec.log"
-    cluster = cluster_with_log(tmp_path, log, workers=1, agent_id="a1")
-    broker = ScriptedBroker(cluster.agents_endpoint)
+    cluster = cluster_with_log(tmp_path, log, workers=1, agent_id="a1", links=False)
+    broker = ScriptedBroker(cluster.agents_endpoint)  # a ROUTER: the agent on ZeroMQ (links=False)
     try:
         cluster.start_agent()
         peer = broker.register(*broker.next_request(Op.AGENT_REGISTER), lease=1.0)
