@@ -684,15 +684,16 @@ class LocalCluster:
     ``with LocalCluster(n_workers=4) as client:`` yields a connected ``Client``; leaving the block
     closes it and stops the processes. The agent and the client reach the broker through Unix-socket links
     (unixlink.py), without ZeroMQ I/O threads on the way, unless ``links`` is False or ``secure`` (CURVE).
+    ``broker_args`` are extra options for ``armonik-zmq broker`` (e.g. ``("--durability", "wal")``).
     """
 
     def __init__(self, n_workers: int = 4, *, secure: bool = False, links: Optional[bool] = None,
-                 **client_options: Any):
+                 broker_args: Sequence[str] = (), **client_options: Any):
         from .cluster import LocalProcesses
 
         # secure: CURVE between every process, with keys made for this cluster only
         self.processes = LocalProcesses(workers=n_workers, processor="armonik_zmq.functions:processor", secure=secure,
-                                        links=links)
+                                        links=links, broker_args=tuple(broker_args))
         self._client_options = {**self.processes.client_keys, **client_options}
         self.client: Optional[Client] = None
 

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .common import ROOT, machine
+from .common import DURABILITY_ARGS, DURABILITY_ENV, ROOT, machine
 from .systems import SYSTEMS
 from .workloads import WORKLOADS
 
@@ -212,12 +212,15 @@ def render(report: dict, console: Console) -> None:
 @click.option("--runs", default=3, show_default=True, type=click.IntRange(1), help="Runs per workload; medians reported.")
 @click.option("--scale", default=1.0, show_default=True, type=click.FloatRange(min=0.0001),
               help="Multiply every count and size (0.01 for a smoke run).")
+@click.option("--durability", type=click.Choice(list(DURABILITY_ARGS)), default="lmdb", show_default=True,
+              help="How armonik_zmq's broker makes a commit durable: its default (lmdb: LMDB's own two flushes), "
+                   "wal (--durability wal: one flush of a write-ahead log) or none (--no-sync: no flush).")
 @click.option("--json", "json_path", default="", help="Also write the full report (every run) to this file.")
 @click.option("--system-timeout", default=1800.0, show_default=True, help="Seconds one system may take in all.")
 @click.option("--show", "show_path", default="", help="Print the table of a report written before (--json) and stop.")
 @click.option("--markdown", is_flag=True, help="With --show: print the table as Markdown.")
 @click.option("--one", "one_path", default="", hidden=True, help="Internal: run the one system given, write JSON here.")
-def main(systems: str, workloads: str, workers: int, runs: int, scale: float, json_path: str,
+def main(systems: str, workloads: str, workers: int, runs: int, scale: float, durability: str, json_path: str,
          system_timeout: float, show_path: str, markdown: bool, one_path: str) -> None:
     """Benchmark armonik_zmq against Dask, Ray, IPyParallel, Scaler and ProcessPoolExecutor.
 
@@ -234,6 +237,7 @@ def main(systems: str, workloads: str, workers: int, runs: int, scale: float, js
         else:
             render(report, Console(width=None if sys.stdout.isatty() else 160))
         return
+    os.environ[DURABILITY_ENV] = durability  # the systems' child processes inherit it
     names = _split(systems, SYSTEMS, "system")
     chosen = _split(workloads, WORKLOADS, "workload")
     if one_path:
@@ -245,7 +249,7 @@ def main(systems: str, workloads: str, workers: int, runs: int, scale: float, js
     console = Console(width=None if sys.stdout.isatty() else 160)
     report = {"benchmark": "peers", "machine": machine(),
               "params": {"systems": names, "workloads": chosen, "workers": workers, "runs": runs, "scale": scale,
-                         "command": " ".join(["python -m bench", *sys.argv[1:]])},
+                         "durability": durability, "command": " ".join(["python -m bench", *sys.argv[1:]])},
               "systems": {}}
     for name in names:
         with console.status(f"{name}: {', '.join(chosen)} x {runs} on {workers} workers..."):

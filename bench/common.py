@@ -28,6 +28,18 @@ def write_json(path: str, name: str, figures: dict, params: dict) -> str:
     return path
 
 
+#: how armonik_zmq's broker makes its commits durable in a run (set by ``python -m bench --durability``)
+DURABILITY_ENV = "ARMONIK_ZMQ_BENCH_DURABILITY"
+
+#: ``--durability`` of the bench -> the broker's options
+DURABILITY_ARGS = {"lmdb": (), "wal": ("--durability", "wal"), "none": ("--no-sync",)}
+
+
+def broker_args() -> tuple[str, ...]:
+    """The broker's options for the durability this run measures (its default, LMDB's own flushes, unless set)."""
+    return DURABILITY_ARGS[os.environ.get(DURABILITY_ENV) or "lmdb"]
+
+
 def bench_env() -> dict:
     """Workers must import ``bench.*`` processors: put the repository on their path."""
     return {"PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}

@@ -32,9 +32,10 @@ class ArmoniKApi(System):
         from armonik_zmq.client import ArmoniKEvents, ArmoniKResults, ArmoniKSessions, ArmoniKTasks, TaskOptions, connect
         from armonik_zmq.cluster import LocalProcesses
 
-        from ..common import bench_env
+        from ..common import bench_env, broker_args
 
-        self.cluster = LocalProcesses(workers=workers, processor="bench.tasks:processor", env=bench_env()).start()
+        self.cluster = LocalProcesses(workers=workers, processor="bench.tasks:processor", env=bench_env(),
+                                      broker_args=broker_args()).start()
         self.conn = connect(self.cluster.endpoint, timeout=600)
         self.sessions, self.results, self.tasks, self.events = (
             ArmoniKSessions(self.conn), ArmoniKResults(self.conn), ArmoniKTasks(self.conn), ArmoniKEvents(self.conn))

@@ -18,7 +18,9 @@ class ArmoniKZmq(System):
     def start(self, workers: int) -> None:
         import armonik_zmq
 
-        self.cluster = armonik_zmq.LocalCluster(n_workers=workers, retries=1, timeout=600)
+        from ..common import broker_args
+
+        self.cluster = armonik_zmq.LocalCluster(n_workers=workers, broker_args=broker_args(), retries=1, timeout=600)
         self.client = self.cluster.__enter__()
 
     def stop(self) -> None:
