@@ -50,6 +50,20 @@ def _router_messages(router: LinkRouter, n: int, timeout: float = 10.0) -> list:
     return [[f.bytes for f in m] for m in got]
 
 
+def _routed(router: LinkRouter, dealer: LinkDealer, message: list) -> list:
+    """Send ``message`` (identity first) through the router; return the frames the dealer receives."""
+    router.send(message)
+    _until(dealer.readable, pump=router.pump)
+    return [f.bytes for f in dealer.recv()]
+
+
+def _assert_unreachable(router: LinkRouter, identity: bytes) -> None:
+    """A send to a peer the router does not have fails at once, as on a ROUTER_MANDATORY socket."""
+    with pytest.raises(zmq.ZMQError) as info:
+        router.send([identity, b"reply"])
+    assert info.value.errno == zmq.EHOSTUNREACH
+
+
 def test_dealer_queues_until_the_router_exists_and_the_router_routes_by_identity(tmp_path):
     """Sent before the broker listens: held, then delivered in order once connected (IMMEDIATE=0's behaviour);
     replies reach the peer named; an unknown peer is EHOSTUNREACH, as on a ROUTER_MANDATORY socket."""
@@ -63,12 +77,8 @@ def test_dealer_queues_until_the_router_exists_and_the_router_routes_by_identity
         assert os.stat(os.path.dirname(link_path(endpoint))).st_mode & 0o777 == 0o700
         _until(lambda: dealer.connected, pump=dealer.tick)
         assert _router_messages(router, 2) == [[b"agent-1", b"first", b"data"], [b"agent-1", b"second"]]
-        router.send([b"agent-1", b"reply", b"x" * 100_000])
-        _until(dealer.readable, pump=router.pump)
-        assert [f.bytes for f in dealer.recv()] == [b"reply", b"x" * 100_000]
-        with pytest.raises(zmq.ZMQError) as info:
-            router.send([b"nobody", b"reply"])
-        assert info.value.errno == zmq.EHOSTUNREACH
+        assert _routed(router, dealer, [b"agent-1", b"reply", b"x" * 100_000]) == [b"reply", b"x" * 100_000]
+        _assert_unreachable(router, b"nobody")
     finally:
         dealer.close()
         router.close()
@@ -84,15 +94,11 @@ def test_a_new_connection_takes_an_identity_over_and_a_gone_peer_is_unreachable(
         new.send([b"from new"])
         assert _router_messages(router, 1) == [[b"same", b"from new"]]
         assert router.stats["handed_over"] == 1
-        router.send([b"same", b"to the new one"])
-        _until(new.readable, pump=router.pump)
-        assert [f.bytes for f in new.recv()] == [b"to the new one"]
+        assert _routed(router, new, [b"same", b"to the new one"]) == [b"to the new one"]
         _until(lambda: not old.readable() and not old.connected)  # the broker closed the old connection
         new.close()
         _until(lambda: not router.pump() and b"same" not in router.peers)
-        with pytest.raises(zmq.ZMQError) as info:
-            router.send([b"same", b"late"])
-        assert info.value.errno == zmq.EHOSTUNREACH
+        _assert_unreachable(router, b"same")
     finally:
         old.close()
         router.close()
