@@ -17,7 +17,7 @@ import lmdb
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from armonik_zmq._core import LoggedTxn, WalOps
+from armonik_zmq._core import WAL_DELETE, LoggedTxn, WalOps
 from armonik_zmq.broker import wal
 from armonik_zmq.client import TaskDefinition, TaskStatus, connect
 from conftest import Api, broker_only, make_cluster
@@ -257,3 +257,30 @@ def test_a_checkpoint_file_of_another_data_file_is_refused(tmp_path):
         assert "older" in str(exc)
     else:
         raise AssertionError("a checkpoint was restored over an older data.mdb")
+
+
+def test_expired_idempotency_keys_leave_the_log_a_delete_of_the_key_and_of_its_age_entry(tmp_path):
+    """The collection of expired idempotency keys removes each key and its age entry; both deletes must be in the
+    turn's log record (a delete through a cursor is not logged: after a power loss it would come back)."""
+    from armonik_zmq.broker.idempotency import _TS, Idempotency, _age_key
+    from armonik_zmq.broker.metrics import Metrics
+    from armonik_zmq.broker.store import Store
+
+    st = Store(str(tmp_path / "lmdb"), map_size=1 << 24, durability="wal")
+    try:
+        idem = Idempotency(st, 60.0, Metrics())
+        expired = [f"client:{i}".encode() for i in range(3)]
+        with st.write() as txn:
+            for key in expired:
+                txn.txn.put(key, b"row", db=idem.keys)
+                txn.txn.put(_age_key(_TS.pack(1_000_000), key), b"", db=idem.keys)
+        with st.write() as txn:
+            assert idem.collect(txn, 1_000.0, 0.0) == 3
+            logged = list(wal.decode_ops(txn.txn.ops.encoded()))
+        table = st.table_index[idem.keys]
+        assert [(kind, t) for kind, t, _, _ in logged] == [(WAL_DELETE, table)] * 6
+        assert {key for _, _, key, _ in logged} == {*expired, *(_age_key(_TS.pack(1_000_000), k) for k in expired)}
+        with st.read() as txn:
+            assert not list(txn.txn.cursor(db=idem.keys))
+    finally:
+        st.close()

@@ -170,7 +170,8 @@ class Idempotency:
             age_key = cursor.key()
             if age_key[:9] >= limit:
                 break
-            cursor.delete()  # moves to the next entry, or off the end (empty key)
+            # through the transaction, not the cursor: with the write-ahead log on, only its writes are logged
+            txn.txn.delete(age_key, db=self.keys)
             txn.txn.delete(age_key[9:], db=self.keys)
             removed += 1
             positioned = cursor.set_range(AGE)

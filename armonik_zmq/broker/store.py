@@ -25,7 +25,7 @@ from ..status import TASK_FINAL, ResultStatus, TaskStatus
 _SUBMITTED = int(TaskStatus.SUBMITTED)
 from .filepages import FilePages
 from .objects import ObjectStorage, chunk_key, n_chunks, rechunk
-from .wal import CHECKPOINT_FILE, CHECKPOINT_SECONDS, WriteAhead
+from .wal import CHECKPOINT_FILE, CHECKPOINT_SECONDS, WriteAhead, sync_directory
 
 log = logging.getLogger("armonik_zmq.broker")
 
@@ -263,7 +263,7 @@ class Store:
             return
         self.env.sync(True)
         os.unlink(os.path.join(wal.directory, CHECKPOINT_FILE))
-        wal.log._sync_directory()
+        sync_directory(wal.directory)
 
     def checkpoint_if_due(self, mono: float) -> None:
         """Between turns: finish a checkpoint whose flush is done, start one that is due (wal.py)."""
@@ -372,7 +372,7 @@ class Store:
         if target <= size:
             return False
         if self.wal is not None:  # the checkpoint's snapshot is closed too: a new checkpoint follows at once
-            self.wal.finish(self.env)
+            self.wal.finish()
             self.wal.unpin()
         with self.readers_lock:  # the data socket's thread (shm.py) must hold no read transaction now
             self.env.set_mapsize(target)

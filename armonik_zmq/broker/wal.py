@@ -46,6 +46,15 @@ def frame(seq: int, ops) -> bytes:
     return struct.pack("<I", _crc(body, ops)) + body
 
 
+def sync_directory(directory: str) -> None:
+    """Flush ``directory`` itself, so that a file created, renamed or removed in it stays so after a power loss."""
+    fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def decode_ops(ops: bytes) -> Iterator[tuple[int, int, bytes, bytes]]:
     """Yield (kind, table index, key, value) for each op of a record (``_core.WalOps``' encoding)."""
     at, end = 0, len(ops)
@@ -183,7 +192,7 @@ class Log:
             while done < want:
                 done += os.write(fd, _ZEROS[:min(len(_ZEROS), want - done)])
             os.fsync(fd)
-        self._sync_directory()
+        sync_directory(self.directory)
         if self.fd >= 0:
             os.close(self.fd)
         self.fd, self.offset = fd, 0
@@ -210,14 +219,7 @@ class Log:
             self.fd = -1
         self.segments = keep
         if changed:
-            self._sync_directory()
-
-    def _sync_directory(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            sync_directory(self.directory)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -275,11 +277,7 @@ def write_checkpoint(directory: str, seq: int, txnid: int, metas: bytes) -> None
     finally:
         os.close(fd)
     os.rename(tmp, path)
-    fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    sync_directory(directory)
 
 
 def read_checkpoint(directory: str) -> tuple[int, int, bytes] | None:
@@ -402,7 +400,7 @@ class WriteAhead:
 
     def checkpoint(self, env, wait: bool = False) -> None:
         """Start a checkpoint at LMDB's last commit (no write transaction may be open); ``wait``: and finish it."""
-        self.finish(env)
+        self.finish()
         pin = env.begin()
         metas = read_metas(self.data_path, self.page_size)
         txnid = pin.id()
@@ -440,7 +438,7 @@ class WriteAhead:
         self.log.recycle(running.seq)
         self.checkpoints += 1
 
-    def finish(self, env) -> None:
+    def finish(self) -> None:
         """Wait for a checkpoint in progress and finish it."""
         running = self._running
         if running is not None and running.thread is not None:
