@@ -362,6 +362,19 @@ class LinkDealer:
             self._lost()
         return bool(self.inbox)
 
+    def waiting(self) -> bool:
+        """Whether a message already read is waiting, without reading the socket (connects if not connected).
+
+        For a caller that polls ``fileno()`` next, or that has just read to the end with ``readable``: the
+        epoll fd is level-triggered, so it tells of what the socket holds, and a read now would come back
+        empty (a system call and an exception for nothing on each sequential message).
+        """
+        if self.inbox:
+            return True
+        if self.link is None:
+            self.tick()
+        return False
+
     def recv(self) -> list:
         return self.inbox.popleft()
 

@@ -84,6 +84,36 @@ def test_dealer_queues_until_the_router_exists_and_the_router_routes_by_identity
         router.close()
 
 
+def test_waiting_tells_of_messages_read_without_reading_and_the_descriptor_of_what_the_socket_holds(tmp_path):
+    """What the agent and the client rely on to read a link once per wake-up: ``waiting`` never reads the socket
+    (a message in it is told by the poll of ``fileno()``, level-triggered), ``readable`` reads it all."""
+    endpoint = f"unix://{tmp_path}/agents.sock"
+    router = LinkRouter(endpoint, max_frame=MiB)
+    dealer = LinkDealer(endpoint, b"agent-1")
+    poller = select.poll()
+    poller.register(dealer.fileno(), select.POLLIN)
+    try:
+        dealer.send([b"hello"])
+        assert _router_messages(router, 1) == [[b"agent-1", b"hello"]]
+        for text in (b"one", b"two"):
+            router.send([b"agent-1", text])
+        _until(lambda: len(dealer.link.sock.recv(64, socket.MSG_PEEK)) >= 2 * (4 + 8 + 3), pump=router.pump)
+        assert poller.poll(0) and poller.poll(0)  # level-triggered: it keeps telling until the socket is read
+        assert not dealer.waiting()
+        assert dealer.readable()  # one read took both
+        assert [f.bytes for f in dealer.recv()] == [b"one"]
+        assert dealer.waiting() and not poller.poll(0)
+        assert [f.bytes for f in dealer.recv()] == [b"two"]
+        assert not dealer.waiting()
+        router.send([b"agent-1", b"three"])
+        _until(lambda: poller.poll(0), pump=router.pump)
+        assert not dealer.waiting() and dealer.readable()
+        assert [f.bytes for f in dealer.recv()] == [b"three"]
+    finally:
+        dealer.close()
+        router.close()
+
+
 def test_a_new_connection_takes_an_identity_over_and_a_gone_peer_is_unreachable(tmp_path):
     endpoint = f"unix://{tmp_path}/clients.sock"
     router = LinkRouter(endpoint, max_frame=MiB)

@@ -191,6 +191,7 @@ class Agent:
             # registers again, as over ZeroMQ); its fd stays the same
             self.broker = link = LinkDealer(self.config.broker, self.agent_id.encode())
             self._broker_send, self._broker_readable, self._broker_recv = link.send, link.readable, link.recv
+            self._broker_waiting = link.waiting  # level-triggered: the poll tells of what the socket holds
             self._broker_fd = link.fileno()
             self.poller.register(self._broker_fd, select.POLLIN)
             self._connected()
@@ -212,7 +213,7 @@ class Agent:
         self._broker_fd = self.broker.getsockopt(zmq.FD)
         self.poller.register(self._broker_fd, select.POLLIN)
         self._broker_send = self._send_zmq
-        self._broker_readable = functools.partial(readable, self.broker)
+        self._broker_readable = self._broker_waiting = functools.partial(readable, self.broker)
         self._broker_recv = functools.partial(recv_message, self.broker)
         self._connected()
 
@@ -1049,7 +1050,7 @@ class Agent:
                 wait_ms = 50
                 if self._started and self.registered:  # wake up when a start is due
                     wait_ms = min(wait_ms, max(0, math.ceil((_oldest_due(self._started) - time.monotonic()) * 1000)))
-                broker_input = self.broker is not None and self._broker_readable()
+                broker_input = self.broker is not None and self._broker_waiting()
                 events = self.poller.poll(0 if broker_input else wait_ms)
                 links = []
                 for fd, event in events:
@@ -1076,10 +1077,12 @@ class Agent:
 
     def _read_broker(self) -> None:
         """Handle the broker's messages waiting (up to 1,000 a turn), without a failing read at the end."""
+        readable = self._broker_readable
         for _ in range(1000):
-            if not self._broker_readable():
+            if not readable():
                 return
             self._on_broker_message(self._broker_recv())
+            readable = self._broker_waiting  # (a link was read to its end: the next poll tells of more)
 
     def stop(self, *_args) -> None:
         self._running = False

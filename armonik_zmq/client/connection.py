@@ -36,7 +36,6 @@ import functools
 import heapq
 import itertools
 import logging
-import math
 import os
 import queue
 import select
@@ -169,6 +168,10 @@ class Connection:
         self._send_msg: Callable[[list], None] = None
         self._has_msg: Callable[[], bool] = None
         self._take_msg: Callable[[], list] = None
+        #: whether a message is known to wait without reading: a link's inbox (its descriptor is level-triggered,
+        #: so a poll tells of what its socket holds, and a read before it would come back empty); on ZeroMQ the
+        #: same as _has_msg (its descriptor tells only of what comes once the socket was looked at)
+        self._msg_known: Callable[[], bool] = None
         self._closed = False
         self._connected = False  # a ZMTP handshake with the broker succeeded and has not dropped since
         #: subscriptions closed here whose UNSUBSCRIBE leaves after the next request (or at the I/O thread's tick)
@@ -185,10 +188,11 @@ class Connection:
         self._ctl = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         # Closed with the object, not at close(): a late ring from another thread must never hit a reused number.
         weakref.finalize(self, _close_fds, self._look, self._ctl)
-        #: the I/O thread's descriptors; the DEALER's and _look are in it while no user thread reads
+        #: what the reader waits on: the DEALER's descriptor and _look
+        self._reader_poll = select.epoll()
+        #: the I/O thread's descriptors; _reader_poll's is in it while no user thread reads (one system call to
+        #: take it out or put it back for the pair)
         self._io_poll = select.epoll()
-        #: what a reading user thread polls: the DEALER's descriptor and _look
-        self._reader_poll = select.poll()
         self._ctx = zmq.Context()
         self._started = threading.Event()
         self._start_error: Optional[BaseException] = None
@@ -199,6 +203,7 @@ class Connection:
         if self._start_error is not None:
             self._thread.join()
             self._io_poll.close()
+            self._reader_poll.close()
             self._ctx.term()
             raise self._start_error
 
@@ -344,7 +349,7 @@ class Connection:
                 self._fail_rid(rid, self._refused())
             if self._unsubs:  # after the request: it is the one someone waits for
                 self._send_unsubscribes()
-            if self._has_msg():
+            if self._msg_known():
                 _ring(self._look)  # the send took in the news of messages: the descriptor will not tell
             if len(self._inflight) > 2 * len(self._pending) + 1024:
                 self._sweep_inflight()
@@ -492,16 +497,14 @@ class Connection:
             return False
         me = self._reader = threading.get_ident()
         if me != self._io_ident:  # the I/O thread stops watching the descriptor meanwhile (no wake-up of it)
-            self._io_poll.unregister(self._dealer_fd)
-            self._io_poll.unregister(self._look)
+            self._io_poll.unregister(self._reader_poll)
         return True
 
     def _give_role(self) -> None:
         """Let the reader role go (its holder only)."""
         try:
             if self._reader != self._io_ident:  # a message or ring that came meanwhile wakes the I/O thread at once
-                self._io_poll.register(self._dealer_fd, select.EPOLLIN)
-                self._io_poll.register(self._look, select.EPOLLIN)
+                self._io_poll.register(self._reader_poll, select.EPOLLIN)
         finally:
             self._reader = None
             self._role.release()
@@ -510,28 +513,30 @@ class Connection:
         """Receive and route (the caller holds the role) until ``done()``, the deadline, a close or a yield."""
         poll = self._reader_poll.poll
         look = self._look
+        has_msg = self._msg_known  # before the first wait: what a link's descriptor would not tell
         while True:
-            more = self._pump()
+            more = self._pump(has_msg)
+            has_msg = self._has_msg
             if done() or self._yield or self._closed:
                 break
             if more:
                 continue
             if deadline is None:
-                wait_ms = None
+                wait = None
             else:
-                wait_ms = math.ceil((deadline - time.monotonic()) * 1000)
-                if wait_ms <= 0:
+                wait = deadline - time.monotonic()
+                if wait <= 0:
                     break
-            for fd, _ in poll(wait_ms):
+            for fd, _ in poll(wait):
                 if fd == look:
                     _clear(look)
         if more:  # the descriptor will not tell of what is left: the next holder looks
             _ring(look)
 
-    def _pump(self) -> bool:
-        """Receive what waits in the DEALER and route it all, in order (the role's holder only); True if more
-        messages wait."""
-        msgs, more = self._receive_waiting()
+    def _pump(self, has_msg: Callable[[], bool]) -> bool:
+        """Receive what waits in the DEALER (``has_msg`` looks first) and route it all, in order (the role's
+        holder only); True if more messages wait."""
+        msgs, more = self._receive_waiting(has_msg)
         inbox = self._inbox
         inbox.extend(msgs)
         while inbox:  # a wait started while routing continues from here: the order holds
@@ -579,7 +584,7 @@ class Connection:
             self._dealer = dealer
             self._dealer_fd = dealer.getsockopt(zmq.FD)
             self._send_msg = functools.partial(send_message, dealer, copy=False)
-            self._has_msg = functools.partial(readable, dealer)
+            self._has_msg = self._msg_known = functools.partial(readable, dealer)
             self._take_msg = functools.partial(recv_message, dealer)
             events = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
             for failure in _HANDSHAKE_FAILURES:
@@ -617,13 +622,14 @@ class Connection:
             return
         self._dealer, self._dealer_fd = link, link.fileno()
         self._send_msg, self._has_msg, self._take_msg = link.send, link.readable, link.recv
+        self._msg_known = link.waiting
         self._serve(None, link.close)
 
     def _serve(self, monitor: Optional[zmq.Socket], close_sockets: Callable[[], None]) -> None:
         # Watched as plain files: waiting on them never calls into the sockets, which user threads use meanwhile.
         for fd in (self._dealer_fd, self._look):
-            self._reader_poll.register(fd, select.POLLIN)
-            self._io_poll.register(fd, select.EPOLLIN)
+            self._reader_poll.register(fd, select.EPOLLIN)
+        self._io_poll.register(self._reader_poll, select.EPOLLIN)
         self._started.set()
         try:
             self._io_loop(monitor)
@@ -637,11 +643,13 @@ class Connection:
             with self._sock_lock:  # the lock also orders these closes after the user threads' last send
                 close_sockets()
             self._io_poll.close()
+            self._reader_poll.close()
             self._ctx.term()
 
     def _io_loop(self, monitor: Optional[zmq.Socket]) -> None:
         """Watch the connection, resend what is due, and read whenever no user thread does, until told to stop."""
         poll = self._io_poll
+        reader_fd = self._reader_poll.fileno()
         link = self._dealer if monitor is None else None
         monitor_fd = -1
         if monitor is not None:
@@ -682,7 +690,7 @@ class Connection:
                 with self._sock_lock:
                     if not self._closed and self._unsubs:
                         self._send_unsubscribes()
-            if more or self._dealer_fd in ready or self._look in ready:
+            if more or reader_fd in ready:
                 more = self._read_here()
 
     def _read_here(self) -> bool:
@@ -692,20 +700,21 @@ class Connection:
         try:
             self._reader = self._io_ident
             _clear(self._look)
-            return self._pump()
+            return self._pump(self._has_msg)
         finally:
             self._reader = None
             self._role.release()
 
-    def _receive_waiting(self) -> tuple[list, bool]:
-        """The messages waiting in the DEALER (at most _DRAIN), and whether more wait."""
+    def _receive_waiting(self, has_msg: Callable[[], bool]) -> tuple[list, bool]:
+        """The messages waiting in the DEALER (at most _DRAIN; ``has_msg`` looks first), and whether more wait."""
         msgs = []
-        has_msg, take_msg = self._has_msg, self._take_msg
+        take_msg, known = self._take_msg, self._msg_known
         with self._sock_lock:
             while has_msg():
                 if len(msgs) == _DRAIN:
                     return msgs, True
                 msgs.append(take_msg())
+                has_msg = known  # a link was read to its end by the first look: its descriptor tells of more
         return msgs, False
 
     def _route(self, msg: list) -> None:
@@ -835,7 +844,7 @@ class Connection:
         self._seize_role()
         try:
             self._reader = self._io_ident
-            while self._pump():
+            while self._pump(self._has_msg):
                 pass
         finally:
             self._reader = None
