@@ -2525,7 +2525,7 @@ cdef object _unpack_fields(object buf, dict fields_by_length, bint tuples):
 # little-endian), value length (4 bytes, little-endian), the key, the value (a delete's: the duplicate it removes
 # from a dupsort table, or empty for the key's every value).
 
-from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_FillInfo, PyBuffer_Release, PyObject_GetBuffer
 from cpython.mem cimport PyMem_Realloc
 
 cdef enum:
@@ -2539,22 +2539,44 @@ WAL_DELETE = _WAL_DELETE
 WAL_OP_HEAD = _WAL_OP_HEAD
 
 
+cdef enum:
+    _WAL_OPS_KEPT = 32 << 20
+
+#: capacity a WalOps keeps across ``clear`` (a larger buffer, from one large turn, is given back)
+WAL_OPS_KEPT = _WAL_OPS_KEPT
+
+
 cdef class WalOps:
     """The encoded puts and deletes of one write transaction and of its nested ones: a nested one that aborts cuts
-    its own off (``mark`` before it, ``cut`` to the mark)."""
+    its own off (``mark`` before it, ``cut`` to the mark).
+
+    One WalOps serves every turn (``clear`` between them keeps its buffer: a fresh one costs a page fault per 4 KiB
+    written), and the log reads the ops through the buffer protocol, without a copy. No op may be added while the
+    buffer is exported (it could move).
+    """
 
     cdef char* buf
     cdef Py_ssize_t n, cap
+    cdef int exports
     #: how many ops were added
     cdef readonly Py_ssize_t count
 
     def __dealloc__(self):
         PyMem_Free(self.buf)
 
+    def __getbuffer__(self, Py_buffer* view, int flags):
+        PyBuffer_FillInfo(view, self, self.buf, self.n, 1, flags)
+        self.exports += 1
+
+    def __releasebuffer__(self, Py_buffer* view):
+        self.exports -= 1
+
     cdef int add(self, char kind, int table, object key, object value) except -1:
         cdef Py_buffer kb, vb
         cdef Py_ssize_t need, cap
         cdef char* p
+        if self.exports:
+            raise BufferError("an op added to a WalOps whose buffer is exported")
         PyObject_GetBuffer(key, &kb, PyBUF_SIMPLE)
         try:
             PyObject_GetBuffer(value, &vb, PyBUF_SIMPLE)
@@ -2589,6 +2611,16 @@ cdef class WalOps:
 
     def __len__(self):
         return self.n
+
+    def clear(self):
+        """Drop every op, for the next transaction (the buffer stays, up to ``WAL_OPS_KEPT`` bytes)."""
+        if self.exports:
+            raise BufferError("a WalOps cleared while its buffer is exported")
+        self.n = self.count = 0
+        if self.cap > _WAL_OPS_KEPT:
+            PyMem_Free(self.buf)
+            self.buf = NULL
+            self.cap = 0
 
     def mark(self):
         """Where the ops of a nested transaction starting now begin (for ``cut``)."""

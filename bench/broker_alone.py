@@ -118,15 +118,21 @@ def run_once(endpoint: str, broker_pid: int, n: int) -> dict:
 @click.option("--runs", default=3, show_default=True, help="Runs; the median is reported.")
 @click.option("--capacity", default=10_000, show_default=True, help="Credit the fake agent registers.")
 @click.option("--no-sync", is_flag=True, help="Broker without fsync (fast mode).")
+@click.option("--durability", type=click.Choice(["wal", "lmdb"]), default=None,
+              help="How the broker makes a commit durable (its --durability; default: the broker's own default).")
 @click.option("--py-spy", "pyspy", default="", help="Record the broker with py-spy (raw collapsed stacks) into this file.")
 @click.option("--native", is_flag=True, help="With --py-spy: sample C frames too (msgpack, LMDB, libc), pausing the broker.")
 @click.option("--json", "json_path", default="", help="Where to write the JSON (default bench/results/broker_alone.json).")
-def main(n: int, runs: int, capacity: int, no_sync: bool, pyspy: str, native: bool, json_path: str) -> None:
+def main(n: int, runs: int, capacity: int, no_sync: bool, durability: str | None, pyspy: str, native: bool,
+         json_path: str) -> None:
     """Measure the broker's own task path (submit, dispatch, complete) with an agent that answers at once."""
     from armonik_zmq.cluster import LocalProcesses
 
     console = Console()
-    cluster = LocalProcesses(broker_args=["--no-sync"] if no_sync else [])
+    broker_args = ["--no-sync"] if no_sync else []
+    if durability:
+        broker_args += ["--durability", durability]
+    cluster = LocalProcesses(broker_args=broker_args)
     mp = multiprocessing.get_context("spawn")
     stop = mp.Event()
     agent = recorder = None
@@ -151,7 +157,7 @@ def main(n: int, runs: int, capacity: int, no_sync: bool, pyspy: str, native: bo
         if agent is not None:
             agent.join(5)
         cluster.cleanup()
-    table = Table(title=f"broker alone: {n} tasks, fake agent (capacity {capacity}), durable={'no' if no_sync else 'yes'}")
+    table = Table(title=f"broker alone: {n} tasks, fake agent (capacity {capacity}), durable={'no' if no_sync else durability or 'yes'}")
     for col in ("run", "seconds", "create+submit s", "tasks/s", "transitions/s", "broker cpu us/task", "transitions per broker cpu s"):
         table.add_column(col, justify="right")
     for i, r in enumerate(rows):
@@ -163,7 +169,7 @@ def main(n: int, runs: int, capacity: int, no_sync: bool, pyspy: str, native: bo
                   f"{med['broker_cpu_us_per_task']:.1f}", f"{med['transitions_per_broker_cpu_s']:,.0f}")
     console.print(table)
     path = write_json(json_path, "broker_alone", {"median": med, "runs": rows},
-                      {"tasks": n, "capacity": capacity, "sync": not no_sync,
+                      {"tasks": n, "capacity": capacity, "sync": not no_sync, "durability": durability or "",
                        "transitions_per_task": TRANSITIONS_PER_TASK})
     console.print(f"wrote {path}")
 

@@ -174,9 +174,11 @@ def test_replay_after_a_power_loss_gives_the_committed_prefix(tmp_path_factory, 
         durable = f.read()
     model: list = [{}, set()]
     crash = min(crash, len(txns))
+    turn_ops = WalOps()  # one for every transaction, as the broker's turns share theirs
     for n, (ops, parts) in enumerate(txns[:crash]):
         raw = env.begin(write=True)
-        logged = LoggedTxn(raw, WalOps(), index)
+        turn_ops.clear()
+        logged = LoggedTxn(raw, turn_ops, index)
         for op in ops:
             _write(logged, tables, op)
             _apply(model, op)
@@ -196,7 +198,7 @@ def test_replay_after_a_power_loss_gives_the_committed_prefix(tmp_path_factory, 
                 child.commit()
         raw.commit()
         if logged.ops.count:
-            ahead.append(logged.ops.encoded())
+            ahead.append(logged.ops)
         if n in checkpoints:
             ahead.checkpoint(env, wait=True)
             with open(data, "rb") as f:
@@ -284,3 +286,26 @@ def test_expired_idempotency_keys_leave_the_log_a_delete_of_the_key_and_of_its_a
             assert not list(txn.txn.cursor(db=idem.keys))
     finally:
         st.close()
+
+
+def test_segments_are_recycled_and_a_record_larger_than_one_gets_a_file_of_its_own(tmp_path):
+    """Records fill preallocated segments; one larger than a segment is a file of its own size, deleted (not kept
+    as a spare) once a checkpoint covers it; covered segments become spares that later segments reuse."""
+    directory = str(tmp_path / "wal")
+    segment = 1 << 14
+    log = wal.Log(directory, segment_bytes=segment)
+    log.start(0)
+    records = [os.urandom(n) for n in (5000,) * 3 + (3 * segment,) + (5000,) * 9]  # 3 records a segment
+    for record in records:
+        log.append(record)
+    sizes = [os.path.getsize(path) for _, path in log._paths()]
+    assert sizes.count(segment) == len(sizes) - 1 and 3 * segment + 16 in sizes, sizes
+    assert [ops for _, ops in wal.Log(directory, segment_bytes=segment).replay(0)] == records
+    log.recycle(log.next_seq - 1)
+    spares = len(sizes) - 2  # all but the large record's and the active one
+    assert [os.path.getsize(spare) for spare in log._spares()] == [segment] * spares and spares == 3
+    files = len(os.listdir(directory))
+    for _ in range(spares):
+        log.append(os.urandom(segment - 100))  # each fills a segment: a spare is renamed, no file is made
+    assert len(os.listdir(directory)) == files
+    log.close()

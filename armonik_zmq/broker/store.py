@@ -237,6 +237,8 @@ class Store:
         self.wal: Optional[WriteAhead] = None
         #: table handle -> its index in TABLES (what a log record names)
         self.table_index: dict = {}
+        #: the ops of the turn's write transaction (one buffer for every turn: ``_Write``)
+        self.wal_ops = WalOps()
         if replay_after is not None or self.durability == "wal":
             self._open_log(WriteAhead(wal_dir, data_path, self.page_size, checkpoint_interval), replay_after)
 
@@ -276,7 +278,7 @@ class Store:
     def _logged(self, ops: WalOps) -> None:
         """Append a committed transaction's ops to the log, flushed: the commit is durable when this returns."""
         try:
-            self.wal.append(ops.encoded())
+            self.wal.append(ops)
         except OSError as exc:
             # LMDB holds the commit the log could not: a checkpoint makes it durable there, or this raises
             log.error("the write-ahead log could not be written (%s): a checkpoint makes the commit durable", exc)
@@ -414,7 +416,8 @@ class _Write:
         if store.wal is None:
             self.ops = None
             return Txn(store, self.txn)
-        self.ops = ops = WalOps()
+        self.ops = ops = store.wal_ops
+        ops.clear()
         return Txn(store, LoggedTxn(self.txn, ops, store.table_index))
 
     def __exit__(self, exc_type, exc, tb) -> None:

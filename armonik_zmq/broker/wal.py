@@ -27,11 +27,15 @@ from .._core import WAL_PUT
 log = logging.getLogger("armonik_zmq.broker")
 
 #: a segment's size: a record that does not fit in the rest of one starts the next (a larger record gets a
-#: segment of its own size). 16 MiB: thousands of turns of small tasks; a new segment costs one directory flush.
+#: file of its own). 16 MiB: thousands of turns of small tasks; a new segment costs one directory flush.
 SEGMENT_BYTES = 16 << 20
-#: recycled segments kept for reuse (more are deleted)
-SPARE_SEGMENTS = 2
+#: recycled segments kept for reuse (more are deleted). Four: a checkpoint is due after 32 MiB of log (two
+#: segments), and the log goes on while its flush runs, so at full speed a second's worth of segments is freed at
+#: once; with fewer, the loop would write a new segment of zeros (16 MiB and its flush) every second or so
+SPARE_SEGMENTS = 4
 _HEAD = struct.Struct("<IQI")  # crc32, seq, length of the ops
+_SEQ_LENGTH = struct.Struct("<QI")
+_CRC = struct.Struct("<I")
 _OP = struct.Struct("<BBHI")  # kind, table, key length, value length (_core.WalOps)
 _ZEROS = bytes(1 << 20)
 
@@ -42,8 +46,8 @@ def _crc(seq_and_length: bytes, ops) -> int:
 
 def frame(seq: int, ops) -> bytes:
     """The head of the record ``seq`` carrying ``ops`` (the record is this followed by ops)."""
-    body = _HEAD.pack(0, seq, len(ops))[4:]
-    return struct.pack("<I", _crc(body, ops)) + body
+    body = _SEQ_LENGTH.pack(seq, len(ops))
+    return _CRC.pack(_crc(body, ops)) + body
 
 
 def sync_directory(directory: str) -> None:
@@ -159,7 +163,8 @@ class Log:
         self.recycle(upto, keep_active=False)
 
     def append(self, ops) -> int:
-        """Write one record carrying ``ops`` and flush it; return its number. Durable once this returns."""
+        """Write one record carrying ``ops`` (bytes, or a WalOps: read in place) and flush it; return its number.
+        Durable once this returns."""
         seq = self.next_seq
         head = frame(seq, ops)
         size = len(head) + len(ops)
@@ -177,20 +182,22 @@ class Log:
         return seq
 
     def _next_segment(self, size: int) -> None:
-        """Make the next segment the active one: a spare renamed, or a new file of zeros (a larger one for a record
-        larger than a segment), then the directory flushed so that its name survives."""
+        """Make the next segment the active one: a spare renamed, or a new file of zeros, then the directory flushed
+        so that its name survives. A record larger than a segment gets an empty file of its own instead: its one
+        flush commits the file's size too, which costs little beside its megabytes."""
         self.index += 1
         path = os.path.join(self.directory, f"{self.index:016d}.wal")
-        want = max(self.segment_bytes, size)
         spares = self._spares()
-        if spares and os.path.getsize(spares[0]) >= want:
+        if size > self.segment_bytes:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        elif spares:
             os.rename(spares[0], path)
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         else:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             done = 0
-            while done < want:
-                done += os.write(fd, _ZEROS[:min(len(_ZEROS), want - done)])
+            while done < self.segment_bytes:
+                done += os.write(fd, _ZEROS[:min(len(_ZEROS), self.segment_bytes - done)])
             os.fsync(fd)
         sync_directory(self.directory)
         if self.fd >= 0:
@@ -200,26 +207,26 @@ class Log:
 
     def recycle(self, upto: int, keep_active: bool = True) -> None:
         """Turn the segments whose records are all covered by a checkpoint at record ``upto`` into spares (all but
-        ``SPARE_SEGMENTS`` deleted). The active one stays (``keep_active``)."""
-        keep, changed = [], False
+        ``SPARE_SEGMENTS`` deleted, and the files of single large records). The active one stays
+        (``keep_active``). The directory is not flushed: a rename or deletion that a power loss undoes leaves a
+        segment of records the checkpoint covers, which the replay skips as stale (and the next segment's flush
+        makes them durable anyway)."""
+        keep = []
         spares = self._spares()
         for index, path, last in self.segments:
             if last > upto or (keep_active and path == self.segments[-1][1] and self.fd >= 0):
                 keep.append((index, path, last))
                 continue
-            if len(spares) < SPARE_SEGMENTS:
+            if len(spares) < SPARE_SEGMENTS and os.path.getsize(path) == self.segment_bytes:
                 spare = os.path.join(self.directory, f"spare-{index:016d}.wal")
                 os.rename(path, spare)
                 spares.append(spare)
             else:
                 os.unlink(path)
-            changed = True
         if not keep_active and self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
         self.segments = keep
-        if changed:
-            sync_directory(self.directory)
 
     def close(self) -> None:
         if self.fd >= 0:
