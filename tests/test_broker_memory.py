@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 
-from armonik_zmq.broker.filepages import mapped_ranges
+import pytest
+
+from armonik_zmq.broker.filepages import FilePages, mapped_ranges, resident_file_pages
 from armonik_zmq.broker.store import Store
 
 
@@ -13,14 +15,20 @@ def _rss_file_kib() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("RssFile:"))
 
 
+def _store_of_40_mib(tmp_path) -> tuple[Store, dict]:
+    """A store holding 40 MiB of rows (40,000 of 1 KiB), and those rows."""
+    store = Store(str(tmp_path / "lmdb"), map_size=1 << 30)
+    rows = {f"row-{i:06d}".encode(): os.urandom(1024) for i in range(40_000)}
+    with store.write() as txn:
+        for key, value in rows.items():
+            txn.txn.put(key, value, db=store.tasks)
+    return store, rows
+
+
 def test_data_file_pages_leave_the_resident_set_and_every_row_reads_back(tmp_path):
     """40 MiB of rows read through the map are resident; after a release they are not, and still read the same."""
-    store = Store(str(tmp_path / "lmdb"), map_size=1 << 30)
+    store, rows = _store_of_40_mib(tmp_path)
     try:
-        rows = {f"row-{i:06d}".encode(): os.urandom(1024) for i in range(40_000)}
-        with store.write() as txn:
-            for key, value in rows.items():
-                txn.txn.put(key, value, db=store.tasks)
         assert mapped_ranges(store.file_pages.path), "LMDB maps data.mdb"
         store.file_pages.release()
         before = _rss_file_kib()
@@ -33,5 +41,27 @@ def test_data_file_pages_leave_the_resident_set_and_every_row_reads_back(tmp_pat
         assert after - before < 4 * 1024, f"{after - before} KiB of data.mdb still resident after the release"
         with store.read() as txn:
             assert all(txn.txn.get(key, db=store.tasks) == value for key, value in rows.items())
+    finally:
+        store.close()
+
+
+def test_data_file_pages_are_released_once_reads_mapped_many_before_the_interval(tmp_path):
+    """A commit releases the mapped pages before the interval is up once the resident file pages grew by
+    ``grown_bytes`` since the last release (the write-ahead log's commits map new pages at full speed), not before."""
+    store, rows = _store_of_40_mib(tmp_path)
+    try:
+        pages = FilePages(store.file_pages.path, interval=3600, grown_bytes=16 << 20, check_interval=0)
+        pages.maybe_release()  # the first is due at once
+        released = pages.released
+        assert released, "LMDB maps data.mdb"
+        pages.maybe_release()
+        assert pages.released == released, "released again with no pages faulted in and the interval not up"
+        resident = resident_file_pages()
+        with store.read() as txn:
+            assert all(txn.txn.get(key, db=store.tasks) == value for key, value in rows.items())
+        if resident_file_pages() - resident < 30 * 256:
+            pytest.skip("/proc/self/statm does not show the 40 MiB of data.mdb pages that reads mapped")
+        pages.maybe_release()
+        assert pages.released == 2 * released
     finally:
         store.close()
