@@ -39,16 +39,22 @@ class LinkClosed(Exception):
     """The other end is gone (a send found the link closed)."""
 
 
+#: the size tables of messages of up to 16 frames (the usual ones), compiled once: u32 count | count x u64 sizes
+_PREFIX = [struct.Struct(f"<I{n}Q") for n in range(17)]
+_SIZES = [struct.Struct(f"<{n}Q") for n in range(17)]
+
+
 def _nbytes(buffer) -> int:
     return len(buffer) if type(buffer) is bytes else memoryview(buffer).nbytes
 
 
-def encode(frames: Sequence) -> list:
-    """The buffers that carry ``frames`` as one message (its prefix, then the frames themselves, not copied)."""
+def encode(frames: Sequence) -> tuple[list, int]:
+    """The buffers that carry ``frames`` as one message (its prefix, then the frames themselves, not copied),
+    and their total size."""
     n = len(frames)
-    if n == 1:
-        return [struct.pack("<IQ", 1, _nbytes(frames[0])), frames[0]]
-    return [struct.pack(f"<I{n}Q", n, *[_nbytes(f) for f in frames]), *frames]
+    sizes = [len(f) if type(f) is bytes else memoryview(f).nbytes for f in frames]
+    prefix = _PREFIX[n].pack(n, *sizes) if n <= 16 else struct.pack(f"<I{n}Q", n, *sizes)
+    return [prefix, *frames], len(prefix) + sum(sizes)
 
 
 def peer_pid(sock: socket.socket) -> int:
@@ -70,8 +76,10 @@ class Link:
         self.max_frame = max_frame
         self.copy_big = copy_big
         self._buf = bytearray()
-        #: what each read lands in (a new buffer of that size per read would be mapped and unmapped each time)
+        #: what each read lands in (a new buffer of that size per read would be mapped and unmapped each time),
+        #: and a view of it (never resized: the view may live as long as the link)
         self._scratch = bytearray(RECV_SIZE)
+        self._scratch_view = memoryview(self._scratch)
         #: sizes of the message being read (once its size table came), and its frames read so far
         self._sizes: Optional[tuple] = None
         self._frames: list = []
@@ -124,8 +132,7 @@ class Link:
                     if not n:
                         self.closed = "the other end closed the link"
                         break
-                    with memoryview(self._scratch) as view:
-                        self._buf += view[:n]
+                    self._buf += self._scratch_view[:n]
                     full = n == RECV_SIZE
             except (BlockingIOError, InterruptedError):
                 break
@@ -145,9 +152,10 @@ class Link:
         """Cut the complete messages out of the buffer (and start a big frame's own buffer)."""
         buf = self._buf
         pos, end = 0, len(buf)
+        sizes, frames = self._sizes, self._frames
         with memoryview(buf) as view:
             while True:
-                if self._sizes is None:
+                if sizes is None:
                     if end - pos < 4:
                         break
                     (n,) = _COUNT.unpack_from(buf, pos)
@@ -155,16 +163,19 @@ class Link:
                         raise _OutOfLimits(f"a message of {n} frames (1 to {MAX_FRAMES} allowed)")
                     if end - pos < 4 + 8 * n:
                         break
-                    sizes = struct.unpack_from(f"<{n}Q", buf, pos + 4)
-                    self._check(sizes)
+                    sizes = (_SIZES[n].unpack_from(buf, pos + 4) if n <= 16
+                             else struct.unpack_from(f"<{n}Q", buf, pos + 4))
+                    if self.max_frame is not None:
+                        self._check(sizes)
                     pos += 4 + 8 * n
-                    self._sizes, self._frames = sizes, []
-                sizes, frames = self._sizes, self._frames
-                while len(frames) < len(sizes):
-                    size = sizes[len(frames)]
+                    frames = []
+                count, i = len(sizes), len(frames)
+                while i < count:
+                    size = sizes[i]
                     if end - pos >= size:
                         frames.append(bytes(view[pos:pos + size]))
                         pos += size
+                        i += 1
                     elif size >= BIG_FRAME:
                         self._big = bytearray(size)
                         self._big[:end - pos] = view[pos:end]
@@ -173,15 +184,14 @@ class Link:
                         break
                     else:
                         break
-                if len(frames) < len(sizes):
+                if i < count:
                     break
                 out.append(frames)
-                self._sizes, self._frames = None, []
+                sizes, frames = None, []
+        self._sizes, self._frames = sizes, frames
         del buf[:pos]
 
     def _check(self, sizes: tuple) -> None:
-        if self.max_frame is None:
-            return
         if sizes[0] > MAX_HEADER_SIZE:
             raise _OutOfLimits(f"a header of {sizes[0]} bytes (at most {MAX_HEADER_SIZE})")
         for i, size in enumerate(sizes):
@@ -195,11 +205,11 @@ class Link:
 
         Return whether everything went (nothing pending). Raises LinkClosed if the other end is gone.
         """
-        buffers = encode(frames)
+        buffers, total = encode(frames)
         if self._out:
             self._queue(buffers)
             return False
-        return self._write(buffers)
+        return self._write(buffers, total)
 
     def flush(self) -> bool:
         """Send more of what is pending (the socket became writable); return whether nothing is left."""
@@ -210,20 +220,25 @@ class Link:
         self.pending = 0
         return self._write(buffers)
 
-    def _write(self, buffers: list) -> bool:
+    def _write(self, buffers: list, total: int = -1) -> bool:
+        """Hand ``buffers`` to the socket (``total``: their size, when known), queueing what it does not take."""
         sock = self.sock
         while buffers:
-            batch = buffers[:_IOV_MAX]
+            whole = len(buffers) <= _IOV_MAX
+            batch = buffers if whole else buffers[:_IOV_MAX]
             try:
                 sent = sock.sendmsg(batch)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as exc:  # EPIPE, ECONNRESET: the other end is gone
                 raise LinkClosed(f"the link broke: {exc}") from None
-            total = sum(_nbytes(b) for b in batch)
+            if total < 0 or not whole:
+                total = sum(_nbytes(b) for b in batch)
             if sent == total:
                 del buffers[:len(batch)]
+                total = -1
                 continue
+            total = -1
             # Partly taken: keep the rest, starting inside the buffer the socket stopped at.
             i = 0
             while sent:
