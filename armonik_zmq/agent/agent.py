@@ -172,6 +172,8 @@ class Agent:
         self.data_chunk_max_size = DATA_CHUNK_MAX_SIZE
         #: where the broker takes shared-memory results (data_socket, host_id, shm_threshold), if it does
         self.shm_config: dict = {}
+        #: what every RUNS tells the worker (built once: it changes with a registration only)
+        self._run_configuration = {"data_chunk_max_size": DATA_CHUNK_MAX_SIZE, "keep": config.window}
         #: the broker's data socket, when it is on this host: large inputs are then mapped by the worker
         self._data: Optional[shm.DataChannel] = None
         self.stats = {"completed": 0, "failed": 0, "released": 0, "refused": 0, "discarded": 0}
@@ -271,6 +273,8 @@ class Agent:
         self.lease = header["lease"]
         self.data_chunk_max_size = header["data_chunk_max_size"]
         self.shm_config = {k: header[k] for k in ("data_socket", "host_id", "shm_threshold") if k in header}
+        self._run_configuration = {"data_chunk_max_size": self.data_chunk_max_size, "keep": self.config.window,
+                                   **self.shm_config}
         self._last_heard = time.monotonic()
         log.info("agent %s registered with %s (%d slots, %d attempt(s) kept)", self.agent_id, self.config.broker,
                  self.capacity, header.get("kept", 0))
@@ -592,9 +596,7 @@ class Agent:
             runs.append(run)
             counts.append(len(inputs))
             data.extend(inputs)
-        header = request(Op.RUNS, 0, runs=runs, frames=counts, options=options,
-                         configuration={"data_chunk_max_size": self.data_chunk_max_size, "keep": self.config.window,
-                                        **self.shm_config})
+        header = request(Op.RUNS, 0, runs=runs, frames=counts, options=options, configuration=self._run_configuration)
         if not self._send_to(proc.link, [header, *data]):
             # The worker's link broke before the agent read its end: the tasks wait for another worker. The
             # worker is killed, so that it is replaced for sure. Never let a worker's death take the agent down.
@@ -986,7 +988,7 @@ class Agent:
         the broker's pace, and a lone task is still reported at once.
         """
         most = self.config.report_max
-        in_flight = sum(kind == "done" for kind, _ in self._unacked.values())
+        in_flight = sum(kind == "done" for kind, _ in self._unacked.values()) if self._unacked else 0
         while self._done and (not in_flight or (len(self._done) >= most and in_flight < REPORTS_IN_FLIGHT)):
             done, self._done = self._done[:most], self._done[most:]
             frames = [f for _, fs in done for f in fs]
