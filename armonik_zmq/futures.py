@@ -94,6 +94,10 @@ class Future(concurrent.futures.Future):
     def result(self, timeout: Optional[float] = None) -> Any:
         """The value (``concurrent.futures.Future.result``); while waiting, this thread reads the broker's messages
         itself when no other thread does, so the value needs no hand-off from another thread."""
+        if self._state is _FINISHED:  # final: what it was set with was set before it (``_set``), no lock to read it
+            if self._error is not None:
+                raise self._error
+            return self._value
         self._await(timeout)
         with self._condition:
             if self._state in _CANCELLED:
@@ -194,6 +198,15 @@ class Future(concurrent.futures.Future):
             callbacks, self._callbacks = self._callbacks, []
         for fn in callbacks:
             _call_back(fn, self)
+
+    def _settle_unshared(self, data) -> None:
+        """Settle with the value ``data`` holds a future no other thread has seen (not registered, not returned yet):
+        no waiter to tell, no callback, no condition to take."""
+        try:
+            self._value = functions.load_result(data)
+        except Exception as exc:
+            self._error = exc
+        self._state = _FINISHED
 
     def _settle(self, value: Any = None, exception: Optional[BaseException] = None) -> None:
         try:
@@ -358,14 +371,21 @@ class Client:
 
     def _register(self, tasks: list) -> List[Future]:
         """Make and register the futures of tasks a SUBMIT_INLINE created; settle those whose status came first."""
-        futures = []
+        futures, arrived, early = [], [], []
         with self._lock:
             for task in tasks:
                 fut = Future(self, task["expected_output_ids"][0])
                 fut.task_id = task["task_id"]
-                self._pending[fut.result_id] = fut
+                came = self._early.pop(fut.result_id, None) if self._early else None
+                if came is not None and came[0] == ResultStatus.COMPLETED and came[1] is not None:
+                    arrived.append((fut, came[1]))  # its value came before it: never registered, settled below
+                else:
+                    self._pending[fut.result_id] = fut
+                    if came is not None:
+                        early.append(came + (fut.result_id,))
                 futures.append(fut)
-            early = [self._early.pop(f.result_id) + (f.result_id,) for f in futures if f.result_id in self._early]
+        for fut, data in arrived:  # (a lone task's value comes inside its submit's reply)
+            fut._settle_unshared(data)
         if early:
             self._on_statuses({rid: status for status, _, rid in early},
                               {rid: data for _, data, rid in early if data is not None})

@@ -115,3 +115,49 @@ def test_closing_wakes_a_thread_reading_for_its_events(cluster, api, ends):
         assert isinstance(outcome[0], BrokerUnavailableError)
     else:
         assert outcome == [[]]
+
+
+def test_a_reply_settled_by_another_thread_wakes_its_waiter_once_and_keeps_its_outcome():
+    """``_Reply`` (the future of a call the connection waits for): a waiter blocks until another thread settles it,
+    a wait that ends first raises TimeoutError, an error reply is raised, and a second settle is refused."""
+    from concurrent.futures import InvalidStateError
+
+    from armonik_zmq.client.connection import _Reply
+
+    lock = threading.Lock()
+    reply = _Reply(lock)
+    with pytest.raises(TimeoutError):
+        reply.result(0.01)
+    assert not reply.done()
+    settler = threading.Timer(0.05, reply.set_result, (("header", []),))
+    settler.start()
+    assert reply.result(10) == ("header", [])  # blocks until the other thread settles it
+    settler.join()
+    assert reply.done() and reply.result(0) == ("header", []) and not lock.locked()
+    with pytest.raises(InvalidStateError):
+        reply.set_exception(RuntimeError("late"))
+    failed = _Reply(lock)
+    failed.set_exception(BrokerUnavailableError("gone"))
+    with pytest.raises(BrokerUnavailableError):
+        failed.result()
+
+
+def test_threads_calling_at_once_each_get_their_own_reply(cluster):
+    """One thread reads while the others wait for their replies (each on its own lock): every call is answered."""
+    with connect(cluster.endpoint, timeout=30) as conn:
+        errors = []
+
+        def calls():
+            try:
+                for _ in range(50):
+                    header, _ = conn.call(Op.GET_SESSIONS, session_ids=[])
+                    assert header["op"] == Op.GET_SESSIONS and header["ok"]
+            except Exception as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=calls) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors and not any(t.is_alive() for t in threads)
