@@ -91,7 +91,7 @@ def _turn_with(broker: Broker, sent: list) -> None:
     for sock, _, header in sent:
         sock.send(header)
     deadline = time.monotonic() + 10
-    while not all(theirs.getsockopt(zmq.EVENTS) & zmq.POLLIN for _, theirs, _ in sent):
+    while not all(broker.poller.arrived(theirs) for _, theirs, _ in sent):  # its own look: see broker/readiness.py
         assert time.monotonic() < deadline, "the messages did not reach the broker"
         time.sleep(0.01)
     broker.turn(0)
@@ -139,7 +139,7 @@ def test_a_client_that_comes_during_a_parts_last_message_joins_its_commit(tmp_pa
             if req.rid == 1:
                 late.send(request(Op.CREATE_SESSION, 2, default_task_options=OPTIONS))
                 deadline = time.monotonic() + 10
-                while not broker.frontend.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                while not broker.poller.arrived(broker.frontend):
                     assert time.monotonic() < deadline, "the late request did not reach the broker"
                     time.sleep(0.001)
                 time.sleep(2 * LOOK_EVERY)  # handled for longer than LOOK_EVERY, even when the request came at once

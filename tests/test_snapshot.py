@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 
 import pytest
-import zmq
 
 from armonik_zmq.broker.events import EVENTS_PER_PUSH
 from armonik_zmq.protocol import Op, decode_header, request
@@ -36,7 +35,7 @@ class Client:
         """Send a request and run the broker's next turn once it is there; return its rid."""
         self.rid += 1
         self.sock.send_multipart([request(op, self.rid, **fields), *frames])
-        while not self.broker.frontend.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while not self.broker.poller.arrived(self.broker.frontend):  # its own look: see broker/readiness.py
             time.sleep(0.001)
         self.broker.turn(0)
         return self.rid

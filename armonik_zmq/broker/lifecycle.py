@@ -251,8 +251,8 @@ class Lifecycle:
     def _others_wait(self: "Broker") -> bool:
         """Whether someone waits for this turn to end: a peer whose request this turn answers (after its commit),
         or a message waiting for a turn (in the fair queue, or in the clients' or the agents' socket)."""
-        return (bool(self._turn_requests) or bool(self.fair.waiting) or self._readable(self.frontend)
-                or self._readable(self.backend))
+        return (bool(self._turn_requests) or bool(self.fair.waiting) or self._arrived(self.frontend)
+                or self._arrived(self.backend))
 
     def handle_pause_sessions(self: "Broker", req: "Request", txn: Txn) -> None:
         """RUNNING -> PAUSED: tasks not started become PAUSED and leave the queues; running ones finish."""

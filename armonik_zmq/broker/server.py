@@ -43,8 +43,9 @@ from ..protocol import (BACKEND_OPS, FRONTEND_OPS, MAX_HEADER_SIZE, ErrorCode, O
                         envelope_of, reply_error, reply_ok, request, validate, with_field)
 from ..security import check_bind
 from ..unixlink import LinkRouter
-from ..zmqio import readable, recv_message, send_message
+from ..zmqio import recv_message, send_message
 from .acks import HeldAcks
+from .readiness import Readiness
 from .reportwait import ReportWait
 from .backend import AgentInfo, Backend
 from .data import ResultData
@@ -179,9 +180,10 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         self.auth = Authorizer(self) if self.guard is not None else None
         self.frontend = self._router(config.endpoint)
         self.backend = self._router(config.agents_endpoint, sndhwm=config.backend_sndhwm)
-        self.poller = zmq.Poller()
-        self.poller.register(self.frontend, zmq.POLLIN)
-        self.poller.register(self.backend, zmq.POLLIN)
+        #: one poll over both ROUTERs and the links, and a ROUTER's ZMQ_EVENTS read only when it may have a message
+        self.poller = Readiness()
+        self.poller.add_router(self.frontend)
+        self.poller.add_router(self.backend)
         #: Unix-socket links for the peers of this host (unixlink.py), by the ROUTER whose role they share: their
         #: messages are received and answered as that ROUTER's (the same ``sock`` in the fair queue and requests)
         self.links: dict[zmq.Socket, LinkRouter] = {}
@@ -189,11 +191,11 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         for sock, endpoint in ((self.frontend, config.client_link), (self.backend, config.agent_link)):
             if endpoint:
                 link = self.links[sock] = LinkRouter(endpoint, config.max_message_size, config.link_buffer)
-                self.poller.register(link.fileno(), zmq.POLLIN)
+                self.poller.add_fd(link.fileno())
                 if sock is self.backend:
                     self._agent_fds.add(link.fileno())
-        if not self.links:  # the ZeroMQ calls themselves: nothing in between on the paths of every message
-            self._readable, self._recv, self._send = readable, recv_message, send_message
+        if not self.links:  # no link to look at: nothing in between on the paths of every message
+            self._readable, self._arrived, self._recv = self.poller.readable, self.poller.arrived, recv_message
         # Set here only: ``run`` serves right after, and a broker driven turn by turn (tests) never calls it. A
         # lease from now: no agent can have been silent for a whole lease sooner.
         self._next_lease_check = time.monotonic() + config.lease
@@ -312,8 +314,16 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
     # -- sending ---------------------------------------------------------------------------------
 
     def _readable(self, sock: zmq.Socket) -> bool:
-        """Whether a message waits on ``sock`` or on its link."""
-        if readable(sock):
+        """Whether a message waits on ``sock`` (as known since the last poll: a ROUTER's newcomer waits for the next
+        poll) or on its link."""
+        if self.poller.readable(sock):
+            return True
+        link = self.links.get(sock)
+        return link is not None and link.readable()
+
+    def _arrived(self, sock: zmq.Socket) -> bool:
+        """Whether a message waits on ``sock`` or on its link, one that came since the last poll included."""
+        if self.poller.arrived(sock):
             return True
         link = self.links.get(sock)
         return link is not None and link.readable()
@@ -331,6 +341,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         if link is not None and frames[0] in link.peers:
             link.send(frames)
         else:
+            self.poller.touched(sock)
             send_message(sock, frames, copy)
 
     def send_backend(self, peer: bytes, frames: list, on_fail: Optional[AgentInfo] = None) -> None:
@@ -399,7 +410,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         A client's request already waiting goes first (the slice waits for the next turn), but a slice is put
         off at most ``SLICES_PUT_OFF`` turns in a row: a stream of requests cannot hold a snapshot forever."""
         events = self.state.events
-        if self._slices_put_off < SLICES_PUT_OFF and self._readable(self.frontend):
+        if self._slices_put_off < SLICES_PUT_OFF and self._arrived(self.frontend):
             self._slices_put_off += 1
             return True
         self._slices_put_off = 0
@@ -470,7 +481,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         frontend, fair = self.frontend, self.fair
         # past the queue's room if need be: by one batch at most, which the next turns' drains leave in ZeroMQ
         for _ in range(PREEMPT_TAKES):
-            if not self._readable(frontend):
+            if not self._arrived(frontend):
                 break
             fair.add(0, frontend, self._recv(frontend))
         if fair.newcomers:
@@ -591,7 +602,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         self.metrics.turn(time.monotonic() - turn_started)
         # a client already waiting is served before the collector's step (gcpolicy.py)
         if self.gc_policy.step_due():
-            self.gc_policy.busy(wanted=self._readable(self.frontend))
+            self.gc_policy.busy(wanted=self._arrived(self.frontend))
 
     def _commit_part(self, batch: list, now: float, mono: float, lease_due: bool, turn_started: float,
                      upkeep: bool) -> None:

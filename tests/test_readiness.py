@@ -1,0 +1,77 @@
+"""The broker's poller (broker/readiness.py): with its peers on links it reads no ROUTER's ZMQ_EVENTS, and a ZeroMQ
+peer that comes later is served all the same, also when its messages outnumber a turn's batch and its replies go
+out on the ROUTER between them. In-process broker driven turn by turn, a real link peer and a real DEALER."""
+
+from __future__ import annotations
+
+import time
+
+import zmq
+
+from armonik_zmq.broker import Broker
+from armonik_zmq.config import BrokerConfig
+from armonik_zmq.protocol import Op, decode_header, request
+from armonik_zmq.unixlink import LinkDealer
+
+
+def _linked_broker(tmp_path) -> Broker:
+    return Broker(BrokerConfig(data_dir=str(tmp_path / "lmdb"), endpoint=f"ipc://{tmp_path}/f",
+                               agents_endpoint=f"ipc://{tmp_path}/b", client_link=f"unix://{tmp_path}/clients.sock",
+                               agent_link=f"unix://{tmp_path}/agents.sock", map_size=1 << 24, max_batch_messages=4))
+
+
+def _served(broker: Broker, replied, timeout: float = 10.0) -> None:
+    """Run the broker's turns until ``replied()``."""
+    deadline = time.monotonic() + timeout
+    while not replied():
+        assert time.monotonic() < deadline, "no reply"
+        broker.turn(10)
+
+
+def test_link_peers_leave_the_routers_unread_and_a_zeromq_client_coming_later_is_served(tmp_path):
+    broker = _linked_broker(tmp_path)
+    linked = LinkDealer(broker.config.client_link, b"linked-client")
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    try:
+        got: list = []
+
+        def link_replies(n: int):
+            def replied() -> bool:
+                while linked.readable():
+                    got.append(decode_header(linked.recv()[0].bytes))
+                return len(got) >= n
+            return replied
+
+        for rid in range(1, 6):
+            linked.send([request(Op.HEALTH, rid)])
+            _served(broker, link_replies(rid))
+            # every ROUTER was found empty, and nothing fired its fd since: the next turns do not read them
+            assert not broker.poller.maybe
+        assert [h["rid"] for h in got] == [1, 2, 3, 4, 5]
+
+        # A ZeroMQ client comes now: its messages outnumber a turn's batch (4), so turns leave some in the ROUTER
+        # while its replies go out on it; link requests come between.
+        dealer.connect(broker.config.endpoint)
+        n = 30
+        for rid in range(1, n + 1):
+            dealer.send(request(Op.HEALTH, rid))
+        linked.send([request(Op.HEALTH, 6)])
+        answered: list = []
+
+        def dealer_replies() -> bool:
+            while dealer.poll(0):
+                answered.append(decode_header(dealer.recv())["rid"])
+            return len(answered) == n
+
+        _served(broker, dealer_replies)
+        _served(broker, link_replies(6))
+        assert answered == list(range(1, n + 1)) and got[-1]["rid"] == 6
+
+        # and again after the broker idled on links alone
+        _served(broker, lambda: not broker.poller.maybe)
+        dealer.send(request(Op.HEALTH, n + 1))
+        _served(broker, lambda: dealer.poll(0) and decode_header(dealer.recv())["rid"] == n + 1)
+    finally:
+        dealer.close(0)
+        linked.close()
+        broker.close()
