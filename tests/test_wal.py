@@ -309,3 +309,30 @@ def test_segments_are_recycled_and_a_record_larger_than_one_gets_a_file_of_its_o
         log.append(os.urandom(segment - 100))  # each fills a segment: a spare is renamed, no file is made
     assert len(os.listdir(directory)) == files
     log.close()
+
+
+def test_a_checkpoint_prepares_a_spare_segment_once_the_active_one_is_half_full(tmp_path):
+    """A broker's first segments: once the active one is past its half and no spare is left, the checkpoint's thread
+    makes one of zeros, which the commit that fills the active segment then renames (no zeros on its path)."""
+    path = str(tmp_path)
+    env, _tables = _open(path)
+    ahead = wal.WriteAhead(os.path.join(path, "wal"), os.path.join(path, "data.mdb"), 4096)
+    ahead.log.segment_bytes = segment = 1 << 14
+    try:
+        ahead.open(env)
+        ahead.append(os.urandom(segment // 4))
+        ahead.checkpoint(env)
+        ahead.finish()
+        assert ahead.log._spares() == [], "a spare made while the active segment is under its half"
+        ahead.append(os.urandom(segment // 3))
+        ahead.checkpoint(env)
+        ahead.finish()
+        [spare] = ahead.log._spares()
+        with open(spare, "rb") as f:
+            assert not any(f.read()) and os.path.getsize(spare) == segment
+        ahead.append(os.urandom(segment // 2))  # does not fit in the active segment: the spare is the next one
+        assert ahead.log._spares() == [] and not os.path.exists(spare)
+        assert len(ahead.log._paths()) == 2
+    finally:
+        ahead.close(env)
+        env.close()

@@ -50,6 +50,14 @@ def frame(seq: int, ops) -> bytes:
     return _CRC.pack(_crc(body, ops)) + body
 
 
+def _fill_zeros(fd: int, size: int) -> None:
+    """Write ``size`` bytes of zeros at the start of ``fd`` and flush them: real blocks, no hole."""
+    done = 0
+    while done < size:
+        done += os.pwrite(fd, _ZEROS[:min(len(_ZEROS), size - done)], done)
+    os.fsync(fd)
+
+
 def sync_directory(directory: str) -> None:
     """Flush ``directory`` itself, so that a file created, renamed or removed in it stays so after a power loss."""
     fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
@@ -157,7 +165,8 @@ class Log:
         """Begin appending after record ``upto`` (a checkpoint covers every record so far): every segment
         becomes a spare, and the next record opens a new one."""
         self.next_seq = max(self.next_seq, upto + 1)
-        self.index = max([self.index] + [int(os.path.basename(p)[6:-4]) for p in self._spares()]
+        spare_indexes = [os.path.basename(p)[6:-4] for p in self._spares()]  # "spare-prepared-*": none
+        self.index = max([self.index] + [int(i) for i in spare_indexes if i.isdigit()]
                          + [index for index, _ in self._paths()])
         self.segments = [(index, path, upto) for index, path in self._paths()]
         self.recycle(upto, keep_active=False)
@@ -195,10 +204,7 @@ class Log:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         else:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            done = 0
-            while done < self.segment_bytes:
-                done += os.write(fd, _ZEROS[:min(len(_ZEROS), self.segment_bytes - done)])
-            os.fsync(fd)
+            _fill_zeros(fd, self.segment_bytes)
         sync_directory(self.directory)
         if self.fd >= 0:
             os.close(self.fd)
@@ -227,6 +233,23 @@ class Log:
             os.close(self.fd)
             self.fd = -1
         self.segments = keep
+
+    def needs_spare(self) -> bool:
+        """Whether a spare should be made ahead: the active segment is past its half and no spare is left (a
+        broker's first segments; later ones are recycled)."""
+        return self.fd >= 0 and 2 * self.offset > self.segment_bytes and not self._spares()
+
+    def prepare_spare(self) -> None:
+        """Make a spare segment of zeros, off the loop's thread (``needs_spare``): the commit that fills the active
+        segment then renames it instead of writing 16 MiB of zeros and flushing them on a turn's path. It is
+        complete and flushed before it is named a spare."""
+        tmp = os.path.join(self.directory, "prepared.tmp")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            _fill_zeros(fd, self.segment_bytes)
+        finally:
+            os.close(fd)
+        os.rename(tmp, os.path.join(self.directory, f"spare-prepared-{time.time_ns()}.wal"))
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -334,10 +357,12 @@ CHECKPOINT_SECONDS = 1.0
 class _Running:
     """A checkpoint in progress: its flush and its record made durable by a thread of their own."""
 
-    __slots__ = ("pin", "seq", "txnid", "metas", "error", "thread")
+    __slots__ = ("pin", "seq", "txnid", "metas", "spare_for", "error", "thread")
 
-    def __init__(self, pin, seq: int, txnid: int, metas: bytes):
+    def __init__(self, pin, seq: int, txnid: int, metas: bytes, spare_for: Log | None):
         self.pin, self.seq, self.txnid, self.metas = pin, seq, txnid, metas
+        #: the log to make a spare segment for once the checkpoint is written (``Log.needs_spare``), if any
+        self.spare_for = spare_for
         self.error: BaseException | None = None
         self.thread: threading.Thread | None = None
 
@@ -347,6 +372,12 @@ class _Running:
             write_checkpoint(directory, self.seq, self.txnid, self.metas)
         except BaseException as exc:  # reported by the loop's thread (``WriteAhead.poll``)
             self.error = exc
+            return
+        if self.spare_for is not None:
+            try:
+                self.spare_for.prepare_spare()
+            except OSError as exc:  # the loop makes the next segment itself
+                log.warning("the write-ahead log could not prepare a spare segment: %r", exc)
 
 
 class WriteAhead:
@@ -417,7 +448,8 @@ class WriteAhead:
             raise WalError(f"data.mdb's meta pages do not name LMDB's last transaction {txnid}")
         self._last = time.monotonic()
         self._logged_at_last = self.log.appended
-        running = self._running = _Running(pin, self.log.next_seq - 1, txnid, metas)
+        spare_for = self.log if not wait and self.log.needs_spare() else None
+        running = self._running = _Running(pin, self.log.next_seq - 1, txnid, metas, spare_for)
         if wait:
             running.run(env, self.directory)
             self.poll()
