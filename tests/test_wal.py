@@ -336,3 +336,31 @@ def test_a_checkpoint_prepares_a_spare_segment_once_the_active_one_is_half_full(
     finally:
         ahead.close(env)
         env.close()
+
+
+def test_a_log_that_lost_its_checkpoint_is_not_replayed_when_logging_starts_again(tmp_path):
+    """A broker in another mode replays the log and drops its checkpoint; a later broker with the log numbers its
+    records from 1 again. The old segments must go: reused as spares, an old record of the same size that follows
+    the last new one carries the next number and would be replayed as new after a crash."""
+    path = str(tmp_path)
+    data = os.path.join(path, "data.mdb")
+    env, _tables = _open(path)
+    try:
+        first = wal.WriteAhead(os.path.join(path, "wal"), data, 4096)
+        first.open(env)
+        for i in range(5):
+            first.append(b"old-%d" % i + b"x" * 100)
+        first.unpin()
+        first.log.close()  # a crash; then a start in lmdb mode replays the log and drops the checkpoint
+        os.unlink(os.path.join(path, "wal", wal.CHECKPOINT_FILE))
+        second = wal.WriteAhead(os.path.join(path, "wal"), data, 4096)
+        second.open(env)
+        new = [b"new-%d" % i + b"x" * 100 for i in range(2)]
+        for ops in new:
+            second.append(ops)
+        second.unpin()
+        second.log.close()  # a crash
+        after = wal.WriteAhead.restore(os.path.join(path, "wal"), data)
+        assert [ops for _, ops in wal.WriteAhead(os.path.join(path, "wal"), data, 4096).log.replay(after)] == new
+    finally:
+        env.close()

@@ -234,6 +234,14 @@ class Log:
             self.fd = -1
         self.segments = keep
 
+    def discard(self) -> None:
+        """Delete every segment and spare, durably (before a first checkpoint: ``WriteAhead.open``)."""
+        for _index, path in self._paths():
+            os.unlink(path)
+        for path in self._spares():
+            os.unlink(path)
+        sync_directory(self.directory)
+
     def needs_spare(self) -> bool:
         """Whether a spare should be made ahead: the active segment is past its half and no spare is left (a
         broker's first segments; later ones are recycled)."""
@@ -424,7 +432,12 @@ class WriteAhead:
         return count
 
     def open(self, env) -> None:
-        """Start logging: a checkpoint at LMDB's last transaction, then a fresh log after it."""
+        """Start logging: a checkpoint at LMDB's last transaction, then a fresh log after it. Segments found with no
+        checkpoint are deleted first: no checkpoint means no replay (a start in another mode replayed them and
+        dropped it), and the records numbered from 1 again would meet theirs (a recycled segment's stale record
+        that happens to follow the last new one with the next number would be replayed as new)."""
+        if read_checkpoint(self.directory) is None:
+            self.log.discard()
         self.checkpoint(env, wait=True)
         self.log.start(self.log.next_seq - 1)
 
