@@ -12,13 +12,17 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 
 import lmdb
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from armonik_zmq._core import WAL_DELETE, LoggedTxn, WalOps
 from armonik_zmq.broker import wal
+from armonik_zmq.broker.store import Store
 from armonik_zmq.client import TaskDefinition, TaskStatus, connect
 from conftest import Api, broker_only, make_cluster
 
@@ -259,6 +263,37 @@ def test_a_checkpoint_file_of_another_data_file_is_refused(tmp_path):
         assert "older" in str(exc)
     else:
         raise AssertionError("a checkpoint was restored over an older data.mdb")
+
+
+def test_a_restart_is_refused_while_another_process_keeps_lmdbs_lock_file_from_before_the_crash(tmp_path):
+    """A process that holds the directory open through a crash (armonik-zmq inspect, say) keeps LMDB's lock file
+    naming the crashed broker's last transaction: LMDB would build on the wrong meta page after the checkpoint's were
+    put back (acknowledged rows lost), so the start is refused; once that process is gone it starts and replays."""
+    path = str(tmp_path / "db")
+    store = Store(path, durability="wal", checkpoint_interval=3600)
+    holder = subprocess.Popen([sys.executable, "-c", "import lmdb, sys; env = lmdb.open(sys.argv[1], readonly=True, "
+                               "max_dbs=16); print('open', flush=True); sys.stdin.read()", path],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"open\n"
+        for i in range(5):
+            with store.write() as txn:
+                txn.txn.put(b"k%d" % i, b"v" * 300, db=store.tasks)
+        store.wal.finish()
+        store.wal.unpin()
+        store.wal.log.close()
+        store.env.close()  # a crash: no last checkpoint
+        with pytest.raises(wal.WalError, match="another process has"):
+            Store(path, durability="wal")
+    finally:
+        holder.stdin.close()
+        holder.wait(30)
+    store = Store(path, durability="wal")
+    try:
+        with store.read() as txn:
+            assert [txn.txn.get(b"k%d" % i, db=store.tasks) for i in range(5)] == [b"v" * 300] * 5
+    finally:
+        store.close()
 
 
 def test_expired_idempotency_keys_leave_the_log_a_delete_of_the_key_and_of_its_age_entry(tmp_path):

@@ -25,7 +25,7 @@ from ..status import TASK_FINAL, ResultStatus, TaskStatus
 _SUBMITTED = int(TaskStatus.SUBMITTED)
 from .filepages import FilePages
 from .objects import ObjectStorage, chunk_key, n_chunks, rechunk
-from .wal import CHECKPOINT_FILE, CHECKPOINT_SECONDS, WriteAhead, sync_directory
+from .wal import CHECKPOINT_FILE, CHECKPOINT_SECONDS, WalError, WriteAhead, sync_directory
 
 log = logging.getLogger("armonik_zmq.broker")
 
@@ -194,6 +194,12 @@ class Store:
         lmdb_sync = self.durability == "lmdb"
         self.env = lmdb.open(path, map_size=map_size, max_dbs=16, sync=lmdb_sync, metasync=lmdb_sync,
                              max_spare_txns=0, readahead=False)
+        if replay_after is not None:
+            try:
+                WriteAhead.check_opened(self.env, wal_dir)
+            except WalError:
+                self.env.close()
+                raise
         #: table handles by name (``table``)
         self._tables: dict[bytes, object] = {}
         self.sessions = self.table(b"sessions")

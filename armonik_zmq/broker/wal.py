@@ -418,6 +418,21 @@ class WriteAhead:
         restore_metas(data_path, metas, txnid)
         return seq
 
+    @staticmethod
+    def check_opened(env, directory: str) -> None:
+        """Right after LMDB opened a data.mdb whose meta pages ``restore`` put back: refuse it when LMDB's lock file
+        names another transaction than the checkpoint's. Another process (``armonik-zmq inspect``, say) kept the
+        lock file open through the broker's stop, so LMDB did not reset it and keeps the stopped broker's last
+        transaction number, by which it would pick a meta page and number the next commits: writes built on the
+        wrong snapshot, acknowledged data lost."""
+        checkpoint = read_checkpoint(directory)
+        with env.begin() as txn:
+            last = txn.id()  # a read transaction's number is the lock file's (env.info() reads the meta pages)
+        if checkpoint is not None and last != checkpoint[1]:
+            raise WalError(f"another process has {env.path()} open: LMDB's lock file still names transaction {last} "
+                           f"from before the broker stopped, and the write-ahead log restored transaction "
+                           f"{checkpoint[1]}; stop the process that holds its lock.mdb open, then start the broker again")
+
     def replay(self, env, tables: list, after: int) -> int:
         """Apply every record after ``after`` to LMDB in one transaction, in order; return how many."""
         count = 0
