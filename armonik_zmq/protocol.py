@@ -166,18 +166,20 @@ def unpack(buf: bytes) -> Any:
     if len(buf) > MAX_HEADER_SIZE:
         raise ProtocolError(ErrorCode.MALFORMED, f"header of {len(buf)} bytes exceeds {MAX_HEADER_SIZE}")
     # Every item takes at least one byte: a short frame cannot make the decoder allocate a big container.
+    # (n is within MAX_HEADER_SIZE, and a header most often within every other cap: no min() call per limit then)
     n = len(buf)
+    small = n <= MAX_STR
     try:
         return msgpack.unpackb(
             buf,
             raw=False,
             strict_map_key=True,
             ext_hook=_no_ext,
-            max_str_len=min(MAX_STR, n),
-            max_bin_len=min(MAX_HEADER_SIZE, n),
-            max_array_len=min(MAX_BATCH * 4, n),
-            max_map_len=min(MAX_BATCH, n // 2),
-            max_ext_len=min(64, n),
+            max_str_len=n if small else MAX_STR,
+            max_bin_len=n,
+            max_array_len=n if small else min(MAX_BATCH * 4, n),
+            max_map_len=n // 2 if small else min(MAX_BATCH, n // 2),
+            max_ext_len=n if n < 64 else 64,
             timestamp=0,
         )
     except (ValueError, TypeError, RecursionError) as exc:  # every msgpack decode error is a ValueError

@@ -450,3 +450,54 @@ def test_a_compiled_small_object_is_stored_as_put_object_stores_it(tmp_path_fact
     finally:
         for s in stores:
             s.close()
+
+
+def test_a_cached_session_row_follows_writes_and_is_dropped_by_aborted_transactions(tmp_path):
+    """Store.session_rows keeps decoded session rows across turns (every submit reads its session's). A put stores
+    and keeps the new row; a request (nested transaction) that fails drops what it read or wrote, changed in place
+    or not; an aborted turn drops them all; a deleted session is gone: each read gives what LMDB holds."""
+    st = store.Store(str(tmp_path / "lmdb"), map_size=1 << 24, sync=False)
+    try:
+        def lmdb_row(sid):
+            with st.env.begin() as raw:
+                buf = raw.get(sid.encode(), db=st.sessions)
+            return None if buf is None else store.decode_row(buf)
+
+        with st.write() as txn:
+            txn.put_session({"session_id": "s1", "status": 1, "options": {"priority": 1}})
+        with st.write() as txn:
+            row = txn.get_session("s1")
+            assert txn.get_session("s1") is row  # decoded once
+        with st.write() as txn:
+            assert txn.get_session("s1") is row  # and kept across turns
+
+        with st.write() as txn:  # a request changes the row in place, then fails: its nested transaction aborts
+            with pytest.raises(RuntimeError):
+                with txn.nested() as child:
+                    child.get_session("s1")["status"] = 4
+                    raise RuntimeError("refused")
+            assert txn.get_session("s1")["status"] == 1
+        with st.write() as txn:  # a nested put, then the request fails
+            with pytest.raises(RuntimeError):
+                with txn.nested() as child:
+                    child.put_session({"session_id": "s1", "status": 5, "options": {"priority": 1}})
+                    raise RuntimeError("refused")
+            assert txn.get_session("s1")["status"] == 1
+            with txn.nested() as child:  # a nested put that commits
+                child.put_session({"session_id": "s1", "status": 2, "options": {"priority": 1}})
+            assert txn.get_session("s1")["status"] == 2
+        assert lmdb_row("s1")["status"] == 2
+
+        with pytest.raises(RuntimeError):  # a whole turn aborted after its put
+            with st.write() as txn:
+                txn.put_session({"session_id": "s1", "status": 3, "options": {"priority": 1}})
+                raise RuntimeError("turn aborted")
+        with st.write() as txn:
+            assert txn.get_session("s1") == lmdb_row("s1") and txn.get_session("s1")["status"] == 2
+
+        with st.write() as txn:
+            txn.delete_session("s1")
+            assert txn.get_session("s1") is None
+        assert lmdb_row("s1") is None
+    finally:
+        st.close()

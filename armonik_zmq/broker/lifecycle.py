@@ -240,7 +240,7 @@ class Lifecycle:
             done += len(result_ids)
             if not result_ids:
                 state.drop_pause_gate(sid)  # no task waits on it any more: they all ended
-                txn.txn.delete(sid.encode(), db=self.store.sessions)
+                txn.delete_session(sid)
                 state.session_status.pop(sid, None)
                 state.session_owner.pop(sid, None)
                 state.events.drop_session(sid)

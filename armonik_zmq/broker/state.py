@@ -19,7 +19,7 @@ from ..status import (TASK_TRANSITIONS, ResultStatus, SessionStatus, TaskStatus,
                       check_task_transition)
 from . import options as task_options
 from .events import EventBus
-from .store import Txn
+from .store import SESSION_CACHE_MAX, Txn
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,9 @@ class BrokerState:
         self.orphans: dict[str, list[str]] = {}
         #: session id -> User-Id of its creator ("" without security), for authorization (broker/auth.py)
         self.session_owner: dict[str, str] = {}
+        #: session id -> (its row, the task options its defaults give): a submit naming no options of its own (the
+        #: futures API's) merges and checks them once per session row (a row read again is a new object: merged again)
+        self._default_options: dict[str, tuple[dict, dict]] = {}
         # The transitions every task goes through, compiled (_core.Transitions):
         # - set_task_status(txn, row, status, now, message=None, store=True): move a task to ``status`` (checked
         #   against status.TASK_TRANSITIONS), stamp it (_STAMP), store it, tell subscribers. ``store=False``: the
@@ -196,12 +199,21 @@ class BrokerState:
 
     def _task_options(self, own: Optional[dict], request_options: Optional[dict], session: dict, where: str) -> dict:
         """Merge and check a task's options (task > request > session), on a partition this broker serves."""
+        defaults = not own and not request_options
+        if defaults:
+            known = self._default_options.get(session["session_id"])
+            if known is not None and known[0] is session:
+                return known[1]
         opts = task_options.validate(task_options.merge(own, request_options, session.get("options")),
                                      session["partition_ids"], where)
         if opts["partition_id"] not in self.partition_slot:
             raise ProtocolError(ErrorCode.INVALID_ARGUMENT,
                                 f"{where}: partition '{opts['partition_id']}' is not served by this broker "
                                 f"(known: {self.partitions})")
+        if defaults:
+            if len(self._default_options) >= SESSION_CACHE_MAX:
+                self._default_options.clear()
+            self._default_options[session["session_id"]] = (session, opts)
         return opts
 
     def create_tasks(self, txn: Txn, session: dict, creations: list[dict], request_options: Optional[dict], now: float,

@@ -35,6 +35,8 @@ _pack = msgpack.Packer(use_bin_type=True).pack
 #: 16k of them (~25 MiB) cover every task agents hold at once; a queued task past the cap is read from LMDB
 #: when it is dispatched (and cached then, once finished tasks made room).
 TASK_CACHE_MAX = 16_384
+#: session rows kept decoded (``Store.session_rows``): at most this many (all dropped when full: sessions are few)
+SESSION_CACHE_MAX = 4096
 #: rows of results still waiting for data kept decoded (``Store.result_rows``): at most this many. A decoded
 #: result row takes ~0.8 KB (64k: ~50 MiB, within T15's 300 MiB with 100,000 tasks queued). A bulk submission
 #: reads each output at submit and again at completion: with 16k, a 50,000-task batch decoded two thirds of
@@ -221,6 +223,8 @@ class Store:
         #: changes), and the whole cache when a turn's transaction aborts.
         self.task_rows: dict[str, dict] = {}
         self.result_rows: dict[str, dict] = {}
+        #: Decoded session rows by id, kept the same way (``Txn.get_session``): every submit reads its session's.
+        self.session_rows: dict[str, dict] = {}
         with self.env.begin() as txn:
             indexed = txn.get(LIVE_TASKS_DB) is not None
         #: task id -> ``_live_value`` for every task not in a final status (maintained by ``Txn.put_task``)
@@ -398,6 +402,12 @@ class Store:
         with self.env.begin(write=False) as txn:
             yield Txn(self, txn)
 
+    def forget_rows(self) -> None:
+        """Drop every decoded row: the transaction that handed them out is gone."""
+        self.task_rows.clear()
+        self.result_rows.clear()
+        self.session_rows.clear()
+
     def reader_check(self) -> int:
         """Clear reader slots left by dead processes."""
         return self.env.reader_check()
@@ -432,8 +442,7 @@ class _Write:
             try:
                 self.txn.commit()
             except BaseException:
-                store.task_rows.clear()
-                store.result_rows.clear()
+                store.forget_rows()
                 raise
             # after LMDB's commit: a record in the log is always a transaction that committed
             if self.ops is not None and self.ops.count:
@@ -441,8 +450,7 @@ class _Write:
             store.file_pages.maybe_release()
         else:
             self.txn.abort()
-            store.task_rows.clear()
-            store.result_rows.clear()
+            store.forget_rows()
 
 
 def _live_value(row: dict) -> bytes:
@@ -534,10 +542,33 @@ class Txn:
         return None if buf is None else decode_row(buf)
 
     def get_session(self, session_id: str) -> Optional[dict]:
-        return self._get(self.store.sessions, session_id)
+        """The session's row, decoded once and kept (``Store.session_rows``) until a write or an abort drops it.
+
+        Only the broker's loop reads sessions this way, in its write transactions: a row changed in place must be
+        stored (``put_session``) in the same request, or the request fail (its nested transaction drops it)."""
+        rows = self.store.session_rows
+        row = rows.get(session_id)
+        if row is None:
+            row = self._get(self.store.sessions, session_id)
+            if row is None:
+                return None
+            if len(rows) >= SESSION_CACHE_MAX:
+                rows.clear()
+            rows[session_id] = row
+        if self.touched is not None:
+            self.touched.add(session_id)
+        return row
 
     def put_session(self, row: dict) -> None:
-        self.txn.put(row["session_id"].encode(), _pack(row), db=self.store.sessions)
+        sid = row["session_id"]
+        self.txn.put(sid.encode(), _pack(row), db=self.store.sessions)
+        self.store.session_rows[sid] = row
+        if self.touched is not None:
+            self.touched.add(sid)
+
+    def delete_session(self, session_id: str) -> None:
+        self.txn.delete(session_id.encode(), db=self.store.sessions)
+        self.store.session_rows.pop(session_id, None)
 
     def result_status(self, result_id: str, session_id: str) -> Optional[int]:
         """A result's status if it is in ``session_id``, else None (a subscription's snapshot reads only this)."""
@@ -858,3 +889,4 @@ class _Nested:
             for key in self.touched:
                 store.task_rows.pop(key, None)
                 store.result_rows.pop(key, None)
+                store.session_rows.pop(key, None)
