@@ -72,7 +72,7 @@ LINK_PENDING_MAX = 16 << 20
 
 def _oldest_due(starts: dict) -> float:
     """When the first of the unreported starts ``starts`` is due."""
-    return min((due for due, _ in starts.values()), default=math.inf)
+    return min(starts.values())[0] if starts else math.inf  # (entries are (due, [...]): the first due is the least)
 
 
 def _new_token() -> str:
@@ -509,9 +509,10 @@ class Agent:
         hands out as many tasks, where with ``prefetch`` the agent's credit ran out between two turns. Not while
         every worker runs a long task (``slow``: it gave back what waited behind it): what the agent holds
         would wait for them, when another agent may be free."""
-        if (self._run_avg < TINY_RUN and self.config.tiny_prefetch > self.config.prefetch
-                and not all(p.slow for p in self.pool.workers.values())):
-            return self.config.workers * self._depth() + self.config.tiny_prefetch
+        if self._run_avg < TINY_RUN and self.config.tiny_prefetch > self.config.prefetch:
+            for proc in self.pool.workers.values():  # (a loop, not all(): this runs on every turn of the loop)
+                if not proc.slow:
+                    return self.config.workers * self._depth() + self.config.tiny_prefetch
         return self.capacity
 
     def _capacity_changed(self, mono: float) -> bool:
