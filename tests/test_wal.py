@@ -110,6 +110,32 @@ def test_torn_or_damaged_log_tail_keeps_every_complete_record(tmp_path_factory, 
     assert "bytes of no record that follows (stale or damaged): ignored" in logged
 
 
+def test_a_broker_in_lmdb_mode_replays_the_log_a_killed_one_left_and_a_wal_broker_logs_again_after_it(
+        tmp_path_factory):
+    """--durability lmdb stays a mode of its own: started where a broker logging was killed, it replays the log
+    (data.mdb rolled back to the checkpoint: nothing acknowledged since is lost), flushes LMDB and drops the
+    checkpoint; a broker with the log started after it logs again, on top of what lmdb mode wrote."""
+    with broker_only(tmp_path_factory, *WAL_ARGS) as cluster:
+        checkpoint = os.path.join(cluster.data_dir, "wal", wal.CHECKPOINT_FILE)
+        made = {}
+        for round_, args in enumerate((("--durability", "lmdb"), WAL_ARGS, ("--durability", "lmdb"))):
+            with connect(cluster.endpoint, timeout=30) as conn:
+                api = Api(conn)
+                session_id = api.session()
+                name = f"r{round_}"
+                made[name] = (session_id, api.results.create_results({name: name.encode()}, session_id)[name])
+            cluster.kill_broker()
+            assert os.path.exists(checkpoint) == (round_ != 1), "a checkpoint only where the broker logged"
+            cluster.broker_args = list(args)
+            cluster.start_broker()
+            cluster.wait_ready()
+            assert os.path.exists(checkpoint) == (args == WAL_ARGS)
+            with connect(cluster.endpoint, timeout=30) as conn:
+                api = Api(conn)
+                for name, (session_id, result) in made.items():
+                    assert api.results.download_result_data(result.result_id, session_id) == name.encode()
+
+
 # -- the codec and the replay, against a model ------------------------------------------------------------------
 
 _KEYS = st.sampled_from([b"a", b"b", b"c", b"dd", b"e" * 40])
