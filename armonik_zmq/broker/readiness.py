@@ -74,7 +74,7 @@ class Readiness:
     def poll(self, timeout_ms: int) -> list:
         """Wait up to ``timeout_ms`` (none when a ROUTER has a message already) for input; return what may have some,
         as zmq.Poller does: ``(socket, POLLIN)`` for a ROUTER with a message waiting, ``(fd, POLLIN)`` for an fd."""
-        ready = [(sock, _POLLIN) for sock in tuple(self.maybe) if self.readable(sock)]
+        ready = [(sock, _POLLIN) for sock in tuple(self.maybe) if self.readable(sock)] if self.maybe else []
         routers = self._routers
         for fd, _ in self._poll.poll(0 if ready else timeout_ms):
             sock = routers.get(fd)

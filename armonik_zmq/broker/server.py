@@ -316,7 +316,8 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
     def _readable(self, sock: zmq.Socket) -> bool:
         """Whether a message waits on ``sock`` (as known since the last poll: a ROUTER's newcomer waits for the next
         poll) or on its link."""
-        if self.poller.readable(sock):
+        poller = self.poller
+        if sock in poller.maybe and poller.readable(sock):  # no call for a ROUTER known empty (links-only clusters)
             return True
         link = self.links.get(sock)
         return link is not None and link.readable()
