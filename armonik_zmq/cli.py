@@ -166,7 +166,7 @@ def keys(directory, clients, agents, client_names, agent_names) -> None:
               help="Messages queued per agent before a send fails (EAGAIN) and its tasks are requeued.")
 @click.option("--no-router-mandatory", is_flag=True, hidden=True,
               help="Test only: let ROUTER sockets drop unroutable messages silently (shows what T7 guards).")
-@click.option("--durability", type=click.Choice(["wal", "lmdb"]), default="wal", show_default=True,
+@click.option("--durability", type=click.Choice(["wal", "lmdb"]), default="lmdb", show_default=True,
               help="How a commit is made durable before anything acknowledges it: wal = LMDB commits unflushed and "
                    "the commit's changes are appended to a write-ahead log, flushed once (one small flush; "
                    "checkpoints flush LMDB every second); lmdb = LMDB flushes the commit's pages, then its meta page.")

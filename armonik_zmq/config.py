@@ -128,7 +128,7 @@ class BrokerConfig:
     sync: bool = True
     #: how a commit is made durable when ``sync`` (store.DURABILITY_MODES, docs/durability.md): "wal" (a
     #: write-ahead log record, one small flush) or "lmdb" (LMDB's own two flushes of the commit's pages)
-    durability: str = "wal"
+    durability: str = "lmdb"
     #: with the write-ahead log: seconds between two checkpoints (broker/wal.py says why 1 s)
     checkpoint_interval: float = 1.0
     data_chunk_max_size: int = DATA_CHUNK_MAX_SIZE

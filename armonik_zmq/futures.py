@@ -704,7 +704,7 @@ class LocalCluster:
     ``with LocalCluster(n_workers=4) as client:`` yields a connected ``Client``; leaving the block
     closes it and stops the processes. The agent and the client reach the broker through Unix-socket links
     (unixlink.py), without ZeroMQ I/O threads on the way, unless ``links`` is False or ``secure`` (CURVE).
-    ``broker_args`` are extra options for ``armonik-zmq broker`` (e.g. ``("--durability", "lmdb")``).
+    ``broker_args`` are extra options for ``armonik-zmq broker`` (e.g. ``("--durability", "wal")``).
     """
 
     def __init__(self, n_workers: int = 4, *, secure: bool = False, links: Optional[bool] = None,

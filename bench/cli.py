@@ -212,9 +212,9 @@ def render(report: dict, console: Console) -> None:
 @click.option("--runs", default=3, show_default=True, type=click.IntRange(1), help="Runs per workload; medians reported.")
 @click.option("--scale", default=1.0, show_default=True, type=click.FloatRange(min=0.0001),
               help="Multiply every count and size (0.01 for a smoke run).")
-@click.option("--durability", type=click.Choice(list(DURABILITY_ARGS)), default="wal", show_default=True,
-              help="How armonik_zmq's broker makes a commit durable: its default (wal: one flush of a write-ahead "
-                   "log), lmdb (--durability lmdb: LMDB's own two flushes) or none (--no-sync: no flush).")
+@click.option("--durability", type=click.Choice(list(DURABILITY_ARGS)), default="lmdb", show_default=True,
+              help="How armonik_zmq's broker makes a commit durable: its default (lmdb: LMDB's own two flushes), "
+                   "wal (--durability wal: one flush of a write-ahead log) or none (--no-sync: no flush).")
 @click.option("--json", "json_path", default="", help="Also write the full report (every run) to this file.")
 @click.option("--system-timeout", default=1800.0, show_default=True, help="Seconds one system may take in all.")
 @click.option("--show", "show_path", default="", help="Print the table of a report written before (--json) and stop.")

@@ -24,7 +24,7 @@ def test_bench_runs_systems_one_after_another_and_writes_json(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
     assert report["params"]["workers"] == 2 and report["params"]["systems"] == ["armonik_zmq", "processpool"]
-    assert report["params"]["durability"] == "wal"  # the broker's default unless --durability says otherwise
+    assert report["params"]["durability"] == "lmdb"  # the broker's default unless --durability says otherwise
     assert report["machine"]["cpus"] >= 1
     for name in ("armonik_zmq", "processpool"):
         system = report["systems"][name]

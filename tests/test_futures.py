@@ -273,12 +273,12 @@ def test_client_context_closes_or_cancels_its_session(default_cluster):
 
 
 def test_local_cluster_yields_a_connected_client_and_passes_broker_options():
-    cluster = armonik_zmq.LocalCluster(n_workers=2, broker_args=("--durability", "lmdb"))
+    cluster = armonik_zmq.LocalCluster(n_workers=2, broker_args=("--durability", "wal"))
     with cluster as client:
         assert isinstance(client, armonik_zmq.Client)
         assert client.gather(client.map(abs, [-1, -2, 3])) == [1, 2, 3]
-        # the broker took the option: LMDB flushes its own commits, with no write-ahead log beside data.mdb
-        assert os.listdir(cluster.processes.data_dir) and "wal" not in os.listdir(cluster.processes.data_dir)
+        # the broker took the option: its commits go through a write-ahead log beside data.mdb
+        assert os.listdir(os.path.join(cluster.processes.data_dir, "wal"))
 
 
 def test_futures_survive_a_broker_restart(tmp_path):
