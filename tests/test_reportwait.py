@@ -128,6 +128,8 @@ def test_a_lone_tasks_completion_event_comes_inside_its_submits_reply(tmp_path):
             values = [client.submit(abs, -x).result(timeout=60) for x in range(20)]
             after = _metrics(Api(conn))
     assert values == list(range(20))
-    assert after["reports_joined"] - before["reports_joined"] == 20
+    # every report joined its submit's turn; an agent's other messages that came during a wait (a heartbeat, or a
+    # started-task report on a slow machine) are joined too and counted, without ending the wait
+    assert after["reports_joined"] - before["reports_joined"] >= 20
     assert after["events_carried"] - before["events_carried"] == 20
 
