@@ -13,11 +13,8 @@ every peer, and a client flooding requests would make every turn long. So the br
   unit measured over recent turns, so the cut adapts to the machine and to the mix of requests;
 - shortens a turn that serves a *light* peer (one message waiting: a client sending one request at a
   time, an agent's heartbeat) while another peer has a backlog: its budget is then ``LIGHT_SHARE`` of
-  the usual one, and the light peers come first in it. The light peer's reply leaves after that turn's
-  commit, so the flooder's share of the turn is what it waits for; the flooder loses one short turn, an
-  extra commit. (Served in rotation order instead, T15's client, back at the end of the rotation with
-  each request, waited behind the four agents' report backlogs: short turns of one or two reports each,
-  up to four commits before its own, the 24-30 ms submit-ack tail);
+  the usual one. The light peer's reply leaves after that turn's commit, so the flooder's share of
+  the turn is what it waits for; the flooder loses one short turn, an extra commit;
 - puts clients' requests ahead of agents' reports in a batch, and when a batch has both, the broker
   commits and answers the clients' part before it handles the reports (broker/server.py): a client's
   request waits for no report of its turn (one report of many completions takes a millisecond or
@@ -136,14 +133,8 @@ class FairQueue:
         total = 0
         queues = self.queues
         if len(queues) > 1 and len(queues) < self.waiting:  # several peers, and one has a backlog
-            light = [peer for peer, q in queues.items() if len(q) == 1]
-            if light:
+            if any(len(q) == 1 for q in queues.values()):
                 limit *= LIGHT_SHARE
-                # The turn is short for the light peers: they come first in it. At the back of the rotation (where
-                # a peer that had nothing waiting joins), the short turns went to the peers with a backlog, one
-                # or two each, and a client's request waited for one commit per agent with reports waiting.
-                if len(light) < len(queues):
-                    self.queues = queues = {**{peer: queues[peer] for peer in light}, **queues}
         while queues and (not batch or total < limit):
             for peer in list(queues):
                 q = queues[peer]
