@@ -63,5 +63,18 @@ def test_data_file_pages_are_released_once_reads_mapped_many_before_the_interval
             pytest.skip("/proc/self/statm does not show the 40 MiB of data.mdb pages that reads mapped")
         pages.maybe_release()
         assert pages.released == 2 * released
+        # without the growth trigger (the store's, unless it logs), the same reads wait for the interval
+        steady = FilePages(store.file_pages.path, interval=3600, grown_bytes=0, check_interval=0)
+        steady.maybe_release()
+        with store.read() as txn:
+            assert all(txn.txn.get(key, db=store.tasks) == value for key, value in rows.items())
+        steady.maybe_release()
+        assert steady.released == released
+        assert store.file_pages.grown_pages == 0, "a store without the write-ahead log has no growth trigger"
     finally:
         store.close()
+    logging_store = Store(str(tmp_path / "logged"), map_size=1 << 30, durability="wal")
+    try:
+        assert logging_store.file_pages.grown_pages == (16 << 20) // os.sysconf("SC_PAGE_SIZE")
+    finally:
+        logging_store.close()

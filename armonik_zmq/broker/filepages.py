@@ -59,7 +59,8 @@ class FilePages:
     def __init__(self, path: str, interval: float = 1.0, grown_bytes: int = 16 << 20, check_interval: float = 0.05):
         self.path = os.path.realpath(path)
         self.interval = interval
-        #: release sooner once the resident file pages grew by this many since the last release
+        #: release sooner once the resident file pages grew by this many since the last release (0: never sooner, and
+        #: /proc is not read: without the write-ahead log the pages LMDB reuses stay few)
         self.grown_pages = grown_bytes // os.sysconf("SC_PAGE_SIZE")
         #: seconds between two looks at the resident file pages (reading /proc/self/statm: ~10 us)
         self.check_interval = check_interval
@@ -77,10 +78,12 @@ class FilePages:
         if now < self._next_check:
             return
         self._next_check = now + self.check_interval
-        if now >= self._next or resident_file_pages() - self._resident >= self.grown_pages:
+        grown = self.grown_pages
+        if now >= self._next or (grown and resident_file_pages() - self._resident >= grown):
             self._next = now + self.interval
             self.release()
-            self._resident = resident_file_pages()
+            if grown:
+                self._resident = resident_file_pages()
 
     def release(self) -> int:
         """Release every mapped page of the file now; return the bytes of mapping covered."""

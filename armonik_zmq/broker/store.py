@@ -242,7 +242,8 @@ class Store:
         #: held by threads other than the loop's around their read transactions, and by ``grow``
         self.readers_lock = threading.Lock()
         #: data.mdb's pages mapped by reads, dropped from the resident size after commits (filepages.py)
-        self.file_pages = FilePages(data_path)
+        # the growth trigger is for the write-ahead log's fresh pages (filepages.py); other modes release once a second
+        self.file_pages = FilePages(data_path, grown_bytes=(16 << 20) if self.durability == "wal" else 0)
         #: the write-ahead log (durability "wal"), else None
         self.wal: Optional[WriteAhead] = None
         #: table handle -> its index in TABLES (what a log record names)
