@@ -90,3 +90,7 @@ def new_id() -> str:
     """Return a new version 7 UUID string; ids made by one process sort in the order they were made."""
 def reset_id_pool() -> None:
     """Forget the random bytes drawn so far (a forked child must draw its own)."""
+
+# the worker's alarm (worker/alarm.py)
+def timerfd_at(fd: int, deadline: float) -> None:
+    """Arm timerfd ``fd`` at ``deadline`` (absolute monotonic seconds), or disarm it (0); OSError on failure."""

@@ -1241,6 +1241,37 @@ cdef str _new_id():
     return out[:36].decode("ascii")
 
 
+# -- the worker's alarm (worker/alarm.py) ---------------------------------------------------------------
+# A worker sets its guard's timerfd when each run starts and clears it when it idles: through ctypes that was
+# ~2.7 us a call (argument conversion around the system call), here ~0.75 us.
+
+cdef extern from "<sys/timerfd.h>" nogil:
+    """
+    #include <errno.h>
+    #include <sys/timerfd.h>
+    /* Arm (absolute CLOCK_MONOTONIC seconds) or disarm (0) a timerfd: 0, or errno. */
+    static int armonik_timerfd_at(int fd, double deadline) {
+        struct itimerspec spec = {{0, 0}, {0, 0}};
+        if (deadline > 0) {
+            spec.it_value.tv_sec = (time_t)deadline;
+            spec.it_value.tv_nsec = (long)((deadline - (double)spec.it_value.tv_sec) * 1e9);
+            /* 0 would disarm the timer: a deadline on a whole second goes off a nanosecond later */
+            if (spec.it_value.tv_nsec == 0) spec.it_value.tv_nsec = 1;
+        }
+        return timerfd_settime(fd, TFD_TIMER_ABSTIME, &spec, NULL) < 0 ? errno : 0;
+    }
+    """
+    int _timerfd_at "armonik_timerfd_at"(int fd, double deadline) noexcept nogil
+
+
+def timerfd_at(int fd, double deadline):
+    """Have timerfd ``fd`` go off at ``deadline`` (``time.monotonic()`` seconds; at once if it passed), or never
+    (``deadline`` 0): ``timerfd_settime`` with an absolute time. OSError if the system call fails."""
+    cdef int err = _timerfd_at(fd, deadline)
+    if err:
+        raise OSError(err, f"timerfd_settime: {_os.strerror(err)}")
+
+
 # -- request schemas (protocol.py) ---------------------------------------------------------------------
 # protocol.validate checks every request against its op's schema. The schema classes there name the field
 # at fault, building a path string per field and item as they go: on a 10,000-task TASKS_DONE that was a
