@@ -2557,7 +2557,6 @@ cdef object _unpack_fields(object buf, dict fields_by_length, bint tuples):
 # from a dupsort table, or empty for the key's every value).
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_FillInfo, PyBuffer_Release, PyObject_GetBuffer
-from cpython.mem cimport PyMem_Realloc
 
 cdef enum:
     _WAL_PUT = 80  # "P"
@@ -2577,6 +2576,19 @@ cdef enum:
 WAL_OPS_KEPT = _WAL_OPS_KEPT
 
 
+from cpython.mem cimport PyMem_RawFree, PyMem_RawRealloc
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t pwrite(int fd, const void* buf, size_t count, long long offset)
+
+from libc.errno cimport errno
+from libc.string cimport memmove, memset
+
+cdef enum:
+    #: the alignment of a direct write (O_DIRECT): its memory, file offset and length
+    _WAL_BLOCK = 4096
+
+
 cdef class WalOps:
     """The encoded puts and deletes of one write transaction and of its nested ones: a nested one that aborts cuts
     its own off (``mark`` before it, ``cut`` to the mark).
@@ -2584,16 +2596,22 @@ cdef class WalOps:
     One WalOps serves every turn (``clear`` between them keeps its buffer: a fresh one costs a page fault per 4 KiB
     written), and the log reads the ops through the buffer protocol, without a copy. No op may be added while the
     buffer is exported (it could move).
+
+    The buffer is aligned to 4 KiB and the ops start ``headroom`` bytes into it (``clear``): room for the record's
+    head and for the bytes of the log's last partial block before it, so that ``write_direct`` writes the record
+    from this buffer, in whole blocks, with no copy (the log's O_DIRECT segments: wal.py).
     """
 
+    cdef char* raw
+    cdef char* mem
     cdef char* buf
-    cdef Py_ssize_t n, cap
+    cdef Py_ssize_t n, cap, base
     cdef int exports
     #: how many ops were added
     cdef readonly Py_ssize_t count
 
     def __dealloc__(self):
-        PyMem_Free(self.buf)
+        PyMem_RawFree(self.raw)
 
     def __getbuffer__(self, Py_buffer* view, int flags):
         PyBuffer_FillInfo(view, self, self.buf, self.n, 1, flags)
@@ -2602,9 +2620,27 @@ cdef class WalOps:
     def __releasebuffer__(self, Py_buffer* view):
         self.exports -= 1
 
+    cdef int _room(self, Py_ssize_t need) except -1:
+        """Make the buffer hold ``need`` bytes of ops after its headroom, and a block of padding after them."""
+        cdef Py_ssize_t cap, shift
+        cdef char* p
+        if self.base + need + _WAL_BLOCK <= self.cap:
+            return 0
+        cap = max(self.base + need + _WAL_BLOCK, 2 * self.cap, 4 * _WAL_BLOCK)
+        # realloc (a large block moves by mremap, its pages not copied nor faulted again), a block more to align in
+        p = <char*>PyMem_RawRealloc(self.raw, cap + _WAL_BLOCK)
+        if p == NULL:
+            raise MemoryError()
+        shift = (-<Py_ssize_t>p) & (_WAL_BLOCK - 1)
+        if self.raw != NULL and shift != self.mem - self.raw:
+            memmove(p + shift, p + (self.mem - self.raw), self.base + self.n)
+        self.raw, self.mem, self.cap = p, p + shift, cap
+        self.buf = self.mem + self.base
+        return 0
+
     cdef int add(self, char kind, int table, object key, object value) except -1:
         cdef Py_buffer kb, vb
-        cdef Py_ssize_t need, cap
+        cdef Py_ssize_t need
         cdef char* p
         if self.exports:
             raise BufferError("an op added to a WalOps whose buffer is exported")
@@ -2615,12 +2651,7 @@ cdef class WalOps:
                 if kb.len > 0xFFFF or vb.len > 0xFFFFFFFF:
                     raise ValueError(f"a key of {kb.len} bytes or a value of {vb.len} bytes cannot be logged")
                 need = self.n + _WAL_OP_HEAD + kb.len + vb.len
-                if need > self.cap:
-                    cap = max(need, 2 * self.cap, 4096)
-                    p = <char*>PyMem_Realloc(self.buf, cap)
-                    if p == NULL:
-                        raise MemoryError()
-                    self.buf, self.cap = p, cap
+                self._room(need)
                 p = self.buf + self.n
                 p[0] = kind
                 p[1] = <char>table
@@ -2643,15 +2674,39 @@ cdef class WalOps:
     def __len__(self):
         return self.n
 
-    def clear(self):
-        """Drop every op, for the next transaction (the buffer stays, up to ``WAL_OPS_KEPT`` bytes)."""
+    def clear(self, Py_ssize_t headroom=0):
+        """Drop every op, for the next transaction (the buffer stays, up to ``WAL_OPS_KEPT`` bytes); its ops will
+        start ``headroom`` bytes (at most a block and 64) into the buffer."""
         if self.exports:
             raise BufferError("a WalOps cleared while its buffer is exported")
+        if headroom < 0 or headroom > _WAL_BLOCK + 64:
+            raise ValueError(f"a WalOps headroom of {headroom} bytes")
         self.n = self.count = 0
         if self.cap > _WAL_OPS_KEPT:
-            PyMem_Free(self.buf)
-            self.buf = NULL
+            PyMem_RawFree(self.raw)
+            self.raw = self.mem = self.buf = NULL
             self.cap = 0
+        self.base = headroom
+        self.buf = self.mem + headroom
+        self._room(0)
+
+    def rebase(self, Py_ssize_t headroom):
+        """Move the ops to start ``headroom`` bytes into the buffer (``clear``'s guess was wrong: the record opens a
+        segment)."""
+        if self.exports:
+            raise BufferError("a WalOps moved while its buffer is exported")
+        if headroom < 0 or headroom > _WAL_BLOCK + 64:
+            raise ValueError(f"a WalOps headroom of {headroom} bytes")
+        if headroom > self.base:
+            self._room(self.n + headroom - self.base)
+        memmove(self.mem + headroom, self.buf, self.n)
+        self.base = headroom
+        self.buf = self.mem + headroom
+
+    @property
+    def headroom(self):
+        """Where the ops start in the buffer (``clear``)."""
+        return self.base
 
     def mark(self):
         """Where the ops of a nested transaction starting now begin (for ``cut``)."""
@@ -2664,6 +2719,37 @@ cdef class WalOps:
     def encoded(self):
         """The ops, encoded (a copy)."""
         return PyBytes_FromStringAndSize(self.buf, self.n)
+
+    def write_direct(self, int fd, long long offset, prefix):
+        """Write ``prefix`` (exactly ``headroom`` bytes: the log's last partial block, then the record's head), the
+        ops, and zeros up to a whole block, at ``offset`` of ``fd`` (a multiple of 4 KiB) in one ``pwrite`` from
+        this buffer (no copy: the write may be O_DIRECT). Return the bytes of the last partial block written (what
+        the next record's prefix starts with). OSError if the write fails or is short."""
+        cdef Py_buffer pb
+        cdef Py_ssize_t end, length
+        cdef ssize_t done
+        if self.exports:
+            raise BufferError("a WalOps written while its buffer is exported")
+        if offset % _WAL_BLOCK:
+            raise ValueError(f"a direct write at offset {offset}, not a multiple of {_WAL_BLOCK}")
+        self._room(self.n)
+        PyObject_GetBuffer(prefix, &pb, PyBUF_SIMPLE)
+        try:
+            if pb.len != self.base:
+                raise ValueError(f"a prefix of {pb.len} bytes for a headroom of {self.base}")
+            memcpy(self.mem, pb.buf, pb.len)
+        finally:
+            PyBuffer_Release(&pb)
+        end = self.base + self.n
+        length = (end + _WAL_BLOCK - 1) & ~(<Py_ssize_t>_WAL_BLOCK - 1)
+        memset(self.mem + end, 0, length - end)
+        with nogil:
+            done = pwrite(fd, self.mem, length, offset)
+        if done < 0:
+            raise OSError(errno, _os.strerror(errno))
+        if done != length:
+            raise OSError(f"the write-ahead log wrote {done} of a record's {length} bytes")
+        return PyBytes_FromStringAndSize(self.mem + (end & ~(<Py_ssize_t>_WAL_BLOCK - 1)), end & (_WAL_BLOCK - 1))
 
 
 cdef class _LoggedPut:

@@ -360,7 +360,8 @@ def test_segments_are_recycled_and_a_record_larger_than_one_gets_a_file_of_its_o
     for record in records:
         log.append(record)
     sizes = [os.path.getsize(path) for _, path in log._paths()]
-    assert sizes.count(segment) == len(sizes) - 1 and 3 * segment + 16 in sizes, sizes
+    large = 3 * segment + (wal.BLOCK if log.direct else 16)  # a direct write ends on a whole block of zeros
+    assert sizes.count(segment) == len(sizes) - 1 and large in sizes, sizes
     assert [ops for _, ops in wal.Log(directory, segment_bytes=segment).replay(0)] == records
     log.recycle(log.next_seq - 1)
     spares = len(sizes) - 2  # all but the large record's and the active one
@@ -425,3 +426,51 @@ def test_a_log_that_lost_its_checkpoint_is_not_replayed_when_logging_starts_agai
         assert [ops for _, ops in wal.WriteAhead(os.path.join(path, "wal"), data, 4096).log.replay(after)] == new
     finally:
         env.close()
+
+
+def _fd_flags(fd: int) -> int:
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        return int(next(line for line in f if line.startswith("flags:")).split()[1], 8)
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT") or not os.path.exists("/proc/self/fdinfo"), reason="Linux only")
+def test_records_are_written_directly_in_whole_blocks_from_the_turns_buffer(tmp_path):
+    """Segments are O_DIRECT and O_DSYNC: each record is written from the WalOps buffer in whole 4 KiB blocks (the
+    segment's last partial block again, the record, zeros to the block's end), and the segment then holds exactly
+    what the page cache and fdatasync would have written; records that open a segment, or come as bytes, too."""
+    segment = 1 << 15
+    logs = {}
+    for name, direct in (("direct", True), ("cached", False)):
+        log = logs[name] = wal.Log(str(tmp_path / name), segment_bytes=segment, direct=direct)
+        log.start(0)
+    probe = os.open(str(tmp_path / "probe"), os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o600)  # tmpfs refuses it
+    os.close(probe)
+    rng = random.Random(7)
+    env, tables = _open(str(tmp_path / "env"))
+    ops = WalOps()
+    records = []
+    for n in range(40):
+        log = logs["direct"]
+        ops.clear(log.headroom)  # as the broker's turn does (store._Write)
+        with env.begin(write=True) as raw:
+            logged = LoggedTxn(raw, ops, {t: i for i, t in enumerate(tables)})
+            for _ in range(rng.randint(1, 30)):
+                logged.put(os.urandom(rng.randint(1, 40)), os.urandom(rng.randint(0, 700)), db=tables[0])
+        record = ops if n % 7 else ops.encoded()  # bytes take a buffer of the log's own
+        offset = log.offset
+        log.append(record)
+        logs["cached"].append(ops.encoded())
+        records.append(ops.encoded())
+        assert log.fd_direct and _fd_flags(log.fd) & (os.O_DIRECT | os.O_DSYNC) == os.O_DIRECT | os.O_DSYNC
+        if log.offset > offset:  # not a new segment: the tail before the record was written again, intact
+            assert len(log.tail) == log.offset % wal.BLOCK
+        assert log.headroom == log.offset % wal.BLOCK + 16
+    assert len(logs["direct"].segments) > 3, "records opened segments (the WalOps buffer moved to the new headroom)"
+    for log in logs.values():
+        log.close()
+    contents = {}
+    for name, log in logs.items():
+        contents[name] = [open(path, "rb").read() for _, path in log._paths()]
+        assert [r for _, r in wal.Log(log.directory, segment_bytes=segment).replay(0)] == records
+    assert contents["direct"] == contents["cached"]
+    env.close()

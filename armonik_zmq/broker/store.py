@@ -434,7 +434,7 @@ class _Write:
             self.ops = None
             return Txn(store, self.txn)
         self.ops = ops = store.wal_ops
-        ops.clear()
+        ops.clear(store.wal.log.headroom)  # room for the record's head: it is written from this buffer (wal.py)
         return Txn(store, LoggedTxn(self.txn, ops, store.table_index))
 
     def __exit__(self, exc_type, exc, tb) -> None:
