@@ -65,6 +65,34 @@ def test_a_newcomer_replaces_the_rest_of_the_turn_which_comes_first_in_the_next(
         backend.close(0)
 
 
+def test_a_light_client_comes_first_in_the_short_turn_made_for_it():
+    """T15's pattern: four agents each have reports waiting, and the client's next request comes after them (a
+    peer with nothing waiting joins at the back of the rotation). The turn is cut short for the client: it must be
+    in that turn, not behind one short turn per agent (each a commit of its own). The agents' rotation goes on
+    where it was."""
+    ctx = zmq.Context.instance()
+    frontend, backend = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
+    try:
+        fair = FairQueue(budget=0.01, max_messages=100)
+        fair.record(0.01, 10_000)  # 1 us per unit: a report below is ~1.3 ms, a short turn (2.5 ms) holds two
+        for _ in range(4):
+            for a in range(4):
+                fair.add(AGENTS, backend, message(b"agent%d" % a, 1000))
+        batch, _ = fair.take()  # a full turn (10 ms): two reports of each agent, in rotation
+        assert peers_of(batch) == [b"agent%d" % a for a in range(4)] * 2
+        fair.add(CLIENTS, frontend, message(b"client", 1000))
+        batch, _ = fair.take()
+        # a short turn, and the client's request in it: first, then the next agent's report
+        assert peers_of(batch) == [b"client", b"agent0"] and fair.clients_ahead(batch) == 1
+        # the agents' rotation is unchanged by the client's turn
+        fair.add(AGENTS, backend, message(b"agent4", 1000))  # a light agent: the turn is short, in rotation order
+        batch, _ = fair.take()
+        assert peers_of(batch) == [b"agent1", b"agent2"]
+    finally:
+        frontend.close(0)
+        backend.close(0)
+
+
 OPTIONS = {"max_duration": 5.0, "priority": 1, "max_retries": 1}
 
 

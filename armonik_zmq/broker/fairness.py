@@ -13,8 +13,12 @@ every peer, and a client flooding requests would make every turn long. So the br
   unit measured over recent turns, so the cut adapts to the machine and to the mix of requests;
 - shortens a turn that serves a *light* peer (one message waiting: a client sending one request at a
   time, an agent's heartbeat) while another peer has a backlog: its budget is then ``LIGHT_SHARE`` of
-  the usual one. The light peer's reply leaves after that turn's commit, so the flooder's share of
-  the turn is what it waits for; the flooder loses one short turn, an extra commit;
+  the usual one, and the light clients' requests come first in it. The light peer's reply leaves after
+  that turn's commit, so the flooder's share of the turn is what it waits for; the flooder loses one
+  short turn, an extra commit. (In rotation order, T15's client, back at the end of the rotation with
+  each request, waited behind the four agents' report backlogs: one short turn per agent, up to four
+  commits before its own: the 24-30 ms submit-ack tail.) Light agents stay in the rotation's order;
+  the rotation itself is not changed;
 - puts clients' requests ahead of agents' reports in a batch, and when a batch has both, the broker
   commits and answers the clients' part before it handles the reports (broker/server.py): a client's
   request waits for no report of its turn (one report of many completions takes a millisecond or
@@ -133,8 +137,17 @@ class FairQueue:
         total = 0
         queues = self.queues
         if len(queues) > 1 and len(queues) < self.waiting:  # several peers, and one has a backlog
-            if any(len(q) == 1 for q in queues.values()):
+            light = [peer for peer, q in queues.items() if len(q) == 1]
+            if light:
                 limit *= LIGHT_SHARE
+                # The turn is short for the light clients: their requests come first in it (a client that had
+                # nothing waiting joins the rotation at its back, and the short turns went to the agents' backlogs,
+                # one commit each). They leave the rotation (one message each): the others keep its order.
+                for peer in light:
+                    if peer[0] == CLIENTS:
+                        item = queues.pop(peer).popleft()
+                        batch.append(item)
+                        total += units(item[1])
         while queues and (not batch or total < limit):
             for peer in list(queues):
                 q = queues[peer]
