@@ -36,8 +36,12 @@ class LocalProcesses:
                  log_level: str = "WARNING", lease: Optional[float] = None, env: Optional[dict] = None,
                  broker_args: tuple[str, ...] = (), agent_id: str = "", agent_args: tuple[str, ...] = (),
                  broker_log: Optional[str] = None, secure: bool = False, keys_dir: Optional[str] = None,
-                 links: Optional[bool] = None):
+                 links: Optional[bool] = None, own_groups: bool = False):
         self._tmp = tempfile.mkdtemp(prefix="armonik-zmq-")
+        #: the broker and agents each in a process group of its own (same session), for a caller that SIGSTOPs
+        #: them: a stopped process in the caller's group is sent SIGHUP (its death) and SIGCONT by the kernel
+        #: when that group is orphaned, e.g. when the shell that started the caller in the background exits
+        self._popen = {"process_group": 0} if own_groups else {}
         self.data_dir = data_dir or os.path.join(self._tmp, "data")
         self.zmq_endpoint = endpoint or f"ipc://{self._tmp}/frontend"
         self.agents_endpoint = agents_endpoint or f"ipc://{self._tmp}/backend"
@@ -102,10 +106,10 @@ class LocalProcesses:
             args += ["--client-link", self.client_link, "--agent-link", self.agent_link]
         args += self.broker_args
         if self.broker_log is None:
-            self.broker = subprocess.Popen(_cli(*args), env=self.env)
+            self.broker = subprocess.Popen(_cli(*args), env=self.env, **self._popen)
         else:
             with open(self.broker_log, "ab") as log_file:
-                self.broker = subprocess.Popen(_cli(*args), env=self.env, stderr=log_file)
+                self.broker = subprocess.Popen(_cli(*args), env=self.env, stderr=log_file, **self._popen)
         return self.broker
 
     def _spawn_agent(self, agent_id: str, workers: int, link: Optional[bool] = None) -> subprocess.Popen:
@@ -119,7 +123,7 @@ class LocalProcesses:
             args += ["--server-key", os.path.join(self.keys_dir, "server.key"),
                      "--agent-secret", self._agent_secret]
         args += self.agent_args
-        return subprocess.Popen(_cli(*args), env=self.env)
+        return subprocess.Popen(_cli(*args), env=self.env, **self._popen)
 
     def start_agent(self) -> subprocess.Popen:
         self.agent = self._spawn_agent(self.agent_id, self.workers)

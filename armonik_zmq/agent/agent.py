@@ -452,7 +452,8 @@ class Agent:
             if task is not None and task.attempt <= attempt:
                 proc = task.worker
                 if proc is not None and proc.queue and proc.queue[0] == task_id:
-                    self._kill_running(task, "the broker stopped it (cancelled or paused)")
+                    self._kill_running(task, "the broker no longer gives this agent that attempt (cancelled, paused, or "
+                                               "taken back while the agent was unreachable): its result would be refused")
                     self._forget(task)
                 elif proc is not None:
                     self._stopping.add(task_id)
