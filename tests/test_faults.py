@@ -658,7 +658,8 @@ def stopped_agent_run(tmp_path, mandatory: bool, n_batches: int, links: bool = F
     if not mandatory:
         broker_args.append("--no-router-mandatory")
     cluster = make_cluster(tmp_path, workers=1, agent_id="stopped", broker_args=tuple(broker_args),
-                           agent_args=("--rcvhwm", "100", "--prefetch", "100000"), links=links)
+                           agent_args=("--rcvhwm", "100", "--prefetch", "100000"), links=links,
+                           own_groups=True)  # (the stopped agent: see T3a)
     history = History()
     stopped = False
     try:
