@@ -502,6 +502,8 @@ class Backend:
     def dispatch(self: "Broker", txn: Txn, now: float) -> None:
         """Hand ready tasks to agents with credit; one DISPATCH message per agent per turn."""
         state = self.state
+        if not state.core.n_ready():  # e.g. after a lone task's joined report: no closure nor dicts for nothing
+            return
         #: agent slot -> its DISPATCH's tasks (written as they come: DISPATCH_TASK_KEYS), inline counts and frames
         per_agent: dict[int, tuple[DispatchMessage, list, list]] = {}
         inline_limit = self.config.inline_limit
