@@ -133,3 +133,17 @@ def test_a_lone_tasks_completion_event_comes_inside_its_submits_reply(tmp_path):
     assert after["reports_joined"] - before["reports_joined"] >= 20
     assert after["events_carried"] - before["events_carried"] == 20
 
+
+
+def test_the_window_grows_to_the_reports_delay(tmp_path):
+    """Lone tasks that take 3 ms, longer than the 2 ms floor of the window: after the first misses the window grows
+    (up to 8 ms) and the reports join their submit's turn, so the completion event comes inside the submit's
+    reply. With a fixed 2 ms window every wait missed (none carried) and most submits skipped the wait."""
+    with LocalProcesses(data_dir=str(tmp_path / "lmdb"), workers=1, broker_args=("--report-wait", "0.002")) as cluster:
+        with armonik_zmq.Client(cluster.endpoint) as client, connect(cluster.endpoint, timeout=60) as conn:
+            assert client.submit(abs, -1).result(timeout=60) == 1
+            before = _metrics(Api(conn))
+            for _ in range(30):
+                assert client.submit(time.sleep, 0.003).result(timeout=60) is None
+            after = _metrics(Api(conn))
+    assert after["events_carried"] - before["events_carried"] >= 15, (before, after)

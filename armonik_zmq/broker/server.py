@@ -783,7 +783,8 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
                 replies.append((backend, out, None))
         if handled or not awaited or self.fair.waiting or self._lost_agents or not self.report_wait.wanted():
             return
-        deadline = time.monotonic() + self.report_wait.window
+        began = time.monotonic()
+        deadline = began + self.report_wait.window
         frontend, poller = self.frontend, self.poller
         while awaited:
             left = deadline - time.monotonic()
@@ -811,10 +812,10 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
             self._dispatch_early(pushed)
             self._awaited = set()
         if awaited:
-            self.report_wait.miss()
+            self.report_wait.miss(time.monotonic() - began)
             self.metrics.counters["report_waits_missed"] += 1
         else:
-            self.report_wait.hit()
+            self.report_wait.hit(time.monotonic() - began)
         self.metrics.counters["reports_joined"] += len(joined)
 
     def _undo_turn(self, agents: dict, lost: list, outbox_len: int, next_lease_check: float) -> None:
