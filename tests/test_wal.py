@@ -443,8 +443,10 @@ def test_records_are_written_directly_in_whole_blocks_from_the_turns_buffer(tmp_
     for name, direct in (("direct", True), ("cached", False)):
         log = logs[name] = wal.Log(str(tmp_path / name), segment_bytes=segment, direct=direct)
         log.start(0)
-    probe = os.open(str(tmp_path / "probe"), os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o600)  # tmpfs refuses it
-    os.close(probe)
+    try:
+        os.close(os.open(str(tmp_path / "probe"), os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o600))
+    except OSError as exc:  # tmpfs, say: the log writes through the page cache there (the other tests cover it)
+        pytest.skip(f"no O_DIRECT where pytest keeps its files: {exc}")
     rng = random.Random(7)
     env, tables = _open(str(tmp_path / "env"))
     ops = WalOps()
