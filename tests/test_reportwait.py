@@ -134,7 +134,6 @@ def test_a_lone_tasks_completion_event_comes_inside_its_submits_reply(tmp_path):
     assert after["events_carried"] - before["events_carried"] == 20
 
 
-
 def test_the_window_grows_to_the_reports_delay(tmp_path):
     """Lone tasks that take 3 ms, longer than the 2 ms floor of the window: after the first misses the window grows
     (up to 8 ms) and the reports join their submit's turn, so the completion event comes inside the submit's

@@ -39,19 +39,11 @@ def test_the_alarm_goes_off_at_its_deadline_and_never_once_cleared():
         alarm.close()
 
 
-def test_setting_the_alarm_costs_about_its_system_call():
-    """A run's start sets the alarm and an idle worker clears it: through ctypes each call cost ~2.7 us here (twice
-    per lone task, on the worker's path), through the Cython core ~0.75 us."""
-    alarm = Alarm()
-    try:
-        deadline = time.monotonic() + 3600
-        best = float("inf")
-        for _ in range(7):  # the least of several rounds: a loaded machine only ever adds
-            started = time.perf_counter()
-            for _ in range(1000):
-                alarm.set(deadline)
-                alarm.clear()
-            best = min(best, (time.perf_counter() - started) / 2000)
-        assert best < 1.5e-6, f"{best * 1e6:.1f} us per call"
-    finally:
-        alarm.close()
+def test_the_alarm_is_set_through_the_core():
+    """A run's start sets the alarm and an idle worker clears it, twice per lone task on the worker's path: through the
+    Cython core (~0.75 us a call here) rather than ctypes (~2.7 us; the fallback of a core built before it). A core
+    built from this tree has it. (The per-call figures come from measurements, not from this test.)"""
+    from armonik_zmq import _core
+    from armonik_zmq.worker import alarm as alarm_module
+
+    assert alarm_module._timerfd_at is _core.timerfd_at
