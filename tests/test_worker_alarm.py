@@ -37,13 +37,3 @@ def test_the_alarm_goes_off_at_its_deadline_and_never_once_cleared():
         assert _fired(alarm, 2000)
     finally:
         alarm.close()
-
-
-def test_the_alarm_is_set_through_the_core():
-    """A run's start sets the alarm and an idle worker clears it, twice per lone task on the worker's path: through the
-    Cython core (~0.75 us a call here) rather than ctypes (~2.7 us; the fallback of a core built before it). A core
-    built from this tree has it. (The per-call figures come from measurements, not from this test.)"""
-    from armonik_zmq import _core
-    from armonik_zmq.worker import alarm as alarm_module
-
-    assert alarm_module._timerfd_at is _core.timerfd_at
