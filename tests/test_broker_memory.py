@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from armonik_zmq.broker.filepages import FilePages, mapped_ranges, resident_file_pages
+from armonik_zmq.broker.filepages import GROWN_BYTES, FilePages, mapped_ranges, resident_file_pages
 from armonik_zmq.broker.store import Store
 
 
@@ -50,7 +50,7 @@ def test_data_file_pages_are_released_once_reads_mapped_many_before_the_interval
     ``grown_bytes`` since the last release (the write-ahead log's commits map new pages at full speed), not before."""
     store, rows = _store_of_40_mib(tmp_path)
     try:
-        pages = FilePages(store.file_pages.path, interval=3600, grown_bytes=16 << 20, check_interval=0)
+        pages = FilePages(store.file_pages.path, interval=3600, grown_bytes=GROWN_BYTES, check_interval=0)
         pages.maybe_release()  # the first is due at once
         released = pages.released
         assert released, "LMDB maps data.mdb"
@@ -75,6 +75,6 @@ def test_data_file_pages_are_released_once_reads_mapped_many_before_the_interval
         store.close()
     logging_store = Store(str(tmp_path / "logged"), map_size=1 << 30, durability="wal")
     try:
-        assert logging_store.file_pages.grown_pages == (16 << 20) // os.sysconf("SC_PAGE_SIZE")
+        assert logging_store.file_pages.grown_pages == GROWN_BYTES // os.sysconf("SC_PAGE_SIZE")
     finally:
         logging_store.close()

@@ -53,10 +53,15 @@ def resident_file_pages() -> int:
         return 0
 
 
+#: release sooner than the interval once this many more bytes of the file are resident (the write-ahead log's
+#: fresh pages: store.py turns the trigger on only with the log)
+GROWN_BYTES = 16 << 20
+
+
 class FilePages:
     """Drop the mapped pages of one file from this process's resident memory, now and then."""
 
-    def __init__(self, path: str, interval: float = 1.0, grown_bytes: int = 16 << 20, check_interval: float = 0.05):
+    def __init__(self, path: str, interval: float = 1.0, grown_bytes: int = GROWN_BYTES, check_interval: float = 0.05):
         self.path = os.path.realpath(path)
         self.interval = interval
         #: release sooner once the resident file pages grew by this many since the last release (0: never sooner, and

@@ -23,7 +23,7 @@ from ..protocol import DATA_CHUNK_MAX_SIZE, ErrorCode, ProtocolError
 from ..status import TASK_FINAL, ResultStatus, TaskStatus
 
 _SUBMITTED = int(TaskStatus.SUBMITTED)
-from .filepages import FilePages
+from .filepages import GROWN_BYTES, FilePages
 from .objects import ObjectStorage, chunk_key, n_chunks, rechunk
 from .wal import CHECKPOINT_FILE, CHECKPOINT_SECONDS, WalError, WriteAhead, sync_directory
 
@@ -243,7 +243,7 @@ class Store:
         self.readers_lock = threading.Lock()
         #: data.mdb's pages mapped by reads, dropped from the resident size after commits (filepages.py)
         # the growth trigger is for the write-ahead log's fresh pages (filepages.py); other modes release once a second
-        self.file_pages = FilePages(data_path, grown_bytes=(16 << 20) if self.durability == "wal" else 0)
+        self.file_pages = FilePages(data_path, grown_bytes=GROWN_BYTES if self.durability == "wal" else 0)
         #: the write-ahead log (durability "wal"), else None
         self.wal: Optional[WriteAhead] = None
         #: table handle -> its index in TABLES (what a log record names)
