@@ -243,7 +243,7 @@ def test_a_task_is_reported_started_once_its_worker_runs_it(tmp_path):
     running: a task whose worker has not taken it up (here: a stopped worker) stays DISPATCHED however long it
     waits there. Before, a task at the head of its worker's queue for START_REPORT_DELAY was reported, which
     under load also reported tasks that had ended and whose outputs were on their way."""
-    with LocalProcesses(data_dir=str(tmp_path / "lmdb"), workers=1) as cluster, \
+    with LocalProcesses(data_dir=str(tmp_path / "lmdb"), workers=1, own_groups=True) as cluster, \
             armonik_zmq.Client(cluster.endpoint) as client:
         assert client.submit(_noop, 0).result(timeout=60) == 0  # the worker is up and idle
         (worker,) = children_of(cluster.agent.pid)

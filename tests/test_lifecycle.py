@@ -819,7 +819,7 @@ def test_a_broker_killed_mid_delete_finishes_it_after_a_restart_and_answers_the_
     session is left, another session is whole."""
     import threading
 
-    with broker_only(tmp_path_factory) as cluster:
+    with broker_only(tmp_path_factory, own_groups=True) as cluster:
         with connect(cluster.endpoint, timeout=60) as conn, connect(cluster.endpoint, timeout=60) as other:
             api, other_api = Api(conn), Api(other)
             kept = other_api.session()
@@ -856,7 +856,7 @@ def test_a_big_session_is_purged_a_chunk_per_turn_and_the_purge_resumes_after_a_
     from armonik_zmq.broker.lifecycle import PURGE_CHUNK
 
     n = 20_000
-    with broker_only(tmp_path_factory) as cluster:
+    with broker_only(tmp_path_factory, own_groups=True) as cluster:
         with connect(cluster.endpoint, timeout=60) as conn:
             api = Api(conn)
             sid = api.session()

@@ -394,7 +394,7 @@ def test_a_worker_whose_agent_died_before_it_armed_its_death_signal_exits(tmp_pa
 
 def test_late_report_of_a_replaced_attempt_changes_nothing(tmp_path, capfd):
     """SIGSTOP an agent past its lease: its task is retried and completed elsewhere; resumed, its report is refused."""
-    cluster = make_cluster(tmp_path, workers=1, lease=2, agent_id="first")
+    cluster = make_cluster(tmp_path, workers=1, lease=2, agent_id="first", own_groups=True)
     stopped = False
     try:
         cluster.start()

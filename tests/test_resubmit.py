@@ -167,7 +167,7 @@ def upload_and_cancel_targets(conn, api: Api) -> tuple[str, str, str, dict]:
 
 def test_requests_in_flight_when_the_broker_dies(tmp_path_factory):
     """Every request without a reply (keyed or read-only) is sent again after the restart, and applied once."""
-    with broker_only(tmp_path_factory) as cluster:
+    with broker_only(tmp_path_factory, own_groups=True) as cluster:
         with connect(cluster.endpoint, timeout=30) as conn:
             api = Api(conn)
             sid, other, up, task = upload_and_cancel_targets(conn, api)
@@ -374,7 +374,7 @@ def test_agent_registering_again_keeps_its_running_task(tmp_path):
     """A broker silent past the agent's lease (SIGSTOP): the agent registers again while the broker still
     knows it; its running task is kept (no retry, one execution)."""
     log = tmp_path / "exec.log"
-    cluster = cluster_with_log(tmp_path, log, workers=1, agent_id="a1")
+    cluster = cluster_with_log(tmp_path, log, workers=1, agent_id="a1", own_groups=True)
     try:
         cluster.start()
         with connect(cluster.endpoint, timeout=30) as conn:
@@ -400,7 +400,7 @@ def test_agent_registering_again_keeps_its_running_task(tmp_path):
 def test_agent_drops_the_attempt_the_broker_gave_away(tmp_path):
     """An agent stopped past its lease loses its task to another agent; once resumed, it registers again and
     kills the worker still running the old attempt (STOP_TASKS)."""
-    cluster = make_cluster(tmp_path, workers=1, agent_id="first", lease=2.0)
+    cluster = make_cluster(tmp_path, workers=1, agent_id="first", lease=2.0, own_groups=True)
     stopped = False
     try:
         cluster.start()

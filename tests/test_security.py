@@ -355,7 +355,7 @@ def test_a_client_gets_one_share_of_the_turns_however_many_connections_it_opens(
     get about as many turns as alice's one, where by connection they would get 4 in 5. Session ids grow
     with time (UUIDv7, per process), so sorting them gives the order the broker handled the requests in."""
     n = 150
-    with broker_only(tmp_path_factory, "--no-sync", secure=True) as cluster:
+    with broker_only(tmp_path_factory, "--no-sync", secure=True, own_groups=True) as cluster:
         create_keys(cluster.keys_dir, ["alice", "bob"], [])
         alice = Peer(cluster.endpoint, peer_keys(cluster, "clients", "alice"))
         bobs = [Peer(cluster.endpoint, peer_keys(cluster, "clients", "bob")) for _ in range(4)]
