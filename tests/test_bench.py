@@ -72,3 +72,18 @@ def test_agent_alone_reports_the_agents_and_workers_cpu_per_task(tmp_path):
     (run,) = report["figures"]["runs"]
     assert run["tasks"] == 600 and run["tasks_per_s"] > 0 and run["reports_per_1000"] > 0
     assert run["agent_cpu_us_per_task"] >= 0 and run["workers_cpu_us_per_task"] >= 0  # 10 ms clock ticks
+
+
+def test_floor_runs_each_durable_write_and_refuses_an_unknown_one(tmp_path):
+    """``python -m bench.floor`` times the bare six-hop chain per durable-write mode and writes its figures."""
+    out = tmp_path / "floor.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.floor", "--tasks", "200", "--runs", "1", "--dir", str(tmp_path),
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    figures = json.loads(out.read_text())["figures"]
+    assert set(figures) == {"none", "direct", "flush2"}
+    for fig in figures.values():
+        assert 0 < fig["p50_us"] <= fig["p99_us"] and len(fig["runs"]) == 1
+    bad = subprocess.run([sys.executable, "-m", "bench.floor", "--modes", "none,fsync3"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown mode(s) fsync3" in bad.stderr
