@@ -78,3 +78,32 @@ def test_data_file_pages_are_released_once_reads_mapped_many_before_the_interval
         assert logging_store.file_pages.grown_pages == GROWN_BYTES // os.sysconf("SC_PAGE_SIZE")
     finally:
         logging_store.close()
+
+
+def test_a_release_finds_the_map_again_only_once_lmdb_mapped_the_file_anew(tmp_path, monkeypatch):
+    """Releases after the first reuse where the file is mapped (reading /proc/self/maps pauses the broker's loop ~1 ms);
+    once the map grows, LMDB maps the file anew elsewhere, and the next release finds that map and gives its pages
+    back."""
+    from armonik_zmq.broker import filepages
+
+    reads = []
+    real = filepages.mapped_ranges
+    monkeypatch.setattr(filepages, "mapped_ranges", lambda path: reads.append(path) or real(path))
+    store, rows = _store_of_40_mib(tmp_path)
+    try:
+        pages = store.file_pages
+        first = pages.release()
+        assert first and len(reads) == 1
+        for _ in range(3):
+            assert pages.release() == first
+        assert len(reads) == 1, "the maps were read again though the file stayed mapped where it was"
+        before = real(pages.path)
+        assert store.grow(), "the map did not grow"
+        assert real(pages.path) != before, "LMDB did not map the file anew"
+        released = _rss_file_kib()
+        with store.read() as txn:
+            assert all(txn.txn.get(key, db=store.tasks) == value for key, value in rows.items())
+        assert pages.release() > first and len(reads) == 2
+        assert _rss_file_kib() - released < 4 * 1024, "the pages of the new map stayed resident"
+    finally:
+        store.close()
