@@ -104,8 +104,10 @@ class Link:
 
     # -- reading ------------------------------------------------------------------------------------
 
-    def read(self) -> list[list]:
-        """The messages complete once what the socket holds now is read; never waits.
+    def read(self, wait: bool = False) -> list[list]:
+        """The messages complete once what the socket holds now is read; never waits, unless ``wait``: then the
+        first read waits for data (on a blocking socket, at most its SO_RCVTIMEO), one system call where a poll
+        then a read took two.
 
         When the other end closed the link, or sent something out of the limits (the stream cannot be
         read on), ``closed`` says why and ``malformed`` whether it was the latter; the messages that came
@@ -113,11 +115,13 @@ class Link:
         """
         out: list[list] = []
         sock = self.sock
+        flags = 0 if wait else socket.MSG_DONTWAIT
         while self.closed is None:
             try:
                 if self._big is not None:
                     with memoryview(self._big) as view:
-                        n = sock.recv_into(view[self._filled:], 0, socket.MSG_DONTWAIT)
+                        n = sock.recv_into(view[self._filled:], 0, flags)
+                    flags = socket.MSG_DONTWAIT  # (the reads after the first one never wait)
                     if n == 0:
                         self.closed = "the other end closed the link"
                         break
@@ -128,7 +132,8 @@ class Link:
                     self._frames.append(bytes(big) if self.copy_big else big)
                     full = True
                 else:
-                    n = sock.recv_into(self._scratch, RECV_SIZE, socket.MSG_DONTWAIT)
+                    n = sock.recv_into(self._scratch, RECV_SIZE, flags)
+                    flags = socket.MSG_DONTWAIT
                     if not n:
                         self.closed = "the other end closed the link"
                         break
