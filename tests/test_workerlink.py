@@ -57,6 +57,26 @@ def test_messages_of_every_shape_come_through_whole_and_in_order(copy_big):
         receiver.send([b"late"])
 
 
+def test_a_waiting_read_takes_what_comes_and_ends_empty_at_the_sockets_receive_timeout():
+    """The worker's wait for its agent's next message is the read itself (``wait=True``): it returns the message
+    that comes, a big one whole, and nothing once the socket's SO_RCVTIMEO passed (the worker then checks that its
+    agent lives), on a socket left blocking."""
+    sender, receiver = _pair(copy_big=True)
+    receiver.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 50_000))
+    assert receiver.sock.getblocking()
+    assert receiver.read(wait=True) == [] and receiver.closed is None  # nothing came within 50 ms
+    big = os.urandom(BIG_FRAME * 4)
+    sender.send([b"h", big])
+    got: list = []
+    while not got:
+        sender.flush()
+        got = receiver.read(wait=True)
+        assert receiver.closed is None
+    assert [bytes(f) for f in got[0]] == [b"h", big]
+    sender.close()
+    assert receiver.read(wait=True) == [] and receiver.closed == "the other end closed the link"
+
+
 @pytest.mark.parametrize("prefix, why", [
     (struct.pack("<I", 0), "a message of 0 frames"),
     (struct.pack("<I", MAX_FRAMES + 1), f"a message of {MAX_FRAMES + 1} frames"),
