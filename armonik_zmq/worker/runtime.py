@@ -375,9 +375,11 @@ class WorkerRuntime:
             self._output(token=token, ok=False, raised=True, started_at=started_at, ended_at=time.time(),
                          error=f"processor returned {type(output).__name__}, expected armonik_zmq.worker.Output")
             return
-        fields, frames = handler.output_message() if output.success else ({}, [])
-        self._output(frames, token=token, ok=output.success, error=output.error, started_at=started_at,
-                     ended_at=time.time(), **fields)
+        if output.error is None:  # success (``error?``: a success sends none)
+            fields, frames = handler.output_message()
+            self._output(frames, token=token, ok=True, started_at=started_at, ended_at=time.time(), **fields)
+        else:
+            self._output(token=token, ok=False, error=output.error, started_at=started_at, ended_at=time.time())
         if handler.report_before_freeing:
             with self._lock:
                 self._flush()
