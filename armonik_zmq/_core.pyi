@@ -94,3 +94,10 @@ def reset_id_pool() -> None:
 # the worker's alarm (worker/alarm.py)
 def timerfd_at(fd: int, deadline: float) -> None:
     """Arm timerfd ``fd`` at ``deadline`` (absolute monotonic seconds), or disarm it (0); OSError on failure."""
+
+# Link framing (worker/link.py)
+def link_cut(buf: bytes | bytearray, pos: int, end: int, max_frames: int, max_header: int, max_frame: int,
+             out: list) -> int:
+    """Append each complete message of buf[pos:end] to out; return where the first incomplete one starts."""
+def link_prefix(frames: Iterable) -> tuple[bytes, int]:
+    """The size table that starts a link message of frames, and the message's size."""

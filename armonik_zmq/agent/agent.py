@@ -75,6 +75,10 @@ def _oldest_due(starts: dict) -> float:
     return min(starts.values())[0] if starts else math.inf  # (entries are (due, [...]): the first due is the least)
 
 
+def _queued(proc: WorkerProc) -> int:
+    return len(proc.queue)
+
+
 def _new_token() -> str:
     """A fresh run token: a counter is enough, as a worker's message must also come from the worker
     whose running task holds it (``_task_of``); uuid4 cost more than the rest of the task's setup."""
@@ -120,6 +124,10 @@ class Agent:
         self.capacity = config.workers * (1 + config.window) + config.prefetch
         #: the capacity last asked for (registration or heartbeat), and since when ``_capacity`` says otherwise
         self._asked = self.capacity
+        #: the capacity while tasks are tiny (``_capacity``), or ``capacity`` if it is not more
+        tiny_depth = 1 + max(config.window, config.tiny_window) if config.window else 1
+        self._tiny_capacity = (config.workers * tiny_depth + config.tiny_prefetch
+                               if config.tiny_prefetch > config.prefetch else self.capacity)
         self._differs_since: Optional[float] = None
         #: CURVE keys to reach the broker (None: NULL security)
         self.keys = ClientKeys.from_options(config.server_key or None, config.agent_secret or None,
@@ -510,10 +518,10 @@ class Agent:
         hands out as many tasks, where with ``prefetch`` the agent's credit ran out between two turns. Not while
         every worker runs a long task (``slow``: it gave back what waited behind it): what the agent holds
         would wait for them, when another agent may be free."""
-        if self._run_avg < TINY_RUN and self.config.tiny_prefetch > self.config.prefetch:
+        if self._run_avg < TINY_RUN and self._tiny_capacity > self.capacity:
             for proc in self.pool.workers.values():  # (a loop, not all(): this runs on every turn of the loop)
                 if not proc.slow:
-                    return self.config.workers * self._depth() + self.config.tiny_prefetch
+                    return self._tiny_capacity
         return self.capacity
 
     def _capacity_changed(self, mono: float) -> bool:
@@ -559,14 +567,16 @@ class Agent:
                 if p.ready and len(p.queue) < (shallow if p.slow else refill)]
         if not free:
             return
-        free.sort(key=lambda p: len(p.queue))
+        if len(free) > 1:
+            free.sort(key=_queued)
+        ready = self.ready
         for i, proc in enumerate(free):
             # An even share of what is ready for each worker with room, so that one worker's batch does not
             # take the tasks another one idles for.
-            share = -(-len(self.ready) // (len(free) - i))
-            room = (shallow if proc.slow else depth) - len(proc.queue)
+            share = -(-len(ready) // (len(free) - i))
+            most = min(share, (shallow if proc.slow else depth) - len(proc.queue))
             batch = []
-            while self.ready and len(batch) < min(share, room):
+            while ready and len(batch) < most:
                 task = self.tasks.get(self.ready.popleft())
                 if task is None or self._drop_if_stopping(task):
                     continue

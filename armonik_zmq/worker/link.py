@@ -18,6 +18,7 @@ import struct
 from collections import deque
 from typing import Optional, Sequence
 
+from .._core import link_cut, link_prefix
 from ..protocol import MAX_HEADER_SIZE
 
 _COUNT = struct.Struct("<I")
@@ -40,7 +41,6 @@ class LinkClosed(Exception):
 
 
 #: the size tables of messages of up to 16 frames (the usual ones), compiled once: u32 count | count x u64 sizes
-_PREFIX = [struct.Struct(f"<I{n}Q") for n in range(17)]
 _SIZES = [struct.Struct(f"<{n}Q") for n in range(17)]
 
 
@@ -51,10 +51,8 @@ def _nbytes(buffer) -> int:
 def encode(frames: Sequence) -> tuple[list, int]:
     """The buffers that carry ``frames`` as one message (its prefix, then the frames themselves, not copied),
     and their total size."""
-    n = len(frames)
-    sizes = [len(f) if type(f) is bytes else memoryview(f).nbytes for f in frames]
-    prefix = _PREFIX[n].pack(n, *sizes) if n <= 16 else struct.pack(f"<I{n}Q", n, *sizes)
-    return [prefix, *frames], len(prefix) + sum(sizes)
+    prefix, total = link_prefix(frames)
+    return [prefix, *frames], total
 
 
 def peer_pid(sock: socket.socket) -> int:
@@ -74,6 +72,8 @@ class Link:
     def __init__(self, sock: socket.socket, max_frame: Optional[int] = None, copy_big: bool = False):
         self.sock = sock
         self.max_frame = max_frame
+        #: ``max_frame`` as ``link_cut`` takes it (-1: no limit)
+        self._max_frame = -1 if max_frame is None else max_frame
         self.copy_big = copy_big
         self._buf = bytearray()
         #: what each read lands in (a new buffer of that size per read would be mapped and unmapped each time),
@@ -137,8 +137,22 @@ class Link:
                     if not n:
                         self.closed = "the other end closed the link"
                         break
-                    self._buf += self._scratch_view[:n]
                     full = n == RECV_SIZE
+                    if self._buf or self._sizes is not None:
+                        self._buf += self._scratch_view[:n]
+                    else:
+                        # Nothing left over from the previous read: the complete messages are cut from the scratch
+                        # buffer itself, only an incomplete one is copied to go on with it.
+                        try:
+                            pos = link_cut(self._scratch, 0, n, MAX_FRAMES, MAX_HEADER_SIZE, self._max_frame, out)
+                        except ValueError as exc:
+                            self.closed, self.malformed = str(exc), True
+                            break
+                        if pos == n:
+                            if full:
+                                continue
+                            break
+                        self._buf += self._scratch_view[pos:n]
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:  # ECONNRESET and the like: the other end is gone
@@ -161,6 +175,11 @@ class Link:
         with memoryview(buf) as view:
             while True:
                 if sizes is None:
+                    # Every complete message at once; the lines below take one cut by the end of the read.
+                    try:
+                        pos = link_cut(buf, pos, end, MAX_FRAMES, MAX_HEADER_SIZE, self._max_frame, out)
+                    except ValueError as exc:
+                        raise _OutOfLimits(str(exc)) from None
                     if end - pos < 4:
                         break
                     (n,) = _COUNT.unpack_from(buf, pos)
