@@ -203,7 +203,7 @@ class Agent:
             self._broker_send, self._broker_readable, self._broker_recv = link.send, link.readable, link.recv
             self._broker_waiting = link.waiting  # level-triggered: the poll tells of what the socket holds
             self._broker_fd = link.fileno()
-            self.poller.register(self._broker_fd, select.POLLIN)
+            self.poller.register(self._broker_fd, select.EPOLLIN)
             self._connected()
             return
         self.broker = self.ctx.socket(zmq.DEALER)
@@ -221,7 +221,7 @@ class Agent:
         # Waited for as a plain fd, with the workers' links: ZeroMQ signals on it that the socket's state may
         # have changed (edge-like), so the loop checks EVENTS before it sleeps and reads while there is input.
         self._broker_fd = self.broker.getsockopt(zmq.FD)
-        self.poller.register(self._broker_fd, select.POLLIN)
+        self.poller.register(self._broker_fd, select.EPOLLIN)
         self._broker_send = self._send_zmq
         self._broker_readable = self._broker_waiting = functools.partial(readable, self.broker)
         self._broker_recv = functools.partial(recv_message, self.broker)
@@ -657,16 +657,16 @@ class Agent:
             link = Link(sock, max_frame=max(self.data_chunk_max_size, MAX_HEADER_SIZE))
             link.pid = peer_pid(sock)
             self.links[sock.fileno()] = link
-            self.poller.register(sock.fileno(), select.POLLIN)
+            self.poller.register(sock.fileno(), select.EPOLLIN)
 
     def _on_link_event(self, fd: int, event: int) -> None:
         link = self.links.get(fd)
         if link is None:
             return
-        if event & select.POLLOUT:
+        if event & select.EPOLLOUT:
             try:
                 if link.flush():
-                    self.poller.modify(fd, select.POLLIN)
+                    self.poller.modify(fd, select.EPOLLIN)
             except LinkClosed:
                 pass  # the read below finds the link closed
         for frames in link.read():
@@ -681,7 +681,7 @@ class Agent:
             if not link.send(frames):
                 if link.pending > LINK_PENDING_MAX and link not in self.pool.by_link:
                     raise LinkClosed("a peer that does not read its replies")
-                self.poller.modify(link.fileno(), select.POLLIN | select.POLLOUT)
+                self.poller.modify(link.fileno(), select.EPOLLIN | select.EPOLLOUT)
         except LinkClosed as exc:
             link.closed = link.closed or str(exc)
             return False
@@ -729,6 +729,8 @@ class Agent:
         return task
 
     def _handle_worker(self, link: Link, op: Op, h: dict, frames: list) -> Optional[list]:
+        if op is Op.W_OUTPUTS:  # (the one message of a task's run, most often)
+            return self._on_outputs(link, h, frames)
         rid = h["rid"]
         if op == Op.WORKER_READY:
             # The pid the kernel saw connect, not only the one claimed: a worker's link is its own.
@@ -737,8 +739,6 @@ class Agent:
                 raise ProtocolError(ErrorCode.PERMISSION_DENIED, f"pid {h['pid']} is not a worker of this agent "
                                     "(or not the process on this connection)")
             return [reply_ok(op, rid)]
-        if op == Op.W_OUTPUTS:
-            return self._on_outputs(link, h, frames)
         task = self._task_of(link, h["token"])
         sid = task.msg["session_id"]
         now = time.time()
@@ -1039,9 +1039,10 @@ class Agent:
 
     def run(self) -> None:
         """Serve until ``stop()`` or SIGINT/SIGTERM."""
-        self.poller = select.poll()
+        # epoll: the fds stay registered between waits (poll(2) hooks itself on each of them at every wait)
+        self.poller = select.epoll()
         listener = self.listener.fileno()
-        self.poller.register(listener, select.POLLIN)
+        self.poller.register(listener, select.EPOLLIN)
         self.pool.start()
         gc.freeze()
         self._running = True
@@ -1061,11 +1062,11 @@ class Agent:
                     self._register()
                 elif mono >= self._next_heartbeat or self._capacity_changed(mono):
                     self._heartbeat(mono)
-                wait_ms = 50
+                wait = 0.05
                 if self._started and self.registered:  # wake up when a start is due
-                    wait_ms = min(wait_ms, max(0, math.ceil((_oldest_due(self._started) - time.monotonic()) * 1000)))
+                    wait = min(wait, max(0.0, _oldest_due(self._started) - time.monotonic()))
                 broker_input = self.broker is not None and self._broker_waiting()
-                events = self.poller.poll(0 if broker_input else wait_ms)
+                events = self.poller.poll(0 if broker_input else wait)
                 links = []
                 for fd, event in events:
                     if fd == self._broker_fd:
@@ -1124,6 +1125,7 @@ class Agent:
             self.broker.close(linger=0)
         for link in self.links.values():
             link.close()
+        self.poller.close()
         self.listener.close()
         self.ctx.term()
         shutil.rmtree(self._sockdir, ignore_errors=True)
