@@ -106,7 +106,7 @@ class _CallPickler(_Pickler):
 def dump_call(function_bytes: bytes, args: tuple, kwargs: dict, future_type: type) -> tuple[bytes, list[str]]:
     """Return the payload of ``function(*args, **kwargs)`` and the result ids of the futures among the arguments."""
     plain = serialization.PLAIN_TYPES
-    if all(type(a) in plain for a in args) and all(type(v) in plain for v in kwargs.values()):
+    if plain.issuperset(map(type, args)) and (not kwargs or plain.issuperset(map(type, kwargs.values()))):
         # no future, nothing pickled by value: the standard pickler writes the same stream, 10x cheaper
         return dump_payload(function_bytes, pickle.dumps((args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)), []
     buffer = io.BytesIO()
@@ -137,6 +137,8 @@ def dump_error(exc: BaseException) -> bytes:
 
 def load_result(data) -> Any:
     """Return the value of a result, or raise the exception of a failed call."""
+    if type(data) is bytes and data[:1] == OK:  # a small value (inline in its event): a plain pickle
+        return pickle.loads(memoryview(data)[1:])
     view = memoryview(data)
     value = serialization.unpack(view)
     if bytes(view[:1]) == ERROR:

@@ -48,6 +48,7 @@ _RESUBSCRIBE_DELAY = 0.2
 _PENDING, _FINISHED, _CANCELLED_AND_NOTIFIED = "PENDING", "FINISHED", "CANCELLED_AND_NOTIFIED"
 _CANCELLED = frozenset({"CANCELLED", _CANCELLED_AND_NOTIFIED})
 _DONE = frozenset({_FINISHED, *_CANCELLED})
+_COMPLETED = int(ResultStatus.COMPLETED)
 
 
 class Future(concurrent.futures.Future):
@@ -266,7 +267,8 @@ class Client:
         #: meanwhile
         self._inline_in_flight = 0
         self._early: dict[str, tuple] = {}
-        self._function_bytes: "weakref.WeakKeyDictionary[Callable, bytes]" = weakref.WeakKeyDictionary()
+        #: each function submitted: its pickle and its task name
+        self._functions: "weakref.WeakKeyDictionary[Callable, tuple[bytes, str]]" = weakref.WeakKeyDictionary()
         try:
             header, _ = self._conn.call(Op.GET_SERVICE_CONFIG)
             self._chunk_size = int(header["data_chunk_max_size"])
@@ -290,8 +292,21 @@ class Client:
     def submit(self, fn: Callable, *args, retries: Optional[int] = None, timeout: Optional[float] = None,
                priority: Optional[int] = None, partition: Optional[str] = None, **kwargs) -> Future:
         """Run ``fn(*args, **kwargs)`` on a worker; futures among the arguments are replaced by their values."""
-        options = _task_options(retries, timeout, priority, partition)
-        return self._submit_calls(fn, [[(args, kwargs)]], options)[0]
+        options = (None if retries is None and timeout is None and priority is None and partition is None
+                   else _task_options(retries, timeout, priority, partition))
+        self._check_open()
+        function_bytes, name = self._function(fn)
+        fields, frames = self._request(function_bytes, name, ((args, kwargs),), options)
+        with self._lock:  # see _submit_calls
+            self._inline_in_flight += 1
+        try:
+            header, _ = self._conn._exchange(Op.SUBMIT_INLINE, fields, frames, None)  # fields has the frame counts
+            return self._register(header["tasks"])[0]
+        finally:
+            with self._lock:
+                self._inline_in_flight -= 1
+                if not self._inline_in_flight:
+                    self._early.clear()
 
     def map(self, fn: Callable, *iterables: Iterable, chunksize: int = 1000, retries: Optional[int] = None,
             timeout: Optional[float] = None, priority: Optional[int] = None,
@@ -307,38 +322,51 @@ class Client:
         calls = ((args, {}) for args in zip(*iterables))
         return self._submit_calls(fn, iter(lambda: list(islice(calls, chunksize)), []), options)
 
-    def _dump_function(self, fn: Callable) -> bytes:
-        """Return ``fn`` pickled with cloudpickle, once per function object."""
+    def _function(self, fn: Callable) -> tuple[bytes, str]:
+        """Return ``fn`` pickled with cloudpickle and its task name, once per function object."""
         try:
-            data = self._function_bytes.get(fn)
+            entry = self._functions.get(fn)
         except TypeError:  # not weakly referenceable (a builtin, a callable instance)
-            return functions.dump_function(fn)
-        if data is None:
-            data = self._function_bytes[fn] = functions.dump_function(fn)
-        return data
+            entry = None
+            cache = False
+        else:
+            cache = True
+        if entry is None:
+            if not callable(fn):
+                raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+            entry = (functions.dump_function(fn), getattr(fn, "__name__", "call"))
+            if cache:
+                self._functions[fn] = entry
+        return entry
+
+    def _request(self, function_bytes: bytes, name: str, calls: Iterable[tuple],
+                 options: Optional[dict]) -> tuple[dict, list]:
+        """The fields and data frames of the SUBMIT_INLINE request of ``calls`` (``(args, kwargs)`` pairs)."""
+        counts, frames, tasks = [], [], []
+        size = self._chunk_size
+        for args, kwargs in calls:
+            payload, deps = functions.dump_call(function_bytes, args, kwargs, Future)
+            if len(payload) <= size:
+                counts.append(1)
+                frames.append(payload)
+            else:
+                parts = chunks(payload, size)
+                counts.append(len(parts))
+                frames.extend(parts)
+            task = {"name": name, "data_dependencies": deps}
+            if options:
+                task["options"] = options
+            tasks.append(task)
+        return {"session_id": self.session_id, "tasks": tasks, "frames": counts}, frames
 
     def _submit_calls(self, fn: Callable, batches: Iterable[Sequence[tuple]], options: Optional[dict]) -> List[Future]:
         """Submit one task per call, one SUBMIT_INLINE request per batch of calls (payloads, outputs and tasks
         together); return their futures, in order."""
         self._check_open()
-        if not callable(fn):
-            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
-        function_bytes = self._dump_function(fn)
-        name = getattr(fn, "__name__", "call")
-        sid = self.session_id
+        function_bytes, name = self._function(fn)
 
         def request(calls: Sequence[tuple]) -> tuple[dict, list]:
-            counts, frames, tasks = [], [], []
-            for args, kwargs in calls:
-                payload, deps = functions.dump_call(function_bytes, args, kwargs, Future)
-                parts = chunks(payload, self._chunk_size)
-                counts.append(len(parts))
-                frames.extend(parts)
-                task = {"name": name, "data_dependencies": deps}
-                if options:
-                    task["options"] = options
-                tasks.append(task)
-            return {"session_id": sid, "tasks": tasks, "frames": counts}, frames
+            return self._request(function_bytes, name, calls, options)
 
         batches = iter(batches)
         first = next(batches, None)
@@ -372,17 +400,20 @@ class Client:
     def _register(self, tasks: list) -> List[Future]:
         """Make and register the futures of tasks a SUBMIT_INLINE created; settle those whose status came first."""
         futures, arrived, early = [], [], []
+        pending, came_early = self._pending, self._early
         with self._lock:
             for task in tasks:
-                fut = Future(self, task["expected_output_ids"][0])
+                result_id = task["expected_output_ids"][0]
+                fut = Future(self, result_id)
                 fut.task_id = task["task_id"]
-                came = self._early.pop(fut.result_id, None) if self._early else None
-                if came is not None and came[0] == ResultStatus.COMPLETED and came[1] is not None:
+                came = came_early.pop(result_id, None) if came_early else None
+                if came is None:
+                    pending[result_id] = fut
+                elif came[0] == _COMPLETED and came[1] is not None:
                     arrived.append((fut, came[1]))  # its value came before it: never registered, settled below
                 else:
-                    self._pending[fut.result_id] = fut
-                    if came is not None:
-                        early.append(came + (fut.result_id,))
+                    pending[result_id] = fut
+                    early.append(came + (result_id,))
                 futures.append(fut)
         for fut, data in arrived:  # (a lone task's value comes inside its submit's reply)
             fut._settle_unshared(data)

@@ -63,6 +63,7 @@ __all__ = ["Connection", "Subscription", "connect"]
 
 log = logging.getLogger(__name__)
 
+_EVENT = int(Op.EVENT)
 #: Most messages received per wake-up before they are routed, so replies do not wait behind a long stream.
 _DRAIN = 256
 #: Seconds between the I/O thread's looks when nothing happens (it sends deferred UNSUBSCRIBEs then).
@@ -316,14 +317,14 @@ class Connection:
     # -- user-thread side -----------------------------------------------------------------------
 
     def _submit(self, op: Op, fields: dict, frames: Sequence[Any], rid: Optional[int] = None,
-                waited: bool = True) -> tuple[int, "Future | _Reply"]:
+                waited: bool = True, reads: bool = False) -> tuple[int, "Future | _Reply"]:
         """Register a future for a new request and send it to the broker. ``waited``: this connection waits for
-        it (``_wait``), so a ``_Reply`` does; else the caller gets a ``concurrent.futures.Future``."""
+        it (``_wait``), so a ``_Reply`` does; else the caller gets a ``concurrent.futures.Future``. ``reads``: the
+        caller holds the reader role and reads next (it looks at what the send took in: no doorbell)."""
         if rid is None:
             rid = next(self._rids)
         if op in KEYED_OPS and "idempotency_key" not in fields:
             fields["idempotency_key"] = f"{self.client_id}:{next(self._keys)}"
-        retryable = op in KEYED_OPS or op in READ_ONLY_OPS
         msg = [protocol.request(op, rid, **fields), *frames]
         fut = _Reply(self._lock) if waited else Future()
         with self._sock_lock:
@@ -333,7 +334,7 @@ class Connection:
             with self._lock:
                 self._pending[rid] = fut
             # Kept until the reply: sent again if the connection drops (pyzmq sends a frame by reference).
-            self._inflight[rid] = _Inflight(msg if retryable else None, self._epoch, op)
+            self._inflight[rid] = _Inflight(msg if op in KEYED_OPS or op in READ_ONLY_OPS else None, self._epoch, op)
             try:
                 # copy=False: bulk frames reach libzmq without being copied (small ones are, by pyzmq).
                 self._send_msg(msg)
@@ -351,7 +352,7 @@ class Connection:
                 self._fail_rid(rid, self._refused())
             if self._unsubs:  # after the request: it is the one someone waits for
                 self._send_unsubscribes()
-            if self._msg_known():
+            if not reads and self._msg_known():
                 _ring(self._look)  # the send took in the news of messages: the descriptor will not tell
             if len(self._inflight) > 2 * len(self._pending) + 1024:
                 self._sweep_inflight()
@@ -369,12 +370,16 @@ class Connection:
         deadline = time.monotonic() + timeout
         reads = self._reader != threading.get_ident() and self._take_role()
         try:
-            rid, fut = self._submit(op, fields, frames, rid)
+            rid, fut = self._submit(op, fields, frames, rid, reads=reads)
             if reads:
                 self._read_loop(fut.done, deadline)
         finally:
             if reads:
                 self._give_role()
+        if fut._settled:
+            if fut._error is not None:
+                raise fut._error
+            return fut._value
         return self._wait(op, rid, fut, timeout, deadline)
 
     def _call_many(self, op: Op, requests: Iterable[tuple[dict, Sequence[Any]]],
@@ -515,34 +520,42 @@ class Connection:
         """Receive and route (the caller holds the role) until ``done()``, the deadline, a close or a yield."""
         poll = self._reader_poll.poll
         look = self._look
-        has_msg = self._msg_known  # before the first wait: what a link's descriptor would not tell
-        while True:
+        # Before the first wait: what a link's descriptor would not tell.
+        more = (self._inbox or self._msg_known()) and self._pump(self._msg_known)
+        has_msg = self._has_msg
+        while not (done() or self._yield or self._closed):
+            if not more:
+                if deadline is None:
+                    wait = None
+                else:
+                    wait = deadline - time.monotonic()
+                    if wait <= 0:
+                        break
+                for fd, _ in poll(wait):
+                    if fd == look:
+                        _clear(look)
             more = self._pump(has_msg)
-            has_msg = self._has_msg
-            if done() or self._yield or self._closed:
-                break
-            if more:
-                continue
-            if deadline is None:
-                wait = None
-            else:
-                wait = deadline - time.monotonic()
-                if wait <= 0:
-                    break
-            for fd, _ in poll(wait):
-                if fd == look:
-                    _clear(look)
         if more:  # the descriptor will not tell of what is left: the next holder looks
             _ring(look)
 
     def _pump(self, has_msg: Callable[[], bool]) -> bool:
         """Receive what waits in the DEALER (``has_msg`` looks first) and route it all, in order (the role's
         holder only); True if more messages wait."""
-        msgs, more = self._receive_waiting(has_msg)
         inbox = self._inbox
-        inbox.extend(msgs)
+        more = False
+        take_msg, known = self._take_msg, self._msg_known
+        with self._sock_lock:
+            n = 0
+            while has_msg():
+                if n == _DRAIN:
+                    more = True
+                    break
+                inbox.append(take_msg())
+                n += 1
+                has_msg = known  # a link was read to its end by the first look: its descriptor tells of more
+        route = self._route
         while inbox:  # a wait started while routing continues from here: the order holds
-            self._route(inbox.popleft())
+            route(inbox.popleft())
         return more
 
     def poke(self) -> None:
@@ -707,18 +720,6 @@ class Connection:
             self._reader = None
             self._role.release()
 
-    def _receive_waiting(self, has_msg: Callable[[], bool]) -> tuple[list, bool]:
-        """The messages waiting in the DEALER (at most _DRAIN; ``has_msg`` looks first), and whether more wait."""
-        msgs = []
-        take_msg, known = self._take_msg, self._msg_known
-        with self._sock_lock:
-            while has_msg():
-                if len(msgs) == _DRAIN:
-                    return msgs, True
-                msgs.append(take_msg())
-                has_msg = known  # a link was read to its end by the first look: its descriptor tells of more
-        return msgs, False
-
     def _route(self, msg: list) -> None:
         """Deliver one message from the broker: a reply to its future, an EVENT to its subscription; then the EVENTs
         that came inside it (``pushes``: a subscription ``with_replies``), as if they had come next."""
@@ -731,7 +732,7 @@ class Connection:
         pushes = header.pop("pushes", ())
         self._deliver(header, msg)
         for push in pushes:
-            if type(push) is dict and push.get("op") == Op.EVENT and type(push.get("rid")) is int:
+            if type(push) is dict and push.get("op") == _EVENT and type(push.get("rid")) is int:
                 self._deliver(push, ())
             else:
                 log.warning("malformed push inside a message from the broker at %s ignored", self.endpoint)
@@ -739,7 +740,7 @@ class Connection:
     def _deliver(self, header: dict, msg) -> None:
         """Deliver one decoded message (``msg``: its frames, the header's first)."""
         rid = header["rid"]
-        if header["op"] == Op.EVENT:
+        if header["op"] == _EVENT:
             with self._lock:
                 sub = self._subs.get(rid)
             if sub is not None:  # else: unsubscribed, the broker's answer is on its way
@@ -752,7 +753,7 @@ class Connection:
         err = header.get("error")
         with self._sock_lock:
             inflight = self._inflight.pop(rid, None)
-        if (inflight is not None and inflight.msg is not None and isinstance(err, dict)
+        if (err is not None and inflight is not None and inflight.msg is not None and isinstance(err, dict)
                 and err.get("code") == ErrorCode.UNAVAILABLE and rid in self._pending):
             # The broker could not commit the turn that held it: nothing was applied, send it again shortly.
             inflight.delay = min(max(inflight.delay * 2, _UNAVAILABLE_RETRY), _UNAVAILABLE_RETRY_MAX)
@@ -763,13 +764,12 @@ class Connection:
             if threading.get_ident() != self._io_ident:
                 _ring(self._ctl)  # the I/O thread sends it: its wait must end in time
             return
-        with self._lock:
-            fut = self._pending.pop(rid, None)
+        fut = self._pending.pop(rid, None)  # one dict operation: atomic, no lock needed
         if fut is None:  # the caller timed out, or a duplicate reply to a request sent again
             return
         try:
             if err is None:
-                fut.set_result((header, [f.buffer for f in msg[1:]]))
+                fut.set_result((header, [f.buffer for f in msg[1:]] if len(msg) > 1 else []))
             elif isinstance(err, dict):
                 fut.set_exception(errors.from_error(err.get("code", ErrorCode.UNKNOWN),
                                                     str(err.get("message") or "the broker gave no message")))
