@@ -11,7 +11,7 @@ import struct
 import pytest
 
 from armonik_zmq.protocol import MAX_HEADER_SIZE, ErrorCode, Op, decode_header, request
-from armonik_zmq.worker.link import BIG_FRAME, MAX_FRAMES, Link, LinkClosed
+from armonik_zmq.worker.link import BIG_FRAME, MAX_FRAMES, Link, LinkClosed, encode
 from armonik_zmq.cluster import LocalProcesses
 from conftest import WORKER_ENV, Api
 from test_fuzz import LinkPeer, worker_socket
@@ -75,6 +75,27 @@ def test_a_waiting_read_takes_what_comes_and_ends_empty_at_the_sockets_receive_t
     assert [bytes(f) for f in got[0]] == [b"h", big]
     sender.close()
     assert receiver.read(wait=True) == [] and receiver.closed == "the other end closed the link"
+
+
+def test_a_stream_cut_at_every_point_gives_the_same_messages():
+    """The reader cuts the complete messages of a read in one go and carries an incomplete one over to the next
+    read: the same stream, arriving in pieces of every size (a size table, a header or a frame cut anywhere,
+    several messages and a part of the next in one piece), gives the same messages in order."""
+    messages = [[b"h"], [b"header", b"", b"data" * 5], [b"h", *(bytes([i]) * i for i in range(20))], [b"", b"x"]]
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    stream = bytearray()
+    for frames in messages:
+        buffers, _ = encode(frames)
+        stream += b"".join(bytes(x) for x in buffers)
+    for piece in [*range(1, 40), len(stream) - 1]:
+        receiver = Link(b, max_frame=1000)
+        got: list = []
+        for at in range(0, len(stream), piece):
+            a.sendall(stream[at:at + piece])
+            got.extend(receiver.read())
+            assert receiver.closed is None, receiver.closed
+        assert got == messages, piece
+    a.close()
 
 
 @pytest.mark.parametrize("prefix, why", [
