@@ -2752,6 +2752,102 @@ cdef class WalOps:
         return PyBytes_FromStringAndSize(self.mem + (end & ~(<Py_ssize_t>_WAL_BLOCK - 1)), end & (_WAL_BLOCK - 1))
 
 
+
+# -- the log's record checksum: CRC32C (Castagnoli) ----------------------------------------------------------------
+# The SSE4.2 crc32 instruction where the CPU has it (~3x zlib's crc32 here: 2.7 GB/s for zlib), else a table (slicing
+# by 8). Records keep their own flag saying which checksum they carry (wal.py), so older logs still replay.
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <string.h>
+    static uint32_t az_crc32c_table[8][256];
+    static int az_crc32c_hw = 0;
+    static void az_crc32c_init(void) {
+        for (uint32_t i = 0; i < 256; i++) {
+            uint32_t c = i;
+            for (int k = 0; k < 8; k++) c = (c >> 1) ^ (0x82F63B78u & (0u - (c & 1u)));
+            az_crc32c_table[0][i] = c;
+        }
+        for (uint32_t i = 0; i < 256; i++) {
+            uint32_t c = az_crc32c_table[0][i];
+            for (int t = 1; t < 8; t++) {
+                c = az_crc32c_table[0][c & 0xFF] ^ (c >> 8);
+                az_crc32c_table[t][i] = c;
+            }
+        }
+    #if defined(__x86_64__) && defined(__GNUC__)
+        __builtin_cpu_init();
+        az_crc32c_hw = __builtin_cpu_supports("sse4.2") ? 1 : 0;
+    #endif
+    }
+    static uint32_t az_crc32c_table8(uint32_t c, const unsigned char* p, size_t n) {
+        while (n && ((uintptr_t)p & 7)) { c = az_crc32c_table[0][(c ^ *p++) & 0xFF] ^ (c >> 8); n--; }
+        while (n >= 8) {
+            uint32_t lo, hi;
+            memcpy(&lo, p, 4);
+            memcpy(&hi, p + 4, 4);
+            lo ^= c;  /* little-endian: the x86 and arm64 the package builds on */
+            c = az_crc32c_table[7][lo & 0xFF] ^ az_crc32c_table[6][(lo >> 8) & 0xFF]
+                ^ az_crc32c_table[5][(lo >> 16) & 0xFF] ^ az_crc32c_table[4][lo >> 24]
+                ^ az_crc32c_table[3][hi & 0xFF] ^ az_crc32c_table[2][(hi >> 8) & 0xFF]
+                ^ az_crc32c_table[1][(hi >> 16) & 0xFF] ^ az_crc32c_table[0][hi >> 24];
+            p += 8;
+            n -= 8;
+        }
+        while (n) { c = az_crc32c_table[0][(c ^ *p++) & 0xFF] ^ (c >> 8); n--; }
+        return c;
+    }
+    #if defined(__x86_64__) && defined(__GNUC__)
+    __attribute__((target("sse4.2")))
+    static uint32_t az_crc32c_sse42(uint32_t c, const unsigned char* p, size_t n) {
+        uint64_t c64;
+        while (n && ((uintptr_t)p & 7)) { c = __builtin_ia32_crc32qi(c, *p++); n--; }
+        c64 = c;
+        while (n >= 8) {
+            uint64_t v;
+            memcpy(&v, p, 8);
+            c64 = __builtin_ia32_crc32di(c64, v);
+            p += 8;
+            n -= 8;
+        }
+        c = (uint32_t)c64;
+        while (n) { c = __builtin_ia32_crc32qi(c, *p++); n--; }
+        return c;
+    }
+    #endif
+    static uint32_t az_crc32c(uint32_t crc, const unsigned char* p, size_t n, int hardware) {
+        uint32_t c = ~crc;
+    #if defined(__x86_64__) && defined(__GNUC__)
+        if (hardware && az_crc32c_hw) return ~az_crc32c_sse42(c, p, n);
+    #endif
+        return ~az_crc32c_table8(c, p, n);
+    }
+    """
+    void az_crc32c_init()
+    int az_crc32c_hw
+    unsigned int az_crc32c(unsigned int crc, const unsigned char* p, size_t n, int hardware) nogil
+
+az_crc32c_init()
+
+#: whether ``crc32c`` uses the CPU's crc32 instruction
+CRC32C_HARDWARE = bool(az_crc32c_hw)
+
+
+def crc32c(data, unsigned int value=0, bint hardware=True):
+    """The CRC32C (Castagnoli) of ``data`` (any buffer), continuing from ``value`` (as zlib.crc32 continues).
+    ``hardware=False``: the table, whatever the CPU (for tests)."""
+    cdef Py_buffer b
+    cdef unsigned int out
+    PyObject_GetBuffer(data, &b, PyBUF_SIMPLE)
+    try:
+        with nogil:
+            out = az_crc32c(value, <const unsigned char*>b.buf, <size_t>b.len, hardware)
+    finally:
+        PyBuffer_Release(&b)
+    return out
+
+
 cdef class _LoggedPut:
     """A cursor's ``put(key, value)`` whose changes are logged (store._Puts' hot-path puts)."""
 

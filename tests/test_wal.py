@@ -476,3 +476,48 @@ def test_records_are_written_directly_in_whole_blocks_from_the_turns_buffer(tmp_
         assert [r for _, r in wal.Log(log.directory, segment_bytes=segment).replay(0)] == records
     assert contents["direct"] == contents["cached"]
     env.close()
+
+
+def test_crc32c_in_hardware_and_by_table_is_the_castagnoli_checksum():
+    """The records' checksum: the standard check value, the same by the CPU's instruction and by the table at every
+    length and alignment, and continued in parts as in one piece."""
+    from armonik_zmq._core import crc32c
+
+    assert crc32c(b"123456789") == crc32c(b"123456789", hardware=False) == 0xE3069283
+    data = os.urandom(5000)
+    for length in (0, 1, 7, 8, 9, 63, 64, 65, 1000, 4097):
+        for start in range(8):
+            view = memoryview(data)[start:start + length]
+            assert crc32c(view) == crc32c(view, hardware=False), (length, start)
+            assert crc32c(view[length // 3:], crc32c(view[:length // 3])) == crc32c(view), (length, start)
+
+
+def test_records_of_an_older_log_with_zlib_checksums_replay_before_the_new_ones(tmp_path):
+    """New records carry CRC32C (flagged in their length); a log written before, whose records carry zlib's crc32,
+    still replays, and a damaged record of either kind ends the replay."""
+    import struct
+    import zlib
+
+    def old_record(seq: int, ops: bytes) -> bytes:  # the format before CRC32C
+        body = struct.pack("<QI", seq, len(ops))
+        return struct.pack("<I", zlib.crc32(ops, zlib.crc32(body))) + body + ops
+
+    directory = str(tmp_path / "wal")
+    old = [os.urandom(n) for n in (10, 3000, 200)]
+    os.makedirs(directory)
+    with open(os.path.join(directory, f"{1:016d}.wal"), "wb") as f:
+        f.write(b"".join(old_record(seq, ops) for seq, ops in enumerate(old, 1)) + bytes(8192))
+    log = wal.Log(directory, segment_bytes=1 << 16)
+    assert [ops for _, ops in log.replay(0)] == old and log.next_seq == 4
+    new = [os.urandom(n) for n in (50, 5000)]
+    for ops in new:  # into the next segment
+        log.append(ops)
+    log.close()
+    assert struct.unpack_from("<I", wal.frame(4, new[0]), 12)[0] == len(new[0]) | 1 << 31, "no CRC32C flag"
+    assert [(seq, ops) for seq, ops in wal.Log(directory).replay(0)] == list(enumerate(old + new, 1))
+    newest = sorted(glob.glob(os.path.join(directory, "*.wal")))[-1]
+    with open(newest, "rb") as f:
+        data = bytearray(f.read())
+    data[wal._HEAD.size + len(new[0]) + wal._HEAD.size + 60] ^= 1  # a bit of the second new record's ops
+    records, _, why = wal.read_records(bytes(data), 3)
+    assert [ops for _, ops in records] == new[:1] and "damaged" in why
