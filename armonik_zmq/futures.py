@@ -297,16 +297,12 @@ class Client:
         self._check_open()
         function_bytes, name = self._function(fn)
         fields, frames = self._request(function_bytes, name, ((args, kwargs),), options)
-        with self._lock:  # see _submit_calls
-            self._inline_in_flight += 1
+        self._inline_begin()
         try:
             header, _ = self._conn._exchange(Op.SUBMIT_INLINE, fields, frames, None)  # fields has the frame counts
             return self._register(header["tasks"])[0]
         finally:
-            with self._lock:
-                self._inline_in_flight -= 1
-                if not self._inline_in_flight:
-                    self._early.clear()
+            self._inline_end()
 
     def map(self, fn: Callable, *iterables: Iterable, chunksize: int = 1000, retries: Optional[int] = None,
             timeout: Optional[float] = None, priority: Optional[int] = None,
@@ -376,8 +372,7 @@ class Client:
         # One request creates the payloads, the outputs and the tasks (one commit on the way to the start).
         # The output ids come with its reply, so a completion may overtake their registration: statuses
         # of unknown results are kept meanwhile (``_early``) and looked at once the futures are registered.
-        with self._lock:
-            self._inline_in_flight += 1
+        self._inline_begin()
         futures: List[Future] = []
         try:
             if second is None:
@@ -391,11 +386,19 @@ class Client:
             for header, _ in replies:
                 futures.extend(self._register(header["tasks"]))
         finally:
-            with self._lock:
-                self._inline_in_flight -= 1
-                if not self._inline_in_flight:
-                    self._early.clear()
+            self._inline_end()
         return futures
+
+    def _inline_begin(self) -> None:
+        """A SUBMIT_INLINE is in flight: completions of results not registered yet are kept (``_early``)."""
+        with self._lock:
+            self._inline_in_flight += 1
+
+    def _inline_end(self) -> None:
+        with self._lock:
+            self._inline_in_flight -= 1
+            if not self._inline_in_flight:
+                self._early.clear()
 
     def _register(self, tasks: list) -> List[Future]:
         """Make and register the futures of tasks a SUBMIT_INLINE created; settle those whose status came first."""
