@@ -125,8 +125,9 @@ class Agent:
         #: the capacity last asked for (registration or heartbeat), and since when ``_capacity`` says otherwise
         self._asked = self.capacity
         #: the capacity while tasks are tiny (``_capacity``), or ``capacity`` if it is not more
-        tiny_depth = 1 + max(config.window, config.tiny_window) if config.window else 1
-        self._tiny_capacity = (config.workers * tiny_depth + config.tiny_prefetch
+        #: ``_depth()`` while tasks are tiny
+        self._tiny_depth = 1 + max(config.window, config.tiny_window) if config.window else 1
+        self._tiny_capacity = (config.workers * self._tiny_depth + config.tiny_prefetch
                                if config.tiny_prefetch > config.prefetch else self.capacity)
         self._differs_since: Optional[float] = None
         #: CURVE keys to reach the broker (None: NULL security)
@@ -507,10 +508,9 @@ class Agent:
         the worker then gets them in batches and reports them in batches (one message per several tasks
         each way), and a task waits behind the others at most a few milliseconds. A window of 0 stays 0.
         """
-        window = self.config.window
-        if window and self._run_avg < TINY_RUN:
-            return 1 + max(window, self.config.tiny_window)
-        return 1 + window
+        if self._run_avg < TINY_RUN:
+            return self._tiny_depth
+        return 1 + self.config.window
 
     def _capacity(self) -> int:
         """The capacity to ask the broker for: with tasks shorter than ``TINY_RUN``, ``tiny_prefetch`` tasks held
