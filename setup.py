@@ -1,9 +1,13 @@
 """Build the Cython core. ARMONIK_ZMQ_DEBUG=1 builds with line tracing, bounds checks and annotation."""
 
+import compileall
 import os
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 DEBUG = os.environ.get("ARMONIK_ZMQ_DEBUG") == "1"
 
@@ -27,4 +31,20 @@ extensions = [
     )
 ]
 
-setup(ext_modules=cythonize(extensions, compiler_directives=directives, annotate=DEBUG))
+
+
+class BuildExtAndBytecode(build_ext):
+    """Build the core; when it is built in place (an editable install, ``build_ext --inplace``), also byte-compile
+    the package. pip byte-compiles only what it copies into site-packages, so an editable install has no bytecode,
+    and where PYTHONDONTWRITEBYTECODE is set (container images often set it) every broker, agent and worker start
+    would compile every module again: 0.4 s of a broker's 0.76 s from spawn to its first answer, measured."""
+
+    def run(self):
+        super().run()
+        if self.inplace:
+            compileall.compile_dir(os.path.join(HERE, "armonik_zmq"), quiet=1)
+            compileall.compile_dir(os.path.join(HERE, "bench"), quiet=1)
+
+
+setup(ext_modules=cythonize(extensions, compiler_directives=directives, annotate=DEBUG),
+      cmdclass={"build_ext": BuildExtAndBytecode})
