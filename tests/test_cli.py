@@ -191,3 +191,17 @@ def test_a_cluster_that_cannot_start_stops_the_processes_it_started(tmp_path):
         assert cluster.agent is not None and cluster.agent.poll() is not None
     finally:
         cluster.cleanup()
+
+
+def test_the_in_place_build_left_bytecode_for_every_module():
+    """setup.py byte-compiles the package when it builds the core in place (what `pip install -e` does): without
+    it, where PYTHONDONTWRITEBYTECODE is set, every broker, agent and worker start compiles every module again."""
+    import importlib.util
+    import pathlib
+
+    import armonik_zmq
+
+    root = pathlib.Path(armonik_zmq.__file__).parent
+    missing = [str(p.relative_to(root)) for p in sorted(root.rglob("*.py"))
+               if not pathlib.Path(importlib.util.cache_from_source(str(p))).exists()]
+    assert not missing, f"no bytecode for {missing[:5]}: rebuild in place (python setup.py build_ext --inplace)"
