@@ -106,6 +106,10 @@ def _process(task_handler) -> Output:
     if op == "echo-options":
         task_handler.send_results({out: json.dumps(task_handler.task_options.to_wire()).encode()})
         return Output()
+    if op == "echo-run":  # what the worker handed this run: its options and the agent's configuration
+        task_handler.send_results({out: json.dumps({"options": task_handler.task_options.to_wire(),
+                                                    "configuration": task_handler.configuration}).encode()})
+        return Output()
     if op == "reverse-dep":
         (data,) = task_handler.data_dependencies.values()
         task_handler.send_results({out: bytes(data)[::-1]})

@@ -274,3 +274,85 @@ def test_w_outputs_schema():
         with pytest.raises(ProtocolError) as exc:
             validate(bad, WORKER_OPS)
         assert exc.value.code == ErrorCode.INVALID_ARGUMENT
+
+
+def test_a_worker_keeps_the_configuration_and_options_a_runs_leaves_out(tmp_path):
+    """A RUNS leaves out the ``configuration`` and ``options`` the previous RUNS on the link had: the worker
+    runs its tasks with the last ones it got (a real worker, driven on its link by hand as its agent)."""
+    from armonik_zmq.protocol import decode_header, reply_ok, request
+    from armonik_zmq.worker.link import Link
+    from conftest import PROCESSOR, WORKER_ENV
+    import socket
+    import subprocess
+
+    path = str(tmp_path / "workers")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    listener.settimeout(30)
+    worker = subprocess.Popen([sys.executable, "-m", "armonik_zmq.worker", "--agent", path, "--processor", PROCESSOR,
+                               "--agent-pid", str(os.getpid())], env={**os.environ, **WORKER_ENV})
+    try:
+        sock, _ = listener.accept()
+        sock.settimeout(30)
+        link = Link(sock)
+        inbox: list = []
+
+        def receive() -> tuple[dict, list]:
+            while not inbox:
+                inbox.extend(link.read(wait=True))
+                assert link.closed is None, link.closed
+            frames = inbox.pop(0)
+            return decode_header(frames[0]), frames[1:]
+
+        ready, _ = receive()
+        assert ready["op"] == Op.WORKER_READY
+        link.send([reply_ok(Op.WORKER_READY, ready["rid"])])
+        first = {"max_duration": 60.0, "priority": 1, "max_retries": 1, "options": {"k": "first"}}
+        second = {**first, "options": {"k": "second"}}
+        configuration = {"data_chunk_max_size": 12345, "keep": 1}
+
+        def runs(token: str, option_index: int, **fields) -> None:
+            run = {"token": token, "task_id": token, "session_id": "s", "payload_id": f"{token}-in",
+                   "data_dependencies": [], "expected_output_ids": [f"{token}-out"], "options": option_index}
+            link.send([request(Op.RUNS, 0, runs=[run], frames=[1], **fields), b'{"op": "echo-run"}'])
+
+        def output(token: str) -> dict:
+            header, frames = receive()
+            assert header["op"] == Op.W_OUTPUTS, header
+            (out,) = header["outputs"]
+            assert out["token"] == token and out["ok"], out
+            return json.loads(frames[0])
+
+        runs("a", 0, options=[first], configuration=configuration)
+        assert output("a") == {"options": first, "configuration": configuration}
+        runs("b", 0)  # neither: the last ones
+        assert output("b") == {"options": first, "configuration": configuration}
+        runs("c", 1, options=[first, second])  # new options, the same configuration
+        assert output("c") == {"options": second, "configuration": configuration}
+        runs("d", 0)
+        assert output("d") == {"options": first, "configuration": configuration}
+    finally:
+        worker.kill()
+        worker.wait()
+        listener.close()
+
+
+def test_tasks_of_alternating_options_each_run_with_their_own(tmp_path):
+    """The agent leaves out of a RUNS what the worker got in the previous one: tasks whose options change
+    from one to the next (and repeat) on one worker each still see their own."""
+    from datetime import timedelta
+    from armonik_zmq.client import TaskOptions
+    from conftest import make_cluster
+    from test_outcomes import submit
+
+    with make_cluster(tmp_path, workers=1) as cluster:
+        with connect(cluster.endpoint, timeout=30) as conn:
+            api = Api(conn)
+            session_id = api.session()
+            for k in ("x", "x", "y", "x", "y", "y"):
+                opts = TaskOptions(max_duration=timedelta(seconds=60), priority=1, max_retries=1, options={"k": k})
+                ((_, out),) = submit(api, session_id, ({"op": "echo-run"}, [], opts))
+                got = api.value(session_id, out)
+                assert got["options"]["options"] == {"k": k}, got
+                assert got["configuration"]["data_chunk_max_size"] > 0, got

@@ -608,7 +608,13 @@ class Agent:
             runs.append(run)
             counts.append(len(inputs))
             data.extend(inputs)
-        header = request(Op.RUNS, 0, runs=runs, frames=counts, options=options, configuration=self._run_configuration)
+        # What the worker got in the last RUNS is not sent again (it keeps them): a lone task's RUNS was 1/3 these
+        fields = {}
+        if options != proc.sent_options:
+            fields["options"] = proc.sent_options = options
+        if self._run_configuration is not proc.sent_configuration:
+            fields["configuration"] = proc.sent_configuration = self._run_configuration
+        header = request(Op.RUNS, 0, runs=runs, frames=counts, **fields)
         if not self._send_to(proc.link, [header, *data]):
             # The worker's link broke before the agent read its end: the tasks wait for another worker. The
             # worker is killed, so that it is replaced for sure. Never let a worker's death take the agent down.

@@ -56,7 +56,8 @@ def run_below(nice: int) -> int:
 class WorkerProc:
     """One worker process and the tasks the agent has queued at it (the first one is running)."""
 
-    __slots__ = ("index", "popen", "link", "queue", "ready", "started", "state_path", "state", "slow")
+    __slots__ = ("index", "popen", "link", "queue", "ready", "started", "state_path", "state", "slow",
+                 "sent_configuration", "sent_options")
 
     def __init__(self, index: int, popen: subprocess.Popen, state_path: str = ""):
         self.index = index
@@ -78,6 +79,10 @@ class WorkerProc:
         self.queue: deque[str] = deque()
         self.ready = False
         self.started = time.monotonic()
+        #: the ``configuration`` and ``options`` of the last RUNS sent to it: a RUNS that would repeat them leaves
+        #: them out (the worker keeps the last ones it got)
+        self.sent_configuration: Optional[dict] = None
+        self.sent_options: Optional[list] = None
 
     @property
     def pid(self) -> int:

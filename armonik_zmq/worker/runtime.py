@@ -126,6 +126,9 @@ class WorkerRuntime:
         self._pause = GIVE_BACK_AFTER
         #: runs the agent wants kept here behind a long task (its window; from RUNS' configuration)
         self._keep = 1
+        #: the configuration and options list of the last RUNS that had them (a RUNS leaves out what did not change)
+        self._configuration: dict = {}
+        self._options: Optional[list] = None
         threading.Thread(target=self._guard, name="output-guard", daemon=True).start()
 
     def _connect(self, path: str) -> socket.socket:
@@ -259,9 +262,18 @@ class WorkerRuntime:
         if header["op"] == _RUN:
             self._runs.append((header, frames))
             return
-        configuration = header.get("configuration") or {}
-        self._keep = configuration.get("keep", self._keep)
+        # A RUNS leaves out the configuration and options the previous one on this link had: kept here
+        configuration = header.get("configuration")
+        if configuration is None:
+            configuration = self._configuration
+        else:
+            self._configuration = configuration
+            self._keep = configuration.get("keep", self._keep)
         options = header.get("options")
+        if options is None:
+            options = self._options
+        else:
+            self._options = options
         try:
             groups = split_frames(frames, header["frames"])
             if options is not None:  # each run names its options map by index
