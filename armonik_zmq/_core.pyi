@@ -3,7 +3,7 @@
 Every slot argument must be a live slot of its kind, else ValueError (TypeError if not an int).
 """
 
-from typing import Final, Iterable, SupportsIndex
+from typing import Final, Iterable, Optional, SupportsIndex
 
 STATE_FREE: Final[int]
 STATE_WAITING: Final[int]
@@ -97,7 +97,8 @@ def timerfd_at(fd: int, deadline: float) -> None:
 
 # Link framing (worker/link.py)
 def link_cut(buf: bytes | bytearray, pos: int, end: int, max_frames: int, max_header: int, max_frame: int,
-             out: list) -> int:
-    """Append each complete message of buf[pos:end] to out; return where the first incomplete one starts."""
+             out: list) -> tuple[int, Optional[tuple[int, ...]]]:
+    """Append each complete message of buf[pos:end] to out; return where the first incomplete one starts, and its
+    frame sizes once its size table is whole (else None)."""
 def link_prefix(frames: Iterable) -> tuple[bytes, int]:
     """The size table that starts a link message of frames, and the message's size."""

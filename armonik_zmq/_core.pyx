@@ -2937,17 +2937,20 @@ cdef inline uint64_t _le64(const unsigned char* p) noexcept nogil:
 def link_cut(buf, Py_ssize_t pos, Py_ssize_t end, uint64_t max_frames, uint64_t max_header, int64_t max_frame,
              list out):
     """Append each complete message of ``buf[pos:end]`` to ``out`` (a list of ``bytes`` frames); return where
-    the first incomplete one starts (``end`` if none is). ``max_frame`` < 0: data frames are not limited (nor the
-    header). A message out of the limits raises ValueError saying which (the stream cannot be read on)."""
+    the first incomplete one starts (``end`` if none is), and that message's frame sizes (a tuple) once its whole
+    size table is there (else None): the caller reads its frames on from there. ``max_frame`` < 0: data frames
+    are not limited (nor the header). A message out of the limits raises ValueError saying which (the stream
+    cannot be read on)."""
     cdef const unsigned char[::1] view = buf
     if end > view.shape[0] or pos < 0 or pos > end:
         raise ValueError("link_cut: range out of the buffer")
     if end == pos:
-        return pos
+        return pos, None
     cdef const unsigned char* p = &view[0]
     cdef uint64_t n, size, i, left
     cdef Py_ssize_t q
     cdef list frames
+    cdef bint whole
     while end - pos >= 4:
         n = <uint64_t>p[pos] | <uint64_t>p[pos + 1] << 8 | <uint64_t>p[pos + 2] << 16 | <uint64_t>p[pos + 3] << 24
         if n < 1 or n > max_frames:
@@ -2956,6 +2959,7 @@ def link_cut(buf, Py_ssize_t pos, Py_ssize_t end, uint64_t max_frames, uint64_t 
             break
         q = pos + 4
         left = <uint64_t>(end - q) - 8 * n
+        whole = True
         for i in range(n):
             size = _le64(p + q + 8 * i)
             if max_frame >= 0:
@@ -2965,8 +2969,12 @@ def link_cut(buf, Py_ssize_t pos, Py_ssize_t end, uint64_t max_frames, uint64_t 
                 elif size > <uint64_t>max_frame:
                     raise ValueError(f"a data frame of {size} bytes (at most {max_frame})")
             if size > left:
-                return pos  # incomplete (the limits of the frames after this one are checked when it is)
-            left -= size
+                whole = False
+                left = 0
+            else:
+                left -= size
+        if not whole:  # incomplete: its sizes (all in the limits) for the caller to go on with
+            return pos, tuple([_le64(p + q + 8 * i) for i in range(n)])
         frames = []
         q = pos + 4 + <Py_ssize_t>(8 * n)
         for i in range(n):
@@ -2975,7 +2983,7 @@ def link_cut(buf, Py_ssize_t pos, Py_ssize_t end, uint64_t max_frames, uint64_t 
             q += <Py_ssize_t>size
         out.append(frames)
         pos = q
-    return pos
+    return pos, None
 
 
 def link_prefix(frames):

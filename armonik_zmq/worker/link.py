@@ -21,7 +21,6 @@ from typing import Optional, Sequence
 from .._core import link_cut, link_prefix
 from ..protocol import MAX_HEADER_SIZE
 
-_COUNT = struct.Struct("<I")
 #: bytes asked of the socket per read: more than a batch of tiny tasks' messages
 RECV_SIZE = 256 * 1024
 #: a frame this big that is not in the buffer yet is read straight into its own buffer (no copy afterwards)
@@ -38,10 +37,6 @@ class _OutOfLimits(Exception):
 
 class LinkClosed(Exception):
     """The other end is gone (a send found the link closed)."""
-
-
-#: the size tables of messages of up to 16 frames (the usual ones), compiled once: u32 count | count x u64 sizes
-_SIZES = [struct.Struct(f"<{n}Q") for n in range(17)]
 
 
 def _nbytes(buffer) -> int:
@@ -144,7 +139,7 @@ class Link:
                         # Nothing left over from the previous read: the complete messages are cut from the scratch
                         # buffer itself, only an incomplete one is copied to go on with it.
                         try:
-                            pos = link_cut(self._scratch, 0, n, MAX_FRAMES, MAX_HEADER_SIZE, self._max_frame, out)
+                            pos, sizes = link_cut(self._scratch, 0, n, MAX_FRAMES, MAX_HEADER_SIZE, self._max_frame, out)
                         except ValueError as exc:
                             self.closed, self.malformed = str(exc), True
                             break
@@ -152,6 +147,9 @@ class Link:
                             if full:
                                 continue
                             break
+                        if sizes is not None:  # its size table was read (and checked): its frames follow
+                            self._sizes, self._frames = sizes, []
+                            pos += 4 + 8 * len(sizes)
                         self._buf += self._scratch_view[pos:n]
             except (BlockingIOError, InterruptedError):
                 break
@@ -175,23 +173,14 @@ class Link:
         with memoryview(buf) as view:
             while True:
                 if sizes is None:
-                    # Every complete message at once; the lines below take one cut by the end of the read.
+                    # Every complete message at once, then the size table of one cut by the end of the read.
                     try:
-                        pos = link_cut(buf, pos, end, MAX_FRAMES, MAX_HEADER_SIZE, self._max_frame, out)
+                        pos, sizes = link_cut(buf, pos, end, MAX_FRAMES, MAX_HEADER_SIZE, self._max_frame, out)
                     except ValueError as exc:
                         raise _OutOfLimits(str(exc)) from None
-                    if end - pos < 4:
+                    if sizes is None:
                         break
-                    (n,) = _COUNT.unpack_from(buf, pos)
-                    if not 1 <= n <= MAX_FRAMES:
-                        raise _OutOfLimits(f"a message of {n} frames (1 to {MAX_FRAMES} allowed)")
-                    if end - pos < 4 + 8 * n:
-                        break
-                    sizes = (_SIZES[n].unpack_from(buf, pos + 4) if n <= 16
-                             else struct.unpack_from(f"<{n}Q", buf, pos + 4))
-                    if self.max_frame is not None:
-                        self._check(sizes)
-                    pos += 4 + 8 * n
+                    pos += 4 + 8 * len(sizes)
                     frames = []
                 count, i = len(sizes), len(frames)
                 while i < count:
@@ -214,13 +203,6 @@ class Link:
                 sizes, frames = None, []
         self._sizes, self._frames = sizes, frames
         del buf[:pos]
-
-    def _check(self, sizes: tuple) -> None:
-        if sizes[0] > MAX_HEADER_SIZE:
-            raise _OutOfLimits(f"a header of {sizes[0]} bytes (at most {MAX_HEADER_SIZE})")
-        for i, size in enumerate(sizes):
-            if size > self.max_frame and i:
-                raise _OutOfLimits(f"a data frame of {size} bytes (at most {self.max_frame})")
 
     # -- sending ------------------------------------------------------------------------------------
 
