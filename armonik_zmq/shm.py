@@ -106,19 +106,51 @@ def nbytes(buffers: Sequence) -> int:
 _WRITE_CHUNK = 256 << 10
 
 
+#: buffers per writev(2) at most (IOV_MAX is 1024)
+_MAX_IOV = 512
+
+
 def _write_all(fd: int, buffers: Sequence) -> tuple[int, str]:
-    """Write the buffers to ``fd`` once, hashing them on the way; return (size, checksum)."""
+    """Write the buffers to ``fd`` once, hashing them on the way; return (size, checksum).
+
+    Every write ends at a multiple of ``_WRITE_CHUNK`` in the file, small buffers (a pickle's header and stream)
+    joining the next slice in one ``writev``: writes that start off those boundaries (a 192-byte header, then
+    the array) made the page cache take small folios all along, +30% kernel time per MiB written here.
+    """
     algorithm = "xxh3" if xxhash is not None else "b2"
     h = _hasher(algorithm)
     size = 0
+    batch: list = []
+    room = _WRITE_CHUNK
     for buf in buffers:
         view = memoryview(buf).cast("B")
         h.update(view)
         while view:
-            n = os.write(fd, view[:_WRITE_CHUNK])
-            view = view[n:]
-            size += n
+            piece = view[:room]
+            batch.append(piece)
+            room -= len(piece)
+            view = view[len(piece):]
+            if not room or len(batch) >= _MAX_IOV:
+                size += _writev_all(fd, batch)
+                batch, room = [], _WRITE_CHUNK - size % _WRITE_CHUNK
+    if batch:
+        size += _writev_all(fd, batch)
     return size, f"{algorithm}:{h.hexdigest()}"
+
+
+def _writev_all(fd: int, views: list) -> int:
+    """``writev`` the views completely (again after a short write); return their size."""
+    total = left = sum(len(v) for v in views)
+    while True:
+        n = os.writev(fd, views)
+        left -= n
+        if not left:
+            return total
+        while n:  # drop what went
+            if n >= len(views[0]):
+                n -= len(views.pop(0))
+            else:
+                views[0], n = views[0][n:], 0
 
 
 def write_segment(buffers: Sequence, name: str = "armonik-zmq") -> tuple[int, int, str]:

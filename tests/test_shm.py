@@ -343,6 +343,32 @@ def test_results_are_written_straight_into_the_segment_directory(cluster, client
     assert stat.S_IMODE(os.stat(os.path.join(seg_dir, new)).st_mode) == 0o400
 
 
+def test_a_segment_holds_its_buffers_exactly_however_they_are_cut(tmp_path):
+    """Writes end on 256 KiB boundaries of the file, small buffers sharing one writev: the bytes and the checksum
+    must not depend on the cut (more buffers than IOV_MAX, empty ones, ones across a boundary), file or memfd."""
+    rng = random.Random(7)
+    cases = [[b"x"] * 2000, [], [b""], [bytes(192), os.urandom(MiB + 3), bytes(5)],
+             [os.urandom(256 << 10), b"", os.urandom(1)]]
+    cases += [[os.urandom(rng.choice([0, 1, 63, 4096, 65536, 262143, 262145, 700000])) for _ in range(rng.randint(1, 9))]
+              for _ in range(30)]
+    dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for i, buffers in enumerate(cases):
+            expected = b"".join(buffers)
+            size, digest = shm.write_file(dir_fd, f"t{i}", buffers)
+            with open(tmp_path / f"t{i}", "rb") as f:
+                assert f.read() == expected, f"case {i}"
+            assert (size, digest) == (len(expected), shm.checksum([expected])), f"case {i}"
+            fd, size, digest = shm.write_segment(buffers)
+            try:
+                assert os.pread(fd, len(expected) + 1, 0) == expected, f"memfd, case {i}"
+                assert (size, digest) == (len(expected), shm.checksum([expected])), f"memfd, case {i}"
+            finally:
+                os.close(fd)
+    finally:
+        os.close(dir_fd)
+
+
 @pytest.fixture
 def segment_store(tmp_path):
     """A real broker Store and SegmentStore on a fresh data directory, in this process."""
