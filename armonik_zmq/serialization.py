@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pickle
 import struct
+import sys
 from typing import Any, List
 
 import cloudpickle
@@ -46,7 +47,8 @@ def dumps(value: Any, min_oob: int = 1 << 16) -> List:
         raws.append(raw)
         return False
 
-    stream = cloudpickle.dumps(value, protocol=5, buffer_callback=keep)
+    dump = pickle.dumps if _plain_array(value) else cloudpickle.dumps
+    stream = dump(value, protocol=5, buffer_callback=keep)
     head = TAG + _MAGIC + struct.pack(f"<IQ{len(raws)}Q", len(raws), len(stream), *(r.nbytes for r in raws))
     out = [head + bytes(_pad(len(head))), stream]
     if _pad(len(stream)):
@@ -56,6 +58,13 @@ def dumps(value: Any, min_oob: int = 1 << 16) -> List:
         if _pad(raw.nbytes):
             out.append(_PAD[:_pad(raw.nbytes)])
     return out
+
+
+def _plain_array(value: Any) -> bool:
+    """Whether ``value`` is a numpy array that the standard pickler writes exactly as cloudpickle does (no object
+    in it; its dtype and reconstructor go by reference): the standard one does it in half the time."""
+    numpy = sys.modules.get("numpy")
+    return numpy is not None and type(value) is numpy.ndarray and not value.dtype.hasobject
 
 
 def is_oob(data) -> bool:
