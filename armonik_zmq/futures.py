@@ -209,12 +209,14 @@ class Future(concurrent.futures.Future):
             self._error = exc
         self._state = _FINISHED
 
-    def _settle(self, value: Any = None, exception: Optional[BaseException] = None) -> None:
+    def _settle(self, value: Any = None, exception: Optional[BaseException] = None, poke: bool = True) -> None:
+        """Settle with a value or an error; ``poke=False``: the caller wakes the reader once for a whole batch."""
         try:
             self._set(_FINISHED, value, exception)
         except InvalidStateError:  # cancelled here while the broker finished it
             return
-        self._client._conn.poke()  # a thread reading in result() waits for this
+        if poke:
+            self._client._conn.poke()  # a thread reading in result() waits for this
 
     def __await__(self):
         return asyncio.wrap_future(self).__await__()
@@ -556,7 +558,9 @@ class Client:
             aborted = [rid for rid, s in statuses.items() if s == ResultStatus.ABORTED and rid in self._pending]
             arrived = [(self._pending.pop(rid), inline[rid]) for rid in completed if rid in inline]
         for fut, data in arrived:
-            _settle_with(fut, data)
+            _settle_with(fut, data, poke=False)
+        if arrived:
+            self._conn.poke()
         completed = [rid for rid in completed if rid not in inline]
         for start in range(0, len(completed), _DOWNLOAD_BATCH):
             self._download(completed[start:start + _DOWNLOAD_BATCH])
@@ -579,15 +583,18 @@ class Client:
                 self._data.close()
                 self._data = None
         if views is not None:
-            for rid, view in views.items():
-                with self._lock:
-                    fut = self._pending.pop(rid, None)
-                if fut is None:
-                    continue
-                if isinstance(view, shm.DataError):
-                    fut._settle(exception=DataCorruptError(str(view)))
-                    continue
-                _settle_with(fut, view)
+            try:  # one wake-up of a thread reading in result() for the batch, not one per future
+                for rid, view in views.items():
+                    with self._lock:
+                        fut = self._pending.pop(rid, None)
+                    if fut is None:
+                        continue
+                    if isinstance(view, shm.DataError):
+                        fut._settle(exception=DataCorruptError(str(view)), poke=False)
+                        continue
+                    _settle_with(fut, view, poke=False)
+            finally:
+                self._conn.poke()
             result_ids = [rid for rid in result_ids if rid not in views]
             if not result_ids:
                 return
@@ -603,12 +610,15 @@ class Client:
                 if fut is not None:
                     fut._settle(exception=exc)
             return
-        for rid, parts in zip(result_ids, split_frames(frames, header["frames"])):
-            with self._lock:
-                fut = self._pending.pop(rid, None)
-            if fut is None:
-                continue
-            _settle_with(fut, parts[0] if len(parts) == 1 else b"".join(parts))
+        try:
+            for rid, parts in zip(result_ids, split_frames(frames, header["frames"])):
+                with self._lock:
+                    fut = self._pending.pop(rid, None)
+                if fut is None:
+                    continue
+                _settle_with(fut, parts[0] if len(parts) == 1 else b"".join(parts), poke=False)
+        finally:
+            self._conn.poke()
 
     def _fail(self, result_ids: List[str]) -> None:
         """Fail the futures of aborted results with the error of the task that owned each."""
@@ -698,14 +708,14 @@ def wait(futures: Iterable[concurrent.futures.Future], timeout: Optional[float] 
     return concurrent.futures.wait(futures, timeout, return_when)
 
 
-def _settle_with(fut: Future, data) -> None:
+def _settle_with(fut: Future, data, poke: bool = True) -> None:
     """Settle a future with the value its result's data holds (or the error of decoding it)."""
     try:
         value = functions.load_result(data)
     except Exception as exc:
-        fut._settle(exception=exc)
+        fut._settle(exception=exc, poke=poke)
         return
-    fut._settle(value)
+    fut._settle(value, poke=poke)
 
 
 def _task_options(retries: Optional[int], timeout: Optional[float], priority: Optional[int],
