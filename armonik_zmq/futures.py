@@ -301,7 +301,7 @@ class Client:
         fields, frames = self._request(function_bytes, name, ((args, kwargs),), options)
         self._inline_begin()
         try:
-            header, _ = self._conn._exchange(Op.SUBMIT_INLINE, fields, frames, None)  # fields has the frame counts
+            header, _ = self._conn.call_fields(Op.SUBMIT_INLINE, fields, frames)
             return self._register(header["tasks"])[0]
         finally:
             self._inline_end()

@@ -41,6 +41,17 @@ def test_a_waiting_thread_reads_its_own_replies(cluster):
     assert woke < 100, woke
 
 
+def test_a_request_with_its_fields_built_already_is_read_by_its_caller(cluster):
+    """``call_fields`` (what the futures client's submit uses): the fields go as they are, the reply comes back to the
+    caller, which reads it itself as ``call``'s does."""
+    with connect(cluster.endpoint, timeout=30) as conn:
+        header, frames = conn.call_fields(Op.GET_SESSIONS, {"session_ids": []})
+        assert header["op"] == Op.GET_SESSIONS and header["ok"] and frames == []
+        woke = _sequential_calls_wake_the_io_thread(
+            conn, 200, lambda: conn.call_fields(Op.GET_SESSIONS, {"session_ids": []}, timeout=30))
+    assert woke < 100, woke
+
+
 def test_futures_results_are_read_by_the_thread_that_waits(default_cluster):
     """Sequential submit + result on the futures API: the user thread reads both the SUBMIT_INLINE reply and the
     completion event carrying the value; the I/O thread sleeps throughout."""

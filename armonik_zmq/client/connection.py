@@ -223,6 +223,13 @@ class Connection:
         """
         return self._exchange(op, _with_counts(fields, frames, counts), frames, timeout)
 
+    def call_fields(self, op: Op, fields: dict, frames: Sequence[Any] = (),
+                    timeout: Optional[float] = None) -> tuple[dict, list]:
+        """``call`` with the request's header fields built already: ``fields`` holds its own ``frames`` counts
+        (data frames per item, as ``call`` would put them) and is sent as it is, not copied (a hot path's caller
+        builds it once)."""
+        return self._exchange(op, fields, frames, timeout)
+
     def call_async(self, op: Op, frames: Sequence[Any] = (), *, counts: Optional[list[int]] = None,
                    **fields: Any) -> "Future[tuple[dict, list]]":
         """Send one request; return a future of ``(header, data frames)`` (no timeout of its own).
