@@ -1676,6 +1676,59 @@ cdef bytes _OBJECT_ROW_HEAD = b"\x83" + _fixstr("size")
 cdef bytes _OBJECT_ROW_MIDDLE = _fixstr("chunks") + b"\x01" + _fixstr("chunk_size")
 
 
+cdef class Puts:
+    """The ``put(key, value)`` of a cursor on each table the hot path writes (``tasks``, ``live_tasks``,
+    ``session_index``, ``results``, ``data``), in one transaction, each opened at its table's first write
+    (store.Txn.puts).
+
+    A cursor's put takes two positional arguments; ``txn.put(key, value, db=...)`` parses keywords and looks the
+    table up on every call: a third of the cost of a put, and a task takes about ten. Compiled: a lone task opens
+    ten of them (five tables, two requests), and a Python ``__getattr__`` per first use cost more than the cursor.
+    """
+
+    cdef object _txn, _store
+    cdef object _tasks, _live_tasks, _session_index, _results, _data
+
+    def __init__(self, txn, store):
+        self._txn = txn
+        self._store = store
+
+    cdef object _open(self, object db):
+        if type(self._txn) is LoggedTxn:
+            return (<LoggedTxn>self._txn).putter(db)
+        return self._txn.cursor(db).put
+
+    @property
+    def tasks(self):
+        if self._tasks is None:
+            self._tasks = self._open(self._store.tasks)
+        return self._tasks
+
+    @property
+    def live_tasks(self):
+        if self._live_tasks is None:
+            self._live_tasks = self._open(self._store.live_tasks)
+        return self._live_tasks
+
+    @property
+    def session_index(self):
+        if self._session_index is None:
+            self._session_index = self._open(self._store.session_index)
+        return self._session_index
+
+    @property
+    def results(self):
+        if self._results is None:
+            self._results = self._open(self._store.results)
+        return self._results
+
+    @property
+    def data(self):
+        if self._data is None:
+            self._data = self._open(self._store.data)
+        return self._data
+
+
 cdef class RowTables:
     """One transaction's task and result rows (store.Txn delegates to it); ``touched``: as ``Txn.touched``."""
 
@@ -2849,7 +2902,7 @@ def crc32c(data, unsigned int value=0, bint hardware=True):
 
 
 cdef class _LoggedPut:
-    """A cursor's ``put(key, value)`` whose changes are logged (store._Puts' hot-path puts)."""
+    """A cursor's ``put(key, value)`` whose changes are logged (Puts' hot-path puts)."""
 
     cdef object put
     cdef WalOps ops

@@ -468,11 +468,19 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
 
     def _drain(self, sock: zmq.Socket, key: int, limit: int, ready: bool = False) -> bool:
         """Move up to ``limit`` waiting messages of ``sock`` into the fair queue (while it has room); return
-        whether it stopped at that limit, not because ``sock`` had no more. ``ready``: a message is known waiting."""
-        fair, has_message, take = self.fair, self._readable, self._recv
+        whether it stopped at that limit, not because ``sock`` had no more. ``ready``: a message is known waiting.
+
+        ``sock``'s link is read once: what its peers sent since comes with the next poll (one read takes what every
+        connection holds; a second one, a system call, found nothing but for a lone task's: one per turn)."""
+        fair, poller, take = self.fair, self.poller, self._recv
+        link = self.links.get(sock)
+        maybe = poller.maybe
+        read = link is None
         for _ in range(min(limit, fair.room())):
-            if not ready and not has_message(sock):
-                return False
+            if not ready and not (link is not None and link.inbox) and not (sock in maybe and poller.readable(sock)):
+                if read or not link.pump():
+                    return False
+                read = True
             ready = False
             fair.add(key, sock, take(sock))
         return True

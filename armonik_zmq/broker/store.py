@@ -18,7 +18,7 @@ from typing import Iterator, Optional
 import lmdb
 import msgpack
 
-from .._core import LoggedTxn, RowRules, RowTables, WalOps, unpack_fields
+from .._core import LoggedTxn, Puts, RowRules, RowTables, WalOps, unpack_fields
 from ..protocol import DATA_CHUNK_MAX_SIZE, ErrorCode, ProtocolError
 from ..status import TASK_FINAL, ResultStatus, TaskStatus
 
@@ -484,30 +484,6 @@ _ONE_CHUNK_ROWS: dict[tuple[int, int], bytes] = {}
 _ONE_CHUNK_ROWS_KEPT = 1024
 
 
-class _Puts:
-    """The ``put`` of a cursor on each table the hot path writes, in one transaction, opened at its first use.
-
-    A cursor's put takes two positional arguments; ``txn.put(key, value, db=...)`` parses keywords and
-    looks the table up on every call: a third of the cost of a put, and a task takes about ten.
-    """
-
-    _TABLES = ("tasks", "live_tasks", "session_index", "results", "data")
-    __slots__ = _TABLES + ("_txn", "_store")
-
-    def __init__(self, txn: lmdb.Transaction, store: Store):
-        self._txn = txn
-        self._store = store
-
-    def __getattr__(self, name: str):
-        # only for a table whose cursor this transaction has not opened yet
-        if name not in self._TABLES:
-            raise AttributeError(name)
-        txn, db = self._txn, getattr(self._store, name)
-        put = txn.putter(db) if type(txn) is LoggedTxn else txn.cursor(db=db).put
-        setattr(self, name, put)
-        return put
-
-
 class Txn:
     """Typed access to the tables inside one LMDB transaction."""
 
@@ -519,7 +495,7 @@ class Txn:
         #: ids of cached rows handed out or stored in this (nested) transaction: dropped from the cache if it aborts
         self.touched = touched
         #: this transaction's cursors' puts (each cursor opened at its table's first write)
-        self.puts = _Puts(txn, store)
+        self.puts = Puts(txn, store)
         # Task and result rows (compiled: _core.RowTables). get_task(task_id) and get_result(result_id) return the
         # row (decoded, cached while unfinished) or None. put_task(row, new=False, was=None) stores a task row
         # (``was``: its status before, when known) and keeps the live-task table in step: a task leaves it when
