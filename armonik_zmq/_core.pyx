@@ -2004,13 +2004,13 @@ cdef class Transitions:
         self.mark_result_completed(txn, row, size, completed_by, now, data)
 
     def dispatch_batch(self, txn, list pairs, now, dict agent_by_slot, dict session_status, dict payload_answers,
-                       dict per_agent, slow):
+                       dict per_agent, slow, fallback=None):
         """Hand the core's (agent slot, task slot) ``pairs`` to their agents, in order: a task of a RUNNING session
         with its payload as only input, whose inline answer (``payload_answers``: payload id -> (inline ids, their
-        data)) inlines it and whose agent's message (``per_agent``: agent slot -> (DispatchMessage, inline counts,
-        frames)) this dispatch has already begun, is written here: attempt, owner, DISPATCHED, its map in the
-        message. Any other goes through ``slow(agent slot, agent, row)`` (Backend.dispatch's Python), which begins
-        those answers and messages."""
+        data)) inlines it, is written here: attempt, owner, DISPATCHED, its map in its agent's message (``per_agent``:
+        agent slot -> (DispatchMessage, inline counts, frames)), begun here if need be when ``fallback`` (its
+        DispatchMessage's) is given. Any other goes through ``slow(agent slot, agent, row)`` (Backend.dispatch's
+        Python), which begins those answers and messages."""
         cdef RowTables rows = txn.rows
         cdef RowRules rules = rows.rules
         cdef tuple pair, answer, message
@@ -2032,11 +2032,18 @@ cdef class Transitions:
                 continue
             answer = <tuple>p
             inline = answer[0]
-            p = PyDict_GetItem(per_agent, a)
-            if p == NULL or not inline:  # no message yet; or the agent fetches its payload (after the commit)
+            if not inline:  # the agent fetches its payload (after the commit)
                 slow(a, agent, row)
                 continue
-            message = <tuple>p
+            p = PyDict_GetItem(per_agent, a)
+            if p != NULL:
+                message = <tuple>p
+            elif fallback is not None:  # this agent's first task in this dispatch
+                message = (DispatchMessage(fallback), [], [])
+                per_agent[a] = message
+            else:
+                slow(a, agent, row)
+                continue
             row["attempt"] += 1
             row["owner_pod_id"] = agent.agent_id
             row["pod_hostname"] = agent.hostname

@@ -458,7 +458,8 @@ class _Dispatcher(_Agents):
         self.sent.append((peer, [bytes(f) for f in frames], on_fail.agent_id))
 
 
-def _python_dispatch_batch(txn, pairs, now, agent_by_slot, session_status, payload_answers, per_agent, slow):
+def _python_dispatch_batch(txn, pairs, now, agent_by_slot, session_status, payload_answers, per_agent, slow,
+                           fallback=None):
     """``Transitions.dispatch_batch`` leaving every task to Backend.dispatch's Python."""
     for a, t in pairs:
         slow(a, agent_by_slot[a], txn.get_task(_python_dispatch_batch.state.slot_task[t]))
@@ -511,6 +512,37 @@ def test_compiled_dispatch_hands_out_tasks_as_the_python_dispatch(tmp_path_facto
                 state.core.n_dispatched())
 
     _play_both(sides, play)
+
+
+def test_a_payload_left_by_its_submit_is_dispatched_from_memory_until_its_data_is_deleted(tmp_path):
+    """A submit leaves its payloads' data for the dispatch of its turn (state.new_payloads): the DISPATCH carries
+    it as read back from LMDB, and once the data is deleted in that turn, the task ends in ERROR as it did before
+    (the dispatch takes the answers it was left, and the deletion drops its own)."""
+    now = time.time()
+    st_ = store.Store(str(tmp_path), map_size=1 << 24, sync=False)
+    try:
+        state = BrokerState(["default"], EventBus())
+        host = _Dispatcher(state)
+        session = {"session_id": "s", "status": 1, "partition_ids": ["default"],
+                   "options": {"max_duration": 60.0, "priority": 1, "max_retries": 1}}
+        state.session_status["s"] = 1
+        with st_.write() as txn:
+            for i in range(2):
+                payload = state.new_result_row("s", f"p{i}", result_id=f"p{i}", now=now)
+                state.insert_completed_result(txn, payload, [memoryview(b"ab")], now)
+                state.new_payloads[f"p{i}"] = ([f"p{i}"], [memoryview(b"ab")])  # as handle_submit_inline leaves it
+                state.insert_result(txn, state.new_result_row("s", f"o{i}", result_id=f"o{i}", now=now))
+                state.create_tasks(txn, session, [{"payload_id": f"p{i}", "expected_output_ids": [f"o{i}"]}], None, now,
+                                   task_ids=[f"t{i}"])
+            state.delete_result_data(txn, txn.get_result("p1"))
+            host.dispatch(txn, now + 1)
+            assert state.new_payloads == {}
+            assert txn.get_task("t0")["status"] == TaskStatus.DISPATCHED
+            assert txn.get_task("t1")["status"] == TaskStatus.ERROR
+            [(peer, frames, _)] = host.sent
+            assert frames[1:] == [b"ab"]
+    finally:
+        st_.close()
 
 
 def test_the_state_binds_the_compiled_transitions():

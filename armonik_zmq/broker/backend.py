@@ -502,14 +502,17 @@ class Backend:
     def dispatch(self: "Broker", txn: Txn, now: float) -> None:
         """Hand ready tasks to agents with credit; one DISPATCH message per agent per turn."""
         state = self.state
+        #: payload id -> _inline_inputs' answer for the tasks with no other input (most): they share it; this turn's
+        #: submits left theirs (state.new_payloads)
+        payload_answers = state.new_payloads
+        if payload_answers:
+            state.new_payloads = {}
         if not state.core.n_ready():  # e.g. after a lone task's joined report: no closure nor dicts for nothing
             return
         #: agent slot -> its DISPATCH's tasks (written as they come: DISPATCH_TASK_KEYS), inline counts and frames
         per_agent: dict[int, tuple[DispatchMessage, list, list]] = {}
         inline_limit = self.config.inline_limit
         inputs_seen: dict = {}
-        #: payload id -> _inline_inputs' answer for the tasks with no other input (most): they share it
-        payload_answers: dict = {}
 
         def slow(a: int, agent: AgentInfo, row: dict) -> None:
             session_status = state.session_status.get(row["session_id"], _S.DELETED)
@@ -552,7 +555,7 @@ class Backend:
         # The most common tasks (a running session's, their payload inlined as the ones before: dispatch_batch) are
         # written in C, the others by ``slow``, in order.
         state.dispatch_batch(txn, state.core.dispatch(), now, self.agent_by_slot, state.session_status, payload_answers,
-                             per_agent, slow)
+                             per_agent, slow, pack)
         for a, (tasks, counts, frames) in per_agent.items():
             agent = self.agent_by_slot[a]
             header = tasks.header(Op.DISPATCH, 0, PROTOCOL_VERSION, counts)

@@ -266,11 +266,14 @@ class Handlers:
         creations = []
         payloads = {}
         outputs = {}
+        new_payloads, inline_limit = self.state.new_payloads, self.config.inline_limit
         for spec, data in zip(h["tasks"], groups):
             name = spec.get("name") or "task"
             payload = self.state.new_result_row(sid, f"{name}-payload", now=req.now)
             self.state.insert_completed_result(txn, payload, data, req.now)
             payloads[payload["result_id"]] = payload
+            if len(data) == 1 and len(data[0]) <= inline_limit:  # what _inline_inputs would read back
+                new_payloads[payload["result_id"]] = ([payload["result_id"]], data)
             output = self.state.new_result_row(sid, name, now=req.now)
             self.state.announce_result(output)  # stored by create_tasks, with its owner
             outputs[output["result_id"]] = output

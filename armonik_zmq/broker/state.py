@@ -75,6 +75,10 @@ class BrokerState:
         #: session id -> (its row, the task options its defaults give): a submit naming no options of its own (the
         #: futures API's) merges and checks them once per session row (a row read again is a new object: merged again)
         self._default_options: dict[str, tuple[dict, dict]] = {}
+        #: payload id -> its inline answer (([payload id], [its data])) for the dispatch of the turn whose submit
+        #: stored it with its data (handlers.handle_submit_inline): that dispatch reads it neither back nor in Python
+        #: (a lone task's, dispatch_batch). Taken by each dispatch; dropped with the data (``delete_result_data``).
+        self.new_payloads: dict[str, tuple[list, list]] = {}
         # The transitions every task goes through, compiled (_core.Transitions):
         # - set_task_status(txn, row, status, now, message=None, store=True): move a task to ``status`` (checked
         #   against status.TASK_TRANSITIONS), stamp it (_STAMP), store it, tell subscribers. ``store=False``: the
@@ -97,9 +101,9 @@ class BrokerState:
         # - complete_batch(txn, agent_id, completions, frames, now, accepted, slow): a TASKS_DONE's completions in
         #   order, each with its frames: complete_simple's (ids appended to ``accepted``), else ``slow(completion,
         #   frames)``; return how many it applied; MALFORMED if the frames do not add up (split_frames).
-        # - dispatch_batch(txn, pairs, now, agent_by_slot, session_status, payload_answers, per_agent, slow): hand the
-        #   core's (agent, task) pairs to their agents in order, the common ones in C, any other through ``slow``
-        #   (Backend.dispatch).
+        # - dispatch_batch(txn, pairs, now, agent_by_slot, session_status, payload_answers, per_agent, slow, fallback):
+        #   hand the core's (agent, task) pairs to their agents in order, the common ones in C (beginning an agent's
+        #   message, packed with ``fallback``, when need be), any other through ``slow`` (Backend.dispatch).
         # - _create_tasks_simple(txn, sid, creations, opts, now, task_ids, new_outputs, new_inputs): create_tasks for
         #   a client's tasks in a running session, all with the options ``opts``, when all checks pass: return their
         #   infos; else change nothing and return None (the rest of create_tasks, which it spares).
@@ -185,6 +189,7 @@ class BrokerState:
     def delete_result_data(self, txn: Txn, row: dict) -> None:
         """Delete a result's data and keep its metadata: DELETED (an imported object's file stays)."""
         txn.delete_object(row["result_id"])
+        self.new_payloads.pop(row["result_id"], None)
         row["status"] = int(_R.DELETED)
         txn.put_result(row)
         self.events.result_status(row)
