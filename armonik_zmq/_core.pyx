@@ -2166,6 +2166,55 @@ cdef class Transitions:
             out.append(row)
         return out
 
+    def inline_results(self, txn, str sid, list tasks, list groups, now, dict new_payloads, Py_ssize_t inline_limit):
+        """SUBMIT_INLINE's results (Handlers.handle_submit_inline): per task spec ({name?, data_dependencies?,
+        options?}) and its data frames (``groups``), its payload (named "<name>-payload", stored COMPLETED with its
+        data, announced: NEW_RESULT then its RESULT_STATUS with the data) and its output (named "<name>", announced
+        only: create_tasks stores it with its owner). A one-frame payload within ``inline_limit`` is left in
+        ``new_payloads`` as its inline answer (state.new_payloads). Return (creations for create_tasks, payload id
+        -> row, output id -> row): the rows, writes and events of new_result_row, insert_completed_result and
+        announce_result, in that order."""
+        cdef RowTables rows = txn.rows
+        cdef list creations = []
+        cdef dict payloads = {}, outputs = {}, payload, output
+        cdef object spec, data, name, size, pid, oid
+        cdef Py_ssize_t i
+        for i in range(len(tasks)):
+            spec = tasks[i]
+            data = groups[i]
+            name = spec.get("name") or "task"
+            payload = self.new_result.copy()
+            pid = payload["result_id"] = _new_id()
+            payload["session_id"] = sid
+            payload["name"] = f"{name}-payload"
+            payload["created_at"] = now
+            if self._wants(payload, _E_NEW_RESULT):
+                self.new_result_event(payload)
+            size = rows._put_small_object(pid, data)
+            if size < 0:
+                size = txn.put_object(pid, data)
+            payload["status"] = self.result_completed  # set_completed's fields (the keys are the row's already)
+            payload["size"] = size
+            payload["completed_at"] = now
+            payload["completed_by"] = ""
+            rows._put_result(payload, True)
+            if self._wants(payload, _E_RESULT_STATUS):
+                self.result_status_event(payload, data)
+            payloads[pid] = payload
+            if len(data) == 1 and len(data[0]) <= inline_limit:  # what Backend._inline_inputs would read back
+                new_payloads[pid] = ([pid], data)
+            output = self.new_result.copy()
+            oid = output["result_id"] = _new_id()
+            output["session_id"] = sid
+            output["name"] = name
+            output["created_at"] = now
+            if self._wants(output, _E_NEW_RESULT):
+                self.new_result_event(output)
+            outputs[oid] = output
+            creations.append({"payload_id": pid, "expected_output_ids": [oid],
+                              "data_dependencies": spec.get("data_dependencies", []), "options": spec.get("options")})
+        return creations, payloads, outputs
+
     def create_tasks_simple(self, txn, str sid, list creations, dict opts, now, list task_ids, dict new_outputs,
                             dict new_inputs):
         """``BrokerState.create_tasks`` for a client's tasks in a RUNNING session, none with options of its own (they

@@ -514,6 +514,55 @@ def test_compiled_dispatch_hands_out_tasks_as_the_python_dispatch(tmp_path_facto
     _play_both(sides, play)
 
 
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([None, "", "t", "é"]), st.sampled_from([None, [], ["d"]]),
+                          st.sampled_from([None, {"priority": 2}]),
+                          st.sampled_from([[b""], [b"ab"], [b"abcdef"], [b"a", b"b"], []])), max_size=5), _event_types)
+def test_compiled_inline_results_make_the_rows_the_python_makes(tmp_path_factory, tasks, types):
+    """``Transitions.inline_results`` (SUBMIT_INLINE's payloads and outputs) against new_result_row +
+    insert_completed_result, then new_result_row + announce_result, per task: the same creations, rows, tables,
+    events and payloads left for the dispatch (an inline limit of 4 bytes), ids aside (compared by rank)."""
+    base = tmp_path_factory.mktemp("inline")
+    now = time.time()
+    sides = _two_sides(base, types)
+    specs = [{**({} if name is None else {"name": name}), **({} if deps is None else {"data_dependencies": deps}),
+              **({} if opts is None else {"options": opts})} for name, deps, opts, _ in tasks]
+    groups = [[memoryview(f) for f in frames] for *_, frames in tasks]
+    try:
+        seen = []
+        for (st_, state), compiled in zip(sides, (True, False)):
+            with st_.write() as txn:
+                if compiled:
+                    out = state.inline_results(txn, "s", specs, groups, now, state.new_payloads, 4)
+                else:
+                    creations, payloads, outputs = [], {}, {}
+                    for spec, data in zip(specs, groups):
+                        name = spec.get("name") or "task"
+                        payload = state.new_result_row("s", f"{name}-payload", now=now)
+                        state.insert_completed_result(txn, payload, data, now)
+                        payloads[payload["result_id"]] = payload
+                        if len(data) == 1 and len(data[0]) <= 4:
+                            state.new_payloads[payload["result_id"]] = ([payload["result_id"]], data)
+                        output = state.new_result_row("s", name, now=now)
+                        state.announce_result(output)
+                        outputs[output["result_id"]] = output
+                        creations.append({"payload_id": payload["result_id"], "expected_output_ids": [output["result_id"]],
+                                          "data_dependencies": spec.get("data_dependencies", []),
+                                          "options": spec.get("options")})
+                    out = creations, payloads, outputs
+                tables = [list(txn.txn.cursor(db=db).iternext()) for db in (st_.results, st_.session_index, st_.data)]
+            left = {k: (v[0], [bytes(f) for f in v[1]]) for k, v in state.new_payloads.items()}
+            seen_side = repr((out, [list(r) for r in out[1].values()], tables, state.events.log, left))
+            for rank, creation in enumerate(out[0]):
+                seen_side = seen_side.replace(creation["payload_id"], f"<payload {rank}>")
+                seen_side = seen_side.replace(creation["expected_output_ids"][0], f"<output {rank}>")
+            seen.append(seen_side)
+        assert seen[0] == seen[1]
+    finally:
+        for st_, _ in sides:
+            st_.close()
+
+
 def test_a_payload_left_by_its_submit_is_dispatched_from_memory_until_its_data_is_deleted(tmp_path):
     """A submit leaves its payloads' data for the dispatch of its turn (state.new_payloads): the DISPATCH carries
     it as read back from LMDB, and once the data is deleted in that turn, the task ends in ERROR as it did before
@@ -550,5 +599,5 @@ def test_the_state_binds_the_compiled_transitions():
     state = BrokerState(["default"], EventBus())
     for name in ("set_task_status", "_task_ended", "_set_completed", "mark_result_completed", "complete_result",
                  "_add_to_core", "_insert_task", "_give_result", "complete_simple", "_create_tasks_simple",
-                 "create_results", "complete_batch", "dispatch_batch"):
+                 "create_results", "complete_batch", "dispatch_batch", "inline_results"):
         assert type(getattr(state, name).__self__) is state_module.Transitions, name

@@ -22,27 +22,25 @@ class HeldAcks:
     """TASKS_DONE replies (whole messages, routing id first) waiting for their agent's next message."""
 
     def __init__(self) -> None:
-        self._by_peer: dict[bytes, list[list]] = {}
+        #: peer -> its held replies: empty when none is held (the loop tests it every turn and send: no __bool__ call)
+        self.by_peer: dict[bytes, list[list]] = {}
         #: when the oldest held reply must go (time.monotonic()); inf when none is held
         self.due = math.inf
 
-    def __bool__(self) -> bool:
-        return bool(self._by_peer)
-
     def hold(self, message: list, mono: float) -> None:
-        if not self._by_peer:
+        if not self.by_peer:
             self.due = mono + ACK_HOLD
-        self._by_peer.setdefault(message[0], []).append(message)
+        self.by_peer.setdefault(message[0], []).append(message)
 
     def take(self, peer: bytes) -> list[list]:
         """The replies held for ``peer`` (to send with a message to it), oldest first."""
-        messages = self._by_peer.pop(peer, ())
-        if not self._by_peer:
+        messages = self.by_peer.pop(peer, ())
+        if not self.by_peer:
             self.due = math.inf
         return messages
 
     def take_all(self) -> list[list]:
-        messages = [m for held in self._by_peer.values() for m in held]
-        self._by_peer.clear()
+        messages = [m for held in self.by_peer.values() for m in held]
+        self.by_peer.clear()
         self.due = math.inf
         return messages

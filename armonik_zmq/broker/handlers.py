@@ -262,23 +262,11 @@ class Handlers:
         groups = split_frames(req.frames, h["frames"])
         session = self._open_session(txn, h["session_id"], "submit tasks")
         self.state.check_submission(session, "client")
-        sid = session["session_id"]
-        creations = []
-        payloads = {}
-        outputs = {}
-        new_payloads, inline_limit = self.state.new_payloads, self.config.inline_limit
-        for spec, data in zip(h["tasks"], groups):
-            name = spec.get("name") or "task"
-            payload = self.state.new_result_row(sid, f"{name}-payload", now=req.now)
-            self.state.insert_completed_result(txn, payload, data, req.now)
-            payloads[payload["result_id"]] = payload
-            if len(data) == 1 and len(data[0]) <= inline_limit:  # what _inline_inputs would read back
-                new_payloads[payload["result_id"]] = ([payload["result_id"]], data)
-            output = self.state.new_result_row(sid, name, now=req.now)
-            self.state.announce_result(output)  # stored by create_tasks, with its owner
-            outputs[output["result_id"]] = output
-            creations.append({"payload_id": payload["result_id"], "expected_output_ids": [output["result_id"]],
-                              "data_dependencies": spec.get("data_dependencies", []), "options": spec.get("options")})
+        # per task: its payload (new_result_row + insert_completed_result) and its output (new_result_row +
+        # announce_result: stored by create_tasks, with its owner), compiled
+        creations, payloads, outputs = self.state.inline_results(txn, session["session_id"], h["tasks"], groups,
+                                                                 req.now, self.state.new_payloads,
+                                                                 self.config.inline_limit)
         req.reply(tasks=self.state.create_tasks(txn, session, creations, h.get("task_options"), req.now,
                                                 new_outputs=outputs, new_inputs=payloads))
 

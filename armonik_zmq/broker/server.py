@@ -361,13 +361,16 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         subs = self.state.events.take()
         if subs and client_replies:
             client_replies = self._carry_events(client_replies, subs)
-        self._send_all(client_replies)
+        if client_replies:
+            self._send_all(client_replies)
         for sub in subs:
             events, sub.pending = sub.pending, []
             if events:
                 self._push_events(sub, events)
-        self._send_all(agent_replies)
-        self._send_all(outbox)
+        if agent_replies:
+            self._send_all(agent_replies)
+        if outbox:
+            self._send_all(outbox)
 
     def _carry_events(self, client_replies: list, subs: list) -> list:
         """Put the events of subscriptions that take them with replies (SUBSCRIBE_EVENTS ``with_replies``) inside
@@ -433,7 +436,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
             # Acks held for this agent (committed before) go with the message: inside it (its ``acks`` field) when
             # it is a push to an agent that takes them so, else right after it (a DISPATCH first: it starts a
             # task), so the agent, busy with that message when they come, reads them without a wake-up of their own.
-            acks = held_acks.take(frames[0]) if held_acks and sock is backend else ()
+            acks = held_acks.take(frames[0]) if held_acks.by_peer and sock is backend else ()
             if acks and agent is not None and agent.acks_inline and all(len(ack) == 2 for ack in acks):
                 carrying = with_field(frames[1], "acks", [ack[1] for ack in acks])
                 if carrying is not None and len(carrying) <= MAX_HEADER_SIZE:
@@ -540,7 +543,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         return req.out
 
     def turn(self, timeout_ms: int) -> None:
-        if self.held_acks:  # their agents got no message within ACK_HOLD: they go alone
+        if self.held_acks.by_peer:  # their agents got no message within ACK_HOLD: they go alone
             wait = self.held_acks.due - time.monotonic()
             if wait <= 0:
                 self._send_all([(self.backend, ack, None) for ack in self.held_acks.take_all()])
@@ -814,7 +817,7 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
                     replies.append((backend, out, None))
                 if len(self._turn_acks) > reports:  # a TASKS_DONE (another message, a heartbeat, does not end it)
                     awaited.discard(frames[0].bytes)
-        if joined:  # what the completions made ready leaves before this commit too (a chain's next link)
+        if joined and self.state.core.n_ready():  # what the completions made ready (a chain's next link) leaves now too
             pushed = len(self._outbox)
             self.dispatch(txn, now)
             self._dispatch_early(pushed)

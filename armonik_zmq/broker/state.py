@@ -109,6 +109,9 @@ class BrokerState:
         #   infos; else change nothing and return None (the rest of create_tasks, which it spares).
         # - create_results(txn, sid, specs, now): a new result without data per spec ({name, manual_deletion?}),
         #   stored and announced (NEW_RESULT); return the rows (``new_result_row`` + ``insert_result`` each).
+        # - inline_results(txn, sid, tasks, groups, now, new_payloads, inline_limit): SUBMIT_INLINE's payloads
+        #   (``new_result_row`` + ``insert_completed_result``) and outputs (``new_result_row`` + ``announce_result``),
+        #   and the creations for create_tasks; one-frame payloads left in ``new_payloads``.
         moves = Transitions(self.core, self.task_slot, self.slot_task, self.result_slot, self.partition_slot,
                             TASK_TRANSITIONS, _STAMP, check_task_transition, events, int(_T.SUBMITTED),
                             int(_R.COMPLETED), _NEW_TASK, _NEW_RESULT)
@@ -125,6 +128,7 @@ class BrokerState:
         self.dispatch_batch = moves.dispatch_batch
         self._create_tasks_simple = moves.create_tasks_simple
         self.create_results = moves.create_results
+        self.inline_results = moves.inline_results
 
     # -- sessions ------------------------------------------------------------------------------
 
@@ -176,7 +180,10 @@ class BrokerState:
         """``insert_result`` then ``complete_result`` for a new result that comes with its data (nothing waits on
         it yet): the same events, one row write instead of two."""
         self.events.new_result(row)
-        self._set_completed(row, txn.put_object(row["result_id"], data), "", now)
+        size = txn.rows.put_small_object(row["result_id"], data)  # compiled, for one chunk (a payload, mostly)
+        if size < 0:
+            size = txn.put_object(row["result_id"], data)
+        self._set_completed(row, size, "", now)
         txn.put_result(row, new=True)
         self.events.result_status(row, data)
 
