@@ -75,3 +75,37 @@ def test_link_peers_leave_the_routers_unread_and_a_zeromq_client_coming_later_is
         dealer.close(0)
         linked.close()
         broker.close()
+
+
+def test_a_link_clients_request_is_taken_in_the_next_turn_while_a_zeromq_client_keeps_the_router_full(tmp_path):
+    """The client link is read before the ROUTER: a link client's request joins the next turn even when a ZeroMQ
+    client's waiting requests outnumber the fair queue's room (4), which the link used to wait for until the ROUTER
+    ran dry (T12b: a polite client on a link, a flooder on ZeroMQ)."""
+    import select
+
+    broker = _linked_broker(tmp_path)
+    linked = LinkDealer(broker.config.client_link, b"polite")
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    try:
+        linked.send([request(Op.HEALTH, 1)])
+        _served(broker, linked.readable)  # connected and accepted
+        assert decode_header(linked.recv()[0].bytes)["rid"] == 1
+        dealer.connect(broker.config.endpoint)
+        for rid in range(1, 41):
+            dealer.send(request(Op.HEALTH, rid))
+        deadline = time.monotonic() + 10
+        while not broker.poller.arrived(broker.frontend):
+            assert time.monotonic() < deadline, "the ZeroMQ client's requests did not reach the broker"
+            time.sleep(0.01)
+        time.sleep(0.2)  # the rest of its 40 requests
+        linked.send([request(Op.HEALTH, 2)])
+        assert select.select([broker.links[broker.frontend].fileno()], [], [], 10)[0], "the link request did not come"
+        broker.turn(0)
+        assert select.select([linked.fileno()], [], [], 10)[0] and linked.readable(), \
+            "the link client's request waited behind the ZeroMQ client's"
+        assert decode_header(linked.recv()[0].bytes)["rid"] == 2
+        assert broker.poller.readable(broker.frontend)  # the ZeroMQ client's requests were still waiting
+    finally:
+        dealer.close(0)
+        linked.close()
+        broker.close()

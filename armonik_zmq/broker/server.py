@@ -473,27 +473,31 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         """Move up to ``limit`` waiting messages of ``sock`` into the fair queue (while it has room); return
         whether it stopped at that limit, not because ``sock`` had no more. ``ready``: a message is known waiting.
 
-        ``sock``'s link is read once: what its peers sent since comes with the next poll (one read takes what every
-        connection holds; a second one, a system call, found nothing but for a lone task's: one per turn)."""
+        ``sock``'s link is read once, first, and its messages are taken before the ROUTER's: a ZeroMQ peer that keeps
+        the ROUTER full (T12b's flooder) would otherwise keep the link's peers out of the fair queue until it ran
+        dry. What they send after that read comes with the next poll (one read takes what every connection holds)."""
         fair, poller, take = self.fair, self.poller, self._recv
         link = self.links.get(sock)
+        if link is not None and not link.inbox:
+            link.pump()
         maybe = poller.maybe
-        read = link is None
         for _ in range(min(limit, fair.room())):
             if not ready and not (link is not None and link.inbox) and not (sock in maybe and poller.readable(sock)):
-                if read or not link.pump():
-                    return False
-                read = True
+                return False
             ready = False
             fair.add(key, sock, take(sock))
         return True
 
     def _preempt(self, batch: list, handled: int) -> None:
-        """Mid-turn: a client that had nothing waiting joins this turn instead of the batch's rest (fairness.py)."""
-        frontend, fair = self.frontend, self.fair
+        """Mid-turn: a client that had nothing waiting joins this turn instead of the batch's rest (fairness.py).
+        The client link is read once per look, and its messages come first (as in ``_drain``)."""
+        frontend, fair, poller = self.frontend, self.fair, self.poller
+        link = self.links.get(frontend)
+        if link is not None and not link.inbox:
+            link.pump()
         # past the queue's room if need be: by one batch at most, which the next turns' drains leave in ZeroMQ
         for _ in range(PREEMPT_TAKES):
-            if not self._arrived(frontend):
+            if not (link is not None and link.inbox) and not poller.arrived(frontend):
                 break
             fair.add(0, frontend, self._recv(frontend))
         if fair.newcomers:
