@@ -4,6 +4,8 @@ out on the ROUTER between them. In-process broker driven turn by turn, a real li
 
 from __future__ import annotations
 
+import contextlib
+import select
 import time
 
 import zmq
@@ -77,35 +79,59 @@ def test_link_peers_leave_the_routers_unread_and_a_zeromq_client_coming_later_is
         broker.close()
 
 
-def test_a_link_clients_request_is_taken_in_the_next_turn_while_a_zeromq_client_keeps_the_router_full(tmp_path):
-    """The client link is read before the ROUTER: a link client's request joins the next turn even when a ZeroMQ
-    client's waiting requests outnumber the fair queue's room (4), which the link used to wait for until the ROUTER
-    ran dry (T12b: a polite client on a link, a flooder on ZeroMQ)."""
-    import select
-
+@contextlib.contextmanager
+def _link_client_and_zeromq_client(tmp_path):
+    """A linked broker (a fair queue of 4), a link client it has served once, and a ZeroMQ client connected."""
     broker = _linked_broker(tmp_path)
-    linked = LinkDealer(broker.config.client_link, b"polite")
+    linked = LinkDealer(broker.config.client_link, b"linked-client")
     dealer = zmq.Context.instance().socket(zmq.DEALER)
     try:
         linked.send([request(Op.HEALTH, 1)])
         _served(broker, linked.readable)  # connected and accepted
         assert decode_header(linked.recv()[0].bytes)["rid"] == 1
         dealer.connect(broker.config.endpoint)
+        yield broker, linked, dealer
+    finally:
+        dealer.close(0)
+        linked.close()
+        broker.close()
+
+
+def _arrived(broker: Broker) -> None:
+    """Wait until the ZeroMQ client's first request, then the link's input, reached the broker (and a moment for the
+    rest of what they sent)."""
+    deadline = time.monotonic() + 10
+    while not broker.poller.arrived(broker.frontend):
+        assert time.monotonic() < deadline, "the ZeroMQ client's request did not reach the broker"
+        time.sleep(0.01)
+    assert select.select([broker.links[broker.frontend].fileno()], [], [], 10)[0], "the link request did not come"
+    time.sleep(0.2)
+
+
+def test_a_link_clients_request_is_taken_in_the_next_turn_while_a_zeromq_client_keeps_the_router_full(tmp_path):
+    """The client link is read with the ROUTER: a link client's request joins the next turn even when a ZeroMQ
+    client's waiting requests outnumber the fair queue's room (4), which the link used to wait for until the ROUTER
+    ran dry (T12b: a polite client on a link, a flooder on ZeroMQ)."""
+    with _link_client_and_zeromq_client(tmp_path) as (broker, linked, dealer):
         for rid in range(1, 41):
             dealer.send(request(Op.HEALTH, rid))
-        deadline = time.monotonic() + 10
-        while not broker.poller.arrived(broker.frontend):
-            assert time.monotonic() < deadline, "the ZeroMQ client's requests did not reach the broker"
-            time.sleep(0.01)
-        time.sleep(0.2)  # the rest of its 40 requests
         linked.send([request(Op.HEALTH, 2)])
-        assert select.select([broker.links[broker.frontend].fileno()], [], [], 10)[0], "the link request did not come"
+        _arrived(broker)
         broker.turn(0)
         assert select.select([linked.fileno()], [], [], 10)[0] and linked.readable(), \
             "the link client's request waited behind the ZeroMQ client's"
         assert decode_header(linked.recv()[0].bytes)["rid"] == 2
         assert broker.poller.readable(broker.frontend)  # the ZeroMQ client's requests were still waiting
-    finally:
-        dealer.close(0)
-        linked.close()
-        broker.close()
+
+
+def test_a_zeromq_clients_request_is_taken_in_the_next_turn_while_a_link_client_floods(tmp_path):
+    """The converse: a link client's waiting requests outnumber the fair queue's room (4), and a ZeroMQ client's
+    request still joins the next turn (the link's and the ROUTER's messages are taken in turn)."""
+    with _link_client_and_zeromq_client(tmp_path) as (broker, linked, dealer):
+        dealer.send(request(Op.HEALTH, 1))
+        for rid in range(2, 42):
+            linked.send([request(Op.HEALTH, rid)])
+        _arrived(broker)
+        broker.turn(0)
+        assert dealer.poll(10_000), "the ZeroMQ client's request waited behind the link client's"
+        assert decode_header(dealer.recv())["rid"] == 1

@@ -473,35 +473,65 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
         """Move up to ``limit`` waiting messages of ``sock`` into the fair queue (while it has room); return
         whether it stopped at that limit, not because ``sock`` had no more. ``ready``: a message is known waiting.
 
-        ``sock``'s link is read once, first, and its messages are taken before the ROUTER's: a ZeroMQ peer that keeps
-        the ROUTER full (T12b's flooder) would otherwise keep the link's peers out of the fair queue until it ran
-        dry. What they send after that read comes with the next poll (one read takes what every connection holds)."""
-        fair, poller, take = self.fair, self.poller, self._recv
+        ``sock``'s link is read once, first; then its messages and the ROUTER's are taken in turn (``_alternate``).
+        What the link's peers send after that read comes with the next poll (one read takes what every connection
+        holds)."""
+        fair = self.fair
+        n = min(limit, fair.room())
         link = self.links.get(sock)
-        if link is not None and not link.inbox:
+        if link is None:
+            readable = self.poller.readable
+            for _ in range(n):
+                if not ready and not readable(sock):
+                    return False
+                ready = False
+                fair.add(key, sock, recv_message(sock))
+            return True
+        if not link.inbox:
             link.pump()
-        maybe = poller.maybe
-        for _ in range(min(limit, fair.room())):
-            if not ready and not (link is not None and link.inbox) and not (sock in maybe and poller.readable(sock)):
-                return False
-            ready = False
-            fair.add(key, sock, take(sock))
-        return True
+        return self._alternate(sock, key, n, link.inbox, self.poller.readable)
 
     def _preempt(self, batch: list, handled: int) -> None:
         """Mid-turn: a client that had nothing waiting joins this turn instead of the batch's rest (fairness.py).
-        The client link is read once per look, and its messages come first (as in ``_drain``)."""
+        The client link is read once per look, then its messages and the ROUTER's are taken in turn."""
         frontend, fair, poller = self.frontend, self.fair, self.poller
         link = self.links.get(frontend)
-        if link is not None and not link.inbox:
-            link.pump()
         # past the queue's room if need be: by one batch at most, which the next turns' drains leave in ZeroMQ
-        for _ in range(PREEMPT_TAKES):
-            if not (link is not None and link.inbox) and not poller.arrived(frontend):
-                break
-            fair.add(0, frontend, self._recv(frontend))
+        if link is None:
+            for _ in range(PREEMPT_TAKES):
+                if not poller.arrived(frontend):
+                    break
+                fair.add(0, frontend, recv_message(frontend))
+        else:
+            if not link.inbox:
+                link.pump()
+            self._alternate(frontend, 0, PREEMPT_TAKES, link.inbox, poller.arrived)
         if fair.newcomers:
             fair.preempt(batch, handled)
+
+    def _alternate(self, sock: zmq.Socket, key: int, n: int, inbox, has_message: Callable) -> bool:
+        """Move up to ``n`` messages into the fair queue, one from ``sock``'s link (``inbox``, read already) and one
+        from ``sock`` in turn (``has_message(sock)``: whether the ROUTER holds one); return whether it took ``n``.
+
+        Neither source keeps the other's peers out: looked at first, the ROUTER kept a link's clients out of the
+        queue until it ran dry (T12b: the flooder on ZeroMQ, the polite client on a link), and a link's flooder
+        taken first would do the same to ZeroMQ clients."""
+        add = self.fair.add
+        router = True  # may hold a message, until a look finds none
+        while n > 0:
+            before = n
+            if inbox:
+                add(key, sock, inbox.popleft())
+                n -= 1
+            if router and n > 0:
+                if has_message(sock):
+                    add(key, sock, recv_message(sock))
+                    n -= 1
+                else:
+                    router = False
+            if n == before:
+                return False
+        return True
 
     def _handle(self, txn, sock: zmq.Socket, frames: list, now: float) -> Optional[list]:
         peer = frames[0].bytes
