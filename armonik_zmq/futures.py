@@ -420,6 +420,8 @@ class Client:
                     pending[result_id] = fut
                     early.append(came + (result_id,))
                 futures.append(fut)
+        if len(arrived) < len(futures):
+            self._conn.expect()  # futures wait for their events: read them even if nobody calls
         for fut, data in arrived:  # (a lone task's value comes inside its submit's reply)
             fut._settle_unshared(data)
         if early:
@@ -484,7 +486,11 @@ class Client:
     def _subscribe(self):
         return self._conn.subscribe(self.session_id, [int(EventTypes.RESULT_STATUS_UPDATE)], result_filter=_OUTPUTS,
                                     inline_max=_INLINE_MAX, on_events=self._settle_arrived, waiter_reads=False,
-                                    with_replies=True)
+                                    with_replies=True, idle=self._expects_nothing)
+
+    def _expects_nothing(self) -> bool:
+        """No future waits for its result: an event that comes now can wait for the next call to be read."""
+        return not self._pending
 
     def _settle_arrived(self, events: list) -> list:
         """On the thread routing the connection's messages (its I/O thread, or a user thread waiting in

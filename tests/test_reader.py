@@ -10,6 +10,7 @@ import pytest
 
 import armonik_zmq
 from armonik_zmq.client import EventTypes, connect
+from armonik_zmq.cluster import LocalProcesses
 from armonik_zmq.errors import BrokerUnavailableError
 from armonik_zmq.protocol import Op
 
@@ -39,6 +40,44 @@ def test_a_waiting_thread_reads_its_own_replies(cluster):
     # One per call before (it routed every reply). Left: its idle ticks (every 0.5 s), and replies that come while
     # a caller, preempted between its send and its wait on a busy machine, has not taken the role yet.
     assert woke < 100, woke
+
+
+def test_a_lone_futures_call_leaves_the_descriptor_to_the_next_caller(default_cluster):
+    """Sequential lone submits: nothing can come that nobody reads between them, so the I/O thread is not given the
+    descriptor back (no epoll_ctl per call); a future that only has a callback, and a call whose caller does not
+    read, give it back: both are answered with no thread of the user reading."""
+    with armonik_zmq.Client(default_cluster.endpoint) as client:
+        conn = client._conn
+        for _ in range(20):
+            assert client.submit(abs, -1).result(timeout=30) == 1
+        assert conn._masked, "a lone call left the I/O thread watching"
+        done = threading.Event()
+        fut = client.submit(time.sleep, 0.3)  # its value comes later, by an event nobody calls to read
+        fut.add_done_callback(lambda f: done.set())
+        assert done.wait(30), "a future with only a callback was never settled"
+        assert client.submit(abs, -2).result(timeout=30) == 2
+        assert conn._masked
+        header, _ = conn.call_async(Op.GET_SESSIONS, session_ids=[]).result(timeout=30)
+        assert header["op"] == Op.GET_SESSIONS and header["ok"]
+
+
+def test_an_idle_client_sees_its_link_broker_die(tmp_path):
+    """The I/O thread no longer watches an idle futures client's link (above); a broker SIGKILLed meanwhile is still
+    seen (the link's end shows at the I/O thread's next tick), and the client goes on once the broker is back."""
+    with LocalProcesses(data_dir=str(tmp_path / "lmdb"), workers=1) as processes:
+        assert processes.endpoint.startswith("unix://")
+        with armonik_zmq.Client(processes.endpoint) as client:
+            assert client.submit(abs, -1).result(timeout=30) == 1
+            conn = client._conn
+            assert conn._masked and conn._connected
+            processes.kill_broker()
+            deadline = time.monotonic() + 10
+            while conn._connected and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not conn._connected, "the broker's death went unnoticed by an idle client"
+            processes.start_broker()
+            processes.wait_ready()
+            assert client.submit(abs, -3).result(timeout=60) == 3
 
 
 def test_a_request_with_its_fields_built_already_is_read_by_its_caller(cluster):

@@ -182,6 +182,11 @@ class Connection:
         self._reader: Optional[int] = None
         #: set by the I/O thread that needs the role (a dropped connection, the end): the holder lets go
         self._yield = False
+        #: _reader_poll is out of the I/O thread's set (masked): while a user thread holds the role, and after it
+        #: while nothing can come that nobody reads (``_idle``), so that a lone call costs no epoll_ctl. Changed
+        #: under _mask_lock, by the role's holder or by new interest while nobody holds the role (``expect``)
+        self._masked = False
+        self._mask_lock = threading.Lock()
         #: messages received and not routed yet, routed in order by the role's holder
         self._inbox: deque = deque()
         #: the reader's doorbell (polled with the DEALER's descriptor) and the I/O thread's
@@ -242,7 +247,8 @@ class Connection:
                   task_filter: Optional[list] = None, result_filter: Optional[list] = None,
                   snapshot: bool = False, inline_max: int = 0,
                   on_events: Optional[Callable[[list], list]] = None, waiter_reads: bool = True,
-                  result_ids: Optional[Sequence[str]] = None, with_replies: bool = False) -> "Subscription":
+                  result_ids: Optional[Sequence[str]] = None, with_replies: bool = False,
+                  idle: Optional[Callable[[], bool]] = None) -> "Subscription":
         """Subscribe to the events of a session; return the confirmed ``Subscription``.
 
         Filters are in the wire's disjunctive normal form; ``result_ids`` keeps only those results' events
@@ -259,6 +265,10 @@ class Connection:
         listener passes False, leaving the reading to the threads that wait for their own replies.
         With ``with_replies`` the broker may put a push inside a reply to this connection that leaves after the
         same commit (one message instead of two; routed right after that reply, as before).
+        ``idle`` says, quickly and from any thread, when the subscription expects no event (the futures client: no
+        future pending): the connection then leaves its messages to the next thread that calls rather than have
+        its I/O thread watch (a lone call costs no epoll_ctl); whoever makes it expect events again calls
+        ``expect``. Without it, the I/O thread reads whenever no user thread does.
         """
         fields: dict[str, Any] = {"session_id": session_id,
                                   "event_types": [int(t) for t in (event_types or ())]}
@@ -281,7 +291,7 @@ class Connection:
         if with_replies:
             fields["with_replies"] = True
         rid = next(self._rids)
-        sub = Subscription(self, rid, session_id, on_events, waiter_reads)
+        sub = Subscription(self, rid, session_id, on_events, waiter_reads, idle)
         # Registered before the request leaves: the snapshot pushes follow the reply immediately.
         with self._lock:
             self._subs[rid] = sub
@@ -362,6 +372,8 @@ class Connection:
                 self._send_unsubscribes()
             if not reads and self._msg_known():
                 _ring(self._look)  # the send took in the news of messages: the descriptor will not tell
+        if not reads and self._masked:
+            self.expect()  # its reply must be read by someone
             if len(self._inflight) > 2 * len(self._pending) + 1024:
                 self._sweep_inflight()
         return rid, fut
@@ -511,18 +523,48 @@ class Connection:
             self._role.release()
             return False
         me = self._reader = threading.get_ident()
-        if me != self._io_ident:  # the I/O thread stops watching the descriptor meanwhile (no wake-up of it)
+        if me != self._io_ident and not self._masked:  # the I/O thread stops watching meanwhile (no wake-up of it)
+            # (no _mask_lock: only a holder masks; an ``expect`` that saw the role free just before is the one race,
+            # and it only leaves the I/O thread watching during this read, as the window before this line does)
             self._io_poll.modify(self._reader_poll, 0)
+            self._masked = True
         return True
 
     def _give_role(self) -> None:
-        """Let the reader role go (its holder only)."""
-        try:
-            if self._reader != self._io_ident:  # a message or ring that came meanwhile wakes the I/O thread at once
+        """Let the reader role go (its holder only); the I/O thread watches the descriptor again unless nothing
+        can come that nobody would read (then the next caller reads it, and new interest calls ``expect``)."""
+        with self._mask_lock:
+            try:
+                if self._masked and (self._pending or not self._idle()):  # what came meanwhile wakes it at once
+                    self._io_poll.modify(self._reader_poll, select.EPOLLIN)
+                    self._masked = False
+            finally:
+                self._reader = None
+                self._role.release()
+
+    def _idle(self) -> bool:
+        """Whether nothing can come that no thread would read: no reply awaited, and every subscription says it
+        expects no event now (its ``idle`` predicate: the futures client's, while no future is pending)."""
+        if self._pending:
+            return False
+        with self._lock:
+            for sub in self._subs.values():
+                idle = sub.idle
+                if idle is None or not idle():
+                    return False
+        return True
+
+    def expect(self) -> None:
+        """Something is expected that no thread may read (a subscription's ``idle`` turned False, a call whose
+        caller does not read): have the I/O thread watch again if nobody holds the role (a holder decides when
+        it lets go)."""
+        if not self._masked:
+            return
+        with self._mask_lock:
+            if self._masked and not self._role.locked():
                 self._io_poll.modify(self._reader_poll, select.EPOLLIN)
-        finally:
-            self._reader = None
-            self._role.release()
+                self._masked = False
+                _ring(self._look)  # what came while masked: a ZeroMQ descriptor would not tell of it again
 
     def _read_loop(self, done: Callable[[], bool], deadline: Optional[float]) -> None:
         """Receive and route (the caller holds the role) until ``done()``, the deadline, a close or a yield."""
@@ -713,6 +755,8 @@ class Connection:
                 with self._sock_lock:
                     if not self._closed and self._unsubs:
                         self._send_unsubscribes()
+            if not ready and self._masked and not self._role.locked() and self._reader_poll.poll(0):
+                self.expect()  # masked while idle: a link that dropped (or a message left) is seen within a tick
             if more or reader_fd in ready:
                 more = self._read_here()
 
@@ -1049,7 +1093,8 @@ class Subscription:
     """
 
     def __init__(self, conn: Connection, rid: int, session_id: str,
-                 on_events: Optional[Callable[[list], list]] = None, waiter_reads: bool = True):
+                 on_events: Optional[Callable[[list], list]] = None, waiter_reads: bool = True,
+                 idle: Optional[Callable[[], bool]] = None):
         self.id = rid
         self.session_id = session_id
         self._conn = conn
@@ -1057,6 +1102,8 @@ class Subscription:
         self.on_events = on_events
         #: whether a thread waiting for events reads the broker's messages itself (the connection's reader role)
         self._waiter_reads = waiter_reads
+        #: True while it expects no event (see ``Connection.subscribe``); None: always expects some
+        self.idle = idle
         # Filled by the routing thread: one list of [event_type, body] per EVENT push, or a final exception.
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._buffer: deque = deque()
