@@ -250,6 +250,8 @@ class Store:
         self.table_index: dict = {}
         #: the ops of the turn's write transaction (one buffer for every turn: ``_Write``)
         self.wal_ops = WalOps()
+        #: when ``checkpoint_if_due`` next trims ``wal_ops``
+        self._trim_at = 0.0
         if replay_after is not None or self.durability == "wal":
             self._open_log(WriteAhead(wal_dir, data_path, self.page_size, checkpoint_interval), replay_after)
 
@@ -285,6 +287,9 @@ class Store:
             wal.poll()
             if wal.due(mono):
                 wal.checkpoint(self.env)
+            if mono >= self._trim_at:  # a large turns' buffer kept while they go on, given back a second after
+                self._trim_at = mono + 1.0
+                self.wal_ops.trim()
 
     def _logged(self, ops: WalOps) -> None:
         """Append a committed transaction's ops to the log, flushed: the commit is durable when this returns."""

@@ -42,6 +42,9 @@ SEGMENT_BYTES = 16 << 20
 #: segments), and the log goes on while its flush runs, so at full speed a second's worth of segments is freed at
 #: once; with fewer, the loop would write a new segment of zeros (16 MiB and its flush) every second or so
 SPARE_SEGMENTS = 4
+#: a record larger than this, when no spare segment is left, gets a file of its own rather than a new segment: 16 MiB
+#: of zeros written first (~35 ms, the disk's) would cost more than the record's own file (its size committed with it)
+LARGE_RECORD = 4 << 20
 _HEAD = struct.Struct("<IQI")  # crc32, seq, length of the ops
 _SEQ_LENGTH = struct.Struct("<QI")
 _CRC = struct.Struct("<I")
@@ -70,12 +73,37 @@ def frame(seq: int, ops) -> bytes:
     return _CRC.pack(crc32c(ops, crc32c(body))) + body
 
 
-def _fill_zeros(fd: int, size: int) -> None:
-    """Write ``size`` bytes of zeros at the start of ``fd`` and flush them: real blocks, no hole."""
+#: zeros in page-aligned memory, for direct writes (``_fill_zeros``); mapped at first use
+_direct_zeros: mmap.mmap | None = None
+
+
+def _fill_zeros(fd: int, size: int, path: str | None = None) -> None:
+    """Write ``size`` bytes of zeros at the start of ``fd`` (file ``path``) and flush them: real blocks, no hole.
+
+    Directly (O_DIRECT) where the file system allows it: through the page cache, 16 MiB of zeros cost the broker
+    ~34 ms of CPU (the copy, then the writeback), directly ~1 ms, and they leave no 16 MiB of cached zeros behind."""
+    global _direct_zeros
     done = 0
+    if path is not None and hasattr(os, "O_DIRECT") and size % BLOCK == 0:
+        try:
+            direct = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT)
+        except OSError:  # no O_DIRECT here (tmpfs): through the page cache
+            direct = -1
+        if direct >= 0:
+            try:
+                if _direct_zeros is None:
+                    _direct_zeros = mmap.mmap(-1, len(_ZEROS))
+                with memoryview(_direct_zeros) as zeros:
+                    while done < size:
+                        done += os.pwrite(direct, zeros[:min(len(zeros), size - done)], done)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:  # EINVAL: the alignment is refused; the rest through the page cache
+                    raise
+            finally:
+                os.close(direct)
     while done < size:
         done += os.pwrite(fd, _ZEROS[:min(len(_ZEROS), size - done)], done)
-    os.fsync(fd)
+    os.fsync(fd)  # the blocks, the file's size and extents, and the disk's cache (direct writes too: per inode)
 
 
 def sync_directory(directory: str) -> None:
@@ -152,6 +180,10 @@ class Log:
         #: the headroom a WalOps needs for the next record to be written from it without a copy (``append``)
         self.headroom = 0
         self.index = 0
+        #: a record larger than this gets a file of its own when no spare segment is left (``_next_segment``)
+        self.large_record = LARGE_RECORD
+        #: whether the active file holds a large record of its own (not a preallocated segment: ``_next_segment``)
+        self.own = False
         #: the next record's number
         self.next_seq = 1
         #: (index, path, last record's number) of the segments written since the last ``recycle``, oldest first
@@ -205,7 +237,7 @@ class Log:
         seq = self.next_seq
         head = frame(seq, ops)
         size = len(head) + len(ops)
-        if self.fd < 0 or self.offset + size > self.segment_bytes:
+        if self.fd < 0 or self.own or self.offset + size > self.segment_bytes:  # (a file of its own is never grown)
             self._next_segment(size)
         if self.fd_direct:
             self._write_direct(head, ops, size)
@@ -278,19 +310,21 @@ class Log:
 
     def _next_segment(self, size: int) -> None:
         """Make the next segment the active one: a spare renamed, or a new file of zeros, then the directory flushed
-        so that its name survives. A record larger than a segment gets an empty file of its own instead: its one
-        flush commits the file's size too, which costs little beside its megabytes."""
+        so that its name survives. A record larger than a segment, or than ``large_record`` when no spare is left,
+        gets an empty file of its own instead: its one flush commits the file's size too, which costs little beside
+        its megabytes (bulk turns log 9-52 MB), where a segment's zeros would be written first."""
         self.index += 1
         path = os.path.join(self.directory, f"{self.index:016d}.wal")
         spares = self._spares()
-        if size > self.segment_bytes:
+        self.own = size > self.segment_bytes or (size > self.large_record and not spares)
+        if self.own:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         elif spares:
             os.rename(spares[0], path)
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         else:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            _fill_zeros(fd, self.segment_bytes)
+            _fill_zeros(fd, self.segment_bytes, path)
         sync_directory(self.directory)
         self.offset = 0
         self.segments.append((self.index, path, self.next_seq - 1))
@@ -330,9 +364,9 @@ class Log:
         sync_directory(self.directory)
 
     def needs_spare(self) -> bool:
-        """Whether a spare should be made ahead: the active segment is past its half and no spare is left (a
-        broker's first segments; later ones are recycled)."""
-        return self.fd >= 0 and 2 * self.offset > self.segment_bytes and not self._spares()
+        """Whether a spare should be made ahead: no spare is left and the active segment is past its half or is a
+        large record's file of its own (a broker's first segments; later ones are recycled)."""
+        return self.fd >= 0 and (self.own or 2 * self.offset > self.segment_bytes) and not self._spares()
 
     def prepare_spare(self) -> None:
         """Make a spare segment of zeros, off the loop's thread (``needs_spare``): the commit that fills the active
@@ -341,7 +375,7 @@ class Log:
         tmp = os.path.join(self.directory, "prepared.tmp")
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            _fill_zeros(fd, self.segment_bytes)
+            _fill_zeros(fd, self.segment_bytes, tmp)
         finally:
             os.close(fd)
         os.rename(tmp, os.path.join(self.directory, f"spare-prepared-{time.time_ns()}.wal"))
