@@ -2897,6 +2897,11 @@ cdef extern from *:
     #include <string.h>
     static uint32_t az_crc32c_table[8][256];
     static int az_crc32c_hw = 0;
+    #define AZ_CRC_LONG 8192
+    #define AZ_CRC_SHORT 256
+    static uint32_t az_crc32c_long[4][256];
+    static uint32_t az_crc32c_short[4][256];
+    static void az_crc32c_zeros(uint32_t zeros[4][256], size_t len);
     static void az_crc32c_init(void) {
         for (uint32_t i = 0; i < 256; i++) {
             uint32_t c = i;
@@ -2914,6 +2919,8 @@ cdef extern from *:
         __builtin_cpu_init();
         az_crc32c_hw = __builtin_cpu_supports("sse4.2") ? 1 : 0;
     #endif
+        az_crc32c_zeros(az_crc32c_long, AZ_CRC_LONG);
+        az_crc32c_zeros(az_crc32c_short, AZ_CRC_SHORT);
     }
     static uint32_t az_crc32c_table8(uint32_t c, const unsigned char* p, size_t n) {
         while (n && ((uintptr_t)p & 7)) { c = az_crc32c_table[0][(c ^ *p++) & 0xFF] ^ (c >> 8); n--; }
@@ -2932,12 +2939,75 @@ cdef extern from *:
         while (n) { c = az_crc32c_table[0][(c ^ *p++) & 0xFF] ^ (c >> 8); n--; }
         return c;
     }
+    /* Three streams at once (the crc32 instruction's latency is 3 cycles, its throughput 1): the CRC of A|B is the
+       CRC of A shifted over len(B) zero bytes, xor B's CRC from 0. The shift is a 32x32 matrix over GF(2), tabled
+       for the two stream lengths below (Mark Adler's crc32c.c). ~2.5x one stream on bulk records. */
+    static uint32_t az_gf2_times(const uint32_t* mat, uint32_t vec) {
+        uint32_t sum = 0;
+        while (vec) { if (vec & 1) sum ^= *mat; vec >>= 1; mat++; }
+        return sum;
+    }
+    static void az_gf2_square(uint32_t* square, const uint32_t* mat) {
+        for (int n = 0; n < 32; n++) square[n] = az_gf2_times(mat, mat[n]);
+    }
+    static void az_crc32c_zeros(uint32_t zeros[4][256], size_t len) {  /* len: a power of two, in bytes */
+        uint32_t even[32], odd[32], row = 1;
+        odd[0] = 0x82F63B78u;  /* one zero bit */
+        for (int n = 1; n < 32; n++) { odd[n] = row; row <<= 1; }
+        az_gf2_square(even, odd);  /* two */
+        az_gf2_square(odd, even);  /* four */
+        for (;;) {  /* one zero byte in even, two in odd, ... until len is used up */
+            az_gf2_square(even, odd);
+            len >>= 1;
+            if (len == 0) break;
+            az_gf2_square(odd, even);
+            len >>= 1;
+            if (len == 0) { memcpy(even, odd, sizeof(even)); break; }
+        }
+        for (uint32_t n = 0; n < 256; n++) {
+            zeros[0][n] = az_gf2_times(even, n);
+            zeros[1][n] = az_gf2_times(even, n << 8);
+            zeros[2][n] = az_gf2_times(even, n << 16);
+            zeros[3][n] = az_gf2_times(even, n << 24);
+        }
+    }
+    static inline uint32_t az_crc32c_shift(uint32_t zeros[4][256], uint32_t c) {
+        return zeros[0][c & 0xFF] ^ zeros[1][(c >> 8) & 0xFF] ^ zeros[2][(c >> 16) & 0xFF] ^ zeros[3][c >> 24];
+    }
     #if defined(__x86_64__) && defined(__GNUC__)
+    __attribute__((target("sse4.2")))
+    static uint64_t az_crc32c_3way(uint64_t c0, const unsigned char** pp, size_t* np, size_t len,
+                                   uint32_t zeros[4][256]) {
+        const unsigned char* p = *pp;
+        size_t n = *np;
+        while (n >= 3 * len) {
+            uint64_t c1 = 0, c2 = 0, v0, v1, v2;
+            const unsigned char* end = p + len;
+            do {
+                memcpy(&v0, p, 8);
+                memcpy(&v1, p + len, 8);
+                memcpy(&v2, p + 2 * len, 8);
+                c0 = __builtin_ia32_crc32di(c0, v0);
+                c1 = __builtin_ia32_crc32di(c1, v1);
+                c2 = __builtin_ia32_crc32di(c2, v2);
+                p += 8;
+            } while (p < end);
+            c0 = az_crc32c_shift(zeros, (uint32_t)c0) ^ c1;
+            c0 = az_crc32c_shift(zeros, (uint32_t)c0) ^ c2;
+            p += 2 * len;
+            n -= 3 * len;
+        }
+        *pp = p;
+        *np = n;
+        return c0;
+    }
     __attribute__((target("sse4.2")))
     static uint32_t az_crc32c_sse42(uint32_t c, const unsigned char* p, size_t n) {
         uint64_t c64;
         while (n && ((uintptr_t)p & 7)) { c = __builtin_ia32_crc32qi(c, *p++); n--; }
         c64 = c;
+        c64 = az_crc32c_3way(c64, &p, &n, AZ_CRC_LONG, az_crc32c_long);
+        c64 = az_crc32c_3way(c64, &p, &n, AZ_CRC_SHORT, az_crc32c_short);
         while (n >= 8) {
             uint64_t v;
             memcpy(&v, p, 8);
