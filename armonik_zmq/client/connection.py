@@ -187,6 +187,8 @@ class Connection:
         #: under _mask_lock, by the role's holder or by new interest while nobody holds the role (``expect``)
         self._masked = False
         self._mask_lock = threading.Lock()
+        #: the descriptor tells of what waits whenever it is polled (a link), not only of what comes (ZeroMQ)
+        self._level = is_link(self.endpoint)
         #: messages received and not routed yet, routed in order by the role's holder
         self._inbox: deque = deque()
         #: the reader's doorbell (polled with the DEALER's descriptor) and the I/O thread's
@@ -564,7 +566,8 @@ class Connection:
             if self._masked and not self._role.locked():
                 self._io_poll.modify(self._reader_poll, select.EPOLLIN)
                 self._masked = False
-                _ring(self._look)  # what came while masked: a ZeroMQ descriptor would not tell of it again
+                if not self._level:  # what came while masked: a ZeroMQ descriptor would not tell of it again (a
+                    _ring(self._look)  # link's is level-triggered: no ring, so no I/O thread wake-up for nothing)
 
     def _read_loop(self, done: Callable[[], bool], deadline: Optional[float]) -> None:
         """Receive and route (the caller holds the role) until ``done()``, the deadline, a close or a yield."""
