@@ -143,6 +143,15 @@ def _play_both(sides: list, play) -> None:
             side[0].close()
 
 
+def _by_rank(seen, ids: list) -> str:
+    """``repr(seen)`` with each side's own ids (``ids``: (id, label) pairs) replaced by their labels, so that two
+    sides that made their ids apart compare by rank."""
+    text = repr(seen)
+    for id_, label in ids:
+        text = text.replace(id_, label)
+    return text
+
+
 _graphs = st.lists(st.lists(st.integers(0, 11), max_size=3), min_size=1, max_size=12)
 _moves = st.lists(st.tuples(st.sampled_from(["run", "dispatch", "complete", "fail", "cancel", "illegal"]),
                             st.integers(0, 11), st.sampled_from(list(_T))), max_size=30)
@@ -414,30 +423,25 @@ def test_compiled_result_creation_makes_the_rows_new_result_row_and_insert_resul
     spec: the same rows, tables and events, ids aside (each side makes its own: compared by rank)."""
     base = tmp_path_factory.mktemp("results")
     now = time.time()
-    sides = _two_sides(base, types)
+    sides = [(*side, compiled) for side, compiled in zip(_two_sides(base, types), (True, False))]
     wire = [{"name": n, **({} if manual is None else {"manual_deletion": manual})} for n, manual in specs]
-    try:
-        seen = []
-        for (st_, state), compiled in zip(sides, (True, False)):
-            with st_.write() as txn:
-                if compiled:
-                    rows = state.create_results(txn, "s", wire, now)
-                else:
-                    rows = []
-                    for spec in wire:
-                        row = state.new_result_row("s", spec["name"], manual_deletion=spec.get("manual_deletion", False),
-                                                   now=now)
-                        state.insert_result(txn, row)
-                        rows.append(row)
-                tables = [list(txn.txn.cursor(db=db).iternext()) for db in (st_.results, st_.session_index)]
-            seen_side = repr((rows, [list(r) for r in rows], tables, state.events.log))
-            for rank, row in enumerate(rows):
-                seen_side = seen_side.replace(row["result_id"], f"<result {rank}>")
-            seen.append(seen_side)
-        assert seen[0] == seen[1]
-    finally:
-        for st_, _ in sides:
-            st_.close()
+
+    def play(st_, state, compiled):
+        with st_.write() as txn:
+            if compiled:
+                rows = state.create_results(txn, "s", wire, now)
+            else:
+                rows = []
+                for spec in wire:
+                    row = state.new_result_row("s", spec["name"], manual_deletion=spec.get("manual_deletion", False),
+                                               now=now)
+                    state.insert_result(txn, row)
+                    rows.append(row)
+            tables = [list(txn.txn.cursor(db=db).iternext()) for db in (st_.results, st_.session_index)]
+        return _by_rank((rows, [list(r) for r in rows], tables, state.events.log),
+                        [(row["result_id"], f"<result {rank}>") for rank, row in enumerate(rows)])
+
+    _play_both(sides, play)
 
 
 class _Dispatcher(_Agents):
@@ -524,43 +528,39 @@ def test_compiled_inline_results_make_the_rows_the_python_makes(tmp_path_factory
     events and payloads left for the dispatch (an inline limit of 4 bytes), ids aside (compared by rank)."""
     base = tmp_path_factory.mktemp("inline")
     now = time.time()
-    sides = _two_sides(base, types)
+    sides = [(*side, compiled) for side, compiled in zip(_two_sides(base, types), (True, False))]
     specs = [{**({} if name is None else {"name": name}), **({} if deps is None else {"data_dependencies": deps}),
               **({} if opts is None else {"options": opts})} for name, deps, opts, _ in tasks]
     groups = [[memoryview(f) for f in frames] for *_, frames in tasks]
-    try:
-        seen = []
-        for (st_, state), compiled in zip(sides, (True, False)):
-            with st_.write() as txn:
-                if compiled:
-                    out = state.inline_results(txn, "s", specs, groups, now, state.new_payloads, 4)
-                else:
-                    creations, payloads, outputs = [], {}, {}
-                    for spec, data in zip(specs, groups):
-                        name = spec.get("name") or "task"
-                        payload = state.new_result_row("s", f"{name}-payload", now=now)
-                        state.insert_completed_result(txn, payload, data, now)
-                        payloads[payload["result_id"]] = payload
-                        if len(data) == 1 and len(data[0]) <= 4:
-                            state.new_payloads[payload["result_id"]] = ([payload["result_id"]], data)
-                        output = state.new_result_row("s", name, now=now)
-                        state.announce_result(output)
-                        outputs[output["result_id"]] = output
-                        creations.append({"payload_id": payload["result_id"], "expected_output_ids": [output["result_id"]],
-                                          "data_dependencies": spec.get("data_dependencies", []),
-                                          "options": spec.get("options")})
-                    out = creations, payloads, outputs
-                tables = [list(txn.txn.cursor(db=db).iternext()) for db in (st_.results, st_.session_index, st_.data)]
-            left = {k: (v[0], [bytes(f) for f in v[1]]) for k, v in state.new_payloads.items()}
-            seen_side = repr((out, [list(r) for r in out[1].values()], tables, state.events.log, left))
-            for rank, creation in enumerate(out[0]):
-                seen_side = seen_side.replace(creation["payload_id"], f"<payload {rank}>")
-                seen_side = seen_side.replace(creation["expected_output_ids"][0], f"<output {rank}>")
-            seen.append(seen_side)
-        assert seen[0] == seen[1]
-    finally:
-        for st_, _ in sides:
-            st_.close()
+
+    def play(st_, state, compiled):
+        with st_.write() as txn:
+            if compiled:
+                out = state.inline_results(txn, "s", specs, groups, now, state.new_payloads, 4)
+            else:
+                creations, payloads, outputs = [], {}, {}
+                for spec, data in zip(specs, groups):
+                    name = spec.get("name") or "task"
+                    payload = state.new_result_row("s", f"{name}-payload", now=now)
+                    state.insert_completed_result(txn, payload, data, now)
+                    payloads[payload["result_id"]] = payload
+                    if len(data) == 1 and len(data[0]) <= 4:
+                        state.new_payloads[payload["result_id"]] = ([payload["result_id"]], data)
+                    output = state.new_result_row("s", name, now=now)
+                    state.announce_result(output)
+                    outputs[output["result_id"]] = output
+                    creations.append({"payload_id": payload["result_id"], "expected_output_ids": [output["result_id"]],
+                                      "data_dependencies": spec.get("data_dependencies", []),
+                                      "options": spec.get("options")})
+                out = creations, payloads, outputs
+            tables = [list(txn.txn.cursor(db=db).iternext()) for db in (st_.results, st_.session_index, st_.data)]
+        left = {k: (v[0], [bytes(f) for f in v[1]]) for k, v in state.new_payloads.items()}
+        ids = [pair for rank, creation in enumerate(out[0])
+               for pair in ((creation["payload_id"], f"<payload {rank}>"),
+                            (creation["expected_output_ids"][0], f"<output {rank}>"))]
+        return _by_rank((out, [list(r) for r in out[1].values()], tables, state.events.log, left), ids)
+
+    _play_both(sides, play)
 
 
 def test_a_payload_left_by_its_submit_is_dispatched_from_memory_until_its_data_is_deleted(tmp_path):
