@@ -3,6 +3,8 @@ from the I/O thread), on real broker, agent and worker processes."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
@@ -211,3 +213,23 @@ def test_threads_calling_at_once_each_get_their_own_reply(cluster):
         for t in threads:
             t.join(60)
         assert not errors and not any(t.is_alive() for t in threads)
+
+
+def test_requests_given_up_on_are_forgotten_while_the_broker_does_not_answer(tmp_path):
+    """Each call is kept to be sent again until its reply (``_inflight``); those whose callers timed out are swept
+    once they outnumber the pending ones, so a client that keeps calling a stopped broker does not grow without
+    bound. Then the broker goes on and answers the next call."""
+    with LocalProcesses(data_dir=str(tmp_path / "lmdb"), workers=1) as processes:
+        with connect(processes.endpoint, timeout=30) as conn:
+            conn.call(Op.GET_SESSIONS, session_ids=[])
+            os.kill(processes.broker.pid, signal.SIGSTOP)
+            try:
+                for _ in range(1_100):
+                    with pytest.raises(BrokerUnavailableError):
+                        conn.call(Op.GET_SESSIONS, session_ids=[], timeout=0.001)
+                kept = len(conn._inflight)
+            finally:
+                os.kill(processes.broker.pid, signal.SIGCONT)
+            assert kept <= 1_025, f"{kept} requests given up on are still kept"
+            header, _ = conn.call(Op.GET_SESSIONS, session_ids=[])
+            assert header["ok"]

@@ -374,10 +374,10 @@ class Connection:
                 self._send_unsubscribes()
             if not reads and self._msg_known():
                 _ring(self._look)  # the send took in the news of messages: the descriptor will not tell
-        if not reads and self._masked:
-            self.expect()  # its reply must be read by someone
             if len(self._inflight) > 2 * len(self._pending) + 1024:
                 self._sweep_inflight()
+        if not reads and self._masked:
+            self.expect()  # its reply must be read by someone
         return rid, fut
 
     def _exchange(self, op: Op, fields: dict, frames: Sequence[Any], timeout: Optional[float],
