@@ -29,6 +29,7 @@ ERROR = b"\x01"
 #: the first bytes of a payload made by ``dump_call``: no JSON, text or pickle starts with a NUL byte,
 #: so a processor can tell a call of the futures API from its own payloads (``armonik_zmq.processors``)
 PAYLOAD_MAGIC = b"\x00azc1"
+_MAGIC_LEN = len(PAYLOAD_MAGIC)
 #: unpickled functions kept per worker
 _FUNCTION_CACHE_SIZE = 256
 
@@ -123,11 +124,19 @@ def dump_payload(function_bytes: bytes, argument_bytes: bytes, aliases: Optional
 
 def is_call(payload) -> bool:
     """Whether a payload is a call made by ``dump_call``."""
+    if type(payload) is bytes:  # (a worker's inputs: no view to make)
+        return payload.startswith(PAYLOAD_MAGIC)
     return bytes(memoryview(payload)[:len(PAYLOAD_MAGIC)]) == PAYLOAD_MAGIC
+
+
+#: the result of a call that returned None (most tasks run for their effect)
+_OK_NONE = OK + pickle.dumps(None, protocol=5)
 
 
 def dump_result(value: Any):
     """``OK`` + pickle; a value holding big buffers (numpy arrays) is a list of buffers written once (serialization.py)."""
+    if value is None:
+        return _OK_NONE
     return serialization.pack(value, OK)
 
 
@@ -150,8 +159,22 @@ def load_result(data) -> Any:
 _SMALL_FUNCTION = 4096
 
 
+#: the last function called and its bytes: a worker mostly runs the same function again (no hash, no cache order)
+_last: tuple = (b"", None)
+
+
 def _function(function_bytes: bytes) -> Callable:
     """Return the unpickled function, from the cache when bytes with the same digest were seen before."""
+    global _last
+    last_bytes, fn = _last
+    if function_bytes == last_bytes:
+        return fn
+    fn = _cached_function(function_bytes)
+    _last = (function_bytes, fn)
+    return fn
+
+
+def _cached_function(function_bytes: bytes) -> Callable:
     if len(function_bytes) < _SMALL_FUNCTION:
         key = function_bytes
     else:
@@ -182,6 +205,11 @@ class _CallUnpickler(pickle.Unpickler):
         return self.values[self.aliases.get(pid, pid)]
 
 
+#: the arguments of a call without any, as ``dump_call`` writes them
+_NO_ARGUMENTS = pickle.dumps(((), {}), protocol=pickle.HIGHEST_PROTOCOL)
+_NO_KWARGS: Mapping[str, Any] = types.MappingProxyType({})
+
+
 def _load_arguments(argument_bytes: bytes, values: Mapping[str, Any], aliases: Mapping[str, str]) -> tuple[tuple, dict]:
     return _CallUnpickler(argument_bytes, values, aliases).load()
 
@@ -190,26 +218,35 @@ def processor(task_handler) -> Output:
     """Run one pickled call and write its return value (or its error record) to the task's output."""
     out = task_handler.expected_results[0]
     deps = task_handler.data_dependencies
-    for data in deps.values():
-        if bytes(memoryview(data)[:1]) == ERROR:  # an argument failed: so does this call, with the same error
-            task_handler.send_results({out: bytes(data)})
-            return Output()
+    if deps:
+        for data in deps.values():
+            if bytes(memoryview(data)[:1]) == ERROR:  # an argument failed: so does this call, with the same error
+                task_handler.send_results({out: bytes(data)})
+                return Output()
     try:
-        if not is_call(task_handler.payload):
+        payload = task_handler.payload
+        if not is_call(payload):
             raise ValueError("this payload is not a call of armonik_zmq's futures API (no PAYLOAD_MAGIC prefix); "
                              "serve other tasks with armonik_zmq.processors.with_functions(your_processor)")
-        function_bytes, argument_bytes, *aliases = pickle.loads(memoryview(task_handler.payload)[len(PAYLOAD_MAGIC):])
-        fn = _function(function_bytes)
-        if deps or aliases:
+        parts = pickle.loads(payload[_MAGIC_LEN:] if type(payload) is bytes else memoryview(payload)[_MAGIC_LEN:])
+        fn = _function(parts[0])
+        argument_bytes = parts[1]
+        if deps or len(parts) > 2:
             args, kwargs = _load_arguments(argument_bytes, {rid: serialization.unpack(data) for rid, data in deps.items()},
-                                           aliases[0] if aliases else {})
+                                           parts[2] if len(parts) > 2 else {})
+        elif argument_bytes == _NO_ARGUMENTS:  # fn(): nothing to unpickle (the call copies the kwargs it is given)
+            args, kwargs = (), _NO_KWARGS
         else:  # no future among the arguments, so no persistent id: the plain unpickler (no object per call)
             args, kwargs = pickle.loads(argument_bytes)
-        with subtasks.running(task_handler) as client:
+        subtasks.begin(task_handler)
+        try:
             value = fn(*args, **kwargs)
+            client = subtasks._current  # made only if the call asked for it
             # A subtask's future returned: the subtask takes over this output (it writes it, not us).
-            if client._finish(value):
+            if client is not None and client._finish(value):
                 return Output()
+        finally:
+            subtasks.end()
         data = dump_result(value)
     except Exception as exc:
         data = dump_error(exc)

@@ -196,3 +196,40 @@ def test_workers_unpickle_a_function_once_and_cache_it(client, tmp_path):
     assert client.submit(fn, 100).result(30) == 101
     pids = log.read_text().split()
     assert 1 <= len(pids) <= 2 and len(set(pids)) == len(pids)  # at most once per worker process
+
+
+def _keep_client():
+    armonik_zmq.subtasks._kept_by_a_test = armonik_zmq.get_client()
+    return armonik_zmq.get_client() is armonik_zmq.subtasks._kept_by_a_test  # one client per task
+
+
+def _submit_through_the_kept_client():
+    armonik_zmq.subtasks._kept_by_a_test.submit(square, 2)
+
+
+def _fill(**kwargs):
+    kwargs["filled"] = True
+    return kwargs
+
+
+def test_a_task_client_is_made_when_asked_and_ends_with_its_task():
+    """The function processor run in-process on real task handlers: a call that never asks for its client has
+    none made; one that asks gets one client for its task, which refuses to submit once that task ended."""
+    from armonik_zmq import functions, subtasks
+    from armonik_zmq.futures import Future
+    from armonik_zmq.worker.taskhandler import TaskHandler
+
+    def run(fn, *args, **kwargs):
+        payload, _ = functions.dump_call(functions.dump_function(fn), args, kwargs, Future)
+        header = {"token": "t", "session_id": "s", "task_id": "t1", "options": {}, "expected_output_ids": ["out"],
+                  "payload_id": "p", "data_dependencies": [], "configuration": {}}
+        handler = TaskHandler(header, [payload], None)
+        assert functions.processor(handler).success
+        assert subtasks._current is None and subtasks._handler is None
+        return functions.load_result(handler.output_message()[1][0])
+
+    assert run(_fill) == {"filled": True} and run(_fill) == {"filled": True}  # no kwargs shared between calls
+    assert run(square, 3) == 9 and run(_keep_client) is True
+    with pytest.raises(RuntimeError, match="this task has ended"):
+        run(_submit_through_the_kept_client)
+    del subtasks._kept_by_a_test
