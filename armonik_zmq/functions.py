@@ -147,6 +147,8 @@ def dump_error(exc: BaseException) -> bytes:
 def load_result(data) -> Any:
     """Return the value of a result, or raise the exception of a failed call."""
     if type(data) is bytes and data[:1] == OK:  # a small value (inline in its event): a plain pickle
+        if data == _OK_NONE:
+            return None
         return pickle.loads(memoryview(data)[1:])
     view = memoryview(data)
     value = serialization.unpack(view)

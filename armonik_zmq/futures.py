@@ -226,6 +226,11 @@ class Future(concurrent.futures.Future):
         return f"<armonik_zmq.Future {state} result={self.result_id}>"
 
 
+def _dead_ref() -> None:
+    """What a weak reference whose object is gone returns (the place of ``Client._last_function`` before any)."""
+    return None
+
+
 def _call_back(fn: Callable[["Future"], Any], fut: "Future") -> None:
     """Call a done callback as the stdlib does: an exception it raises is logged, not raised."""
     try:
@@ -271,6 +276,8 @@ class Client:
         self._early: dict[str, tuple] = {}
         #: each function submitted: its pickle and its task name
         self._functions: "weakref.WeakKeyDictionary[Callable, tuple[bytes, str]]" = weakref.WeakKeyDictionary()
+        #: the last function submitted (a weak reference) and its entry: a lone task's loop skips the dictionary
+        self._last_function: tuple = (_dead_ref, None)
         try:
             header, _ = self._conn.call(Op.GET_SERVICE_CONFIG)
             self._chunk_size = int(header["data_chunk_max_size"])
@@ -294,17 +301,33 @@ class Client:
     def submit(self, fn: Callable, *args, retries: Optional[int] = None, timeout: Optional[float] = None,
                priority: Optional[int] = None, partition: Optional[str] = None, **kwargs) -> Future:
         """Run ``fn(*args, **kwargs)`` on a worker; futures among the arguments are replaced by their values."""
-        options = (None if retries is None and timeout is None and priority is None and partition is None
-                   else _task_options(retries, timeout, priority, partition))
-        self._check_open()
-        function_bytes, name = self._function(fn)
-        fields, frames = self._request(function_bytes, name, ((args, kwargs),), options)
-        self._inline_begin()
+        if self._closed:
+            raise RuntimeError("this Client is closed")
+        last_ref, entry = self._last_function
+        if last_ref() is not fn:
+            entry = self._function(fn)
+        function_bytes, name = entry
+        payload, deps = functions.dump_call(function_bytes, args, kwargs, Future)
+        task = {"name": name, "data_dependencies": deps}
+        if retries is not None or timeout is not None or priority is not None or partition is not None:
+            task["options"] = _task_options(retries, timeout, priority, partition)
+        if len(payload) <= self._chunk_size:
+            counts, frames = [1], (payload,)
+        else:
+            frames = chunks(payload, self._chunk_size)
+            counts = [len(frames)]
+        lock = self._lock
+        with lock:  # (``_inline_begin``)
+            self._inline_in_flight += 1
         try:
-            header, _ = self._conn.call_fields(Op.SUBMIT_INLINE, fields, frames)
-            return self._register(header["tasks"])[0]
+            header, _ = self._conn.call_fields(Op.SUBMIT_INLINE, {"session_id": self.session_id, "tasks": [task],
+                                                                  "frames": counts}, frames)
+            return self._register_one(header["tasks"][0])
         finally:
-            self._inline_end()
+            with lock:  # (``_inline_end``)
+                self._inline_in_flight -= 1
+                if not self._inline_in_flight:
+                    self._early.clear()
 
     def map(self, fn: Callable, *iterables: Iterable, chunksize: int = 1000, retries: Optional[int] = None,
             timeout: Optional[float] = None, priority: Optional[int] = None,
@@ -335,6 +358,8 @@ class Client:
             entry = (functions.dump_function(fn), getattr(fn, "__name__", "call"))
             if cache:
                 self._functions[fn] = entry
+        if cache:
+            self._last_function = (weakref.ref(fn), entry)
         return entry
 
     def _request(self, function_bytes: bytes, name: str, calls: Iterable[tuple],
@@ -401,6 +426,22 @@ class Client:
             self._inline_in_flight -= 1
             if not self._inline_in_flight:
                 self._early.clear()
+
+    def _register_one(self, task: dict) -> Future:
+        """``_register`` of a lone task, whose value came inside its submit's reply (or else by ``_register``)."""
+        result_id = task["expected_output_ids"][0]
+        with self._lock:
+            came = self._early.get(result_id)
+            if came is None or came[0] != _COMPLETED or came[1] is None:
+                came = None
+            else:
+                del self._early[result_id]
+        if came is None:
+            return self._register([task])[0]
+        fut = Future(self, result_id)
+        fut.task_id = task["task_id"]
+        fut._settle_unshared(came[1])  # never registered: no other thread has seen it
+        return fut
 
     def _register(self, tasks: list) -> List[Future]:
         """Make and register the futures of tasks a SUBMIT_INLINE created; settle those whose status came first."""

@@ -58,6 +58,26 @@ def nap_then_add(seconds, a, b):
     return a + b
 
 
+def test_a_submitted_function_is_not_kept_alive_by_the_client(client):
+    """The client keeps each function's pickle for its next submit, never the function itself: a closure over
+    a big value goes with its last reference."""
+    import gc
+    import weakref
+
+    big = bytearray(1 << 20)
+
+    def closure(i):
+        return len(big) + i
+
+    assert client.submit(closure, 1).result(30) == (1 << 20) + 1
+    assert client.submit(closure, 2).result(30) == (1 << 20) + 2  # the same function again (its pickle kept)
+    gone = weakref.ref(closure)
+    del closure
+    gc.collect()
+    assert gone() is None
+    assert client.submit(add, 1, 2).result(30) == 3
+
+
 def test_a_done_callback_may_call_the_client(client):
     """A small value is set by the connection's I/O thread as its completion event arrives, but not when the
     future has callbacks: one that submits and waits would wait for a reply that thread has to deliver."""

@@ -64,6 +64,7 @@ __all__ = ["Connection", "Subscription", "connect"]
 log = logging.getLogger(__name__)
 
 _EVENT = int(Op.EVENT)
+_VERSION = protocol.PROTOCOL_VERSION
 #: Most messages received per wake-up before they are routed, so replies do not wait behind a long stream.
 _DRAIN = 256
 #: Seconds between the I/O thread's looks when nothing happens (it sends deferred UNSUBSCRIBEs then).
@@ -345,7 +346,9 @@ class Connection:
             rid = next(self._rids)
         if op in KEYED_OPS and "idempotency_key" not in fields:
             fields["idempotency_key"] = f"{self.client_id}:{next(self._keys)}"
-        msg = [protocol.request(op, rid, **fields), *frames]
+        # ``protocol.request`` without copying the fields (a caller's fields are its request's, never reused)
+        fields["v"], fields["op"], fields["rid"] = _VERSION, int(op), rid
+        msg = [protocol.pack(fields), *frames]
         fut = _Reply(self._lock) if waited else Future()
         with self._sock_lock:
             if self._closed:
