@@ -430,12 +430,14 @@ class Client:
     def _register_one(self, task: dict) -> Future:
         """``_register`` of a lone task, whose value came inside its submit's reply (or else by ``_register``)."""
         result_id = task["expected_output_ids"][0]
-        with self._lock:
-            came = self._early.get(result_id)
-            if came is None or came[0] != _COMPLETED or came[1] is None:
-                came = None
-            else:
-                del self._early[result_id]
+        came = None
+        if self._early:  # (empty: its status comes later, which _register orders under the lock)
+            with self._lock:
+                came = self._early.get(result_id)
+                if came is None or came[0] != _COMPLETED or came[1] is None:
+                    came = None
+                else:
+                    del self._early[result_id]
         if came is None:
             return self._register([task])[0]
         fut = Future(self, result_id)
