@@ -209,7 +209,6 @@ class _CallUnpickler(pickle.Unpickler):
 
 #: the arguments of a call without any, as ``dump_call`` writes them
 _NO_ARGUMENTS = pickle.dumps(((), {}), protocol=pickle.HIGHEST_PROTOCOL)
-_NO_KWARGS: Mapping[str, Any] = types.MappingProxyType({})
 
 
 def _load_arguments(argument_bytes: bytes, values: Mapping[str, Any], aliases: Mapping[str, str]) -> tuple[tuple, dict]:
@@ -236,13 +235,13 @@ def processor(task_handler) -> Output:
         if deps or len(parts) > 2:
             args, kwargs = _load_arguments(argument_bytes, {rid: serialization.unpack(data) for rid, data in deps.items()},
                                            parts[2] if len(parts) > 2 else {})
-        elif argument_bytes == _NO_ARGUMENTS:  # fn(): nothing to unpickle (the call copies the kwargs it is given)
-            args, kwargs = (), _NO_KWARGS
+        elif argument_bytes == _NO_ARGUMENTS:  # fn(): nothing to unpickle, nothing to unpack
+            args = kwargs = None
         else:  # no future among the arguments, so no persistent id: the plain unpickler (no object per call)
             args, kwargs = pickle.loads(argument_bytes)
         subtasks.begin(task_handler)
         try:
-            value = fn(*args, **kwargs)
+            value = fn() if args is None else fn(*args, **kwargs)
             client = subtasks._current  # made only if the call asked for it
             # A subtask's future returned: the subtask takes over this output (it writes it, not us).
             if client is not None and client._finish(value):
