@@ -278,6 +278,8 @@ def split_frames(frames: Sequence[Any], counts: Iterable[int]) -> list[list[Any]
 
 def chunks(data: bytes | memoryview, size: int = DATA_CHUNK_MAX_SIZE) -> list:
     """Cut data into frames of at most ``size`` bytes (at least one frame, possibly empty)."""
+    if type(data) is bytes and len(data) <= size:  # (most results: no memoryview to make)
+        return [data]
     mv = memoryview(data)
     n = len(mv)
     if n <= size:

@@ -49,6 +49,10 @@ _MAPPED = object()
 
 _tokens = itertools.count(1)
 
+#: numbers compared on every lone task's way, as ints: an enum member's lookup is one more object to wake up cold
+_DISPATCH, _STOP_TASKS = int(Op.DISPATCH), int(Op.STOP_TASKS)
+_DISPATCHED, _RUNNING = int(TaskStatus.DISPATCHED), int(SessionStatus.RUNNING)
+
 #: tasks whose runs average less than this (seconds) are queued deeper at workers (``Agent._depth``)
 TINY_RUN = 0.001
 #: the start of a task is reported once it has run this long (seconds); a task that ends first has its start
@@ -299,9 +303,10 @@ class Agent:
         except ProtocolError as exc:
             log.error("undecodable message from the broker ignored: %s", exc)
             return
-        if header["op"] == Op.DISPATCH:
+        op = header["op"]
+        if op == _DISPATCH:
             self._on_dispatch(header, frames[1:])
-        elif header["op"] == Op.STOP_TASKS:
+        elif op == _STOP_TASKS:
             self._on_stop(header["tasks"], header.get("force", True))
         else:
             self._on_reply(header, frames[1:])
@@ -343,7 +348,9 @@ class Agent:
             # execution of the attempt the broker hands out again.
             log.info("%d task(s) dispatched to the previous registration: dropped", len(header["tasks"]))
             return
-        groups = split_frames(frames, header["frames"])
+        counts = header["frames"]
+        # one task (a lone one) takes every frame: split_frames only checks that
+        groups = (frames,) if len(counts) == 1 and counts[0] == len(frames) else split_frames(frames, counts)
         options = header["options"]  # each distinct options map once; a task names its own by index
         for msg, data in zip(header["tasks"], groups):
             msg["options"] = options[msg["options"]]
@@ -376,9 +383,9 @@ class Agent:
     def _precondition_failure(self, task: LocalTask) -> Optional[str]:
         """Check what ArmoniK's agent checks before running a task; return why not, or None."""
         msg = task.msg
-        if msg["status"] != TaskStatus.DISPATCHED:
+        if msg["status"] != _DISPATCHED:
             return f"task is {TaskStatus(msg['status']).name}, not DISPATCHED"
-        if msg["session_status"] != SessionStatus.RUNNING:
+        if msg["session_status"] != _RUNNING:
             return f"session is {SessionStatus(msg['session_status']).name}"
         retries = len(msg["retry_of_ids"])
         if retries > msg["options"]["max_retries"]:
@@ -567,9 +574,16 @@ class Agent:
                 if p.ready and len(p.queue) < (shallow if p.slow else refill)]
         if not free:
             return
-        if len(free) > 1:
-            free.sort(key=_queued)
         ready = self.ready
+        if len(free) > 1:
+            if len(ready) == 1:  # (a lone task: the least loaded worker, the first of equals as the sort gives)
+                best = free[0]
+                for proc in free:
+                    if len(proc.queue) < len(best.queue):
+                        best = proc
+                free = [best]
+            else:
+                free.sort(key=_queued)
         for i, proc in enumerate(free):
             # An even share of what is ready for each worker with room, so that one worker's batch does not
             # take the tasks another one idles for.
@@ -577,8 +591,8 @@ class Agent:
             most = min(share, (shallow if proc.slow else depth) - len(proc.queue))
             batch = []
             while ready and len(batch) < most:
-                task = self.tasks.get(self.ready.popleft())
-                if task is None or self._drop_if_stopping(task):
+                task = self.tasks.get(ready.popleft())
+                if task is None or ((self._stopping or self._discarding) and self._drop_if_stopping(task)):
                     continue
                 batch.append(task)
             if batch and not self._send_runs(proc, batch):
@@ -633,7 +647,7 @@ class Agent:
 
     def _mark_started(self, task: LocalTask) -> None:
         """Record that ``task`` now runs on its worker; its max_duration counts from here (ArmoniK: Process deadline)."""
-        if self._drop_if_stopping(task):
+        if (self._stopping or self._discarding) and self._drop_if_stopping(task):
             return
         task.started_at = time.time()
         mono = time.monotonic()
@@ -796,12 +810,16 @@ class Agent:
         outputs, returned = h["outputs"], h.get("returned", ())
         if not outputs and not returned:
             raise ProtocolError(ErrorCode.INVALID_ARGUMENT, "W_OUTPUTS carries no output and gives back no run")
-        groups = split_frames(frames, [sum(o.get("frames", ())) for o in outputs])
+        if len(outputs) == 1:  # (a lone task's: no comprehension to run, each one more code to wake up cold)
+            count = sum(outputs[0].get("frames", ()))
+            groups = (frames,) if count == len(frames) else split_frames(frames, [count])
+        else:
+            groups = split_frames(frames, [sum(o.get("frames", ())) for o in outputs])
         proc = self.pool.by_link.get(link)
         if proc is not None and outputs:
             proc.slow = False
         refused = self._take_back(proc, returned) if returned else []
-        self._ended = {o["token"] for o in outputs}
+        self._ended = {outputs[0]["token"]} if len(outputs) == 1 else {o["token"] for o in outputs}
         try:
             for o, group in zip(outputs, groups):
                 try:
@@ -1009,8 +1027,11 @@ class Agent:
         in_flight = sum(kind == "done" for kind, _ in self._unacked.values()) if self._unacked else 0
         while self._done and (not in_flight or (len(self._done) >= most and in_flight < REPORTS_IN_FLIGHT)):
             done, self._done = self._done[:most], self._done[most:]
-            frames = [f for _, fs in done for f in fs]
-            rid = self._call(Op.TASKS_DONE, frames, on_reply=self._on_ack, tasks=[c for c, _ in done])
+            if len(done) == 1:  # (a lone task's: no comprehension to run)
+                rid = self._call(Op.TASKS_DONE, done[0][1], on_reply=self._on_ack, tasks=[done[0][0]])
+            else:
+                frames = [f for _, fs in done for f in fs]
+                rid = self._call(Op.TASKS_DONE, frames, on_reply=self._on_ack, tasks=[c for c, _ in done])
             self._unacked[rid] = ("done", done)
             in_flight += 1
 

@@ -35,7 +35,7 @@ class TaskHandler:
         self._payload = frames[0]
         deps = header["data_dependencies"]
         #: result id -> bytes of each data dependency (ArmoniK's ``data_dependencies``)
-        self.data_dependencies: Mapping[str, bytes] = {rid: frame for rid, frame in zip(deps, frames[1:])}
+        self.data_dependencies: Mapping[str, bytes] = dict(zip(deps, frames[1:])) if deps else {}
         #: small results kept for the output message
         self._kept: Dict[str, bytes] = {}
         #: results handed to the broker's data socket: [{result_id, segment}] for the output message
