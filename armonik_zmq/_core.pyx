@@ -2685,206 +2685,20 @@ cdef enum:
 WAL_OPS_KEPT = _WAL_OPS_KEPT
 
 
-from cpython.mem cimport PyMem_RawFree, PyMem_RawRealloc
+from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc, PyMem_RawRealloc
 
 cdef extern from "<unistd.h>" nogil:
     ssize_t pwrite(int fd, const void* buf, size_t count, long long offset)
+    ssize_t pread(int fd, void* buf, size_t count, long long offset)
 
-from libc.errno cimport errno
+from libc.errno cimport EIO, errno
 from libc.string cimport memmove, memset
 
 cdef enum:
     #: the alignment of a direct write (O_DIRECT): its memory, file offset and length
     _WAL_BLOCK = 4096
-
-
-cdef class WalOps:
-    """The encoded puts and deletes of one write transaction and of its nested ones: a nested one that aborts cuts
-    its own off (``mark`` before it, ``cut`` to the mark).
-
-    One WalOps serves every turn (``clear`` between them keeps its buffer: a fresh one costs a page fault per 4 KiB
-    written), and the log reads the ops through the buffer protocol, without a copy. No op may be added while the
-    buffer is exported (it could move).
-
-    The buffer is aligned to 4 KiB and the ops start ``headroom`` bytes into it (``clear``): room for the record's
-    head and for the bytes of the log's last partial block before it, so that ``write_direct`` writes the record
-    from this buffer, in whole blocks, with no copy (the log's O_DIRECT segments: wal.py).
-    """
-
-    cdef char* raw
-    cdef char* mem
-    cdef char* buf
-    cdef Py_ssize_t n, cap, base
-    #: the most of the buffer a transaction used since the last ``trim``
-    cdef Py_ssize_t high
-    cdef int exports
-    #: how many ops were added
-    cdef readonly Py_ssize_t count
-
-    def __dealloc__(self):
-        PyMem_RawFree(self.raw)
-
-    def __getbuffer__(self, Py_buffer* view, int flags):
-        PyBuffer_FillInfo(view, self, self.buf, self.n, 1, flags)
-        self.exports += 1
-
-    def __releasebuffer__(self, Py_buffer* view):
-        self.exports -= 1
-
-    cdef int _room(self, Py_ssize_t need) except -1:
-        """Make the buffer hold ``need`` bytes of ops after its headroom, and a block of padding after them."""
-        cdef Py_ssize_t cap, shift
-        cdef char* p
-        if self.base + need + _WAL_BLOCK <= self.cap:
-            return 0
-        cap = max(self.base + need + _WAL_BLOCK, 2 * self.cap, 4 * _WAL_BLOCK)
-        # realloc (a large block moves by mremap, its pages not copied nor faulted again), a block more to align in
-        p = <char*>PyMem_RawRealloc(self.raw, cap + _WAL_BLOCK)
-        if p == NULL:
-            raise MemoryError()
-        shift = (-<Py_ssize_t>p) & (_WAL_BLOCK - 1)
-        if self.raw != NULL and shift != self.mem - self.raw:
-            memmove(p + shift, p + (self.mem - self.raw), self.base + self.n)
-        self.raw, self.mem, self.cap = p, p + shift, cap
-        self.buf = self.mem + self.base
-        return 0
-
-    cdef int add(self, char kind, int table, object key, object value) except -1:
-        cdef Py_buffer kb, vb
-        cdef Py_ssize_t need
-        cdef char* p
-        if self.exports:
-            raise BufferError("an op added to a WalOps whose buffer is exported")
-        PyObject_GetBuffer(key, &kb, PyBUF_SIMPLE)
-        try:
-            PyObject_GetBuffer(value, &vb, PyBUF_SIMPLE)
-            try:
-                if kb.len > 0xFFFF or vb.len > 0xFFFFFFFF:
-                    raise ValueError(f"a key of {kb.len} bytes or a value of {vb.len} bytes cannot be logged")
-                need = self.n + _WAL_OP_HEAD + kb.len + vb.len
-                self._room(need)
-                p = self.buf + self.n
-                p[0] = kind
-                p[1] = <char>table
-                p[2] = <char>(kb.len & 0xFF)
-                p[3] = <char>(kb.len >> 8)
-                p[4] = <char>(vb.len & 0xFF)
-                p[5] = <char>((vb.len >> 8) & 0xFF)
-                p[6] = <char>((vb.len >> 16) & 0xFF)
-                p[7] = <char>((vb.len >> 24) & 0xFF)
-                memcpy(p + _WAL_OP_HEAD, kb.buf, kb.len)
-                memcpy(p + _WAL_OP_HEAD + kb.len, vb.buf, vb.len)
-                self.n = need
-                self.count += 1
-            finally:
-                PyBuffer_Release(&vb)
-        finally:
-            PyBuffer_Release(&kb)
-        return 0
-
-    def __len__(self):
-        return self.n
-
-    def clear(self, Py_ssize_t headroom=0):
-        """Drop every op, for the next transaction (the buffer stays: ``trim`` gives a large one back); its ops will
-        start ``headroom`` bytes (at most a block and 64) into the buffer."""
-        if self.exports:
-            raise BufferError("a WalOps cleared while its buffer is exported")
-        if headroom < 0 or headroom > _WAL_BLOCK + 64:
-            raise ValueError(f"a WalOps headroom of {headroom} bytes")
-        if self.base + self.n > self.high:
-            self.high = self.base + self.n
-        self.n = self.count = 0
-        self.base = headroom
-        self.buf = self.mem + headroom
-        self._room(0)
-
-    def trim(self):
-        """Drop every op (as ``clear``, between transactions), and give the buffer back if it is larger than
-        ``WAL_OPS_KEPT`` and no transaction needed more than that since the last ``trim`` (the store calls it once
-        a second); return whether it did. Bulk turns log 9-52 MB each: when the buffer was given back after each,
-        the next one faulted its pages in again (+0.57 us a task in bench.broker_alone)."""
-        cdef bint freed = False
-        if self.exports:
-            raise BufferError("a WalOps trimmed while its buffer is exported")
-        if self.base + self.n > self.high:
-            self.high = self.base + self.n
-        self.n = self.count = 0
-        if self.cap > _WAL_OPS_KEPT and self.high <= _WAL_OPS_KEPT:
-            PyMem_RawFree(self.raw)
-            self.raw = self.mem = self.buf = NULL
-            self.cap = 0
-            self._room(0)
-            freed = True
-        self.high = 0
-        return freed
-
-    @property
-    def capacity(self):
-        """The buffer's size in bytes."""
-        return self.cap
-
-    def rebase(self, Py_ssize_t headroom):
-        """Move the ops to start ``headroom`` bytes into the buffer (``clear``'s guess was wrong: the record opens a
-        segment)."""
-        if self.exports:
-            raise BufferError("a WalOps moved while its buffer is exported")
-        if headroom < 0 or headroom > _WAL_BLOCK + 64:
-            raise ValueError(f"a WalOps headroom of {headroom} bytes")
-        if headroom > self.base:
-            self._room(self.n + headroom - self.base)
-        memmove(self.mem + headroom, self.buf, self.n)
-        self.base = headroom
-        self.buf = self.mem + headroom
-
-    @property
-    def headroom(self):
-        """Where the ops start in the buffer (``clear``)."""
-        return self.base
-
-    def mark(self):
-        """Where the ops of a nested transaction starting now begin (for ``cut``)."""
-        return self.n, self.count
-
-    def cut(self, mark):
-        """Drop every op added since ``mark`` (its nested transaction aborted)."""
-        self.n, self.count = mark
-
-    def encoded(self):
-        """The ops, encoded (a copy)."""
-        return PyBytes_FromStringAndSize(self.buf, self.n)
-
-    def write_direct(self, int fd, long long offset, prefix):
-        """Write ``prefix`` (exactly ``headroom`` bytes: the log's last partial block, then the record's head), the
-        ops, and zeros up to a whole block, at ``offset`` of ``fd`` (a multiple of 4 KiB) in one ``pwrite`` from
-        this buffer (no copy: the write may be O_DIRECT). Return the bytes of the last partial block written (what
-        the next record's prefix starts with). OSError if the write fails or is short."""
-        cdef Py_buffer pb
-        cdef Py_ssize_t end, length
-        cdef ssize_t done
-        if self.exports:
-            raise BufferError("a WalOps written while its buffer is exported")
-        if offset % _WAL_BLOCK:
-            raise ValueError(f"a direct write at offset {offset}, not a multiple of {_WAL_BLOCK}")
-        self._room(self.n)
-        PyObject_GetBuffer(prefix, &pb, PyBUF_SIMPLE)
-        try:
-            if pb.len != self.base:
-                raise ValueError(f"a prefix of {pb.len} bytes for a headroom of {self.base}")
-            memcpy(self.mem, pb.buf, pb.len)
-        finally:
-            PyBuffer_Release(&pb)
-        end = self.base + self.n
-        length = (end + _WAL_BLOCK - 1) & ~(<Py_ssize_t>_WAL_BLOCK - 1)
-        memset(self.mem + end, 0, length - end)
-        with nogil:
-            done = pwrite(fd, self.mem, length, offset)
-        if done < 0:
-            raise OSError(errno, _os.strerror(errno))
-        if done != length:
-            raise OSError(f"the write-ahead log wrote {done} of a record's {length} bytes")
-        return PyBytes_FromStringAndSize(self.mem + (end & ~(<Py_ssize_t>_WAL_BLOCK - 1)), end & (_WAL_BLOCK - 1))
-
+    #: a record's head (checksum, seq, length: wal.py), before its ops
+    _WAL_HEAD = 16
 
 
 # -- the log's record checksum: CRC32C (Castagnoli) ----------------------------------------------------------------
@@ -3020,6 +2834,27 @@ cdef extern from *:
         return c;
     }
     #endif
+    /* The CRC of A|B from the CRCs of A and B and B's length (zlib's crc32_combine): A's CRC shifted over len2 zero
+       bytes, by squarings of the one-zero-bit matrix. A streamed record's head comes before its ops, and is known
+       only once they all are (wal.py). */
+    static uint32_t az_crc32c_combine(uint32_t crc1, uint32_t crc2, uint64_t len2) {
+        uint32_t even[32], odd[32], row = 1;
+        if (len2 == 0) return crc1 ^ crc2;
+        odd[0] = 0x82F63B78u;
+        for (int n = 1; n < 32; n++) { odd[n] = row; row <<= 1; }
+        az_gf2_square(even, odd);
+        az_gf2_square(odd, even);
+        do {
+            az_gf2_square(even, odd);
+            if (len2 & 1) crc1 = az_gf2_times(even, crc1);
+            len2 >>= 1;
+            if (len2 == 0) break;
+            az_gf2_square(odd, even);
+            if (len2 & 1) crc1 = az_gf2_times(odd, crc1);
+            len2 >>= 1;
+        } while (len2);
+        return crc1 ^ crc2;
+    }
     static uint32_t az_crc32c(uint32_t crc, const unsigned char* p, size_t n, int hardware) {
         uint32_t c = ~crc;
     #if defined(__x86_64__) && defined(__GNUC__)
@@ -3031,6 +2866,7 @@ cdef extern from *:
     void az_crc32c_init()
     int az_crc32c_hw
     unsigned int az_crc32c(unsigned int crc, const unsigned char* p, size_t n, int hardware) nogil
+    unsigned int az_crc32c_combine(unsigned int crc1, unsigned int crc2, uint64_t len2) nogil
 
 az_crc32c_init()
 
@@ -3050,6 +2886,395 @@ def crc32c(data, unsigned int value=0, bint hardware=True):
     finally:
         PyBuffer_Release(&b)
     return out
+
+
+def crc32c_combine(unsigned int crc1, unsigned int crc2, uint64_t len2):
+    """The CRC32C of A then B, from A's (``crc1``), B's (``crc2``) and B's length (as zlib.crc32_combine)."""
+    return az_crc32c_combine(crc1, crc2, len2)
+
+
+cdef class WalOps:
+    """The encoded puts and deletes of one write transaction and of its nested ones: a nested one that aborts cuts
+    its own off (``mark`` before it, ``cut`` to the mark).
+
+    One WalOps serves every turn (``clear`` between them keeps its buffer: a fresh one costs a page fault per 4 KiB
+    written), and the log reads the ops through the buffer protocol, without a copy. No op may be added while the
+    buffer is exported (it could move).
+
+    The buffer is aligned to 4 KiB and the ops start ``headroom`` bytes into it (``clear``): room for the record's
+    head and for the bytes of the log's last partial block before it, so that ``write_direct`` writes the record
+    from this buffer, in whole blocks, with no copy (the log's O_DIRECT segments: wal.py).
+
+    A large transaction streams (``spill_to``): once its ops reach ``piece`` bytes, they go to a file of the record's
+    own (from offset 0, its first block kept back for the head) in whole blocks as they come, and the buffer keeps only
+    the last partial block. Bulk turns log 9-52 MB each: a buffer that held them all faulted in a page per 4 KiB on its
+    first growth (+1.5-2.6 us a task in a fresh broker). The CRC32C of the ops is kept as they leave; the log writes
+    the rest (``stream_end``), then the first block with the head (``stream_head``). A cut below what was written
+    reads the piece it falls in back from the file (rare: a request that failed after its own ops spilled).
+    """
+
+    cdef char* raw
+    cdef char* mem
+    cdef char* buf
+    cdef Py_ssize_t n, cap, base
+    #: the most of the buffer a transaction used since the last ``trim``
+    cdef Py_ssize_t high
+    cdef int exports
+    #: how many ops were added
+    cdef readonly Py_ssize_t count
+    #: streaming (``spill_to``): the callable that opens a record's own file, the size that starts it, this
+    #: transaction's (0: no more spills), the file, whether the first block is out of the buffer (kept in ``first``)
+    cdef object spiller
+    cdef Py_ssize_t piece, spill_at
+    cdef int out_fd
+    cdef bint streamed
+    #: the file offset of the buffer's start, the ops no longer in the buffer, and their CRC32C
+    cdef long long out_off
+    cdef Py_ssize_t gone
+    cdef uint32_t crc
+    cdef char* first_raw
+    cdef char* first
+    #: the errno of a spill or read-back that failed (the record cannot be written: ``stream_end`` raises)
+    cdef int failed
+    #: (ops out, their CRC32C) at each block boundary a spill ended on, oldest first: where a cut reads back from
+    cdef list marks
+
+    def __cinit__(self):
+        self.out_fd = -1
+
+    def __dealloc__(self):
+        PyMem_RawFree(self.raw)
+        PyMem_RawFree(self.first_raw)
+
+    def __getbuffer__(self, Py_buffer* view, int flags):
+        if self.streamed:
+            raise BufferError("a streamed WalOps holds only its last ops")
+        PyBuffer_FillInfo(view, self, self.buf, self.n, 1, flags)
+        self.exports += 1
+
+    def __releasebuffer__(self, Py_buffer* view):
+        self.exports -= 1
+
+    cdef int _room(self, Py_ssize_t need) except -1:
+        """Make the buffer hold ``need`` bytes of ops after its headroom, and a block of padding after them."""
+        cdef Py_ssize_t cap, shift
+        cdef char* p
+        if self.base + need + _WAL_BLOCK <= self.cap:
+            return 0
+        cap = max(self.base + need + _WAL_BLOCK, 2 * self.cap, 4 * _WAL_BLOCK)
+        # realloc (a large block moves by mremap, its pages not copied nor faulted again), a block more to align in
+        p = <char*>PyMem_RawRealloc(self.raw, cap + _WAL_BLOCK)
+        if p == NULL:
+            raise MemoryError()
+        shift = (-<Py_ssize_t>p) & (_WAL_BLOCK - 1)
+        if self.raw != NULL and shift != self.mem - self.raw:
+            memmove(p + shift, p + (self.mem - self.raw), self.base + self.n)
+        self.raw, self.mem, self.cap = p, p + shift, cap
+        self.buf = self.mem + self.base
+        return 0
+
+    cdef int add(self, char kind, int table, object key, object value) except -1:
+        cdef Py_buffer kb, vb
+        cdef Py_ssize_t need
+        cdef char* p
+        if self.exports:
+            raise BufferError("an op added to a WalOps whose buffer is exported")
+        PyObject_GetBuffer(key, &kb, PyBUF_SIMPLE)
+        try:
+            PyObject_GetBuffer(value, &vb, PyBUF_SIMPLE)
+            try:
+                if kb.len > 0xFFFF or vb.len > 0xFFFFFFFF:
+                    raise ValueError(f"a key of {kb.len} bytes or a value of {vb.len} bytes cannot be logged")
+                need = self.n + _WAL_OP_HEAD + kb.len + vb.len
+                self._room(need)
+                p = self.buf + self.n
+                p[0] = kind
+                p[1] = <char>table
+                p[2] = <char>(kb.len & 0xFF)
+                p[3] = <char>(kb.len >> 8)
+                p[4] = <char>(vb.len & 0xFF)
+                p[5] = <char>((vb.len >> 8) & 0xFF)
+                p[6] = <char>((vb.len >> 16) & 0xFF)
+                p[7] = <char>((vb.len >> 24) & 0xFF)
+                memcpy(p + _WAL_OP_HEAD, kb.buf, kb.len)
+                memcpy(p + _WAL_OP_HEAD + kb.len, vb.buf, vb.len)
+                self.n = need
+                self.count += 1
+            finally:
+                PyBuffer_Release(&vb)
+        finally:
+            PyBuffer_Release(&kb)
+        if self.spill_at and self.base + self.n >= self.spill_at:
+            self._spill()
+        return 0
+
+    cdef int _spill(self) except -1:
+        """Write the buffer's whole blocks of ops to the record's own file and keep the last partial block; the first
+        spill opens the file (``spiller``) and keeps the record's first block back (its head is written last)."""
+        cdef Py_ssize_t start = 0, end, whole
+        cdef ssize_t done
+        cdef int fd
+        if not self.streamed:
+            if self.out_fd < 0:
+                fd = self.spiller(self)
+                if fd < 0:  # no file: this transaction's ops stay in the buffer
+                    self.spill_at = 0
+                    return 0
+                self.out_fd = fd
+            if self.base != _WAL_HEAD:  # the record starts its file: its head, then its ops
+                self._rebase(_WAL_HEAD)
+            if self.first == NULL:
+                self.first_raw = <char*>PyMem_RawMalloc(2 * _WAL_BLOCK)
+                if self.first_raw == NULL:
+                    raise MemoryError()
+                self.first = self.first_raw + ((-<Py_ssize_t>self.first_raw) & (_WAL_BLOCK - 1))
+            memcpy(self.first, self.mem, _WAL_BLOCK)
+            self.crc = az_crc32c(0, <const unsigned char*>self.buf, _WAL_BLOCK - _WAL_HEAD, 1)
+            self.marks = [(_WAL_BLOCK - _WAL_HEAD, self.crc)]
+            self.out_off = 0
+            self.streamed = True
+            start = _WAL_BLOCK
+        end = self.base + self.n
+        whole = end & ~(<Py_ssize_t>_WAL_BLOCK - 1)
+        if whole > start:
+            with nogil:
+                done = pwrite(self.out_fd, self.mem + start, whole - start, self.out_off + start)
+            if done != whole - start:
+                self.failed = errno if done < 0 else EIO
+                self.spill_at = 0
+                return 0
+            start = max(start, self.base)
+            self.crc = az_crc32c(self.crc, <const unsigned char*>self.mem + start, whole - start, 1)
+        self.gone += whole - self.base
+        memmove(self.mem, self.mem + whole, end - whole)
+        self.n = end - whole
+        self.base = 0
+        self.buf = self.mem
+        self.out_off += whole
+        self.marks.append((self.gone, self.crc))
+        return 0
+
+    cdef int _unwind(self, Py_ssize_t pos) except -1:
+        """Make the ops end at ``pos``, below what left the buffer (a cut): back to the buffer alone if ``pos`` is in
+        the first block, else the piece ``pos`` falls in read back from the file."""
+        cdef Py_ssize_t k, g, length
+        cdef ssize_t done
+        if pos < _WAL_BLOCK - _WAL_HEAD:
+            self.base = 0
+            self._room(_WAL_BLOCK)
+            memcpy(self.mem, self.first, _WAL_BLOCK)
+            self.base, self.buf, self.n = _WAL_HEAD, self.mem + _WAL_HEAD, pos
+            self.gone = self.crc = self.out_off = 0
+            self.streamed = False
+            self.marks = None
+            return 0
+        k = len(self.marks) - 1
+        while self.marks[k][0] > pos:
+            k -= 1
+        g, self.crc = self.marks[k]
+        del self.marks[k + 1:]
+        length = ((_WAL_HEAD + pos + _WAL_BLOCK - 1) & ~(<Py_ssize_t>_WAL_BLOCK - 1)) - (_WAL_HEAD + g)
+        self.base = self.n = 0
+        self.buf = self.mem
+        self._room(length)
+        with nogil:
+            done = pread(self.out_fd, self.mem, length, _WAL_HEAD + g)
+        if done != length:
+            self.failed = errno if done < 0 else EIO
+            self.spill_at = 0
+        self.gone, self.n, self.out_off = g, pos - g, _WAL_HEAD + g
+        return 0
+
+    cdef void _unstream(self):
+        self.out_fd = -1
+        self.streamed = False
+        self.gone = self.crc = self.out_off = self.failed = 0
+        self.marks = None
+        self.spill_at = self.piece
+
+    def __len__(self):
+        return self.gone + self.n
+
+    def clear(self, Py_ssize_t headroom=0):
+        """Drop every op, for the next transaction (the buffer stays: ``trim`` gives a large one back); its ops will
+        start ``headroom`` bytes (at most a block and 64) into the buffer. A streamed record's file is the log's to
+        close."""
+        if self.exports:
+            raise BufferError("a WalOps cleared while its buffer is exported")
+        if headroom < 0 or headroom > _WAL_BLOCK + 64:
+            raise ValueError(f"a WalOps headroom of {headroom} bytes")
+        if self.base + self.n > self.high:
+            self.high = self.base + self.n
+        self.n = self.count = 0
+        self._unstream()
+        self.base = headroom
+        self.buf = self.mem + headroom
+        self._room(0)
+
+    def trim(self):
+        """Drop every op (as ``clear``, between transactions), and give the buffer back if it is larger than
+        ``WAL_OPS_KEPT`` and no transaction needed more than that since the last ``trim`` (the store calls it once
+        a second); return whether it did. Bulk turns log 9-52 MB each: when the buffer was given back after each,
+        the next one faulted its pages in again (+0.57 us a task in bench.broker_alone)."""
+        cdef bint freed = False
+        if self.exports:
+            raise BufferError("a WalOps trimmed while its buffer is exported")
+        if self.base + self.n > self.high:
+            self.high = self.base + self.n
+        self.n = self.count = 0
+        self._unstream()
+        if self.cap > _WAL_OPS_KEPT and self.high <= _WAL_OPS_KEPT:
+            PyMem_RawFree(self.raw)
+            self.raw = self.mem = self.buf = NULL
+            self.cap = 0
+            self._room(0)
+            freed = True
+        self.high = 0
+        return freed
+
+    @property
+    def capacity(self):
+        """The buffer's size in bytes."""
+        return self.cap
+
+    def spill_to(self, spiller, Py_ssize_t piece):
+        """Stream each transaction whose ops reach ``piece`` bytes (0: never; else at least two blocks):
+        ``spiller(self)`` returns the descriptor of the file its record goes to from offset 0 (O_DIRECT or not; the
+        caller closes it), or -1 (its ops stay in the buffer)."""
+        if piece and piece < 2 * _WAL_BLOCK:
+            raise ValueError(f"a WalOps spill size of {piece} bytes (at least {2 * _WAL_BLOCK}, or 0)")
+        self.spiller, self.piece = spiller, piece
+        if not self.streamed:
+            self.spill_at = piece
+
+    @property
+    def streaming(self):
+        """Whether this transaction's ops are streaming to a file (``stream_end`` and ``stream_head`` finish it)."""
+        return self.streamed
+
+    @property
+    def spilled(self):
+        """How many bytes of this transaction's ops left the buffer (its record's first block, kept back, included)."""
+        return self.gone
+
+    def stream_end(self):
+        """Write the rest of a streamed record's ops (its last blocks, zeros to the block's end); return (the CRC32C of
+        all its ops, the file's size). OSError if that write, or an earlier spill, failed."""
+        cdef Py_ssize_t end, length
+        cdef ssize_t done = 0
+        if not self.streamed:
+            raise ValueError("no record is streaming")
+        if self.failed:
+            raise OSError(self.failed, f"the write-ahead log could not write a record's ops: {_os.strerror(self.failed)}")
+        end = self.base + self.n
+        length = (end + _WAL_BLOCK - 1) & ~(<Py_ssize_t>_WAL_BLOCK - 1)
+        memset(self.mem + end, 0, length - end)
+        if length:
+            with nogil:
+                done = pwrite(self.out_fd, self.mem, length, self.out_off)
+            if done != length:
+                if done < 0:
+                    raise OSError(errno, _os.strerror(errno))
+                raise OSError(f"the write-ahead log wrote {done} of a record's {length} last bytes")
+        return az_crc32c(self.crc, <const unsigned char*>self.buf, self.n, 1), self.out_off + length
+
+    def stream_head(self, head):
+        """Write a streamed record's first block: ``head`` (the record's 16 bytes), then its first ops."""
+        cdef Py_buffer hb
+        cdef ssize_t done
+        if not self.streamed:
+            raise ValueError("no record is streaming")
+        PyObject_GetBuffer(head, &hb, PyBUF_SIMPLE)
+        try:
+            if hb.len != _WAL_HEAD:
+                raise ValueError(f"a record head of {hb.len} bytes")
+            memcpy(self.first, hb.buf, _WAL_HEAD)
+        finally:
+            PyBuffer_Release(&hb)
+        with nogil:
+            done = pwrite(self.out_fd, self.first, _WAL_BLOCK, 0)
+        if done < 0:
+            raise OSError(errno, _os.strerror(errno))
+        if done != _WAL_BLOCK:
+            raise OSError(f"the write-ahead log wrote {done} of a record's first {_WAL_BLOCK} bytes")
+
+    cdef int _rebase(self, Py_ssize_t headroom) except -1:
+        if headroom > self.base:
+            self._room(self.n + headroom - self.base)
+        memmove(self.mem + headroom, self.buf, self.n)
+        self.base = headroom
+        self.buf = self.mem + headroom
+        return 0
+
+    def rebase(self, Py_ssize_t headroom):
+        """Move the ops to start ``headroom`` bytes into the buffer (``clear``'s guess was wrong: the record opens a
+        segment)."""
+        if self.exports:
+            raise BufferError("a WalOps moved while its buffer is exported")
+        if self.streamed:
+            raise ValueError("a streamed WalOps moved")
+        if headroom < 0 or headroom > _WAL_BLOCK + 64:
+            raise ValueError(f"a WalOps headroom of {headroom} bytes")
+        self._rebase(headroom)
+
+    @property
+    def headroom(self):
+        """Where the ops start in the buffer (``clear``)."""
+        return self.base
+
+    def mark(self):
+        """Where the ops of a nested transaction starting now begin (for ``cut``)."""
+        return self.gone + self.n, self.count
+
+    def cut(self, mark):
+        """Drop every op added since ``mark`` (its nested transaction aborted)."""
+        cdef Py_ssize_t pos = mark[0]
+        if pos >= self.gone:
+            self.n = pos - self.gone
+        elif self.failed:  # the record cannot be written anyway
+            self.gone, self.n = pos, 0
+        else:
+            self._unwind(pos)
+        self.count = mark[1]
+
+    def encoded(self):
+        """The ops, encoded (a copy)."""
+        if self.streamed:
+            raise ValueError("a streamed WalOps holds only its last ops")
+        return PyBytes_FromStringAndSize(self.buf, self.n)
+
+    def write_direct(self, int fd, long long offset, prefix):
+        """Write ``prefix`` (exactly ``headroom`` bytes: the log's last partial block, then the record's head), the
+        ops, and zeros up to a whole block, at ``offset`` of ``fd`` (a multiple of 4 KiB) in one ``pwrite`` from
+        this buffer (no copy: the write may be O_DIRECT). Return the bytes of the last partial block written (what
+        the next record's prefix starts with). OSError if the write fails or is short."""
+        cdef Py_buffer pb
+        cdef Py_ssize_t end, length
+        cdef ssize_t done
+        if self.exports:
+            raise BufferError("a WalOps written while its buffer is exported")
+        if self.streamed:
+            raise ValueError("a streamed WalOps written in one piece")
+        if offset % _WAL_BLOCK:
+            raise ValueError(f"a direct write at offset {offset}, not a multiple of {_WAL_BLOCK}")
+        self._room(self.n)
+        PyObject_GetBuffer(prefix, &pb, PyBUF_SIMPLE)
+        try:
+            if pb.len != self.base:
+                raise ValueError(f"a prefix of {pb.len} bytes for a headroom of {self.base}")
+            memcpy(self.mem, pb.buf, pb.len)
+        finally:
+            PyBuffer_Release(&pb)
+        end = self.base + self.n
+        length = (end + _WAL_BLOCK - 1) & ~(<Py_ssize_t>_WAL_BLOCK - 1)
+        memset(self.mem + end, 0, length - end)
+        with nogil:
+            done = pwrite(fd, self.mem, length, offset)
+        if done < 0:
+            raise OSError(errno, _os.strerror(errno))
+        if done != length:
+            raise OSError(f"the write-ahead log wrote {done} of a record's {length} bytes")
+        return PyBytes_FromStringAndSize(self.mem + (end & ~(<Py_ssize_t>_WAL_BLOCK - 1)), end & (_WAL_BLOCK - 1))
 
 
 cdef class _LoggedPut:

@@ -25,7 +25,7 @@ from ..status import TASK_FINAL, ResultStatus, TaskStatus
 _SUBMITTED = int(TaskStatus.SUBMITTED)
 from .filepages import GROWN_BYTES, FilePages
 from .objects import ObjectStorage, chunk_key, n_chunks, rechunk
-from .wal import CHECKPOINT_FILE, CHECKPOINT_SECONDS, WalError, WriteAhead, sync_directory
+from .wal import CHECKPOINT_FILE, CHECKPOINT_SECONDS, STREAM_PIECE, WalError, WriteAhead, sync_directory
 
 log = logging.getLogger("armonik_zmq.broker")
 
@@ -254,6 +254,8 @@ class Store:
         self._trim_at = 0.0
         if replay_after is not None or self.durability == "wal":
             self._open_log(WriteAhead(wal_dir, data_path, self.page_size, checkpoint_interval), replay_after)
+        if self.wal is not None:  # a large turn's ops go to the disk as they come (wal.py)
+            self.wal_ops.spill_to(self.wal.log.spill, STREAM_PIECE)
 
     def table(self, name: bytes):
         """The handle of the table ``name`` (opened once; a table the broker writes must be in TABLES)."""
@@ -449,14 +451,22 @@ class _Write:
                 self.txn.commit()
             except BaseException:
                 store.forget_rows()
+                if self.ops is not None:
+                    store.wal.log.drop_stream()
                 raise
-            # after LMDB's commit: a record in the log is always a transaction that committed
-            if self.ops is not None and self.ops.count:
-                store._logged(self.ops)
+            # after LMDB's commit: a record in the log is always a transaction that committed (a streamed one's
+            # head is written now)
+            if self.ops is not None:
+                if self.ops.count:
+                    store._logged(self.ops)
+                else:
+                    store.wal.log.drop_stream()
             store.file_pages.maybe_release()
         else:
             self.txn.abort()
             store.forget_rows()
+            if self.ops is not None:
+                store.wal.log.drop_stream()
 
 
 def _live_value(row: dict) -> bytes:

@@ -17,6 +17,10 @@ Segments are written with O_DIRECT and O_DSYNC where the file system allows it: 
 the record, zeros to the block's end), durable when it returns: no copy into the page cache, no writeback, one system
 call. Elsewhere (tmpfs, a file system that refuses O_DIRECT or its alignment) a record is written through the page
 cache and flushed with ``fdatasync``. The bytes on disk are the same either way.
+
+A turn whose ops reach ``STREAM_PIECE`` streams them to a file of its record's own as it adds them (``WalOps.spill_to``,
+``Log.spill``); the record's first block, with the head, is written last, then the file is flushed. The format is
+the same: a crash before the head leaves a file starting with zeros, which the replay passes over.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import time
 import zlib
 from typing import Iterator
 
-from .._core import WAL_PUT, WalOps, crc32c
+from .._core import WAL_PUT, WalOps, crc32c, crc32c_combine
 
 log = logging.getLogger("armonik_zmq.broker")
 
@@ -45,6 +49,10 @@ SPARE_SEGMENTS = 4
 #: a record larger than this, when no spare segment is left, gets a file of its own rather than a new segment: 16 MiB
 #: of zeros written first (~35 ms, the disk's) would cost more than the record's own file (its size committed with it)
 LARGE_RECORD = 4 << 20
+#: a turn's ops stream to a file of their record's own once they reach this many bytes (``WalOps.spill_to``), in
+#: whole blocks as they come: the turns' buffer then stays this size for good, where bulk records (9-52 MB) made it
+#: grow, a page fault per 4 KiB
+STREAM_PIECE = 4 << 20
 _HEAD = struct.Struct("<IQI")  # crc32, seq, length of the ops
 _SEQ_LENGTH = struct.Struct("<QI")
 _CRC = struct.Struct("<I")
@@ -71,6 +79,14 @@ def frame(seq: int, ops) -> bytes:
         raise OSError(f"a write-ahead log record of {len(ops)} bytes (at most {_CRC32C_FLAG - 1})")
     body = _SEQ_LENGTH.pack(seq, len(ops) | _CRC32C_FLAG)
     return _CRC.pack(crc32c(ops, crc32c(body))) + body
+
+
+def frame_streamed(seq: int, length: int, ops_crc: int) -> bytes:
+    """``frame`` of ``length`` bytes of ops whose CRC32C is ``ops_crc`` (a streamed record: its ops are on disk)."""
+    if length >= _CRC32C_FLAG:
+        raise OSError(f"a write-ahead log record of {length} bytes (at most {_CRC32C_FLAG - 1})")
+    body = _SEQ_LENGTH.pack(seq, length | _CRC32C_FLAG)
+    return _CRC.pack(crc32c_combine(crc32c(body), ops_crc, length)) + body
 
 
 #: zeros in page-aligned memory, for direct writes (``_fill_zeros``); mapped at first use
@@ -190,6 +206,11 @@ class Log:
         self.segments: list[tuple[int, str, int]] = []
         #: bytes appended since the start (checkpoints are due by it)
         self.appended = 0
+        #: (descriptor, path, whether O_DIRECT) of the file the turn's record streams into (``spill``), until
+        #: ``append`` makes it the active file or ``drop_stream`` deletes it
+        self.stream: tuple[int, str, bool] | None = None
+        #: the thread making a spare segment ahead (``prepare_spare_ahead``), if any
+        self._preparing: threading.Thread | None = None
 
     def _paths(self) -> list[tuple[int, str]]:
         found = []
@@ -225,6 +246,9 @@ class Log:
         """Begin appending after record ``upto`` (a checkpoint covers every record so far): every segment
         becomes a spare, and the next record opens a new one."""
         self.next_seq = max(self.next_seq, upto + 1)
+        for name in os.listdir(self.directory):  # a spare being made when the broker stopped
+            if name.startswith("prepared") and name.endswith(".tmp"):
+                os.unlink(os.path.join(self.directory, name))
         spare_indexes = [os.path.basename(p)[6:-4] for p in self._spares()]  # "spare-prepared-*": none
         self.index = max([self.index] + [int(i) for i in spare_indexes if i.isdigit()]
                          + [index for index, _ in self._paths()])
@@ -234,6 +258,10 @@ class Log:
     def append(self, ops) -> int:
         """Write one record carrying ``ops`` (bytes, or a WalOps: read in place) and flush it; return its number.
         Durable once this returns."""
+        if self.stream is not None:
+            if type(ops) is WalOps and ops.streaming:
+                return self._append_streamed(ops)
+            self.drop_stream()  # its ops were cut back into the buffer
         seq = self.next_seq
         head = frame(seq, ops)
         size = len(head) + len(ops)
@@ -253,6 +281,67 @@ class Log:
         index, path, _ = self.segments[-1]
         self.segments[-1] = (index, path, seq)
         return seq
+
+    def spill(self, ops: WalOps) -> int:
+        """A turn's ops reached ``STREAM_PIECE`` (``WalOps.spill_to``): open the file of its record's own, numbered
+        after every file so far, and return its descriptor (-1 if it cannot be made: the ops stay in memory). The
+        record's first block, with its head, is written last (``_append_streamed``): a crash before leaves a file
+        that starts with zeros, which the replay passes over."""
+        self.index += 1
+        path = os.path.join(self.directory, f"{self.index:016d}.wal")
+        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        try:
+            try:
+                fd, direct = os.open(path, flags | (os.O_DIRECT if self.direct else 0), 0o600), self.direct
+            except OSError as exc:
+                if not self.direct or exc.errno != errno.EINVAL:
+                    raise
+                fd, direct = os.open(path, flags, 0o600), False  # no O_DIRECT on this file system
+        except OSError as exc:
+            log.warning("the write-ahead log could not stream a large record to %s (%r): it stays in memory", path, exc)
+            return -1
+        self.stream = (fd, path, direct)
+        return fd
+
+    def _append_streamed(self, ops: WalOps) -> int:
+        """Finish the record streaming into its own file: its last blocks, then its first with the head, then one
+        flush of the file (its every block and its size) and of the directory (its name). It becomes the active file,
+        as any record's of its own: the next record opens a segment after it."""
+        fd, path, direct = self.stream
+        seq = self.next_seq
+        try:
+            ops_crc, size = ops.stream_end()
+            ops.stream_head(frame_streamed(seq, len(ops), ops_crc))
+            if os.fstat(fd).st_size > size:  # pieces of a part that aborted (cut) went further: no stale bytes after
+                os.ftruncate(fd, size)
+            os.fdatasync(fd)
+            sync_directory(self.directory)
+        except BaseException:
+            self.drop_stream()
+            raise
+        self.stream = None
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.fd, self.fd_direct, self.own = fd, direct, True
+        self.offset, self.tail = size, b""
+        self.headroom = _HEAD.size if self.direct else 0  # the next record opens a segment
+        self.segments.append((self.index, path, seq))
+        self.next_seq = seq + 1
+        self.appended += _HEAD.size + len(ops)
+        return seq
+
+    def drop_stream(self) -> None:
+        """Delete the file a turn's record was streaming into, if any: the turn aborted, or its ops were cut back into
+        the buffer. (Its first block is zeros: if the deletion is lost, the replay passes over it.)"""
+        if self.stream is None:
+            return
+        fd, path, _direct = self.stream
+        self.stream = None
+        os.close(fd)
+        try:
+            os.unlink(path)
+        except OSError as exc:
+            log.warning("the write-ahead log could not delete %s: %r", path, exc)
 
     def _write_direct(self, head: bytes, ops, size: int) -> None:
         """Write the record (``head`` then ``ops``) at ``offset`` of the O_DIRECT segment, from the last whole block
@@ -316,6 +405,9 @@ class Log:
         self.index += 1
         path = os.path.join(self.directory, f"{self.index:016d}.wal")
         spares = self._spares()
+        if not spares and self._preparing is not None:  # the open's spare, nearly made: better than zeros of our own
+            self.wait_spare()
+            spares = self._spares()
         self.own = size > self.segment_bytes or (size > self.large_record and not spares)
         if self.own:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -371,8 +463,8 @@ class Log:
     def prepare_spare(self) -> None:
         """Make a spare segment of zeros, off the loop's thread (``needs_spare``): the commit that fills the active
         segment then renames it instead of writing 16 MiB of zeros and flushing them on a turn's path. It is
-        complete and flushed before it is named a spare."""
-        tmp = os.path.join(self.directory, "prepared.tmp")
+        complete and flushed before it is named a spare. (Two may be made at once: the open's and a checkpoint's.)"""
+        tmp = os.path.join(self.directory, f"prepared-{threading.get_ident()}-{time.time_ns()}.tmp")
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             _fill_zeros(fd, self.segment_bytes, tmp)
@@ -380,7 +472,27 @@ class Log:
             os.close(fd)
         os.rename(tmp, os.path.join(self.directory, f"spare-prepared-{time.time_ns()}.wal"))
 
+    def prepare_spare_ahead(self) -> None:
+        """``prepare_spare`` on a thread of its own (a fresh log's first segment: ~35 ms of the disk's, off the loop);
+        ``wait_spare`` waits for it."""
+        self._preparing = threading.Thread(target=self._prepare_ahead, name="wal-spare", daemon=True)
+        self._preparing.start()
+
+    def _prepare_ahead(self) -> None:
+        try:
+            self.prepare_spare()
+        except OSError as exc:  # the first record makes its segment itself
+            log.warning("the write-ahead log could not prepare a spare segment: %r", exc)
+
+    def wait_spare(self) -> None:
+        if self._preparing is not None:
+            self._preparing.join()
+            self._preparing = None
+
     def close(self) -> None:
+        self.wait_spare()
+        if self.stream is not None:
+            self.drop_stream()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -576,6 +688,8 @@ class WriteAhead:
             self.log.discard()
         self.checkpoint(env, wait=True)
         self.log.start(self.log.next_seq - 1)
+        if not self.log._spares():  # a fresh log: its first segment's zeros are written off the loop's thread
+            self.log.prepare_spare_ahead()
 
     def append(self, ops) -> int:
         return self.log.append(ops)
@@ -627,7 +741,8 @@ class WriteAhead:
         self.checkpoints += 1
 
     def finish(self) -> None:
-        """Wait for a checkpoint in progress and finish it."""
+        """Wait for a checkpoint in progress and finish it (and for the open's spare segment)."""
+        self.log.wait_spare()
         running = self._running
         if running is not None and running.thread is not None:
             running.thread.join()
