@@ -830,16 +830,20 @@ class Broker(Handlers, Backend, Listing, Lifecycle, ResultData, Security):
             return
         began = time.monotonic()
         deadline = began + self.report_wait.window
-        frontend, poller = self.frontend, self.poller
+        frontend, poller, agent_fds = self.frontend, self.poller, self._agent_fds
+        client_link = self.links.get(frontend)
+        client_fd = client_link.fileno() if client_link is not None else None
         while awaited:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            client_link = self.links.get(frontend)
             if client_link is not None and client_link.inbox:
                 break
             ready = poller.poll(math.ceil(left * 1000))
-            if any(sock not in self._agent_fds for sock, _ in ready):
+            woken = [sock for sock, _ in ready if sock not in agent_fds]
+            # the clients' link also wakes with no request (an output flushed, a connection, part of a message):
+            # serve that and wait on; only a request ends the wait
+            if woken and (woken != [client_fd] or client_link.pump()):
                 break
             while awaited and self._readable(backend):
                 frames = self._recv(backend)
